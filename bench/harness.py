@@ -1,0 +1,115 @@
+"""Benchmark harness: one roofline measured in the same run, machine metadata, and the figures
+every benchmark records in `extra_info` (ratio to the eager torch reference, achieved rates and
+the fraction of the roofline)."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], warmup: int = 2, repeats: int = 7, min_time: float = 0.2) -> float:
+    """Median seconds of one call of fn, over at least `repeats` calls and `min_time` seconds."""
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+@dataclass
+class Roofline:
+    """Read bandwidth (bytes/s of sum() over a 256 MiB fp32 tensor) and compute rate (FLOP/s of a
+    1024^3 fp32 matmul), measured once per run on this machine."""
+
+    read_bytes_per_s: float
+    flops_per_s: float
+
+    def time(self, bytes_moved: float, flops: float = 0.0) -> float:
+        """The roofline time of a piece of work: the larger of its memory time and compute time."""
+        return max(bytes_moved / self.read_bytes_per_s, flops / self.flops_per_s)
+
+
+def measure_roofline() -> Roofline:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    big = torch.ones(64 * 1024 * 1024, dtype=torch.float32, device=device)  # 256 MiB
+    read_s = median_time(lambda: big.sum(), repeats=5)
+    a = torch.randn(1024, 1024, device=device)
+    b = torch.randn(1024, 1024, device=device)
+    mm_s = median_time(lambda: a @ b, repeats=10)
+    return Roofline(read_bytes_per_s=256 * 1024 * 1024 / read_s, flops_per_s=2 * 1024**3 / mm_s)
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+_baselines: dict[str, float] = {}
+
+
+def baseline_time(key: str, fn: Callable[[], object]) -> float:
+    """Median time of the eager reference for `key`, measured once per run and shared by providers."""
+    if key not in _baselines:
+        _baselines[key] = median_time(fn)
+    return _baselines[key]
+
+
+def record(
+    benchmark,
+    *,
+    provider: str,
+    baseline_s: float,
+    machine: dict,
+    roofline: Roofline,
+    bytes_moved: float = 0.0,
+    flops: float = 0.0,
+    **extra,
+) -> None:
+    """Put the run's figures into benchmark.extra_info (call after benchmark(...))."""
+    t = benchmark.stats.stats.median
+    info = benchmark.extra_info
+    info.update(machine)
+    info["provider"] = provider
+    info["speedup_vs_eager"] = round(baseline_s / t, 3)
+    if bytes_moved:
+        info["GBps"] = round(bytes_moved / t / 1e9, 2)
+    if flops:
+        info["GFLOPps"] = round(flops / t / 1e9, 2)
+    if bytes_moved or flops:
+        info["roofline_fraction"] = round(roofline.time(bytes_moved, flops) / t, 3)
+    info.update(extra)
+
+
+def run_benchmark(benchmark, fn: Callable[[], object], rounds: int = 5) -> object:
+    """pytest-benchmark's pedantic mode with warm-up and GPU synchronisation inside the timed call."""
+
+    def timed():
+        out = fn()
+        synchronize()
+        return out
+
+    return benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)

@@ -1,0 +1,84 @@
+// Declarations of every op's CPU implementation (csrc/cpu/<family>.cpp) and, in CUDA builds, its
+// CUDA host function (csrc/cuda/bindings.cpp). Schemas and shape contracts: csrc/torch_bindings.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace hybrid_engine {
+
+// ---- attention (csrc/cpu/attention.cpp) ----
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& seq_lens, double scale);
+at::Tensor prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& seq_lens, double scale);
+
+// ---- rotary (csrc/cpu/rotary.cpp) ----
+void rotary_append_kv_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& positions, const std::optional<at::Tensor>& cos,
+                          const std::optional<at::Tensor>& sin);
+
+// ---- norm (csrc/cpu/norm.cpp) ----
+std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_residual_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                                     const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                         const at::Tensor& weight, const at::Tensor& rstd);
+
+// ---- logprobs (csrc/cpu/logprobs.cpp) ----
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                                                  const at::Tensor& tokens, double temperature,
+                                                                  bool with_entropy);
+std::tuple<at::Tensor, at::Tensor> token_logprobs_backward_cpu(const at::Tensor& grad_logprobs,
+                                                               const std::optional<at::Tensor>& grad_entropy,
+                                                               const at::Tensor& hidden, const at::Tensor& weight,
+                                                               const at::Tensor& tokens, const at::Tensor& lse,
+                                                               const at::Tensor& entropy, double temperature);
+
+// ---- gae (csrc/cpu/gae.cpp) ----
+std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask,
+                                           double gamma, double lam);
+
+// ---- reshard (csrc/cpu/reshard.cpp) ----
+at::Tensor reshard_gather_cpu(const at::Tensor& src, int64_t offset, int64_t row_stride, at::IntArrayRef row_starts,
+                              at::IntArrayRef row_counts, int64_t col_start, int64_t col_count);
+void reshard_scatter_cpu(const at::Tensor& dst, const at::Tensor& shard, int64_t offset, int64_t row_stride,
+                         at::IntArrayRef row_starts, at::IntArrayRef row_counts, int64_t col_start);
+
+// ---- linear (csrc/cpu/linear.cpp) ----
+at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
+#ifdef HYBRID_ENGINE_CUDA
+// ---- CUDA host functions (csrc/cuda/bindings.cpp), same contracts as the CPU ones ----
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& seq_lens, double scale);
+at::Tensor prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& seq_lens, double scale);
+void rotary_append_kv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& positions,
+                           const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin);
+std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_residual_cuda(const at::Tensor& x, const at::Tensor& residual,
+                                                                      const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                          const at::Tensor& weight, const at::Tensor& rstd);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+                                                                   const at::Tensor& tokens, double temperature,
+                                                                   bool with_entropy);
+std::tuple<at::Tensor, at::Tensor> token_logprobs_backward_cuda(const at::Tensor& grad_logprobs,
+                                                                const std::optional<at::Tensor>& grad_entropy,
+                                                                const at::Tensor& hidden, const at::Tensor& weight,
+                                                                const at::Tensor& tokens, const at::Tensor& lse,
+                                                                const at::Tensor& entropy, double temperature);
+std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask,
+                                            double gamma, double lam);
+at::Tensor reshard_gather_cuda(const at::Tensor& src, int64_t offset, int64_t row_stride, at::IntArrayRef row_starts,
+                               at::IntArrayRef row_counts, int64_t col_start, int64_t col_count);
+void reshard_scatter_cuda(const at::Tensor& dst, const at::Tensor& shard, int64_t offset, int64_t row_stride,
+                          at::IntArrayRef row_starts, at::IntArrayRef row_counts, int64_t col_start);
+at::Tensor decode_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+#endif
+
+}  // namespace hybrid_engine

@@ -1,0 +1,87 @@
+// The one registration of every hybrid_engine op: its schema, its CPU kernel and (in CUDA builds)
+// its CUDA kernel. Python reaches these only through hybrid_engine/ops/. `Tensor(a!)` marks an
+// argument the op writes in place. Shape letters: B batch, T sequence, H heads (Hq query, Hkv
+// key/value), D head dim, N rows, K in-features, V vocabulary.
+#include <torch/library.h>
+
+#include "hybrid_engine/ops.h"
+
+TORCH_LIBRARY(hybrid_engine, m) {
+  // q [B, Hq, D], k_cache/v_cache [B, Hkv, T_max, D], seq_lens int [B] -> [B, Hq, D].
+  // Sequence b attends to cache positions [0, seq_lens[b]); Hq is a multiple of Hkv (GQA); D <= 256.
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale) -> Tensor");
+  // q [B, Hq, T, D], k/v [B, Hkv, T, D] (any strides but a contiguous last dim), seq_lens int [B]
+  // -> [B, Hq, T, D] contiguous. Left padding: sequence b holds the last seq_lens[b] positions;
+  // query t attends to keys [T - seq_lens[b], t]; padded query rows are zero.
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor seq_lens, float scale) -> Tensor");
+  // q [B, S, Hq, D], k/v [B, S, Hkv, D] (any strides but a contiguous last dim),
+  // k_cache/v_cache [B, Hkv, T_max, D] contiguous, positions int [B, S], cos/sin fp32 [P, R/2]
+  // (R <= D rotary dims, Hugging Face rotate_half convention). For every token with position
+  // p >= 0: rotates q and k in place at position p and writes k, v to cache slot p. Tokens with
+  // p < 0 (padding) are left untouched. Without cos/sin it only appends.
+  m.def(
+      "rotary_append_kv(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor(c!) k_cache, Tensor(d!) v_cache, "
+      "Tensor positions, Tensor? cos, Tensor? sin) -> ()");
+  // x [..., H], weight [H] -> out like x, rstd fp32 [...] (1 / rms of each row).
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor out, Tensor rstd)");
+  // new_residual = x + residual; out = rms_norm(new_residual) * weight.
+  m.def(
+      "rms_norm_residual(Tensor x, Tensor residual, Tensor weight, float eps) -> "
+      "(Tensor out, Tensor new_residual, Tensor rstd)");
+  m.def(
+      "rms_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor rstd) -> "
+      "(Tensor grad_x, Tensor grad_weight)");
+  // hidden [N, K], weight [V, K], tokens int64 [N] -> logprobs fp32 [N], entropy fp32 [N] (zeros
+  // unless with_entropy), lse fp32 [N] (log-sum-exp of the scaled logits, saved for backward).
+  m.def(
+      "token_logprobs(Tensor hidden, Tensor weight, Tensor tokens, float temperature, bool with_entropy) -> "
+      "(Tensor logprobs, Tensor entropy, Tensor lse)");
+  m.def(
+      "token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
+      "Tensor tokens, Tensor lse, Tensor entropy, float temperature) -> (Tensor grad_hidden, Tensor grad_weight)");
+  // rewards/values/mask [B, T] -> advantages, returns fp32 [B, T].
+  m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor advantages, Tensor returns)");
+  // src viewed flat; out[i, j] = src[offset + r(i) * row_stride + col_start + j] where r runs over
+  // the row blocks [row_starts[k], row_starts[k] + row_counts[k]) in order -> [sum(row_counts), col_count].
+  m.def(
+      "reshard_gather(Tensor src, int offset, int row_stride, int[] row_starts, int[] row_counts, int col_start, "
+      "int col_count) -> Tensor");
+  // The inverse: writes shard [sum(row_counts), C] into dst viewed flat at the same places.
+  m.def(
+      "reshard_scatter(Tensor(a!) dst, Tensor shard, int offset, int row_stride, int[] row_starts, "
+      "int[] row_counts, int col_start) -> ()");
+  // x fp32 [M, K] (M small), weight fp32/bf16 [N, K], bias [N] -> fp32 [M, N]; fp32 accumulation.
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hybrid_engine, CPU, m) {
+  m.impl("decode_attention", &hybrid_engine::decode_attention_cpu);
+  m.impl("prefill_attention", &hybrid_engine::prefill_attention_cpu);
+  m.impl("rotary_append_kv", &hybrid_engine::rotary_append_kv_cpu);
+  m.impl("rms_norm", &hybrid_engine::rms_norm_cpu);
+  m.impl("rms_norm_residual", &hybrid_engine::rms_norm_residual_cpu);
+  m.impl("rms_norm_backward", &hybrid_engine::rms_norm_backward_cpu);
+  m.impl("token_logprobs", &hybrid_engine::token_logprobs_cpu);
+  m.impl("token_logprobs_backward", &hybrid_engine::token_logprobs_backward_cpu);
+  m.impl("gae", &hybrid_engine::gae_cpu);
+  m.impl("reshard_gather", &hybrid_engine::reshard_gather_cpu);
+  m.impl("reshard_scatter", &hybrid_engine::reshard_scatter_cpu);
+  m.impl("decode_linear", &hybrid_engine::decode_linear_cpu);
+}
+
+#ifdef HYBRID_ENGINE_CUDA
+TORCH_LIBRARY_IMPL(hybrid_engine, CUDA, m) {
+  m.impl("decode_attention", &hybrid_engine::decode_attention_cuda);
+  m.impl("prefill_attention", &hybrid_engine::prefill_attention_cuda);
+  m.impl("rotary_append_kv", &hybrid_engine::rotary_append_kv_cuda);
+  m.impl("rms_norm", &hybrid_engine::rms_norm_cuda);
+  m.impl("rms_norm_residual", &hybrid_engine::rms_norm_residual_cuda);
+  m.impl("rms_norm_backward", &hybrid_engine::rms_norm_backward_cuda);
+  m.impl("token_logprobs", &hybrid_engine::token_logprobs_cuda);
+  m.impl("token_logprobs_backward", &hybrid_engine::token_logprobs_backward_cuda);
+  m.impl("gae", &hybrid_engine::gae_cuda);
+  m.impl("reshard_gather", &hybrid_engine::reshard_gather_cuda);
+  m.impl("reshard_scatter", &hybrid_engine::reshard_scatter_cuda);
+  m.impl("decode_linear", &hybrid_engine::decode_linear_cuda);
+}
+#endif
