@@ -1,0 +1,119 @@
+"""ModelSpec: the architecture facts the generation-mode transformer needs, read from a Hugging Face config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# model_type -> family. Qwen2 and Mistral are Llama-shaped (Qwen2 adds q/k/v biases).
+SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "opt": "opt", "gpt2": "gpt2"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What differs between the supported decoder-only families."""
+
+    family: str  # "llama" | "opt" | "gpt2"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_positions: int
+    norm: str  # "rms" (Llama) or "layer" (OPT, GPT-2)
+    norm_eps: float
+    activation: str  # "silu" gated (Llama) or the FFN activation of OPT/GPT-2 ("relu", "gelu_new", ...)
+    rotary: bool  # rotary embeddings (Llama) or learned absolute positions (OPT, GPT-2)
+    position_offset: int = 0  # OPT's learned positions start at index 2
+    sliding_window: int | None = None  # Mistral: attention span; longer sequences are rejected
+    inverse_layer_scale: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx
+
+    @property
+    def qkv_rows(self) -> int:
+        """Output features of the fused q|k|v projection."""
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    def attention_scale(self, layer: int) -> float:
+        scale = self.head_dim**-0.5
+        return scale / (layer + 1) if self.inverse_layer_scale else scale
+
+
+def spec_from_config(config) -> ModelSpec:
+    """The ModelSpec of a Hugging Face causal-LM config; a clear error for anything unsupported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED:
+        raise ValueError(
+            f"hybrid_engine generation does not support model_type {model_type!r}; supported: "
+            f"{', '.join(sorted(SUPPORTED))} (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, "
+            "OPTForCausalLM, GPT2LMHeadModel)"
+        )
+    family = SUPPORTED[model_type]
+    if family == "llama":
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"{model_type}: only hidden_act='silu' is supported, got {config.hidden_act!r}")
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        return ModelSpec(
+            family=family,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            intermediate_size=config.intermediate_size,
+            max_positions=config.max_position_embeddings,
+            norm="rms",
+            norm_eps=config.rms_norm_eps,
+            activation="silu",
+            rotary=True,
+            sliding_window=window,
+        )
+    if family == "opt":
+        if not config.do_layer_norm_before or config.word_embed_proj_dim != config.hidden_size:
+            raise ValueError(
+                "OPT: only pre-LayerNorm models without input/output projections are supported "
+                "(do_layer_norm_before=True and word_embed_proj_dim == hidden_size; OPT-350m is neither)"
+            )
+        if not getattr(config, "layer_norm_elementwise_affine", True):
+            raise ValueError("OPT: layer_norm_elementwise_affine=False is not supported")
+        heads = config.num_attention_heads
+        return ModelSpec(
+            family=family,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=config.hidden_size // heads,
+            intermediate_size=config.ffn_dim,
+            max_positions=config.max_position_embeddings,
+            norm="layer",
+            norm_eps=1e-5,
+            activation=config.activation_function,
+            rotary=False,
+            position_offset=2,
+        )
+    if getattr(config, "add_cross_attention", False) or getattr(config, "reorder_and_upcast_attn", False):
+        raise ValueError("GPT-2: cross-attention and reorder_and_upcast_attn are not supported")
+    if not getattr(config, "scale_attn_weights", True):
+        raise ValueError("GPT-2: scale_attn_weights=False is not supported")
+    heads = config.n_head
+    return ModelSpec(
+        family=family,
+        vocab_size=config.vocab_size,
+        hidden_size=config.n_embd,
+        num_layers=config.n_layer,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=config.n_embd // heads,
+        intermediate_size=config.n_inner or 4 * config.n_embd,
+        max_positions=config.n_positions,
+        norm="layer",
+        norm_eps=config.layer_norm_epsilon,
+        activation=config.activation_function,
+        rotary=False,
+        inverse_layer_scale=bool(getattr(config, "scale_attn_by_inverse_layer_idx", False)),
+    )

@@ -1,0 +1,122 @@
+"""The generation-mode transformer: a prefill over left-padded prompts, then one-token decode steps
+over a preallocated KV cache, built from the hybrid_engine kernels. Activations are fp32 whatever the
+weights' dtype; shape letters: B batch, T prompt length, H hidden, D head dim."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hybrid_engine import ops
+from hybrid_engine.model.kv_cache import KVCache
+from hybrid_engine.model.spec import ModelSpec
+from hybrid_engine.model.weights import Layer, Linear, Norm, Weights
+
+# Above this many rows a matmul is compute-bound and torch's GEMM is the right tool.
+DECODE_LINEAR_MAX_ROWS = 64
+
+
+def linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
+    """x fp32 [M, K] -> fp32 [M, N]."""
+    if x.shape[0] <= DECODE_LINEAR_MAX_ROWS:
+        return ops.decode_linear(x, lin.weight, lin.bias)
+    return F.linear(x, lin.weight.float(), lin.bias)
+
+
+class InferenceTransformer:
+    """Prefill and decode for one ModelSpec and its Weights."""
+
+    def __init__(self, spec: ModelSpec, weights: Weights):
+        self.spec = spec
+        self.w = weights
+        self.cos = self.sin = None
+        if spec.rotary:
+            cos, sin = ops.rotary_tables(weights.inv_freq, spec.max_positions, weights.attention_scaling)
+            self.cos, self.sin = cos.contiguous(), sin.contiguous()
+        self.scales = [spec.attention_scale(i) for i in range(spec.num_layers)]
+
+    # ---- pieces shared by prefill and decode ----
+    def norm(self, x: torch.Tensor, n: Norm, residual: torch.Tensor | None = None):
+        """Normed x, or (normed x + residual, x + residual) when a residual is given."""
+        if self.spec.norm == "rms":
+            return ops.rms_norm(x, n.weight, self.spec.norm_eps, residual)
+        if residual is not None:
+            x = x + residual
+            return F.layer_norm(x, x.shape[-1:], n.weight, n.bias, self.spec.norm_eps), x
+        return F.layer_norm(x, x.shape[-1:], n.weight, n.bias, self.spec.norm_eps)
+
+    def mlp(self, x: torch.Tensor, layer: Layer) -> torch.Tensor:
+        h = linear(x, layer.up)
+        if self.spec.activation == "silu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.spec.activation == "relu":
+            h = F.relu(h)
+        elif self.spec.activation in ("gelu_new", "gelu_pytorch_tanh"):
+            h = F.gelu(h, approximate="tanh")
+        elif self.spec.activation == "gelu":
+            h = F.gelu(h)
+        else:
+            raise ValueError(f"unsupported activation {self.spec.activation!r}")
+        return linear(h, layer.down)
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.w.embed[tokens].float()
+        if self.w.pos_embed is not None:
+            x = x + self.w.pos_embed[positions.clamp(min=0) + self.spec.position_offset].float()
+        return x
+
+    def split_qkv(self, qkv: torch.Tensor, B: int, S: int):
+        """Views q [B, S, Hq, D], k, v [B, S, Hkv, D] of a fused projection [B * S, (Hq + 2 Hkv) D]."""
+        s = self.spec
+        qkv = qkv.view(B, S, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
+        return qkv.split([s.num_heads, s.num_kv_heads, s.num_kv_heads], dim=2)
+
+    def logits(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x, self.w.final_norm, residual)[0]
+        return linear(h, self.w.lm_head)
+
+    # ---- prefill ----
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Runs left-padded prompts [B, T] through the model, fills the cache, returns last logits [B, V]."""
+        s = self.spec
+        B, T = input_ids.shape
+        lengths = attention_mask.sum(1).to(torch.int32)
+        positions = (attention_mask.cumsum(1) - 1).masked_fill(attention_mask == 0, -1)
+        x = self.embed(input_ids, positions).view(B * T, s.hidden_size)
+        residual = torch.zeros_like(x)
+        for i, layer in enumerate(self.w.layers):
+            h, residual = self.norm(x, layer.attn_norm, residual)
+            q, k, v = self.split_qkv(linear(h, layer.qkv), B, T)
+            ops.rotary_append_kv(q, k, v, cache.k[i, :B], cache.v[i, :B], positions, self.cos, self.sin)
+            a = ops.prefill_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lengths, self.scales[i])
+            x = linear(a.transpose(1, 2).reshape(B * T, s.num_heads * s.head_dim), layer.o)
+            h, residual = self.norm(x, layer.mlp_norm, residual)
+            x = self.mlp(h, layer)
+        cache.lengths[:B] = lengths
+        # Left padding puts every prompt's last token in column T - 1.
+        last = torch.arange(B) * T + T - 1
+        return self.logits(x[last], residual[last])
+
+    # ---- decode ----
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One step for the first len(tokens) cache slots: tokens [B] -> logits [B, V]; appends to the cache."""
+        s = self.spec
+        B = tokens.shape[0]
+        positions = cache.lengths[:B].view(B, 1)
+        x = self.embed(tokens, positions[:, 0])
+        residual = torch.zeros_like(x)
+        lengths = cache.lengths[:B] + 1
+        for i, layer in enumerate(self.w.layers):
+            h, residual = self.norm(x, layer.attn_norm, residual)
+            q, k, v = self.split_qkv(linear(h, layer.qkv), B, 1)
+            kc, vc = cache.k[i, :B], cache.v[i, :B]
+            ops.rotary_append_kv(q, k, v, kc, vc, positions, self.cos, self.sin)
+            a = ops.decode_attention(q.view(B, s.num_heads, s.head_dim), kc, vc, lengths, self.scales[i])
+            x = linear(a.view(B, s.num_heads * s.head_dim), layer.o)
+            h, residual = self.norm(x, layer.mlp_norm, residual)
+            x = self.mlp(h, layer)
+        cache.lengths[:B] = lengths
+        return self.logits(x, residual)

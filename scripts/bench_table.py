@@ -1,0 +1,72 @@
+"""Turn a pytest-benchmark JSON file into the README's markdown table.
+
+    python scripts/bench_table.py bench/results/cpu.json            # print the table
+    python scripts/bench_table.py bench/results/cpu.json --readme README.md   # replace it in README
+
+The README keeps the table between the markers `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->`
+(NAME is the JSON file's stem), so each results file has its own table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+COLUMNS = [  # (extra_info key, header, format)
+    ("speedup_vs_eager", "vs eager", "{:.2f}x"),
+    ("ratio_vs_hf_fp32", "vs HF fp32", "{:.2f}x"),
+    ("tokens_per_s", "tok/s", "{:.0f}"),
+    ("GBps", "GB/s", "{:.1f}"),
+    ("GFLOPps", "GFLOP/s", "{:.1f}"),
+    ("roofline_fraction", "of roofline", "{:.0%}"),
+    ("peak_memory_MB", "peak MB", "{:.0f}"),
+    ("memory_ratio_vs_eager", "memory vs eager", "{:.1f}x lower"),
+]
+
+
+def machine_line(benchmarks: list[dict]) -> str:
+    info = benchmarks[0]["extra_info"] if benchmarks else {}
+    parts = [info.get("cpu", "?"), info.get("capability", ""), f"{info.get('threads', '?')} threads",
+             f"torch {info.get('torch', '?')}", f"read {info.get('read_GBps', '?')} GB/s",
+             f"fp32 matmul {info.get('matmul_GFLOPps', '?')} GFLOP/s"]
+    if "gpu" in info:
+        parts.insert(0, info["gpu"])
+    return "Machine: " + ", ".join(p for p in parts if p)
+
+
+def table(data: dict) -> str:
+    benchmarks = data["benchmarks"]
+    used = [c for c in COLUMNS if any(c[0] in b["extra_info"] for b in benchmarks)]
+    header = ["benchmark", "provider", "median ms"] + [c[1] for c in used]
+    lines = [machine_line(benchmarks), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for b in sorted(benchmarks, key=lambda b: (b["group"] or "", b["name"])):
+        info = b["extra_info"]
+        provider = str(info.get("provider", b["param"] or ""))
+        row = [b["group"] or b["name"], provider, f"{b['stats']['median'] * 1e3:.3f}"]
+        row += [fmt.format(info[key]) if key in info else "" for key, _, fmt in used]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", type=Path, help="a file written by pytest --benchmark-json")
+    parser.add_argument("--readme", type=Path, help="replace the table between this file's markers")
+    args = parser.parse_args()
+    text = table(json.loads(args.json.read_text()))
+    if not args.readme:
+        print(text)
+        return
+    name = args.json.stem
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    readme = args.readme.read_text()
+    if start not in readme or end not in readme:
+        raise SystemExit(f"{args.readme} has no {start} ... {end} markers")
+    readme = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", readme, flags=re.S)
+    args.readme.write_text(readme)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Tiny random Hugging Face models of each supported family, saved with save_pretrained and loaded
+back through the real loading code (nothing comes from a hub)."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+
+import torch
+import transformers
+
+VOCAB = 97
+
+# Larger-than-default init so that logits are well separated: greedy parity then tests the
+# arithmetic, not which of two near-equal logits rounding happens to favour.
+CONFIGS = {
+    "llama-gqa": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    ),
+    "llama-tied-mha": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        head_dim=16,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+    ),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        ffn_dim=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=64,
+        init_std=0.2,
+        pad_token_id=1,
+    ),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=128, initializer_range=0.2
+    ),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of `name`, round-tripped through save_pretrained/from_pretrained."""
+    torch.manual_seed(seed)
+    config = CONFIGS[name]()
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(d)
+    return loaded.eval()
+
+
+def left_padded_prompts(lengths: list[int], pad_id: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of the given lengths, left-padded into (input_ids, attention_mask)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, T - n :] = torch.randint(2, VOCAB, (n,), generator=g)
+        mask[i, T - n :] = 1
+    return ids, mask

@@ -1,0 +1,157 @@
+import pytest
+import torch
+import transformers
+from models import CONFIGS, VOCAB, left_padded_prompts, tiny_model
+
+import hybrid_engine
+from hybrid_engine.generation.sampling import SamplingConfig, filter_logits
+
+FAMILIES = list(CONFIGS)
+LENGTHS = [5, 1, 9, 3, 7]
+
+
+def hf_greedy(model, ids, mask, max_new_tokens, eos=None, pad=0):
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        use_cache=True,
+    )
+    return out
+
+
+def hf_logits(model, sequences, prompt_mask, response_mask):
+    """HF's logits for every position of `sequences`, with the positions generate() uses."""
+    mask = torch.cat([prompt_mask, response_mask], dim=1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits.float()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_hf(family):
+    model = tiny_model(family)
+    ids, mask = left_padded_prompts(LENGTHS)
+    ours = hybrid_engine.generate(model, ids, mask, max_new_tokens=12, pad_token_id=0)
+    assert torch.equal(ours.sequences, hf_greedy(model, ids, mask, 12))
+    assert ours.response_mask.all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_with_eos_mid_batch_matches_hf(family):
+    model = tiny_model(family)
+    ids, mask = left_padded_prompts(LENGTHS, seed=1)
+    free_run = hf_greedy(model, ids, mask, 12)[:, ids.shape[1] :]
+    eos = int(free_run[0, 3])  # row 0 stops at step 3; others stop wherever they emit it, or run on
+    expected = hf_greedy(model, ids, mask, 12, eos=eos)
+    ours = hybrid_engine.generate(model, ids, mask, max_new_tokens=12, eos_token_id=[eos, VOCAB + 5], pad_token_id=0)
+    assert torch.equal(ours.sequences, expected)
+    gen = ours.sequences[:, ids.shape[1] :]
+    # The mask covers each row up to and including its first eos; padding follows.
+    for row in range(len(LENGTHS)):
+        hits = torch.nonzero(gen[row] == eos)
+        n = int(hits[0]) + 1 if len(hits) else gen.shape[1]
+        assert ours.response_mask[row, :n].all() and not ours.response_mask[row, n:].any()
+        assert (gen[row, n:] == 0).all()
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt", "gpt2"])
+def test_bf16_weights_match_hf_on_rounded_weights(family):
+    model = tiny_model(family)
+    rounded = transformers.AutoModelForCausalLM.from_config(model.config).eval()
+    rounded.load_state_dict(model.state_dict())
+    rounded.to(torch.bfloat16).float()
+    for name, buf in model.named_buffers():  # buffers such as rotary inv_freq are not weights
+        rounded.get_buffer(name).copy_(buf)
+    ids, mask = left_padded_prompts(LENGTHS, seed=2)
+    ours = hybrid_engine.generate(model, ids, mask, max_new_tokens=10, pad_token_id=0, weight_dtype=torch.bfloat16)
+    assert torch.equal(ours.sequences, hf_greedy(rounded, ids, mask, 10))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_hf_log_softmax(family, temperature):
+    model = tiny_model(family)
+    ids, mask = left_padded_prompts(LENGTHS, seed=3)
+    out = hybrid_engine.generate(
+        model, ids, mask, max_new_tokens=8, do_sample=True, temperature=temperature, seed=0, pad_token_id=0
+    )
+    T = ids.shape[1]
+    logits = hf_logits(model, out.sequences, mask, out.response_mask)[:, T - 1 : -1] / temperature
+    expected = torch.log_softmax(logits, -1).gather(2, out.sequences[:, T:, None])[..., 0] * out.response_mask
+    torch.testing.assert_close(out.logprobs, expected, atol=1e-5, rtol=0)
+
+
+def test_same_seed_same_samples_and_different_seed_differs():
+    model = tiny_model("llama-gqa")
+    ids, mask = left_padded_prompts(LENGTHS, seed=4)
+    kw = dict(max_new_tokens=16, do_sample=True, temperature=1.5, pad_token_id=0)
+    a = hybrid_engine.generate(model, ids, mask, seed=7, **kw)
+    b = hybrid_engine.generate(model, ids, mask, seed=7, **kw)
+    c = hybrid_engine.generate(model, ids, mask, seed=8, **kw)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.sequences, c.sequences)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.5), (8, 0.8)])
+def test_sampled_tokens_stay_in_the_kept_set(top_k, top_p):
+    model = tiny_model("opt")
+    ids, mask = left_padded_prompts(LENGTHS, seed=5)
+    out = hybrid_engine.generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=12,
+        do_sample=True,
+        temperature=2.0,
+        top_k=top_k,
+        top_p=top_p,
+        seed=3,
+        pad_token_id=0,
+    )
+    T = ids.shape[1]
+    logits = hf_logits(model, out.sequences, mask, out.response_mask)[:, T - 1 : -1]
+    kept = filter_logits(logits.reshape(-1, VOCAB), SamplingConfig(True, 2.0, top_k, top_p)).isfinite()
+    chosen = kept.gather(1, out.sequences[:, T:].reshape(-1, 1))[:, 0]
+    assert chosen.all()
+    if top_k:
+        assert (kept.sum(1) <= top_k).all()
+
+
+def test_filter_logits_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = filter_logits(logits, SamplingConfig(True, 1.0, 0, 0.7)).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = filter_logits(logits, SamplingConfig(True, 1.0, 0, 0.01)).isfinite()
+    assert kept.tolist() == [[True, False, False, False]]
+
+
+def test_prompt_longer_than_positions_is_a_clear_error():
+    model = tiny_model("gpt2")
+    ids, mask = left_padded_prompts([120, 3])
+    with pytest.raises(ValueError, match="needs 130 positions; the model has 128"):
+        hybrid_engine.generate(model, ids, mask, max_new_tokens=10)
+
+
+def test_right_padding_is_a_clear_error():
+    model = tiny_model("gpt2")
+    ids, mask = left_padded_prompts([4, 2])
+    with pytest.raises(ValueError, match=r"rows \[1\] are not left-padded"):
+        hybrid_engine.generate(model, ids, mask.flip(1), max_new_tokens=2)
+
+
+def test_unsupported_architecture_lists_the_supported_ones():
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        is_decoder=True,
+    )
+    model = transformers.BertLMHeadModel(config)
+    with pytest.raises(ValueError, match="supported: gpt2, llama, mistral, opt, qwen2"):
+        hybrid_engine.generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
