@@ -30,3 +30,15 @@ def machine(roofline: Roofline) -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Ratios to a baseline provider of the same group, from this run's own rows: a benchmark that
+    sets extra_info["baseline_provider"] = P gets extra_info["speedup_vs_P"]."""
+    rows = output_json["benchmarks"]
+    by_group = {(b["group"], b["extra_info"].get("provider")): b for b in rows}
+    for b in rows:
+        base = b["extra_info"].get("baseline_provider")
+        ref = by_group.get((b["group"], base))
+        if base and ref:
+            b["extra_info"][f"speedup_vs_{base}"] = round(ref["stats"]["median"] / b["stats"]["median"], 3)

@@ -82,7 +82,7 @@ def record(
     benchmark,
     *,
     provider: str,
-    baseline_s: float,
+    baseline_s: float | None = None,
     machine: dict,
     roofline: Roofline,
     bytes_moved: float = 0.0,
@@ -94,7 +94,8 @@ def record(
     info = benchmark.extra_info
     info.update(machine)
     info["provider"] = provider
-    info["speedup_vs_eager"] = round(baseline_s / t, 3)
+    if baseline_s is not None:
+        info["speedup_vs_eager"] = round(baseline_s / t, 3)
     if bytes_moved:
         info["GBps"] = round(bytes_moved / t / 1e9, 2)
     if flops:

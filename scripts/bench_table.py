@@ -16,7 +16,7 @@ from pathlib import Path
 
 COLUMNS = [  # (extra_info key, header, format)
     ("speedup_vs_eager", "vs eager", "{:.2f}x"),
-    ("ratio_vs_hf_fp32", "vs HF fp32", "{:.2f}x"),
+    ("speedup_vs_hf-fp32", "vs HF fp32", "{:.2f}x"),
     ("tokens_per_s", "tok/s", "{:.0f}"),
     ("GBps", "GB/s", "{:.1f}"),
     ("GFLOPps", "GFLOP/s", "{:.1f}"),

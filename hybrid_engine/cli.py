@@ -1,0 +1,134 @@
+"""The `hybrid-engine` command: `env` reports the build environment, `generate` runs fast generation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """Prints what the kernels are built for and with, and whether they load."""
+    import importlib.metadata as md
+    import shutil
+
+    import torch
+
+    from hybrid_engine import _build
+
+    def version(name: str) -> str:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    rows = [
+        ("torch", torch.__version__),
+        ("CPU capability (torch)", _build.capability()),
+        ("avx512_bf16", "yes" if "avx512_bf16" in _build.cpu_flags() else "no"),
+        ("threads", str(torch.get_num_threads())),
+        ("CUDA", torch.version.cuda or "no (CPU build of torch)"),
+        ("GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
+        ("nvcc", shutil.which("nvcc") or "not found"),
+        ("C++ compiler", shutil.which("c++") or "not found"),
+        ("ninja", shutil.which("ninja") or "not found"),
+        ("triton", version("triton")),
+        ("transformers", version("transformers")),
+        ("deepspeed", version("deepspeed")),
+        ("build cache", str(_build.build_directory())),
+        ("compile flags", " ".join(_build.extra_cflags())),
+    ]
+    try:
+        _build.load()
+        ops = torch._C._dispatch_get_all_op_names()
+        names = sorted(n.split("::")[1] for n in ops if n.startswith("hybrid_engine::"))
+        rows.append(("C++ ops", ", ".join(names)))
+    except Exception as e:  # report, don't crash: this command is for diagnosing exactly this
+        rows.append(("C++ ops", f"FAILED to load: {e}"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generates from a saved Hugging Face model or a built-in preset and reports tokens/s."""
+    import torch
+    import transformers
+
+    import hybrid_engine
+    from hybrid_engine.model.presets import preset_model
+
+    torch.manual_seed(args.seed)
+    if args.model:
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        name = args.model
+    else:
+        model = preset_model(args.preset, seed=args.seed)
+        name = f"preset {args.preset} (random weights)"
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(3, vocab, (args.batch, args.prompt_len))
+    weight_dtype = torch.bfloat16 if args.weight_dtype == "bf16" else None
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"model: {name}, {params:.1f}M parameters; batch {args.batch}, prompt {args.prompt_len}, "
+          f"{args.max_new_tokens} new tokens, weights {args.weight_dtype}, {torch.get_num_threads()} threads")
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    hybrid_engine.generate(model, input_ids[:, :8], max_new_tokens=2)  # warm-up: loads the ops
+    t0 = time.perf_counter()
+    out = hybrid_engine.generate(model, input_ids, weight_dtype=weight_dtype, **kw)
+    ours = time.perf_counter() - t0
+    n = int(out.response_mask.sum())
+    print(f"hybrid_engine.generate: {n / ours:8.1f} tokens/s ({ours:.2f} s)")
+    if args.compare_hf:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hf = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+                                do_sample=False, pad_token_id=0)
+        t = time.perf_counter() - t0
+        m = (hf.shape[1] - args.prompt_len) * args.batch
+        print(f"transformers generate:  {m / t:8.1f} tokens/s ({t:.2f} s) -> ours is {t / ours * n / m:.2f}x")
+        if not args.sample and weight_dtype is None:
+            same = torch.equal(hf[:, : out.sequences.shape[1]], out.sequences)
+            print(f"greedy sequences identical to transformers: {same}")
+    if args.show:
+        print("first sequence's new tokens:", out.sequences[0, args.prompt_len:].tolist())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybrid-engine", description="Fast RLHF kernels and generation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    env = sub.add_parser("env", help="report the build environment and whether the C++ ops load")
+    env.set_defaults(func=cmd_env)
+
+    gen = sub.add_parser("generate", help="generate with a saved HF model or a built-in preset, report tokens/s",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument("--model", help="a directory written by save_pretrained (Llama/Qwen2/Mistral, OPT, GPT-2)")
+    src.add_argument("--preset", default="llama-20m", help="a built-in random-weight model: llama-tiny, "
+                     "llama-20m or llama-125m (used when --model is not given)")
+    gen.add_argument("--batch", type=int, default=8, help="number of prompts generated together")
+    gen.add_argument("--prompt-len", type=int, default=64, help="tokens per (random) prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
+    gen.add_argument("--weight-dtype", choices=["fp32", "bf16"], default="fp32",
+                     help="dtype of the weights the decode step reads (activations stay fp32)")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this probability mass")
+    gen.add_argument("--seed", type=int, default=0, help="seed for the weights, the prompts and sampling")
+    gen.add_argument("--compare-hf", action="store_true", help="also time transformers' generate on the same input")
+    gen.add_argument("--show", action="store_true", help="print the first sequence's generated token ids")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

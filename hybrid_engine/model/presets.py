@@ -1,0 +1,34 @@
+"""Model configurations built in for benchmarks and the CLI's default run (random weights, no hub)."""
+
+from __future__ import annotations
+
+import transformers
+
+PRESETS = {
+    # ~22M parameters: per-step overhead, not bandwidth, limits its decode speed.
+    "llama-20m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                      num_key_value_heads=2, tie_word_embeddings=True),
+    # ~125M parameters: the decode step streams ~400 MB of fp32 weights.
+    "llama-125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4, tie_word_embeddings=False),
+    # A few hundred thousand parameters, for smoke runs.
+    "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, tie_word_embeddings=True, vocab_size=1024),
+}
+
+
+def preset_config(name: str) -> transformers.LlamaConfig:
+    """The LlamaConfig of a built-in preset (vocabulary 32000 unless the preset says otherwise)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; built-in presets: {', '.join(PRESETS)}")
+    kw = dict(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5)
+    kw.update(PRESETS[name])
+    return transformers.LlamaConfig(**kw)
+
+
+def preset_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A randomly initialised LlamaForCausalLM of a preset, in eval mode."""
+    import torch
+
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(preset_config(name)).eval()
