@@ -17,14 +17,13 @@
 #include "hybrid_engine/ops.h"
 
 namespace hybrid_engine {
+namespace {
 
 // Checks a plan against a flat tensor of `numel` elements (named `flat_name` in messages) and
-// returns the shard's row count. Shared with the CUDA binding (csrc/cuda/bindings.cpp), so both
-// devices reject the same plans with the same messages. Every index stays inside the tensor, and
-// the arithmetic is ordered so that no intermediate can overflow int64.
-int64_t check_reshard_plan(const char* op, const char* flat_name, int64_t numel, int64_t offset, int64_t row_stride,
-                           at::IntArrayRef row_starts, at::IntArrayRef row_counts, int64_t col_start,
-                           int64_t col_count) {
+// returns the shard's row count. Every index stays inside the tensor, and the arithmetic is
+// ordered so that no intermediate can overflow int64.
+int64_t check_plan(const char* op, const char* flat_name, int64_t numel, int64_t offset, int64_t row_stride,
+                   at::IntArrayRef row_starts, at::IntArrayRef row_counts, int64_t col_start, int64_t col_count) {
   TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
   TORCH_CHECK(row_stride >= 0, op, ": row_stride must be >= 0, got ", row_stride);
   TORCH_CHECK(col_start >= 0, op, ": col_start must be >= 0, got ", col_start);
@@ -51,8 +50,6 @@ int64_t check_reshard_plan(const char* op, const char* flat_name, int64_t numel,
   }
   return total;
 }
-
-namespace {
 
 // The plan in bytes, with first[k] = the shard row where block k begins (first.back() = R).
 struct Plan {
@@ -109,14 +106,22 @@ void copy_plan(char* flat, char* shard, const Plan& p) {
 
 }  // namespace
 
+// The device-independent argument checks of both ops, shared with the CUDA binding
+// (csrc/cuda/bindings.cpp) so that both devices reject the same calls with the same messages.
+// Each returns the shard's row count.
 #define HE_OP "reshard_gather"
+int64_t check_reshard_gather_args(const at::Tensor& src, int64_t offset, int64_t row_stride,
+                                  at::IntArrayRef row_starts, at::IntArrayRef row_counts, int64_t col_start,
+                                  int64_t col_count) {
+  // The plan addresses src's elements flat, which only means something for a contiguous tensor.
+  CHECK_CONTIGUOUS(src);
+  return check_plan(HE_OP, "src", src.numel(), offset, row_stride, row_starts, row_counts, col_start, col_count);
+}
+
 at::Tensor reshard_gather_cpu(const at::Tensor& src, int64_t offset, int64_t row_stride, at::IntArrayRef row_starts,
                               at::IntArrayRef row_counts, int64_t col_start, int64_t col_count) {
   CHECK_CPU(src);
-  // The plan addresses src's elements flat, which only means something for a contiguous tensor.
-  CHECK_CONTIGUOUS(src);
-  const int64_t R = check_reshard_plan(HE_OP, "src", src.numel(), offset, row_stride, row_starts, row_counts,
-                                       col_start, col_count);
+  const int64_t R = check_reshard_gather_args(src, offset, row_stride, row_starts, row_counts, col_start, col_count);
   auto out = at::empty({R, col_count}, src.options());
   const Plan p = make_plan(src.element_size(), offset, row_stride, row_starts, row_counts, col_start, col_count);
   copy_plan<true>(static_cast<char*>(src.data_ptr()), static_cast<char*>(out.data_ptr()), p);
@@ -125,17 +130,24 @@ at::Tensor reshard_gather_cpu(const at::Tensor& src, int64_t offset, int64_t row
 #undef HE_OP
 
 #define HE_OP "reshard_scatter"
+int64_t check_reshard_scatter_args(const at::Tensor& dst, const at::Tensor& shard, int64_t offset, int64_t row_stride,
+                                   at::IntArrayRef row_starts, at::IntArrayRef row_counts, int64_t col_start) {
+  CHECK_CONTIGUOUS(dst);
+  CHECK_DIM(shard, 2, "[sum(row_counts), C]");
+  CHECK_SAME_DTYPE(shard, dst);
+  const int64_t R =
+      check_plan(HE_OP, "dst", dst.numel(), offset, row_stride, row_starts, row_counts, col_start, shard.size(1));
+  CHECK_SIZE(shard, 0, R);
+  // Reading the shard while writing dst over it would race.
+  at::assert_no_overlap(dst, shard);
+  return R;
+}
+
 void reshard_scatter_cpu(const at::Tensor& dst, const at::Tensor& shard, int64_t offset, int64_t row_stride,
                          at::IntArrayRef row_starts, at::IntArrayRef row_counts, int64_t col_start) {
   CHECK_CPU(dst);
   CHECK_CPU(shard);
-  CHECK_CONTIGUOUS(dst);
-  CHECK_DIM(shard, 2, "[sum(row_counts), C]");
-  CHECK_SAME_DTYPE(shard, dst);
-  const int64_t R = check_reshard_plan(HE_OP, "dst", dst.numel(), offset, row_stride, row_starts, row_counts,
-                                       col_start, shard.size(1));
-  CHECK_SIZE(shard, 0, R);
-  at::assert_no_overlap(dst, shard);
+  check_reshard_scatter_args(dst, shard, offset, row_stride, row_starts, row_counts, col_start);
   const auto s = shard.contiguous();
   const Plan p = make_plan(dst.element_size(), offset, row_stride, row_starts, row_counts, col_start, s.size(1));
   copy_plan<false>(static_cast<char*>(dst.data_ptr()), static_cast<char*>(s.data_ptr()), p);
