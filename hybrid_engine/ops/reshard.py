@@ -18,8 +18,18 @@ else is a plan (which rows and columns a rank owns) handed to one of them:
   reshard_gather, never materialising the full weight; `tp_to_zero` scatters TP shards into the
   padded flat buffer.
 
-Every result is a new contiguous tensor, never a view of its input. The copies are memory-bound:
-how close they get to the machine's bandwidth is in bench/bench_reshard.py.
+Every result is a new contiguous tensor, never a view of its input.
+
+Speed (bench/bench_reshard.py): a shard is a copy, read once and written once, and torch's own copy
+(`clone` / `contiguous` / `cat`, a vectorised TensorIterator loop) already runs at that limit. On the
+Sapphire Rapids dev machine one core copies ~25-30 GB/s (bytes read + written) past its L2 whichever
+way it is done (memcpy, rep movsb, AVX-512 loads/stores, non-temporal stores all measured alike), so
+the C++ kernel matches torch's copy (a 2048 x 2048 fp32 weight's tp-4 row shard: 346 vs 342 us, bf16
+194 vs 190 us, one thread) and shard_column_parallel / shard_row_parallel / shard_qkv cannot be 1.5x
+faster than eager: they measure 0.8-1.0x, the gap being the ~20 us per call of torch's Python autograd
+layer over reshard_gather. The gain is where eager torch copies twice: zero_to_tp reads the shard
+straight out of the partitions where the eager way (DeepSpeed's cat of the partitions, then the
+shard) first builds the whole weight, 3-4x faster.
 """
 
 from __future__ import annotations
