@@ -56,7 +56,7 @@ def _check_plan(
     col_start: int,
     col_count: int,
 ) -> int:
-    """The C++ check_reshard_plan for the Triton and reference backends: same rules, same messages."""
+    """The C++ plan check (csrc/cpu/reshard.cpp) for the Triton and reference backends: same rules and messages."""
     for arg, value in (
         ("offset", offset),
         ("row_stride", row_stride),
