@@ -41,12 +41,14 @@ TORCH_LIBRARY(hybrid_engine, m) {
       "Tensor tokens, Tensor lse, Tensor entropy, float temperature) -> (Tensor grad_hidden, Tensor grad_weight)");
   // rewards/values/mask [B, T] -> advantages, returns fp32 [B, T].
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor advantages, Tensor returns)");
-  // src viewed flat; out[i, j] = src[offset + r(i) * row_stride + col_start + j] where r runs over
-  // the row blocks [row_starts[k], row_starts[k] + row_counts[k]) in order -> [sum(row_counts), col_count].
+  // src (contiguous, any dtype) viewed flat; out[i, j] = src[offset + r(i) * row_stride + col_start + j]
+  // where r runs over the row blocks [row_starts[k], row_starts[k] + row_counts[k]) in order
+  // -> [sum(row_counts), col_count]. col_start + col_count <= row_stride; every index is bounds checked.
   m.def(
       "reshard_gather(Tensor src, int offset, int row_stride, int[] row_starts, int[] row_counts, int col_start, "
       "int col_count) -> Tensor");
-  // The inverse: writes shard [sum(row_counts), C] into dst viewed flat at the same places.
+  // The inverse: writes shard [sum(row_counts), C] (dst's dtype) into dst (contiguous) viewed flat at the
+  // same places.
   m.def(
       "reshard_scatter(Tensor(a!) dst, Tensor shard, int offset, int row_stride, int[] row_starts, "
       "int[] row_counts, int col_start) -> ()");

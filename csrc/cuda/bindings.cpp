@@ -6,6 +6,7 @@
 
 #include "hybrid_engine/checks.h"
 #include "hybrid_engine/cuda/gae.h"
+#include "hybrid_engine/cuda/reshard.h"
 // (one include per op family's launcher header, in the order of the sections below)
 #include "hybrid_engine/ops.h"
 
@@ -60,6 +61,58 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
 
 
 // ---- reshard ----
+// Defined in csrc/cpu/reshard.cpp, which every build compiles: both devices reject the same calls.
+int64_t check_reshard_gather_args(const at::Tensor& src, int64_t offset, int64_t row_stride,
+                                  at::IntArrayRef row_starts, at::IntArrayRef row_counts, int64_t col_start,
+                                  int64_t col_count);
+int64_t check_reshard_scatter_args(const at::Tensor& dst, const at::Tensor& shard, int64_t offset, int64_t row_stride,
+                                   at::IntArrayRef row_starts, at::IntArrayRef row_counts, int64_t col_start);
+
+namespace {
+// Byte offsets of each block's first row in the flat tensor (strided) and in the shard (dense).
+void reshard_block_starts(int64_t elem_size, int64_t offset, int64_t row_stride, at::IntArrayRef row_starts,
+                          at::IntArrayRef row_counts, int64_t col_start, int64_t col_count, std::vector<int64_t>& flat,
+                          std::vector<int64_t>& shard) {
+  int64_t row = 0;
+  for (size_t k = 0; k < row_starts.size(); ++k) {
+    flat.push_back((offset + row_starts[k] * row_stride + col_start) * elem_size);
+    shard.push_back(row * col_count * elem_size);
+    row += row_counts[k];
+  }
+}
+}  // namespace
+
+#define HE_OP "reshard_gather"
+at::Tensor reshard_gather_cuda(const at::Tensor& src, int64_t offset, int64_t row_stride, at::IntArrayRef row_starts,
+                               at::IntArrayRef row_counts, int64_t col_start, int64_t col_count) {
+  CHECK_CUDA(src);
+  const int64_t R = check_reshard_gather_args(src, offset, row_stride, row_starts, row_counts, col_start, col_count);
+  const c10::cuda::CUDAGuard guard(src.device());
+  auto out = at::empty({R, col_count}, src.options());
+  const int64_t es = src.element_size();
+  std::vector<int64_t> flat, shard;
+  reshard_block_starts(es, offset, row_stride, row_starts, row_counts, col_start, col_count, flat, shard);
+  HE_CUDA_CHECK(cuda::reshard_copy(src.data_ptr(), out.data_ptr(), col_count * es, row_stride * es, col_count * es,
+                                   flat.data(), shard.data(), row_counts.data(), row_counts.size(), stream_of(src)));
+  return out;
+}
+#undef HE_OP
+
+#define HE_OP "reshard_scatter"
+void reshard_scatter_cuda(const at::Tensor& dst, const at::Tensor& shard, int64_t offset, int64_t row_stride,
+                          at::IntArrayRef row_starts, at::IntArrayRef row_counts, int64_t col_start) {
+  CHECK_CUDA(dst);
+  CHECK_DEVICE(shard, dst.device());
+  check_reshard_scatter_args(dst, shard, offset, row_stride, row_starts, row_counts, col_start);
+  const c10::cuda::CUDAGuard guard(dst.device());
+  const auto s = shard.contiguous();
+  const int64_t C = s.size(1), es = dst.element_size();
+  std::vector<int64_t> flat, dense;
+  reshard_block_starts(es, offset, row_stride, row_starts, row_counts, col_start, C, flat, dense);
+  HE_CUDA_CHECK(cuda::reshard_copy(s.data_ptr(), dst.data_ptr(), C * es, C * es, row_stride * es, dense.data(),
+                                   flat.data(), row_counts.data(), row_counts.size(), stream_of(dst)));
+}
+#undef HE_OP
 // ---- end reshard ----
 
 
