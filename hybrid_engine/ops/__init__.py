@@ -10,11 +10,21 @@ from hybrid_engine._build import load as _load
 _load()
 
 from hybrid_engine.ops._backend import get_backend, use_backend  # noqa: E402
+from hybrid_engine.ops.attention import (  # noqa: E402
+    decode_attention,
+    decode_attention_reference,
+    prefill_attention,
+    prefill_attention_reference,
+)
 from hybrid_engine.ops.gae import gae, gae_reference  # noqa: E402
 
 __all__ = [
+    "decode_attention",
+    "decode_attention_reference",
     "gae",
     "gae_reference",
     "get_backend",
+    "prefill_attention",
+    "prefill_attention_reference",
     "use_backend",
 ]
