@@ -100,7 +100,7 @@ inline void score_tile(const float* qf, int64_t Dp, const T* k, int64_t D, float
   }
   for (int g = 0; g < GT; ++g) {
     for (int t = 0; t < KT; ++t) {
-      float sum = acc[g][t].reduce_add();
+      float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc[g][t]);
       for (int64_t d = Dv; d < D; ++d) sum += qf[g * Dp + d] * static_cast<float>(k[t * D + d]);
       scores[g * s_stride + t] = sum;
     }
@@ -373,15 +373,21 @@ bool sdpa_wins(at::ScalarType dtype, const std::vector<int64_t>& lens, int64_t T
   return 2.0 * causal_work >= static_cast<double>(lens.size()) * T * T;
 }
 
-// prefill_attention through at::scaled_dot_product_attention with the explicit boolean mask.
-at::Tensor prefill_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seq_lens,
+// prefill_attention through at::scaled_dot_product_attention (bf16 only, see sdpa_wins) with the
+// equivalent additive mask, written directly in q's dtype: building it from boolean tensor ops
+// and letting SDPA convert it measured slower than the attention itself at T = 512.
+at::Tensor prefill_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::vector<int64_t>& lens, double scale) {
-  const int64_t T = q.size(2);
-  const auto pos = at::arange(T, seq_lens.options().dtype(at::kLong));
-  const auto real = pos.unsqueeze(0) >= (T - seq_lens.to(at::kLong)).unsqueeze(1);            // (B, Tk)
-  const auto mask = (pos.unsqueeze(1) >= pos.unsqueeze(0)).unsqueeze(0) & real.unsqueeze(1);  // (B, Tq, Tk)
-  auto out = at::scaled_dot_product_attention(q, k, v, mask.unsqueeze(1), 0.0, false, scale, /*enable_gqa=*/true)
-                 .contiguous();
+  const int64_t B = q.size(0), T = q.size(2);
+  auto mask = at::empty({B, 1, T, T}, q.options());
+  at::BFloat16* mp = mask.data_ptr<at::BFloat16>();
+  at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i = r % T, s0 = T - lens[r / T];
+      for (int64_t j = 0; j < T; ++j) mp[r * T + j] = (j >= s0 && j <= i) ? 0.f : kNegInf;
+    }
+  });
+  auto out = at::scaled_dot_product_attention(q, k, v, mask, 0.0, false, scale, /*enable_gqa=*/true).contiguous();
   // Padded query rows see no key; the contract makes them zero whatever SDPA leaves there.
   for (size_t b = 0; b < lens.size(); ++b) {
     if (lens[b] < T) out.select(0, b).narrow(1, 0, T - lens[b]).zero_();
@@ -464,7 +470,7 @@ at::Tensor prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
   CHECK_LAST_DIM_CONTIGUOUS(k);
   CHECK_LAST_DIM_CONTIGUOUS(v);
   const auto lens = checked_lengths(HE_OP, seq_lens, T, "T");
-  if (sdpa_wins(q.scalar_type(), lens, T)) return prefill_sdpa(q, k, v, seq_lens, lens, scale);
+  if (sdpa_wins(q.scalar_type(), lens, T)) return prefill_sdpa(q, k, v, lens, scale);
   auto out = at::empty({B, Hq, T, D}, q.options());
   const int64_t G = Hq / Hkv;
   const PrefillArgs args{Hq,       Hkv,      G,        T,        D,        {q.stride(0), q.stride(1), q.stride(2)},
