@@ -88,8 +88,8 @@ def check_prefill(out, q, k, v, lens, scale):
         assert_within_twice_torch(out, ref, hf_eager(q, k, v, prefill_allowed(lens.cpu(), T).to(q.device), scale))
 
 
-# B, Hq, Hkv, D, T: lengths 1, 7, 123; head dims 64, 80, 128 and the vector tails of 72 and 96;
-# GQA ratios 1, 2, 4; batch 1 and 5.
+# B, Hq, Hkv, D, T: lengths 1, 7, 123; head dims 64, 80, 128, 256 and the vector tails of 72 and
+# 96; GQA ratios 1, 2, 4 and 8 (two head tiles); batch 1 and 5.
 SHAPES = [
     (1, 1, 1, 64, 1),
     (5, 4, 4, 64, 7),
@@ -98,6 +98,7 @@ SHAPES = [
     (5, 8, 2, 72, 33),
     (5, 4, 1, 96, 70),
     (2, 16, 4, 128, 130),
+    (1, 16, 2, 256, 40),
 ]
 
 

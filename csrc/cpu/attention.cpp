@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -25,9 +26,10 @@ constexpr int64_t kVL = Vec::size();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // fp32, bf16 and fp16 only: CHECK_FLOATING has rejected every other dtype before dispatch.
-#define HE_DISPATCH_ATTENTION(dtype, ...)                                                              \
-  AT_DISPATCH_SWITCH(dtype, HE_OP, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                            \
-                                       AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+#define HE_DISPATCH_ATTENTION(dtype, ...)                                                 \
+  AT_DISPATCH_SWITCH(dtype, HE_OP, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)               \
+                                       AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)        \
+                                           AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -60,7 +62,8 @@ constexpr int kTileCols = 2;  // 8 of the 16 ymm registers
 #endif
 
 // Sequence lengths as int64, each checked against [0, limit]: a bad length would read past the cache.
-std::vector<int64_t> checked_lengths(const char* op, const at::Tensor& seq_lens, int64_t limit, const char* limit_name) {
+std::vector<int64_t> checked_lengths(const char* op, const at::Tensor& seq_lens, int64_t limit,
+                                     const char* limit_name) {
   const auto lens = seq_lens.contiguous();
   std::vector<int64_t> out(lens.numel());
   HE_DISPATCH_INDEX(lens.scalar_type(), "seq_lens", [&] {
@@ -68,15 +71,13 @@ std::vector<int64_t> checked_lengths(const char* op, const at::Tensor& seq_lens,
     for (size_t b = 0; b < out.size(); ++b) out[b] = static_cast<int64_t>(p[b]);
   });
   for (size_t b = 0; b < out.size(); ++b) {
-    TORCH_CHECK(out[b] >= 0 && out[b] <= limit, op, ": seq_lens[", b, "] = ", out[b], " is outside [0, ", limit_name, " = ",
-                limit, "]");
+    TORCH_CHECK(out[b] >= 0 && out[b] <= limit, op, ": seq_lens[", b, "] = ", out[b], " is outside [0, ", limit_name,
+                " = ", limit, "]");
   }
   return out;
 }
 
-// ---------------------------------------------------------------------------------------------
-// decode_attention
-// ---------------------------------------------------------------------------------------------
+// ---- decode_attention ----
 
 // Keys per online-softmax step: a block of value rows (32 KiB in fp32 at D = 128) stays in L1
 // while every head tile sweeps it.
@@ -142,7 +143,7 @@ void decode_group(const T* q, int64_t q_head_stride, const T* k, const T* v, T* 
   const int64_t Dp = s.Dp, Dv = D / kVL * kVL;
   float *qf = s.qf.data(), *acc = s.acc.data(), *scores = s.scores.data();
   for (int64_t g = 0; g < G; ++g) {
-    for (int64_t d = 0; d < Dp; ++d) qf[g * Dp + d] = d < D ? static_cast<float>(q[g * q_head_stride + d]) * scale : 0.f;
+    for (int64_t d = 0; d < Dp; ++d) qf[g * Dp + d] = d < D ? static_cast<float>(q[g * q_head_stride + d]) * scale : 0;
   }
   std::fill(s.acc.begin(), s.acc.end(), 0.f);
   std::fill(s.m.begin(), s.m.end(), kNegInf);
@@ -153,11 +154,12 @@ void decode_group(const T* q, int64_t q_head_stride, const T* k, const T* v, T* 
     // 1. Scores, two keys at a time; each key row comes from memory once for the whole group.
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
       dispatch_1_to_4(G - g0, [&](auto gt) {
+        constexpr int GT = decltype(gt)::value;
         const float* qg = qf + g0 * Dp;
         float* sg = scores + g0 * kDecodeBlock;
         int64_t t = 0;
-        for (; t + 2 <= n; t += 2) score_tile<decltype(gt)::value, 2>(qg, Dp, kb + t * D, D, sg + t, kDecodeBlock);
-        if (t < n) score_tile<decltype(gt)::value, 1>(qg, Dp, kb + t * D, D, sg + t, kDecodeBlock);
+        for (; t + 2 <= n; t += 2) score_tile<GT, 2>(qg, Dp, kb + t * D, D, sg + t, kDecodeBlock);
+        if (t < n) score_tile<GT, 1>(qg, Dp, kb + t * D, D, sg + t, kDecodeBlock);
       });
     }
     // 2. Online softmax: rescale what was accumulated so far to the new running maximum.
@@ -176,7 +178,8 @@ void decode_group(const T* q, int64_t q_head_stride, const T* k, const T* v, T* 
       dispatch_1_to_4(G - g0, [&](auto gt) {
         for (int64_t d = 0; d < Dv; d += kTileCols * kVL) {
           dispatch_1_to_4(std::min<int64_t>(kTileCols, (Dv - d) / kVL), [&](auto nv) {
-            pv_tile<decltype(gt)::value, decltype(nv)::value>(scores + g0 * kDecodeBlock, kDecodeBlock, vb + d, D, n, acc + g0 * Dp + d, Dp);
+            constexpr int GT = decltype(gt)::value, NV = decltype(nv)::value;
+            pv_tile<GT, NV>(scores + g0 * kDecodeBlock, kDecodeBlock, vb + d, D, n, acc + g0 * Dp + d, Dp);
           });
         }
       });
@@ -191,15 +194,13 @@ void decode_group(const T* q, int64_t q_head_stride, const T* k, const T* v, T* 
   for (int64_t g = 0; g < G; ++g) {
     // seq_lens[b] == 0 leaves l = 0 and acc = 0: the row is zero.
     const float inv = s.l[g] > 0.f ? 1.f / s.l[g] : 0.f;
-    float* acc = s.acc.data() + g * Dp;
-    at::vec::map([inv](Vec x) { return x * Vec(inv); }, acc, acc, Dp);
-    at::vec::convert(acc, out + g * D, D);
+    float* row = acc + g * Dp;
+    at::vec::map([inv](Vec x) { return x * Vec(inv); }, row, row, Dp);
+    at::vec::convert(row, out + g * D, D);
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// prefill_attention
-// ---------------------------------------------------------------------------------------------
+// ---- prefill_attention ----
 
 // Query rows and keys per tile. Both tilings start at the sequence's first real token, so only
 // the diagonal tile needs the causal mask and no padded row or key is ever computed.
@@ -259,7 +260,7 @@ struct PrefillScratch {
 };
 
 struct PrefillArgs {
-  int64_t Hq, Hkv, G, T, D;
+  int64_t Hq, G, T, D;
   int64_t qs[3], ks[3], vs[3];  // strides of dims 0..2 (the last dim is contiguous)
   float scale;
 };
@@ -367,7 +368,7 @@ void parallel_dynamic(int64_t n, const Make& make_scratch, const F& f) {
 // batch is ragged enough that computing every padded and future position (it gets only a
 // mask) costs more than that. Measurements: hybrid_engine/ops/attention.py.
 bool sdpa_wins(at::ScalarType dtype, const std::vector<int64_t>& lens, int64_t T) {
-  if (dtype != at::kBFloat16 || !at::native::cpublas::could_pack(dtype)) return false;
+  if (dtype != at::kBFloat16 || lens.empty() || !at::native::cpublas::could_pack(dtype)) return false;
   double causal_work = 0.0;
   for (const int64_t L : lens) causal_work += static_cast<double>(L) * L;
   return 2.0 * causal_work >= static_cast<double>(lens.size()) * T * T;
@@ -473,9 +474,8 @@ at::Tensor prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
   if (sdpa_wins(q.scalar_type(), lens, T)) return prefill_sdpa(q, k, v, lens, scale);
   auto out = at::empty({B, Hq, T, D}, q.options());
   const int64_t G = Hq / Hkv;
-  const PrefillArgs args{Hq,       Hkv,      G,        T,        D,        {q.stride(0), q.stride(1), q.stride(2)},
-                         {k.stride(0), k.stride(1), k.stride(2)}, {v.stride(0), v.stride(1), v.stride(2)},
-                         static_cast<float>(scale)};
+  const PrefillArgs args{Hq, G, T, D, {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
+                         {v.stride(0), v.stride(1), v.stride(2)}, static_cast<float>(scale)};
   // Work items (b, kv head, query tile); a tile's cost grows with its index (causal), so the
   // largest go first. Every (b, kv head) has a tile 0, which also zeroes the padded rows.
   struct Item {

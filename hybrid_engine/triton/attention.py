@@ -19,7 +19,7 @@ def _decode_kernel(
     q_sb, q_sh, Hq, Hkv, T_max, D, G, scale,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # int64 offsets: caches exceed 2^31 elements
     kvh = tl.program_id(1)
     L = tl.load(lens + b)
     hs = tl.arange(0, BLOCK_H)
@@ -30,7 +30,7 @@ def _decode_kernel(
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    base = (b * Hkv + kvh).to(tl.int64) * T_max * D
+    base = (b * Hkv + kvh) * T_max * D
     for start in range(0, L, BLOCK_N):
         ns = start + tl.arange(0, BLOCK_N)
         nd_mask = (ns < L)[:, None] & (ds < D)[None, :]
@@ -55,7 +55,7 @@ def _prefill_kernel(
     qs0, qs1, qs2, ks0, ks1, ks2, vs0, vs1, vs2, Hq, T, D, G, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: activations may exceed 2^31 elements
     b = bh // Hq
     h = bh % Hq
     kvh = h // G
