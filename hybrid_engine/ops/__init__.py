@@ -10,6 +10,12 @@ from hybrid_engine._build import load as _load
 _load()
 
 from hybrid_engine.ops._backend import get_backend, use_backend  # noqa: E402
+from hybrid_engine.ops.attention import (  # noqa: E402
+    decode_attention,
+    decode_attention_reference,
+    prefill_attention,
+    prefill_attention_reference,
+)
 from hybrid_engine.ops.gae import gae, gae_reference  # noqa: E402
 from hybrid_engine.ops.reshard import (  # noqa: E402
     gather_column_parallel,
@@ -34,12 +40,16 @@ from hybrid_engine.ops.reshard import (  # noqa: E402
 )
 
 __all__ = [
+    "decode_attention",
+    "decode_attention_reference",
     "gae",
     "gae_reference",
     "gather_column_parallel",
     "gather_qkv",
     "gather_row_parallel",
     "get_backend",
+    "prefill_attention",
+    "prefill_attention_reference",
     "reshard_gather",
     "reshard_gather_reference",
     "reshard_scatter",
