@@ -11,10 +11,17 @@ _load()
 
 from hybrid_engine.ops._backend import get_backend, use_backend  # noqa: E402
 from hybrid_engine.ops.gae import gae, gae_reference  # noqa: E402
+from hybrid_engine.ops.norm import rms_norm, rms_norm_reference  # noqa: E402
+from hybrid_engine.ops.rotary import rotary_append_kv, rotary_append_kv_reference, rotary_tables  # noqa: E402
 
 __all__ = [
     "gae",
     "gae_reference",
     "get_backend",
+    "rms_norm",
+    "rms_norm_reference",
+    "rotary_append_kv",
+    "rotary_append_kv_reference",
+    "rotary_tables",
     "use_backend",
 ]
