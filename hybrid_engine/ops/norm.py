@@ -61,7 +61,7 @@ def _rms_norm_residual_backward(ctx, grad_out, grad_new_residual, grad_rstd):
     new_residual, weight, rstd = ctx.saved_tensors
     grad, grad_weight = torch.ops.hybrid_engine.rms_norm_backward(grad_out, new_residual, weight, rstd)
     if grad_new_residual is not None:
-        grad = grad + grad_new_residual
+        grad.add_(grad_new_residual)  # in place: grad is ours, and a new [N, H] tensor costs its page faults
     # new_residual = x + residual: both inputs receive the same gradient.
     return grad, grad, grad_weight, None
 
@@ -93,7 +93,7 @@ class _TritonRMSNorm(torch.autograd.Function):
         if not ctx.has_residual:
             return grad, grad_weight, None, None
         if grad_new_residual is not None:
-            grad = grad + grad_new_residual
+            grad.add_(grad_new_residual)
         return grad, grad_weight, None, grad
 
 
