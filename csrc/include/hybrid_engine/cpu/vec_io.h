@@ -9,6 +9,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <tuple>
+#include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(HE_HAVE_AVX512BF16)
 #include <immintrin.h>
