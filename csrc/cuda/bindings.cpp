@@ -8,6 +8,8 @@
 #include "hybrid_engine/cuda/gae.h"
 #include "hybrid_engine/cuda/reshard.h"
 #include "hybrid_engine/cuda/attention.h"
+#include "hybrid_engine/cuda/rotary.h"
+#include "hybrid_engine/cuda/norm.h"
 // (one include per op family's launcher header, in the order of the sections below)
 #include "hybrid_engine/ops.h"
 
@@ -131,10 +133,189 @@ at::Tensor prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k, cons
 
 
 // ---- rotary ----
+#define HE_OP "rotary_append_kv"
+namespace {
+// Calls f with a null pointer of the CUDA element type of `dtype` (fp32, fp16 or bf16) as a tag;
+// the norm section below uses it too.
+template <typename F>
+void dispatch_cuda_float(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(static_cast<float*>(nullptr));
+    case at::kHalf: return f(static_cast<__half*>(nullptr));
+    case at::kBFloat16: return f(static_cast<__nv_bfloat16*>(nullptr));
+    default: TORCH_CHECK(false, "expected float32, float16 or bfloat16, got ", dtype);
+  }
+}
+}  // namespace
+
+void rotary_append_kv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& positions,
+                           const std::optional<at::Tensor>& cos_opt, const std::optional<at::Tensor>& sin_opt) {
+  CHECK_DIM(q, 4, "[B, S, Hq, D]");
+  const int64_t B = q.size(0), S = q.size(1), Hq = q.size(2), D = q.size(3);
+  CHECK_DIM(k, 4, "[B, S, Hkv, D]");
+  const int64_t Hkv = k.size(2);
+  CHECK_SHAPE(k, B, S, Hkv, D);
+  CHECK_SHAPE(v, B, S, Hkv, D);
+  CHECK_DIM(k_cache, 4, "[B, Hkv, T_max, D]");
+  const int64_t T_max = k_cache.size(2);
+  CHECK_SHAPE(k_cache, B, Hkv, T_max, D);
+  CHECK_SHAPE(v_cache, B, Hkv, T_max, D);
+  CHECK_SHAPE(positions, B, S);
+  CHECK_FLOATING(q);
+  CHECK_SAME_DTYPE(k, q);
+  CHECK_SAME_DTYPE(v, q);
+  CHECK_SAME_DTYPE(k_cache, q);
+  CHECK_SAME_DTYPE(v_cache, q);
+  CHECK_INDEX(positions);
+  CHECK_LAST_DIM_CONTIGUOUS(q);
+  CHECK_LAST_DIM_CONTIGUOUS(k);
+  CHECK_LAST_DIM_CONTIGUOUS(v);
+  CHECK_CONTIGUOUS(k_cache);
+  CHECK_CONTIGUOUS(v_cache);
+  CHECK_CUDA(q);
+  CHECK_DEVICE(k, q.device());
+  CHECK_DEVICE(v, q.device());
+  CHECK_DEVICE(k_cache, q.device());
+  CHECK_DEVICE(v_cache, q.device());
+  CHECK_DEVICE(positions, q.device());
+  HE_CHECK(cos_opt.has_value() == sin_opt.has_value(), "cos and sin must be given together");
+  at::Tensor cos, sin;
+  int64_t P = 0, half = 0;
+  if (cos_opt.has_value()) {
+    cos = cos_opt->contiguous();
+    sin = sin_opt->contiguous();
+    CHECK_DIM(cos, 2, "[P, R/2]");
+    P = cos.size(0);
+    half = cos.size(1);
+    HE_CHECK(half >= 1 && 2 * half <= D, "cos must have R/2 columns with 1 <= R/2 and R <= D = ", D, ", got shape ",
+             shape_str(cos));
+    CHECK_SHAPE(sin, P, half);
+    CHECK_DTYPE(cos, at::kFloat);
+    CHECK_DTYPE(sin, at::kFloat);
+    CHECK_DEVICE(cos, q.device());
+    CHECK_DEVICE(sin, q.device());
+  }
+  if (B * S == 0) return;
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto pos = positions.contiguous();
+  // The bound check costs one device-to-host sync; the kernel itself never writes out of bounds.
+  const int64_t p_max = pos.max().item<int64_t>();
+  HE_CHECK(p_max < T_max, "positions must be < T_max = ", T_max, " (k_cache.size(2)), got ", p_max);
+  HE_CHECK(!cos_opt.has_value() || p_max < P, "positions must be < P = ", P, " (rows of cos), got ", p_max);
+  const cuda::RotaryShape shape{B,           S,           Hq,          Hkv,         D,           T_max,
+                                P,           half,        q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+                                k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2)};
+  dispatch_cuda_float(q.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    HE_DISPATCH_INDEX(pos.scalar_type(), "rotary_append_kv_cuda", [&] {
+      HE_CUDA_CHECK(cuda::rotary_append_kv(
+          static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<const T*>(v.data_ptr()),
+          static_cast<T*>(k_cache.data_ptr()), static_cast<T*>(v_cache.data_ptr()), pos.data_ptr<index_t>(),
+          cos.defined() ? cos.data_ptr<float>() : nullptr, sin.defined() ? sin.data_ptr<float>() : nullptr, shape,
+          stream_of(q)));
+    });
+  });
+}
+#undef HE_OP
 // ---- end rotary ----
 
 
 // ---- norm ----
+#define HE_OP "rms_norm"
+namespace {
+void check_norm_args(const at::Tensor& x, const at::Tensor& weight) {
+  HE_CHECK(x.dim() >= 1, "x must be at least 1-D [..., H], got shape ", shape_str(x));
+  HE_CHECK(x.size(-1) > 0, "x must have a non-empty last dimension H, got shape ", shape_str(x));
+  CHECK_FLOATING(x);
+  CHECK_CUDA(x);
+  CHECK_DIM(weight, 1, "[H]");
+  CHECK_SIZE(weight, 0, x.size(-1));
+  HE_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat,
+           "weight must be float32 or x's dtype ", x.scalar_type(), ", got ", weight.scalar_type());
+  CHECK_DEVICE(weight, x.device());
+}
+
+std::vector<int64_t> norm_rows(const at::Tensor& x) { return x.sizes().slice(0, x.dim() - 1).vec(); }
+
+// Calls f with null pointers of x's and the weight's CUDA element types as tags.
+template <typename F>
+void dispatch_norm(const at::Tensor& x, const at::Tensor& weight, F&& f) {
+  dispatch_cuda_float(x.scalar_type(), [&](auto* x_tag) {
+    if (weight.scalar_type() == at::kFloat) {
+      f(x_tag, static_cast<float*>(nullptr));
+    } else {
+      f(x_tag, x_tag);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const at::Tensor& x, const at::Tensor* residual,
+                                                            const at::Tensor& weight, double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto xc = x.contiguous(), w = weight.contiguous();
+  const auto rc = residual != nullptr ? residual->contiguous() : at::Tensor();
+  auto out = at::empty(x.sizes(), xc.options());
+  auto new_residual = residual != nullptr ? at::empty(x.sizes(), xc.options()) : at::Tensor();
+  auto rstd = at::empty(norm_rows(x), xc.options().dtype(at::kFloat));
+  const int64_t H = x.size(-1), N = x.numel() / H;
+  dispatch_norm(xc, w, [&](auto* x_tag, auto* w_tag) {
+    using T = std::remove_pointer_t<decltype(x_tag)>;
+    using W = std::remove_pointer_t<decltype(w_tag)>;
+    HE_CUDA_CHECK(cuda::rms_norm_forward(
+        static_cast<const T*>(xc.data_ptr()), rc.defined() ? static_cast<const T*>(rc.data_ptr()) : nullptr,
+        static_cast<const W*>(w.data_ptr()), static_cast<T*>(out.data_ptr()),
+        new_residual.defined() ? static_cast<T*>(new_residual.data_ptr()) : nullptr, rstd.data_ptr<float>(), N, H,
+        static_cast<float>(eps), stream_of(xc)));
+  });
+  return {out, new_residual, rstd};
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_norm_args(x, weight);
+  auto [out, new_residual, rstd] = norm_forward(x, nullptr, weight, eps);
+  return {out, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_residual_cuda(const at::Tensor& x, const at::Tensor& residual,
+                                                                      const at::Tensor& weight, double eps) {
+  check_norm_args(x, weight);
+  HE_CHECK(residual.sizes() == x.sizes(), "residual must have x's shape ", shape_str(x), ", got ",
+           shape_str(residual));
+  CHECK_SAME_DTYPE(residual, x);
+  CHECK_DEVICE(residual, x.device());
+  return norm_forward(x, &residual, weight, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                          const at::Tensor& weight, const at::Tensor& rstd) {
+  check_norm_args(x, weight);
+  HE_CHECK(grad_out.sizes() == x.sizes(), "grad_out must have x's shape ", shape_str(x), ", got ",
+           shape_str(grad_out));
+  CHECK_SAME_DTYPE(grad_out, x);
+  CHECK_DEVICE(grad_out, x.device());
+  HE_CHECK(rstd.sizes() == at::IntArrayRef(norm_rows(x)), "rstd must have shape ", at::IntArrayRef(norm_rows(x)),
+           " (x's without H), got ", shape_str(rstd));
+  CHECK_DTYPE(rstd, at::kFloat);
+  CHECK_DEVICE(rstd, x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto gc = grad_out.contiguous(), xc = x.contiguous(), rc = rstd.contiguous(), w = weight.contiguous();
+  const int64_t H = x.size(-1), N = x.numel() / H;
+  auto grad_x = at::empty(x.sizes(), xc.options());
+  auto grad_weight = at::empty({H}, w.options());
+  auto workspace = at::empty({cuda::rms_norm_backward_blocks(N), H}, xc.options().dtype(at::kFloat));
+  dispatch_norm(xc, w, [&](auto* x_tag, auto* w_tag) {
+    using T = std::remove_pointer_t<decltype(x_tag)>;
+    using W = std::remove_pointer_t<decltype(w_tag)>;
+    HE_CUDA_CHECK(cuda::rms_norm_backward(
+        static_cast<const T*>(gc.data_ptr()), static_cast<const T*>(xc.data_ptr()),
+        static_cast<const W*>(w.data_ptr()), rc.data_ptr<float>(), static_cast<T*>(grad_x.data_ptr()),
+        static_cast<W*>(grad_weight.data_ptr()), workspace.data_ptr<float>(), N, H, stream_of(xc)));
+  });
+  return {grad_x, grad_weight};
+}
+#undef HE_OP
 // ---- end norm ----
 
 

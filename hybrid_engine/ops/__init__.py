@@ -17,6 +17,7 @@ from hybrid_engine.ops.attention import (  # noqa: E402
     prefill_attention_reference,
 )
 from hybrid_engine.ops.gae import gae, gae_reference  # noqa: E402
+from hybrid_engine.ops.norm import rms_norm, rms_norm_reference  # noqa: E402
 from hybrid_engine.ops.reshard import (  # noqa: E402
     gather_column_parallel,
     gather_qkv,
@@ -38,6 +39,7 @@ from hybrid_engine.ops.reshard import (  # noqa: E402
     zero_unpartition,
     zero_unpartition_reference,
 )
+from hybrid_engine.ops.rotary import rotary_append_kv, rotary_append_kv_reference, rotary_tables  # noqa: E402
 
 __all__ = [
     "decode_attention",
@@ -54,6 +56,11 @@ __all__ = [
     "reshard_gather_reference",
     "reshard_scatter",
     "reshard_scatter_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "rotary_append_kv",
+    "rotary_append_kv_reference",
+    "rotary_tables",
     "shard_column_parallel",
     "shard_qkv",
     "shard_reference",
