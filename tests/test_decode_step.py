@@ -1,0 +1,58 @@
+import copy
+
+import pytest
+import torch
+from models import CONFIGS, left_padded_prompts, tiny_model
+
+from hybrid_engine.model import InferenceTransformer, KVCache, extract_weights, spec_from_config
+
+
+def prefilled(family: str, weight_dtype=None):
+    model = tiny_model(family)
+    spec = spec_from_config(model.config)
+    net = InferenceTransformer(spec, extract_weights(model, spec, weight_dtype))
+    ids, mask = left_padded_prompts([5, 1, 9])
+    cache = KVCache.allocate(spec, 3, 16)
+    logits = net.prefill(ids, mask, cache)
+    return net, cache, logits.argmax(-1)
+
+
+@pytest.mark.parametrize("weight_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_cpp_step_matches_python_loop(family, weight_dtype):
+    net, cache, tokens = prefilled(family, weight_dtype)
+    cache_py = copy.deepcopy(cache)
+    for _ in range(3):  # a few steps, so the cache written by each path is read back by it
+        ours = net.decode(tokens, cache)
+        ref = net.decode_python(tokens, cache_py)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+        assert torch.equal(cache.lengths, cache_py.lengths)
+        tokens = ref.argmax(-1)
+    torch.testing.assert_close(cache.k, cache_py.k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.v, cache_py.v, atol=1e-5, rtol=1e-5)
+
+
+def test_step_on_a_prefix_of_the_batch():
+    net, cache, tokens = prefilled("llama-gqa")
+    cache_py = copy.deepcopy(cache)
+    torch.testing.assert_close(net.decode(tokens[:2], cache), net.decode_python(tokens[:2], cache_py))
+    assert cache.lengths.tolist() == [6, 2, 9]
+
+
+def test_opcheck():
+    net, cache, tokens = prefilled("llama-gqa")
+    s = net.spec
+    x = net.embed(tokens, cache.lengths)
+    args = (x, net.flat_weights(), cache.k, cache.v, cache.lengths.clone(), net.cos, net.sin, s.num_heads,
+            s.num_kv_heads, s.head_dim, True, 0, s.norm_eps, net.scales)
+    torch.library.opcheck(torch.ops.hybrid_engine.decode_step.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_wrong_weight_count_names_the_argument():
+    net, cache, tokens = prefilled("gpt2")
+    s = net.spec
+    with pytest.raises(RuntimeError, match="weights must hold 12 entries per layer"):
+        torch.ops.hybrid_engine.decode_step(net.embed(tokens, cache.lengths), net.flat_weights()[:-1], cache.k,
+                                            cache.v, cache.lengths, None, None, s.num_heads, s.num_kv_heads,
+                                            s.head_dim, False, 2, s.norm_eps, net.scales)
