@@ -54,6 +54,15 @@ TORCH_LIBRARY(hybrid_engine, m) {
       "int[] row_counts, int col_start) -> ()");
   // x fp32 [M, K] (M small), weight fp32/bf16 [N, K], bias [N] -> fp32 [M, N]; fp32 accumulation.
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // One decode step of a whole decoder-only model (CPU; GPUs replay the Python loop in a CUDA graph).
+  // x fp32 [B, H] (embedded tokens), weights: 12 per layer (attn norm w/b, qkv w/b, o w/b, mlp norm
+  // w/b, up w/b, down w/b) then final norm w/b and LM head w/b, None where absent; caches
+  // [L, B_max, Hkv, T_max, D]; lengths int32 [B] (incremented) -> logits fp32 [B, V].
+  // activation: 0 silu-gated (fused gate|up), 1 relu, 2 gelu (tanh), 3 gelu.
+  m.def(
+      "decode_step(Tensor x, Tensor?[] weights, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, "
+      "Tensor? cos, Tensor? sin, int num_heads, int num_kv_heads, int head_dim, bool rms_norm, int activation, "
+      "float eps, float[] scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hybrid_engine, CPU, m) {
@@ -69,6 +78,7 @@ TORCH_LIBRARY_IMPL(hybrid_engine, CPU, m) {
   m.impl("reshard_gather", &hybrid_engine::reshard_gather_cpu);
   m.impl("reshard_scatter", &hybrid_engine::reshard_scatter_cpu);
   m.impl("decode_linear", &hybrid_engine::decode_linear_cpu);
+  m.impl("decode_step", &hybrid_engine::decode_step_cpu);
 }
 
 #ifdef HYBRID_ENGINE_CUDA

@@ -34,6 +34,7 @@ class InferenceTransformer:
             cos, sin = ops.rotary_tables(weights.inv_freq, spec.max_positions, weights.attention_scaling)
             self.cos, self.sin = cos.contiguous(), sin.contiguous()
         self.scales = [spec.attention_scale(i) for i in range(spec.num_layers)]
+        self._flat: list[torch.Tensor | None] | None = None
 
     # ---- pieces shared by prefill and decode ----
     def norm(self, x: torch.Tensor, n: Norm, residual: torch.Tensor | None = None):
@@ -100,9 +101,35 @@ class InferenceTransformer:
         return self.logits(x[last], residual[last])
 
     # ---- decode ----
+    def flat_weights(self) -> list[torch.Tensor | None]:
+        """The weights in decode_step's order: 12 per layer, then final norm and LM head."""
+        if self._flat is None:
+            flat: list[torch.Tensor | None] = []
+            for layer in self.w.layers:
+                for part in (layer.attn_norm, layer.qkv, layer.o, layer.mlp_norm, layer.up, layer.down):
+                    flat += [part.weight, part.bias]
+            self._flat = flat + [self.w.final_norm.weight, self.w.final_norm.bias, self.w.lm_head.weight,
+                                 self.w.lm_head.bias]
+        return self._flat
+
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One step for the first len(tokens) cache slots: tokens [B] -> logits [B, V]; appends to the cache."""
+        """One step for the first len(tokens) cache slots: tokens [B] -> logits [B, V]; appends to the cache.
+
+        On the CPU with the compiled kernels the layer loop runs in C++ (ops.decode_step); otherwise
+        it runs here in Python (decode_python, which is also its reference)."""
+        if tokens.device.type != "cpu" or ops.get_backend() != "kernels":
+            return self.decode_python(tokens, cache)
+        s = self.spec
+        B = tokens.shape[0]
+        x = self.embed(tokens, cache.lengths[:B])
+        return ops.decode_step(x, self.flat_weights(), cache.k, cache.v, cache.lengths[:B], self.cos, self.sin,
+                               s.num_heads, s.num_kv_heads, s.head_dim, s.norm == "rms", s.activation, s.norm_eps,
+                               self.scales)
+
+    @torch.no_grad()
+    def decode_python(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """decode() as a Python loop over layers."""
         s = self.spec
         B = tokens.shape[0]
         positions = cache.lengths[:B].view(B, 1)

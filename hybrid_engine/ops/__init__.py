@@ -16,6 +16,7 @@ from hybrid_engine.ops.attention import (  # noqa: E402
     prefill_attention,
     prefill_attention_reference,
 )
+from hybrid_engine.ops.decode_step import decode_step  # noqa: E402
 from hybrid_engine.ops.gae import gae, gae_reference  # noqa: E402
 from hybrid_engine.ops.norm import rms_norm, rms_norm_reference  # noqa: E402
 from hybrid_engine.ops.reshard import (  # noqa: E402
@@ -44,6 +45,7 @@ from hybrid_engine.ops.rotary import rotary_append_kv, rotary_append_kv_referenc
 __all__ = [
     "decode_attention",
     "decode_attention_reference",
+    "decode_step",
     "gae",
     "gae_reference",
     "gather_column_parallel",

@@ -50,6 +50,13 @@ void reshard_scatter_cpu(const at::Tensor& dst, const at::Tensor& shard, int64_t
 // ---- linear (csrc/cpu/linear.cpp) ----
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
+// ---- decode_step (csrc/cpu/decode_step.cpp): a whole model's decode step, CPU only ----
+at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& weights,
+                           const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& lengths,
+                           const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, bool rms_norm,
+                           int64_t activation, double eps, at::ArrayRef<double> scales);
+
 #ifdef HYBRID_ENGINE_CUDA
 // ---- CUDA host functions (csrc/cuda/bindings.cpp), same contracts as the CPU ones ----
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

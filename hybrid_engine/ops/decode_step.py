@@ -1,0 +1,43 @@
+"""decode_step: one decode step of a whole decoder-only model with the per-layer loop in C++.
+
+A composite of the other ops (decode_linear, rms_norm, rotary_append_kv, decode_attention), not a
+kernel of its own: it exists so that a CPU decode step pays no Python overhead per layer. Its
+reference is the Python loop `InferenceTransformer.decode_python` in hybrid_engine/model/transformer.py.
+On a GPU the Python loop is used instead (its launch overhead is what a CUDA graph removes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACTIVATIONS = {"silu": 0, "relu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "gelu": 3}
+
+
+@torch.library.register_fake("hybrid_engine::decode_step")
+def _decode_step_fake(x, weights, k_cache, v_cache, lengths, cos, sin, num_heads, num_kv_heads, head_dim, rms_norm,
+                      activation, eps, scales):
+    return x.new_empty(x.shape[0], weights[-2].shape[0], dtype=torch.float32)
+
+
+def decode_step(
+    x: torch.Tensor,
+    weights: list[torch.Tensor | None],
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    rms_norm: bool,
+    activation: str,
+    eps: float,
+    scales: list[float],
+) -> torch.Tensor:
+    """Logits fp32 [B, V] for embedded tokens x fp32 [B, H]; appends to the caches and increments lengths."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"decode_step: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return torch.ops.hybrid_engine.decode_step(x, weights, k_cache, v_cache, lengths, cos, sin, num_heads,
+                                               num_kv_heads, head_dim, rms_norm, ACTIVATIONS[activation], eps,
+                                               scales)
