@@ -11,8 +11,11 @@ _load()
 
 from hybrid_engine.ops._backend import get_backend, use_backend  # noqa: E402
 from hybrid_engine.ops.gae import gae, gae_reference  # noqa: E402
+from hybrid_engine.ops.linear import decode_linear, decode_linear_reference  # noqa: E402
 
 __all__ = [
+    "decode_linear",
+    "decode_linear_reference",
     "gae",
     "gae_reference",
     "get_backend",
