@@ -1,13 +1,16 @@
 // decode_linear on the CPU: out[M, N] = x[M, K] @ weight[N, K]^T + bias for the few activation rows of a
 // generation step. The weight is the only large operand, so every weight row is streamed from memory once:
 // each thread owns a contiguous range of N, and a register-blocked micro-kernel multiplies R weight rows by
-// C activation rows at a time (R x C vector accumulators, K streamed once, horizontal sums at the end).
-// Weight blocks are re-read from L1 for the remaining activation blocks when M > C.
+// C activation rows at a time (R x C fp32 vector accumulators, K streamed once, horizontal sums at the end).
+// With more than C activation rows, a panel of weight rows streamed by the first activation block is re-read
+// from L2 by the others while the next panel is prefetched. On CPUs with AMX, larger M goes to the tile
+// kernel of linear_amx.cpp instead.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -15,6 +18,7 @@
 
 #include "hybrid_engine/checks.h"
 #include "hybrid_engine/ops.h"
+#include "linear_amx.h"
 
 #define HE_OP "decode_linear"
 
@@ -165,6 +169,9 @@ constexpr int S = 2 * Vec::L;  // K elements per micro-kernel step
 constexpr int64_t kChunkBytes = 32 << 10;
 // Weight bytes per panel: the panel is re-read from L2 by every activation block after the first.
 constexpr int64_t kPanelBytes = 256 << 10;
+// Activation rows from which the AMX path (linear_amx.cpp) beats this one, measured on the whole-model
+// benchmark: below them the FMA kernel already streams the weight at the memory's rate.
+constexpr int64_t kAmxMinRowsBf16 = 8, kAmxMinRowsFp32 = 16;
 
 template <typename W>
 constexpr bool kInterleaved = std::is_same_v<W, at::BFloat16>;
@@ -190,11 +197,33 @@ void pack_x(const float* x, int64_t M, int64_t K, int C, int64_t Mp, int64_t Kp,
   }
 }
 
+// Walks the cache lines of a block of weight rows (a panel's K chunk), prefetching a few at a time into L2.
+// The panel after the current one is fetched this way, spread over all of the current panel's tiles, so
+// the memory stream stays busy while the tiles that re-read a panel from L2 compute.
+struct LineWalker {
+  const char* row = nullptr;  // current row's first byte of the chunk
+  int64_t stride = 0;         // bytes between rows
+  int64_t lines_per_row = 0;
+  int64_t col = 0;            // current line in the row
+  int64_t left = 0;           // lines still to fetch
+
+  void fetch(int64_t n) {
+    for (; n > 0 && left > 0; --n, --left) {
+      __builtin_prefetch(row + col * 64, 0, 2);  // prefetcht1: into L2
+      if (++col == lines_per_row) {
+        col = 0;
+        row += stride;
+      }
+    }
+  }
+};
+
 // res[r * C + c] = dot(weight row r, activation row c) over `steps` steps of S, the last one possibly
-// partial (`klast` valid elements). w: R rows with stride ldw; xs: packed [steps][C][S]. When `pf` is
-// set, the same range of the next weight block is prefetched while this one is computed.
+// partial (`klast` valid elements). w: R rows with stride ldw; xs: packed [steps][C][S]. `pf` lines of the
+// next panel are prefetched along the way.
 template <typename W, int R, int C>
-void micro_tile(const W* w, int64_t ldw, const float* xs, int64_t steps, int klast, const W* pf, float* res) {
+void micro_tile(const W* w, int64_t ldw, const float* xs, int64_t steps, int klast, LineWalker& pf,
+                int64_t pf_lines, float* res) {
   using V = Vec::V;
   V acc[R * C];
   for (auto& a : acc) a = Vec::zero();
@@ -212,20 +241,10 @@ void micro_tile(const W* w, int64_t ldw, const float* xs, int64_t steps, int kla
     }
   };
   const int64_t full = klast == S ? steps : steps - 1;
-  auto loop = [&](auto prefetch) {
-    for (int64_t i = 0; i < full; ++i) {
-      if constexpr (decltype(prefetch)::value) {
-        for (int r = 0; r < R; ++r)
-          for (size_t b = 0; b < S * sizeof(W); b += 64)
-            __builtin_prefetch(reinterpret_cast<const char*>(pf + r * ldw + i * S) + b);
-      }
-      step(w + i * S, ldw, xs + i * C * S);
-    }
-  };
-  if (pf) {
-    loop(std::true_type{});
-  } else {
-    loop(std::false_type{});
+  const int64_t per_step = (pf_lines + steps - 1) / steps;
+  for (int64_t i = 0; i < full; ++i) {
+    pf.fetch(per_step);
+    step(w + i * S, ldw, xs + i * C * S);
   }
   if (full < steps) {
     // The partial step reads a zero-padded copy of the weight tails, never past a row's end.
@@ -247,13 +266,12 @@ struct Problem {
 // Weight rows [n0, n0 + R) x activation block m0 over K range [k0, k0 + chunk): out = partial sum + bias
 // on the first chunk, out += partial sum on the others.
 template <typename W, int R, int C>
-void tile(const Problem& p, const W* weight, int64_t n0, int64_t m0, int64_t k0, bool prefetch_next) {
+void tile(const Problem& p, const W* weight, int64_t n0, int64_t m0, int64_t k0, LineWalker& pf, int64_t pf_lines) {
   const int64_t len = std::min(p.chunk, p.K - k0);
   const int64_t steps = (len + S - 1) / S;
   const int klast = static_cast<int>(len - (steps - 1) * S);
-  const W* w = weight + n0 * p.K + k0;
   float res[R * C];
-  micro_tile<W, R, C>(w, p.K, p.xp + m0 * p.Kp + k0 * C, steps, klast, prefetch_next ? w + R * p.K : nullptr, res);
+  micro_tile<W, R, C>(weight + n0 * p.K + k0, p.K, p.xp + m0 * p.Kp + k0 * C, steps, klast, pf, pf_lines, res);
   for (int c = 0; c < C && m0 + c < p.M; ++c) {
     float* o = p.out + (m0 + c) * p.N + n0;
     for (int r = 0; r < R; ++r) {
@@ -272,18 +290,34 @@ void run(const Problem& p, const W* weight) {
   // Enough weight bytes per task that the threads' start-up cost stays small.
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / block_bytes);
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    // Panels of row blocks: each chunk of a panel is streamed from memory once, by the first activation
+    // Walks the weight rows [n_begin, n_end) x K range [k0, k0 + chunk) of the next unit of work.
+    auto lines_of = [&](int64_t b_begin, int64_t b_end, int64_t k0, LineWalker& walker) {
+      const int64_t n_begin = b_begin * R, n_end = std::min(p.N, b_end * R);
+      const int64_t bytes = std::min(p.chunk, p.K - k0) * static_cast<int64_t>(sizeof(W));
+      walker = {reinterpret_cast<const char*>(weight + n_begin * p.K + k0), p.K * static_cast<int64_t>(sizeof(W)),
+                (bytes + 63) / 64, 0, 0};
+      walker.left = n_end > n_begin ? (n_end - n_begin) * walker.lines_per_row : 0;
+    };
+    // Panels of row blocks: each K chunk of a panel is streamed from memory once, by the first activation
     // block, and re-read from L2 by the others, while the activation block itself stays in L1.
     for (int64_t b0 = begin; b0 < end; b0 += panel) {
       const int64_t b1 = std::min(end, b0 + panel);
       for (int64_t k0 = 0; k0 < p.K; k0 += p.chunk) {
+        LineWalker next;
+        if (k0 + p.chunk < p.K) {
+          lines_of(b0, b1, k0 + p.chunk, next);
+        } else {
+          lines_of(b1, std::min(end, b1 + panel), 0, next);
+        }
+        const int64_t tiles = (p.M + C - 1) / C * (b1 - b0);
+        const int64_t per_tile = (next.left + tiles - 1) / tiles;
         for (int64_t m0 = 0; m0 < p.M; m0 += C) {
           for (int64_t b = b0; b < b1; ++b) {
             const int64_t n0 = b * R;
             if (n0 + R <= p.N) {
-              tile<W, R, C>(p, weight, n0, m0, k0, m0 == 0 && n0 + 2 * R <= p.N);
+              tile<W, R, C>(p, weight, n0, m0, k0, next, per_tile);
             } else {
-              for (int64_t n = n0; n < p.N; ++n) tile<W, 1, C>(p, weight, n, m0, k0, false);
+              for (int64_t n = n0; n < p.N; ++n) tile<W, 1, C>(p, weight, n, m0, k0, next, per_tile);
             }
           }
         }
@@ -347,6 +381,14 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   if (x.size(1) == 0) return b.defined() ? out.copy_(b.expand({M, N})) : out.zero_();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool bf16 = weight.scalar_type() == at::kBFloat16;
+  if ((bf16 ? M >= kAmxMinRowsBf16 : weight.scalar_type() == at::kFloat && M >= kAmxMinRowsFp32) &&
+      amx::usable(x.size(1))) {
+    amx::decode_linear(x.data_ptr<float>(), weight.data_ptr(), bf16, bp, op, M, N, x.size(1));
+    return out;
+  }
+#endif
   switch (weight.scalar_type()) {
     case at::kFloat: dispatch(x, weight.data_ptr<float>(), bp, op, N); break;
     case at::kBFloat16: dispatch(x, weight.data_ptr<at::BFloat16>(), bp, op, N); break;
