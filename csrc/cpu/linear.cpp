@@ -168,10 +168,10 @@ constexpr int S = 2 * Vec::L;  // K elements per micro-kernel step
 // K elements per pass over a weight block: the pass's activation block (C rows) stays in L1.
 constexpr int64_t kChunkBytes = 32 << 10;
 // Weight bytes per panel: the panel is re-read from L2 by every activation block after the first.
-constexpr int64_t kPanelBytes = 256 << 10;
-// Activation rows from which the AMX path (linear_amx.cpp) beats this one, measured on the whole-model
-// benchmark: below them the FMA kernel already streams the weight at the memory's rate.
-constexpr int64_t kAmxMinRowsBf16 = 8, kAmxMinRowsFp32 = 16;
+constexpr int64_t kPanelBytes = 64 << 10;
+// Activation rows from which the AMX path for bf16 weights (linear_amx.cpp) beats this one, measured on the
+// whole-model benchmark: below them the FMA kernel already streams the weight at the memory's rate.
+constexpr int64_t kAmxMinRows = 8;
 
 template <typename W>
 constexpr bool kInterleaved = std::is_same_v<W, at::BFloat16>;
@@ -382,10 +382,8 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
 #if defined(CPU_CAPABILITY_AVX512)
-  const bool bf16 = weight.scalar_type() == at::kBFloat16;
-  if ((bf16 ? M >= kAmxMinRowsBf16 : weight.scalar_type() == at::kFloat && M >= kAmxMinRowsFp32) &&
-      amx::usable(x.size(1))) {
-    amx::decode_linear(x.data_ptr<float>(), weight.data_ptr(), bf16, bp, op, M, N, x.size(1));
+  if (weight.scalar_type() == at::kBFloat16 && M >= kAmxMinRows && amx::usable(x.size(1))) {
+    amx::decode_linear(x.data_ptr<float>(), weight.data_ptr<at::BFloat16>(), bp, op, M, N, x.size(1));
     return out;
   }
 #endif

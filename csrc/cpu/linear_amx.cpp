@@ -1,11 +1,12 @@
-// decode_linear on AMX tiles. The activations are split exactly into three bf16 terms, x = hi + mid + lo (each
-// the top 8 significant bits of what is left), so every bf16 weight x term product is exact in fp32 and the tile
-// unit accumulates in fp32: the fp32 result of the FMA path (csrc/cpu/linear.cpp) at several times its rate.
-// An fp32 weight is split the same way, and the six products above fp32's rounding error are kept (hi.hi,
-// hi.mid, mid.hi, hi.lo, lo.hi, mid.mid). An infinite x gives NaN here instead of inf.
-// Tiles: A = 16 weight rows x 32 K (a bf16 weight is read in place), B = 16 K pairs x 16 activation rows
-// (packed once per call), C = fp32 [16 weight rows, 16 activation rows]. A block is 32 weight rows (A tiles
-// 4, 5) x 32 activation rows (B tiles 6, 7) in C tiles 0-3, with K streamed once.
+// decode_linear with a bf16 weight on AMX tiles. The activations are split exactly into three bf16 terms,
+// x = hi + mid + lo (each the top 8 significant bits of what is left), so every weight x term product is exact
+// in fp32 and the tile unit accumulates in fp32: the fp32 result of the FMA path (csrc/cpu/linear.cpp) at
+// several times its rate. (An infinite x gives NaN here instead of inf.) An fp32 weight split the same way
+// needs six products and a split per weight; measured on the whole-model benchmark it is no faster than the
+// FMA path, so fp32 weights stay there.
+// Tiles: A = 16 weight rows x 32 K (read in place from the weight), B = 16 K pairs x 16 activation rows (packed
+// once per call), C = fp32 [16 weight rows, 16 activation rows]. A block is 32 weight rows (A tiles 4, 5) x 32
+// activation rows (B tiles 6, 7) in C tiles 0-3, with K streamed once.
 #include "linear_amx.h"
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -15,7 +16,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 namespace hybrid_engine::amx {
@@ -23,10 +23,10 @@ namespace {
 
 constexpr int64_t kTerms = 3, kRows = 32, kTile = 256;  // kTile: 32-bit elements per tile (1 KB)
 // Blocks ahead that the weight stream is prefetched (into L2): enough lines in flight to cover the latency.
-constexpr int64_t kPrefetchBlocks = 2;
+constexpr int64_t kPrefetchBlocks = 1;
 
 // Splits 32 floats into bf16 terms, one call per term: each term is the top 16 bits of what is left, returned
-// as 32 bf16 in order (one A-tile row, or 16 B-tile pairs); v0, v1 keep the remainder.
+// as 32 bf16 in order (16 B-tile pairs); v0, v1 keep the remainder.
 struct Splitter {
   __m512i upper, mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   Splitter() {
@@ -64,52 +64,29 @@ void pack_x(const float* x, int64_t M, int64_t K, int64_t J, uint32_t* xb) {
 }
 
 // C tiles 0-3 = (A 4 | A 5) x (B 6 | B 7) summed over K, stored to c[4][16][16]. two_a: 32 weight rows, else 16;
-// two_b: 32 activation rows, else 16. `pf_lines` cache lines from `pf` (the next block) are prefetched on the way.
-template <typename W, bool two_a, bool two_b>
-__attribute__((target("amx-tile,amx-bf16"))) void block(const W* w, int64_t K, const uint32_t* xb, int64_t J,
-                                                          const char* pf, int64_t pf_lines, uint16_t* abuf, float* c) {
-  constexpr bool split_w = std::is_same_v<W, float>;
-  constexpr int64_t a_terms = split_w ? kTerms : 1;
-  const int64_t steps = K / 32, pf_step = (pf_lines + steps - 1) / steps;
-  const Splitter split;
+// two_b: 32 activation rows, else 16. `pf_lines` cache lines from `pf` (a later block) are prefetched on the way.
+template <bool two_a, bool two_b>
+__attribute__((target("amx-tile,amx-bf16"))) void block(const at::BFloat16* w, int64_t K, const uint32_t* xb,
+                                                          int64_t J, const char* pf, int64_t pf_lines, float* c) {
+  const int64_t steps = K / 32, per_term = (pf_lines + kTerms * steps - 1) / (kTerms * steps);
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  // Spread over the step's tile products: a burst would wait for fill buffers and hold up the tile loads.
-  constexpr int64_t products = split_w ? 6 : 3;
-  auto prefetch = [&](int64_t n) {
-    for (; n > 0 && pf_lines > 0; --n, --pf_lines, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
-  };
-  const int64_t pf_product = (pf_step + products - 1) / products;
   for (int64_t s = 0; s < steps; ++s) {
-    if constexpr (split_w) {
-      // abuf[t][32 rows][32 bf16]: the A tiles of each weight term for this step.
-      for (int64_t r = 0; r < (two_a ? 32 : 16); ++r) {
-        __m512 v0 = _mm512_loadu_ps(w + r * K + 32 * s), v1 = _mm512_loadu_ps(w + r * K + 32 * s + 16);
-        for (int64_t t = 0; t < kTerms; ++t) _mm512_store_si512(abuf + (t * 32 + r) * 32, split.next(v0, v1));
-      }
-    }
-    for (int64_t ta = 0; ta < a_terms; ++ta) {
-      if constexpr (split_w) {
-        _tile_loadd(4, abuf + ta * 32 * 32, 64);
-        if (two_a) _tile_loadd(5, abuf + (ta * 32 + 16) * 32, 64);
-      } else {
-        _tile_loadd(4, w + 32 * s, K * 2);
-        if (two_a) _tile_loadd(5, w + 16 * K + 32 * s, K * 2);
-      }
-      // Weight term ta meets activation terms 0 .. 2 - ta: the products that fp32 can resolve.
-      for (int64_t tb = 0; tb < kTerms - ta; ++tb) {
-        const uint32_t* b = xb + (tb * steps + s) * J * kTile;
-        prefetch(pf_product);
-        _tile_loadd(6, b, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        if (two_a) _tile_dpbf16ps(2, 5, 6);
-        if (two_b) {
-          _tile_loadd(7, b + kTile, 64);
-          _tile_dpbf16ps(1, 4, 7);
-          if (two_a) _tile_dpbf16ps(3, 5, 7);
-        }
+    _tile_loadd(4, w + 32 * s, K * 2);
+    if (two_a) _tile_loadd(5, w + 16 * K + 32 * s, K * 2);
+    for (int64_t t = 0; t < kTerms; ++t) {
+      // Spread over the tile products: a burst would wait for fill buffers and hold up the tile loads.
+      for (int64_t i = 0; i < per_term && pf_lines > 0; ++i, --pf_lines, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+      const uint32_t* b = xb + (t * steps + s) * J * kTile;
+      _tile_loadd(6, b, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if (two_a) _tile_dpbf16ps(2, 5, 6);
+      if (two_b) {
+        _tile_loadd(7, b + kTile, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two_a) _tile_dpbf16ps(3, 5, 7);
       }
     }
   }
@@ -120,10 +97,9 @@ __attribute__((target("amx-tile,amx-bf16"))) void block(const W* w, int64_t K, c
 }
 
 // Blocks [begin, end) of kRows weight rows against all activation rows.
-template <typename W>
-__attribute__((target("amx-tile,amx-bf16"))) void run_blocks(const uint32_t* xb, const W* weight, const float* bias,
-                                                              float* out, int64_t M, int64_t N, int64_t K,
-                                                              int64_t begin, int64_t end) {
+__attribute__((target("amx-tile,amx-bf16"))) void run_blocks(const uint32_t* xb, const at::BFloat16* weight,
+                                                              const float* bias, float* out, int64_t M, int64_t N,
+                                                              int64_t K, int64_t begin, int64_t end) {
   struct alignas(64) Config {
     uint8_t palette = 1, start_row = 0, reserved[14] = {};
     uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
@@ -131,18 +107,17 @@ __attribute__((target("amx-tile,amx-bf16"))) void run_blocks(const uint32_t* xb,
   } config;
   _tile_loadconfig(&config);
   const int64_t J = (M + 15) / 16;
-  std::vector<W> padded;  // the last, partial block of rows, zero-padded to kRows
-  alignas(64) uint16_t abuf[kTerms * 32 * 32];
+  std::vector<at::BFloat16> padded;  // the last, partial block of rows, zero-padded to kRows
   alignas(64) float c[4 * kTile];
   for (int64_t b = begin; b < end; ++b) {
     const int64_t n0 = b * kRows, rows = std::min(kRows, N - n0);
-    const W* w = weight + n0 * K;
+    const at::BFloat16* w = weight + n0 * K;
     // A later block of this thread (contiguous rows) streams into L2 while this one computes.
     const char* next = reinterpret_cast<const char*>(w + kPrefetchBlocks * kRows * K);
     const int64_t next_lines =
-        b + kPrefetchBlocks < end ? std::min(kRows, N - n0 - kPrefetchBlocks * kRows) * K * sizeof(W) / 64 : 0;
+        b + kPrefetchBlocks < end ? std::min(kRows, N - n0 - kPrefetchBlocks * kRows) * K * 2 / 64 : 0;
     if (rows < kRows) {
-      padded.assign(kRows * K, W(0.f));
+      padded.assign(kRows * K, at::BFloat16(0.f));
       std::copy(w, w + rows * K, padded.begin());
       w = padded.data();
     }
@@ -151,11 +126,10 @@ __attribute__((target("amx-tile,amx-bf16"))) void run_blocks(const uint32_t* xb,
       const uint32_t* xj = xb + j * kTile;
       const int64_t pf_lines = j == 0 ? next_lines : 0;
       if (rows > 16) {
-        two_b ? block<W, true, true>(w, K, xj, J, next, pf_lines, abuf, c)
-              : block<W, true, false>(w, K, xj, J, next, pf_lines, abuf, c);
+        two_b ? block<true, true>(w, K, xj, J, next, pf_lines, c) : block<true, false>(w, K, xj, J, next, pf_lines, c);
       } else {
-        two_b ? block<W, false, true>(w, K, xj, J, next, pf_lines, abuf, c)
-              : block<W, false, false>(w, K, xj, J, next, pf_lines, abuf, c);
+        two_b ? block<false, true>(w, K, xj, J, next, pf_lines, c)
+              : block<false, false>(w, K, xj, J, next, pf_lines, c);
       }
       // c[2 * a + i] is [16 weight rows, 16 activation rows]: out is its transpose.
       for (int64_t a = 0; a < 2 && 16 * a < rows; ++a) {
@@ -185,18 +159,14 @@ bool usable(int64_t K) {
   return available && K % 32 == 0;
 }
 
-void decode_linear(const float* x, const void* weight, bool bf16, const float* bias, float* out, int64_t M,
-                   int64_t N, int64_t K) {
+void decode_linear(const float* x, const at::BFloat16* weight, const float* bias, float* out, int64_t M, int64_t N,
+                   int64_t K) {
   const int64_t J = (M + 15) / 16;
   auto xb = at::empty({kTerms * (K / 32) * J * kTile}, at::kInt);
   auto* xbp = reinterpret_cast<uint32_t*>(xb.data_ptr<int32_t>());
   pack_x(x, M, K, J, xbp);
   at::parallel_for(0, (N + kRows - 1) / kRows, 2, [&](int64_t begin, int64_t end) {
-    if (bf16) {
-      run_blocks(xbp, static_cast<const at::BFloat16*>(weight), bias, out, M, N, K, begin, end);
-    } else {
-      run_blocks(xbp, static_cast<const float*>(weight), bias, out, M, N, K, begin, end);
-    }
+    run_blocks(xbp, weight, bias, out, M, N, K, begin, end);
   });
 }
 
