@@ -51,6 +51,13 @@ def test_bf16_weight_keeps_fp32_activations(M):
     assert_within_twice_torch(decode_linear(x, w, b), reference, F.linear(x.bfloat16(), w, b))
 
 
+@pytest.mark.parametrize("wdtype", WEIGHT_DTYPES)
+def test_large_m(wdtype):
+    """Past 64 rows an fp32 weight goes to torch's GEMM; the other dtypes stay on the kernels."""
+    x, w, b = make_inputs(100, 123, 768, wdtype, torch.float32)
+    torch.testing.assert_close(decode_linear(x, w, b), decode_linear_reference(x, w, b), **TOLERANCES[torch.float32])
+
+
 @pytest.mark.parametrize("bias", [None, torch.float32, torch.bfloat16])
 def test_bias_dtypes(bias):
     x, w, b = make_inputs(4, 33, 64, torch.bfloat16, bias)
