@@ -10,6 +10,7 @@
 #include "hybrid_engine/cuda/attention.h"
 #include "hybrid_engine/cuda/rotary.h"
 #include "hybrid_engine/cuda/norm.h"
+#include "hybrid_engine/cuda/linear.h"
 // (one include per op family's launcher header, in the order of the sections below)
 #include "hybrid_engine/ops.h"
 
@@ -380,6 +381,40 @@ void reshard_scatter_cuda(const at::Tensor& dst, const at::Tensor& shard, int64_
 
 
 // ---- linear ----
+#define HE_OP "decode_linear"
+at::Tensor decode_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& maybe_bias) {
+  CHECK_DIM(x, 2, "[M, K]");
+  CHECK_DTYPE(x, at::kFloat);
+  CHECK_CUDA(x);
+  CHECK_CONTIGUOUS(x);
+  CHECK_DIM(weight, 2, "[N, K]");
+  CHECK_SIZE(weight, 1, x.size(1));
+  CHECK_FLOATING(weight);
+  CHECK_DEVICE(weight, x.device());
+  CHECK_CONTIGUOUS(weight);
+  const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor b;
+  if (maybe_bias.has_value()) {
+    const at::Tensor& bias = *maybe_bias;
+    CHECK_DIM(bias, 1, "[N]");
+    CHECK_SIZE(bias, 0, N);
+    HE_CHECK(bias.scalar_type() == at::kFloat || bias.scalar_type() == weight.scalar_type(),
+             "bias must be float32 or weight's dtype ", weight.scalar_type(), ", got ", bias.scalar_type());
+    CHECK_DEVICE(bias, x.device());
+    b = bias.to(at::kFloat).contiguous();
+  }
+  const auto dtype = weight.scalar_type() == at::kFloat      ? cuda::WeightDtype::kFloat32
+                     : weight.scalar_type() == at::kBFloat16 ? cuda::WeightDtype::kBFloat16
+                                                             : cuda::WeightDtype::kFloat16;
+  auto out = at::empty({M, N}, x.options());
+  HE_CUDA_CHECK(cuda::decode_linear(x.data_ptr<float>(), weight.data_ptr(), dtype,
+                                    b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>(), M, N, K,
+                                    stream_of(x)));
+  return out;
+}
+#undef HE_OP
 // ---- end linear ----
 
 }  // namespace hybrid_engine

@@ -18,6 +18,7 @@ from hybrid_engine.ops.attention import (  # noqa: E402
 )
 from hybrid_engine.ops.decode_step import decode_step  # noqa: E402
 from hybrid_engine.ops.gae import gae, gae_reference  # noqa: E402
+from hybrid_engine.ops.linear import decode_linear, decode_linear_reference  # noqa: E402
 from hybrid_engine.ops.norm import rms_norm, rms_norm_reference  # noqa: E402
 from hybrid_engine.ops.reshard import (  # noqa: E402
     gather_column_parallel,
@@ -45,6 +46,8 @@ from hybrid_engine.ops.rotary import rotary_append_kv, rotary_append_kv_referenc
 __all__ = [
     "decode_attention",
     "decode_attention_reference",
+    "decode_linear",
+    "decode_linear_reference",
     "decode_step",
     "gae",
     "gae_reference",
