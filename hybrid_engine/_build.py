@@ -8,6 +8,7 @@ and loaded from the cache on every later import without a rebuild.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import sys
@@ -87,11 +88,13 @@ def extension_name() -> str:
 
 
 def build_directory() -> Path:
-    """The JIT cache: one directory per torch version and CPU capability."""
+    """The JIT cache: one directory per checkout, torch version and CPU capability (two checkouts
+    sharing one directory would rebuild over each other)."""
     base = os.environ.get("HYBRID_ENGINE_BUILD_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hybrid_engine"
     )
-    path = Path(base) / f"torch{torch.__version__.replace('+', '_')}" / extension_name()
+    checkout = hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]
+    path = Path(base) / f"torch{torch.__version__.replace('+', '_')}-{checkout}" / extension_name()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
