@@ -1,23 +1,267 @@
-// logprobs: CPU kernels. Placeholder until implemented.
+// token_logprobs on the CPU: log_softmax(hidden @ weight.T / T)[tokens] without ever holding the
+// [N, V] logits. The forward walks blocks of rows (GEMM into one reused buffer, then one fused
+// max / sum-exp / gather / entropy pass per row); the backward walks blocks of the vocabulary with
+// all rows at once, so each block's weight gradient is one complete GEMM (no accumulation across
+// blocks, which in bf16 would round many times) and only the smaller [N, H] gradient accumulates.
+// The GEMMs are MKL / oneDNN through at::mm_out; the softmax math is fp32 with at::vec.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+
 #include "hybrid_engine/checks.h"
 #include "hybrid_engine/ops.h"
 
-#define HE_OP "logprobs"
+#define HE_OP "token_logprobs"
+
+// fp32, bf16 and fp16 only: HE_DISPATCH_FLOATING would also instantiate double, which at::vec's
+// float conversions do not cover and check_inputs rejects anyway.
+#define LOGPROBS_DISPATCH(dtype, name, ...)                                                          \
+  AT_DISPATCH_SWITCH(dtype, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                          \
+                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 namespace hybrid_engine {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kIgnoreIndex = -100;
+// Logits elements per block: 32 MiB of fp32. Large enough for MKL to run the block's GEMM at full
+// speed (>= 256 rows at V = 32000), small enough that peak extra memory stays a few tens of MiB.
+constexpr int64_t kBlockElems = int64_t{1} << 23;
+// Fewer rows (forward) or vocabulary columns (backward) than this make the GEMM inefficient.
+constexpr int64_t kMinBlockDim = 64;
+// Elements per parallel task, so that a task amortises the thread hand-off.
+constexpr int64_t kGrainElems = 1 << 15;
+
+template <typename T>
+inline Vec load_f(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+}
+
+template <typename T>
+inline void store_f(T* p, const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, Vec::size());
+  }
+}
+
+inline float hmax(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, v); }
+inline float hsum(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v); }
+
+// One row of raw logits x[0, V): z = x * inv_t. Writes lse = logsumexp(z), logprob = z[tok] - lse
+// and, with entropy, H = lse - sum(p z) = log(s) - sum(e^u u) / s where u = z - max(z), s = sum(e^u)
+// (centred on the max so that nothing cancels).
+template <typename T>
+void row_forward(const T* x, int64_t V, float inv_t, int64_t tok, bool with_entropy, float* logprob, float* entropy,
+                 float* lse) {
+  constexpr int64_t W = Vec::size();
+  const int64_t Vv = V - V % W;
+  float mx = -std::numeric_limits<float>::infinity();
+  if (Vv > 0) {
+    Vec vmax(mx);
+    for (int64_t j = 0; j < Vv; j += W) vmax = at::vec::maximum(vmax, load_f(x + j));
+    mx = hmax(vmax);
+  }
+  for (int64_t j = Vv; j < V; ++j) mx = std::max(mx, static_cast<float>(x[j]));
+  // u = (x - mx) * inv_t, computed as x * inv_t + shift with one FMA.
+  const float shift = -mx * inv_t;
+  const Vec vscale(inv_t), vshift(shift);
+  Vec vs(0.f), vt(0.f);
+  for (int64_t j = 0; j < Vv; j += W) {
+    const Vec u = at::vec::fmadd(load_f(x + j), vscale, vshift);
+    const Vec e = u.exp_u20();
+    vs = vs + e;
+    if (with_entropy) vt = at::vec::fmadd(e, u, vt);
+  }
+  float s = hsum(vs), t = with_entropy ? hsum(vt) : 0.f;
+  for (int64_t j = Vv; j < V; ++j) {
+    const float u = static_cast<float>(x[j]) * inv_t + shift;
+    const float e = std::exp(u);
+    s += e;
+    t += e * u;
+  }
+  const float log_s = std::log(s);
+  *lse = mx * inv_t + log_s;
+  *logprob = tok == kIgnoreIndex ? 0.f : static_cast<float>(x[tok]) * inv_t - *lse;
+  *entropy = with_entropy ? log_s - t / s : 0.f;
+}
+
+// Overwrites one row segment of raw logits x[0, n) (vocabulary [v0, v0 + n)) with the gradient of
+// the loss with respect to those raw logits. With z = x * inv_t, p = exp(z - lse), c = lse - H:
+//   d logprob / dz_j = [j == tok] - p_j,   d H / dz_j = -p_j (z_j - c),
+// and d/dx = inv_t * d/dz.
+template <typename T>
+void row_backward(T* x, int64_t n, float inv_t, float lse, float c, float g_lp, float g_ent, int64_t tok_in_block) {
+  constexpr int64_t W = Vec::size();
+  if (g_lp == 0.f && g_ent == 0.f) {
+    std::fill(x, x + n, T(0.f));
+    return;
+  }
+  const int64_t nv = n - n % W;
+  // dx_j = -inv_t p_j (g_lp + g_ent (z_j - c)) = p_j (a + b z_j) with a, b below.
+  const float a = -inv_t * (g_lp - g_ent * c), b = -inv_t * g_ent;
+  const Vec vscale(inv_t), vneg_lse(-lse), va(a), vb(b);
+  for (int64_t j = 0; j < nv; j += W) {
+    const Vec z = load_f(x + j) * vscale;
+    const Vec p = (z + vneg_lse).exp_u20();
+    store_f(x + j, p * at::vec::fmadd(vb, z, va));
+  }
+  for (int64_t j = nv; j < n; ++j) {
+    const float z = static_cast<float>(x[j]) * inv_t;
+    x[j] = static_cast<T>(std::exp(z - lse) * (a + b * z));
+  }
+  if (tok_in_block >= 0 && tok_in_block < n) {
+    x[tok_in_block] = static_cast<T>(static_cast<float>(x[tok_in_block]) + inv_t * g_lp);
+  }
+}
+
+void check_tokens(const at::Tensor& tokens, int64_t V) {
+  const int64_t* t = tokens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < tokens.numel(); ++i) {
+    HE_CHECK(t[i] == kIgnoreIndex || (t[i] >= 0 && t[i] < V), "tokens[", i, "] = ", t[i], " is out of range [0, ", V,
+             ") (use ", kIgnoreIndex, " to ignore a position)");
+  }
+}
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& tokens, double temperature) {
+  CHECK_DIM(hidden, 2, "[N, H]");
+  CHECK_DIM(weight, 2, "[V, H]");
+  CHECK_SIZE(weight, 1, hidden.size(1));
+  HE_CHECK(weight.size(0) > 0, "weight must have at least one row (V >= 1)");
+  CHECK_SHAPE(tokens, hidden.size(0));
+  CHECK_FLOATING(hidden);
+  CHECK_SAME_DTYPE(weight, hidden);
+  CHECK_DTYPE(tokens, at::kLong);
+  CHECK_CPU(hidden);
+  CHECK_CPU(weight);
+  CHECK_CPU(tokens);
+  HE_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+}
+
+// A contiguous [rows, cols] view of the start of a flat block buffer.
+at::Tensor block_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.view(-1).narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                                                   const at::Tensor& tokens, double temperature,
                                                                   bool with_entropy) {
-  HE_CHECK(false, "not implemented yet");
+  check_inputs(hidden, weight, tokens, temperature);
+  const auto tok = tokens.contiguous();
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  check_tokens(tok, V);
+  const auto opts = hidden.options().dtype(at::kFloat);
+  auto logprobs = at::empty({N}, opts), entropy = at::zeros({N}, opts), lse = at::empty({N}, opts);
+  if (N == 0) return {logprobs, entropy, lse};
+  const int64_t rows_per_block = std::min(N, std::max(kMinBlockDim, kBlockElems / V));
+  const auto buffer = at::empty({rows_per_block * V}, hidden.options());
+  const auto weight_t = weight.t();
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / V);
+  LOGPROBS_DISPATCH(hidden.scalar_type(), "token_logprobs_cpu", [&] {
+    const int64_t* tp = tok.data_ptr<int64_t>();
+    float *lp = logprobs.data_ptr<float>(), *ent = entropy.data_ptr<float>(), *ls = lse.data_ptr<float>();
+    for (int64_t r0 = 0; r0 < N; r0 += rows_per_block) {
+      const int64_t rows = std::min(rows_per_block, N - r0);
+      auto logits = block_view(buffer, rows, V);  // [rows, V], raw (unscaled)
+      at::mm_out(logits, hidden.narrow(0, r0, rows), weight_t);
+      const scalar_t* xp = logits.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t i = r0 + r;
+          row_forward<scalar_t>(xp + r * V, V, inv_t, tp[i], with_entropy, lp + i, ent + i, ls + i);
+        }
+      });
+    }
+  });
+  return {logprobs, entropy, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> token_logprobs_backward_cpu(const at::Tensor& grad_logprobs,
-                                                               const std::optional<at::Tensor>& grad_entropy,
+                                                               const std::optional<at::Tensor>& grad_entropy_opt,
                                                                const at::Tensor& hidden, const at::Tensor& weight,
                                                                const at::Tensor& tokens, const at::Tensor& lse,
                                                                const at::Tensor& entropy, double temperature) {
-  HE_CHECK(false, "not implemented yet");
+  check_inputs(hidden, weight, tokens, temperature);
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  CHECK_SHAPE(grad_logprobs, N);
+  CHECK_SHAPE(lse, N);
+  CHECK_SHAPE(entropy, N);
+  CHECK_DTYPE(lse, at::kFloat);
+  CHECK_DTYPE(entropy, at::kFloat);
+  CHECK_CPU(grad_logprobs);
+  CHECK_CPU(lse);
+  CHECK_CPU(entropy);
+  const bool has_grad_entropy = grad_entropy_opt.has_value() && grad_entropy_opt->defined();
+  const at::Tensor grad_entropy = has_grad_entropy ? *grad_entropy_opt : at::Tensor();
+  if (has_grad_entropy) {
+    CHECK_SHAPE(grad_entropy, N);
+    CHECK_CPU(grad_entropy);
+  }
+  const auto tok = tokens.contiguous();
+  check_tokens(tok, V);
+  const auto g_lp = grad_logprobs.to(at::kFloat).contiguous(), ls = lse.contiguous(), ent = entropy.contiguous();
+  const auto g_ent = has_grad_entropy ? grad_entropy.to(at::kFloat).contiguous() : at::Tensor();
+
+  const bool fp32 = hidden.scalar_type() == at::kFloat;
+  auto grad_weight = at::empty({V, H}, weight.options());
+  // fp32 accumulates grad_hidden in place; bf16/fp16 accumulate in an fp32 copy (rounding once at
+  // the end) from each block's product in `partial`.
+  auto grad_hidden = at::zeros({N, H}, hidden.options().dtype(at::kFloat));
+  auto partial = fp32 ? at::Tensor() : at::empty({N, H}, hidden.options());
+  if (N == 0) return {grad_hidden.to(hidden.scalar_type()), grad_weight.zero_()};
+
+  const int64_t cols_per_block = std::min(V, std::max(kMinBlockDim, kBlockElems / N));
+  const auto buffer = at::empty({N * cols_per_block}, hidden.options());
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  LOGPROBS_DISPATCH(hidden.scalar_type(), "token_logprobs_backward_cpu", [&] {
+    const int64_t* tp = tok.data_ptr<int64_t>();
+    const float *glp = g_lp.data_ptr<float>(), *gent = has_grad_entropy ? g_ent.data_ptr<float>() : nullptr;
+    const float *lsp = ls.data_ptr<float>(), *entp = ent.data_ptr<float>();
+    for (int64_t v0 = 0; v0 < V; v0 += cols_per_block) {
+      const int64_t cols = std::min(cols_per_block, V - v0);
+      const auto w_block = weight.narrow(0, v0, cols);  // [cols, H]
+      auto logits = block_view(buffer, N, cols);        // [N, cols]: raw logits, then their gradient
+      at::mm_out(logits, hidden, w_block.t());
+      scalar_t* xp = logits.data_ptr<scalar_t>();
+      at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / cols), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const bool ignored = tp[i] == kIgnoreIndex;
+          const float ge = gent ? gent[i] : 0.f;
+          row_backward<scalar_t>(xp + i * cols, cols, inv_t, lsp[i], lsp[i] - entp[i], ignored ? 0.f : glp[i], ge,
+                                 ignored ? -1 : tp[i] - v0);
+        }
+      });
+      auto grad_weight_block = grad_weight.narrow(0, v0, cols);
+      at::mm_out(grad_weight_block, logits.t(), hidden);
+      if (fp32) {
+        grad_hidden.addmm_(logits, w_block);
+      } else {
+        at::mm_out(partial, logits, w_block);
+        float* acc = grad_hidden.data_ptr<float>();
+        const scalar_t* pp = partial.data_ptr<scalar_t>();
+        at::parallel_for(0, N * H / Vec::size(), kGrainElems / Vec::size(), [&](int64_t begin, int64_t end) {
+          for (int64_t k = begin * Vec::size(); k < end * Vec::size(); k += Vec::size()) {
+            (Vec::loadu(acc + k) + load_f(pp + k)).store(acc + k);
+          }
+        });
+        for (int64_t k = N * H - (N * H) % Vec::size(); k < N * H; ++k) acc[k] += static_cast<float>(pp[k]);
+      }
+    }
+  });
+  return {fp32 ? grad_hidden : grad_hidden.to(hidden.scalar_type()), grad_weight};
 }
 
 }  // namespace hybrid_engine

@@ -11,10 +11,13 @@ _load()
 
 from hybrid_engine.ops._backend import get_backend, use_backend  # noqa: E402
 from hybrid_engine.ops.gae import gae, gae_reference  # noqa: E402
+from hybrid_engine.ops.logprobs import token_logprobs, token_logprobs_reference  # noqa: E402
 
 __all__ = [
     "gae",
     "gae_reference",
     "get_backend",
+    "token_logprobs",
+    "token_logprobs_reference",
     "use_backend",
 ]
