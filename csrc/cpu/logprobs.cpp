@@ -73,26 +73,26 @@ void row_forward(const T* x, int64_t V, float inv_t, int64_t tok, bool with_entr
     mx = hmax(vmax);
   }
   for (int64_t j = Vv; j < V; ++j) mx = std::max(mx, static_cast<float>(x[j]));
-  // u = (x - mx) * inv_t, computed as x * inv_t + shift with one FMA.
-  const float shift = -mx * inv_t;
-  const Vec vscale(inv_t), vshift(shift);
+  // u = (x - mx) * inv_t: subtracting first makes u exactly 0 at the max (x * inv_t - mx * inv_t
+  // would not be), so a certain outcome gets logprob and entropy exactly 0.
+  const Vec vscale(inv_t), vmx(mx);
   Vec vs(0.f), vt(0.f);
   for (int64_t j = 0; j < Vv; j += W) {
-    const Vec u = at::vec::fmadd(load_f(x + j), vscale, vshift);
-    const Vec e = u.exp_u20();
+    const Vec u = (load_f(x + j) - vmx) * vscale;
+    const Vec e = u.exp();
     vs = vs + e;
     if (with_entropy) vt = at::vec::fmadd(e, u, vt);
   }
   float s = hsum(vs), t = with_entropy ? hsum(vt) : 0.f;
   for (int64_t j = Vv; j < V; ++j) {
-    const float u = static_cast<float>(x[j]) * inv_t + shift;
+    const float u = (static_cast<float>(x[j]) - mx) * inv_t;
     const float e = std::exp(u);
     s += e;
     t += e * u;
   }
   const float log_s = std::log(s);
   *lse = mx * inv_t + log_s;
-  *logprob = tok == kIgnoreIndex ? 0.f : static_cast<float>(x[tok]) * inv_t - *lse;
+  *logprob = tok == kIgnoreIndex ? 0.f : (static_cast<float>(x[tok]) - mx) * inv_t - log_s;
   *entropy = with_entropy ? log_s - t / s : 0.f;
 }
 
@@ -108,21 +108,21 @@ void row_backward(T* x, int64_t n, float inv_t, float lse, float c, float g_lp, 
     return;
   }
   const int64_t nv = n - n % W;
-  // dx_j = -inv_t p_j (g_lp + g_ent (z_j - c)) = p_j (a + b z_j) with a, b below.
-  const float a = -inv_t * (g_lp - g_ent * c), b = -inv_t * g_ent;
-  const Vec vscale(inv_t), vneg_lse(-lse), va(a), vb(b);
+  // dx_j = -inv_t p_j (g_lp + g_ent (z_j - c)) = p_j (a + b (z_j - c)). z_j - lse and z_j - c are
+  // each one FMA of x_j, rounded once: they are small differences of logit-sized numbers.
+  const float a = -inv_t * g_lp, b = -inv_t * g_ent;
+  const auto grad = [&](float xj) { return std::exp(std::fma(xj, inv_t, -lse)) * (a + b * std::fma(xj, inv_t, -c)); };
+  const bool has_tok = tok_in_block >= 0 && tok_in_block < n;
+  const float x_tok = has_tok ? static_cast<float>(x[tok_in_block]) : 0.f;  // read before overwritten
+  const Vec vscale(inv_t), vneg_lse(-lse), vneg_c(-c), va(a), vb(b);
   for (int64_t j = 0; j < nv; j += W) {
-    const Vec z = load_f(x + j) * vscale;
-    const Vec p = (z + vneg_lse).exp_u20();
-    store_f(x + j, p * at::vec::fmadd(vb, z, va));
+    const Vec xj = load_f(x + j);
+    const Vec p = at::vec::fmadd(xj, vscale, vneg_lse).exp();
+    store_f(x + j, p * at::vec::fmadd(vb, at::vec::fmadd(xj, vscale, vneg_c), va));
   }
-  for (int64_t j = nv; j < n; ++j) {
-    const float z = static_cast<float>(x[j]) * inv_t;
-    x[j] = static_cast<T>(std::exp(z - lse) * (a + b * z));
-  }
-  if (tok_in_block >= 0 && tok_in_block < n) {
-    x[tok_in_block] = static_cast<T>(static_cast<float>(x[tok_in_block]) + inv_t * g_lp);
-  }
+  for (int64_t j = nv; j < n; ++j) x[j] = static_cast<T>(grad(static_cast<float>(x[j])));
+  // The target's one-hot term, added in fp32 so that a bf16 result is rounded once.
+  if (has_tok) x[tok_in_block] = static_cast<T>(grad(x_tok) + inv_t * g_lp);
 }
 
 void check_tokens(const at::Tensor& tokens, int64_t V) {
@@ -148,6 +148,22 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
   HE_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
 }
 
+// The ids of the rows where `keep` holds, or an undefined tensor when that is every row.
+at::Tensor live_rows(const at::Tensor& keep) {
+  const int64_t count = keep.sum().item<int64_t>();
+  return count == keep.numel() ? at::Tensor() : keep.nonzero().view(-1);
+}
+
+// acc[k] += x[k] for k in [0, n), the sum in fp32.
+template <typename T>
+void add_to_float(float* acc, const T* x, int64_t n) {
+  constexpr int64_t W = Vec::size();
+  at::parallel_for(0, n / W, kGrainElems / W, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin * W; k < end * W; k += W) (Vec::loadu(acc + k) + load_f(x + k)).store(acc + k);
+  });
+  for (int64_t k = n - n % W; k < n; ++k) acc[k] += static_cast<float>(x[k]);
+}
+
 // A contiguous [rows, cols] view of the start of a flat block buffer.
 at::Tensor block_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
   return buffer.view(-1).narrow(0, 0, rows * cols).view({rows, cols});
@@ -163,24 +179,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tens
   const int64_t N = hidden.size(0), V = weight.size(0);
   check_tokens(tok, V);
   const auto opts = hidden.options().dtype(at::kFloat);
-  auto logprobs = at::empty({N}, opts), entropy = at::zeros({N}, opts), lse = at::empty({N}, opts);
-  if (N == 0) return {logprobs, entropy, lse};
-  const int64_t rows_per_block = std::min(N, std::max(kMinBlockDim, kBlockElems / V));
+  auto logprobs = at::zeros({N}, opts), entropy = at::zeros({N}, opts), lse = at::zeros({N}, opts);
+  // Without entropy an ignored row's answer is known (logprob 0, no gradient), so only the other
+  // rows go through the GEMM: prompt and padding tokens cost nothing. Their lse stays 0.
+  const auto live = with_entropy ? at::Tensor() : live_rows(tok.ne(kIgnoreIndex));
+  const int64_t M = live.defined() ? live.numel() : N;
+  if (M == 0) return {logprobs, entropy, lse};
+  const int64_t rows_per_block = std::min(M, std::max(kMinBlockDim, kBlockElems / V));
   const auto buffer = at::empty({rows_per_block * V}, hidden.options());
   const auto weight_t = weight.t();
   const float inv_t = static_cast<float>(1.0 / temperature);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / V);
   LOGPROBS_DISPATCH(hidden.scalar_type(), "token_logprobs_cpu", [&] {
-    const int64_t* tp = tok.data_ptr<int64_t>();
+    const int64_t *tp = tok.data_ptr<int64_t>(), *ids = live.defined() ? live.data_ptr<int64_t>() : nullptr;
     float *lp = logprobs.data_ptr<float>(), *ent = entropy.data_ptr<float>(), *ls = lse.data_ptr<float>();
-    for (int64_t r0 = 0; r0 < N; r0 += rows_per_block) {
-      const int64_t rows = std::min(rows_per_block, N - r0);
+    for (int64_t r0 = 0; r0 < M; r0 += rows_per_block) {
+      const int64_t rows = std::min(rows_per_block, M - r0);
       auto logits = block_view(buffer, rows, V);  // [rows, V], raw (unscaled)
-      at::mm_out(logits, hidden.narrow(0, r0, rows), weight_t);
+      const auto h_block = ids ? hidden.index_select(0, live.narrow(0, r0, rows)) : hidden.narrow(0, r0, rows);
+      at::mm_out(logits, h_block, weight_t);
       const scalar_t* xp = logits.data_ptr<scalar_t>();
       at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t i = r0 + r;
+          const int64_t i = ids ? ids[r0 + r] : r0 + r;
           row_forward<scalar_t>(xp + r * V, V, inv_t, tp[i], with_entropy, lp + i, ent + i, ls + i);
         }
       });
@@ -210,33 +231,37 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_backward_cpu(const at::Tensor&
     CHECK_SHAPE(grad_entropy, N);
     CHECK_CPU(grad_entropy);
   }
-  const auto tok = tokens.contiguous();
-  check_tokens(tok, V);
-  const auto g_lp = grad_logprobs.to(at::kFloat).contiguous(), ls = lse.contiguous(), ent = entropy.contiguous();
-  const auto g_ent = has_grad_entropy ? grad_entropy.to(at::kFloat).contiguous() : at::Tensor();
+  check_tokens(tokens.contiguous(), V);
+  // Rows with a zero gradient (ignored token or zero grad_logprobs, and no entropy gradient) add
+  // nothing to either gradient: only the M others go through the three GEMMs.
+  auto keep = tokens.ne(kIgnoreIndex).logical_and(grad_logprobs.ne(0));
+  if (has_grad_entropy) keep = keep.logical_or(grad_entropy.ne(0));
+  const auto live = live_rows(keep);
+  const auto pick = [&](const at::Tensor& t) { return (live.defined() ? t.index_select(0, live) : t).contiguous(); };
+  const auto h = pick(hidden), tok = pick(tokens), g_lp = pick(grad_logprobs.to(at::kFloat)), ls = pick(lse);
+  const auto ent = pick(entropy), g_ent = has_grad_entropy ? pick(grad_entropy.to(at::kFloat)) : at::Tensor();
+  const int64_t M = h.size(0);
 
   const bool fp32 = hidden.scalar_type() == at::kFloat;
-  auto grad_weight = at::empty({V, H}, weight.options());
+  auto grad_weight = M == 0 ? at::zeros({V, H}, weight.options()) : at::empty({V, H}, weight.options());
   // fp32 accumulates grad_hidden in place; bf16/fp16 accumulate in an fp32 copy (rounding once at
   // the end) from each block's product in `partial`.
-  auto grad_hidden = at::zeros({N, H}, hidden.options().dtype(at::kFloat));
-  auto partial = fp32 ? at::Tensor() : at::empty({N, H}, hidden.options());
-  if (N == 0) return {grad_hidden.to(hidden.scalar_type()), grad_weight.zero_()};
-
-  const int64_t cols_per_block = std::min(V, std::max(kMinBlockDim, kBlockElems / N));
-  const auto buffer = at::empty({N * cols_per_block}, hidden.options());
+  auto grad_h = at::zeros({M, H}, hidden.options().dtype(at::kFloat));
+  auto partial = fp32 ? at::Tensor() : at::empty({M, H}, hidden.options());
+  const int64_t cols_per_block = M == 0 ? V : std::min(V, std::max(kMinBlockDim, kBlockElems / M));
+  const auto buffer = at::empty({M * cols_per_block}, hidden.options());
   const float inv_t = static_cast<float>(1.0 / temperature);
   LOGPROBS_DISPATCH(hidden.scalar_type(), "token_logprobs_backward_cpu", [&] {
     const int64_t* tp = tok.data_ptr<int64_t>();
     const float *glp = g_lp.data_ptr<float>(), *gent = has_grad_entropy ? g_ent.data_ptr<float>() : nullptr;
     const float *lsp = ls.data_ptr<float>(), *entp = ent.data_ptr<float>();
-    for (int64_t v0 = 0; v0 < V; v0 += cols_per_block) {
+    for (int64_t v0 = 0; M > 0 && v0 < V; v0 += cols_per_block) {
       const int64_t cols = std::min(cols_per_block, V - v0);
       const auto w_block = weight.narrow(0, v0, cols);  // [cols, H]
-      auto logits = block_view(buffer, N, cols);        // [N, cols]: raw logits, then their gradient
-      at::mm_out(logits, hidden, w_block.t());
+      auto logits = block_view(buffer, M, cols);        // [M, cols]: raw logits, then their gradient
+      at::mm_out(logits, h, w_block.t());
       scalar_t* xp = logits.data_ptr<scalar_t>();
-      at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / cols), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, M, std::max<int64_t>(1, kGrainElems / cols), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const bool ignored = tp[i] == kIgnoreIndex;
           const float ge = gent ? gent[i] : 0.f;
@@ -245,23 +270,17 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_backward_cpu(const at::Tensor&
         }
       });
       auto grad_weight_block = grad_weight.narrow(0, v0, cols);
-      at::mm_out(grad_weight_block, logits.t(), hidden);
+      at::mm_out(grad_weight_block, logits.t(), h);
       if (fp32) {
-        grad_hidden.addmm_(logits, w_block);
+        grad_h.addmm_(logits, w_block);
       } else {
         at::mm_out(partial, logits, w_block);
-        float* acc = grad_hidden.data_ptr<float>();
-        const scalar_t* pp = partial.data_ptr<scalar_t>();
-        at::parallel_for(0, N * H / Vec::size(), kGrainElems / Vec::size(), [&](int64_t begin, int64_t end) {
-          for (int64_t k = begin * Vec::size(); k < end * Vec::size(); k += Vec::size()) {
-            (Vec::loadu(acc + k) + load_f(pp + k)).store(acc + k);
-          }
-        });
-        for (int64_t k = N * H - (N * H) % Vec::size(); k < N * H; ++k) acc[k] += static_cast<float>(pp[k]);
+        add_to_float(grad_h.data_ptr<float>(), partial.data_ptr<scalar_t>(), M * H);
       }
     }
   });
-  return {fp32 ? grad_hidden : grad_hidden.to(hidden.scalar_type()), grad_weight};
+  if (!live.defined()) return {grad_h.to(hidden.scalar_type()), grad_weight};
+  return {at::zeros({N, H}, hidden.options()).index_copy_(0, live, grad_h.to(hidden.scalar_type())), grad_weight};
 }
 
 }  // namespace hybrid_engine

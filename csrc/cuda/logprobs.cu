@@ -90,13 +90,14 @@ __global__ void __launch_bounds__(kRowThreads)
     const float log_s = __logf(st.s), row_lse = st.m + log_s;
     const int64_t tok = tokens[row];
     lse[row] = row_lse;
-    logprobs[row] = tok == kIgnoreIndex ? 0.f : to_float(x[tok]) * inv_t - row_lse;
+    // Relative to the max first, so that a certain outcome gets exactly 0.
+    logprobs[row] = tok == kIgnoreIndex ? 0.f : (to_float(x[tok]) * inv_t - st.m) - log_s;
     entropy[row] = with_entropy ? log_s - st.t / st.s : 0.f;
   }
 }
 
 // grid (rows, column tiles). With z = x / T, p = exp(z - lse), c = lse - H:
-// dx_j = (g_lp ([j == tok] - p_j) - g_ent p_j (z_j - c)) / T.
+// dx_j = (g_lp ([j == tok] - p_j) - g_ent p_j (z_j - c)) / T = p_j (a + b (z_j - c)) + [j == tok] g_lp / T.
 template <typename T>
 __global__ void __launch_bounds__(kGradThreads)
     grad_kernel(T* __restrict__ logits, const int64_t* __restrict__ tokens, const float* __restrict__ grad_logprobs,
@@ -107,13 +108,14 @@ __global__ void __launch_bounds__(kGradThreads)
   const float g_lp = tok == kIgnoreIndex ? 0.f : grad_logprobs[row];
   const float g_ent = grad_entropy ? grad_entropy[row] : 0.f;
   const float row_lse = lse[row];
-  const float a = -inv_t * (g_lp - g_ent * (row_lse - entropy[row])), b = -inv_t * g_ent;
+  const float c = row_lse - entropy[row], a = -inv_t * g_lp, b = -inv_t * g_ent;
   T* x = logits + row * cols;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * kGradThreads * kGradColsPerThread;
   const int64_t end = min(cols, begin + kGradThreads * kGradColsPerThread);
   for (int64_t j = begin + threadIdx.x; j < end; j += kGradThreads) {
-    const float z = to_float(x[j]) * inv_t;
-    float d = __expf(z - row_lse) * (a + b * z);
+    // z - lse and z - c as single FMAs: small differences of logit-sized numbers, rounded once.
+    const float xj = to_float(x[j]);
+    float d = __expf(fmaf(xj, inv_t, -row_lse)) * (a + b * fmaf(xj, inv_t, -c));
     if (v0 + j == tok) d += inv_t * g_lp;
     x[j] = from_float<T>(d);
   }
