@@ -1,15 +1,20 @@
 // token_logprobs on the CPU: log_softmax(hidden @ weight.T / T)[tokens] without ever holding the
-// [N, V] logits. The forward walks blocks of rows (GEMM into one reused buffer, then one fused
-// max / sum-exp / gather / entropy pass per row); the backward walks blocks of the vocabulary with
-// all rows at once, so each block's weight gradient is one complete GEMM (no accumulation across
-// blocks, which in bf16 would round many times) and only the smaller [N, H] gradient accumulates.
-// The GEMMs are MKL / oneDNN through at::mm_out; the softmax math is fp32 with at::vec.
+// [N, V] logits. Both passes walk blocks of the vocabulary with all rows at once (GEMM into one
+// reused buffer, then a fused pass over the block). The forward merges each row's running max /
+// sum-exp / entropy sums across blocks; the backward recomputes a block's logits from the saved
+// lse, turns them into their gradient in place, and makes that block's weight gradient in one
+// complete GEMM (no accumulation across blocks, which in bf16 would round many times), so only
+// the smaller [N, H] gradient accumulates. The GEMMs are MKL / oneDNN through at::mm_out; the
+// softmax math is fp32 with at::vec.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "hybrid_engine/checks.h"
 #include "hybrid_engine/ops.h"
@@ -18,9 +23,10 @@
 
 // fp32, bf16 and fp16 only: HE_DISPATCH_FLOATING would also instantiate double, which at::vec's
 // float conversions do not cover and check_inputs rejects anyway.
-#define LOGPROBS_DISPATCH(dtype, name, ...)                                                          \
-  AT_DISPATCH_SWITCH(dtype, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                          \
-                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+#define LOGPROBS_DISPATCH(dtype, name, ...)                                                      \
+  AT_DISPATCH_SWITCH(dtype, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                      \
+                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)               \
+                                          AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 namespace hybrid_engine {
 namespace {
@@ -28,9 +34,9 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kIgnoreIndex = -100;
 // Logits elements per block: 32 MiB of fp32. Large enough for MKL to run the block's GEMM at full
-// speed (>= 256 rows at V = 32000), small enough that peak extra memory stays a few tens of MiB.
+// speed (2048 columns at N = 4096), small enough that peak extra memory stays a few tens of MiB.
 constexpr int64_t kBlockElems = int64_t{1} << 23;
-// Fewer rows (forward) or vocabulary columns (backward) than this make the GEMM inefficient.
+// Fewer vocabulary columns than this per block make the GEMM inefficient.
 constexpr int64_t kMinBlockDim = 64;
 // Elements per parallel task, so that a task amortises the thread hand-off.
 constexpr int64_t kGrainElems = 1 << 15;
@@ -55,45 +61,60 @@ inline void store_f(T* p, const Vec& v) {
   }
 }
 
-inline float hmax(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, v); }
-inline float hsum(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v); }
+inline float hmax(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, v);
+}
+inline float hsum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v);
+}
 
-// One row of raw logits x[0, V): z = x * inv_t. Writes lse = logsumexp(z), logprob = z[tok] - lse
-// and, with entropy, H = lse - sum(p z) = log(s) - sum(e^u u) / s where u = z - max(z), s = sum(e^u)
-// (centred on the max so that nothing cancels).
+// Running softmax statistics of one row over the vocabulary blocks seen so far, in raw logits x
+// (z = x * inv_t): mx = max x, s = sum e^u and t = sum e^u u with u = (x - mx) * inv_t, plus the
+// target's raw logit. Centring on the max keeps every term <= 1 and lets the entropy,
+// log(s) - t / s, come out without cancellation.
+struct RowStats {
+  float mx, s, t, x_tok;
+};
+
+// Folds one row segment x[0, n) (vocabulary [v0, v0 + n)) into st.
 template <typename T>
-void row_forward(const T* x, int64_t V, float inv_t, int64_t tok, bool with_entropy, float* logprob, float* entropy,
-                 float* lse) {
+void row_forward(const T* x, int64_t n, int64_t v0, float inv_t, int64_t tok, bool with_entropy, RowStats& st) {
   constexpr int64_t W = Vec::size();
-  const int64_t Vv = V - V % W;
-  float mx = -std::numeric_limits<float>::infinity();
-  if (Vv > 0) {
+  const int64_t nv = n - n % W;
+  float mx = st.mx;
+  if (nv > 0) {
     Vec vmax(mx);
-    for (int64_t j = 0; j < Vv; j += W) vmax = at::vec::maximum(vmax, load_f(x + j));
+    for (int64_t j = 0; j < nv; j += W) vmax = at::vec::maximum(vmax, load_f(x + j));
     mx = hmax(vmax);
   }
-  for (int64_t j = Vv; j < V; ++j) mx = std::max(mx, static_cast<float>(x[j]));
+  for (int64_t j = nv; j < n; ++j) mx = std::max(mx, static_cast<float>(x[j]));
+  if (mx > st.mx && st.s > 0.f) {
+    // Re-centre the sums on the new max: e^u_old = e^d e^u_new and u_old = u_new - d.
+    const float d = (st.mx - mx) * inv_t, scale = std::exp(d);
+    st.t = scale * (st.t + d * st.s);
+    st.s *= scale;
+  }
+  st.mx = mx;
   // u = (x - mx) * inv_t: subtracting first makes u exactly 0 at the max (x * inv_t - mx * inv_t
   // would not be), so a certain outcome gets logprob and entropy exactly 0.
   const Vec vscale(inv_t), vmx(mx);
   Vec vs(0.f), vt(0.f);
-  for (int64_t j = 0; j < Vv; j += W) {
+  for (int64_t j = 0; j < nv; j += W) {
     const Vec u = (load_f(x + j) - vmx) * vscale;
     const Vec e = u.exp();
     vs = vs + e;
     if (with_entropy) vt = at::vec::fmadd(e, u, vt);
   }
   float s = hsum(vs), t = with_entropy ? hsum(vt) : 0.f;
-  for (int64_t j = Vv; j < V; ++j) {
+  for (int64_t j = nv; j < n; ++j) {
     const float u = (static_cast<float>(x[j]) - mx) * inv_t;
     const float e = std::exp(u);
     s += e;
     t += e * u;
   }
-  const float log_s = std::log(s);
-  *lse = mx * inv_t + log_s;
-  *logprob = tok == kIgnoreIndex ? 0.f : (static_cast<float>(x[tok]) - mx) * inv_t - log_s;
-  *entropy = with_entropy ? log_s - t / s : 0.f;
+  st.s += s;
+  st.t += t;
+  if (tok >= v0 && tok < v0 + n) st.x_tok = static_cast<float>(x[tok - v0]);
 }
 
 // Overwrites one row segment of raw logits x[0, n) (vocabulary [v0, v0 + n)) with the gradient of
@@ -175,38 +196,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tens
                                                                   const at::Tensor& tokens, double temperature,
                                                                   bool with_entropy) {
   check_inputs(hidden, weight, tokens, temperature);
-  const auto tok = tokens.contiguous();
+  const auto tokens_c = tokens.contiguous();
   const int64_t N = hidden.size(0), V = weight.size(0);
-  check_tokens(tok, V);
+  check_tokens(tokens_c, V);
   const auto opts = hidden.options().dtype(at::kFloat);
   auto logprobs = at::zeros({N}, opts), entropy = at::zeros({N}, opts), lse = at::zeros({N}, opts);
   // Without entropy an ignored row's answer is known (logprob 0, no gradient), so only the other
   // rows go through the GEMM: prompt and padding tokens cost nothing. Their lse stays 0.
-  const auto live = with_entropy ? at::Tensor() : live_rows(tok.ne(kIgnoreIndex));
-  const int64_t M = live.defined() ? live.numel() : N;
+  const auto live = with_entropy ? at::Tensor() : live_rows(tokens_c.ne(kIgnoreIndex));
+  const auto h = live.defined() ? hidden.index_select(0, live) : hidden;
+  const auto tok = live.defined() ? tokens_c.index_select(0, live) : tokens_c;
+  const int64_t M = h.size(0);
   if (M == 0) return {logprobs, entropy, lse};
-  const int64_t rows_per_block = std::min(M, std::max(kMinBlockDim, kBlockElems / V));
-  const auto buffer = at::empty({rows_per_block * V}, hidden.options());
-  const auto weight_t = weight.t();
+  // Vocabulary blocks with all rows: [M, cols] logits per GEMM, the running statistics merged
+  // across blocks. Against row blocks, the weight is read once and the GEMMs have M rows (MKL runs
+  // them faster than one [N, V] GEMM, whose output alone is 4 N V bytes of fresh memory).
+  const int64_t cols_per_block = std::min(V, std::max(kMinBlockDim, kBlockElems / M));
+  const auto buffer = at::empty({M * cols_per_block}, hidden.options());
+  std::vector<RowStats> stats(M, RowStats{-std::numeric_limits<float>::infinity(), 0.f, 0.f, 0.f});
   const float inv_t = static_cast<float>(1.0 / temperature);
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / V);
   LOGPROBS_DISPATCH(hidden.scalar_type(), "token_logprobs_cpu", [&] {
-    const int64_t *tp = tok.data_ptr<int64_t>(), *ids = live.defined() ? live.data_ptr<int64_t>() : nullptr;
-    float *lp = logprobs.data_ptr<float>(), *ent = entropy.data_ptr<float>(), *ls = lse.data_ptr<float>();
-    for (int64_t r0 = 0; r0 < M; r0 += rows_per_block) {
-      const int64_t rows = std::min(rows_per_block, M - r0);
-      auto logits = block_view(buffer, rows, V);  // [rows, V], raw (unscaled)
-      const auto h_block = ids ? hidden.index_select(0, live.narrow(0, r0, rows)) : hidden.narrow(0, r0, rows);
-      at::mm_out(logits, h_block, weight_t);
+    const int64_t* tp = tok.data_ptr<int64_t>();
+    for (int64_t v0 = 0; v0 < V; v0 += cols_per_block) {
+      const int64_t cols = std::min(cols_per_block, V - v0);
+      auto logits = block_view(buffer, M, cols);  // [M, cols], raw (unscaled)
+      at::mm_out(logits, h, weight.narrow(0, v0, cols).t());
       const scalar_t* xp = logits.data_ptr<scalar_t>();
-      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t i = ids ? ids[r0 + r] : r0 + r;
-          row_forward<scalar_t>(xp + r * V, V, inv_t, tp[i], with_entropy, lp + i, ent + i, ls + i);
+      at::parallel_for(0, M, std::max<int64_t>(1, kGrainElems / cols), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          row_forward<scalar_t>(xp + i * cols, cols, v0, inv_t, tp[i], with_entropy, stats[i]);
         }
       });
     }
   });
+  const int64_t* tp = tok.data_ptr<int64_t>();
+  const int64_t* ids = live.defined() ? live.data_ptr<int64_t>() : nullptr;
+  float *lp = logprobs.data_ptr<float>(), *ent = entropy.data_ptr<float>(), *ls = lse.data_ptr<float>();
+  for (int64_t r = 0; r < M; ++r) {
+    const RowStats& st = stats[r];
+    const int64_t i = ids ? ids[r] : r;
+    const float log_s = std::log(st.s);
+    ls[i] = st.mx * inv_t + log_s;
+    lp[i] = tp[r] == kIgnoreIndex ? 0.f : (st.x_tok - st.mx) * inv_t - log_s;
+    if (with_entropy) ent[i] = log_s - st.t / st.s;
+  }
   return {logprobs, entropy, lse};
 }
 
