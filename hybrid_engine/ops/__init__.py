@@ -19,6 +19,7 @@ from hybrid_engine.ops.attention import (  # noqa: E402
 from hybrid_engine.ops.decode_step import decode_step  # noqa: E402
 from hybrid_engine.ops.gae import gae, gae_reference  # noqa: E402
 from hybrid_engine.ops.linear import decode_linear, decode_linear_reference  # noqa: E402
+from hybrid_engine.ops.logprobs import token_logprobs, token_logprobs_reference  # noqa: E402
 from hybrid_engine.ops.norm import rms_norm, rms_norm_reference  # noqa: E402
 from hybrid_engine.ops.reshard import (  # noqa: E402
     gather_column_parallel,
@@ -70,6 +71,8 @@ __all__ = [
     "shard_qkv",
     "shard_reference",
     "shard_row_parallel",
+    "token_logprobs",
+    "token_logprobs_reference",
     "tp_to_zero",
     "tp_to_zero_reference",
     "unshard_reference",
