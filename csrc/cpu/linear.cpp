@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -201,8 +200,8 @@ void pack_x(const float* x, int64_t M, int64_t K, int C, int64_t Mp, int64_t Kp,
 }
 
 // Walks the cache lines of a block of weight rows (a panel's K chunk), prefetching a few at a time into L2.
-// The panel after the current one is fetched this way, spread over all of the current panel's tiles, so
-// the memory stream stays busy while the tiles that re-read a panel from L2 compute.
+// The next unit of work (the panel's next K chunk, or the next panel) is fetched this way, spread over all
+// of the current unit's tiles, so the memory stream stays busy while the tiles that re-read it compute.
 struct LineWalker {
   const char* row = nullptr;  // current row's first byte of the chunk
   int64_t stride = 0;         // bytes between rows
