@@ -171,8 +171,10 @@ constexpr int64_t kPanelBytes = 64 << 10;
 // Activation rows from which the AMX path for bf16 weights (linear_amx.cpp) beats this one, measured on the
 // whole-model benchmark: below them the FMA kernel already streams the weight at the memory's rate.
 constexpr int64_t kAmxMinRows = 8;
-// Past this many rows torch's GEMM outruns this kernel on an fp32 weight (measured on one core: equal at 64
-// rows, 1.2x faster at 128). bf16 and fp16 weights stay here: torch would first widen the whole weight.
+// An fp32 weight goes to torch's GEMM where that is faster (measured): with one row its matrix-vector product
+// already streams the weight at the read bandwidth, about 10% faster than this kernel, and past 64 rows its
+// GEMM outruns this kernel (equal at 64 rows, 1.2x faster at 128). bf16 and fp16 weights always stay here:
+// torch would first widen the whole weight.
 constexpr int64_t kMaxFp32Rows = 64;
 
 template <typename W>
@@ -378,7 +380,7 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
     CHECK_CPU(bias);
     b = bias.to(at::kFloat).contiguous();
   }
-  if (weight.scalar_type() == at::kFloat && M > kMaxFp32Rows) {
+  if (weight.scalar_type() == at::kFloat && (M == 1 || M > kMaxFp32Rows)) {
     return b.defined() ? at::addmm(b, x, weight.t()) : at::mm(x, weight.t());
   }
   auto out = at::empty({M, N}, x.options());
