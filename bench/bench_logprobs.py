@@ -10,7 +10,6 @@ is the op's peak extra memory (outputs and gradients included, inputs excluded).
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 
@@ -54,8 +53,13 @@ def make_call(provider: str, mode: str):
     return forward_backward
 
 
-def _max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def _peak_rss_mib() -> float:
+    """This process's peak RSS. Not getrusage's ru_maxrss: after fork + exec that also keeps the
+    parent's peak (here the benchmark process, which has just run eager), hiding ours."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM missing from /proc/self/status")
 
 
 def peak_extra_mib(provider: str, mode: str) -> float:
@@ -63,10 +67,10 @@ def peak_extra_mib(provider: str, mode: str) -> float:
     call = make_call(provider, mode)
     call()
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak RSS (VmHWM, hence ru_maxrss) to the current RSS
-    before = _max_rss_mib()
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    before = _peak_rss_mib()
     call()
-    return _max_rss_mib() - before
+    return _peak_rss_mib() - before
 
 
 def measure_peak_in_subprocess(provider: str, mode: str) -> float:

@@ -53,7 +53,7 @@ def test_bf16_weight_keeps_fp32_activations(M):
 
 @pytest.mark.parametrize("wdtype", WEIGHT_DTYPES)
 def test_large_m(wdtype):
-    """Past 64 rows an fp32 weight goes to torch's GEMM; the other dtypes stay on the kernels."""
+    """Past 64 rows (and at one row) an fp32 weight goes to torch's GEMM; the other dtypes stay on the kernels."""
     x, w, b = make_inputs(100, 123, 768, wdtype, torch.float32)
     torch.testing.assert_close(decode_linear(x, w, b), decode_linear_reference(x, w, b), **TOLERANCES[torch.float32])
 

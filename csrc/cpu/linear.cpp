@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -172,8 +171,10 @@ constexpr int64_t kPanelBytes = 64 << 10;
 // Activation rows from which the AMX path for bf16 weights (linear_amx.cpp) beats this one, measured on the
 // whole-model benchmark: below them the FMA kernel already streams the weight at the memory's rate.
 constexpr int64_t kAmxMinRows = 8;
-// Past this many rows torch's GEMM outruns this kernel on an fp32 weight (measured on one core: equal at 64
-// rows, 1.2x faster at 128). bf16 and fp16 weights stay here: torch would first widen the whole weight.
+// An fp32 weight goes to torch's GEMM where that is faster (measured): with one row its matrix-vector product
+// already streams the weight at the read bandwidth, about 10% faster than this kernel, and past 64 rows its
+// GEMM outruns this kernel (equal at 64 rows, 1.2x faster at 128). bf16 and fp16 weights always stay here:
+// torch would first widen the whole weight.
 constexpr int64_t kMaxFp32Rows = 64;
 
 template <typename W>
@@ -201,8 +202,8 @@ void pack_x(const float* x, int64_t M, int64_t K, int C, int64_t Mp, int64_t Kp,
 }
 
 // Walks the cache lines of a block of weight rows (a panel's K chunk), prefetching a few at a time into L2.
-// The panel after the current one is fetched this way, spread over all of the current panel's tiles, so
-// the memory stream stays busy while the tiles that re-read a panel from L2 compute.
+// The next unit of work (the panel's next K chunk, or the next panel) is fetched this way, spread over all
+// of the current unit's tiles, so the memory stream stays busy while the tiles that re-read it compute.
 struct LineWalker {
   const char* row = nullptr;  // current row's first byte of the chunk
   int64_t stride = 0;         // bytes between rows
@@ -379,7 +380,7 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
     CHECK_CPU(bias);
     b = bias.to(at::kFloat).contiguous();
   }
-  if (weight.scalar_type() == at::kFloat && M > kMaxFp32Rows) {
+  if (weight.scalar_type() == at::kFloat && (M == 1 || M > kMaxFp32Rows)) {
     return b.defined() ? at::addmm(b, x, weight.t()) : at::mm(x, weight.t());
   }
   auto out = at::empty({M, N}, x.options());
