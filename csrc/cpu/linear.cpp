@@ -61,7 +61,9 @@ struct Vec {
   static V load_hi(const at::BFloat16* p) {
     return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(0xFFFF0000)));
   }
-  static V load_lo(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static V load_lo(const at::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
   static V load_hi(const at::Half* p) { return load_lo(p + L); }
   // 4 vectors -> lane j (128 bits) holds 4 partial sums of vector j.
   static V sum4(V a, V b, V c, V d) {

@@ -108,7 +108,8 @@ cudaError_t launch(const float* x, const W* w, const float* bias, float* out, in
   constexpr int V = 16 / sizeof(W);
   const dim3 grid(static_cast<unsigned>((N + kWarps * kRows - 1) / (kWarps * kRows)),
                   static_cast<unsigned>((M + MT - 1) / MT));
-  const bool aligned = K % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+  const bool aligned =
+      K % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
   if (aligned) {
     decode_linear_kernel<W, MT, true><<<grid, kWarps * 32, 0, stream>>>(x, w, bias, out, M, N, K);
   } else {
