@@ -90,7 +90,7 @@ def decode_step_fn(provider: str, name: str, batch: int):
         pos = torch.full((batch, 1), PROMPT)
 
         def step():
-            cache.crop(PROMPT)
+            cache.crop(PROMPT - cache.get_seq_length())  # transformers 5: a negative count of tokens to drop
             with torch.no_grad():
                 return m(input_ids=tok, past_key_values=cache, position_ids=pos, use_cache=True).logits
 
@@ -167,3 +167,19 @@ def test_decode_cost_by_position(benchmark, provider, batch, machine, roofline):
             by_window.append([start + window // 2, round(ts[len(ts) // 2] * 1e3, 3)])
     record(benchmark, provider=provider, machine=machine,
            roofline=roofline, ms_per_token_by_position=by_window, model=name, batch=batch)
+
+
+@pytest.mark.parametrize("case", ["none-finish", "half-finish-at-step-1"])
+def test_finished_sequences_leave_the_batch(benchmark, case, machine, roofline):
+    """125M model, batch 16, 128 new tokens. With eos ids chosen so that half the prompts stop after
+    their first token, the remaining steps run on 8 sequences: the run should cost close to a batch of 8."""
+    name, batch, new_tokens = MODELS[-1], 16, 128
+    m = model(name)
+    ids = prompts(batch, m.config.vocab_size)
+    first = hybrid_engine.generate(m, ids, max_new_tokens=1).sequences[:, -1]
+    eos = sorted(set(first[: batch // 2].tolist()) - set(first[batch // 2:].tolist()))
+    kw = dict(max_new_tokens=new_tokens, eos_token_id=eos if case != "none-finish" else None, pad_token_id=0)
+    benchmark.group = f"finished sequences {name} B={batch} new={new_tokens}"
+    out = run_benchmark(benchmark, lambda: hybrid_engine.generate(m, ids, **kw), rounds=1)
+    record(benchmark, provider=case, machine=machine, roofline=roofline, baseline_provider="none-finish",
+           generated_tokens=int(out.response_mask.sum()), finished_at_step_1=int((out.response_mask.sum(1) == 1).sum()))
