@@ -398,9 +398,11 @@ at::Tensor prefill_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 }  // namespace
 
+// Shape, dtype, same-device and layout checks shared by the CPU and CUDA implementations
+// (csrc/cuda/bindings.cpp); each then checks that q is on its own device type.
 #define HE_OP "decode_attention"
-at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                const at::Tensor& seq_lens, double scale) {
+void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& seq_lens) {
   CHECK_DIM(q, 3, "[B, Hq, D]");
   CHECK_DIM(k_cache, 4, "[B, Hkv, T_max, D]");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
@@ -416,13 +418,49 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   CHECK_SAME_DTYPE(k_cache, q);
   CHECK_SAME_DTYPE(v_cache, q);
   CHECK_INDEX(seq_lens);
-  CHECK_CPU(q);
-  CHECK_CPU(k_cache);
-  CHECK_CPU(v_cache);
-  CHECK_CPU(seq_lens);
+  CHECK_DEVICE(k_cache, q.device());
+  CHECK_DEVICE(v_cache, q.device());
+  CHECK_DEVICE(seq_lens, q.device());
   CHECK_LAST_DIM_CONTIGUOUS(q);
   CHECK_CONTIGUOUS(k_cache);
   CHECK_CONTIGUOUS(v_cache);
+}
+#undef HE_OP
+
+#define HE_OP "prefill_attention"
+void check_prefill_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& seq_lens) {
+  CHECK_DIM(q, 4, "[B, Hq, T, D]");
+  CHECK_DIM(k, 4, "[B, Hkv, T, D]");
+  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
+  CHECK_SIZE(k, 0, B);
+  CHECK_SIZE(k, 2, T);
+  CHECK_SIZE(k, 3, D);
+  CHECK_SHAPE(v, B, Hkv, T, D);
+  CHECK_DIM(seq_lens, 1, "[B]");
+  CHECK_SIZE(seq_lens, 0, B);
+  HE_CHECK(Hkv > 0 && Hq % Hkv == 0, "q heads (", Hq, ") must be a multiple of k heads (", Hkv, ")");
+  HE_CHECK(D > 0 && D <= 256, "head dim D must be in [1, 256], got ", D);
+  CHECK_FLOATING(q);
+  CHECK_SAME_DTYPE(k, q);
+  CHECK_SAME_DTYPE(v, q);
+  CHECK_INDEX(seq_lens);
+  CHECK_DEVICE(k, q.device());
+  CHECK_DEVICE(v, q.device());
+  CHECK_DEVICE(seq_lens, q.device());
+  CHECK_LAST_DIM_CONTIGUOUS(q);
+  CHECK_LAST_DIM_CONTIGUOUS(k);
+  CHECK_LAST_DIM_CONTIGUOUS(v);
+}
+#undef HE_OP
+
+#define HE_OP "decode_attention"
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& seq_lens, double scale) {
+  check_decode_attention_args(q, k_cache, v_cache, seq_lens);
+  CHECK_CPU(q);
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = k_cache.size(1), T_max = k_cache.size(2);
   const auto lens = checked_lengths(HE_OP, seq_lens, T_max, "T_max");
   auto out = at::empty({B, Hq, D}, q.options());
   const int64_t G = Hq / Hkv;
@@ -448,28 +486,9 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
 #define HE_OP "prefill_attention"
 at::Tensor prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& seq_lens, double scale) {
-  CHECK_DIM(q, 4, "[B, Hq, T, D]");
-  CHECK_DIM(k, 4, "[B, Hkv, T, D]");
-  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
-  CHECK_SIZE(k, 0, B);
-  CHECK_SIZE(k, 2, T);
-  CHECK_SIZE(k, 3, D);
-  CHECK_SHAPE(v, B, Hkv, T, D);
-  CHECK_DIM(seq_lens, 1, "[B]");
-  CHECK_SIZE(seq_lens, 0, B);
-  HE_CHECK(Hkv > 0 && Hq % Hkv == 0, "q heads (", Hq, ") must be a multiple of k heads (", Hkv, ")");
-  HE_CHECK(D > 0 && D <= 256, "head dim D must be in [1, 256], got ", D);
-  CHECK_FLOATING(q);
-  CHECK_SAME_DTYPE(k, q);
-  CHECK_SAME_DTYPE(v, q);
-  CHECK_INDEX(seq_lens);
+  check_prefill_attention_args(q, k, v, seq_lens);
   CHECK_CPU(q);
-  CHECK_CPU(k);
-  CHECK_CPU(v);
-  CHECK_CPU(seq_lens);
-  CHECK_LAST_DIM_CONTIGUOUS(q);
-  CHECK_LAST_DIM_CONTIGUOUS(k);
-  CHECK_LAST_DIM_CONTIGUOUS(v);
+  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
   const auto lens = checked_lengths(HE_OP, seq_lens, T, "T");
   if (sdpa_wins(q.scalar_type(), lens, T)) return prefill_sdpa(q, k, v, lens, scale);
   auto out = at::empty({B, Hq, T, D}, q.options());
