@@ -155,3 +155,10 @@ def test_unsupported_architecture_lists_the_supported_ones():
     model = transformers.BertLMHeadModel(config)
     with pytest.raises(ValueError, match="supported: gpt2, llama, mistral, opt, qwen2"):
         hybrid_engine.generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
+
+
+def test_unsupported_activation_is_a_clear_error():
+    model = tiny_model("gpt2")
+    config = model.config.__class__(**{**model.config.to_dict(), "activation_function": "quick_gelu"})
+    with pytest.raises(ValueError, match="activation_function 'quick_gelu' is not supported"):
+        hybrid_engine.model.spec_from_config(config)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 # model_type -> family. Qwen2 and Mistral are Llama-shaped (Qwen2 adds q/k/v biases).
 SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "opt": "opt", "gpt2": "gpt2"}
+# FFN activations of OPT and GPT-2 configs that the decode step implements.
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,14 @@ class ModelSpec:
 
 def spec_from_config(config) -> ModelSpec:
     """The ModelSpec of a Hugging Face causal-LM config; a clear error for anything unsupported."""
+    spec = _spec_from_config(config)
+    if spec.family != "llama" and spec.activation not in ACTIVATIONS:
+        raise ValueError(f"{spec.family}: activation_function {spec.activation!r} is not supported; supported: "
+                         f"{', '.join(ACTIVATIONS)}")
+    return spec
+
+
+def _spec_from_config(config) -> ModelSpec:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED:
         raise ValueError(
