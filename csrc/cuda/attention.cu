@@ -15,28 +15,10 @@
 #include <cmath>
 
 #include "hybrid_engine/cuda/attention.h"
+#include "hybrid_engine/cuda/convert.cuh"
 
 namespace hybrid_engine::cuda {
 namespace {
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half(x);
-}
 
 // Lengths outside [0, hi] are clamped so that no kernel reads past its tensors (the host binding
 // cannot check device values without synchronising).

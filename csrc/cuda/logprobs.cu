@@ -4,6 +4,7 @@
 #include <cfloat>
 
 #include "hybrid_engine/cuda/logprobs.h"
+#include "hybrid_engine/cuda/convert.cuh"
 
 namespace hybrid_engine::cuda {
 namespace {
@@ -12,19 +13,6 @@ constexpr int64_t kIgnoreIndex = -100;
 constexpr int kRowThreads = 256;
 constexpr int kGradThreads = 256;
 constexpr int kGradColsPerThread = 4;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
 
 // Running softmax statistics of a set of scaled logits z: m = max z, s = sum e^(z-m),
 // t = sum e^(z-m) (z-m). Centring on the max keeps every term <= 1 and lets the entropy,

@@ -3,22 +3,10 @@
 // to the cache, then copy the rest of k and all of v into the token's cache slot. Consecutive
 // threads take consecutive elements of a head, so every load and store is coalesced.
 #include "hybrid_engine/cuda/rotary.h"
+#include "hybrid_engine/cuda/convert.cuh"
 
 namespace hybrid_engine::cuda {
 namespace {
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T, typename I>
 __global__ void rotary_append_kv_kernel(T* __restrict__ q, T* __restrict__ k, const T* __restrict__ v,
