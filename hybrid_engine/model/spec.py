@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hybrid_engine.ops.decode_step import ACTIVATIONS as DECODE_ACTIVATIONS
+
 # model_type -> family. Qwen2 and Mistral are Llama-shaped (Qwen2 adds q/k/v biases).
 SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "opt": "opt", "gpt2": "gpt2"}
-# FFN activations of OPT and GPT-2 configs that the decode step implements.
-ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,10 @@ class ModelSpec:
 def spec_from_config(config) -> ModelSpec:
     """The ModelSpec of a Hugging Face causal-LM config; a clear error for anything unsupported."""
     spec = _spec_from_config(config)
-    if spec.family != "llama" and spec.activation not in ACTIVATIONS:
+    supported = [name for name in DECODE_ACTIVATIONS if name != "silu"]  # silu: Llama's gated MLP only
+    if spec.family != "llama" and spec.activation not in supported:
         raise ValueError(f"{spec.family}: activation_function {spec.activation!r} is not supported; supported: "
-                         f"{', '.join(ACTIVATIONS)}")
+                         f"{', '.join(supported)}")
     return spec
 
 
