@@ -53,6 +53,13 @@ def generate_fn(provider: str, name: str, ids: torch.Tensor, new_tokens: int):
     return lambda: hybrid_engine.generate(m, ids, mask, max_new_tokens=new_tokens, weight_dtype=weight_dtype)
 
 
+def our_net(name: str, provider: str) -> InferenceTransformer:
+    """Our generation-mode model for an "ours-fp32" or "ours-bf16" provider."""
+    m = model(name)
+    spec = spec_from_config(m.config)
+    return InferenceTransformer(spec, extract_weights(m, spec, torch.bfloat16 if provider == "ours-bf16" else None))
+
+
 def matmul_weight_bytes(name: str, weight_dtype: torch.dtype | None) -> tuple[int, int]:
     """(bytes, parameters) of the matrices a decode step reads: every linear and the LM head."""
     m = model(name)
@@ -95,10 +102,8 @@ def decode_step_fn(provider: str, name: str, batch: int):
                 return m(input_ids=tok, past_key_values=cache, position_ids=pos, use_cache=True).logits
 
         return step
-    m = model(name)
-    spec = spec_from_config(m.config)
-    net = InferenceTransformer(spec, extract_weights(m, spec, torch.bfloat16 if provider == "ours-bf16" else None))
-    cache = KVCache.allocate(spec, batch, PROMPT + 8)
+    net = our_net(name, provider)
+    cache = KVCache.allocate(net.spec, batch, PROMPT + 8)
     net.prefill(ids, torch.ones_like(ids), cache)
 
     def step():
@@ -148,10 +153,8 @@ def test_decode_cost_by_position(benchmark, provider, batch, machine, roofline):
                     tok = out.logits[:, -1].argmax(-1, keepdim=True)
                     timings.append((pos, time.perf_counter() - t0))
             return
-        m = model(name)
-        spec = spec_from_config(m.config)
-        net = InferenceTransformer(spec, extract_weights(m, spec, torch.bfloat16 if provider == "ours-bf16" else None))
-        cache = KVCache.allocate(spec, batch, total + 1)
+        net = our_net(name, provider)
+        cache = KVCache.allocate(net.spec, batch, total + 1)
         logits = net.prefill(ids, torch.ones_like(ids), cache)
         for pos in range(1, total):
             t0 = time.perf_counter()
