@@ -47,7 +47,8 @@ def test_greedy_with_eos_mid_batch_matches_hf(family):
     free_run = hf_greedy(model, ids, mask, 12)[:, ids.shape[1] :]
     eos = int(free_run[0, 3])  # row 0 stops at step 3; others stop wherever they emit it, or run on
     expected = hf_greedy(model, ids, mask, 12, eos=eos)
-    ours = hybrid_engine.generate(model, ids, mask, max_new_tokens=12, eos_token_id=[eos, VOCAB + 5], pad_token_id=0)
+    unused = min(set(range(1, VOCAB)) - set(free_run.flatten().tolist()))  # a second eos id that never fires
+    ours = hybrid_engine.generate(model, ids, mask, max_new_tokens=12, eos_token_id=[eos, unused], pad_token_id=0)
     assert torch.equal(ours.sequences, expected)
     gen = ours.sequences[:, ids.shape[1] :]
     # The mask covers each row up to and including its first eos; padding follows.

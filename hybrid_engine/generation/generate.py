@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
+from hybrid_engine.generation.checks import check_finite_logits, check_fits, check_generate_args, check_prompts
 from hybrid_engine.generation.sampling import SamplingConfig, next_tokens
 from hybrid_engine.model.kv_cache import KVCache
 from hybrid_engine.model.spec import spec_from_config
@@ -21,29 +23,11 @@ class GenerationOutput:
     response_mask: torch.Tensor  # int64 [B, n]: 1 for generated tokens (eos included), 0 after
 
 
-def _check_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
-        )
-    lengths = attention_mask.sum(1)
-    if (lengths == 0).any():
-        raise ValueError(f"prompt rows {torch.nonzero(lengths == 0)[:, 0].tolist()} are empty (all padding)")
-    # Left padding: each row is 0...0 1...1, i.e. non-decreasing along the sequence.
-    bad = (attention_mask[:, 1:] < attention_mask[:, :-1]).any(1)
-    if bad.any():
-        raise ValueError(
-            f"prompt rows {torch.nonzero(bad)[:, 0].tolist()} are not left-padded: padding must come "
-            "first (tokenizer.padding_side = 'left') and the prompt must be contiguous"
-        )
-
-
 def _eos_ids(eos_token_id: int | Sequence[int] | None) -> torch.Tensor:
     if eos_token_id is None:
         return torch.empty(0, dtype=torch.long)
-    return torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long)
+    ids = [eos_token_id] if isinstance(eos_token_id, Integral) else list(eos_token_id)
+    return torch.tensor([int(i) for i in ids], dtype=torch.long)
 
 
 @torch.no_grad()
@@ -60,6 +44,7 @@ def generate(
     pad_token_id: int | None = None,
     seed: int | None = None,
     weight_dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
 ) -> GenerationOutput:
     """Generates up to max_new_tokens per prompt from an HF causal LM (Llama/Qwen2/Mistral, OPT, GPT-2).
 
@@ -67,33 +52,40 @@ def generate(
     parameters; torch.bfloat16 reads bf16 copies made on entry and freed on return (activations and
     accumulation stay fp32). Every sequence stops at any of the eos ids; generation ends when all
     have stopped. logprobs are under the temperature-scaled distribution (before top-k/top-p).
+
+    Samples come from `generator` when given (it is advanced, so successive calls continue its stream),
+    else from a fresh generator seeded with `seed`, else from torch's default one; seed and generator
+    together are refused. Bad arguments raise ValueError naming the argument, before any work starts
+    (checks.py); NaN or inf logits raise checks.NonFiniteLogitsError (a FloatingPointError) naming the
+    step (0: the prefill, k: the k-th decode step) and the batch rows.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if input_ids.device.type != "cpu":
-        raise ValueError("hybrid_engine.generate runs on CPU tensors in this release")
-    sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+    spec = spec_from_config(model.config)
+    check_generate_args(
+        spec.vocab_size,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        seed=seed,
+        generator=generator,
+    )
+    check_prompts(input_ids, attention_mask, spec.vocab_size)
+    if input_ids.device.type != "cpu" or (generator is not None and generator.device.type != "cpu"):
+        raise ValueError("hybrid_engine.generate runs on CPU tensors (input_ids, generator) in this release")
     input_ids = input_ids.long()
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-    _check_prompts(input_ids, attention_mask)
-    spec = spec_from_config(model.config)
-    lengths = attention_mask.sum(1)
-    longest = int(lengths.max()) + max_new_tokens
-    if longest > spec.max_positions:
-        raise ValueError(
-            f"a prompt of {int(lengths.max())} tokens plus max_new_tokens={max_new_tokens} needs "
-            f"{longest} positions; the model has {spec.max_positions}. Shorten the prompt or "
-            "max_new_tokens."
-        )
-    if spec.sliding_window is not None and longest > spec.sliding_window:
-        raise ValueError(
-            f"sequences of {longest} tokens exceed the model's sliding_window={spec.sliding_window}, "
-            "which this release does not implement"
-        )
+    prompt_length = int(attention_mask.sum(1).max())
+    check_fits(spec, prompt_length, max_new_tokens)
+    longest = prompt_length + max_new_tokens
+    sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
     eos = _eos_ids(eos_token_id)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if len(eos) else 0
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
 
     net = InferenceTransformer(spec, extract_weights(model, spec, weight_dtype))
     B = input_ids.shape[0]
@@ -107,6 +99,7 @@ def generate(
     logits = net.prefill(input_ids, attention_mask, cache)
     steps = 0
     for step in range(max_new_tokens):
+        check_finite_logits(logits, step, slot_seq[:active])
         new, lp = next_tokens(logits, sampling, generator)
         seqs = slot_seq[:active]
         tokens[seqs, step], logprobs[seqs, step], mask[seqs, step] = new, lp, 1

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hybrid_engine.generation.checks import check_sampling
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -16,12 +18,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0: no nucleus filter
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_sampling(self.do_sample, self.temperature, self.top_k, self.top_p)
 
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
