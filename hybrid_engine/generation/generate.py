@@ -30,6 +30,11 @@ def _eos_ids(eos_token_id: int | Sequence[int] | None) -> torch.Tensor:
     return torch.tensor([int(i) for i in ids], dtype=torch.long)
 
 
+def _check(vocab_size: int, input_ids, attention_mask, **args) -> None:
+    check_generate_args(vocab_size, **args)
+    check_prompts(input_ids, attention_mask, vocab_size)
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -60,19 +65,34 @@ def generate(
     step (0: the prefill, k: the k-th decode step) and the batch rows.
     """
     spec = spec_from_config(model.config)
-    check_generate_args(
-        spec.vocab_size,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        seed=seed,
-        generator=generator,
-    )
-    check_prompts(input_ids, attention_mask, spec.vocab_size)
+    args = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, generator=generator)
+    _check(spec.vocab_size, input_ids, attention_mask, **args)  # before any work
+    net = InferenceTransformer(spec, extract_weights(model, spec, weight_dtype))
+    return generate_with(net, input_ids, attention_mask, **args)
+
+
+@torch.no_grad()
+def generate_with(
+    net: InferenceTransformer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> GenerationOutput:
+    """generate() over an already built generation model (the hybrid engine builds its own, from
+    gathered, LoRA-fused or tensor-parallel weights); the same arguments, checks and output."""
+    spec = net.spec
+    _check(spec.vocab_size, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+           temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+           seed=seed, generator=generator)
     if input_ids.device.type != "cpu" or (generator is not None and generator.device.type != "cpu"):
         raise ValueError("hybrid_engine.generate runs on CPU tensors (input_ids, generator) in this release")
     input_ids = input_ids.long()
@@ -87,7 +107,6 @@ def generate(
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
 
-    net = InferenceTransformer(spec, extract_weights(model, spec, weight_dtype))
     B = input_ids.shape[0]
     cache = KVCache.allocate(spec, B, longest)
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long)
@@ -119,6 +138,6 @@ def generate(
         if active == 0 or step == max_new_tokens - 1:
             break
         logits = net.decode(new, cache)
-    del net, cache  # frees the generation copies of the weights and the cache
+    del cache
     sequences = torch.cat([input_ids, tokens[:, :steps]], dim=1)
     return GenerationOutput(sequences=sequences, logprobs=logprobs[:, :steps], response_mask=mask[:, :steps])

@@ -4,6 +4,8 @@ weights' dtype; shape letters: B batch, T prompt length, H hidden, D head dim.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -11,6 +13,8 @@ from hybrid_engine import ops
 from hybrid_engine.model.kv_cache import KVCache
 from hybrid_engine.model.spec import ModelSpec
 from hybrid_engine.model.weights import Layer, Linear, Norm, Weights
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 # Above this many rows a matmul is compute-bound and torch's GEMM is the right tool.
 DECODE_LINEAR_MAX_ROWS = 64
@@ -24,11 +28,16 @@ def linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
 
 
 class InferenceTransformer:
-    """Prefill and decode for one ModelSpec and its Weights."""
+    """Prefill and decode for one ModelSpec and its Weights.
 
-    def __init__(self, spec: ModelSpec, weights: Weights):
+    all_reduce: for tensor-parallel generation, where `weights` hold this rank's shards and `spec` its
+    share of the heads and MLP: called in place on the attention output and on the MLP output of every
+    block (sums the ranks' partial results). The decode loop then runs in Python."""
+
+    def __init__(self, spec: ModelSpec, weights: Weights, all_reduce: AllReduce | None = None):
         self.spec = spec
         self.w = weights
+        self.all_reduce = all_reduce
         self.cos = self.sin = None
         if spec.rotary:
             cos, sin = ops.rotary_tables(weights.inv_freq, spec.max_positions, weights.attention_scaling)
@@ -59,7 +68,10 @@ class InferenceTransformer:
             h = F.gelu(h)
         else:
             raise ValueError(f"unsupported activation {self.spec.activation!r}")
-        return linear(h, layer.down)
+        return self.reduce(linear(h, layer.down))
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.all_reduce is None else self.all_reduce(x)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.w.embed[tokens].float()
@@ -92,7 +104,7 @@ class InferenceTransformer:
             q, k, v = self.split_qkv(linear(h, layer.qkv), B, T)
             ops.rotary_append_kv(q, k, v, cache.k[i, :B], cache.v[i, :B], positions, self.cos, self.sin)
             a = ops.prefill_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lengths, self.scales[i])
-            x = linear(a.transpose(1, 2).reshape(B * T, s.num_heads * s.head_dim), layer.o)
+            x = self.reduce(linear(a.transpose(1, 2).reshape(B * T, s.num_heads * s.head_dim), layer.o))
             h, residual = self.norm(x, layer.mlp_norm, residual)
             x = self.mlp(h, layer)
         cache.lengths[:B] = lengths
@@ -118,7 +130,7 @@ class InferenceTransformer:
 
         On the CPU with the compiled kernels the layer loop runs in C++ (ops.decode_step); otherwise
         it runs here in Python (decode_python, which is also its reference)."""
-        if tokens.device.type != "cpu" or ops.get_backend() != "kernels":
+        if tokens.device.type != "cpu" or ops.get_backend() != "kernels" or self.all_reduce is not None:
             return self.decode_python(tokens, cache)
         s = self.spec
         B = tokens.shape[0]
@@ -142,7 +154,7 @@ class InferenceTransformer:
             kc, vc = cache.k[i, :B], cache.v[i, :B]
             ops.rotary_append_kv(q, k, v, kc, vc, positions, self.cos, self.sin)
             a = ops.decode_attention(q.view(B, s.num_heads, s.head_dim), kc, vc, lengths, self.scales[i])
-            x = linear(a.view(B, s.num_heads * s.head_dim), layer.o)
+            x = self.reduce(linear(a.view(B, s.num_heads * s.head_dim), layer.o))
             h, residual = self.norm(x, layer.mlp_norm, residual)
             x = self.mlp(h, layer)
         cache.lengths[:B] = lengths

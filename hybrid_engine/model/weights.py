@@ -1,8 +1,10 @@
 """The generation-mode weights of a Hugging Face causal LM, in the layout the decode kernels read.
 
-With weight_dtype=None every tensor is a view of the module's own parameter except where the layout
-must change: the fused q|k|v projection and Llama's fused gate|up projection are concatenated copies,
-and GPT-2's Conv1D weights ([in, out]) are transposed copies. `Weights.copied_bytes` says how much was
+With weight_dtype=None every matmul weight is a view of the module's own parameter except where the
+layout must change: the fused q|k|v projection and Llama's fused gate|up projection are concatenated
+copies unless the parameters already lie end to end in one storage (`fuse_projection_storage` arranges
+that; DeepSpeed's ZeRO-1/2 flat buffers often do), and GPT-2's Conv1D weights ([in, out]) are
+transposed copies. Norm weights and biases are small fp32 copies. `Weights.copied_bytes` says how much was
 copied (benchmarks report its cost). With weight_dtype=torch.bfloat16 every matmul weight is a bf16
 copy made here, and so is the embedding table; norm weights and biases are rounded to bf16 and kept
 as fp32 (tiny), so the whole model computes with exactly the values of `model.to(torch.bfloat16)`.
@@ -10,6 +12,7 @@ as fp32 (tiny), so the whole model computes with exactly the values of `model.to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -51,11 +54,43 @@ class Weights:
     copied_bytes: int = field(default=0)
 
 
-class _Builder:
-    """Makes matmul weights in the generation dtype and counts the bytes copied."""
+WeightFn = Callable[[torch.nn.Module], torch.Tensor]
 
-    def __init__(self, weight_dtype: torch.dtype | None):
+
+def _adjacent_rows(ws: list[torch.Tensor]) -> torch.Tensor | None:
+    """The row-wise concatenation of `ws` as a view when they already lie end to end in one storage."""
+    first = ws[0]
+    if not all(w.is_contiguous() and w.dtype == first.dtype and w.dim() == 2 and w.shape[1] == first.shape[1]
+               for w in ws):
+        return None
+    if any(w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for w in ws):
+        return None
+    for a, b in zip(ws, ws[1:]):
+        if b.storage_offset() != a.storage_offset() + a.numel():
+            return None
+    rows = sum(w.shape[0] for w in ws)
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
+
+
+def _module_weight(module: torch.nn.Module) -> torch.Tensor:
+    return module.weight
+
+
+class WeightBuilder:
+    """Makes matmul weights in the generation dtype and counts the bytes copied.
+
+    weight_fn(module) returns the weight a projection module computes with (default `module.weight`;
+    the hybrid engine passes one that adds LoRA deltas). copy=True copies every tensor, so that the
+    result holds no reference to the module's storage (needed when that storage is released right
+    after, as with ZeRO-3 layer-by-layer gathering).
+    """
+
+    def __init__(self, weight_dtype: torch.dtype | None, weight_fn: WeightFn | None = None, copy: bool = False):
+        if weight_dtype not in (None, torch.bfloat16, torch.float32):
+            raise ValueError(f"weight_dtype must be None, torch.float32 or torch.bfloat16, got {weight_dtype}")
         self.weight_dtype = weight_dtype
+        self.weight_fn = weight_fn or _module_weight
+        self.copy = copy
         self.copied_bytes = 0
 
     def _out(self, t: torch.Tensor, copied: bool) -> torch.Tensor:
@@ -63,8 +98,8 @@ class _Builder:
         if self.weight_dtype is not None and t.dtype != self.weight_dtype:
             t = t.to(self.weight_dtype)
             copied = True
-        if not t.is_contiguous():
-            t = t.contiguous()
+        if not t.is_contiguous() or (self.copy and not copied):
+            t = t.contiguous() if not t.is_contiguous() else t.clone()
             copied = True
         if copied:
             self.copied_bytes += t.numel() * t.element_size()
@@ -72,10 +107,14 @@ class _Builder:
 
     def linear(self, *modules: torch.nn.Module, transpose: bool = False) -> Linear:
         """One Linear from one module or from several fused along the output features."""
-        ws = [m.weight.detach() for m in modules]
+        ws = [self.weight_fn(m).detach() for m in modules]
         if transpose:  # GPT-2 Conv1D stores [in, out]
             ws = [w.t() for w in ws]
-        weight = self._out(ws[0] if len(ws) == 1 else torch.cat(ws, 0), copied=len(ws) > 1 or transpose)
+        fused = ws[0] if len(ws) == 1 else _adjacent_rows(ws)
+        if fused is not None and not transpose:
+            weight = self._out(fused, copied=False)
+        else:
+            weight = self._out(torch.cat(ws, 0) if len(ws) > 1 else ws[0], copied=len(ws) > 1 or transpose)
         biases = [m.bias for m in modules if getattr(m, "bias", None) is not None]
         bias = None
         if biases:
@@ -85,14 +124,14 @@ class _Builder:
         return Linear(weight, bias)
 
     def vector(self, t: torch.Tensor) -> torch.Tensor:
-        """A norm weight or bias: fp32, rounded through weight_dtype when one is given."""
+        """A norm weight or bias: fp32 (always a copy), rounded through weight_dtype when one is given."""
         t = t.detach()
-        if self.weight_dtype is None:
-            return t.float()
-        return t.to(self.weight_dtype).float()
+        if self.weight_dtype is not None:
+            t = t.to(self.weight_dtype)
+        return t.to(torch.float32, copy=True)
 
     def table(self, t: torch.Tensor) -> torch.Tensor:
-        """An embedding table: looked up row by row, so a view unless weight_dtype asks for a copy."""
+        """An embedding table: looked up row by row, so a view unless weight_dtype or copy asks for a copy."""
         return self._out(t, copied=False)
 
     def norm(self, module: torch.nn.Module) -> Norm:
@@ -100,24 +139,62 @@ class _Builder:
         return Norm(self.vector(module.weight), None if bias is None else self.vector(bias))
 
 
-def extract_weights(model: torch.nn.Module, spec: ModelSpec, weight_dtype: torch.dtype | None = None) -> Weights:
-    """The generation weights of `model` (an HF causal LM of `spec`'s family)."""
-    if weight_dtype not in (None, torch.bfloat16, torch.float32):
-        raise ValueError(f"weight_dtype must be None, torch.float32 or torch.bfloat16, got {weight_dtype}")
-    b = _Builder(weight_dtype)
+def decoder_layers(model: torch.nn.Module, spec: ModelSpec) -> list[torch.nn.Module]:
+    """The transformer blocks of an HF causal LM of `spec`'s family, in order."""
+    if spec.family == "llama":
+        return list(model.model.layers)
+    if spec.family == "opt":
+        return list(model.model.decoder.layers)
+    return list(model.transformer.h)
+
+
+def top_modules(model: torch.nn.Module, spec: ModelSpec) -> list[torch.nn.Module]:
+    """The modules outside the blocks whose parameters generation reads: embeddings, final norm, LM head."""
+    if spec.family == "llama":
+        return [model.model.embed_tokens, model.model.norm, model.lm_head]
+    if spec.family == "opt":
+        dec = model.model.decoder
+        return [dec.embed_tokens, dec.embed_positions, dec.final_layer_norm, model.lm_head]
+    tr = model.transformer
+    return [tr.wte, tr.wpe, tr.ln_f, model.lm_head]
+
+
+def layer_weights(b: WeightBuilder, spec: ModelSpec, layer: torch.nn.Module) -> Layer:
+    """One block's generation weights."""
+    if spec.family == "llama":
+        attn, mlp = layer.self_attn, layer.mlp
+        return Layer(
+            attn_norm=b.norm(layer.input_layernorm),
+            qkv=b.linear(attn.q_proj, attn.k_proj, attn.v_proj),
+            o=b.linear(attn.o_proj),
+            mlp_norm=b.norm(layer.post_attention_layernorm),
+            up=b.linear(mlp.gate_proj, mlp.up_proj),
+            down=b.linear(mlp.down_proj),
+        )
+    if spec.family == "opt":
+        attn = layer.self_attn
+        return Layer(
+            attn_norm=b.norm(layer.self_attn_layer_norm),
+            qkv=b.linear(attn.q_proj, attn.k_proj, attn.v_proj),
+            o=b.linear(attn.out_proj),
+            mlp_norm=b.norm(layer.final_layer_norm),
+            up=b.linear(layer.fc1),
+            down=b.linear(layer.fc2),
+        )
+    return Layer(
+        attn_norm=b.norm(layer.ln_1),
+        qkv=b.linear(layer.attn.c_attn, transpose=True),
+        o=b.linear(layer.attn.c_proj, transpose=True),
+        mlp_norm=b.norm(layer.ln_2),
+        up=b.linear(layer.mlp.c_fc, transpose=True),
+        down=b.linear(layer.mlp.c_proj, transpose=True),
+    )
+
+
+def model_weights(b: WeightBuilder, spec: ModelSpec, model: torch.nn.Module, layers: list[Layer]) -> Weights:
+    """The whole model's generation weights around already-built `layers`."""
     if spec.family == "llama":
         inner = model.model
-        layers = [
-            Layer(
-                attn_norm=b.norm(layer.input_layernorm),
-                qkv=b.linear(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
-                o=b.linear(layer.self_attn.o_proj),
-                mlp_norm=b.norm(layer.post_attention_layernorm),
-                up=b.linear(layer.mlp.gate_proj, layer.mlp.up_proj),
-                down=b.linear(layer.mlp.down_proj),
-            )
-            for layer in inner.layers
-        ]
         rotary = inner.rotary_emb
         weights = Weights(
             embed=b.table(inner.embed_tokens.weight),
@@ -129,17 +206,6 @@ def extract_weights(model: torch.nn.Module, spec: ModelSpec, weight_dtype: torch
         )
     elif spec.family == "opt":
         dec = model.model.decoder
-        layers = [
-            Layer(
-                attn_norm=b.norm(layer.self_attn_layer_norm),
-                qkv=b.linear(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
-                o=b.linear(layer.self_attn.out_proj),
-                mlp_norm=b.norm(layer.final_layer_norm),
-                up=b.linear(layer.fc1),
-                down=b.linear(layer.fc2),
-            )
-            for layer in dec.layers
-        ]
         weights = Weights(
             embed=b.table(dec.embed_tokens.weight),
             layers=layers,
@@ -149,17 +215,6 @@ def extract_weights(model: torch.nn.Module, spec: ModelSpec, weight_dtype: torch
         )
     else:
         tr = model.transformer
-        layers = [
-            Layer(
-                attn_norm=b.norm(block.ln_1),
-                qkv=b.linear(block.attn.c_attn, transpose=True),
-                o=b.linear(block.attn.c_proj, transpose=True),
-                mlp_norm=b.norm(block.ln_2),
-                up=b.linear(block.mlp.c_fc, transpose=True),
-                down=b.linear(block.mlp.c_proj, transpose=True),
-            )
-            for block in tr.h
-        ]
         weights = Weights(
             embed=b.table(tr.wte.weight),
             layers=layers,
@@ -169,3 +224,43 @@ def extract_weights(model: torch.nn.Module, spec: ModelSpec, weight_dtype: torch
         )
     weights.copied_bytes = b.copied_bytes
     return weights
+
+
+def extract_weights(model: torch.nn.Module, spec: ModelSpec, weight_dtype: torch.dtype | None = None) -> Weights:
+    """The generation weights of `model` (an HF causal LM of `spec`'s family)."""
+    b = WeightBuilder(weight_dtype)
+    return model_weights(b, spec, model, [layer_weights(b, spec, layer) for layer in decoder_layers(model, spec)])
+
+
+def _fused_groups(spec: ModelSpec, layer: torch.nn.Module) -> list[tuple[torch.nn.Module, ...]]:
+    """The projections of one block that generation reads as one fused matrix (untransposed ones only)."""
+    if spec.family == "llama":
+        attn, mlp = layer.self_attn, layer.mlp
+        return [(attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)]
+    if spec.family == "opt":
+        attn = layer.self_attn
+        return [(attn.q_proj, attn.k_proj, attn.v_proj)]
+    return []  # GPT-2 already stores c_attn fused (transposed)
+
+
+@torch.no_grad()
+def fuse_projection_storage(model: torch.nn.Module, spec: ModelSpec) -> int:
+    """Lays each block's q, k, v (and gate, up) weights end to end in one buffer, so that generation
+    reads them fused as views instead of concatenating copies. The parameters stay the same objects
+    (only their .data moves, values unchanged), so optimizers and hooks are unaffected. Returns the
+    bytes moved."""
+    moved = 0
+    for layer in decoder_layers(model, spec):
+        for group in _fused_groups(spec, layer):
+            params = [m.weight for m in group]
+            if any(p.dim() != 2 or p.dtype != params[0].dtype for p in params):
+                continue  # partitioned (ZeRO-3) or mixed: leave as is
+            if _adjacent_rows([p.data for p in params]) is not None:
+                continue
+            buf = torch.cat([p.data for p in params], 0)
+            row = 0
+            for p in params:
+                p.data = buf[row : row + p.shape[0]]
+                row += p.shape[0]
+            moved += buf.numel() * buf.element_size()
+    return moved

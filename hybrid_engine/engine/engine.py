@@ -1,0 +1,180 @@
+"""HybridEngine: one actor that trains under DeepSpeed ZeRO 0-3 (or plain torch), optionally with LoRA,
+and switches into the fast generation mode and back."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+import transformers
+
+from hybrid_engine.engine import logprobs as _logprobs
+from hybrid_engine.engine.lora import base_model, wrap_lora
+from hybrid_engine.engine.mode import generation_weights
+from hybrid_engine.engine.save import merged_model
+from hybrid_engine.engine.settings import GenerationSettings
+from hybrid_engine.engine.stats import SwitchStats
+from hybrid_engine.engine.tp import gather_prompts, local_spec, make_tp_group
+from hybrid_engine.engine.training import load_ds_config, make_trainer
+from hybrid_engine.engine.zero import gathered, unique_params
+from hybrid_engine.generation import GenerationOutput, generate_with
+from hybrid_engine.generation.checks import check_prompts
+from hybrid_engine.model.spec import spec_from_config
+from hybrid_engine.model.transformer import InferenceTransformer
+from hybrid_engine.model.weights import fuse_projection_storage
+
+
+def _load(model) -> torch.nn.Module:
+    if isinstance(model, (str, os.PathLike)):
+        return transformers.AutoModelForCausalLM.from_pretrained(model)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be an HF causal LM or a directory, got {type(model).__name__}")
+    return model
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+class HybridEngine:
+    """An HF causal LM (Llama/Qwen2/Mistral, OPT, GPT-2) in training mode, with a generation mode.
+
+    ds_config: a DeepSpeed config (dict or JSON path), ZeRO stage 0-3; None trains in one process with
+    `optimizer` (a torch optimizer, a callable(params), or None for AdamW lr 1e-5). lora: a
+    peft.LoraConfig. generation: GenerationSettings (or a dict of them). seed: the generation sampler's
+    seed (offset by the data-parallel rank); sampling never touches torch's global RNG, so training
+    after generation continues exactly as without it.
+    """
+
+    def __init__(self, model, ds_config=None, optimizer=None, lora=None, gradient_checkpointing: bool = False,
+                 generation=None, seed: int = 0):
+        model = _load(model)
+        self.spec = spec_from_config(base_model(model).config)  # unsupported architectures fail here
+        self.settings = GenerationSettings.parse(generation)
+        ds_config = None if ds_config is None else load_ds_config(ds_config)
+        if ds_config is None:
+            self.settings.check(self.spec, world_size=1)
+        if lora is not None:
+            model = wrap_lora(model, lora)
+        if gradient_checkpointing:
+            base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        fuse_projection_storage(base_model(model), self.spec)  # q|k|v and gate|up read as views
+        self._trainer = make_trainer(model, ds_config, optimizer)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.settings.check(self.spec, world_size=world)
+        self.tp = make_tp_group(self.settings.inference_tp_size)
+        group = _rank() // self.settings.inference_tp_size  # a TP group samples as one
+        self._rng = torch.Generator().manual_seed(seed + group)
+        self.stats = SwitchStats()
+        self._net: InferenceTransformer | None = None
+
+    # ---- training mode: DeepSpeed's verbs ----
+    @property
+    def module(self) -> torch.nn.Module:
+        """The trained model (peft-wrapped with LoRA; ZeRO-3 partitioned under stage 3)."""
+        return self._trainer.module
+
+    @property
+    def zero_stage(self) -> int | None:
+        """The ZeRO stage, or None without DeepSpeed."""
+        return self._trainer.zero_stage
+
+    @property
+    def optimizer(self):
+        return self._trainer.optimizer
+
+    def __call__(self, *args, **kwargs):
+        return self._trainer.forward(*args, **kwargs)
+
+    forward = __call__
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._trainer.backward(loss)
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        self._trainer.step()
+        self.stats.train_step_s = time.perf_counter() - t0
+
+    def train(self, mode: bool = True) -> HybridEngine:
+        self._trainer.train(mode)
+        return self
+
+    def eval(self) -> HybridEngine:
+        return self.train(False)
+
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                       temperature: float = 1.0) -> torch.Tensor:
+        """fp32 [B, T - start], differentiable: the training-mode log-probs of input_ids[:, start:] (0 where
+        attention_mask is 0), through the fused token_logprobs op, never building [B, T, V] logits."""
+        head = base_model(self.module).get_output_embeddings()
+        return _logprobs.token_logprobs(self._trainer.forward, head, input_ids, attention_mask, start, temperature)
+
+    # ---- generation mode ----
+    @contextmanager
+    def generation_mode(self) -> Iterator[HybridEngine]:
+        """Holds the switch into generation mode across several generate() calls; its exit releases every
+        gathered, fused, bf16 or sharded tensor and restores ZeRO-3's partitions. Reentrant."""
+        if self._net is not None:
+            yield self
+            return
+        stats = SwitchStats(train_step_s=self.stats.train_step_s)
+        self.stats = stats
+        spec = self.spec if self.tp is None else local_spec(self.spec, self.tp.size)
+        reduce = None if self.tp is None else self.tp.all_reduce
+        with generation_weights(base_model(self.module), self.spec, self.settings, self.tp, stats) as weights:
+            self._net = InferenceTransformer(spec, weights, reduce)
+            del weights
+            try:
+                yield self
+            finally:
+                self._net = None
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **sampling) -> GenerationOutput:
+        """hybrid_engine.generate's arguments and output, on the engine's current weights. Samples from the
+        engine's own generator unless `seed` is given."""
+        check_prompts(input_ids, attention_mask, self.spec.vocab_size)  # before any collective
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if "seed" not in sampling and "generator" not in sampling:
+            sampling["generator"] = self._rng
+        with self.generation_mode():
+            t0 = time.perf_counter()
+            if self.tp is None:
+                out = generate_with(self._net, input_ids, attention_mask, **sampling)
+            else:
+                out = self._generate_tp(input_ids, attention_mask, sampling)
+            self.stats.generate_s += time.perf_counter() - t0
+            self.stats.generated_tokens += int(out.response_mask.sum())
+        return out
+
+    def _generate_tp(self, input_ids, attention_mask, sampling) -> GenerationOutput:
+        """The TP group generates every member's prompts as one batch; this rank keeps its own rows."""
+        ids, mask, rows, pad = gather_prompts(self.tp, input_ids, attention_mask)
+        out = generate_with(self._net, ids, mask, **sampling)
+        response = out.response_mask[rows]
+        n = int(response.sum(1).max())
+        T = ids.shape[1]
+        return GenerationOutput(sequences=out.sequences[rows, pad : T + n], logprobs=out.logprobs[rows, :n],
+                                response_mask=response[:, :n])
+
+    # ---- saving ----
+    def save_pretrained(self, directory: str | os.PathLike, merged: bool = True) -> None:
+        """Writes the model as `from_pretrained` loads it, from any ZeRO stage (every rank must call this;
+        rank 0 writes): merged=True the plain model with LoRA merged, merged=False the peft adapters."""
+        model = self.module
+        with gathered(unique_params([model])):
+            if _rank() == 0:
+                if merged:
+                    merged_model(base_model(model)).save_pretrained(directory)
+                elif base_model(model) is model:
+                    raise ValueError("merged=False saves LoRA adapters, but the engine has no lora config")
+                else:
+                    model.save_pretrained(directory)
+        if dist.is_initialized():
+            dist.barrier()
