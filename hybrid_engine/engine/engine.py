@@ -36,6 +36,15 @@ def _load(model) -> torch.nn.Module:
     return model
 
 
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every block (transformers 5 renamed the method)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -61,7 +70,7 @@ class HybridEngine:
         if lora is not None:
             model = wrap_lora(model, lora)
         if gradient_checkpointing:
-            base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_checkpointing(base_model(model))
         fuse_projection_storage(base_model(model), self.spec)  # q|k|v and gate|up read as views
         self._trainer = make_trainer(model, ds_config, optimizer)
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -162,6 +171,25 @@ class HybridEngine:
         T = ids.shape[1]
         return GenerationOutput(sequences=out.sequences[rows, pad : T + n], logprobs=out.logprobs[rows, :n],
                                 response_mask=response[:, :n])
+
+    @torch.no_grad()
+    def logprob_mismatch(self, output: GenerationOutput, prompt_mask: torch.Tensor, temperature: float = 1.0) -> dict:
+        """How far `output.logprobs` (from generate) are from this engine's training-mode log-probs of the
+        same sequences, in eval mode: {"mean": ..., "max": ...} absolute difference over response tokens.
+        Exact (< 1e-5) with fp32 generation weights; with bf16 ones this is the error a PPO user must
+        weigh (also kept in stats.logprob_mismatch)."""
+        was_training = self.module.training
+        self.eval()
+        try:
+            mask = torch.cat([prompt_mask.long(), output.response_mask], 1)
+            ref = self.token_logprobs(output.sequences, mask, prompt_mask.shape[1], temperature)
+        finally:
+            self.train(was_training)
+        keep = output.response_mask.bool()
+        diff = (ref - output.logprobs)[keep].abs().double()
+        result = {"mean": float(diff.mean()), "max": float(diff.max())}  # every row has >= 1 response token
+        self.stats.logprob_mismatch = result
+        return result
 
     # ---- saving ----
     def save_pretrained(self, directory: str | os.PathLike, merged: bool = True) -> None:
