@@ -25,12 +25,16 @@ STEPS, NEW = 2, 8
 EOS = dict(eos_token_id=2, pad_token_id=0)  # the tiny Llama's own eos
 
 
-def ds_config(stage: int) -> dict:
+def ds_config(stage: int, offload: bool = False) -> dict:
     # Tiny parameters would stay resident (persistent) and never really be gathered: force partitioning.
     # Small buckets: DeepSpeed's defaults reserve ~2 GB per engine.
     zero = {"stage": stage, "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 0,
             "reduce_bucket_size": 2**20, "allgather_bucket_size": 2**20, "stage3_prefetch_bucket_size": 2**20}
-    return {"train_micro_batch_size_per_gpu": 3, "zero_optimization": zero}
+    config = {"train_micro_batch_size_per_gpu": 3, "zero_optimization": zero}
+    if offload:  # DeepSpeed then insists on its own CPU Adam, from the config
+        zero.update(offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"})
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-2}}
+    return config
 
 
 def lora_config():
@@ -38,11 +42,12 @@ def lora_config():
                            init_lora_weights=False)
 
 
-def engine(stage: int, lora: bool, **generation) -> HybridEngine:
+def engine(stage: int, lora: bool, offload: bool = False, **generation) -> HybridEngine:
     torch.manual_seed(0)  # the same adapters on every rank
     model = copy.deepcopy(tiny_model("llama-gqa"))
-    return HybridEngine(model, ds_config=ds_config(stage), lora=lora_config() if lora else None,
-                        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), generation=generation or None)
+    optimizer = None if offload else (lambda p: torch.optim.AdamW(p, lr=1e-2))
+    return HybridEngine(model, ds_config=ds_config(stage, offload), lora=lora_config() if lora else None,
+                        optimizer=optimizer, generation=generation or None)
 
 
 def batch(step: int):
@@ -82,9 +87,9 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
-def check(stage: int, lora: bool, gather: str) -> dict:
+def check(stage: int, lora: bool, gather: str, offload: bool = False) -> dict:
     ids, mask = prompts()
-    a = engine(stage, lora, gather=gather)
+    a = engine(stage, lora, offload, gather=gather)
     losses_a = train(a, range(STEPS))
     before = live_tensor_bytes()
     with a.generation_mode():
@@ -93,13 +98,18 @@ def check(stage: int, lora: bool, gather: str) -> dict:
     after = live_tensor_bytes()
     switch = a.stats.as_dict()
     losses_a += train(a, range(STEPS, 2 * STEPS))
-    b = engine(stage, lora, gather=gather)
+    b = engine(stage, lora, offload, gather=gather)
     losses_b = train(b, range(2 * STEPS))
 
     # An eos id that certainly fires mid-batch: the token row 0 generates third.
     eos = dict(eos_token_id=int(a.generate(ids, mask, max_new_tokens=3).sequences[0, -1]), pad_token_id=0)
     out = a.generate(ids, mask, max_new_tokens=NEW, **eos)
     parity = a.logprob_mismatch(out, mask)
+    a.eval()
+    hybrid_engine.apply_hybrid_engine(a.module)  # HF's own generate on the (ZeRO-3) module, served fast
+    patched = a.module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, **eos)
+    fallbacks = a.module.generate.fallbacks
+    hybrid_engine.engine.patch.unapply_hybrid_engine(a.module)
     directory = shared_tmpdir()
     a.save_pretrained(directory)
     plain = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
@@ -111,6 +121,7 @@ def check(stage: int, lora: bool, gather: str) -> dict:
         engine_equals_hf=torch.equal(out.sequences, hf),
         eos_fired=bool((out.response_mask == 0).any()),
         reloaded_equals_engine=torch.equal(ours_plain.sequences, out.sequences),
+        patched_equals_engine=torch.equal(patched, out.sequences) and fallbacks == 0,
     )
 
 
@@ -131,6 +142,8 @@ def main(out_dir: str) -> None:
         for lora in (False, True):
             for gather in ("all", "layer") if stage == 3 else ("all",):
                 results[f"zero{stage}-{'lora' if lora else 'full'}-{gather}"] = check(stage, lora, gather)
+    if dist.get_world_size() == 1:  # offload needs DeepSpeed's CPU Adam (built on first use)
+        results["zero3-offload-full-all"] = check(3, False, "all", offload=True)
     if dist.get_world_size() == 2:
         for lora in (False, True):
             for gather in ("all", "layer"):

@@ -216,3 +216,16 @@ def test_engine_generate_refuses_bad_input(ids, match):
     eng = engine("llama-gqa")
     with pytest.raises(ValueError, match=match):
         eng.generate(ids, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("name, tp, world, match", [
+    ("llama-tied-mha", 2, 2, "attention heads"),  # 3 heads
+    ("qwen2", 2, 2, "key/value heads"),  # 1 kv head
+    ("llama-gqa", 2, 3, "world size"),
+])
+def test_tp_size_that_does_not_fit_is_refused(name, tp, world, match):
+    from hybrid_engine.engine import GenerationSettings
+    from hybrid_engine.model.spec import spec_from_config
+
+    with pytest.raises(ValueError, match=f"inference_tp_size={tp} does not divide the .*{match}"):
+        GenerationSettings(inference_tp_size=tp).check(spec_from_config(tiny_model(name).config), world_size=world)

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).with_name("engine_worker.py")
 CONFIGS = ["zero0-full-all", "zero0-lora-all", "zero2-full-all", "zero2-lora-all", "zero3-full-all",
            "zero3-full-layer", "zero3-lora-all", "zero3-lora-layer"]
+OFFLOAD = "zero3-offload-full-all"  # optimizer and parameters offloaded to the CPU; one process
 TP_CONFIGS = ["tp2-full-all", "tp2-full-layer", "tp2-lora-all", "tp2-lora-layer"]
 
 
@@ -44,6 +45,7 @@ def test_generate_equals_hf_of_the_merged_saved_model(ranks, config):
     for r in ranks:
         assert r[config]["engine_equals_hf"], "engine.generate != HF generate of the save_pretrained model"
         assert r[config]["reloaded_equals_engine"], "hybrid_engine.generate of the reloaded model differs"
+        assert r[config]["patched_equals_engine"], "apply_hybrid_engine on the engine's module differs or fell back"
     assert any(r[config]["eos_fired"] for r in ranks), "the test should end some sequence early at eos"
 
 
@@ -65,6 +67,15 @@ def test_generation_mode_returns_its_memory(ranks, config):
         before, during, after = r[config]["live_bytes"]
         assert during > before, "generation mode should hold a KV cache at least"
         assert abs(after - before) <= 0.1 * before
+
+
+def test_offload_generates_exactly_and_trains_on(ranks):
+    if len(ranks) > 1:
+        pytest.skip("the offload configuration runs in the one-process launch")
+    r = ranks[0][OFFLOAD]
+    assert r["engine_equals_hf"] and r["reloaded_equals_engine"] and r["eos_fired"]
+    assert r["losses_with_generation"] == r["losses_without"]
+    assert r["parity"]["max"] <= 1e-5
 
 
 def test_zero3_really_gathers(ranks):
