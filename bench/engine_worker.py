@@ -49,7 +49,8 @@ def engine(lora: bool, live: int | None):
 
     zero = {"stage": 3, "reduce_bucket_size": 2**24, "allgather_bucket_size": 2**24}
     if live is not None:  # small enough that the parameters cannot stay resident: the gather is real
-        zero.update(stage3_max_live_parameters=live, stage3_prefetch_bucket_size=0, stage3_param_persistence_threshold=0)
+        zero.update(stage3_max_live_parameters=live, stage3_prefetch_bucket_size=0,
+                    stage3_param_persistence_threshold=0)
     config = {"train_micro_batch_size_per_gpu": BATCH, "zero_optimization": zero}
     lora_config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]) if lora else None
     return hybrid_engine.HybridEngine(preset_model(os.environ.get("BENCH_MODEL", "llama-125m")), ds_config=config,
@@ -128,12 +129,15 @@ def main(out_dir: str, lora: bool, live: int | None, providers: list[str]) -> No
     # out of both training providers.
     training(eng, "train-ds", sequences)
     results = {}
-    for provider in providers:
-        if provider.startswith("train"):
-            results[provider] = training(eng, provider, sequences)
-        else:
-            results[provider] = generation(eng, provider, ids, mask)
+    for provider in [p for p in providers if not p.startswith("train")]:
+        results[provider] = generation(eng, provider, ids, mask)
         print(f"rank {dist.get_rank()} {provider}: {results[provider]['seconds']:.2f} s", flush=True)
+    train = [p for p in providers if p.startswith("train")]
+    for provider in train * 2:  # interleaved, best of two: one step is ~30 s and noisy on 2 shared cores
+        r = training(eng, provider, sequences)
+        if provider not in results or r["seconds"] < results[provider]["seconds"]:
+            results[provider] = r
+        print(f"rank {dist.get_rank()} {provider}: {r['seconds']:.2f} s", flush=True)
     with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f, indent=1)
 

@@ -53,6 +53,17 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def replace_in_readme(readme: Path, name: str, text: str) -> None:
+    """Puts `text` between README's `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->` markers."""
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    content = readme.read_text()
+    if start not in content or end not in content:
+        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+    content = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", content,
+                     flags=re.S)
+    readme.write_text(content)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", type=Path, help="a file written by pytest --benchmark-json")
@@ -62,13 +73,7 @@ def main() -> None:
     if not args.readme:
         print(text)
         return
-    name = args.json.stem
-    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-    readme = args.readme.read_text()
-    if start not in readme or end not in readme:
-        raise SystemExit(f"{args.readme} has no {start} ... {end} markers")
-    readme = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", readme, flags=re.S)
-    args.readme.write_text(readme)
+    replace_in_readme(args.readme, args.json.stem, text)
 
 
 if __name__ == "__main__":

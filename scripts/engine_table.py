@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
-from bench_table import machine_line
+from bench_table import machine_line, replace_in_readme
 
 TARGETS = [  # (variant, ratio key, what, target, higher is better)
     ("full", "generation_speedup_vs_hf-zero3", "generation vs HF generate on the ZeRO-3 module", 3.0, True),
@@ -75,12 +74,7 @@ def main() -> None:
     if not args.readme:
         print(text)
         return
-    start, end = "<!-- bench:engine:start -->", "<!-- bench:engine:end -->"
-    readme = args.readme.read_text()
-    if start not in readme or end not in readme:
-        raise SystemExit(f"{args.readme} has no {start} ... {end} markers")
-    readme = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", readme, flags=re.S)
-    args.readme.write_text(readme)
+    replace_in_readme(args.readme, "engine", text)
 
 
 if __name__ == "__main__":

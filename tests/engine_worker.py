@@ -125,6 +125,23 @@ def check(stage: int, lora: bool, gather: str, offload: bool = False) -> dict:
     )
 
 
+def logprob_training(stage: int, lora: bool, fused: bool) -> list[float]:
+    """Losses of 3 steps of -mean log p(response) through engine.token_logprobs (fused) or HF logits."""
+    eng, start, losses = engine(stage, lora), 3, []
+    for step in range(3):
+        ids, mask, _ = batch(step)
+        if fused:
+            lp = eng.token_logprobs(ids, mask, start)
+        else:
+            logits = eng(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+            lp = logits[:, start - 1 : -1].log_softmax(-1).gather(-1, ids[:, start:, None])[..., 0] * mask[:, start:]
+        loss = -lp.sum() / mask[:, start:].sum()
+        eng.backward(loss)
+        eng.step()
+        losses.append(loss.item())
+    return losses
+
+
 def check_tp(lora: bool, gather: str) -> dict:
     ids, mask = prompts()
     one = engine(3, lora).generate(ids, mask, max_new_tokens=NEW, **EOS)
@@ -142,6 +159,9 @@ def main(out_dir: str) -> None:
         for lora in (False, True):
             for gather in ("all", "layer") if stage == 3 else ("all",):
                 results[f"zero{stage}-{'lora' if lora else 'full'}-{gather}"] = check(stage, lora, gather)
+    for lora in (False, True):  # gradients through the fused op under ZeRO-3 (partitioned LM head)
+        results[f"zero3-{'lora' if lora else 'full'}-token-logprobs-training"] = dict(
+            fused=logprob_training(3, lora, True), logits=logprob_training(3, lora, False))
     if dist.get_world_size() == 1:  # offload needs DeepSpeed's CPU Adam (built on first use)
         results["zero3-offload-full-all"] = check(3, False, "all", offload=True)
     if dist.get_world_size() == 2:

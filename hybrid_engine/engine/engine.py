@@ -19,7 +19,7 @@ from hybrid_engine.engine.save import merged_model
 from hybrid_engine.engine.settings import GenerationSettings
 from hybrid_engine.engine.stats import SwitchStats
 from hybrid_engine.engine.tp import gather_prompts, local_spec, make_tp_group
-from hybrid_engine.engine.training import load_ds_config, make_trainer
+from hybrid_engine.engine.training import init_distributed, load_ds_config, make_trainer
 from hybrid_engine.engine.zero import gathered, unique_params
 from hybrid_engine.generation import GenerationOutput, generate_with
 from hybrid_engine.generation.checks import check_prompts
@@ -61,20 +61,21 @@ class HybridEngine:
 
     def __init__(self, model, ds_config=None, optimizer=None, lora=None, gradient_checkpointing: bool = False,
                  generation=None, seed: int = 0):
-        model = _load(model)
-        self.spec = spec_from_config(base_model(model).config)  # unsupported architectures fail here
+        # Every setting is checked before any training state is built.
         self.settings = GenerationSettings.parse(generation)
         ds_config = None if ds_config is None else load_ds_config(ds_config)
-        if ds_config is None:
-            self.settings.check(self.spec, world_size=1)
+        model = _load(model)
+        self.spec = spec_from_config(base_model(model).config)  # unsupported architectures fail here
+        if ds_config is not None:
+            init_distributed()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.settings.check(self.spec, world_size=world)
         if lora is not None:
             model = wrap_lora(model, lora)
         if gradient_checkpointing:
             _enable_checkpointing(base_model(model))
         fuse_projection_storage(base_model(model), self.spec)  # q|k|v and gate|up read as views
         self._trainer = make_trainer(model, ds_config, optimizer)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        self.settings.check(self.spec, world_size=world)
         self.tp = make_tp_group(self.settings.inference_tp_size)
         group = _rank() // self.settings.inference_tp_size  # a TP group samples as one
         self._rng = torch.Generator().manual_seed(seed + group)
