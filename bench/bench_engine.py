@@ -2,7 +2,8 @@
 a ~125M Llama, NEW new tokens for BATCH prompts per rank, then one training step (engine_worker.py).
 
 One benchmark per variant; its timed call is the whole torchrun launch, and extra_info holds each
-provider's phase figures (the slower rank's seconds, the larger peak RSS) and the ratios of this run:
+provider's phase figures (best of two interleaved rounds; the slower rank's seconds, the larger peak RSS)
+and the ratios of this run:
 - full: ours / ours-bf16 / single vs hf-zero3 and hf-gathered, train-ours vs train-ds (DeepSpeed alone);
 - full-real-gather: stage3_max_live_parameters=0, so every switch really gathers: all at once vs by layer;
 - lora: the same providers with peft LoRA r=16 on q_proj and v_proj.
