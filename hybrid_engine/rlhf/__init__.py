@@ -13,8 +13,32 @@ from hybrid_engine.rlhf.losses import (
     value_loss,
     whiten,
 )
+from hybrid_engine.rlhf.reward import (
+    RewardConfig,
+    RewardEval,
+    RewardModel,
+    RewardResult,
+    evaluate_reward,
+    last_token_index,
+    pairwise_loss,
+    train_reward,
+)
+from hybrid_engine.rlhf.sft import SFTConfig, SFTResult, perplexity, sft_loss, train_sft
 
 __all__ = [
+    "RewardConfig",
+    "RewardEval",
+    "RewardModel",
+    "RewardResult",
+    "SFTConfig",
+    "SFTResult",
+    "evaluate_reward",
+    "last_token_index",
+    "pairwise_loss",
+    "perplexity",
+    "sft_loss",
+    "train_reward",
+    "train_sft",
     "AdaptiveKLController",
     "FixedKLController",
     "advantages_and_returns",

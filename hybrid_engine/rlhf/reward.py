@@ -1,0 +1,362 @@
+"""Step 2 of the RLHF pipeline: a reward model trained on (prompt, chosen, rejected) pairs.
+
+The reward model is a causal LM's body (its `base_model`: LlamaModel, Qwen2Model, MistralModel,
+OPTModel, GPT2Model) with a scalar value head, nn.Linear(H, 1), on its final hidden states. A sequence's
+reward is the head's value at its last non-pad token (the last position where attention_mask is 1, so
+right padding, left padding and a left-padded prompt followed by a response that ended early all read
+the right token); the pairwise loss is -log sigmoid(r_chosen - r_rejected), its batch mean.
+
+It is saved as Hugging Face loads it: the body with save_pretrained (config.json and model.safetensors,
+which transformers.AutoModel.from_pretrained reads on its own) and the head beside it in
+value_head.safetensors. RewardModel.from_pretrained reads both; nothing is pickled. Later steps use it as
+    - the frozen reward model that scores PPO rollouts: `score(input_ids, attention_mask) -> [B]`;
+    - the critic's initialisation: `values(input_ids, attention_mask) -> [B, T]`, differentiable.
+
+train_reward trains it with plain torch AdamW in one process, or under DeepSpeed ZeRO 0-3 when given a
+ds_config (every rank calls it; rank 0 writes). LoRA is not offered for the reward model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file, save_file
+
+from hybrid_engine.engine.logprobs import positions
+from hybrid_engine.engine.lora import lora_layers
+from hybrid_engine.engine.training import make_trainer
+from hybrid_engine.engine.zero import gathered, unique_params
+from hybrid_engine.model.spec import SUPPORTED
+from hybrid_engine.rlhf import loop
+from hybrid_engine.rlhf.data import StepData
+from hybrid_engine.rlhf.tokens import TokenConfig, TokenStats, collate_reward, tokenize_reward
+
+HEAD_FILE = "value_head.safetensors"
+"""The value head's file beside the body's config.json and model.safetensors."""
+_FORMAT = "hybrid_engine.reward_model.v1"
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: the index of each row's last token with attention_mask 1 (T - 1 under left padding)."""
+    mask = attention_mask.bool()  # (B, T)
+    if not mask.any(1).all():
+        raise ValueError("attention_mask has a row with no tokens: a reward needs at least one")
+    return mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """The mean over pairs of -log sigmoid(chosen - rejected) (InstructGPT's reward loss); chosen, rejected [B]."""
+    if chosen.shape != rejected.shape or chosen.dim() != 1:
+        raise ValueError(f"chosen and rejected must both be [B], got {tuple(chosen.shape)} and {tuple(rejected.shape)}")
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    if attention_mask is None or attention_mask.shape != input_ids.shape:
+        got = None if attention_mask is None else tuple(attention_mask.shape)
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {got}")
+
+
+def _check_body(body) -> None:
+    if not isinstance(body, transformers.PreTrainedModel):
+        raise ValueError(f"a reward model needs a Hugging Face model, got {type(body).__name__}")
+    model_type = getattr(body.config, "model_type", None)
+    if model_type not in SUPPORTED:
+        raise ValueError(f"reward models support model_type {', '.join(sorted(SUPPORTED))}; got {model_type!r} "
+                         f"({type(body).__name__})")
+
+
+def hidden_size(config) -> int:
+    """The width of the body's final hidden states (OPT's word_embed_proj_dim when it projects out)."""
+    return getattr(config, "word_embed_proj_dim", None) or config.hidden_size
+
+
+class RewardModel(torch.nn.Module):
+    """A causal LM's body with a scalar value head read at the last non-pad token."""
+
+    def __init__(self, body: transformers.PreTrainedModel, value_head: torch.nn.Linear | None = None):
+        super().__init__()
+        _check_body(body)
+        H = hidden_size(body.config)
+        if value_head is None:  # lm-human-preferences' reward head init: N(0, 1 / (H + 1)), bias 0
+            value_head = torch.nn.Linear(H, 1, dtype=body.dtype, device=body.device)
+            torch.nn.init.normal_(value_head.weight, std=1 / math.sqrt(H + 1))
+            torch.nn.init.zeros_(value_head.bias)
+        if value_head.in_features != H or value_head.out_features != 1:
+            raise ValueError(f"value_head must be Linear({H}, 1), got Linear({value_head.in_features}, "
+                             f"{value_head.out_features})")
+        self.body = body
+        self.value_head = value_head
+
+    @property
+    def config(self) -> transformers.PretrainedConfig:
+        """The body's config."""
+        return self.body.config
+
+    # ---- building and saving ----
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> RewardModel:
+        """A reward model on `model`'s body (an HF causal LM's base_model, or a body itself), sharing its
+        parameters, with a new value head drawn from torch's global RNG."""
+        if type(model).__module__.startswith("peft"):
+            raise ValueError("a peft model cannot be a reward model's body: merge its adapters first "
+                             "(merge_and_unload) or give the plain model")
+        if not isinstance(model, transformers.PreTrainedModel):
+            raise ValueError(f"a reward model needs a Hugging Face model, got {type(model).__name__}")
+        if lora_layers(model):
+            raise ValueError("the model holds LoRA layers (peft injected them): give the merged model, e.g. the "
+                             "directory train_sft saved")
+        return cls(model.base_model)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> RewardModel:
+        """The reward model save_pretrained wrote to `directory` (the body and value_head.safetensors)."""
+        directory = Path(directory)
+        head_path = directory / HEAD_FILE
+        if not head_path.is_file():
+            raise ValueError(f"{directory} holds no reward model: {HEAD_FILE} is missing")
+        _check_body_config(directory)
+        body = transformers.AutoModel.from_pretrained(directory)
+        state = load_file(head_path)
+        if set(state) != {"weight", "bias"}:
+            raise ValueError(f"{head_path}: expected tensors 'weight' and 'bias', got {sorted(state)}")
+        head = torch.nn.Linear(state["weight"].shape[1], 1, dtype=state["weight"].dtype)
+        head.load_state_dict(state)
+        return cls(body, head.to(body.device))
+
+    @classmethod
+    def load(cls, model_or_path) -> RewardModel:
+        """A RewardModel itself; a reward model's directory; a causal LM's (or body's) directory with a new
+        head; or an HF model (its body, shared)."""
+        if isinstance(model_or_path, RewardModel):
+            return model_or_path
+        if isinstance(model_or_path, (str, os.PathLike)):
+            directory = Path(model_or_path)
+            if (directory / HEAD_FILE).is_file():
+                return cls.from_pretrained(directory)
+            _check_body_config(directory)
+            return cls(transformers.AutoModel.from_pretrained(directory))
+        return cls.from_model(model_or_path)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """The body with save_pretrained and the head as value_head.safetensors, from any ZeRO stage (every
+        rank must call this under DeepSpeed; rank 0 writes)."""
+        rank, _ = loop.rank_and_world()
+        with gathered(unique_params([self])):
+            if rank == 0:
+                os.makedirs(directory, exist_ok=True)
+                self.body.save_pretrained(directory)
+                head = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+                save_file(head, os.path.join(directory, HEAD_FILE), metadata={"format": "pt", "kind": _FORMAT})
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    # ---- reading rewards ----
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The body's final hidden states (B, T, H), with position ids counted from each row's first token."""
+        _check_inputs(input_ids, attention_mask)
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                        use_cache=False)
+        return out.last_hidden_state
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """fp32 [B, T]: the head's value at every position (0 where attention_mask is 0), differentiable: the
+        critic's per-token values."""
+        values = self.value_head(self.hidden_states(input_ids, attention_mask)).squeeze(-1).float()
+        return torch.where(attention_mask.bool(), values, torch.zeros_like(values))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """fp32 [B]: each sequence's reward, the head's value at its last non-pad token; differentiable."""
+        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return self.value_head(last).squeeze(-1).float()
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """fp32 [B]: forward without gradients, for scoring rollouts (call .eval() first for a frozen model)."""
+        return self.forward(input_ids, attention_mask)
+
+
+def _check_body_config(directory: Path) -> None:
+    """Refuses a directory that is not a saved HF model of a supported family, before loading any weights."""
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{directory} is not a saved Hugging Face model (no config.json)")
+    model_type = transformers.AutoConfig.from_pretrained(directory).model_type
+    if model_type not in SUPPORTED:
+        raise ValueError(f"reward models support model_type {', '.join(sorted(SUPPORTED))}; {directory} holds "
+                         f"{model_type!r}")
+
+
+# -- training -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardConfig:
+    """Reward-model training (DeepSpeed-Chat's step 2; its defaults unless said otherwise)."""
+
+    epochs: int = 1
+    """Passes over the training pairs (DeepSpeed-Chat's num_train_epochs)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps, even mid-epoch; None: all epochs."""
+    batch_size: int = 16
+    """Pairs per optimizer step on each rank (DeepSpeed-Chat's per_device_train_batch_size)."""
+    eval_batch_size: int = 32
+    """Pairs per forward pass when evaluating."""
+    lr: float = 5e-5
+    """Peak learning rate of AdamW (DeepSpeed-Chat's step-2 default learning_rate)."""
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from lr / warmup_steps to lr."""
+    schedule: str = "linear"
+    """After warmup: "constant", or "linear" decay towards 0 at the last step (DeepSpeed-Chat decays by
+    a cosine)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradients' global L2 norm to this (DeepSpeed-Chat's gradient_clipping); None: no clipping."""
+    eval_every: int = 0
+    """Evaluate on the held-out pairs every this many steps as well as before and after; 0: only then."""
+    seed: int = 1234
+    """Seeds the data order and torch's global RNG (the value head's initialisation, dropout)."""
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+    """Prompt and sequence lengths, and how prompts are formatted."""
+    output_dir: str | None = None
+    """Save the reward model (RewardModel.save_pretrained) and the tokenizer here; None: do not save."""
+
+    def __post_init__(self):
+        loop.check_common(self)
+
+
+@dataclass
+class RewardEval:
+    """A reward model on held-out pairs."""
+
+    accuracy: float
+    """The fraction of pairs with r_chosen > r_rejected (a tie counts as wrong)."""
+    chosen_mean: float
+    """The mean reward of the chosen responses."""
+    rejected_mean: float
+    """The mean reward of the rejected responses."""
+    loss: float
+    """The mean pairwise loss."""
+
+
+@dataclass
+class RewardResult:
+    """What a train_reward run did."""
+
+    losses: list[float]
+    """The training loss (mean pairwise loss of the batch) of every optimizer step."""
+    before: RewardEval | None
+    """Held-out figures before training; None when the eval split is empty."""
+    after: RewardEval | None
+    """Held-out figures after training; None when the eval split is empty."""
+    evals: list[tuple[int, RewardEval | None]]
+    """(step, held-out figures) of every evaluation, the first at step 0 and the last after the last step."""
+    steps: int
+    """Optimizer steps taken."""
+    train_s: float
+    """Seconds in training steps (forward, backward, optimizer), without evaluation and saving."""
+    wall_s: float
+    """Seconds of the whole call, from loading the model to saving."""
+    token_stats: TokenStats
+    """What tokenizing the training pairs changed."""
+    model: RewardModel = field(repr=False)
+    """The trained reward model."""
+
+    @property
+    def accuracy_before(self) -> float | None:
+        return None if self.before is None else self.before.accuracy
+
+    @property
+    def accuracy_after(self) -> float | None:
+        return None if self.after is None else self.after.accuracy
+
+
+def reward_batch(forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen [B], r_rejected [B]) of a collate_reward batch, both halves in one forward pass of `forward`
+    (a RewardModel, or the DeepSpeed engine around one)."""
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
+    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    rewards = forward(ids, mask)
+    return rewards.chunk(2)
+
+
+@torch.no_grad()
+def evaluate_reward(forward, examples: Sequence[dict], pad_id: int, batch_size: int = 32) -> RewardEval | None:
+    """Accuracy, mean rewards and loss on tokenize_reward `examples`; None for no examples. `forward` is a
+    RewardModel (or the DeepSpeed engine around one) in the mode the caller chose."""
+    if not examples:
+        return None
+    chosen, rejected = [], []
+    for start in range(0, len(examples), batch_size):
+        c, r = reward_batch(forward, collate_reward(examples[start:start + batch_size], pad_id))
+        chosen.append(c)
+        rejected.append(r)
+    c, r = torch.cat(chosen).double(), torch.cat(rejected).double()
+    return RewardEval(accuracy=float((c > r).double().mean()), chosen_mean=float(c.mean()),
+                      rejected_mean=float(r.mean()), loss=float(pairwise_loss(c, r)))
+
+
+def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig | None = None, ds_config=None,
+                 progress: bool = True) -> RewardResult:
+    """Train a reward model on data.train's (prompt, chosen, rejected) pairs, evaluating on data.eval before,
+    every config.eval_every steps and after; the model comes back in eval mode.
+
+    model_or_path: a RewardModel, an HF causal LM or body (its body is shared and trained in place), a
+    directory of a saved causal LM (e.g. the SFT output) or of a saved reward model. ds_config: a DeepSpeed
+    config (dict or JSON path; its micro batch and clipping come from `config`); None: plain torch AdamW in
+    one process. Every rank must call this under DeepSpeed; rank 0 shows the progress bar and writes
+    config.output_dir."""
+    config = config or RewardConfig()
+    t_start = time.perf_counter()
+    pad_id = loop.pad_id_of(tokenizer)  # before any work
+    ds_config = loop.training_ds_config(ds_config, config.batch_size, config.max_grad_norm)
+    torch.manual_seed(config.seed)
+    model = RewardModel.load(model_or_path)
+    loop.check_vocab(tokenizer, model.config.vocab_size)
+    train, stats = tokenize_reward(data.train, tokenizer, config.tokens)
+    held_out, _ = tokenize_reward(data.eval, tokenizer, config.tokens)
+    if not train:
+        raise ValueError("no training pairs left after tokenization (data.train is empty or every prompt was dropped)")
+
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    trainer = make_trainer(model, ds_config, None if ds_config is not None and "optimizer" in ds_config else adamw)
+
+    def train_step(rows: list[int]) -> float:
+        chosen, rejected = reward_batch(trainer.forward, collate_reward([train[i] for i in rows], pad_id))
+        loss = pairwise_loss(chosen, rejected)
+        trainer.backward(loss)
+        loop.clip_gradients(model, trainer.zero_stage, config.max_grad_norm)
+        trainer.step()
+        return loss.item()
+
+    def evaluate() -> RewardEval | None:
+        trainer.train(False)
+        try:
+            return evaluate_reward(trainer.forward, held_out, pad_id, config.eval_batch_size)
+        finally:
+            trainer.train(True)
+
+    trainer.train(True)
+    record = loop.train_loop(len(train), config, trainer.optimizer, train_step, evaluate, "reward", progress,
+                             show=lambda e: {"eval_acc": f"{e.accuracy:.3f}"})
+    trainer.train(False)
+    if config.output_dir is not None:
+        model.save_pretrained(config.output_dir)
+        if loop.rank_and_world()[0] == 0:
+            tokenizer.save_pretrained(config.output_dir)
+    return RewardResult(losses=record.losses, before=record.evals[0][1], after=record.evals[-1][1],
+                        evals=record.evals, steps=record.steps, train_s=record.train_s,
+                        wall_s=time.perf_counter() - t_start, token_stats=stats, model=model)

@@ -1,0 +1,213 @@
+"""Step 1 of the RLHF pipeline: supervised fine-tuning on (prompt, response) rows, the loss on response
+tokens only.
+
+The model trains through a HybridEngine, so the same call runs in one process (ds_config None, plain
+torch AdamW) or under DeepSpeed ZeRO 0-3 with torchrun, with or without LoRA. The loss is the token
+mean of -log p over each batch's response tokens (labels from tokens.collate_sft: IGNORE_INDEX on the
+prompt and the padding), computed by the fused token_logprobs op on the final hidden states, never
+building [B, T, V] logits. Held-out perplexity is exp of the token-mean NLL over every response token of
+the eval split (evaluated whole on every rank, so each rank reports the same figure).
+
+    data = load_step_data(demo_config("sft"), "sft")
+    result = train_sft(model, tokenizer, data, SFTConfig(epochs=1, lr=1e-3, output_dir="out/sft"))
+    print(result.eval_perplexity_before, "->", result.eval_perplexity_after)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from hybrid_engine.engine import HybridEngine
+from hybrid_engine.engine.logprobs import head_as_token_logprobs, positions
+from hybrid_engine.engine.lora import base_model
+from hybrid_engine.rlhf import loop
+from hybrid_engine.rlhf.data import StepData
+from hybrid_engine.rlhf.tokens import IGNORE_INDEX, TokenConfig, TokenStats, collate_sft, tokenize_sft
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning (DeepSpeed-Chat's step 1; its defaults unless said otherwise)."""
+
+    epochs: int = 1
+    """Passes over the training rows (DeepSpeed-Chat's num_train_epochs)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps, even mid-epoch; None: all epochs."""
+    batch_size: int = 16
+    """Rows per optimizer step on each rank (DeepSpeed-Chat's per_device_train_batch_size)."""
+    eval_batch_size: int = 32
+    """Rows per forward pass when evaluating."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW (DeepSpeed-Chat's default learning_rate)."""
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from lr / warmup_steps to lr."""
+    schedule: str = "linear"
+    """After warmup: "constant", or "linear" decay towards 0 at the last step (DeepSpeed-Chat decays by
+    a cosine)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradients' global L2 norm to this (DeepSpeed-Chat's gradient_clipping); None: no clipping."""
+    eval_every: int = 0
+    """Evaluate the held-out perplexity every this many steps as well as before and after; 0: only then."""
+    seed: int = 1234
+    """Seeds the data order and torch's global RNG (LoRA initialisation, dropout)."""
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+    """Prompt and sequence lengths, and how prompts are formatted."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, more time)."""
+    output_dir: str | None = None
+    """Save the trained model (LoRA merged) and the tokenizer here with save_pretrained; None: do not save."""
+
+    def __post_init__(self):
+        loop.check_common(self)
+
+
+@dataclass
+class SFTResult:
+    """What a train_sft run did."""
+
+    losses: list[float]
+    """The training loss (token-mean response NLL of the batch) of every optimizer step."""
+    eval_perplexity_before: float | None
+    """Held-out perplexity before training; None when the eval split is empty."""
+    eval_perplexity_after: float | None
+    """Held-out perplexity after training; None when the eval split is empty."""
+    evals: list[tuple[int, float]]
+    """(step, held-out perplexity) of every evaluation, the first at step 0 and the last after the last step."""
+    steps: int
+    """Optimizer steps taken."""
+    train_tokens: int
+    """Tokens (prompt and response, not padding) of the training batches this rank ran."""
+    train_s: float
+    """Seconds in training steps (forward, backward, optimizer), without evaluation and saving."""
+    wall_s: float
+    """Seconds of the whole call, from building the engine to saving."""
+    token_stats: TokenStats
+    """What tokenizing the training rows changed (truncated and dropped prompts, cut responses)."""
+    engine: HybridEngine = field(repr=False)
+    """The engine that trained: its module is the trained model, ready for generation or PPO."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Training throughput of this rank."""
+        return self.train_tokens / self.train_s if self.train_s else 0.0
+
+
+# -- the loss -----------------------------------------------------------------------------------------------
+
+
+def _forward_and_head(model) -> tuple[Callable, torch.nn.Module]:
+    """The forward to call and the LM head to swap for a HybridEngine or an HF causal LM (peft-wrapped or not)."""
+    module = model.module if isinstance(model, HybridEngine) else model
+    return model, base_model(module).get_output_embeddings()
+
+
+def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of -log p over the response tokens, their count) of a collate_sft batch, differentiable.
+
+    `model` is a HybridEngine or an HF causal LM. A token is scored where its label is not IGNORE_INDEX,
+    predicted from the tokens before it: the label at t + 1 is the target of position t."""
+    forward, head = _forward_and_head(model)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    targets = torch.full_like(labels, IGNORE_INDEX)  # (B, T)
+    targets[:, :-1] = labels[:, 1:]
+    with head_as_token_logprobs(head, targets, 1.0):
+        out = forward(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+    logprobs = out.logits  # (B, T) fp32, 0 where the target is ignored
+    return -logprobs.sum(), (targets != IGNORE_INDEX).sum()
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The token-mean NLL of a collate_sft batch's response tokens (DeepSpeed-Chat's step-1 loss)."""
+    nll, count = response_nll(model, batch)
+    return nll / count.clamp(min=1)
+
+
+@torch.no_grad()
+def perplexity(model, examples: Sequence[dict], pad_id: int, batch_size: int = 32) -> float | None:
+    """exp of the token-mean NLL over every response token of tokenize_sft `examples` (in eval mode; the
+    mode is restored after); None for no examples. `model` is a HybridEngine or an HF causal LM."""
+    if not examples:
+        return None
+    module = model.module if isinstance(model, HybridEngine) else model
+    was_training = module.training
+    model.eval()
+    try:
+        total, count = 0.0, 0
+        for start in range(0, len(examples), batch_size):
+            nll, n = response_nll(model, collate_sft(examples[start:start + batch_size], pad_id))
+            total, count = total + float(nll), count + int(n)
+    finally:
+        model.train(was_training)
+    return math.exp(total / max(count, 1))
+
+
+# -- the trainer ---------------------------------------------------------------------------------------------
+
+
+def _engine(model, config: SFTConfig, ds_config, lora) -> HybridEngine:
+    if isinstance(model, HybridEngine):
+        if ds_config is not None or lora is not None or config.gradient_checkpointing:
+            raise ValueError("model is already a HybridEngine: give ds_config, lora and gradient_checkpointing "
+                             "when building it, not to train_sft")
+        return model
+    ds_config = loop.training_ds_config(ds_config, config.batch_size, config.max_grad_norm)
+    has_ds_optimizer = ds_config is not None and "optimizer" in ds_config
+
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    return HybridEngine(model, ds_config=ds_config, lora=lora, optimizer=None if has_ds_optimizer else adamw,
+                        gradient_checkpointing=config.gradient_checkpointing, seed=config.seed)
+
+
+def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None, ds_config=None, lora=None,
+              progress: bool = True) -> SFTResult:
+    """Fine-tune `model` (an HF causal LM, a directory, or a HybridEngine) on data.train's (prompt, response)
+    rows, evaluating the held-out perplexity on data.eval before, every config.eval_every steps and after.
+
+    ds_config: a DeepSpeed config (dict or JSON path) to train under (its micro batch and clipping come from
+    `config`); None: plain torch AdamW in one process. lora: a peft.LoraConfig. The model trains in place
+    (with LoRA, peft injects its layers into it); a HybridEngine keeps its own optimizer, whose learning rate
+    config.lr and the schedule then drive. Every rank must call this under DeepSpeed; rank 0 shows the
+    progress bar and writes config.output_dir."""
+    config = config or SFTConfig()
+    t_start = time.perf_counter()
+    pad_id = loop.pad_id_of(tokenizer)  # before any work
+    torch.manual_seed(config.seed)
+    engine = _engine(model, config, ds_config, lora)
+    loop.check_vocab(tokenizer, base_model(engine.module).config.vocab_size)
+    train, stats = tokenize_sft(data.train, tokenizer, config.tokens)
+    held_out, _ = tokenize_sft(data.eval, tokenizer, config.tokens)
+    if not train:
+        raise ValueError("no training rows left after tokenization (data.train is empty or every prompt was dropped)")
+    tokens = 0
+
+    def train_step(rows: list[int]) -> float:
+        nonlocal tokens
+        batch = collate_sft([train[i] for i in rows], pad_id)
+        loss = sft_loss(engine, batch)
+        engine.backward(loss)
+        loop.clip_gradients(engine.module, engine.zero_stage, config.max_grad_norm)
+        engine.step()
+        tokens += int(batch["attention_mask"].sum())
+        return loss.item()
+
+    engine.train()
+    record = loop.train_loop(len(train), config, engine.optimizer, train_step,
+                             lambda: perplexity(engine, held_out, pad_id, config.eval_batch_size), "sft", progress,
+                             show=lambda ppl: {"eval_ppl": f"{ppl:.3f}"})
+    if config.output_dir is not None:
+        engine.save_pretrained(config.output_dir)
+        if loop.rank_and_world()[0] == 0:
+            tokenizer.save_pretrained(config.output_dir)
+    return SFTResult(losses=record.losses, eval_perplexity_before=record.evals[0][1],
+                     eval_perplexity_after=record.evals[-1][1], evals=record.evals, steps=record.steps,
+                     train_tokens=tokens, train_s=record.train_s, wall_s=time.perf_counter() - t_start,
+                     token_stats=stats, engine=engine)
