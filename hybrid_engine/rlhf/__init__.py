@@ -1,4 +1,6 @@
-"""RLHF: the PPO maths of DeepSpeed-Chat's step 3 (losses, rewards, GAE, whitening, KL control, EMA, PTX)."""
+"""RLHF, DeepSpeed-Chat's three steps: SFT (sft.py), the reward model (reward.py) and the PPO maths of step 3
+(losses.py: losses, rewards, GAE, whitening, KL control, GRPO/RLOO baselines, EMA, PTX); data.py, tokens.py and
+demo.py hold the data layer and the built-in demo task. The PPO trainer and the commands come next."""
 
 from hybrid_engine.rlhf.losses import (
     AdaptiveKLController,
