@@ -7,7 +7,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from hybrid_engine.engine.training import load_ds_config
+from hybrid_engine.rlhf.tokens import TokenConfig
 
 SCHEDULES = ("constant", "linear")
 
@@ -66,6 +67,44 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every parameter group's learning rate (DeepSpeed's ZeRO optimizers expose their groups too)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+@dataclass
+class StepConfig:
+    """The training settings steps 1 and 2 share (DeepSpeed-Chat's defaults unless said otherwise); each
+    step's config adds its own fields and learning rate."""
+
+    epochs: int = 1
+    """Passes over the training examples (DeepSpeed-Chat's num_train_epochs)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps, even mid-epoch; None: all epochs."""
+    batch_size: int = 16
+    """Examples (SFT rows, reward pairs) per optimizer step on each rank (DeepSpeed-Chat's
+    per_device_train_batch_size)."""
+    eval_batch_size: int = 32
+    """Examples per forward pass when evaluating."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from lr / warmup_steps to lr."""
+    schedule: str = "linear"
+    """After warmup: "constant", or "linear" decay towards 0 at the last step (DeepSpeed-Chat decays by
+    a cosine)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradients' global L2 norm to this (DeepSpeed-Chat's gradient_clipping); None: no clipping."""
+    eval_every: int = 0
+    """Evaluate on the held-out split every this many steps as well as before and after; 0: only then."""
+    seed: int = 1234
+    """Seeds the data order and torch's global RNG (LoRA and value-head initialisation, dropout)."""
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+    """Prompt and sequence lengths, and how prompts are formatted."""
+    output_dir: str | None = None
+    """Save the trained model and the tokenizer here; None: do not save."""
+
+    def __post_init__(self):
+        check_common(self)
 
 
 def check_common(config) -> None:

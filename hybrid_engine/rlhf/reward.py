@@ -37,7 +37,7 @@ from hybrid_engine.engine.zero import gathered, unique_params
 from hybrid_engine.model.spec import SUPPORTED
 from hybrid_engine.rlhf import loop
 from hybrid_engine.rlhf.data import StepData
-from hybrid_engine.rlhf.tokens import TokenConfig, TokenStats, collate_reward, tokenize_reward
+from hybrid_engine.rlhf.tokens import TokenStats, collate_reward, tokenize_reward
 
 HEAD_FILE = "value_head.safetensors"
 """The value head's file beside the body's config.json and model.safetensors."""
@@ -201,39 +201,11 @@ def _check_body_config(directory: Path) -> None:
 
 
 @dataclass
-class RewardConfig:
-    """Reward-model training (DeepSpeed-Chat's step 2; its defaults unless said otherwise)."""
+class RewardConfig(loop.StepConfig):
+    """Reward-model training (DeepSpeed-Chat's step 2): the shared StepConfig fields."""
 
-    epochs: int = 1
-    """Passes over the training pairs (DeepSpeed-Chat's num_train_epochs)."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps, even mid-epoch; None: all epochs."""
-    batch_size: int = 16
-    """Pairs per optimizer step on each rank (DeepSpeed-Chat's per_device_train_batch_size)."""
-    eval_batch_size: int = 32
-    """Pairs per forward pass when evaluating."""
     lr: float = 5e-5
     """Peak learning rate of AdamW (DeepSpeed-Chat's step-2 default learning_rate)."""
-    weight_decay: float = 0.0
-    """AdamW's decoupled weight decay."""
-    warmup_steps: int = 0
-    """Steps of linear warmup from lr / warmup_steps to lr."""
-    schedule: str = "linear"
-    """After warmup: "constant", or "linear" decay towards 0 at the last step (DeepSpeed-Chat decays by
-    a cosine)."""
-    max_grad_norm: float | None = 1.0
-    """Clip the gradients' global L2 norm to this (DeepSpeed-Chat's gradient_clipping); None: no clipping."""
-    eval_every: int = 0
-    """Evaluate on the held-out pairs every this many steps as well as before and after; 0: only then."""
-    seed: int = 1234
-    """Seeds the data order and torch's global RNG (the value head's initialisation, dropout)."""
-    tokens: TokenConfig = field(default_factory=TokenConfig)
-    """Prompt and sequence lengths, and how prompts are formatted."""
-    output_dir: str | None = None
-    """Save the reward model (RewardModel.save_pretrained) and the tokenizer here; None: do not save."""
-
-    def __post_init__(self):
-        loop.check_common(self)
 
 
 @dataclass

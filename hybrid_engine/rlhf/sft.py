@@ -27,45 +27,17 @@ from hybrid_engine.engine.logprobs import head_as_token_logprobs, positions
 from hybrid_engine.engine.lora import base_model
 from hybrid_engine.rlhf import loop
 from hybrid_engine.rlhf.data import StepData
-from hybrid_engine.rlhf.tokens import IGNORE_INDEX, TokenConfig, TokenStats, collate_sft, tokenize_sft
+from hybrid_engine.rlhf.tokens import IGNORE_INDEX, TokenStats, collate_sft, tokenize_sft
 
 
 @dataclass
-class SFTConfig:
-    """Supervised fine-tuning (DeepSpeed-Chat's step 1; its defaults unless said otherwise)."""
+class SFTConfig(loop.StepConfig):
+    """Supervised fine-tuning (DeepSpeed-Chat's step 1): the shared StepConfig fields, plus these."""
 
-    epochs: int = 1
-    """Passes over the training rows (DeepSpeed-Chat's num_train_epochs)."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps, even mid-epoch; None: all epochs."""
-    batch_size: int = 16
-    """Rows per optimizer step on each rank (DeepSpeed-Chat's per_device_train_batch_size)."""
-    eval_batch_size: int = 32
-    """Rows per forward pass when evaluating."""
     lr: float = 1e-3
     """Peak learning rate of AdamW (DeepSpeed-Chat's default learning_rate)."""
-    weight_decay: float = 0.0
-    """AdamW's decoupled weight decay."""
-    warmup_steps: int = 0
-    """Steps of linear warmup from lr / warmup_steps to lr."""
-    schedule: str = "linear"
-    """After warmup: "constant", or "linear" decay towards 0 at the last step (DeepSpeed-Chat decays by
-    a cosine)."""
-    max_grad_norm: float | None = 1.0
-    """Clip the gradients' global L2 norm to this (DeepSpeed-Chat's gradient_clipping); None: no clipping."""
-    eval_every: int = 0
-    """Evaluate the held-out perplexity every this many steps as well as before and after; 0: only then."""
-    seed: int = 1234
-    """Seeds the data order and torch's global RNG (LoRA initialisation, dropout)."""
-    tokens: TokenConfig = field(default_factory=TokenConfig)
-    """Prompt and sequence lengths, and how prompts are formatted."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (less memory, more time)."""
-    output_dir: str | None = None
-    """Save the trained model (LoRA merged) and the tokenizer here with save_pretrained; None: do not save."""
-
-    def __post_init__(self):
-        loop.check_common(self)
 
 
 @dataclass
