@@ -7,6 +7,8 @@ W + scaling * B @ A (peft's own `get_delta_weight`), made on entry to generation
 from __future__ import annotations
 
 import fnmatch
+import re
+import time
 
 import torch
 
@@ -24,8 +26,6 @@ def _check_targets(model: torch.nn.Module, config) -> None:
         return
     names = [name for name, _ in model.named_modules()]
     if isinstance(targets, str):  # peft: a regex over full names
-        import re
-
         if not any(re.fullmatch(targets, n) for n in names):
             raise ValueError(f"lora.target_modules={targets!r} matches no module of the model")
         return
@@ -85,8 +85,6 @@ class FusedWeights:
         weight = base().weight.detach()
         if module.merged or module.disable_adapters:
             return weight
-        import time
-
         t0 = time.perf_counter()
         fused = weight.clone()
         for name in module.active_adapters:

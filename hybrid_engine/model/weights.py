@@ -98,9 +98,10 @@ class WeightBuilder:
         if self.weight_dtype is not None and t.dtype != self.weight_dtype:
             t = t.to(self.weight_dtype)
             copied = True
-        if not t.is_contiguous() or (self.copy and not copied):
-            t = t.contiguous() if not t.is_contiguous() else t.clone()
-            copied = True
+        if not t.is_contiguous():
+            t, copied = t.contiguous(), True
+        elif self.copy and not copied:
+            t, copied = t.clone(), True
         if copied:
             self.copied_bytes += t.numel() * t.element_size()
         return t
