@@ -1,10 +1,13 @@
-"""The `hybrid-engine` command: `env` reports the build environment, `generate` runs fast generation."""
+"""The `hybrid-engine` command: `env` reports the build environment, `generate` runs fast generation, and
+`sft`, `reward` and `chat` run the RLHF steps (hybrid_engine/rlhf/commands.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+
+from hybrid_engine.rlhf.commands import add_rlhf_commands
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -122,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare-hf", action="store_true", help="also time transformers' generate on the same input")
     gen.add_argument("--show", action="store_true", help="print the first sequence's generated token ids")
     gen.set_defaults(func=cmd_generate)
+    add_rlhf_commands(sub)
     return parser
 
 

@@ -41,6 +41,11 @@ _POSITIVE = frozenset(POSITIVE)
 _NEGATIVE = frozenset(NEGATIVE)
 _WORD = re.compile(r"[a-z]+")
 
+DEMO_MODEL = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=512, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False)
+"""The demo's Llama (about 2.7M parameters) as transformers.LlamaConfig keyword arguments; demo_model adds the
+vocabulary size and the special token ids from the demo tokenizer."""
+
 # How much of each file the demo holds out for evaluation, per step (PPO: 200 of 1200 prompts).
 EVAL_FRACTION = {"sft": 0.1, "reward": 0.1, "ppo": 1 / 6}
 # Each demo file is made for one step, so its split gives it wholly to that step.
@@ -72,3 +77,16 @@ def demo_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(DEMO_DIR))
+
+
+def demo_model(seed: int = 0):
+    """A fresh random transformers.LlamaForCausalLM of DEMO_MODEL's shape over the demo tokenizer's vocabulary,
+    its weights drawn after torch.manual_seed(seed)."""
+    import torch
+    import transformers
+
+    tok = demo_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, **DEMO_MODEL)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)

@@ -1,0 +1,231 @@
+"""The `hybrid-engine sft`, `reward` and `chat` commands: flags and a config file into a step's config, the
+data, the model and the tokenizer, then the library's trainer, a summary table and summary.json.
+
+    hybrid-engine sft --max-steps 200 --output out/sft          # the built-in demo task
+    hybrid-engine reward --model out/sft --output out/reward
+    hybrid-engine chat --model out/sft --prompt "tell me about a fox"
+
+Every field of the step's config (SFTConfig, RewardConfig) is a flag and a key of the --config file (see
+config_args): explicit flag > config file > default. Under torchrun or the deepspeed launcher every rank runs
+the command; the trainers keep the ranks in step, and only rank 0 prints and writes the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from hybrid_engine.rlhf import chat
+from hybrid_engine.rlhf.checkpoints import check_model_dir, has_tokenizer, is_main_rank, load_tokenizer
+from hybrid_engine.rlhf.config_args import add_config_args, build_config, load_config_file
+from hybrid_engine.rlhf.data import DataConfig, DatasetSpec, StepData, load_step_data
+from hybrid_engine.rlhf.demo import demo_config, demo_model, demo_tokenizer
+
+DEFAULT_OUTPUT = {"sft": "out/sft", "reward": "out/reward"}
+
+
+def add_rlhf_commands(subparsers) -> None:
+    """Registers `sft`, `reward` and `chat` on the `hybrid-engine` command's subparsers."""
+    from hybrid_engine.rlhf.reward import RewardConfig
+    from hybrid_engine.rlhf.sft import SFTConfig
+
+    sft = subparsers.add_parser("sft", help="step 1: supervised fine-tuning on (prompt, response) rows",
+                                description="Fine-tune a causal LM on (prompt, response) rows, the loss on the "
+                                "response tokens only; by default the built-in demo model on the demo task.")
+    _add_training_args(sft, "sft", SFTConfig)
+    lora = sft.add_argument_group("LoRA (peft)")
+    lora.add_argument("--lora-r", type=int, default=0, metavar="R", help="LoRA rank; 0: no LoRA, train every "
+                      "weight (default: 0). The saved model has the adapters merged")
+    lora.add_argument("--lora-alpha", type=float, default=16.0, metavar="ALPHA", help="LoRA scaling numerator: "
+                      "the update is scaled by alpha / r (default: 16)")
+    lora.add_argument("--lora-dropout", type=float, default=0.0, metavar="P", help="dropout on the LoRA input "
+                      "(default: 0)")
+    lora.add_argument("--lora-target-modules", nargs="+", metavar="NAME", help="the modules LoRA adapts, by name "
+                      "(e.g. q_proj v_proj; default: peft's choice for the architecture)")
+    sft.set_defaults(func=run_sft)
+
+    reward = subparsers.add_parser("reward", help="step 2: train a reward model on (prompt, chosen, rejected) pairs",
+                                   description="Train a reward model (the LM body and a scalar value head) on "
+                                   "preference pairs; by default from the built-in demo model on the demo task.")
+    _add_training_args(reward, "reward", RewardConfig)
+    reward.set_defaults(func=run_reward)
+    chat.add_chat_command(subparsers)
+
+
+def _add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: type) -> None:
+    io = parser.add_argument_group("model, data and output")
+    io.add_argument("--model", metavar="DIR", help="a saved Hugging Face causal LM (save_pretrained)"
+                    + (" or reward model" if step == "reward" else "") + "; default: a fresh demo model "
+                    "(rlhf.demo.DEMO_MODEL) seeded by --seed")
+    io.add_argument("--tokenizer", metavar="DIR", help="a saved tokenizer; default: the --model directory's "
+                    "when it has one, else the demo tokenizer")
+    io.add_argument("--data", metavar="PATH[:WEIGHT]", action="append", help="a .json, .jsonl or .parquet data "
+                    "file, optionally with its blend weight; repeat for several (weights for all or none). "
+                    f"Default: the demo's {step}.jsonl, wholly for this step")
+    io.add_argument("--data-split", metavar="A,B,C", help="each data file's shares for sft, reward and ppo "
+                    "(default: 2,4,4 for --data files; the demo file is this step's alone)")
+    io.add_argument("--eval-fraction", type=float, metavar="F", help="the fraction of this step's rows held out "
+                    "for evaluation (default: 0.1)")
+    io.add_argument("--cache-dir", metavar="DIR", help="where `datasets` caches the converted files (default: "
+                    "its own cache)")
+    io.add_argument("--output", metavar="DIR", help="save the trained model, the tokenizer and summary.json here "
+                    f"(default: output_dir from --config, else {DEFAULT_OUTPUT[step]})")
+    io.add_argument("--ds-config", metavar="FILE", help="a DeepSpeed JSON config to train under (ZeRO 0-3; run "
+                    "with torchrun or deepspeed); its micro batch and clipping come from --batch-size and "
+                    "--max-grad-norm. Default: plain torch AdamW in one process")
+    io.add_argument("--config", metavar="FILE", help=f"a YAML or JSON file of {config_cls.__name__} settings, "
+                    f"flat or under a '{step}:' section; flags override it")
+    io.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    settings = parser.add_argument_group(f"{config_cls.__name__} settings (also keys of --config)")
+    add_config_args(settings, config_cls, skip=("output_dir",))
+
+
+# -- from flags to the trainer's arguments --------------------------------------------------------------------
+
+
+def step_config(args: argparse.Namespace, config_cls: type, step: str):
+    """The step's config: explicit flags over the --config file over the defaults; output_dir from --output."""
+    file_values = load_config_file(args.config) if args.config else {}
+    config = build_config(config_cls, args, file_values, section=step)
+    return dataclasses.replace(config, output_dir=args.output or config.output_dir or DEFAULT_OUTPUT[step])
+
+
+def parse_data(text: str) -> DatasetSpec:
+    """--data PATH or PATH:WEIGHT."""
+    path, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return DatasetSpec(path=path, weight=float(weight))
+        except ValueError:
+            pass
+    return DatasetSpec(path=text)
+
+
+def step_data(args: argparse.Namespace, step: str, seed: int) -> StepData:
+    """The step's rows from --data (or the demo file), --data-split and --eval-fraction."""
+    given = {"eval_fraction": args.eval_fraction, "data_split": args.data_split, "cache_dir": args.cache_dir}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.data:
+        config = DataConfig(datasets=[parse_data(d) for d in args.data], seed=seed, **given)
+    else:
+        config = dataclasses.replace(demo_config(step, seed=seed), **given)
+        if args.data_split is not None:  # an explicit split applies to the demo file too
+            config.datasets = [dataclasses.replace(s, data_split=None) for s in config.datasets]
+    return load_step_data(config, step)
+
+
+def model_and_tokenizer(args: argparse.Namespace, seed: int, reward_ok: bool = False):
+    """(--model's directory or a fresh demo model, the tokenizer --tokenizer or the model's directory holds,
+    else the demo tokenizer)."""
+    model = str(check_model_dir(args.model, reward_ok=reward_ok)) if args.model else demo_model(seed)
+    if args.tokenizer:
+        return model, load_tokenizer(args.tokenizer)
+    if has_tokenizer(args.model):
+        return model, load_tokenizer(args.model, flag="--model")
+    if args.model and is_main_rank():
+        print(f"note: {args.model} has no tokenizer; using the demo tokenizer (give --tokenizer DIR otherwise)",
+              file=sys.stderr)
+    return model, demo_tokenizer()
+
+
+def lora_config(args: argparse.Namespace):
+    """The peft.LoraConfig of the --lora-* flags; None for --lora-r 0."""
+    if args.lora_r < 0:
+        raise ValueError(f"--lora-r must be 0 (no LoRA) or a positive rank, got {args.lora_r}")
+    if args.lora_r == 0:
+        return None
+    import peft
+
+    return peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                           target_modules=args.lora_target_modules)
+
+
+# -- the summary --------------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _change(before, after, spec: str = ".4f") -> str:
+    return f"{_fmt(before, spec)} -> {_fmt(after, spec)}"
+
+
+def report(step: str, args: argparse.Namespace, config, data: StepData, rows: list[tuple[str, str]],
+           figures: dict) -> None:
+    """Prints the summary table and writes config.output_dir/summary.json, on the main rank only."""
+    if not is_main_rank():
+        return
+    width = max(len(label) for label, _ in rows)
+    print(f"\n{step} summary")
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
+    summary = {"command": step, "model": args.model or "demo model (random init)",
+               "data": [dataclasses.asdict(r) for r in data.reports], "train_rows": len(data.train),
+               "eval_rows": len(data.eval), "config": dataclasses.asdict(config), **figures}
+    path = Path(config.output_dir) / "summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"  {'saved to':<{width}}  {config.output_dir} (summary.json beside the model)")
+
+
+# -- the commands ---------------------------------------------------------------------------------------------
+
+
+def run_sft(args: argparse.Namespace) -> int:
+    """`hybrid-engine sft`: train_sft with the flags' settings, then the summary."""
+    from hybrid_engine.rlhf.sft import SFTConfig, train_sft
+
+    config = step_config(args, SFTConfig, "sft")
+    lora = lora_config(args)
+    model, tokenizer = model_and_tokenizer(args, config.seed)
+    data = step_data(args, "sft", config.seed)
+    result = train_sft(model, tokenizer, data, config, ds_config=args.ds_config, lora=lora,
+                       progress=not args.no_progress)
+    losses, stats = result.losses, result.token_stats
+    rows = [("steps", str(result.steps)),
+            ("train loss", _change(losses[0] if losses else None, losses[-1] if losses else None)),
+            ("held-out perplexity", _change(result.eval_perplexity_before, result.eval_perplexity_after, ".3f")),
+            ("training tokens/s", f"{result.tokens_per_s:.0f} (per rank)"),
+            ("wall time", f"{result.wall_s:.1f} s ({result.train_s:.1f} s training)"),
+            ("prompts truncated / dropped", f"{stats.prompts_truncated} / {stats.prompts_dropped}")]
+    figures = {"steps": result.steps, "losses": losses, "eval_perplexity_before": result.eval_perplexity_before,
+               "eval_perplexity_after": result.eval_perplexity_after, "evals": result.evals,
+               "train_tokens": result.train_tokens, "tokens_per_s": result.tokens_per_s, "train_s": result.train_s,
+               "wall_s": result.wall_s, "token_stats": dataclasses.asdict(stats), "lora_r": args.lora_r}
+    report("sft", args, config, data, rows, figures)
+    return 0
+
+
+def run_reward(args: argparse.Namespace) -> int:
+    """`hybrid-engine reward`: train_reward with the flags' settings, then the summary."""
+    from hybrid_engine.rlhf.reward import RewardConfig, train_reward
+
+    config = step_config(args, RewardConfig, "reward")
+    model, tokenizer = model_and_tokenizer(args, config.seed, reward_ok=True)
+    data = step_data(args, "reward", config.seed)
+    result = train_reward(model, tokenizer, data, config, ds_config=args.ds_config, progress=not args.no_progress)
+    before, after, losses = result.before, result.after, result.losses
+
+    def held_out(name: str) -> str:
+        return _change(getattr(before, name, None), getattr(after, name, None))
+
+    rows = [("steps", str(result.steps)),
+            ("train loss", _change(losses[0] if losses else None, losses[-1] if losses else None)),
+            ("held-out accuracy", held_out("accuracy")),
+            ("held-out chosen mean", held_out("chosen_mean")),
+            ("held-out rejected mean", held_out("rejected_mean")),
+            ("held-out loss", held_out("loss")),
+            ("wall time", f"{result.wall_s:.1f} s ({result.train_s:.1f} s training)"),
+            ("prompts truncated / dropped", f"{result.token_stats.prompts_truncated} / "
+                                            f"{result.token_stats.prompts_dropped}")]
+    evals = [(step, None if e is None else dataclasses.asdict(e)) for step, e in result.evals]
+    figures = {"steps": result.steps, "losses": losses, "before": evals[0][1], "after": evals[-1][1], "evals": evals,
+               "train_s": result.train_s, "wall_s": result.wall_s,
+               "token_stats": dataclasses.asdict(result.token_stats)}
+    report("reward", args, config, data, rows, figures)
+    return 0
+
