@@ -90,9 +90,9 @@ class InferenceTransformer:
         return linear(h, self.w.lm_head)
 
     # ---- prefill ----
-    @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Runs left-padded prompts [B, T] through the model, fills the cache, returns last logits [B, V]."""
+    def blocks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache):
+        """Runs left-padded rows [B, T] through every block and fills the cache: (x, residual) [B * T, H],
+        the last block's output and the residual stream before the final norm."""
         s = self.spec
         B, T = input_ids.shape
         lengths = attention_mask.sum(1).to(torch.int32)
@@ -108,9 +108,28 @@ class InferenceTransformer:
             h, residual = self.norm(x, layer.mlp_norm, residual)
             x = self.mlp(h, layer)
         cache.lengths[:B] = lengths
+        return x, residual
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Runs left-padded prompts [B, T] through the model, fills the cache, returns last logits [B, V]."""
+        B, T = input_ids.shape
+        x, residual = self.blocks(input_ids, attention_mask, cache)
         # Left padding puts every prompt's last token in column T - 1.
         last = torch.arange(B) * T + T - 1
         return self.logits(x[last], residual[last])
+
+    @torch.no_grad()
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """fp32 [B, T, H]: the final-normed hidden state at every position of rows [B, T] that may be padded
+        on both sides (a left-padded prompt and a response with padding after its end), as a scoring pass
+        reads them. Padding on the right is run as tokens: under the causal mask it changes no position
+        before it, and what is computed at those positions is for the caller to ignore."""
+        B, T = input_ids.shape
+        started = attention_mask.long().cumsum(1) > 0  # (B, T): from each row's first token on
+        cache = KVCache.allocate(self.spec, B, T)
+        x, residual = self.blocks(input_ids, started.long(), cache)
+        return self.norm(x, self.w.final_norm, residual)[0].view(B, T, -1)
 
     # ---- decode ----
     def flat_weights(self) -> list[torch.Tensor | None]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from hybrid_engine.rlhf.checkpoints import check_model_dir, has_tokenizer, load_tokenizer
+from hybrid_engine.rlhf.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
 from hybrid_engine.rlhf.tokens import TokenConfig, TokenStats, fit_prompt, format_prompt
 
 QUIT = ("exit", "quit")

@@ -19,24 +19,42 @@ import sys
 from pathlib import Path
 
 from hybrid_engine.rlhf import chat
-from hybrid_engine.rlhf.checkpoints import check_model_dir, has_tokenizer, is_main_rank, load_tokenizer
 from hybrid_engine.rlhf.config_args import add_config_args, build_config, load_config_file
 from hybrid_engine.rlhf.data import DataConfig, DatasetSpec, StepData, load_step_data
 from hybrid_engine.rlhf.demo import demo_config, demo_model, demo_tokenizer
+from hybrid_engine.rlhf.model_dirs import check_model_dir, has_tokenizer, is_main_rank, load_tokenizer
 
-DEFAULT_OUTPUT = {"sft": "out/sft", "reward": "out/reward"}
+DEFAULT_OUTPUT = {"sft": "out/sft", "reward": "out/reward", "ppo": "out/ppo"}
 
 
 def add_rlhf_commands(subparsers) -> None:
-    """Registers `sft`, `reward` and `chat` on the `hybrid-engine` command's subparsers."""
+    """Registers `sft`, `reward`, `ppo`, `train` and `chat` on the `hybrid-engine` command's subparsers."""
     from hybrid_engine.rlhf.reward import RewardConfig
     from hybrid_engine.rlhf.sft import SFTConfig
 
     sft = subparsers.add_parser("sft", help="step 1: supervised fine-tuning on (prompt, response) rows",
                                 description="Fine-tune a causal LM on (prompt, response) rows, the loss on the "
                                 "response tokens only; by default the built-in demo model on the demo task.")
-    _add_training_args(sft, "sft", SFTConfig)
-    lora = sft.add_argument_group("LoRA (peft)")
+    add_training_args(sft, "sft", SFTConfig)
+    add_lora_args(sft)
+    sft.set_defaults(func=run_sft)
+
+    reward = subparsers.add_parser("reward", help="step 2: train a reward model on (prompt, chosen, rejected) pairs",
+                                   description="Train a reward model (the LM body and a scalar value head) on "
+                                   "preference pairs; by default from the built-in demo model on the demo task.")
+    add_training_args(reward, "reward", RewardConfig)
+    reward.set_defaults(func=run_reward)
+    from hybrid_engine.rlhf.pipeline import add_train_command
+    from hybrid_engine.rlhf.ppo_command import add_ppo_command
+
+    add_ppo_command(subparsers)
+    add_train_command(subparsers)
+    chat.add_chat_command(subparsers)
+
+
+def add_lora_args(parser: argparse.ArgumentParser) -> None:
+    """The --lora-* flags (lora_config reads them)."""
+    lora = parser.add_argument_group("LoRA (peft)")
     lora.add_argument("--lora-r", type=int, default=0, metavar="R", help="LoRA rank; 0: no LoRA, train every "
                       "weight (default: 0). The saved model has the adapters merged")
     lora.add_argument("--lora-alpha", type=float, default=16.0, metavar="ALPHA", help="LoRA scaling numerator: "
@@ -45,19 +63,14 @@ def add_rlhf_commands(subparsers) -> None:
                       "(default: 0)")
     lora.add_argument("--lora-target-modules", nargs="+", metavar="NAME", help="the modules LoRA adapts, by name "
                       "(e.g. q_proj v_proj; default: peft's choice for the architecture)")
-    sft.set_defaults(func=run_sft)
-
-    reward = subparsers.add_parser("reward", help="step 2: train a reward model on (prompt, chosen, rejected) pairs",
-                                   description="Train a reward model (the LM body and a scalar value head) on "
-                                   "preference pairs; by default from the built-in demo model on the demo task.")
-    _add_training_args(reward, "reward", RewardConfig)
-    reward.set_defaults(func=run_reward)
-    chat.add_chat_command(subparsers)
 
 
-def _add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: type) -> None:
+def add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: type,
+                      model_help: str | None = None) -> None:
+    """The flags every training command shares (model, tokenizer, data, output, DeepSpeed, config file, progress),
+    then one flag per field of the step's config."""
     io = parser.add_argument_group("model, data and output")
-    io.add_argument("--model", metavar="DIR", help="a saved Hugging Face causal LM (save_pretrained)"
+    io.add_argument("--model", metavar="DIR", help=model_help or "a saved Hugging Face causal LM (save_pretrained)"
                     + (" or reward model" if step == "reward" else "") + "; default: a fresh demo model "
                     "(rlhf.demo.DEMO_MODEL) seeded by --seed")
     io.add_argument("--tokenizer", metavar="DIR", help="a saved tokenizer; default: the --model directory's "
@@ -146,12 +159,12 @@ def lora_config(args: argparse.Namespace):
 # -- the summary --------------------------------------------------------------------------------------------
 
 
-def _fmt(value, spec: str = ".4f") -> str:
+def fmt(value, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _change(before, after, spec: str = ".4f") -> str:
-    return f"{_fmt(before, spec)} -> {_fmt(after, spec)}"
+def before_after(before, after, spec: str = ".4f") -> str:
+    return f"{fmt(before, spec)} -> {fmt(after, spec)}"
 
 
 def report(step: str, args: argparse.Namespace, config, data: StepData, rows: list[tuple[str, str]],
@@ -187,8 +200,8 @@ def run_sft(args: argparse.Namespace) -> int:
                        progress=not args.no_progress)
     losses, stats = result.losses, result.token_stats
     rows = [("steps", str(result.steps)),
-            ("train loss", _change(losses[0] if losses else None, losses[-1] if losses else None)),
-            ("held-out perplexity", _change(result.eval_perplexity_before, result.eval_perplexity_after, ".3f")),
+            ("train loss", before_after(losses[0] if losses else None, losses[-1] if losses else None)),
+            ("held-out perplexity", before_after(result.eval_perplexity_before, result.eval_perplexity_after, ".3f")),
             ("training tokens/s", f"{result.tokens_per_s:.0f} (per rank)"),
             ("wall time", f"{result.wall_s:.1f} s ({result.train_s:.1f} s training)"),
             ("prompts truncated / dropped", f"{stats.prompts_truncated} / {stats.prompts_dropped}")]
@@ -211,10 +224,10 @@ def run_reward(args: argparse.Namespace) -> int:
     before, after, losses = result.before, result.after, result.losses
 
     def held_out(name: str) -> str:
-        return _change(getattr(before, name, None), getattr(after, name, None))
+        return before_after(getattr(before, name, None), getattr(after, name, None))
 
     rows = [("steps", str(result.steps)),
-            ("train loss", _change(losses[0] if losses else None, losses[-1] if losses else None)),
+            ("train loss", before_after(losses[0] if losses else None, losses[-1] if losses else None)),
             ("held-out accuracy", held_out("accuracy")),
             ("held-out chosen mean", held_out("chosen_mean")),
             ("held-out rejected mean", held_out("rejected_mean")),

@@ -90,3 +90,8 @@ def demo_model(seed: int = 0):
                                       eos_token_id=tok.eos_token_id, **DEMO_MODEL)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config)
+
+
+def rule_score_batch(prompts: list[str], completions: list[str], **fields) -> list[float]:
+    """rule_score of each (prompt, completion), in the reward-function form PPO's reward_fn and eval_fn take."""
+    return [rule_score(p, c) for p, c in zip(prompts, completions)]

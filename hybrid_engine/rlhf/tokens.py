@@ -149,10 +149,12 @@ def tokenize_reward(rows, tokenizer, config: TokenConfig) -> tuple[list[dict[str
     return out, stats
 
 
-def tokenize_ppo(rows, tokenizer, config: TokenConfig) -> tuple[list[dict[str, list[int]]], TokenStats]:
-    """PPO rows (prompt) -> [{"input_ids"}], the formatted prompt the policy continues."""
+def tokenize_ppo(rows, tokenizer, config: TokenConfig) -> tuple[list[dict], TokenStats]:
+    """PPO rows (prompt) -> [{"input_ids", "row"}]: the formatted prompt the policy continues, and the index
+    of its row in `rows` (rows whose prompt was dropped leave gaps), where a reward function finds its fields."""
     stats = TokenStats()
-    return [{"input_ids": p} for p in _prompts(rows, tokenizer, config, stats) if p is not None], stats
+    fitted = _prompts(rows, tokenizer, config, stats)
+    return [{"input_ids": p, "row": i} for i, p in enumerate(fitted) if p is not None], stats
 
 
 # -- batches ----------------------------------------------------------------------------------------

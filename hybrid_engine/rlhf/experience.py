@@ -1,0 +1,164 @@
+"""Phases 1-3 of an RLHF step: generate rollouts with the actor, score them, and turn the scores into the
+per-token targets the optimisation phase trains on.
+
+Shapes: B sequences (prompts x samples per prompt), P the left-padded prompt width, R the longest response.
+Every [B, R] tensor is response-aligned as in losses.py: column t is response token t, `mask` marks the
+generated tokens (EOS included), padding after them. A sequence is its prompt's P columns then R columns.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+from hybrid_engine.rlhf import losses
+
+
+@dataclass
+class Experience:
+    """One rollout batch, scored, with what the optimisation phase needs."""
+
+    sequences: torch.Tensor  # (B, P + R) prompt then response tokens
+    attention_mask: torch.Tensor  # (B, P + R)
+    start: int  # P: the first response column of `sequences`
+    mask: torch.Tensor  # (B, R) fp32, 1 on response tokens
+    old_logprobs: torch.Tensor  # (B, R) the actor's at generation time
+    ref_logprobs: torch.Tensor  # (B, R) the frozen reference's
+    scores: torch.Tensor  # (B,) the sequence reward (reward model and/or reward function)
+    advantages: torch.Tensor  # (B, R)
+    old_values: torch.Tensor | None = None  # (B, R) the critic's (PPO only)
+    returns: torch.Tensor | None = None  # (B, R) the critic's targets (PPO only)
+    rewards: torch.Tensor | None = None  # (B, R) KL-penalised per-token rewards (PPO only)
+    completions: list[str] = field(default_factory=list)
+
+    @property
+    def kl(self) -> torch.Tensor:
+        """(B,): each sequence's sum over its response of old - ref log-probs, a sample of KL(actor || ref)."""
+        return ((self.old_logprobs - self.ref_logprobs) * self.mask).sum(1)
+
+    def select(self, rows: Sequence[int]) -> Experience:
+        """The experience of `rows`, its response columns cut to the longest response among them."""
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        R = max(int(self.mask[index].sum(1).max()), 1)
+        cut = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value[index]
+                if value.dim() == 2:
+                    value = value[:, : self.start + R] if f.name in ("sequences", "attention_mask") else value[:, :R]
+            elif f.name == "completions":
+                value = [value[i] for i in index.tolist()]
+            cut[f.name] = value
+        return replace(self, **cut)
+
+
+# -- 1. generate ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """What the actor generated for a batch of prompts."""
+
+    sequences: torch.Tensor  # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R)
+    start: int  # P
+    mask: torch.Tensor  # (B, R) fp32
+    logprobs: torch.Tensor  # (B, R) under the temperature-scaled distribution
+    generate_s: float
+
+
+def rollout(actor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, temperature: float,
+            eos_token_id: int, pad_token_id: int) -> Rollout:
+    """Samples one response per prompt row (left-padded prompt_ids [B, P]) from the actor (a HybridEngine),
+    in its generation mode."""
+    t0 = time.perf_counter()
+    out = actor.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
+                         temperature=temperature, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    mask = out.response_mask.float()
+    attention_mask = torch.cat([prompt_mask.long(), out.response_mask.long()], 1)
+    return Rollout(sequences=out.sequences, attention_mask=attention_mask, start=prompt_ids.shape[1], mask=mask,
+                   logprobs=out.logprobs, generate_s=time.perf_counter() - t0)
+
+
+# -- 2. score ---------------------------------------------------------------------------------------------------
+
+
+def critic_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
+    """(B, R): the critic's value of the state before each response token, read at the position that
+    predicts it (DeepSpeed-Chat's values[:, start - 1 : -1]). `critic(input_ids, attention_mask)` returns
+    per-position values (B, P + R)."""
+    values = critic(sequences, attention_mask)  # (B, P + R)
+    return values[:, start - 1 : -1].float()
+
+
+RewardFn = Callable[..., Sequence[float]]
+
+
+def call_reward_fn(fn: RewardFn, prompts: list[str], completions: list[str], extra: dict[str, list]) -> torch.Tensor:
+    """fp64 (B,): fn(prompts=..., completions=..., **extra) checked to be one number per completion."""
+    out = fn(prompts=prompts, completions=completions, **extra)
+    try:
+        values = [float(v) for v in out]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the reward function must return one number per completion, got {out!r:.200}") from e
+    if len(values) != len(completions):
+        raise ValueError(f"the reward function returned {len(values)} values for {len(completions)} completions")
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def all_finite(*tensors: torch.Tensor | None) -> bool:
+    """Whether every given tensor is finite on every rank (all ranks get the same answer)."""
+    ok = all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+    if torch.distributed.is_initialized():
+        flag = torch.tensor([0.0 if ok else 1.0])
+        torch.distributed.all_reduce(flag)
+        ok = float(flag) == 0.0
+    return ok
+
+
+# -- 3. targets ---------------------------------------------------------------------------------------------------
+
+
+def ppo_targets(exp: Experience, values: torch.Tensor, kl_coef: float, clip_reward: float, gamma: float, lam: float,
+                whiten_advantages: bool) -> Experience:
+    """PPO (DeepSpeed-Chat): KL-penalised per-token rewards, GAE advantages and returns over the critic's values."""
+    rewards = losses.kl_penalized_rewards(exp.old_logprobs, exp.ref_logprobs, exp.scores, exp.mask, kl_coef,
+                                          clip_reward)
+    advantages, returns = losses.advantages_and_returns(rewards, values, exp.mask, gamma, lam)
+    if whiten_advantages and int(exp.mask.sum()) >= 2:
+        advantages = losses.whiten(advantages, exp.mask)
+    return replace(exp, rewards=rewards, old_values=values, advantages=advantages, returns=returns)
+
+
+def group_targets(exp: Experience, algo: str, num_generations: int, kl_coef: float, whiten_advantages: bool
+                  ) -> Experience:
+    """GRPO or RLOO: one advantage per sequence from its group of num_generations samples, on every response
+    token. RLOO folds the KL into the scores first (score - kl_coef * KL, as TRL's RLOOTrainer); GRPO keeps it
+    as a loss term (group_kl_loss)."""
+    scores = exp.scores.double()
+    if algo == "rloo":
+        scores = scores - kl_coef * exp.kl.double()
+        per_sequence = losses.rloo_advantages(scores, num_generations)
+    else:
+        per_sequence = losses.grpo_advantages(scores, num_generations)
+    advantages = per_sequence.float()[:, None] * exp.mask  # (B, R)
+    if whiten_advantages and int(exp.mask.sum()) >= 2:
+        advantages = losses.whiten(advantages, exp.mask)
+    return replace(exp, advantages=advantages)
+
+
+def group_kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO's KL term, the pooled mean of the k3 estimator exp(ref - lp) - (ref - lp) - 1 (DeepSeekMath; TRL)."""
+    m = mask.bool()
+    delta = torch.where(m, ref_logprobs - logprobs, 0)
+    return (torch.where(m, delta.exp() - delta - 1, 0)).sum() / m.sum().clamp(min=1)
+
+
+def mean(x: torch.Tensor) -> float:
+    """A tensor's mean as a float (nan for an empty one)."""
+    return float(x.double().mean()) if x.numel() else math.nan

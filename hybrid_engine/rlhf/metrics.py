@@ -1,0 +1,84 @@
+"""A run's per-step figures: metrics.jsonl (one JSON object a line, appended as the run goes, so a crash
+loses nothing written), TensorBoard event files when the tensorboard package is installed, and a PNG plot
+of the curves at the end. Only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from hybrid_engine.rlhf.model_dirs import is_main_rank
+
+PLOTTED = (("score", "reward (training score)"), ("rule", "rule score (held out)"), ("kl", "KL to reference"),
+           ("policy_loss", "policy loss"), ("value_loss", "value loss"))
+"""The curves of the plot: (record key, title)."""
+
+
+class MetricsLog:
+    """Writes step records under `directory`: metrics.jsonl and tensorboard/ (rank 0 only)."""
+
+    def __init__(self, directory: str | os.PathLike, tag: str):
+        self.tag = tag
+        self.enabled = is_main_rank()
+        self.directory = Path(directory)
+        self._writer = None
+        if not self.enabled:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.directory / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional: the JSONL and the plot still hold everything
+            return
+        self._writer = SummaryWriter(str(self.directory / "tensorboard"))
+
+    def write(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"tag": self.tag, "step": step, **record}) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self._writer.add_scalar(f"{self.tag}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            if self._writer is not None:
+                self._writer.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict], path: str | os.PathLike, title: str) -> bool:
+    """A PNG of every PLOTTED curve the records hold, one panel each, against the step; False (and no file)
+    when matplotlib is missing or no record holds a plotted key."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = [(key, name) for key, name in PLOTTED if any(key in r for r in records)]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels):
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("PPO step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,217 @@
+"""`hybrid-engine train`: the three steps in order, each one's output feeding the next.
+
+    hybrid-engine train                                  # the built-in default (hybrid_engine/data/train.yaml)
+    hybrid-engine train --config my.yaml --data rows.jsonl --output out/run1
+    hybrid-engine train --set ppo.max_steps=20 --set sft.epochs=1
+
+The output directory gets sft/ (step 1's model), reward/ (step 2's), ppo/ (the final policy, its critic,
+metrics.jsonl and tensorboard/), train.png (the PPO curves) and summary.json. On the built-in demo task the
+summary also checks the default run's goals: a reward model of >= 90% held-out accuracy, and a held-out rule
+score raised at least halfway to its maximum with the KL to the reference below DEMO_KL_BOUND.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from hybrid_engine.rlhf import commands
+from hybrid_engine.rlhf.config_args import ConfigValues, build_config, load_config_file
+from hybrid_engine.rlhf.demo import DEMO_DIR
+from hybrid_engine.rlhf.metrics import MetricsLog, plot_curves, read_metrics
+from hybrid_engine.rlhf.model_dirs import is_main_rank
+
+DEFAULT_CONFIG = DEMO_DIR.parent / "train.yaml"
+DEMO_KL_BOUND = 8.0
+"""The built-in default's bound on the held-out KL to the reference, in nats per response."""
+DEMO_MIN_ACCURACY = 0.9
+
+
+def add_train_command(subparsers) -> None:
+    p = subparsers.add_parser("train", help="the three steps in order (sft, reward, ppo); with no arguments the "
+                              "built-in default on the demo task", description="Run SFT, the reward model and PPO "
+                              "in order, each step's output feeding the next. With no arguments: the built-in "
+                              f"default ({DEFAULT_CONFIG.name}) on the demo task, in a few minutes on a CPU.")
+    p.add_argument("--config", metavar="FILE", help="a YAML or JSON file with a section per step (sft:, reward:, "
+                   f"ppo:) of that step's settings; default: the built-in {DEFAULT_CONFIG}")
+    p.add_argument("--set", metavar="STEP.KEY=VALUE", action="append", default=[], help="override one setting of "
+                   "the config, e.g. ppo.max_steps=20 or sft.lr=1e-4 (VALUE is read as YAML); repeatable")
+    p.add_argument("--model", metavar="DIR", help="the starting causal LM (default: a fresh demo model seeded by "
+                   "sft's seed)")
+    p.add_argument("--tokenizer", metavar="DIR", help="a saved tokenizer (default: --model's, else the demo's)")
+    p.add_argument("--data", metavar="PATH[:WEIGHT]", action="append", help="a data file for all three steps, "
+                   "split between them by --data-split; repeatable (default: the demo's three files)")
+    p.add_argument("--data-split", metavar="A,B,C", help="each data file's shares for sft, reward and ppo "
+                   "(default: 2,4,4)")
+    p.add_argument("--eval-fraction", type=float, metavar="F", help="the held-out fraction of each step's rows")
+    p.add_argument("--cache-dir", metavar="DIR", help="where `datasets` caches the converted files")
+    p.add_argument("--reward-fn", metavar="MODULE:FUNCTION", help="a rule-based reward added to the reward model's "
+                   "score in PPO")
+    p.add_argument("--eval-fn", metavar="MODULE:FUNCTION", help="a held-out measure for PPO (default on the demo "
+                   "data: its rule_score)")
+    p.add_argument("--ds-config", metavar="FILE", help="a DeepSpeed JSON config every step trains under (run with "
+                   "torchrun or deepspeed)")
+    p.add_argument("--output", metavar="DIR", default="out/train", help="where the steps write (default: out/train)")
+    p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    p.set_defaults(func=run_train)
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """`values` with each STEP.KEY=VALUE (or KEY=VALUE) of `overrides` set, VALUE read as YAML."""
+    import yaml
+
+    out = json.loads(json.dumps(values))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected STEP.KEY=VALUE, e.g. ppo.max_steps=20")
+        section, _, name = key.rpartition(".")
+        target = out.setdefault(section, {}) if section else out
+        if not isinstance(target, dict):
+            raise ValueError(f"--set {item!r}: {section!r} is not a section of the config")
+        target[name] = yaml.safe_load(text)
+    return out
+
+
+def step_configs(args: argparse.Namespace) -> dict:
+    """{step: its config dataclass} from the config file (or the built-in default) and --set."""
+    from hybrid_engine.rlhf.ppo import PPOConfig
+    from hybrid_engine.rlhf.reward import RewardConfig
+    from hybrid_engine.rlhf.sft import SFTConfig
+
+    path = args.config or DEFAULT_CONFIG
+    values = ConfigValues(apply_overrides(load_config_file(path), args.set), str(path))
+    out = {}
+    for step, cls in (("sft", SFTConfig), ("reward", RewardConfig), ("ppo", PPOConfig)):
+        config = build_config(cls, None, values, section=step, skip=("output_dir",))
+        out[step] = dataclasses.replace(config, output_dir=os.path.join(args.output, step))
+    return out
+
+
+def _step_args(args: argparse.Namespace, **extra) -> argparse.Namespace:
+    """The per-step namespace commands.step_data and commands.model_and_tokenizer read."""
+    return argparse.Namespace(data=args.data, data_split=args.data_split, eval_fraction=args.eval_fraction,
+                              cache_dir=args.cache_dir, tokenizer=args.tokenizer, **extra)
+
+
+def _log_losses(directory: str, tag: str, losses: list[float]) -> None:
+    log = MetricsLog(directory, tag)
+    for i, loss in enumerate(losses):
+        log.write(i + 1, {"loss": loss})
+    log.close()
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """`hybrid-engine train`: sft, reward and ppo in order, then the summary table, plot and summary.json."""
+    from hybrid_engine.rlhf.ppo import train_ppo
+    from hybrid_engine.rlhf.reward import train_reward
+    from hybrid_engine.rlhf.sft import train_sft
+
+    t_start = time.perf_counter()
+    configs = step_configs(args)  # every setting is checked before any step starts
+    progress = not args.no_progress
+    sft_cfg, rm_cfg, ppo_cfg = configs["sft"], configs["reward"], configs["ppo"]
+
+    _banner("1/3 sft")
+    model, tokenizer = commands.model_and_tokenizer(_step_args(args, model=args.model), sft_cfg.seed)
+    sft = train_sft(model, tokenizer, commands.step_data(_step_args(args), "sft", sft_cfg.seed), sft_cfg,
+                    ds_config=args.ds_config, progress=progress)
+    _log_losses(sft_cfg.output_dir, "sft", sft.losses)
+    del model, sft.engine
+
+    _banner("2/3 reward")
+    rm = train_reward(sft_cfg.output_dir, tokenizer, commands.step_data(_step_args(args), "reward", rm_cfg.seed),
+                      rm_cfg, ds_config=args.ds_config, progress=progress)
+    _log_losses(rm_cfg.output_dir, "reward", rm.losses)
+    rm.model = None
+
+    _banner("3/3 ppo")
+    from hybrid_engine.rlhf.demo import rule_score_batch
+
+    eval_fn = args.eval_fn or (None if args.data else rule_score_batch)
+    log = MetricsLog(ppo_cfg.output_dir, "ppo")
+    try:
+        ppo = train_ppo(sft_cfg.output_dir, tokenizer, commands.step_data(_step_args(args), "ppo", ppo_cfg.seed),
+                        ppo_cfg, reward_model=rm_cfg.output_dir, reward_fn=args.reward_fn, eval_fn=eval_fn,
+                        ds_config=args.ds_config, progress=progress, log=log.write)
+    finally:
+        log.close()
+    wall = time.perf_counter() - t_start
+    summarize(args, configs, sft, rm, ppo, wall, demo=not args.data and eval_fn is rule_score_batch)
+    return 0
+
+
+def _banner(text: str) -> None:
+    if is_main_rank():
+        print(f"\n== hybrid-engine train: step {text}", flush=True)
+
+
+def demo_goals(rm, ppo) -> list[tuple[str, bool]]:
+    """The built-in default's goals, each with whether the run met it."""
+    acc = rm.accuracy_after or 0.0
+    before, after = ppo.before, ppo.after
+    halfway = before.rule + (1.0 - before.rule) / 2
+    return [(f"reward model held-out accuracy {acc:.3f} >= {DEMO_MIN_ACCURACY}", acc >= DEMO_MIN_ACCURACY),
+            (f"held-out rule score {after.rule:.3f} >= {halfway:.3f} (halfway from {before.rule:.3f} to 1)",
+             after.rule >= halfway),
+            (f"held-out KL to the reference {after.kl:.2f} < {DEMO_KL_BOUND} nats per response",
+             after.kl < DEMO_KL_BOUND)]
+
+
+def summary_rows(sft, rm, ppo) -> list[tuple[str, str, str, str]]:
+    """(step, figure, before, after) rows of the summary table."""
+    def f(x, spec=".3f"):
+        return commands.fmt(x, spec)
+
+    rows = [("sft", "held-out perplexity", f(sft.eval_perplexity_before, ".2f"), f(sft.eval_perplexity_after, ".2f")),
+            ("reward", "held-out accuracy", f(rm.accuracy_before), f(rm.accuracy_after)),
+            ("reward", "chosen - rejected score", f(rm.before and rm.before.chosen_mean - rm.before.rejected_mean),
+             f(rm.after and rm.after.chosen_mean - rm.after.rejected_mean))]
+    b, a = ppo.before, ppo.after
+    if b is not None:
+        if b.rule is not None:
+            rows.append(("ppo", "held-out rule score", f(b.rule), f(a.rule)))
+        if b.reward is not None:
+            rows.append(("ppo", "held-out reward-model score", f(b.reward), f(a.reward)))
+        rows += [("ppo", "KL to reference (nats/response)", f(b.kl, ".2f"), f(a.kl, ".2f")),
+                 ("ppo", "response length (tokens)", f(b.response_len, ".1f"), f(a.response_len, ".1f"))]
+    return rows
+
+
+def summarize(args, configs: dict, sft, rm, ppo, wall_s: float, demo: bool) -> None:
+    """Prints the table (and the demo's goals), writes summary.json and train.png; rank 0 only."""
+    if not is_main_rank():
+        return
+    from hybrid_engine.rlhf.ppo_command import ppo_summary
+
+    rows = summary_rows(sft, rm, ppo)
+    widths = [max(len(r[i]) for r in rows + [("step", "figure", "before", "after")]) for i in range(4)]
+    print("\nhybrid-engine train summary")
+    for row in [("step", "figure", "before", "after"), *rows]:
+        print("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    times = {"sft": sft.wall_s, "reward": rm.wall_s, "ppo": ppo.wall_s}
+    print(f"  wall time {wall_s:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")")
+    goals = demo_goals(rm, ppo) if demo and ppo.before is not None else []
+    for text, met in goals:
+        print(f"  goal {'met' if met else 'MISSED'}: {text}")
+    out = Path(args.output)
+    plot = plot_curves(read_metrics(out / "ppo" / "metrics.jsonl"), out / "train.png", "hybrid-engine train: PPO")
+    _, ppo_figures = ppo_summary(ppo)
+    summary = {"wall_s": wall_s, "step_wall_s": times, "table": [dict(zip(("step", "figure", "before", "after"), r))
+                                                                 for r in rows],
+               "goals": [{"goal": t, "met": m} for t, m in goals],
+               "configs": {k: dataclasses.asdict(v) for k, v in configs.items()},
+               "sft": {"steps": sft.steps, "losses": sft.losses, "evals": sft.evals},
+               "reward": {"steps": rm.steps, "losses": rm.losses,
+                          "evals": [(s, None if e is None else dataclasses.asdict(e)) for s, e in rm.evals]},
+               "ppo": ppo_figures}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    saved = "train.png, " if plot else ""
+    print(f"  saved to {out}: sft/, reward/, ppo/ (the final policy), {saved}summary.json")
+    if shutil.which("tensorboard"):
+        print(f"  tensorboard --logdir {out}/ppo/tensorboard")

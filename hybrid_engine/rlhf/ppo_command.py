@@ -1,0 +1,133 @@
+"""`hybrid-engine ppo`: step 3 from flags and a config file, with its logs, plot and summary.
+
+    hybrid-engine ppo --model out/sft --reward-model out/reward --output out/ppo
+    hybrid-engine ppo --algo grpo --num-generations 4 --reward-fn my_rules.py:score
+
+Writes to the output directory: the trained actor (save_pretrained, with its tokenizer), critic/ (PPO),
+ema/ (with --ema-beta), metrics.jsonl (one record per step and per evaluation), tensorboard/, ppo.png (the
+curves) and summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from hybrid_engine.rlhf import commands
+from hybrid_engine.rlhf.metrics import MetricsLog, plot_curves, read_metrics
+from hybrid_engine.rlhf.model_dirs import check_model_dir, is_main_rank
+
+DEFAULT_MODEL = "out/sft"
+DEFAULT_REWARD_MODEL = "out/reward"
+
+
+def add_ppo_command(subparsers) -> None:
+    from hybrid_engine.rlhf.ppo import PPOConfig
+
+    p = subparsers.add_parser("ppo", help="step 3: PPO (or --algo grpo / rloo) against a reward model and/or rule",
+                              description="Train the SFT policy with PPO against the reward model (DeepSpeed-Chat's "
+                              "step 3), or critic-free with --algo grpo or rloo; by default on the demo's prompts "
+                              "from out/sft and out/reward.")
+    commands.add_training_args(p, "ppo", PPOConfig, model_help="the SFT policy to train, a saved causal LM "
+                               f"(default: {DEFAULT_MODEL}, what `hybrid-engine sft` writes)")
+    models = p.add_argument_group("rewards and the other models")
+    models.add_argument("--reward-model", metavar="DIR", help="the frozen reward model that scores rollouts "
+                        f"(default: {DEFAULT_REWARD_MODEL}, what `hybrid-engine reward` writes, unless --reward-fn "
+                        "is given)")
+    models.add_argument("--no-reward-model", action="store_true", help="score by --reward-fn alone")
+    models.add_argument("--critic", metavar="DIR", help="where PPO's critic starts (default: the reward model)")
+    models.add_argument("--reference", metavar="DIR", help="the frozen policy of the KL term (default: --model as "
+                        "it was before training)")
+    models.add_argument("--reward-fn", metavar="MODULE:FUNCTION", help="a rule-based reward, fn(prompts, "
+                        "completions, **row fields) -> one number each, added to the reward model's score "
+                        "(times --reward-fn-weight); MODULE is importable or a .py file")
+    models.add_argument("--eval-fn", metavar="MODULE:FUNCTION", help="a held-out measure of the same form, reported "
+                        "and plotted, never trained on (default on the demo data: its rule_score)")
+    models.add_argument("--ptx-data", metavar="PATH", action="append", help="SFT-style (prompt, response) rows for "
+                        "the pre-training loss, weighted by --ptx-coef; repeat for several files")
+    commands.add_lora_args(p)
+    p.set_defaults(func=run_ppo)
+
+
+def _model_dir(given: str | None, default: str, flag: str, step: str, reward_ok: bool = False) -> str:
+    if given is None and not Path(default).is_dir():
+        raise ValueError(f"{flag} not given and {default} does not exist: run `hybrid-engine {step}` first or give "
+                         f"{flag} DIR")
+    return str(check_model_dir(given or default, flag, reward_ok=reward_ok))
+
+
+def resolve_rewards(args: argparse.Namespace) -> tuple[str | None, object | None, object | None]:
+    """(the reward model's directory or None, the reward function or None, the eval function or None)."""
+    from hybrid_engine.rlhf.demo import rule_score_batch
+
+    reward_model = None
+    if not args.no_reward_model and (args.reward_model or not args.reward_fn):
+        reward_model = _model_dir(args.reward_model, DEFAULT_REWARD_MODEL, "--reward-model", "reward", reward_ok=True)
+    if args.no_reward_model and not args.reward_fn:
+        raise ValueError("--no-reward-model needs --reward-fn: PPO needs a reward")
+    eval_fn = args.eval_fn or (None if args.data else rule_score_batch)
+    return reward_model, args.reward_fn, eval_fn
+
+
+def _ptx(args: argparse.Namespace, seed: int):
+    if not args.ptx_data:
+        return None
+    from hybrid_engine.rlhf.data import DataConfig, load_step_data
+
+    specs = [commands.parse_data(d) for d in args.ptx_data]
+    for spec in specs:
+        spec.data_split = "1,0,0"  # all of each file is pre-training text
+    return load_step_data(DataConfig(datasets=specs, eval_fraction=0.0, seed=seed, cache_dir=args.cache_dir), "sft")
+
+
+def run_ppo(args: argparse.Namespace) -> int:
+    """`hybrid-engine ppo`: train_ppo with the flags' settings, then the logs, the plot and the summary."""
+    from hybrid_engine.rlhf.ppo import PPOConfig, train_ppo
+
+    config = commands.step_config(args, PPOConfig, "ppo")
+    args.model = _model_dir(args.model, DEFAULT_MODEL, "--model", "sft")
+    reward_model, reward_fn, eval_fn = resolve_rewards(args)
+    model, tokenizer = commands.model_and_tokenizer(args, config.seed)
+    data = commands.step_data(args, "ppo", config.seed)
+    log = MetricsLog(config.output_dir, "ppo")
+    try:
+        result = train_ppo(model, tokenizer, data, config, reward_model=reward_model, critic=args.critic,
+                           reference=args.reference, reward_fn=reward_fn, eval_fn=eval_fn,
+                           ptx_data=_ptx(args, config.seed), ds_config=args.ds_config, lora=commands.lora_config(args),
+                           progress=not args.no_progress, log=log.write)
+    finally:
+        log.close()
+    rows, figures = ppo_summary(result)
+    if is_main_rank():
+        plot_curves(read_metrics(Path(config.output_dir) / "metrics.jsonl"), Path(config.output_dir) / "ppo.png",
+                    f"hybrid-engine {config.algo}")
+    commands.report("ppo", args, config, data, rows, figures)
+    return 0
+
+
+def _phase_totals(history: list[dict]) -> dict[str, float]:
+    return {k: sum(r.get(k, 0.0) for r in history) for k in ("generate_s", "experience_s", "train_s")}
+
+
+def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
+    """The summary table's rows and summary.json's figures of a PPOResult."""
+    before, after = result.before, result.after
+
+    def held_out(name: str, spec: str = ".3f") -> str:
+        return commands.before_after(getattr(before, name, None), getattr(after, name, None), spec)
+
+    totals = _phase_totals(result.history)
+    rows = [("steps", f"{result.steps} ({result.skipped} updates skipped for NaN/inf)"),
+            ("held-out reward-model score", held_out("reward")),
+            ("held-out rule score", held_out("rule")),
+            ("held-out KL to reference", held_out("kl") + " nats per response"),
+            ("held-out response length", held_out("response_len", ".1f") + " tokens"),
+            ("old log-probs", f"from {result.logprob_source}"),
+            ("time by phase", ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in totals.items())),
+            ("wall time", f"{result.wall_s:.1f} s")]
+    evals = [(step, None if e is None else dataclasses.asdict(e)) for step, e in result.evals]
+    figures = {"steps": result.steps, "skipped": result.skipped, "before": evals[0][1], "after": evals[-1][1],
+               "evals": evals, "history": result.history, "logprob_source": result.logprob_source,
+               "wall_s": result.wall_s, **totals, "token_stats": dataclasses.asdict(result.token_stats)}
+    return rows, figures

@@ -1,0 +1,92 @@
+"""The frozen models of the PPO step, scored through the inference path instead of an HF training forward.
+
+The reference policy and the reward model never train, so their generation-mode weights are built once
+(views of the HF parameters, no copies for fp32 weights) and every experience batch runs through the
+InferenceTransformer's blocks, the kernels generation uses. The reference then reads log-probs with the
+fused token_logprobs op (never building [B, T, V] logits) and the reward model reads its value head at
+each sequence's last token. Both equal the HF forward within the kernels' fp32 tolerance (a test).
+
+Each rank holds a full copy of both frozen models (they are not partitioned by ZeRO).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from hybrid_engine import ops
+from hybrid_engine.engine.lora import base_model
+from hybrid_engine.model.spec import spec_from_config
+from hybrid_engine.model.transformer import InferenceTransformer
+from hybrid_engine.model.weights import extract_weights
+from hybrid_engine.ops.logprobs import IGNORE_INDEX
+from hybrid_engine.rlhf.reward import RewardModel, last_token_index
+
+
+def _check_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> None:
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids and attention_mask must both be [B, T], got {tuple(input_ids.shape)} and "
+                         f"{tuple(attention_mask.shape)}")
+    if not 1 <= start < input_ids.shape[1]:
+        raise ValueError(f"start must be in [1, {input_ids.shape[1]}), got {start}")
+
+
+class FrozenPolicy:
+    """A frozen causal LM (the PPO reference) that reads the log-probs of given tokens."""
+
+    def __init__(self, model: torch.nn.Module, weight_dtype: torch.dtype | None = None):
+        model = base_model(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model.eval()
+        self.spec = spec_from_config(model.config)
+        self.net = InferenceTransformer(self.spec, extract_weights(model, self.spec, weight_dtype))
+
+    @torch.no_grad()
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                       temperature: float = 1.0) -> torch.Tensor:
+        """fp32 [B, T - start]: log p(input_ids[:, t] | input_ids[:, :t]) for t >= start, 0 where the mask is
+        0; HybridEngine.token_logprobs' contract, on the frozen weights."""
+        _check_rows(input_ids, attention_mask, start)
+        B, T = input_ids.shape
+        hidden = self.net.hidden_states(input_ids, attention_mask)[:, start - 1 : T - 1]  # (B, T - start, H)
+        targets = torch.where(attention_mask[:, start:].bool(), input_ids[:, start:], IGNORE_INDEX)
+        head = self.net.w.lm_head
+        logprobs = ops.token_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight.float(), targets.reshape(-1),
+                                      temperature)
+        return logprobs.view(B, T - start)
+
+
+def _as_causal_lm(body: torch.nn.Module, head: torch.nn.Linear, family: str) -> SimpleNamespace:
+    """The attributes model_weights reads from a causal LM, with the value head in the LM head's place."""
+    if family == "gpt2":
+        return SimpleNamespace(transformer=body, lm_head=head)
+    return SimpleNamespace(model=body, lm_head=head)
+
+
+class FrozenRewardModel:
+    """A frozen RewardModel that scores whole sequences (prompt and response) at their last token."""
+
+    def __init__(self, model: RewardModel, weight_dtype: torch.dtype | None = None):
+        if not isinstance(model, RewardModel):
+            raise ValueError(f"FrozenRewardModel needs a RewardModel, got {type(model).__name__}")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model.eval()
+        self.spec = spec_from_config(model.config)
+        lm = _as_causal_lm(model.body, model.value_head, self.spec.family)
+        self.net = InferenceTransformer(self.spec, extract_weights(lm, self.spec, weight_dtype))
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """fp32 [B]: each sequence's reward, the head's value at its last token with attention_mask 1
+        (RewardModel.score's contract)."""
+        _check_rows(input_ids, attention_mask, 1)
+        hidden = self.net.hidden_states(input_ids, attention_mask)  # (B, T, H)
+        last = hidden[torch.arange(hidden.shape[0]), last_token_index(attention_mask)]  # (B, H)
+        head = self.net.w.lm_head
+        values = last @ head.weight.float().T  # (B, 1)
+        if head.bias is not None:
+            values = values + head.bias.float()
+        return values.squeeze(-1)
