@@ -97,6 +97,11 @@ class HybridEngine:
     def optimizer(self):
         return self._trainer.optimizer
 
+    @property
+    def generator(self) -> torch.Generator:
+        """The generator sampling draws from (its state belongs in a training checkpoint)."""
+        return self._rng
+
     def __call__(self, *args, **kwargs):
         return self._trainer.forward(*args, **kwargs)
 

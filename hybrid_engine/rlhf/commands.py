@@ -92,6 +92,9 @@ def add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: ty
     io.add_argument("--config", metavar="FILE", help=f"a YAML or JSON file of {config_cls.__name__} settings, "
                     f"flat or under a '{step}:' section; flags override it")
     io.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    io.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --output "
+                    "(written with --checkpoint-every), with the same settings; the result is the same, to the bit, "
+                    "as a run that never stopped")
     settings = parser.add_argument_group(f"{config_cls.__name__} settings (also keys of --config)")
     add_config_args(settings, config_cls, skip=("output_dir",))
 
@@ -197,7 +200,7 @@ def run_sft(args: argparse.Namespace) -> int:
     model, tokenizer = model_and_tokenizer(args, config.seed)
     data = step_data(args, "sft", config.seed)
     result = train_sft(model, tokenizer, data, config, ds_config=args.ds_config, lora=lora,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, resume=args.resume)
     losses, stats = result.losses, result.token_stats
     rows = [("steps", str(result.steps)),
             ("train loss", before_after(losses[0] if losses else None, losses[-1] if losses else None)),
@@ -220,7 +223,8 @@ def run_reward(args: argparse.Namespace) -> int:
     config = step_config(args, RewardConfig, "reward")
     model, tokenizer = model_and_tokenizer(args, config.seed, reward_ok=True)
     data = step_data(args, "reward", config.seed)
-    result = train_reward(model, tokenizer, data, config, ds_config=args.ds_config, progress=not args.no_progress)
+    result = train_reward(model, tokenizer, data, config, ds_config=args.ds_config, progress=not args.no_progress,
+                          resume=args.resume)
     before, after, losses = result.before, result.after, result.losses
 
     def held_out(name: str) -> str:

@@ -3,6 +3,7 @@ DeepSpeed config they train under, and the progress bar."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -102,6 +103,11 @@ class StepConfig:
     """Prompt and sequence lengths, and how prompts are formatted."""
     output_dir: str | None = None
     """Save the trained model and the tokenizer here; None: do not save."""
+    checkpoint_every: int = 0
+    """Write a checkpoint (weights, optimizer, RNG, data position; safetensors and JSON) to
+    output_dir/checkpoints every this many steps, to resume from; 0: none."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
 
     def __post_init__(self):
         check_common(self)
@@ -115,7 +121,9 @@ def check_common(config) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if config.max_steps is not None and (not isinstance(config.max_steps, int) or config.max_steps < 1):
         raise ValueError(f"max_steps must be a positive integer or None, got {config.max_steps!r}")
-    for name in ("warmup_steps", "eval_every"):
+    if not isinstance(config.keep_checkpoints, int) or config.keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints must be a positive integer, got {config.keep_checkpoints!r}")
+    for name in ("warmup_steps", "eval_every", "checkpoint_every"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -199,17 +207,27 @@ class LoopRecord:
 
 def train_loop(num_rows: int, config, optimizer, train_step: Callable[[list[int]], float],
                evaluate: Callable[[], Any], desc: str, progress: bool,
-               show: Callable[[Any], dict] | None = None) -> LoopRecord:
+               show: Callable[[Any], dict] | None = None, trained=None, eval_type: type | None = None,
+               resume: bool | str = False) -> LoopRecord:
     """The epochs of one step's training: for each of this rank's seeded batches (batch_order), set the
     scheduled learning rate on `optimizer`, then `train_step(row indices) -> loss` (forward, backward,
     clipping, optimizer step); `evaluate()` before, every config.eval_every steps and after. `show` turns an
-    evaluation into progress-bar fields. `config` has the fields of check_common."""
+    evaluation into progress-bar fields. `config` has the fields of check_common.
+
+    trained: the (name, module, optimizer) list a checkpoint holds (checkpoint.Trained); with it, a
+    checkpoint is written every config.checkpoint_every steps, and resume (True: the newest under
+    config.output_dir, or a folder) continues one, to the bit. eval_type rebuilds a saved evaluation."""
+    from hybrid_engine.rlhf import checkpoint
+
     rank, world = rank_and_world()
     total = total_steps(len(batch_order(num_rows, config.batch_size, config.seed, 0, rank, world)), config)
     if total < 1:
         raise ValueError(f"{num_rows} training rows make no batch of {config.batch_size} per rank on {world} ranks")
     record = LoopRecord(losses=[], evals=[], steps=0, train_s=0.0)
+    if resume:
+        _restore(checkpoint, config, trained, record, eval_type, resume)
     bar = progress_bar(total, desc, progress)
+    bar.update(record.steps)
 
     def run_eval() -> None:
         result = evaluate()
@@ -217,9 +235,14 @@ def train_loop(num_rows: int, config, optimizer, train_step: Callable[[list[int]
         if result is not None and show is not None and record.losses:
             bar.set_postfix(loss=f"{record.losses[-1]:.3f}", **show(result))
 
-    run_eval()
+    if not record.evals:
+        run_eval()
+    seen = 0
     for epoch in range(config.epochs):
         for rows in batch_order(num_rows, config.batch_size, config.seed, epoch, rank, world):
+            seen += 1
+            if seen <= record.steps:  # run before the checkpoint this run resumed from
+                continue
             if record.steps == total:
                 break
             set_lr(optimizer, config.lr * lr_scale(record.steps, total, config.warmup_steps, config.schedule))
@@ -231,6 +254,31 @@ def train_loop(num_rows: int, config, optimizer, train_step: Callable[[list[int]
             bar.set_postfix(loss=f"{record.losses[-1]:.3f}")
             if config.eval_every and record.steps % config.eval_every == 0 and record.steps < total:
                 run_eval()
+            if trained and config.checkpoint_every and record.steps % config.checkpoint_every == 0 \
+                    and record.steps < total:
+                _save(checkpoint, config, trained, record)
     run_eval()
     bar.close()
     return record
+
+
+def _evals_json(evals: list) -> list:
+    return [[step, dataclasses.asdict(e) if dataclasses.is_dataclass(e) else e] for step, e in evals]
+
+
+def _save(checkpoint, config, trained, record: LoopRecord) -> None:
+    tensors, optim_meta = checkpoint.training_tensors(trained)
+    state = {"config": checkpoint.config_json(config), "optimizers": optim_meta, "losses": record.losses,
+             "evals": _evals_json(record.evals), "train_s": record.train_s}
+    checkpoint.save_checkpoint(config.output_dir, record.steps, tensors, state, config.keep_checkpoints)
+
+
+def _restore(checkpoint, config, trained, record: LoopRecord, eval_type, resume) -> None:
+    if not trained:
+        raise ValueError("resume needs the trained models (train_loop's `trained`)")
+    tensors, state = checkpoint.load_checkpoint(checkpoint.resume_path(config, resume))
+    checkpoint.check_same_config(state["config"], config)
+    checkpoint.restore_training(trained, tensors, state["optimizers"])
+    record.losses, record.train_s, record.steps = state["losses"], state["train_s"], state["step"]
+    record.evals = [(step, eval_type(**e) if eval_type is not None and e is not None else e)
+                    for step, e in state["evals"]]

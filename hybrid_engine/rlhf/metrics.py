@@ -1,4 +1,4 @@
-"""A run's per-step figures: metrics.jsonl (one JSON object a line, appended as the run goes, so a crash
+"""A run's per-step figures: metrics.jsonl (one JSON object a line, flushed as the run goes, so a crash
 loses nothing written), TensorBoard event files when the tensorboard package is installed, and a PNG plot
 of the curves at the end. Only rank 0 writes."""
 
@@ -19,7 +19,9 @@ PLOTTED = (("score", "reward (training score)"), ("rule", "rule score (held out)
 class MetricsLog:
     """Writes step records under `directory`: metrics.jsonl and tensorboard/ (rank 0 only)."""
 
-    def __init__(self, directory: str | os.PathLike, tag: str):
+    def __init__(self, directory: str | os.PathLike, tag: str, resume_step: int | None = None):
+        """resume_step: a run resumed from the checkpoint of that step; the records a killed run wrote after it
+        are dropped (the resumed run writes them again). None: a new run, which starts a new file."""
         self.tag = tag
         self.enabled = is_main_rank()
         self.directory = Path(directory)
@@ -27,12 +29,17 @@ class MetricsLog:
         if not self.enabled:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.directory / "metrics.jsonl", "a", encoding="utf-8")
+        path = self.directory / "metrics.jsonl"
+        kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if resume_step and path.is_file() else []
+        self._file = open(path, "w", encoding="utf-8")
+        for record in kept:
+            self._file.write(json.dumps(record) + "\n")
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional: the JSONL and the plot still hold everything
             return
-        self._writer = SummaryWriter(str(self.directory / "tensorboard"))
+        purge = None if resume_step is None else resume_step + 1  # drops the killed run's later events
+        self._writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, record: dict) -> None:
         if not self.enabled:

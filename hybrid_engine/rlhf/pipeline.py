@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from hybrid_engine.rlhf import commands
 from hybrid_engine.rlhf.config_args import ConfigValues, build_config, load_config_file
@@ -58,6 +59,9 @@ def add_train_command(subparsers) -> None:
                    "torchrun or deepspeed)")
     p.add_argument("--output", metavar="DIR", default="out/train", help="where the steps write (default: out/train)")
     p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run in --output: finished steps are "
+                   "not run again, the step that was running resumes from its newest checkpoint (checkpoint_every "
+                   "in the config)")
     p.set_defaults(func=run_train)
 
 
@@ -106,39 +110,97 @@ def _log_losses(directory: str, tag: str, losses: list[float]) -> None:
     log.close()
 
 
+DONE_FILE = "step_result.json"
+"""Written into a step's folder when the step has finished: what the summary needs of it."""
+
+
+def _finished(directory: str, resume: bool):
+    """A finished step's saved result (resume only), else None."""
+    path = Path(directory) / DONE_FILE
+    if not (resume and path.is_file()):
+        return None
+    from hybrid_engine.rlhf.reward import RewardEval
+
+    values = json.loads(path.read_text())
+    for key in ("before", "after"):
+        if isinstance(values.get(key), dict):
+            values[key] = RewardEval(**values[key])
+    return SimpleNamespace(**values)
+
+
+def _mark_done(directory: str, result, fields: tuple[str, ...]) -> None:
+    if not is_main_rank():
+        return
+    values = {}
+    for name in fields:
+        value = getattr(result, name)
+        values[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    (Path(directory) / DONE_FILE).write_text(json.dumps(values) + "\n")
+
+
+def _resume_step(config, resume: bool) -> bool:
+    """Whether a step resumes: --resume and a checkpoint of it exists."""
+    from hybrid_engine.rlhf.checkpoint import checkpoints
+
+    return resume and bool(checkpoints(config.output_dir))
+
+
+SFT_FIELDS = ("eval_perplexity_before", "eval_perplexity_after", "evals", "losses", "steps", "wall_s")
+REWARD_FIELDS = ("before", "after", "accuracy_before", "accuracy_after", "evals", "losses", "steps", "wall_s")
+
+
+def run_sft_step(args, config, progress: bool):
+    done = _finished(config.output_dir, args.resume)
+    if done is not None:
+        return done
+    model, tokenizer = commands.model_and_tokenizer(_step_args(args, model=args.model), config.seed)
+    from hybrid_engine.rlhf.sft import train_sft
+
+    result = train_sft(model, tokenizer, commands.step_data(_step_args(args), "sft", config.seed), config,
+                       ds_config=args.ds_config, progress=progress, resume=_resume_step(config, args.resume))
+    _log_losses(config.output_dir, "sft", result.losses)
+    _mark_done(config.output_dir, result, SFT_FIELDS)
+    result.engine = None
+    return result
+
+
+def run_reward_step(args, config, sft_dir: str, tokenizer, progress: bool):
+    done = _finished(config.output_dir, args.resume)
+    if done is not None:
+        return done
+    from hybrid_engine.rlhf.reward import train_reward
+
+    result = train_reward(sft_dir, tokenizer, commands.step_data(_step_args(args), "reward", config.seed), config,
+                          ds_config=args.ds_config, progress=progress, resume=_resume_step(config, args.resume))
+    _log_losses(config.output_dir, "reward", result.losses)
+    _mark_done(config.output_dir, result, REWARD_FIELDS)
+    result.model = None
+    return result
+
+
 def run_train(args: argparse.Namespace) -> int:
     """`hybrid-engine train`: sft, reward and ppo in order, then the summary table, plot and summary.json."""
+    from hybrid_engine.rlhf.demo import rule_score_batch
     from hybrid_engine.rlhf.ppo import train_ppo
-    from hybrid_engine.rlhf.reward import train_reward
-    from hybrid_engine.rlhf.sft import train_sft
+    from hybrid_engine.rlhf.ppo_command import resume_step
 
     t_start = time.perf_counter()
     configs = step_configs(args)  # every setting is checked before any step starts
     progress = not args.no_progress
     sft_cfg, rm_cfg, ppo_cfg = configs["sft"], configs["reward"], configs["ppo"]
-
     _banner("1/3 sft")
-    model, tokenizer = commands.model_and_tokenizer(_step_args(args, model=args.model), sft_cfg.seed)
-    sft = train_sft(model, tokenizer, commands.step_data(_step_args(args), "sft", sft_cfg.seed), sft_cfg,
-                    ds_config=args.ds_config, progress=progress)
-    _log_losses(sft_cfg.output_dir, "sft", sft.losses)
-    del model, sft.engine
-
+    sft = run_sft_step(args, sft_cfg, progress)
+    tokenizer = commands.model_and_tokenizer(_step_args(args, model=sft_cfg.output_dir), sft_cfg.seed)[1]
     _banner("2/3 reward")
-    rm = train_reward(sft_cfg.output_dir, tokenizer, commands.step_data(_step_args(args), "reward", rm_cfg.seed),
-                      rm_cfg, ds_config=args.ds_config, progress=progress)
-    _log_losses(rm_cfg.output_dir, "reward", rm.losses)
-    rm.model = None
-
+    rm = run_reward_step(args, rm_cfg, sft_cfg.output_dir, tokenizer, progress)
     _banner("3/3 ppo")
-    from hybrid_engine.rlhf.demo import rule_score_batch
-
     eval_fn = args.eval_fn or (None if args.data else rule_score_batch)
-    log = MetricsLog(ppo_cfg.output_dir, "ppo")
+    resume = _resume_step(ppo_cfg, args.resume)
+    log = MetricsLog(ppo_cfg.output_dir, "ppo", resume_step=resume_step(ppo_cfg.output_dir) if resume else None)
     try:
         ppo = train_ppo(sft_cfg.output_dir, tokenizer, commands.step_data(_step_args(args), "ppo", ppo_cfg.seed),
                         ppo_cfg, reward_model=rm_cfg.output_dir, reward_fn=args.reward_fn, eval_fn=eval_fn,
-                        ds_config=args.ds_config, progress=progress, log=log.write)
+                        ds_config=args.ds_config, progress=progress, log=log.write, resume=resume)
     finally:
         log.close()
     wall = time.perf_counter() - t_start

@@ -32,8 +32,8 @@ from hybrid_engine.engine import HybridEngine
 from hybrid_engine.engine.lora import base_model
 from hybrid_engine.engine.settings import GenerationSettings
 from hybrid_engine.engine.training import make_trainer
+from hybrid_engine.rlhf import checkpoint, loop, ppo_state
 from hybrid_engine.rlhf import experience as xp
-from hybrid_engine.rlhf import loop
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.ema import ActorEMA
 from hybrid_engine.rlhf.losses import AdaptiveKLController, FixedKLController, policy_loss, value_loss
@@ -468,25 +468,25 @@ def eval_record(figures: PolicyEval) -> dict:
 # -- the trainer ------------------------------------------------------------------------------------------------------
 
 
-def _ptx_source(ptx_data, tokenizer, config: PPOConfig) -> Callable[[], dict] | None:
-    """A function returning the next pre-training batch (train_batch_size rows, seeded order, cycling)."""
-    if ptx_data is None:
-        return None
-    rows = ptx_data.train if isinstance(ptx_data, StepData) else ptx_data
-    examples, _ = tokenize_sft(rows, tokenizer, config.tokens)
-    if not examples:
-        raise ValueError("the pre-training (PTX) data has no rows left after tokenization")
-    rank, world = loop.rank_and_world()
-    state = {"epoch": 0, "batches": []}
+class PTXBatches:
+    """The pre-training batches (train_batch_size rows, a seeded order per pass, cycling); callable."""
 
-    def next_batch() -> dict:
-        if not state["batches"]:
-            state["batches"] = loop.batch_order(len(examples), config.train_batch_size, config.seed + 7,
-                                                state["epoch"], rank, world)
-            state["epoch"] += 1
-        return collate_sft([examples[i] for i in state["batches"].pop(0)], tokenizer.pad_token_id)
+    def __init__(self, ptx_data, tokenizer, config: PPOConfig):
+        rows = ptx_data.train if isinstance(ptx_data, StepData) else ptx_data
+        self.examples, _ = tokenize_sft(rows, tokenizer, config.tokens)
+        if not self.examples:
+            raise ValueError("the pre-training (PTX) data has no rows left after tokenization")
+        self.pad_id, self.size, self.seed = tokenizer.pad_token_id, config.train_batch_size, config.seed + 7
+        self.epoch, self.taken = 0, 0  # the position, saved in checkpoints
 
-    return next_batch
+    def __call__(self) -> dict:
+        rank, world = loop.rank_and_world()
+        batches = loop.batch_order(len(self.examples), self.size, self.seed, self.epoch, rank, world)
+        if self.taken == len(batches):
+            self.epoch, self.taken = self.epoch + 1, 0
+            batches = loop.batch_order(len(self.examples), self.size, self.seed, self.epoch, rank, world)
+        self.taken += 1
+        return collate_sft([self.examples[i] for i in batches[self.taken - 1]], self.pad_id)
 
 
 def _kl_controller(config: PPOConfig):
@@ -509,7 +509,8 @@ def _save(models: Models, ema: ActorEMA | None, tokenizer, output_dir: str) -> N
 
 def train_ppo(actor, tokenizer, data: StepData, config: PPOConfig | None = None, reward_model=None, critic=None,
               reference=None, reward_fn=None, eval_fn: EvalFn | None = None, ptx_data=None, ds_config=None,
-              lora=None, progress: bool = True, log: Callable[[int, dict], None] | None = None) -> PPOResult:
+              lora=None, progress: bool = True, log: Callable[[int, dict], None] | None = None,
+              resume: bool | str = False) -> PPOResult:
     """RLHF step 3 on data.train's prompts, evaluated on data.eval's before, every config.eval_every steps and
     after.
 
@@ -521,7 +522,11 @@ def train_ppo(actor, tokenizer, data: StepData, config: PPOConfig | None = None,
     eval_fn: a held-out measure of the same form that no model trains on (the demo's rule_score).
     ptx_data: SFT-style rows (a StepData or rows) for the pre-training loss. ds_config, lora: as train_sft.
     log(step, figures) receives each step's record and each evaluation's (eval_record). Every rank calls this
-    under DeepSpeed; rank 0 writes config.output_dir: the actor (merged), critic/ and ema/."""
+    under DeepSpeed; rank 0 writes config.output_dir: the actor (merged), critic/ and ema/.
+
+    With config.checkpoint_every, a checkpoint is written to output_dir/checkpoints every that many steps;
+    resume=True (the newest there) or a checkpoint folder continues that run, with the same results to the bit
+    as a run that never stopped (checkpoint.py)."""
     config = config or PPOConfig()
     t_start = time.perf_counter()
     loop.pad_id_of(tokenizer)
@@ -533,7 +538,7 @@ def train_ppo(actor, tokenizer, data: StepData, config: PPOConfig | None = None,
     train, held_out = Prompts.of(data.train, tokenizer, config), Prompts.of(data.eval, tokenizer, config)
     if not train.examples:
         raise ValueError("no PPO prompts left after tokenization (data.train is empty or every prompt was dropped)")
-    ptx_batch = _ptx_source(ptx_data, tokenizer, config)
+    ptx_batch = None if ptx_data is None else PTXBatches(ptx_data, tokenizer, config)
     ema = None if config.ema_beta is None else ActorEMA(models.actor.module, config.ema_beta)
     kl_ctl = _kl_controller(config)
     rank, world = loop.rank_and_world()
@@ -542,9 +547,13 @@ def train_ppo(actor, tokenizer, data: StepData, config: PPOConfig | None = None,
     if total < 1:
         raise ValueError(f"{len(train.examples)} prompts make no batch of {config.batch_size} per rank on {world} "
                          "ranks")
+    checkpoint.check_supported(config, models.actor.zero_stage, resume)
     models.actor.train()
     result = PPOResult(history=[], before=None, after=None, evals=[], steps=0, skipped=0, logprob_source="",
                        wall_s=0.0, token_stats=train.stats, actor=models.actor, critic=models.critic_model, ema=ema)
+    if resume:
+        ppo_state.restore_run(checkpoint.resume_path(config, resume), config, models, ema, kl_ctl, ptx_batch,
+                              result, PolicyEval)
 
     def evaluate() -> None:
         figures = evaluate_policy(models, held_out, tokenizer, config, eval_fn)
@@ -553,9 +562,15 @@ def train_ppo(actor, tokenizer, data: StepData, config: PPOConfig | None = None,
             log(result.steps, eval_record(figures))
 
     bar = loop.progress_bar(total, config.algo, progress)
-    evaluate()
+    bar.update(result.steps)
+    if not result.evals:
+        evaluate()
+    seen = 0
     for epoch in range(config.epochs):
         for indices in loop.batch_order(len(train.examples), config.batch_size, config.seed, epoch, rank, world):
+            seen += 1
+            if seen <= result.steps:  # run before the checkpoint this run resumed from
+                continue
             if result.steps == total:
                 break
             record = ppo_step(models, train, indices, tokenizer, config, kl_ctl, ema, ptx_batch, result.steps, total)
@@ -569,6 +584,8 @@ def train_ppo(actor, tokenizer, data: StepData, config: PPOConfig | None = None,
             bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.2f}")
             if config.eval_every and result.steps % config.eval_every == 0 and result.steps < total:
                 evaluate()
+            if config.checkpoint_every and result.steps % config.checkpoint_every == 0 and result.steps < total:
+                ppo_state.save_run(config, models, ema, kl_ctl, ptx_batch, result)
     evaluate()
     bar.close()
     result.before, result.after = result.evals[0][1], result.evals[-1][1]

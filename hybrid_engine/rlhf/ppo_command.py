@@ -90,12 +90,12 @@ def run_ppo(args: argparse.Namespace) -> int:
     reward_model, reward_fn, eval_fn = resolve_rewards(args)
     model, tokenizer = commands.model_and_tokenizer(args, config.seed)
     data = commands.step_data(args, "ppo", config.seed)
-    log = MetricsLog(config.output_dir, "ppo")
+    log = MetricsLog(config.output_dir, "ppo", resume_step=resume_step(config.output_dir) if args.resume else None)
     try:
         result = train_ppo(model, tokenizer, data, config, reward_model=reward_model, critic=args.critic,
                            reference=args.reference, reward_fn=reward_fn, eval_fn=eval_fn,
                            ptx_data=_ptx(args, config.seed), ds_config=args.ds_config, lora=commands.lora_config(args),
-                           progress=not args.no_progress, log=log.write)
+                           progress=not args.no_progress, log=log.write, resume=args.resume)
     finally:
         log.close()
     rows, figures = ppo_summary(result)
@@ -104,6 +104,17 @@ def run_ppo(args: argparse.Namespace) -> int:
                     f"hybrid-engine {config.algo}")
     commands.report("ppo", args, config, data, rows, figures)
     return 0
+
+
+def resume_step(output_dir: str) -> int:
+    """The step of the newest checkpoint under output_dir (a clear error when there is none)."""
+    from hybrid_engine.rlhf.checkpoint import checkpoint_root, checkpoints
+
+    found = checkpoints(output_dir)
+    if not found:
+        raise ValueError(f"--resume: no checkpoint under {checkpoint_root(output_dir)} (write them with "
+                         "--checkpoint-every N)")
+    return int(found[-1].name.split("-")[1])
 
 
 def _phase_totals(history: list[dict]) -> dict[str, float]:

@@ -35,7 +35,7 @@ from hybrid_engine.engine.lora import lora_layers
 from hybrid_engine.engine.training import make_trainer
 from hybrid_engine.engine.zero import gathered, unique_params
 from hybrid_engine.model.spec import SUPPORTED
-from hybrid_engine.rlhf import loop
+from hybrid_engine.rlhf import checkpoint, loop
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.tokens import TokenStats, collate_reward, tokenize_reward
 
@@ -280,7 +280,7 @@ def evaluate_reward(forward, examples: Sequence[dict], pad_id: int, batch_size: 
 
 
 def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig | None = None, ds_config=None,
-                 progress: bool = True) -> RewardResult:
+                 progress: bool = True, resume: bool | str = False) -> RewardResult:
     """Train a reward model on data.train's (prompt, chosen, rejected) pairs, evaluating on data.eval before,
     every config.eval_every steps and after; the model comes back in eval mode.
 
@@ -288,7 +288,7 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
     directory of a saved causal LM (e.g. the SFT output) or of a saved reward model. ds_config: a DeepSpeed
     config (dict or JSON path; its micro batch and clipping come from `config`); None: plain torch AdamW in
     one process. Every rank must call this under DeepSpeed; rank 0 shows the progress bar and writes
-    config.output_dir."""
+    config.output_dir. checkpoint_every and resume as train_sft."""
     config = config or RewardConfig()
     t_start = time.perf_counter()
     pad_id = loop.pad_id_of(tokenizer)  # before any work
@@ -321,9 +321,11 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
         finally:
             trainer.train(True)
 
+    checkpoint.check_supported(config, trainer.zero_stage, resume)
     trainer.train(True)
     record = loop.train_loop(len(train), config, trainer.optimizer, train_step, evaluate, "reward", progress,
-                             show=lambda e: {"eval_acc": f"{e.accuracy:.3f}"})
+                             show=lambda e: {"eval_acc": f"{e.accuracy:.3f}"},
+                             trained=[("reward_model", model, trainer.optimizer)], eval_type=RewardEval, resume=resume)
     trainer.train(False)
     if config.output_dir is not None:
         model.save_pretrained(config.output_dir)

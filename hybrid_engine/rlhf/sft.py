@@ -25,7 +25,7 @@ import torch
 from hybrid_engine.engine import HybridEngine
 from hybrid_engine.engine.logprobs import head_as_token_logprobs, positions
 from hybrid_engine.engine.lora import base_model
-from hybrid_engine.rlhf import loop
+from hybrid_engine.rlhf import checkpoint, loop
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.tokens import IGNORE_INDEX, TokenStats, collate_sft, tokenize_sft
 
@@ -140,7 +140,7 @@ def _engine(model, config: SFTConfig, ds_config, lora) -> HybridEngine:
 
 
 def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None, ds_config=None, lora=None,
-              progress: bool = True) -> SFTResult:
+              progress: bool = True, resume: bool | str = False) -> SFTResult:
     """Fine-tune `model` (an HF causal LM, a directory, or a HybridEngine) on data.train's (prompt, response)
     rows, evaluating the held-out perplexity on data.eval before, every config.eval_every steps and after.
 
@@ -148,7 +148,8 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
     `config`); None: plain torch AdamW in one process. lora: a peft.LoraConfig. The model trains in place
     (with LoRA, peft injects its layers into it); a HybridEngine keeps its own optimizer, whose learning rate
     config.lr and the schedule then drive. Every rank must call this under DeepSpeed; rank 0 shows the
-    progress bar and writes config.output_dir."""
+    progress bar and writes config.output_dir. With config.checkpoint_every, checkpoints go to
+    output_dir/checkpoints; resume (True: the newest there, or a folder) continues one, to the bit."""
     config = config or SFTConfig()
     t_start = time.perf_counter()
     pad_id = loop.pad_id_of(tokenizer)  # before any work
@@ -171,10 +172,12 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
         tokens += int(batch["attention_mask"].sum())
         return loss.item()
 
+    checkpoint.check_supported(config, engine.zero_stage, resume)
     engine.train()
     record = loop.train_loop(len(train), config, engine.optimizer, train_step,
                              lambda: perplexity(engine, held_out, pad_id, config.eval_batch_size), "sft", progress,
-                             show=lambda ppl: {"eval_ppl": f"{ppl:.3f}"})
+                             show=lambda ppl: {"eval_ppl": f"{ppl:.3f}"},
+                             trained=[("model", engine.module, engine.optimizer)], resume=resume)
     if config.output_dir is not None:
         engine.save_pretrained(config.output_dir)
         if loop.rank_and_world()[0] == 0:

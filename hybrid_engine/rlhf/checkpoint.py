@@ -1,0 +1,221 @@
+"""Checkpoints of a training run, to resume it after a crash or a kill, to the bit.
+
+A checkpoint is a folder `checkpoints/step-N/` beside the run's output: `tensors.safetensors` (the trained
+weights, the optimizers' state tensors, the RNG states, an EMA) and `state.json` (the data position, the
+history so far, the optimizers' hyper-parameters). Loading one reads tensors and JSON only: no pickle. It is
+written to a temporary folder and renamed into place, so a kill mid-write leaves the previous checkpoint
+whole; the newest `keep` are kept.
+
+Supported: plain torch in one process, and DeepSpeed ZeRO stage 0 (every rank holds the whole model and
+optimizer; rank 0 writes, every rank reads). ZeRO 1-3 partition the optimizer state across ranks and are
+refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hybrid_engine.engine.zero import unique_params
+from hybrid_engine.rlhf import loop
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+FORMAT = "hybrid_engine.checkpoint.v1"
+
+
+def check_supported(config, zero_stage: int | None, resume) -> None:
+    """Refuses checkpointing (config.checkpoint_every or resume) where it cannot work, before training starts."""
+    if not (config.checkpoint_every or resume):
+        return
+    if config.output_dir is None:
+        raise ValueError("checkpoints live under output_dir/checkpoints: set output_dir to write or resume them")
+    if zero_stage not in (None, 0):
+        raise ValueError(f"checkpoints (checkpoint_every, resume) support plain torch and DeepSpeed ZeRO stage 0; "
+                         f"this run uses ZeRO stage {zero_stage}, which partitions the optimizer state")
+
+
+# -- what goes in ---------------------------------------------------------------------------------------------
+
+
+def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `module` by its state_dict name."""
+    return {f"{prefix}.{k}": v.detach().contiguous() for k, v in module.state_dict(keep_vars=True).items()}
+
+
+@torch.no_grad()
+def load_module_tensors(prefix: str, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copies the saved values into `module`'s own tensors (the objects optimizers and hooks hold stay)."""
+    own = module.state_dict(keep_vars=True)
+    missing = [k for k in own if f"{prefix}.{k}" not in tensors]
+    if missing:
+        raise ValueError(f"the checkpoint has no {prefix} tensors {missing[:3]}...: it was written for another model")
+    for k, v in own.items():
+        v.data.copy_(tensors[f"{prefix}.{k}"])
+
+
+def optimizer_state(prefix: str, optimizer: torch.optim.Optimizer, module: torch.nn.Module
+                    ) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, JSON) of a torch optimizer's state_dict; its parameters are named by their index in
+    unique_params(module) so that a rebuilt optimizer finds them."""
+    index = {id(p): i for i, p in enumerate(unique_params([module]))}
+    by_slot = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            by_slot[len(by_slot)] = index[id(p)]
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for slot, state in sd["state"].items():
+        for name, value in state.items():
+            key = f"{by_slot[slot]}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.{key}"] = value.contiguous()
+            else:
+                scalars[key] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [by_slot[s] for s in g["params"]]}
+              for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def load_optimizer_state(prefix: str, optimizer: torch.optim.Optimizer, module: torch.nn.Module,
+                         tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    index = {id(p): i for i, p in enumerate(unique_params([module]))}
+    slot_of = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            slot_of[index[id(p)]] = len(slot_of)
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            param, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(slot_of[int(param)], {})[name] = value
+    for key, value in meta["scalars"].items():
+        param, name = key.split(".", 1)
+        state.setdefault(slot_of[int(param)], {})[name] = value
+    groups = []
+    for saved, live in zip(meta["param_groups"], optimizer.state_dict()["param_groups"]):
+        groups.append({**{k: tuple(v) if k == "betas" else v for k, v in saved.items()}, "params": live["params"]})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_tensors(generators: dict[str, torch.Generator] | None = None) -> dict[str, torch.Tensor]:
+    """torch's global CPU RNG state and the named generators' states."""
+    out = {"rng.torch": torch.get_rng_state()}
+    for name, g in (generators or {}).items():
+        out[f"rng.{name}"] = g.get_state()
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Generator] | None = None) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    for name, g in (generators or {}).items():
+        g.set_state(tensors[f"rng.{name}"])
+
+
+# -- writing and finding ----------------------------------------------------------------------------------------
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def save_checkpoint(output_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict,
+                    keep: int = 2) -> Path | None:
+    """Writes checkpoints/step-<step>/ atomically on rank 0 (the others wait) and keeps the newest `keep`."""
+    root = checkpoint_root(output_dir)
+    final = root / f"step-{step}"
+    if loop.rank_and_world()[0] == 0:
+        tmp = root / f".step-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"),
+                  metadata={"format": FORMAT})
+        (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "step": step, **state}) + "\n")
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return final
+
+
+def _fsync_dir(directory: Path) -> None:
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints under output_dir, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / "state.json").is_file() and (p / "tensors.safetensors").is_file()]
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of a checkpoint folder (or of the newest one under an output directory)."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        found = checkpoints(path)
+        if not found:
+            raise ValueError(f"no checkpoint to resume from in {path} (looked for {checkpoint_root(path)}/step-N)")
+        path = found[-1]
+    state = json.loads((path / "state.json").read_text())
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a hybrid-engine checkpoint (format {state.get('format')!r})")
+    return load_file(str(path / "tensors.safetensors")), state
+
+
+# -- a run's trained models -------------------------------------------------------------------------------------
+
+Trained = list[tuple[str, torch.nn.Module, torch.optim.Optimizer]]
+"""(name, module, its optimizer) of each model a run trains."""
+
+
+def training_tensors(trained: Trained, generators: dict[str, torch.Generator] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, the optimizers' JSON) of the trained models, their optimizers and the RNG states."""
+    tensors, optim_meta = rng_tensors(generators), {}
+    for name, module, optimizer in trained:
+        tensors.update(module_tensors(name, module))
+        optim_tensors, optim_meta[name] = optimizer_state(f"{name}_optim", optimizer, module)
+        tensors.update(optim_tensors)
+    return tensors, optim_meta
+
+
+def restore_training(trained: Trained, tensors: dict[str, torch.Tensor], optim_meta: dict,
+                     generators: dict[str, torch.Generator] | None = None) -> None:
+    for name, module, optimizer in trained:
+        load_module_tensors(name, module, tensors)
+        load_optimizer_state(f"{name}_optim", optimizer, module, tensors, optim_meta[name])
+    restore_rng(tensors, generators)
+
+
+def config_json(config, ignored: tuple[str, ...] = ("checkpoint_every", "keep_checkpoints", "output_dir")) -> dict:
+    """A step config as JSON, without the fields that decide only what is written."""
+    import dataclasses
+
+    values = json.loads(json.dumps(dataclasses.asdict(config)))
+    return {k: v for k, v in values.items() if k not in ignored}
+
+
+def check_same_config(saved: dict, config) -> None:
+    now = config_json(config)
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        raise ValueError(f"the checkpoint was written with other settings ({', '.join(changed)}): resume with the "
+                         "settings it ran with")
+
+
+def resume_path(config, resume) -> str | os.PathLike:
+    """The folder `resume` names: config.output_dir for True, else the given path."""
+    return config.output_dir if resume is True else resume
