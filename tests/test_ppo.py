@@ -1,0 +1,519 @@
+"""RLHF step 3 (rlhf/ppo.py, rlhf/experience.py) on tiny demo Llamas in one process: the experience of a
+rollout against references computed here (log-probs, scores, PPO and group targets), the trainer end to end for
+ppo, grpo and rloo, determinism, reward functions, NaN handling, the EMA, saving, PTX, LoRA and bad settings.
+The formulas themselves are tested in test_losses.py; these tests check what the trainer feeds them."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import datasets
+import peft
+import pytest
+import torch
+import transformers
+from demo_models import demo_llama, demo_rows, tokenizer
+
+from hybrid_engine.engine.logprobs import positions
+from hybrid_engine.generation import generate
+from hybrid_engine.rlhf import RewardModel, losses, ppo
+from hybrid_engine.rlhf import experience as xp
+from hybrid_engine.rlhf.data import StepData
+from hybrid_engine.rlhf.demo import rule_score_batch
+from hybrid_engine.rlhf.ppo import NonFiniteError, PPOConfig, Prompts, build_models, make_experience, train_ppo
+from hybrid_engine.rlhf.reward_fn import load_reward_fn
+from hybrid_engine.rlhf.scoring import FrozenPolicy
+from hybrid_engine.rlhf.tokens import encode_prompts
+
+ATOL = 1e-5
+TIMING = ("generate_s", "experience_s", "train_s")  # the only figures of a step record that may differ run to run
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("datasets-cache"))
+
+
+@pytest.fixture(scope="module")
+def data(cache) -> StepData:
+    return demo_rows("ppo", 16, 6, cache)
+
+
+@pytest.fixture(scope="module")
+def rm() -> RewardModel:
+    """A random reward model on a second tiny Llama (train_ppo copies it: the fixture never changes)."""
+    torch.manual_seed(11)
+    return RewardModel.from_model(demo_llama(seed=1)).eval()
+
+
+@pytest.fixture
+def captured(monkeypatch) -> list:
+    """The Models each train_ppo call builds (its frozen reference and reward model are not in PPOResult)."""
+    built = []
+    real = ppo.build_models
+
+    def capture(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(ppo, "build_models", capture)
+    return built
+
+
+def demo_actor(seed: int = 0) -> transformers.LlamaForCausalLM:
+    """A tiny demo Llama whose EOS row of the LM head points along its mean hidden state, so that a good share of
+    8-token responses end early: the rollouts then have responses of different lengths, padded on the right."""
+    model = demo_llama(seed)
+    tok = tokenizer()
+    prompts = ["describe the weather in paris today", "tell me about a fox", "i want you to describe a turtle"]
+    with torch.no_grad():
+        hidden = [model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+                  for ids in encode_prompts(tok, prompts)]
+        mean = torch.cat(hidden).mean(0)
+        model.lm_head.weight[tok.eos_token_id] = 7 * mean / mean.norm() ** 2
+    return model
+
+
+def config(algo: str = "ppo", **fields) -> PPOConfig:
+    """The tests' small config: 4 prompts a step, 8 new tokens, 2 samples a prompt for grpo and rloo."""
+    base = dict(algo=algo, max_steps=3, batch_size=4, train_batch_size=4, max_new_tokens=8, lr=1e-3, critic_lr=1e-3,
+                num_generations=None if algo == "ppo" else 2, eval_batch_size=8)
+    return PPOConfig(**{**base, **fields})
+
+
+def run(data, cfg: PPOConfig, rm=None, actor=None, **kwargs) -> ppo.PPOResult:
+    return train_ppo(actor if actor is not None else demo_actor(), tokenizer(), data, cfg, reward_model=rm,
+                     progress=False, **kwargs)
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def snapshot_after_each_step(model: torch.nn.Module, snapshots: list):
+    """A train_ppo log callback that appends the model's weights to `snapshots` after every training step."""
+
+    def log(step: int, record: dict) -> None:
+        if not record.get("eval"):
+            snapshots.append(weights(model))
+
+    return log
+
+
+@torch.no_grad()
+def hf_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, start: int, temperature: float) -> torch.Tensor:
+    """fp64 [B, T - start]: the HF model's log_softmax(logits / temperature) of each response token, 0 off the
+    mask."""
+    ref = copy.deepcopy(model).double().eval()
+    logits = ref(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+    picked = (logits / temperature).log_softmax(-1)[:, start - 1 : -1].gather(-1, ids[:, start:, None]).squeeze(-1)
+    return torch.where(mask[:, start:].bool(), picked, 0)
+
+
+def experience(data, rm, algo: str, reward_fn=None, **fields):
+    """One make_experience batch of 4 prompts after the actor was moved off the reference (so old and reference
+    log-probs differ); with the models, the untouched SFT copy and the prompts."""
+    cfg = config(algo, **fields)
+    sft = demo_actor()
+    pristine = copy.deepcopy(sft)
+    models = build_models(sft, rm, None, None, reward_fn, cfg, None, None)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in models.actor.module.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    prompts = Prompts.of(data.train, tokenizer(), cfg)
+    exp, figures = make_experience(models, prompts, [0, 1, 2, 3], tokenizer(), cfg, cfg.kl_coef)
+    return exp, figures, models, pristine, cfg
+
+
+# -- phases 1-3: one rollout's experience ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo"])
+def test_experience_shapes(data, rm, algo):
+    exp, figures, _, _, cfg = experience(data, rm, algo)
+    B = 4 * cfg.num_generations
+    P, R = exp.start, exp.mask.shape[1]
+    assert exp.sequences.shape == exp.attention_mask.shape == (B, P + R) and 1 <= R <= cfg.max_new_tokens
+    for name in ("mask", "old_logprobs", "ref_logprobs", "advantages"):
+        assert getattr(exp, name).shape == (B, R), name
+    assert exp.scores.shape == (B,) and len(exp.completions) == B
+    assert torch.equal(exp.attention_mask[:, P:].float(), exp.mask)
+    lengths = exp.mask.sum(1)
+    assert (lengths >= 1).all() and lengths.min() < R  # some responses ended early, padded on the right
+    assert (exp.sequences[:, P:][exp.mask == 0] == tokenizer().pad_token_id).all()
+    if algo == "ppo":
+        assert exp.old_values.shape == exp.returns.shape == exp.rewards.shape == (B, R)
+    else:
+        assert exp.old_values is None and exp.returns is None and exp.rewards is None
+    assert figures["logprob_source"] == "generation" and figures["response_len"] == float(exp.mask.sum(1).mean())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_old_logprobs_from_generation_equal_a_recompute_and_ref_logprobs_the_sft_model(data, rm, temperature):
+    exp, figures, models, pristine, cfg = experience(data, rm, "ppo", temperature=temperature)
+    engine = models.actor
+    engine.eval()
+    with torch.no_grad():
+        recomputed = engine.token_logprobs(exp.sequences, exp.attention_mask, exp.start, temperature)
+    engine.train()
+    assert (exp.old_logprobs - recomputed).abs().max() < ATOL
+    ref = hf_logprobs(pristine, exp.sequences, exp.attention_mask, exp.start, temperature)
+    assert (exp.ref_logprobs.double() - ref).abs().max() < ATOL
+    frozen = FrozenPolicy(copy.deepcopy(pristine)).token_logprobs(exp.sequences, exp.attention_mask, exp.start,
+                                                                  temperature)
+    assert torch.equal(exp.ref_logprobs, frozen)
+    assert (exp.old_logprobs - exp.ref_logprobs).abs().max() > 1e-2  # the actor did move off the reference
+    kl = ((exp.old_logprobs - exp.ref_logprobs) * exp.mask).sum(1)
+    assert torch.allclose(exp.kl, kl) and figures["kl"] == pytest.approx(float(kl.double().mean()), abs=1e-6)
+
+
+def test_recomputed_old_logprobs_with_bf16_generation_weights(data, rm):
+    exp, figures, models, _, cfg = experience(data, rm, "ppo", generation_weight_dtype="bf16")
+    assert figures["logprob_source"] == "recomputed"
+    engine = models.actor.eval()
+    with torch.no_grad():
+        recomputed = engine.token_logprobs(exp.sequences, exp.attention_mask, exp.start, cfg.temperature)
+    assert torch.equal(exp.old_logprobs, recomputed)
+
+
+def length_score(prompts, completions, **fields):
+    return [len(c.split()) / 4 for c in completions]
+
+
+@torch.no_grad()
+def test_scores_are_the_reward_models_plus_the_weighted_reward_function(data, rm):
+    exp, figures, _, _, cfg = experience(data, rm, "ppo", reward_fn=length_score, reward_fn_weight=0.5)
+    by_rm = rm.score(exp.sequences, exp.attention_mask).double()
+    by_fn = torch.tensor(length_score(None, exp.completions), dtype=torch.float64)
+    assert (exp.scores.double() - (by_rm + 0.5 * by_fn)).abs().max() < ATOL
+    assert figures["rm_score"] == pytest.approx(float(by_rm.mean()), abs=ATOL)
+    assert figures["fn_score"] == pytest.approx(float(by_fn.mean()))
+    decoded = tokenizer().batch_decode(exp.sequences[:, exp.start :], skip_special_tokens=True)
+    assert exp.completions == decoded
+
+
+@torch.no_grad()
+def test_ppo_targets_are_the_kl_penalised_rewards_and_gae_of_the_critics_values(data, rm):
+    exp, _, models, _, cfg = experience(data, rm, "ppo", kl_coef=0.3, clip_reward=0.2, gamma=0.9, lam=0.8)
+    critic = copy.deepcopy(models.critic_model).eval()
+    values = critic.values(exp.sequences, exp.attention_mask)[:, exp.start - 1 : -1]  # the state before each token
+    assert (exp.old_values - values).abs().max() < ATOL
+    rewards = losses.kl_penalized_rewards(exp.old_logprobs, exp.ref_logprobs, exp.scores, exp.mask, 0.3, 0.2)
+    advantages, returns = losses.advantages_and_returns(rewards, exp.old_values, exp.mask, 0.9, 0.8)
+    assert torch.equal(exp.rewards, rewards)
+    assert torch.equal(exp.advantages, advantages) and torch.equal(exp.returns, returns)
+    assert exp.scores.abs().max() > 0.2  # the clip did act on some score
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_group_advantages_are_the_baselines_over_the_response(data, rm, algo):
+    exp, _, _, _, cfg = experience(data, rm, algo, kl_coef=0.5, num_generations=3)
+    scores = exp.scores.double()
+    if algo == "rloo":
+        per_sequence = losses.rloo_advantages(scores - 0.5 * exp.kl.double(), 3)
+        assert not torch.allclose(per_sequence, losses.rloo_advantages(scores, 3))  # the KL term matters
+    else:
+        per_sequence = losses.grpo_advantages(scores, 3)
+    assert torch.allclose(exp.advantages, per_sequence.float()[:, None] * exp.mask, atol=1e-6, rtol=0)
+    assert (exp.advantages[exp.mask == 0] == 0).all()
+
+
+def test_whitened_advantages(data, rm):
+    exp, _, _, _, _ = experience(data, rm, "grpo", whiten_advantages=True)
+    per_sequence = losses.grpo_advantages(exp.scores.double(), 2).float()[:, None] * exp.mask
+    assert torch.allclose(exp.advantages, losses.whiten(per_sequence, exp.mask), atol=1e-6, rtol=0)
+
+
+def test_select_cuts_rows_and_response_columns():
+    B, P, R = 3, 2, 4
+    lengths = torch.tensor([4, 1, 2])
+    mask = (torch.arange(R)[None, :] < lengths[:, None]).float()  # (B, R)
+    table = torch.arange(B * R, dtype=torch.float32).view(B, R)
+    seqs = torch.arange(B * (P + R)).view(B, P + R)
+    exp = xp.Experience(sequences=seqs, attention_mask=torch.cat([torch.ones(B, P), mask], 1), start=P, mask=mask,
+                        old_logprobs=table, ref_logprobs=table + 100, scores=torch.tensor([1.0, 2.0, 3.0]),
+                        advantages=table + 200, returns=table + 300, completions=["a", "b", "c"])
+    cut = exp.select([2, 1])
+    assert cut.start == P and cut.completions == ["c", "b"] and cut.old_values is None and cut.rewards is None
+    assert torch.equal(cut.sequences, seqs[[2, 1], : P + 2]) and cut.attention_mask.shape == (2, P + 2)
+    for name, offset in (("old_logprobs", 0), ("ref_logprobs", 100), ("advantages", 200), ("returns", 300)):
+        assert torch.equal(getattr(cut, name), table[[2, 1], :2] + offset), name
+    assert torch.equal(cut.mask, mask[[2, 1], :2]) and torch.equal(cut.scores, torch.tensor([3.0, 2.0]))
+    assert exp.select(range(3)).mask.shape == (3, R)
+    assert torch.equal(exp.select([1]).kl, exp.kl[[1]])
+
+
+# -- the trainer end to end ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo"])
+def test_train_ppo_runs_three_steps(data, rm, captured, algo):
+    actor = demo_actor()
+    start, rm_start = weights(actor), weights(rm)
+    records = []
+    result = run(data, config(algo, eval_every=2), rm, actor=actor, eval_fn=rule_score_batch,
+                 log=lambda step, r: records.append((step, r)))
+    assert result.steps == 3 and len(result.history) == 3 and result.skipped == 0
+    assert [r["step"] for r in result.history] == [1, 2, 3]
+    for r in result.history:
+        assert math.isfinite(r["policy_loss"]) and math.isfinite(r["score"]) and math.isfinite(r["kl"])
+        assert ("value_loss" in r) == (algo == "ppo") and (algo != "ppo" or math.isfinite(r["value_loss"]))
+        assert r["logprob_source"] == "generation" and r["skipped"] == 0
+    assert result.logprob_source == "generation"
+    assert not same_weights(weights(actor), start)  # trained in place
+    models = captured[0]
+    assert same_weights(weights(models.reference.model), start)  # the frozen reference is the SFT model
+    assert same_weights(weights(models.reward.model), rm_start) and same_weights(weights(rm), rm_start)
+    assert (algo == "ppo") == (result.critic is not None)
+    if algo == "ppo":
+        assert not same_weights(weights(result.critic), rm_start)  # the critic trained, from the reward model
+    assert [s for s, _ in result.evals] == [0, 2, 3] and result.before is result.evals[0][1]
+    assert abs(result.before.kl) < 1e-4  # the actor is the reference before training
+    assert 0 <= result.after.rule <= 1 and result.after.reward is not None and result.after.response_len >= 1
+    assert [s for s, r in records if r.get("eval")] == [0, 2, 3]
+    assert [r for _, r in records if not r.get("eval")] == result.history
+
+
+def test_bf16_generation_recomputes_the_old_logprobs(data, rm):
+    result = run(data, config(max_steps=2, generation_weight_dtype="bf16"), rm)
+    assert result.logprob_source == "recomputed" and len(result.history) == 2
+    assert all(r["logprob_source"] == "recomputed" and math.isfinite(r["policy_loss"]) for r in result.history)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_two_identical_runs_are_identical_to_the_bit(data, rm, algo):
+    runs = [run(data, config(algo, max_steps=2), rm, eval_fn=rule_score_batch) for _ in range(2)]
+    histories = [[{k: v for k, v in r.items() if k not in TIMING} for r in res.history] for res in runs]
+    assert histories[0] == histories[1]
+    assert runs[0].evals == runs[1].evals
+    assert same_weights(weights(runs[0].actor.module), weights(runs[1].actor.module))
+
+
+def test_a_different_seed_gives_a_different_run(data, rm):
+    a, b = (run(data, config(max_steps=1, seed=s), rm) for s in (1, 2))
+    assert a.history[0]["score"] != b.history[0]["score"]
+
+
+# -- reward functions ----------------------------------------------------------------------------------------------
+
+
+def test_a_reward_function_from_a_file_scores_the_completions(data, tmp_path):
+    path = tmp_path / "my_rules.py"
+    path.write_text("def words(prompts, completions, **fields):\n"
+                    "    return [len(c.split()) / 4 for c in completions]\n")
+    exp, figures, *_ = experience(data, None, "grpo", reward_fn=f"{path}:words")
+    assert torch.equal(exp.scores, torch.tensor(length_score(None, exp.completions), dtype=torch.float32))
+    assert "rm_score" not in figures and figures["fn_score"] == pytest.approx(float(exp.scores.double().mean()))
+    assert load_reward_fn(f"{path}:words")(prompts=[], completions=["a b"]) == [0.5]
+
+
+def test_a_reward_function_gets_each_rows_fields_aligned_with_its_completions(tmp_path):
+    rows = [{"prompt": f"tell me about a fox number {i}", "answer": f"answer {i}"} for i in range(8)]
+    data = StepData(train=datasets.Dataset.from_list(rows), eval=datasets.Dataset.from_list(rows[:2]), reports=[])
+    calls = []
+
+    def check_fields(prompts, completions, answer):
+        calls.append((prompts, answer))
+        return [float(len(c)) for c in completions]
+
+    result = run(data, config("grpo", max_steps=2, num_generations=3), reward_fn=check_fields)
+    assert len(result.history) == 2 and len(calls) == 2
+    for prompts, answers in calls:
+        assert len(prompts) == len(answers) == 12
+        for p, a in zip(prompts, answers):
+            assert a == "answer " + p.rsplit(" ", 1)[1]  # the answer of the prompt's own row
+        assert all(len(set(prompts[i : i + 3])) == 1 for i in range(0, 12, 3))  # a prompt's samples in a row
+
+
+def test_a_callable_reward_function_is_used_alone(data):
+    result = run(data, config("rloo", max_steps=2), reward_fn=rule_score_batch, eval_fn=rule_score_batch)
+    assert len(result.history) == 2 and result.after.reward is None and result.after.rule is not None
+    assert all("rm_score" not in r and 0 <= r["fn_score"] <= 1 for r in result.history)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("no_colon_here", r"given as 'module:function' or 'file.py:function', got 'no_colon_here'"),
+    (42, r"'module:function' or 'file.py:function', got 42"),
+    ("/nowhere/rules.py:score", r"no such file /nowhere/rules.py"),
+    ("hybrid_engine.no_such_module:score", r"cannot import module 'hybrid_engine.no_such_module'"),
+    ("hybrid_engine.rlhf.demo:no_such_fn", r"hybrid_engine.rlhf.demo has no function 'no_such_fn'"),
+    ("hybrid_engine.rlhf.demo:DEMO_DIR", r"has no function 'DEMO_DIR'"),
+])
+def test_bad_reward_function_specs_are_clear_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        load_reward_fn(spec)
+
+
+def test_a_bad_reward_function_spec_fails_before_training(data, rm):
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        run(data, config(), rm, reward_fn="hybrid_engine.rlhf.demo:nope")
+
+
+@pytest.mark.parametrize("fn, match", [
+    (lambda prompts, completions, **f: [1.0], r"returned 1 values for 4 completions"),
+    (lambda prompts, completions, **f: None, r"must return one number per completion, got None"),
+    (lambda prompts, completions, **f: ["high"] * len(completions), r"one number per completion"),
+])
+def test_a_reward_function_of_the_wrong_output_is_refused(data, rm, fn, match):
+    with pytest.raises(ValueError, match=match):
+        run(data, config(), rm, reward_fn=fn)
+
+
+# -- NaN and inf ----------------------------------------------------------------------------------------------------
+
+
+def nan_on_call(n: int):
+    """A reward function whose n-th call scores one completion NaN."""
+    calls = []
+
+    def fn(prompts, completions, **fields):
+        calls.append(1)
+        values = [0.1 * len(c) for c in completions]
+        if len(calls) == n:
+            values[1] = float("nan")
+        return values
+
+    return fn
+
+
+def test_a_nan_score_skips_its_step_and_trains_on(data, rm):
+    actor = demo_actor()
+    snapshots = []
+    log = snapshot_after_each_step(actor, snapshots)
+    result = run(data, config(nonfinite="skip", ema_beta=0.5), rm, actor=actor, reward_fn=nan_on_call(2), log=log)
+    assert result.steps == 3 and result.skipped == 1
+    first, nan_step, third = result.history
+    assert nan_step["skipped"] == 1 and math.isnan(nan_step["score"]) and "policy_loss" not in nan_step
+    assert first["skipped"] == third["skipped"] == 0 and math.isfinite(third["policy_loss"])
+    assert same_weights(snapshots[1], snapshots[0])  # the skipped step changed nothing
+    assert not same_weights(snapshots[2], snapshots[1])  # the next one trained
+    assert all(torch.isfinite(t).all() for t in result.ema.shadow)
+
+
+def test_a_nan_score_stops_the_run_when_asked(data, rm):
+    with pytest.raises(NonFiniteError, match=r"PPO step 2: the scores or advantages hold NaN or inf"):
+        run(data, config(nonfinite="stop"), rm, reward_fn=nan_on_call(2))
+
+
+def test_an_inf_score_of_a_group_algorithm_is_skipped(data):
+    def inf_fn(prompts, completions, **fields):
+        return [math.inf] + [1.0] * (len(completions) - 1)
+
+    result = run(data, config("grpo", max_steps=2), reward_fn=inf_fn)
+    assert result.skipped == 2 and all(r["skipped"] == 1 for r in result.history)
+
+
+# -- the EMA and what a run saves ------------------------------------------------------------------------------------
+
+
+def test_the_ema_critic_and_actor_are_saved_and_load(data, rm, tmp_path):
+    actor = demo_actor()
+    snapshots = [weights(actor)]
+    log = snapshot_after_each_step(actor, snapshots)
+    out = tmp_path / "ppo"
+    beta = 0.6
+    result = run(data, config(max_steps=2, ema_beta=beta, output_dir=str(out)), rm, actor=actor, log=log)
+    assert len(snapshots) == 3
+    expected = snapshots[0]
+    for w in snapshots[1:]:  # ema <- beta * ema + (1 - beta) * param, after each step
+        expected = {k: beta * expected[k] + (1 - beta) * w[k] for k in w}
+    ema = dict(transformers.AutoModelForCausalLM.from_pretrained(out / "ema").named_parameters())
+    assert ema.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.allclose(ema[k], v, atol=1e-6, rtol=0), k
+        lo, hi = torch.minimum(snapshots[0][k], snapshots[-1][k]), torch.maximum(snapshots[0][k], snapshots[-1][k])
+        assert ((ema[k] >= lo - 1e-6) & (ema[k] <= hi + 1e-6)).float().mean() > 0.9
+    assert not same_weights({k: v.detach() for k, v in ema.items()}, snapshots[-1])
+
+    critic = RewardModel.from_pretrained(out / "critic").eval()
+    ids = torch.tensor([[1, 5, 6, 7, 8], [0, 0, 1, 9, 10]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        assert torch.allclose(critic.values(ids, mask), result.critic.values(ids, mask), atol=1e-6, rtol=0)
+
+    saved = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert same_weights({k: v.detach() for k, v in saved.named_parameters()}, snapshots[-1])
+    assert transformers.AutoTokenizer.from_pretrained(out).pad_token_id == tokenizer().pad_token_id
+    prompts = ppo.collate_ppo(Prompts.of(data.eval, tokenizer(), config()).examples[:4], tokenizer().pad_token_id)
+    args = dict(max_new_tokens=8, eos_token_id=tokenizer().eos_token_id, pad_token_id=tokenizer().pad_token_id)
+    engine_out = result.actor.generate(prompts["input_ids"], prompts["attention_mask"], **args)
+    loaded_out = generate(saved, prompts["input_ids"], prompts["attention_mask"], **args)
+    assert torch.equal(engine_out.sequences, loaded_out.sequences)
+
+
+def test_without_an_output_dir_nothing_is_saved(data, rm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run(data, config(max_steps=1), rm)
+    assert result.ema is None and list(tmp_path.iterdir()) == []
+
+
+# -- PTX and LoRA ----------------------------------------------------------------------------------------------------
+
+
+def test_ptx_data_adds_a_pretraining_loss(data, rm, cache):
+    ptx_rows = demo_rows("sft", 12, 0, cache)
+    result = run(data, config(max_steps=2, ptx_coef=0.5), rm, ptx_data=ptx_rows)
+    assert all(math.isfinite(r["ptx_loss"]) and r["ptx_loss"] > 0 for r in result.history)
+    plain = run(data, config(max_steps=2), rm)
+    assert all("ptx_loss" not in r for r in plain.history)
+
+
+def test_a_lora_actor_trains(data, rm, tmp_path):
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    actor = demo_actor()
+    start = weights(actor)
+    out = tmp_path / "lora"
+    result = run(data, config(max_steps=2, output_dir=str(out)), rm, actor=actor, lora=lora)
+    assert len(result.history) == 2 and all(math.isfinite(r["policy_loss"]) for r in result.history)
+    trained = {n: p for n, p in result.actor.module.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    saved = dict(transformers.AutoModelForCausalLM.from_pretrained(out).named_parameters())
+    assert saved.keys() == start.keys()  # merged: no adapter left
+    assert not same_weights({k: v.detach() for k, v in saved.items()}, start)
+
+
+# -- bad settings --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(algo="dpo"), r"algo must be one of \('ppo', 'grpo', 'rloo'\), got 'dpo'"),
+    (dict(algo="grpo", num_generations=1), r"grpo compares samples of one prompt: num_generations must be >= 2"),
+    (dict(algo="rloo", num_generations=1), r"rloo compares samples"),
+    (dict(kl_coef=-0.1), r"kl_coef and ptx_coef must be >= 0"),
+    (dict(ptx_coef=-1.0), r"kl_coef and ptx_coef must be >= 0"),
+    (dict(nonfinite="ignore"), r"nonfinite must be 'skip' or 'stop', got 'ignore'"),
+    (dict(ema_beta=1.5), r"ema_beta must be in \[0, 1\] or None"),
+    (dict(generation_weight_dtype="fp16"), r"generation_weight_dtype must be None or 'bf16'"),
+    (dict(train_batch_size=0), r"train_batch_size must be a positive integer"),
+    (dict(max_new_tokens=0), r"max_new_tokens must be a positive integer"),
+    (dict(temperature=0.0), r"temperature must be positive"),
+    (dict(clip_range=-0.2), r"clip_range must be positive"),
+    (dict(batch_size=0), r"batch_size must be a positive integer"),
+])
+def test_bad_settings_are_refused(fields, match):
+    with pytest.raises(ValueError, match=match):
+        PPOConfig(**fields)
+
+
+def test_num_generations_defaults_by_algorithm():
+    assert PPOConfig().num_generations == 1 and PPOConfig(algo="grpo").num_generations == 4
+    assert PPOConfig(algo="rloo").num_generations == 4
+
+
+def test_missing_models_are_clear_errors(data, rm):
+    with pytest.raises(ValueError, match="PPO needs a reward: give a reward model, a reward function, or both"):
+        run(data, config())
+    with pytest.raises(ValueError, match="PPO's critic starts from the reward model"):
+        run(data, config(), reward_fn=rule_score_batch)
+    engine = build_models(demo_actor(), rm, None, None, None, config(), None, None).actor
+    with pytest.raises(ValueError, match="already a HybridEngine: give the reference policy"):
+        run(data, config(), rm, actor=engine)
+    empty = StepData(train=data.train.select([]), eval=data.eval, reports=[])
+    with pytest.raises(ValueError, match="no PPO prompts left"):
+        run(empty, config(), rm)
