@@ -4,13 +4,14 @@ the fraction of the roofline)."""
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from hybrid_engine._build import cpu_model  # noqa: F401  (re-exported for the suites)
 
 
 def synchronize() -> None:
@@ -56,16 +57,6 @@ def measure_roofline() -> Roofline:
     b = torch.randn(1024, 1024, device=device)
     mm_s = median_time(lambda: a @ b, repeats=10)
     return Roofline(read_bytes_per_s=256 * 1024 * 1024 / read_s, flops_per_s=2 * 1024**3 / mm_s)
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 _baselines: dict[str, float] = {}

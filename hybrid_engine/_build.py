@@ -46,16 +46,28 @@ BASE_CFLAGS = ["-O3", "-fopenmp", "-Wno-unused-parameter"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is absent)."""
+def _cpuinfo(key: str) -> str | None:
+    """The first /proc/cpuinfo value of `key` (None where it or the file is absent)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        if line.startswith(key):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is absent)."""
+    return set((_cpuinfo("flags") or "").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (the platform's processor name where /proc/cpuinfo is absent)."""
+    import platform
+
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def capability() -> str:

@@ -1,6 +1,7 @@
-"""RLHF, DeepSpeed-Chat's three steps: SFT (sft.py), the reward model (reward.py) and the PPO maths of step 3
-(losses.py: losses, rewards, GAE, whitening, KL control, GRPO/RLOO baselines, EMA, PTX); data.py, tokens.py and
-demo.py hold the data layer and the built-in demo task. The PPO trainer and the commands come next."""
+"""RLHF, DeepSpeed-Chat's three steps: SFT (sft.py), the reward model (reward.py) and PPO, GRPO or RLOO (ppo.py,
+over experience.py, scoring.py and the maths of losses.py); data.py, tokens.py and demo.py hold the data layer and
+the built-in demo task; checkpoint.py the checkpoints; commands.py, ppo_command.py, pipeline.py and chat.py the
+`hybrid-engine` commands."""
 
 from hybrid_engine.rlhf.losses import (
     AdaptiveKLController,
@@ -15,6 +16,7 @@ from hybrid_engine.rlhf.losses import (
     value_loss,
     whiten,
 )
+from hybrid_engine.rlhf.ppo import NonFiniteError, PolicyEval, PPOConfig, PPOResult, train_ppo
 from hybrid_engine.rlhf.reward import (
     RewardConfig,
     RewardEval,
@@ -28,6 +30,11 @@ from hybrid_engine.rlhf.reward import (
 from hybrid_engine.rlhf.sft import SFTConfig, SFTResult, perplexity, sft_loss, train_sft
 
 __all__ = [
+    "NonFiniteError",
+    "PPOConfig",
+    "PPOResult",
+    "PolicyEval",
+    "train_ppo",
     "RewardConfig",
     "RewardEval",
     "RewardModel",

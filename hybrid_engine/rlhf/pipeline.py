@@ -134,7 +134,7 @@ def _mark_done(directory: str, result, fields: tuple[str, ...]) -> None:
     values = {}
     for name in fields:
         value = getattr(result, name)
-        values[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        values[name] = [(s, _json(e)) for s, e in value] if name == "evals" else _json(value)
     (Path(directory) / DONE_FILE).write_text(json.dumps(values) + "\n")
 
 
@@ -149,32 +149,14 @@ SFT_FIELDS = ("eval_perplexity_before", "eval_perplexity_after", "evals", "losse
 REWARD_FIELDS = ("before", "after", "accuracy_before", "accuracy_after", "evals", "losses", "steps", "wall_s")
 
 
-def run_sft_step(args, config, progress: bool):
+def run_step(args, config, step: str, fields: tuple[str, ...], train):
+    """A finished step's saved result (train --resume), or `train(resume)`'s, logged and marked done."""
     done = _finished(config.output_dir, args.resume)
     if done is not None:
         return done
-    model, tokenizer = commands.model_and_tokenizer(_step_args(args, model=args.model), config.seed)
-    from hybrid_engine.rlhf.sft import train_sft
-
-    result = train_sft(model, tokenizer, commands.step_data(_step_args(args), "sft", config.seed), config,
-                       ds_config=args.ds_config, progress=progress, resume=_resume_step(config, args.resume))
-    _log_losses(config.output_dir, "sft", result.losses)
-    _mark_done(config.output_dir, result, SFT_FIELDS)
-    result.engine = None
-    return result
-
-
-def run_reward_step(args, config, sft_dir: str, tokenizer, progress: bool):
-    done = _finished(config.output_dir, args.resume)
-    if done is not None:
-        return done
-    from hybrid_engine.rlhf.reward import train_reward
-
-    result = train_reward(sft_dir, tokenizer, commands.step_data(_step_args(args), "reward", config.seed), config,
-                          ds_config=args.ds_config, progress=progress, resume=_resume_step(config, args.resume))
-    _log_losses(config.output_dir, "reward", result.losses)
-    _mark_done(config.output_dir, result, REWARD_FIELDS)
-    result.model = None
+    result = train(_resume_step(config, args.resume))
+    _log_losses(config.output_dir, step, result.losses)
+    _mark_done(config.output_dir, result, fields)
     return result
 
 
@@ -183,16 +165,24 @@ def run_train(args: argparse.Namespace) -> int:
     from hybrid_engine.rlhf.demo import rule_score_batch
     from hybrid_engine.rlhf.ppo import train_ppo
     from hybrid_engine.rlhf.ppo_command import resume_step
+    from hybrid_engine.rlhf.reward import train_reward
+    from hybrid_engine.rlhf.sft import train_sft
 
     t_start = time.perf_counter()
     configs = step_configs(args)  # every setting is checked before any step starts
     progress = not args.no_progress
     sft_cfg, rm_cfg, ppo_cfg = configs["sft"], configs["reward"], configs["ppo"]
     _banner("1/3 sft")
-    sft = run_sft_step(args, sft_cfg, progress)
-    tokenizer = commands.model_and_tokenizer(_step_args(args, model=sft_cfg.output_dir), sft_cfg.seed)[1]
+    model, tokenizer = commands.model_and_tokenizer(_step_args(args, model=args.model), sft_cfg.seed)
+    sft = run_step(args, sft_cfg, "sft", SFT_FIELDS, lambda resume: train_sft(
+        model, tokenizer, commands.step_data(_step_args(args), "sft", sft_cfg.seed), sft_cfg,
+        ds_config=args.ds_config, progress=progress, resume=resume))
+    model = sft.engine = None  # the step saved its model; the next steps load it from sft_cfg.output_dir
     _banner("2/3 reward")
-    rm = run_reward_step(args, rm_cfg, sft_cfg.output_dir, tokenizer, progress)
+    rm = run_step(args, rm_cfg, "reward", REWARD_FIELDS, lambda resume: train_reward(
+        sft_cfg.output_dir, tokenizer, commands.step_data(_step_args(args), "reward", rm_cfg.seed), rm_cfg,
+        ds_config=args.ds_config, progress=progress, resume=resume))
+    rm.model = None
     _banner("3/3 ppo")
     eval_fn = args.eval_fn or (None if args.data else rule_score_batch)
     resume = _resume_step(ppo_cfg, args.resume)
@@ -245,11 +235,24 @@ def summary_rows(sft, rm, ppo) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _json(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def machine() -> dict:
+    """Where the run ran, for the summary."""
+    import torch
+
+    from hybrid_engine._build import cpu_model
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
 def summarize(args, configs: dict, sft, rm, ppo, wall_s: float, demo: bool) -> None:
     """Prints the table (and the demo's goals), writes summary.json and train.png; rank 0 only."""
     if not is_main_rank():
         return
-    from hybrid_engine.rlhf.ppo_command import ppo_summary
+    from hybrid_engine.rlhf.ppo_command import logprob_note, ppo_summary
 
     rows = summary_rows(sft, rm, ppo)
     widths = [max(len(r[i]) for r in rows + [("step", "figure", "before", "after")]) for i in range(4)]
@@ -258,19 +261,20 @@ def summarize(args, configs: dict, sft, rm, ppo, wall_s: float, demo: bool) -> N
         print("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     times = {"sft": sft.wall_s, "reward": rm.wall_s, "ppo": ppo.wall_s}
     print(f"  wall time {wall_s:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")")
+    note = logprob_note(ppo.history, ppo.logprob_source)
+    print(f"  PPO old log-probs: {note}")
     goals = demo_goals(rm, ppo) if demo and ppo.before is not None else []
     for text, met in goals:
         print(f"  goal {'met' if met else 'MISSED'}: {text}")
     out = Path(args.output)
     plot = plot_curves(read_metrics(out / "ppo" / "metrics.jsonl"), out / "train.png", "hybrid-engine train: PPO")
     _, ppo_figures = ppo_summary(ppo)
-    summary = {"wall_s": wall_s, "step_wall_s": times, "table": [dict(zip(("step", "figure", "before", "after"), r))
-                                                                 for r in rows],
-               "goals": [{"goal": t, "met": m} for t, m in goals],
+    header = ("step", "figure", "before", "after")
+    summary = {"machine": machine(), "wall_s": wall_s, "step_wall_s": times, "ppo_logprobs": note,
+               "table": [dict(zip(header, r)) for r in rows], "goals": [{"goal": t, "met": m} for t, m in goals],
                "configs": {k: dataclasses.asdict(v) for k, v in configs.items()},
                "sft": {"steps": sft.steps, "losses": sft.losses, "evals": sft.evals},
-               "reward": {"steps": rm.steps, "losses": rm.losses,
-                          "evals": [(s, None if e is None else dataclasses.asdict(e)) for s, e in rm.evals]},
+               "reward": {"steps": rm.steps, "losses": rm.losses, "evals": [(s, _json(e)) for s, e in rm.evals]},
                "ppo": ppo_figures}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     saved = "train.png, " if plot else ""

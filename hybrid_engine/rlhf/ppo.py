@@ -272,12 +272,20 @@ class Prompts:
         return [r["prompt"] for r in rows], {k: [r[k] for r in rows] for k in names}
 
 
-def old_logprobs(models: Models, ro: xp.Rollout, config: PPOConfig) -> tuple[torch.Tensor, str]:
+def old_logprobs(models: Models, ro: xp.Rollout, config: PPOConfig, check: bool) -> tuple[torch.Tensor, dict]:
     """The actor's log-probs of its own samples: from generation with fp32 weights (a training forward gives
-    the same to ~1e-6), else recomputed by an eval-mode forward."""
-    if config.generation_weight_dtype is None:
-        return ro.logprobs, "generation"
-    return recompute_logprobs(models.actor, ro, config.temperature), "recomputed"
+    the same to ~1e-6), else recomputed by an eval-mode forward; and figures saying which. With `check` (the
+    first step) the generation's log-probs are also recomputed once, to record how far apart they are and
+    what skipping the recompute saves per step."""
+    if config.generation_weight_dtype is not None:
+        return recompute_logprobs(models.actor, ro, config.temperature), {"logprob_source": "recomputed"}
+    figures = {"logprob_source": "generation"}
+    if check:
+        t0 = time.perf_counter()
+        again = recompute_logprobs(models.actor, ro, config.temperature)
+        figures["recompute_s"] = time.perf_counter() - t0
+        figures["logprob_mismatch"] = float(((again - ro.logprobs) * ro.mask).abs().max())
+    return ro.logprobs, figures
 
 
 @torch.no_grad()
@@ -308,18 +316,20 @@ def sequence_scores(models: Models, ro: xp.Rollout, prompts: list[str], completi
 
 @torch.no_grad()
 def make_experience(models: Models, batch: Prompts, indices: list[int], tokenizer, config: PPOConfig,
-                    kl_coef: float) -> tuple[xp.Experience, dict]:
-    """Phases 1-3 for the prompts `indices`: rollout, scores, targets; and the step's figures so far."""
+                    kl_coef: float, check: bool = False) -> tuple[xp.Experience, dict]:
+    """Phases 1-3 for the prompts `indices`: rollout, scores, targets; and the step's figures so far
+    (`check`: see old_logprobs)."""
     k = config.num_generations
     ids = collate_ppo([batch.examples[i] for i in indices for _ in range(k)], tokenizer.pad_token_id)
     ro = xp.rollout(models.actor, ids["input_ids"], ids["attention_mask"], config.max_new_tokens, config.temperature,
                     tokenizer.eos_token_id, tokenizer.pad_token_id)  # 1. generate
     t0 = time.perf_counter()
-    old, source = old_logprobs(models, ro, config)  # 2. score
+    old, source = old_logprobs(models, ro, config, check)  # 2. score
     ref = models.reference.token_logprobs(ro.sequences, ro.attention_mask, ro.start, config.temperature)
     completions = tokenizer.batch_decode(ro.sequences[:, ro.start:], skip_special_tokens=True)
     prompts, extra = batch.fields(indices, k)
     scores, figures = sequence_scores(models, ro, prompts, completions, extra, config)
+    figures.update(source)
     exp = xp.Experience(sequences=ro.sequences, attention_mask=ro.attention_mask, start=ro.start, mask=ro.mask,
                         old_logprobs=old, ref_logprobs=ref, scores=scores, advantages=torch.zeros_like(ro.mask),
                         completions=completions)
@@ -332,7 +342,7 @@ def make_experience(models: Models, batch: Prompts, indices: list[int], tokenize
     else:
         exp = xp.group_targets(exp, config.algo, k, kl_coef, config.whiten_advantages)
     figures.update(score=xp.mean(scores), kl=xp.mean(exp.kl), response_len=float(ro.mask.sum(1).mean()),
-                   generate_s=ro.generate_s, experience_s=time.perf_counter() - t0, logprob_source=source)
+                   generate_s=ro.generate_s, experience_s=time.perf_counter() - t0)
     return exp, figures
 
 
@@ -346,45 +356,39 @@ def _finite_or_skip(ok: bool, what: str, step: int, config: PPOConfig) -> bool:
     return ok
 
 
+def _step_on(trainer, module: torch.nn.Module, loss: torch.Tensor, config: PPOConfig) -> float | None:
+    """Backward, clipping and an optimizer step on a loss that is finite on every rank; None (nothing stepped)
+    otherwise. `trainer` is the HybridEngine or the critic's trainer, `module` what it trains."""
+    if not xp.all_finite(loss.detach()):
+        return None
+    trainer.backward(loss)
+    loop.clip_gradients(module, trainer.zero_stage, config.max_grad_norm)
+    trainer.step()
+    return loss.item()
+
+
 def actor_update(models: Models, mb: xp.Experience, config: PPOConfig, kl_coef: float) -> float | None:
-    """One actor step on a minibatch; None when its loss was not finite (nothing stepped)."""
+    """One actor step on a minibatch (the clipped policy loss, plus GRPO's KL term); None when not finite."""
     engine = models.actor
     logprobs = engine.token_logprobs(mb.sequences, mb.attention_mask, mb.start, config.temperature)
     loss = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, config.clip_range)
     if config.algo == "grpo" and kl_coef > 0:
         loss = loss + kl_coef * xp.group_kl_loss(logprobs, mb.ref_logprobs, mb.mask)
-    if not xp.all_finite(loss.detach()):
-        return None
-    engine.backward(loss)
-    loop.clip_gradients(engine.module, engine.zero_stage, config.max_grad_norm)
-    engine.step()
-    return loss.item()
+    return _step_on(engine, engine.module, loss, config)
 
 
 def critic_update(models: Models, mb: xp.Experience, config: PPOConfig) -> float | None:
-    """One critic step on a minibatch; None when its loss was not finite."""
-    trainer = models.critic
-    values = xp.critic_values(trainer.forward, mb.sequences, mb.attention_mask, mb.start)
+    """One critic step on a minibatch (the clipped value loss); None when not finite."""
+    values = xp.critic_values(models.critic.forward, mb.sequences, mb.attention_mask, mb.start)
     loss = value_loss(values, mb.old_values, mb.returns, mb.mask, config.value_clip_range)
-    if not xp.all_finite(loss.detach()):
-        return None
-    trainer.backward(loss)
-    loop.clip_gradients(models.critic_model, trainer.zero_stage, config.max_grad_norm)
-    trainer.step()
-    return loss.item()
+    return _step_on(models.critic, models.critic_model, loss, config)
 
 
 def ptx_update(models: Models, batch: dict, config: PPOConfig) -> float | None:
     """One actor step on the pre-training mixture: ptx_coef times the LM loss (DeepSpeed-Chat's
-    train_unsupervised)."""
-    engine = models.actor
-    loss = config.ptx_coef * sft_loss(engine, batch)
-    if not xp.all_finite(loss.detach()):
-        return None
-    engine.backward(loss)
-    loop.clip_gradients(engine.module, engine.zero_stage, config.max_grad_norm)
-    engine.step()
-    return loss.item()
+    train_unsupervised); None when not finite."""
+    loss = config.ptx_coef * sft_loss(models.actor, batch)
+    return _step_on(models.actor, models.actor.module, loss, config)
 
 
 def optimise(models: Models, exp: xp.Experience, config: PPOConfig, kl_coef: float, step: int,
@@ -602,7 +606,7 @@ def ppo_step(models: Models, train: Prompts, indices: list[int], tokenizer, conf
     loop.set_lr(models.actor.optimizer, config.lr * scale)
     if models.critic is not None:
         loop.set_lr(models.critic.optimizer, config.critic_lr * scale)
-    exp, record = make_experience(models, train, indices, tokenizer, config, kl_ctl.value)
+    exp, record = make_experience(models, train, indices, tokenizer, config, kl_ctl.value, check=step == 0)
     record.update(step=step + 1, kl_coef=kl_ctl.value)
     t0 = time.perf_counter()
     if _finite_or_skip(xp.all_finite(exp.scores, exp.advantages, exp.returns), "the scores or advantages", step + 1,

@@ -121,6 +121,15 @@ def _phase_totals(history: list[dict]) -> dict[str, float]:
     return {k: sum(r.get(k, 0.0) for r in history) for k in ("generate_s", "experience_s", "train_s")}
 
 
+def logprob_note(history: list[dict], source: str) -> str:
+    """Where the old log-probs came from, and (from the first step's check) what that saved."""
+    check = next((r for r in history if "recompute_s" in r), None)
+    if source != "generation" or check is None:
+        return f"from {source}"
+    return (f"from generation (max |difference| {check['logprob_mismatch']:.1e} to a recompute at step "
+            f"{check['step']}; skipping it saved {check['recompute_s']:.2f} s per step)")
+
+
 def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
     """The summary table's rows and summary.json's figures of a PPOResult."""
     before, after = result.before, result.after
@@ -134,7 +143,7 @@ def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
             ("held-out rule score", held_out("rule")),
             ("held-out KL to reference", held_out("kl") + " nats per response"),
             ("held-out response length", held_out("response_len", ".1f") + " tokens"),
-            ("old log-probs", f"from {result.logprob_source}"),
+            ("old log-probs", logprob_note(result.history, result.logprob_source)),
             ("time by phase", ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in totals.items())),
             ("wall time", f"{result.wall_s:.1f} s")]
     evals = [(step, None if e is None else dataclasses.asdict(e)) for step, e in result.evals]

@@ -1,0 +1,45 @@
+"""Turn the summary.json of `hybrid-engine train` into the README's default-run table.
+
+    python scripts/train_table.py out/train/summary.json                 # print
+    python scripts/train_table.py out/train/summary.json --readme README.md
+
+The README keeps it between `<!-- bench:train:start -->` and `<!-- bench:train:end -->`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench_table import replace_in_readme
+
+
+def table(summary: dict) -> str:
+    m = summary["machine"]
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in summary["step_wall_s"].items())
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}. "
+             f"Wall time {summary['wall_s']:.0f} s ({times}).", "",
+             "| step | figure | before | after |", "|---|---|---|---|"]
+    lines += [f"| {r['step']} | {r['figure']} | {r['before']} | {r['after']} |" for r in summary["table"]]
+    lines += ["", f"PPO's old log-probs: {summary['ppo_logprobs']}."]
+    if summary["goals"]:
+        lines += ["", "| goal of the built-in default | met |", "|---|---|"]
+        lines += [f"| {g['goal']} | {'yes' if g['met'] else '**no**'} |" for g in summary["goals"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", type=Path, help="the summary.json `hybrid-engine train` wrote")
+    parser.add_argument("--readme", type=Path, help="replace the table between this file's markers")
+    args = parser.parse_args()
+    text = table(json.loads(args.json.read_text()))
+    if args.readme:
+        replace_in_readme(args.readme, "train", text)
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
