@@ -26,6 +26,7 @@ from hybrid_engine.rlhf.config_args import ConfigValues, build_config, load_conf
 from hybrid_engine.rlhf.demo import DEMO_DIR
 from hybrid_engine.rlhf.metrics import MetricsLog, plot_curves, read_metrics
 from hybrid_engine.rlhf.model_dirs import is_main_rank
+from hybrid_engine.rlhf.reward_fn import load_reward_fn
 
 DEFAULT_CONFIG = DEMO_DIR.parent / "train.yaml"
 DEMO_KL_BOUND = 8.0
@@ -72,13 +73,18 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     out = json.loads(json.dumps(values))
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or not key:
+        if not sep or not all(key.split(".")):
             raise ValueError(f"--set {item!r}: expected STEP.KEY=VALUE, e.g. ppo.max_steps=20")
-        section, _, name = key.rpartition(".")
-        target = out.setdefault(section, {}) if section else out
-        if not isinstance(target, dict):
-            raise ValueError(f"--set {item!r}: {section!r} is not a section of the config")
-        target[name] = yaml.safe_load(text)
+        *sections, name = key.split(".")  # ppo.tokens.max_prompt_len: section ppo, its nested tokens
+        target = out
+        for i, section in enumerate(sections):
+            target = target.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"--set {item!r}: {'.'.join(sections[: i + 1])!r} is not a section of the config")
+        try:
+            target[name] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: VALUE {text!r} is not valid YAML ({getattr(e, 'problem', e)})") from None
     return out
 
 
@@ -184,7 +190,7 @@ def run_train(args: argparse.Namespace) -> int:
         ds_config=args.ds_config, progress=progress, resume=resume))
     rm.model = None
     _banner("3/3 ppo")
-    eval_fn = args.eval_fn or (None if args.data else rule_score_batch)
+    eval_fn = load_reward_fn(args.eval_fn) if args.eval_fn else (None if args.data else rule_score_batch)
     resume = _resume_step(ppo_cfg, args.resume)
     log = MetricsLog(ppo_cfg.output_dir, "ppo", resume_step=resume_step(ppo_cfg.output_dir) if resume else None)
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from hybrid_engine.rlhf import commands
 from hybrid_engine.rlhf.metrics import MetricsLog, plot_curves, read_metrics
 from hybrid_engine.rlhf.model_dirs import check_model_dir, is_main_rank
+from hybrid_engine.rlhf.reward_fn import load_reward_fn
 
 DEFAULT_MODEL = "out/sft"
 DEFAULT_REWARD_MODEL = "out/reward"
@@ -66,7 +67,7 @@ def resolve_rewards(args: argparse.Namespace) -> tuple[str | None, object | None
         reward_model = _model_dir(args.reward_model, DEFAULT_REWARD_MODEL, "--reward-model", "reward", reward_ok=True)
     if args.no_reward_model and not args.reward_fn:
         raise ValueError("--no-reward-model needs --reward-fn: PPO needs a reward")
-    eval_fn = args.eval_fn or (None if args.data else rule_score_batch)
+    eval_fn = load_reward_fn(args.eval_fn) if args.eval_fn else (None if args.data else rule_score_batch)
     return reward_model, args.reward_fn, eval_fn
 
 
