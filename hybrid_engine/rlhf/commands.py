@@ -99,6 +99,16 @@ def add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: ty
     add_config_args(settings, config_cls, skip=("output_dir",))
 
 
+def quiet_libraries() -> None:
+    """Turns off the progress bars transformers and datasets draw for loading, saving and converting files, so
+    that a command's own bars and summary are what it prints."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 # -- from flags to the trainer's arguments --------------------------------------------------------------------
 
 
@@ -195,6 +205,7 @@ def run_sft(args: argparse.Namespace) -> int:
     """`hybrid-engine sft`: train_sft with the flags' settings, then the summary."""
     from hybrid_engine.rlhf.sft import SFTConfig, train_sft
 
+    quiet_libraries()
     config = step_config(args, SFTConfig, "sft")
     lora = lora_config(args)
     model, tokenizer = model_and_tokenizer(args, config.seed)
@@ -220,6 +231,7 @@ def run_reward(args: argparse.Namespace) -> int:
     """`hybrid-engine reward`: train_reward with the flags' settings, then the summary."""
     from hybrid_engine.rlhf.reward import RewardConfig, train_reward
 
+    quiet_libraries()
     config = step_config(args, RewardConfig, "reward")
     model, tokenizer = model_and_tokenizer(args, config.seed, reward_ok=True)
     data = step_data(args, "reward", config.seed)

@@ -175,6 +175,7 @@ def run_train(args: argparse.Namespace) -> int:
     from hybrid_engine.rlhf.sft import train_sft
 
     t_start = time.perf_counter()
+    commands.quiet_libraries()
     configs = step_configs(args)  # every setting is checked before any step starts
     progress = not args.no_progress
     sft_cfg, rm_cfg, ppo_cfg = configs["sft"], configs["reward"], configs["ppo"]

@@ -86,6 +86,7 @@ def run_ppo(args: argparse.Namespace) -> int:
     """`hybrid-engine ppo`: train_ppo with the flags' settings, then the logs, the plot and the summary."""
     from hybrid_engine.rlhf.ppo import PPOConfig, train_ppo
 
+    commands.quiet_libraries()
     config = commands.step_config(args, PPOConfig, "ppo")
     args.model = _model_dir(args.model, DEFAULT_MODEL, "--model", "sft")
     reward_model, reward_fn, eval_fn = resolve_rewards(args)
@@ -145,6 +146,8 @@ def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
             ("held-out KL to reference", held_out("kl") + " nats per response"),
             ("held-out response length", held_out("response_len", ".1f") + " tokens"),
             ("old log-probs", logprob_note(result.history, result.logprob_source)),
+            ("prompts truncated / dropped", f"{result.token_stats.prompts_truncated} / "
+                                            f"{result.token_stats.prompts_dropped}"),
             ("time by phase", ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in totals.items())),
             ("wall time", f"{result.wall_s:.1f} s")]
     evals = [(step, None if e is None else dataclasses.asdict(e)) for step, e in result.evals]
