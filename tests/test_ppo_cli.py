@@ -247,3 +247,10 @@ def test_a_shortened_default_run_raises_the_held_out_rule_score(tmp_path, cache)
         assert (out / step / "config.json").is_file(), step
     assert (out / "ppo" / "critic" / "value_head.safetensors").is_file()
     assert (out / "train.png").read_bytes()[:8] == PNG
+
+
+def test_train_checks_its_reward_functions_before_any_step(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module_here'"):
+        main(["train", "--output", str(out), "--no-progress", "--reward-fn", "no_such_module_here:score"])
+    assert not (out / "sft").exists()  # failed before SFT started

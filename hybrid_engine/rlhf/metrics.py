@@ -21,16 +21,19 @@ class MetricsLog:
 
     def __init__(self, directory: str | os.PathLike, tag: str, resume_step: int | None = None):
         """resume_step: a run resumed from the checkpoint of that step; the records a killed run wrote after it
-        are dropped (the resumed run writes them again). None: a new run, which starts a new file."""
+        are dropped (the resumed run writes them again). None: a new run, which starts a new file. Nothing is
+        created until the first record (a run that fails its checks leaves no files)."""
         self.tag = tag
         self.enabled = is_main_rank()
         self.directory = Path(directory)
-        self._writer = None
-        if not self.enabled:
-            return
+        self.resume_step = resume_step
+        self._file = self._writer = None
+
+    def _open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / "metrics.jsonl"
-        kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if resume_step and path.is_file() else []
+        step = self.resume_step
+        kept = [r for r in read_metrics(path) if r["step"] <= step] if step and path.is_file() else []
         self._file = open(path, "w", encoding="utf-8")
         for record in kept:
             self._file.write(json.dumps(record) + "\n")
@@ -38,12 +41,14 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional: the JSONL and the plot still hold everything
             return
-        purge = None if resume_step is None else resume_step + 1  # drops the killed run's later events
+        purge = None if step is None else step + 1  # drops the killed run's later events
         self._writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, record: dict) -> None:
         if not self.enabled:
             return
+        if self._file is None:
+            self._open()
         self._file.write(json.dumps({"tag": self.tag, "step": step, **record}) + "\n")
         self._file.flush()
         if self._writer is not None:
@@ -52,10 +57,10 @@ class MetricsLog:
                     self._writer.add_scalar(f"{self.tag}/{key}", value, step)
 
     def close(self) -> None:
-        if self.enabled:
+        if self._file is not None:
             self._file.close()
-            if self._writer is not None:
-                self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -179,6 +179,8 @@ def run_train(args: argparse.Namespace) -> int:
     configs = step_configs(args)  # every setting is checked before any step starts
     progress = not args.no_progress
     sft_cfg, rm_cfg, ppo_cfg = configs["sft"], configs["reward"], configs["ppo"]
+    eval_fn = load_reward_fn(args.eval_fn) if args.eval_fn else (None if args.data else rule_score_batch)
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # both fail here, not after two steps
     _banner("1/3 sft")
     model, tokenizer = commands.model_and_tokenizer(_step_args(args, model=args.model), sft_cfg.seed)
     sft = run_step(args, sft_cfg, "sft", SFT_FIELDS, lambda resume: train_sft(
@@ -191,12 +193,11 @@ def run_train(args: argparse.Namespace) -> int:
         ds_config=args.ds_config, progress=progress, resume=resume))
     rm.model = None
     _banner("3/3 ppo")
-    eval_fn = load_reward_fn(args.eval_fn) if args.eval_fn else (None if args.data else rule_score_batch)
     resume = _resume_step(ppo_cfg, args.resume)
     log = MetricsLog(ppo_cfg.output_dir, "ppo", resume_step=resume_step(ppo_cfg.output_dir) if resume else None)
     try:
         ppo = train_ppo(sft_cfg.output_dir, tokenizer, commands.step_data(_step_args(args), "ppo", ppo_cfg.seed),
-                        ppo_cfg, reward_model=rm_cfg.output_dir, reward_fn=args.reward_fn, eval_fn=eval_fn,
+                        ppo_cfg, reward_model=rm_cfg.output_dir, reward_fn=reward_fn, eval_fn=eval_fn,
                         ds_config=args.ds_config, progress=progress, log=log.write, resume=resume)
     finally:
         log.close()

@@ -205,6 +205,16 @@ def _reference(actor, reference) -> FrozenPolicy:
     return FrozenPolicy(copy.deepcopy(_load_lm(actor)))
 
 
+def _trained_reward_model(reward_model) -> RewardModel:
+    """A RewardModel, or one saved with its value head; anything else would score with a random head."""
+    if isinstance(reward_model, RewardModel):
+        return reward_model
+    if isinstance(reward_model, torch.nn.Module):
+        raise ValueError(f"reward_model must be a RewardModel or its directory, got {type(reward_model).__name__}: "
+                         "a plain model has no trained value head")
+    return RewardModel.from_pretrained(reward_model)  # refuses a directory without value_head.safetensors
+
+
 def _adamw(lr: float, weight_decay: float) -> Callable:
     return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
@@ -226,7 +236,7 @@ def build_models(actor, reward_model, critic, reference, reward_fn, config: PPOC
     ds = loop.training_ds_config(ds_config, config.train_batch_size, config.max_grad_norm)
     has_ds_optimizer = ds is not None and "optimizer" in ds
     frozen_ref = _reference(actor, reference)
-    frozen_rm = None if reward_model is None else FrozenRewardModel(copy.deepcopy(RewardModel.load(reward_model)))
+    frozen_rm = None if reward_model is None else FrozenRewardModel(copy.deepcopy(_trained_reward_model(reward_model)))
     critic_model = critic_trainer = None
     if config.algo == "ppo":
         source = critic if critic is not None else reward_model

@@ -74,6 +74,9 @@ def _check_body(body) -> None:
     if model_type not in SUPPORTED:
         raise ValueError(f"reward models support model_type {', '.join(sorted(SUPPORTED))}; got {model_type!r} "
                          f"({type(body).__name__})")
+    if body.base_model is not body:
+        raise ValueError(f"a reward model's body is a base model, got the causal LM {type(body).__name__}: pass its "
+                         "body (model.base_model), or use RewardModel.from_model(model)")
 
 
 def hidden_size(config) -> int:
@@ -124,7 +127,8 @@ class RewardModel(torch.nn.Module):
         directory = Path(directory)
         head_path = directory / HEAD_FILE
         if not head_path.is_file():
-            raise ValueError(f"{directory} holds no reward model: {HEAD_FILE} is missing")
+            raise ValueError(f"{directory} holds no reward model: {HEAD_FILE} is missing (train one with "
+                             "`hybrid-engine reward`; a plain model would score with an untrained head)")
         _check_body_config(directory)
         body = transformers.AutoModel.from_pretrained(directory)
         state = load_file(head_path)
