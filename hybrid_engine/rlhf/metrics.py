@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hybrid_engine.rlhf.model_dirs import is_main_rank
 
-PLOTTED = (("score", "reward (training score)"), ("rule", "rule score (held out)"), ("kl", "KL to reference"),
+PLOTTED = (("score", "reward (training score)"), ("rule", "rule score (held out)"), ("kl", "KL to reference (nats per response)"),
            ("policy_loss", "policy loss"), ("value_loss", "value loss"))
 """The curves of the plot: (record key, title)."""
 
@@ -81,8 +81,12 @@ def plot_curves(records: list[dict], path: str | os.PathLike, title: str) -> boo
     panels = [(key, name) for key, name in PLOTTED if any(key in r for r in records)]
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
-    for ax, (key, name) in zip(axes[0], panels):
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (key, name) in zip(axes.flat, panels):
         points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
         ax.set_title(name, fontsize=9)
