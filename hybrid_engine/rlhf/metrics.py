@@ -11,7 +11,8 @@ from pathlib import Path
 
 from hybrid_engine.rlhf.model_dirs import is_main_rank
 
-PLOTTED = (("score", "reward (training score)"), ("rule", "rule score (held out)"), ("kl", "KL to reference (nats per response)"),
+PLOTTED = (("score", "reward (training score)"), ("rule", "rule score (held out)"),
+           ("kl", "KL to reference (nats per response)"),
            ("policy_loss", "policy loss"), ("value_loss", "value loss"))
 """The curves of the plot: (record key, title)."""
 
