@@ -54,6 +54,10 @@ TORCH_LIBRARY(hybrid_engine, m) {
       "int[] row_counts, int col_start) -> ()");
   // x fp32 [M, K] (M small), weight fp32/bf16 [N, K], bias [N] -> fp32 [M, N]; fp32 accumulation.
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // The CPU decode_linear's hand-over rows to torch's GEMM (process-wide; hybrid_engine/ops/dispatch.py).
+  m.def("set_decode_linear_routes(int fp32_torch_max_rows, int fp32_kernel_max_rows, int lowp_kernel_max_rows) -> ()",
+        &hybrid_engine::set_decode_linear_routes);
+  m.def("decode_linear_routes() -> int[]", &hybrid_engine::decode_linear_routes);
   // One decode step of a whole decoder-only model (CPU; GPUs replay the Python loop in a CUDA graph).
   // x fp32 [B, H] (embedded tokens), weights: 12 per layer (attn norm w/b, qkv w/b, o w/b, mlp norm
   // w/b, up w/b, down w/b) then final norm w/b and LM head w/b, None where absent; caches

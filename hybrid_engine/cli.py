@@ -48,10 +48,34 @@ def cmd_env(args: argparse.Namespace) -> int:
         rows.append(("C++ ops", ", ".join(names)))
     except Exception as e:  # report, don't crash: this command is for diagnosing exactly this
         rows.append(("C++ ops", f"FAILED to load: {e}"))
+    rows += calibration_rows(args.calibrate)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def calibration_rows(force: bool) -> list[tuple[str, str]]:
+    """The machine's measured roofline and the dispatch choices made on it (ops/dispatch.py)."""
+    from hybrid_engine.ops import dispatch
+
+    try:
+        data = dispatch.calibrate(force=force)
+    except Exception as e:  # report, don't crash
+        return [("calibration", f"FAILED: {e}")]
+    r = data["routes"]
+    never = dispatch.NEVER
+    rows = [("calibration", data["source"])]
+    if "roofline" in data:
+        rows.append(("measured roofline", f"read {data['roofline']['read_GBps']} GB/s, fp32 matmul "
+                                          f"{data['roofline']['matmul_GFLOPps']} GFLOP/s"))
+    lowp = "never" if r["lowp_kernel_max_rows"] >= never else f"M > {r['lowp_kernel_max_rows']}"
+    rows += [("decode_linear fp32 weight", f"torch GEMM for M <= {r['fp32_torch_max_rows']} and M > "
+                                           f"{r['fp32_kernel_max_rows']}, our kernel between"),
+             ("decode_linear bf16 weight", f"our kernel; widened to torch's GEMM: {lowp}")]
+    for name, (ours, torch_ms) in data.get("timings_ms", {}).items():
+        rows.append((f"  {name}", f"kernel {ours:.2f} ms, torch {torch_ms:.2f} ms"))
+    return rows
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -103,7 +127,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid-engine", description="Fast RLHF kernels and generation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    env = sub.add_parser("env", help="report the build environment and whether the C++ ops load")
+    env = sub.add_parser("env", help="report the build environment, whether the C++ ops load, the measured roofline "
+                         "and the dispatch choices made on this machine")
+    env.add_argument("--calibrate", action="store_true", help="measure the dispatch choices again (a few seconds) "
+                     "instead of reading them from the cache beside the build")
     env.set_defaults(func=cmd_env)
 
     gen = sub.add_parser("generate", help="generate with a saved HF model or a built-in preset, report tokens/s",

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 
@@ -173,11 +174,15 @@ constexpr int64_t kPanelBytes = 64 << 10;
 // Activation rows from which the AMX path for bf16 weights (linear_amx.cpp) beats this one, measured on the
 // whole-model benchmark: below them the FMA kernel already streams the weight at the memory's rate.
 constexpr int64_t kAmxMinRows = 8;
-// An fp32 weight goes to torch's GEMM where that is faster (measured): with one row its matrix-vector product
-// already streams the weight at the read bandwidth, about 10% faster than this kernel, and past 64 rows its
-// GEMM outruns this kernel (equal at 64 rows, 1.2x faster at 128). bf16 and fp16 weights always stay here:
-// torch would first widen the whole weight.
-constexpr int64_t kMaxFp32Rows = 64;
+// Where torch's GEMM takes over, decided by measurement on the machine (hybrid_engine/ops/dispatch.py
+// calibrates and sets these once per process, set_decode_linear_routes): an fp32 weight goes to torch for
+// M <= fp32_torch_max_rows (its matrix-vector product streams at the read bandwidth on some machines, at a
+// third of it on others) and for M > fp32_kernel_max_rows (compute-bound: its GEMM outruns this kernel); a bf16
+// or fp16 weight is widened and goes to torch only for M > lowp_kernel_max_rows (prefill-sized M, where the
+// widening copy is small beside the GEMM). The defaults are the Sapphire Rapids measurements.
+std::atomic<int64_t> g_fp32_torch_max_rows{1};
+std::atomic<int64_t> g_fp32_kernel_max_rows{64};
+std::atomic<int64_t> g_lowp_kernel_max_rows{64};
 
 template <typename W>
 constexpr bool kInterleaved = std::is_same_v<W, at::BFloat16>;
@@ -360,6 +365,20 @@ void dispatch(const at::Tensor& x, const W* weight, const float* bias, float* ou
 
 }  // namespace
 
+void set_decode_linear_routes(int64_t fp32_torch_max_rows, int64_t fp32_kernel_max_rows,
+                              int64_t lowp_kernel_max_rows) {
+  HE_CHECK(fp32_torch_max_rows >= 0 && fp32_kernel_max_rows >= fp32_torch_max_rows && lowp_kernel_max_rows >= 0,
+           "decode_linear routes need 0 <= fp32_torch_max_rows <= fp32_kernel_max_rows and lowp_kernel_max_rows >= 0, "
+           "got ", fp32_torch_max_rows, ", ", fp32_kernel_max_rows, ", ", lowp_kernel_max_rows);
+  g_fp32_torch_max_rows = fp32_torch_max_rows;
+  g_fp32_kernel_max_rows = fp32_kernel_max_rows;
+  g_lowp_kernel_max_rows = lowp_kernel_max_rows;
+}
+
+std::vector<int64_t> decode_linear_routes() {
+  return {g_fp32_torch_max_rows.load(), g_fp32_kernel_max_rows.load(), g_lowp_kernel_max_rows.load()};
+}
+
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& maybe_bias) {
   CHECK_DIM(x, 2, "[M, K]");
@@ -382,8 +401,11 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
     CHECK_CPU(bias);
     b = bias.to(at::kFloat).contiguous();
   }
-  if (weight.scalar_type() == at::kFloat && (M == 1 || M > kMaxFp32Rows)) {
-    return b.defined() ? at::addmm(b, x, weight.t()) : at::mm(x, weight.t());
+  const bool fp32 = weight.scalar_type() == at::kFloat;
+  if (fp32 ? (M <= g_fp32_torch_max_rows.load() || M > g_fp32_kernel_max_rows.load())
+           : M > g_lowp_kernel_max_rows.load()) {
+    const at::Tensor w = fp32 ? weight : weight.to(at::kFloat);
+    return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
   }
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;

@@ -16,15 +16,11 @@ from hybrid_engine.model.weights import Layer, Linear, Norm, Weights
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
-# Above this many rows a matmul is compute-bound and torch's GEMM is the right tool.
-DECODE_LINEAR_MAX_ROWS = 64
-
 
 def linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
-    """x fp32 [M, K] -> fp32 [M, N]."""
-    if x.shape[0] <= DECODE_LINEAR_MAX_ROWS:
-        return ops.decode_linear(x, lin.weight, lin.bias)
-    return F.linear(x, lin.weight.float(), lin.bias)
+    """x fp32 [M, K] -> fp32 [M, N], for decode (few rows) and prefill (many) alike: decode_linear's own dispatch
+    hands the row counts where torch's GEMM is faster over to it."""
+    return ops.decode_linear(x, lin.weight, lin.bias)
 
 
 class InferenceTransformer:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from hybrid_engine.ops import dispatch
+
 ACTIVATIONS = {"silu": 0, "relu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "gelu": 3}
 
 
@@ -38,6 +40,7 @@ def decode_step(
     """Logits fp32 [B, V] for embedded tokens x fp32 [B, H]; appends to the caches and increments lengths."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"decode_step: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    dispatch.ensure()  # its linear layers follow decode_linear's measured routes
     return torch.ops.hybrid_engine.decode_step(x, weights, k_cache, v_cache, lengths, cos, sin, num_heads,
                                                num_kv_heads, head_dim, rms_norm, ACTIVATIONS[activation], eps,
                                                scales)

@@ -7,8 +7,9 @@ only changes how the weight is stored; the activations are never rounded.
 Why a kernel of its own: with M this small the work is reading the weight once, yet torch's fp32 matmul reads
 it at well under the memory bandwidth for 4-32 rows, and a bf16 weight needs either a full fp32 copy or a bf16
 matmul that rounds the activations. The CPU kernel streams each weight row once for all M rows (an FMA
-micro-kernel; bf16 weights with 8+ rows on AMX tiles, the activations split exactly into three bf16 terms);
-fp32 weights with one row or more than 64 rows go to torch's GEMM, which is faster there.
+micro-kernel; bf16 weights with 8+ rows on AMX tiles, the activations split exactly into three bf16 terms).
+Where torch's GEMM is faster (an fp32 weight with very few or many rows, a bf16 weight with prefill-sized M,
+widened once) the op hands over to it, at row counts measured on the machine (ops/dispatch.py).
 
 Where it cannot be 1.5x faster than the eager reference (measured on the whole-model benchmark,
 bench/bench_linear.py, 2 Sapphire Rapids cores): with M = 1 and an fp32 weight torch's matrix-vector product
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from hybrid_engine.ops import _backend
+from hybrid_engine.ops import _backend, dispatch
 
 
 def decode_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,13 +57,19 @@ def _backward(ctx, grad_out):
 torch.library.register_autograd("hybrid_engine::decode_linear", _backward, setup_context=_setup_context)
 
 
+# The Triton and CUDA kernels are written for decode's few rows; above this many, torch's GEMM.
+GPU_MAX_ROWS = 64
+
+
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 [M, N] = x [M, K] @ weight[N, K].T (+ bias [N]), with fp32 products and sums for any weight dtype."""
     backend = _backend.get_backend()
-    if backend == "reference":
+    if backend == "reference" or (x.shape[0] > GPU_MAX_ROWS and (backend == "triton" or x.device.type != "cpu")):
         return decode_linear_reference(x, weight, bias)
     if backend == "triton":
         from hybrid_engine.triton.linear import decode_linear as decode_linear_triton
 
         return decode_linear_triton(x, weight, bias)
+    if x.device.type == "cpu":
+        dispatch.ensure()  # the hand-over rows to torch's GEMM, measured on this machine (dispatch.py)
     return torch.ops.hybrid_engine.decode_linear(x, weight, bias)

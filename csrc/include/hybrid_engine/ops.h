@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace hybrid_engine {
 
@@ -54,6 +55,10 @@ void reshard_scatter_cpu(const at::Tensor& dst, const at::Tensor& shard, int64_t
 
 // ---- linear (csrc/cpu/linear.cpp) ----
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+// Where decode_linear_cpu hands over to torch's GEMM (see linear.cpp); process-wide, set by the calibration.
+void set_decode_linear_routes(int64_t fp32_torch_max_rows, int64_t fp32_kernel_max_rows,
+                              int64_t lowp_kernel_max_rows);
+std::vector<int64_t> decode_linear_routes();
 
 // ---- decode_step (csrc/cpu/decode_step.cpp): a whole model's decode step, CPU only ----
 at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& weights,

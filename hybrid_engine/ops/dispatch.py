@@ -1,0 +1,217 @@
+"""Choices between implementations, decided by measurement on the machine that runs them.
+
+The CPU decode_linear hands some row counts over to torch's GEMM (linear.cpp): an fp32 weight with very few
+rows (torch's matrix-vector product streams at the read bandwidth on some CPUs and at a third of it on
+others), an fp32 weight with many rows (compute-bound, where torch's GEMM is faster) and a bf16/fp16 weight
+with prefill-sized rows (widened once, then torch's GEMM). Where each hand-over lies differs between machines,
+so a short calibration (a few seconds) times both sides on a set of weights larger than the last-level cache,
+sets the routes, and caches them as JSON beside the JIT build (`calibration.json`), keyed on the CPU model,
+its flags, the thread count, torch and the build. Later processes read the cache; a cache for another
+machine or a damaged one is ignored with a warning and measured again.
+
+HYBRID_ENGINE_CALIBRATE=0 skips the measurement and keeps the built-in defaults; HYBRID_ENGINE_CALIBRATION_FILE
+moves the cache. `hybrid-engine env` prints the choices, `hybrid-engine env --calibrate` measures again.
+Every route computes with fp32 products and sums: the choice changes speed, never the op's tolerance (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+FORMAT = "hybrid_engine.calibration.v1"
+NEVER = 2**62
+"""A row bound no batch reaches."""
+K = 2048  # the calibration weights: 4 of [K, K], 64 MiB in fp32 and 32 MiB in bf16, past a 32 MiB L3
+WEIGHTS = 4
+FEW_ROWS = (1, 2, 4)
+MANY_ROWS = (8, 16, 32, 64, 128)
+LOWP_ROWS = (64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Routes:
+    """decode_linear's hand-over rows (linear.cpp): torch's GEMM for an fp32 weight at M <= fp32_torch_max_rows
+    or M > fp32_kernel_max_rows, for a bf16/fp16 weight at M > lowp_kernel_max_rows; the kernel otherwise. The
+    defaults (used unmeasured with HYBRID_ENGINE_CALIBRATE=0) are the routes measured on Sapphire Rapids."""
+
+    fp32_torch_max_rows: int = 1
+    fp32_kernel_max_rows: int = 64
+    lowp_kernel_max_rows: int = 64
+
+
+DEFAULT = Routes()
+_state: dict = {"calibration": None}
+
+
+def cache_path() -> Path:
+    from hybrid_engine import _build
+
+    given = os.environ.get("HYBRID_ENGINE_CALIBRATION_FILE")
+    return Path(given) if given else _build.build_directory() / "calibration.json"
+
+
+def machine_key() -> dict:
+    """What a calibration is valid for."""
+    from hybrid_engine import _build
+
+    flags = sorted(f for f in _build.cpu_flags() if f.startswith(("avx", "amx", "fma")))
+    return {"cpu": _build.cpu_model(), "capability": _build.capability(), "flags": flags,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "build": _build.extension_name()}
+
+
+# -- measuring ------------------------------------------------------------------------------------------------
+
+
+def _best_s(fn: Callable[[], object], repeats: int = 5) -> float:
+    """The fastest of `repeats` timed runs after a warm-up (the least disturbed by other work on the machine)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _force(routes: Routes) -> None:
+    torch.ops.hybrid_engine.set_decode_linear_routes(routes.fp32_torch_max_rows, routes.fp32_kernel_max_rows,
+                                                     routes.lowp_kernel_max_rows)
+
+
+KERNEL_ONLY = Routes(0, NEVER, NEVER)
+
+
+def _race(weights: list[torch.Tensor], rows: int, widen: bool) -> tuple[float, float]:
+    """(kernel s, torch s) for one pass of `rows` activation rows over every weight."""
+    x = torch.randn(rows, K)
+    _force(KERNEL_ONLY)
+    ours = _best_s(lambda: [torch.ops.hybrid_engine.decode_linear(x, w, None) for w in weights])
+    if widen:
+        theirs = _best_s(lambda: [torch.mm(x, w.to(torch.float32).t()) for w in weights])
+    else:
+        theirs = _best_s(lambda: [torch.mm(x, w.t()) for w in weights])
+    return ours, theirs
+
+
+def _torch_prefix(rows: tuple[int, ...], times: dict[int, tuple[float, float]]) -> int:
+    """The largest M of `rows` up to which torch won at every measured M; 0 if it lost at the first."""
+    bound = 0
+    for m in rows:
+        if times[m][1] >= times[m][0]:
+            break
+        bound = m
+    return bound
+
+
+def _kernel_max(rows: tuple[int, ...], times: dict[int, tuple[float, float]], floor: int) -> int:
+    """The largest M of `rows` at which the kernel won (at least `floor`): one noisy loss below it changes
+    nothing, and past the largest measured M the kernel is not assumed to win."""
+    return max([floor] + [m for m in rows if times[m][0] <= times[m][1]])
+
+
+def roofline() -> dict:
+    """The machine's read bandwidth (a sum() over 256 MiB) and fp32 matmul rate (1024^3), measured now."""
+    big = torch.ones(64 * 1024 * 1024)
+    read_s = _best_s(big.sum, repeats=5)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    mm_s = _best_s(lambda: a @ b, repeats=5)
+    return {"read_GBps": round(big.numel() * 4 / read_s / 1e9, 1), "matmul_GFLOPps": round(2 * 1024**3 / mm_s / 1e9, 1)}
+
+
+def measure() -> dict:
+    """Times both sides of every hand-over and returns the calibration (routes, timings, roofline)."""
+    gen = torch.Generator().manual_seed(0)
+    fp32 = [torch.randn(K, K, generator=gen) for _ in range(WEIGHTS)]
+    timings = {f"fp32 M={m}": _race(fp32, m, False) for m in FEW_ROWS + MANY_ROWS}
+    lowp = [w.to(torch.bfloat16) for w in fp32]
+    del fp32
+    timings.update({f"bf16 M={m}": _race(lowp, m, True) for m in LOWP_ROWS})
+    few = _torch_prefix(FEW_ROWS, {m: timings[f"fp32 M={m}"] for m in FEW_ROWS})
+    many = _kernel_max(MANY_ROWS, {m: timings[f"fp32 M={m}"] for m in MANY_ROWS}, floor=FEW_ROWS[-1])
+    lowp_max = _kernel_max(LOWP_ROWS, {m: timings[f"bf16 M={m}"] for m in LOWP_ROWS}, floor=LOWP_ROWS[0])
+    routes = Routes(fp32_torch_max_rows=few, fp32_kernel_max_rows=max(many, few),
+                    lowp_kernel_max_rows=NEVER if lowp_max == LOWP_ROWS[-1] else lowp_max)
+    return {"format": FORMAT, "key": machine_key(), "routes": asdict(routes), "roofline": roofline(),
+            "timings_ms": {k: [round(1e3 * t, 3) for t in v] for k, v in timings.items()},
+            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+# -- the cache --------------------------------------------------------------------------------------------------
+
+
+def _read_cache(path: Path) -> dict | None:
+    """The cached calibration for this machine, or None (with a warning when a file was there but unusable)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        Routes(**data["routes"])
+        usable = data.get("format") == FORMAT and data.get("key") == machine_key()
+    except (OSError, ValueError, KeyError, TypeError):
+        warnings.warn(f"{path}: unreadable calibration cache, ignored; measuring again", stacklevel=3)
+        return None
+    if not usable:
+        warnings.warn(f"{path}: calibration made for another machine or build, ignored; measuring again",
+                      stacklevel=3)
+        return None
+    return data
+
+
+def _write_cache(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+
+
+def calibrate(force: bool = False) -> dict:
+    """This process's calibration: the cache's when it fits this machine (unless `force`), else measured and
+    cached; the routes are set. With HYBRID_ENGINE_CALIBRATE=0, the defaults, unmeasured."""
+    from hybrid_engine import _build
+
+    _build.load()
+    if os.environ.get("HYBRID_ENGINE_CALIBRATE", "1") == "0" and not force:
+        data = {"format": FORMAT, "key": machine_key(), "routes": asdict(DEFAULT), "source": "defaults"}
+    else:
+        path = cache_path()
+        data = None if force else _read_cache(path)
+        if data is None:
+            data = measure()
+            _write_cache(path, data)
+            data = {**data, "source": "measured now"}
+        else:
+            data = {**data, "source": f"cached ({path})"}
+    _force(Routes(**data["routes"]))
+    _state["calibration"] = data
+    return data
+
+
+def ensure() -> None:
+    """Calibrates once per process, before the first CPU decode_linear or decode_step call."""
+    if _state["calibration"] is None:
+        calibrate()
+
+
+def current() -> Routes:
+    """The routes in force now."""
+    return Routes(*torch.ops.hybrid_engine.decode_linear_routes())
+
+
+@contextlib.contextmanager
+def routes(value: Routes) -> Iterator[None]:
+    """Run the block with other routes (tests force each implementation this way)."""
+    ensure()
+    previous = current()
+    _force(value)
+    try:
+        yield
+    finally:
+        _force(previous)

@@ -1,0 +1,93 @@
+"""The measured dispatch of decode_linear (ops/dispatch.py): every route gives the reference's results within
+the op's tolerance; the calibration is cached and a second process reads it without measuring; a damaged or
+foreign cache is ignored with a warning and measured again; HYBRID_ENGINE_CALIBRATE=0 keeps the defaults."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import TOLERANCES
+
+from hybrid_engine.ops import dispatch
+from hybrid_engine.ops.linear import decode_linear, decode_linear_reference
+
+ALL_KERNEL = dispatch.Routes(0, dispatch.NEVER, dispatch.NEVER)
+ALL_TORCH = dispatch.Routes(dispatch.NEVER, dispatch.NEVER, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 70, 300])
+@pytest.mark.parametrize("route", [ALL_KERNEL, ALL_TORCH], ids=["kernel", "torch"])
+def test_every_route_gives_the_reference_results(dtype, rows, route):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=gen)
+    w = torch.randn(80, 96, generator=gen).to(dtype)
+    b = torch.randn(80, generator=gen)
+    with dispatch.routes(route):
+        assert dispatch.current() == route
+        out = decode_linear(x, w, b)
+    torch.testing.assert_close(out, decode_linear_reference(x, w, b), **TOLERANCES[torch.float32])
+
+
+@pytest.fixture
+def small(monkeypatch, tmp_path):
+    """A quick calibration (small weights) into a cache of its own; the process's routes restored after."""
+    monkeypatch.setattr(dispatch, "K", 128)
+    monkeypatch.setattr(dispatch, "WEIGHTS", 2)
+    monkeypatch.setenv("HYBRID_ENGINE_CALIBRATION_FILE", str(tmp_path / "calibration.json"))
+    monkeypatch.delenv("HYBRID_ENGINE_CALIBRATE", raising=False)
+    dispatch.ensure()
+    before, state = dispatch.current(), dict(dispatch._state)
+    yield tmp_path / "calibration.json"
+    dispatch._force(before)
+    dispatch._state.update(state)
+
+
+def test_a_damaged_or_foreign_cache_is_ignored_and_measured_again(small):
+    small.write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable calibration cache, ignored"):
+        assert dispatch.calibrate()["source"] == "measured now"
+    data = json.loads(small.read_text())
+    assert data["key"] == dispatch.machine_key() and set(data["routes"]) == set(dispatch.DEFAULT.__dict__)
+    data["key"]["cpu"] = "some other CPU"
+    small.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="another machine or build, ignored"):
+        assert dispatch.calibrate()["source"] == "measured now"
+    assert dispatch.calibrate()["source"].startswith("cached")  # now it fits
+    assert dispatch.current() == dispatch.Routes(**json.loads(small.read_text())["routes"])
+
+
+def test_calibrate_0_keeps_the_defaults(small, monkeypatch):
+    monkeypatch.setenv("HYBRID_ENGINE_CALIBRATE", "0")
+    assert dispatch.calibrate()["source"] == "defaults"
+    assert dispatch.current() == dispatch.DEFAULT
+    assert not small.exists()
+
+
+SCRIPT = """
+import hybrid_engine.ops.dispatch as d
+d.K, d.WEIGHTS = 128, 2
+print(d.calibrate()["source"])
+"""
+
+
+def test_the_cache_survives_a_second_process_without_measuring(tmp_path):
+    env = {**os.environ, "HYBRID_ENGINE_CALIBRATION_FILE": str(tmp_path / "calibration.json")}
+    env.pop("HYBRID_ENGINE_CALIBRATE", None)
+    sources = [subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True)
+               .stdout.strip().splitlines()[-1] for _ in range(2)]
+    assert sources[0] == "measured now"
+    assert sources[1].startswith("cached")
+
+
+def test_the_decision_rules():
+    times = {1: (2.0, 1.0), 2: (1.0, 2.0), 4: (0.5, 0.1)}  # (kernel s, torch s)
+    assert dispatch._torch_prefix((1, 2, 4), times) == 1  # torch won at 1 only, then lost: 4 does not count
+    many = {8: (1, 2), 16: (3, 2), 32: (1, 2), 64: (3, 2)}
+    assert dispatch._kernel_max((8, 16, 32, 64), many, floor=4) == 32  # one noisy loss at 16 is ignored
+    assert dispatch._kernel_max((8, 16), {8: (3, 2), 16: (3, 2)}, floor=4) == 4
