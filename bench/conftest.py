@@ -29,6 +29,10 @@ def machine(roofline: Roofline) -> dict:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+    from hybrid_engine.ops import dispatch
+
+    # decode_linear's measured hand-over rows to torch's GEMM in this run, so a figure traces to a choice.
+    info["decode_linear_routes"] = dispatch.calibrate()["routes"]
     return info
 
 
