@@ -6,7 +6,8 @@ GRPO/RLOO on the demo task, with equal settings, writing its figures as JSON.
 PROVIDER: ours (hybrid_engine.rlhf.train_ppo), trl (TRL's GRPOTrainer / RLOOTrainer, HF generate), trl-patched
 (the same with apply_hybrid_engine on its model). Both sides start from the same randomly initialised Llama made
 from a config over the demo tokenizer, saved and loaded back, and are rewarded by the demo's rule_score (no
-reward model on either side, so both optimise the same function); fp32, temperature 1, no top-k/top-p.
+reward model on either side, so both optimise the same function); fp32 (or, with --bf16, bf16 autocast for
+training on both sides), temperature 1, no top-k/top-p.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def run_ours(model_dir: Path, args) -> dict:
     config = PPOConfig(algo=args.algo, num_generations=args.generations, batch_size=args.prompts,
                        train_batch_size=args.prompts * args.generations, max_steps=args.steps,
                        max_new_tokens=args.completion, lr=args.lr, kl_coef=args.beta, schedule="constant",
-                       max_grad_norm=1.0, seed=0, eval_every=0)
+                       max_grad_norm=1.0, seed=0, eval_every=0, bf16_autocast=args.bf16)
     result = train_ppo(str(model_dir), demo_tokenizer(), data, config, reward_fn=rule_score_batch, progress=False)
     steps = [{"time_s": r["generate_s"] + r["experience_s"] + r["train_s"], "generate_s": r["generate_s"],
               "experience_s": r["experience_s"], "train_s": r["train_s"], "reward": r["fn_score"],
@@ -92,7 +93,7 @@ def run_trl(model_dir: Path, args, patched: bool) -> dict:
     common = dict(output_dir=str(model_dir / "trl"), use_cpu=True, report_to="none", max_steps=args.steps,
                   per_device_train_batch_size=args.prompts * args.generations, num_generations=args.generations,
                   max_completion_length=args.completion, learning_rate=args.lr, lr_scheduler_type="constant",
-                  beta=args.beta, logging_steps=1, save_strategy="no", bf16=False, gradient_checkpointing=False,
+                  beta=args.beta, logging_steps=1, save_strategy="no", bf16=args.bf16, gradient_checkpointing=False,
                   seed=0, dataloader_num_workers=0, max_grad_norm=1.0, temperature=1.0, top_p=1.0)
     config_cls, trainer_cls = (trl.GRPOConfig, trl.GRPOTrainer) if args.algo == "grpo" else (trl.RLOOConfig,
                                                                                            trl.RLOOTrainer)
@@ -126,6 +127,7 @@ def main() -> None:
     p.add_argument("--completion", type=int, default=32, help="max new tokens")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient, both sides")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training on both sides (fp32 weights)")
     args = p.parse_args()
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:  # alive for the whole run: TRL's RLOO reloads the model from it

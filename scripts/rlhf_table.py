@@ -18,21 +18,23 @@ from bench_table import machine_line, replace_in_readme
 
 def table(data: dict) -> str:
     rows = [b["extra_info"] for b in data["benchmarks"]]
-    trl = {r["algo"]: r for r in rows if r["provider"] == "trl"}
+    trl = {(r["algo"], r["precision"]): r for r in rows if r["provider"] == "trl"}
     first = rows[0]
     s = first["settings"]
     lines = [machine_line(data["benchmarks"]) + ".",
              f"Model {first['params_M']}M parameters; {s['prompts']} prompts x {s['generations']} samples per step, "
-             f"{s['completion']} new tokens, {s['steps']} steps (the first not timed), fp32.", "",
-             "| algo | provider | step s | samples/s | generated tokens/s | peak RSS MB | reward, first -> last step "
-             "| vs TRL |", "|---|---|---|---|---|---|---|---|"]
+             f"{s['completion']} new tokens, {s['steps']} steps (the first not timed); training in fp32 or under bf16 "
+             "autocast, the same on both sides.", "",
+             "| algo | precision | provider | step s | samples/s | generated tokens/s | peak RSS MB | reward, first -> "
+             "last step | vs TRL |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = trl.get(r["algo"])
+        base = trl.get((r["algo"], r["precision"]))
         ratio = f"{base['step_s'] / r['step_s']:.2f}x" if base else ""
         phases = ""
         if "generate_s" in r:
             phases = f" (generate {r['generate_s']:.2f}, score {r['experience_s']:.2f}, train {r['train_s']:.2f})"
-        lines.append(f"| {r['algo']} | {r['provider']} | {r['step_s']:.2f}{phases} | {r['samples_per_s']:.1f} | "
+        lines.append(f"| {r['algo']} | {r['precision']} | {r['provider']} | {r['step_s']:.2f}{phases} | "
+                     f"{r['samples_per_s']:.1f} | "
                      f"{r['generated_tokens_per_s']:.0f} | {r['peak_rss_mb']} | {r['rewards'][0]:.3f} -> "
                      f"{r['rewards'][-1]:.3f} | {ratio} |")
     return "\n".join(lines)

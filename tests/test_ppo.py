@@ -173,7 +173,7 @@ def test_old_logprobs_from_generation_equal_a_recompute_and_ref_logprobs_the_sft
 
 
 def test_recomputed_old_logprobs_with_bf16_generation_weights(data, rm):
-    exp, figures, models, _, cfg = experience(data, rm, "ppo", generation_weight_dtype="bf16")
+    exp, figures, models, _, cfg = experience(data, rm, "ppo", generation_weight_dtype="bf16", train_batch_size=2)
     assert figures["logprob_source"] == "recomputed"
     engine = models.actor.eval()
     with torch.no_grad():
@@ -281,7 +281,7 @@ def test_train_ppo_runs_three_steps(data, rm, captured, algo):
 
 
 def test_bf16_generation_recomputes_the_old_logprobs(data, rm):
-    result = run(data, config(max_steps=2, generation_weight_dtype="bf16"), rm)
+    result = run(data, config(max_steps=2, generation_weight_dtype="bf16", train_batch_size=2), rm)
     assert result.logprob_source == "recomputed" and len(result.history) == 2
     assert all(r["logprob_source"] == "recomputed" and math.isfinite(r["policy_loss"]) for r in result.history)
 
@@ -529,3 +529,21 @@ def test_a_reward_model_without_a_trained_head_is_refused(data, tmp_path):
         run(data, config(max_steps=1), rm=demo_actor())
     with pytest.raises(ValueError, match="body is a base model, got the causal LM LlamaForCausalLM"):
         RewardModel(demo_actor())
+
+
+@pytest.mark.parametrize("train_batch_size", [4, 2])
+def test_bf16_autocast_trains_with_old_logprobs_of_its_own_precision(data, rm, train_batch_size):
+    result = run(data, config(max_steps=2, bf16_autocast=True, train_batch_size=train_batch_size), rm=rm)
+    # One minibatch per rollout: the ratio uses the training forward itself; two: a bf16 recompute.
+    assert result.logprob_source == (ppo.ON_POLICY if train_batch_size == 4 else "recomputed")
+    for record in result.history:
+        assert math.isfinite(record["policy_loss"]) and math.isfinite(record["value_loss"])
+
+
+def test_the_on_policy_ratio_is_exactly_one_at_the_first_update(data, rm, monkeypatch):
+    seen = []
+    real = ppo.policy_loss
+    monkeypatch.setattr(ppo, "policy_loss", lambda lp, old, *a, **k: seen.append(torch.equal(lp.detach(), old))
+                        or real(lp, old, *a, **k))
+    run(data, config(max_steps=1, generation_weight_dtype="bf16"), rm=rm)
+    assert seen == [True]

@@ -20,6 +20,7 @@ A step whose scores or targets hold NaN or inf is skipped and counted, or stops 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -108,6 +109,11 @@ class PPOConfig(loop.StepConfig):
     """NaN or inf in a step's scores, targets or losses: "skip" the update (counted) or "stop" the run."""
     gradient_checkpointing: bool = False
     """Recompute the actor's activations in the backward pass (less memory, more time)."""
+    bf16_autocast: bool = False
+    """Run the actor's and the critic's training forwards under bf16 autocast (fp32 weights, optimizer and
+    losses): faster where the CPU has bf16 units (1.35x on the training step of a 10M Llama on a Zen 4). The
+    ratio's old log-probs then come from a forward of the same precision (ratio_from_training_forward), not from
+    generation."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -287,8 +293,12 @@ def old_logprobs(models: Models, ro: xp.Rollout, config: PPOConfig, check: bool)
     the same to ~1e-6), else recomputed by an eval-mode forward; and figures saying which. With `check` (the
     first step) the generation's log-probs are also recomputed once, to record how far apart they are and
     what skipping the recompute saves per step."""
-    if config.generation_weight_dtype is not None:
-        return recompute_logprobs(models.actor, ro, config.temperature), {"logprob_source": "recomputed"}
+    if ratio_from_training_forward(config):
+        return ro.logprobs, {"logprob_source": ON_POLICY}
+    if config.generation_weight_dtype is not None or config.bf16_autocast:
+        with training_precision(config):
+            logprobs = recompute_logprobs(models.actor, ro, config.temperature)
+        return logprobs, {"logprob_source": "recomputed"}
     figures = {"logprob_source": "generation"}
     if check:
         t0 = time.perf_counter()
@@ -296,6 +306,27 @@ def old_logprobs(models: Models, ro: xp.Rollout, config: PPOConfig, check: bool)
         figures["recompute_s"] = time.perf_counter() - t0
         figures["logprob_mismatch"] = float(((again - ro.logprobs) * ro.mask).abs().max())
     return ro.logprobs, figures
+
+
+ON_POLICY = "the training forward itself (one on-policy pass; generation's for the KL)"
+
+
+def ratio_from_training_forward(config: PPOConfig) -> bool:
+    """Whether the ratio's old log-probs are the training forward's own, detached (TRL's num_iterations=1).
+
+    With bf16 generation weights or bf16 autocast, generation's log-probs differ from a training forward's by
+    ~1e-2. When each rollout batch is optimised once, in one minibatch, the old policy is the current one, so the
+    ratio is exactly 1 without the recompute's extra forward; generation's log-probs still give the KL."""
+    mixed = config.generation_weight_dtype is not None or config.bf16_autocast
+    one_pass = config.ppo_epochs == 1 and config.train_batch_size >= config.batch_size * config.num_generations
+    return mixed and one_pass
+
+
+def training_precision(config: PPOConfig):
+    """The context the training forwards run in: bf16 autocast, or nothing (fp32)."""
+    if config.bf16_autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -345,7 +376,8 @@ def make_experience(models: Models, batch: Prompts, indices: list[int], tokenize
                         completions=completions)
     if config.algo == "ppo":  # 3. targets
         models.critic.train(False)
-        values = xp.critic_values(models.critic.forward, ro.sequences, ro.attention_mask, ro.start)
+        with training_precision(config):
+            values = xp.critic_values(models.critic.forward, ro.sequences, ro.attention_mask, ro.start)
         models.critic.train(True)
         exp = xp.ppo_targets(exp, values, kl_coef, config.clip_reward, config.gamma, config.lam,
                              config.whiten_advantages)
@@ -380,8 +412,10 @@ def _step_on(trainer, module: torch.nn.Module, loss: torch.Tensor, config: PPOCo
 def actor_update(models: Models, mb: xp.Experience, config: PPOConfig, kl_coef: float) -> float | None:
     """One actor step on a minibatch (the clipped policy loss, plus GRPO's KL term); None when not finite."""
     engine = models.actor
-    logprobs = engine.token_logprobs(mb.sequences, mb.attention_mask, mb.start, config.temperature)
-    loss = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, config.clip_range)
+    with training_precision(config):
+        logprobs = engine.token_logprobs(mb.sequences, mb.attention_mask, mb.start, config.temperature)
+    old = logprobs.detach() if ratio_from_training_forward(config) else mb.old_logprobs
+    loss = policy_loss(logprobs, old, mb.advantages, mb.mask, config.clip_range)
     if config.algo == "grpo" and kl_coef > 0:
         loss = loss + kl_coef * xp.group_kl_loss(logprobs, mb.ref_logprobs, mb.mask)
     return _step_on(engine, engine.module, loss, config)
@@ -389,7 +423,8 @@ def actor_update(models: Models, mb: xp.Experience, config: PPOConfig, kl_coef: 
 
 def critic_update(models: Models, mb: xp.Experience, config: PPOConfig) -> float | None:
     """One critic step on a minibatch (the clipped value loss); None when not finite."""
-    values = xp.critic_values(models.critic.forward, mb.sequences, mb.attention_mask, mb.start)
+    with training_precision(config):
+        values = xp.critic_values(models.critic.forward, mb.sequences, mb.attention_mask, mb.start)
     loss = value_loss(values, mb.old_values, mb.returns, mb.mask, config.value_clip_range)
     return _step_on(models.critic, models.critic_model, loss, config)
 
@@ -397,7 +432,8 @@ def critic_update(models: Models, mb: xp.Experience, config: PPOConfig) -> float
 def ptx_update(models: Models, batch: dict, config: PPOConfig) -> float | None:
     """One actor step on the pre-training mixture: ptx_coef times the LM loss (DeepSpeed-Chat's
     train_unsupervised); None when not finite."""
-    loss = config.ptx_coef * sft_loss(models.actor, batch)
+    with training_precision(config):
+        loss = config.ptx_coef * sft_loss(models.actor, batch)
     return _step_on(models.actor, models.actor.module, loss, config)
 
 
