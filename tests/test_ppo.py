@@ -17,14 +17,14 @@ from demo_models import demo_llama, demo_rows, tokenizer
 
 from hybrid_engine.engine.logprobs import positions
 from hybrid_engine.generation import generate
-from hybrid_engine.rlhf import RewardModel, losses, ppo
+from hybrid_engine.rlhf import RewardModel, losses, ppo, ppo_phases
 from hybrid_engine.rlhf import experience as xp
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.demo import rule_score_batch
 from hybrid_engine.rlhf.ppo import NonFiniteError, PPOConfig, Prompts, build_models, make_experience, train_ppo
 from hybrid_engine.rlhf.reward_fn import load_reward_fn
 from hybrid_engine.rlhf.scoring import FrozenPolicy
-from hybrid_engine.rlhf.tokens import encode_prompts
+from hybrid_engine.rlhf.tokens import collate_ppo, encode_prompts
 
 ATOL = 1e-5
 
@@ -441,7 +441,7 @@ def test_the_ema_critic_and_actor_are_saved_and_load(data, rm, tmp_path):
     saved = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert same_weights({k: v.detach() for k, v in saved.named_parameters()}, snapshots[-1])
     assert transformers.AutoTokenizer.from_pretrained(out).pad_token_id == tokenizer().pad_token_id
-    prompts = ppo.collate_ppo(Prompts.of(data.eval, tokenizer(), config()).examples[:4], tokenizer().pad_token_id)
+    prompts = collate_ppo(Prompts.of(data.eval, tokenizer(), config()).examples[:4], tokenizer().pad_token_id)
     args = dict(max_new_tokens=8, eos_token_id=tokenizer().eos_token_id, pad_token_id=tokenizer().pad_token_id)
     engine_out = result.actor.generate(prompts["input_ids"], prompts["attention_mask"], **args)
     loaded_out = generate(saved, prompts["input_ids"], prompts["attention_mask"], **args)
@@ -542,8 +542,8 @@ def test_bf16_autocast_trains_with_old_logprobs_of_its_own_precision(data, rm, t
 
 def test_the_on_policy_ratio_is_exactly_one_at_the_first_update(data, rm, monkeypatch):
     seen = []
-    real = ppo.policy_loss
-    monkeypatch.setattr(ppo, "policy_loss", lambda lp, old, *a, **k: seen.append(torch.equal(lp.detach(), old))
+    real = ppo_phases.policy_loss
+    monkeypatch.setattr(ppo_phases, "policy_loss", lambda lp, old, *a, **k: seen.append(torch.equal(lp.detach(), old))
                         or real(lp, old, *a, **k))
     run(data, config(max_steps=1, generation_weight_dtype="bf16"), rm=rm)
     assert seen == [True]

@@ -1,0 +1,121 @@
+"""The settings and results of RLHF step 3 (ppo.py): PPOConfig, with DeepSpeed-Chat's step-3 defaults, the
+held-out figures PolicyEval, and the error a run stops with on NaN or inf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hybrid_engine.rlhf import loop
+
+ALGOS = ("ppo", "grpo", "rloo")
+
+
+class NonFiniteError(FloatingPointError):
+    """A step's rewards, targets or losses held NaN or inf and config.nonfinite is "stop"."""
+
+
+@dataclass
+class PPOConfig(loop.StepConfig):
+    """RLHF step 3 (DeepSpeed-Chat's step-3 defaults): the shared StepConfig fields (epochs are passes over the
+    prompts, max_steps counts rollouts, batch_size is prompts per rollout on each rank, lr the actor's), plus
+    these."""
+
+    algo: str = "ppo"
+    """"ppo" (actor and critic), or the critic-free "grpo" (group-normalised advantages) or "rloo"
+    (leave-one-out baseline)."""
+    lr: float = 9.65e-6
+    """The actor's peak learning rate (DeepSpeed-Chat's actor_learning_rate)."""
+    critic_lr: float = 5e-6
+    """The critic's peak learning rate (DeepSpeed-Chat's critic_learning_rate)."""
+    train_batch_size: int = 16
+    """Sequences per optimisation minibatch on each rank (DeepSpeed-Chat's per_device_training_batch_size)."""
+    ppo_epochs: int = 1
+    """Passes of the optimisation phase over each rollout batch."""
+    num_generations: int | None = None
+    """Samples per prompt; None: 1 for ppo, 4 for grpo and rloo (which need at least 2)."""
+    max_new_tokens: int = 256
+    """The longest response generated (DeepSpeed-Chat's max_answer_seq_len)."""
+    temperature: float = 1.0
+    """Sampling temperature; the log-probs of the losses and of the KL are taken at it too."""
+    kl_coef: float = 0.1
+    """The KL penalty's coefficient (PPO: on the rewards; GRPO: on the loss; RLOO: on the scores); 0: none."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards kl_target (Ziegler et al.) instead of holding it fixed (PPO only)."""
+    kl_target: float = 6.0
+    """The adaptive controller's target KL per sequence."""
+    kl_horizon: float = 10000.0
+    """The adaptive controller's horizon, in sequences."""
+    clip_reward: float = 5.0
+    """Scores are clipped to [-clip_reward, clip_reward] (PPO)."""
+    clip_range: float = 0.2
+    """The policy ratio's clip range."""
+    value_clip_range: float = 0.2
+    """The value clip range."""
+    gamma: float = 1.0
+    """GAE's discount."""
+    lam: float = 0.95
+    """GAE's lambda."""
+    whiten_advantages: bool = False
+    """Whiten the advantages of each rollout batch (DeepSpeed-Chat does not)."""
+    ptx_coef: float = 27.8
+    """The pre-training loss's coefficient, used when pre-training rows are given (DeepSpeed-Chat's unsup_coef)."""
+    ema_beta: float | None = None
+    """Keep an EMA of the actor with this decay and save it beside it (DeepSpeed-Chat: 0.992 with
+    --enable_ema); None: no EMA."""
+    generation_weight_dtype: str | None = None
+    """"bf16" generates from bf16 copies of the weights (the old log-probs are then recomputed); None: fp32."""
+    reward_fn_weight: float = 1.0
+    """The weight of the reward function's values in the score, when one is given beside the reward model."""
+    eval_max_new_tokens: int | None = None
+    """The longest response of an evaluation rollout; None: max_new_tokens."""
+    nonfinite: str = "skip"
+    """NaN or inf in a step's scores, targets or losses: "skip" the update (counted) or "stop" the run."""
+    gradient_checkpointing: bool = False
+    """Recompute the actor's activations in the backward pass (less memory, more time)."""
+    bf16_autocast: bool = False
+    """Run the actor's and the critic's training forwards under bf16 autocast (fp32 weights, optimizer and
+    losses): faster where the CPU has bf16 units (1.35x on the training step of a 10M Llama on a Zen 4). The
+    ratio's old log-probs then come from a forward of the same precision (ratio_from_training_forward), not from
+    generation."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.num_generations is None:
+            self.num_generations = 1 if self.algo == "ppo" else 4
+        if self.algo != "ppo" and self.num_generations < 2:
+            raise ValueError(f"{self.algo} compares samples of one prompt: num_generations must be >= 2, "
+                             f"got {self.num_generations}")
+        for name in ("train_batch_size", "ppo_epochs", "num_generations", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("critic_lr", "temperature", "clip_reward", "clip_range", "value_clip_range", "kl_target",
+                     "kl_horizon"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.kl_coef < 0 or self.ptx_coef < 0:
+            raise ValueError(f"kl_coef and ptx_coef must be >= 0, got {self.kl_coef} and {self.ptx_coef}")
+        if self.generation_weight_dtype not in (None, "bf16"):
+            raise ValueError(f"generation_weight_dtype must be None or 'bf16', got {self.generation_weight_dtype!r}")
+        if self.nonfinite not in ("skip", "stop"):
+            raise ValueError(f"nonfinite must be 'skip' or 'stop', got {self.nonfinite!r}")
+        if self.ema_beta is not None and not 0 <= self.ema_beta <= 1:
+            raise ValueError(f"ema_beta must be in [0, 1] or None, got {self.ema_beta!r}")
+
+
+@dataclass
+class PolicyEval:
+    """The actor on held-out prompts (one sampled response each, from a fixed seed)."""
+
+    reward: float | None
+    """The mean reward-model score; None without a reward model."""
+    rule: float | None
+    """The mean of eval_fn (the task's own measure, which no model sees); None without one."""
+    kl: float
+    """The mean over responses of sum(log p_actor - log p_ref): a sample of KL(actor || reference) per response."""
+    response_len: float
+    """The mean response length in tokens."""
+
+

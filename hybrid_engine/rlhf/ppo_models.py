@@ -1,0 +1,105 @@
+"""The four models of RLHF step 3: the actor (a HybridEngine), the critic (a RewardModel that trains), and the
+frozen reference and reward model (scored through the inference path, scoring.py)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import transformers
+
+from hybrid_engine.engine import HybridEngine
+from hybrid_engine.engine.settings import GenerationSettings
+from hybrid_engine.engine.training import make_trainer
+from hybrid_engine.rlhf import loop
+from hybrid_engine.rlhf.ppo_config import PPOConfig
+from hybrid_engine.rlhf.reward import RewardModel
+from hybrid_engine.rlhf.reward_fn import load_reward_fn
+from hybrid_engine.rlhf.scoring import FrozenPolicy, FrozenRewardModel
+
+# -- the four models -------------------------------------------------------------------------------------------
+
+
+class Critic(torch.nn.Module):
+    """A RewardModel whose forward gives per-position values (B, T), so DeepSpeed can wrap it as the critic."""
+
+    def __init__(self, reward_model: RewardModel):
+        super().__init__()
+        self.reward_model = reward_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.reward_model.values(input_ids, attention_mask)
+
+
+def _load_lm(model):
+    if isinstance(model, str) or hasattr(model, "__fspath__"):
+        return transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    return model
+
+
+def _reference(actor, reference) -> FrozenPolicy:
+    """The frozen reference: given, or a copy of the actor before it trains."""
+    if reference is not None:
+        return FrozenPolicy(copy.deepcopy(_load_lm(reference)) if isinstance(reference, torch.nn.Module)
+                            else _load_lm(reference))
+    if isinstance(actor, HybridEngine):
+        raise ValueError("the actor is already a HybridEngine: give the reference policy (the SFT model) too")
+    return FrozenPolicy(copy.deepcopy(_load_lm(actor)))
+
+
+def _trained_reward_model(reward_model) -> RewardModel:
+    """A RewardModel, or one saved with its value head; anything else would score with a random head."""
+    if isinstance(reward_model, RewardModel):
+        return reward_model
+    if isinstance(reward_model, torch.nn.Module):
+        raise ValueError(f"reward_model must be a RewardModel or its directory, got {type(reward_model).__name__}: "
+                         "a plain model has no trained value head")
+    return RewardModel.from_pretrained(reward_model)  # refuses a directory without value_head.safetensors
+
+
+def _adamw(lr: float, weight_decay: float) -> Callable:
+    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+@dataclass
+class Models:
+    actor: HybridEngine
+    reference: FrozenPolicy
+    reward: FrozenRewardModel | None
+    critic: object | None  # the critic's trainer (make_trainer), PPO only
+    critic_model: RewardModel | None
+    reward_fn: Callable | None
+
+
+def build_models(actor, reward_model, critic, reference, reward_fn, config: PPOConfig, ds_config, lora) -> Models:
+    """The actor engine, the frozen reference and reward model, and (PPO) the critic's trainer."""
+    if reward_model is None and reward_fn is None:
+        raise ValueError("PPO needs a reward: give a reward model, a reward function, or both")
+    ds = loop.training_ds_config(ds_config, config.train_batch_size, config.max_grad_norm)
+    has_ds_optimizer = ds is not None and "optimizer" in ds
+    frozen_ref = _reference(actor, reference)
+    frozen_rm = None if reward_model is None else FrozenRewardModel(copy.deepcopy(_trained_reward_model(reward_model)))
+    critic_model = critic_trainer = None
+    if config.algo == "ppo":
+        source = critic if critic is not None else reward_model
+        if source is None:
+            raise ValueError("PPO's critic starts from the reward model: give a reward model or a critic "
+                             "(or use algo grpo or rloo)")
+        critic_model = copy.deepcopy(RewardModel.load(source))
+        critic_trainer = make_trainer(Critic(critic_model), copy.deepcopy(ds),
+                                      None if has_ds_optimizer else _adamw(config.critic_lr, config.weight_decay))
+        critic_trainer.train(True)
+    if isinstance(actor, HybridEngine):
+        engine = actor
+    else:
+        dtype = torch.bfloat16 if config.generation_weight_dtype == "bf16" else None
+        engine = HybridEngine(_load_lm(actor), ds_config=copy.deepcopy(ds), lora=lora,
+                              optimizer=None if has_ds_optimizer else _adamw(config.lr, config.weight_decay),
+                              gradient_checkpointing=config.gradient_checkpointing,
+                              generation=GenerationSettings(weight_dtype=dtype), seed=config.seed)
+    return Models(actor=engine, reference=frozen_ref, reward=frozen_rm, critic=critic_trainer,
+                  critic_model=critic_model, reward_fn=None if reward_fn is None else load_reward_fn(reward_fn))
+
+
