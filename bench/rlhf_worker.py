@@ -87,9 +87,6 @@ def run_trl(model_dir: Path, args, patched: bool) -> dict:
 
     from hybrid_engine.rlhf.demo import demo_tokenizer, rule_score_batch
 
-    def reward(prompts, completions, **kwargs):
-        return rule_score_batch(prompts, completions)
-
     common = dict(output_dir=str(model_dir / "trl"), use_cpu=True, report_to="none", max_steps=args.steps,
                   per_device_train_batch_size=args.prompts * args.generations, num_generations=args.generations,
                   max_completion_length=args.completion, learning_rate=args.lr, lr_scheduler_type="constant",
@@ -99,7 +96,7 @@ def run_trl(model_dir: Path, args, patched: bool) -> dict:
                                                                                            trl.RLOOTrainer)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     clock = StepClock()
-    trainer = trainer_cls(model=model, reward_funcs=reward, args=config_cls(**common),
+    trainer = trainer_cls(model=model, reward_funcs=rule_score_batch, args=config_cls(**common),
                           processing_class=demo_tokenizer(), callbacks=[clock],
                           train_dataset=datasets.Dataset.from_dict({"prompt": prompts(args.prompts * args.steps)}))
     if patched:

@@ -22,6 +22,7 @@ from hybrid_engine.rlhf import chat
 from hybrid_engine.rlhf.config_args import add_config_args, build_config, load_config_file
 from hybrid_engine.rlhf.data import DataConfig, DatasetSpec, StepData, load_step_data
 from hybrid_engine.rlhf.demo import demo_config, demo_model, demo_tokenizer
+from hybrid_engine.rlhf.loop import evals_json
 from hybrid_engine.rlhf.model_dirs import check_model_dir, has_tokenizer, is_main_rank, load_tokenizer
 
 DEFAULT_OUTPUT = {"sft": "out/sft", "reward": "out/reward", "ppo": "out/ppo"}
@@ -251,7 +252,7 @@ def run_reward(args: argparse.Namespace) -> int:
             ("wall time", f"{result.wall_s:.1f} s ({result.train_s:.1f} s training)"),
             ("prompts truncated / dropped", f"{result.token_stats.prompts_truncated} / "
                                             f"{result.token_stats.prompts_dropped}")]
-    evals = [(step, None if e is None else dataclasses.asdict(e)) for step, e in result.evals]
+    evals = evals_json(result.evals)
     figures = {"steps": result.steps, "losses": losses, "before": evals[0][1], "after": evals[-1][1], "evals": evals,
                "train_s": result.train_s, "wall_s": result.wall_s,
                "token_stats": dataclasses.asdict(result.token_stats)}

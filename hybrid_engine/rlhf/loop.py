@@ -262,14 +262,20 @@ def train_loop(num_rows: int, config, optimizer, train_step: Callable[[list[int]
     return record
 
 
-def _evals_json(evals: list) -> list:
-    return [[step, dataclasses.asdict(e) if dataclasses.is_dataclass(e) else e] for step, e in evals]
+def as_json(value):
+    """A dataclass as its dict (for json.dumps); anything else as it is."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def evals_json(evals: list) -> list:
+    """[(step, evaluation)] with every evaluation (a float, a dataclass or None) ready for json.dumps."""
+    return [[step, as_json(e)] for step, e in evals]
 
 
 def _save(checkpoint, config, trained, record: LoopRecord) -> None:
     tensors, optim_meta = checkpoint.training_tensors(trained)
     state = {"config": checkpoint.config_json(config), "optimizers": optim_meta, "losses": record.losses,
-             "evals": _evals_json(record.evals), "train_s": record.train_s}
+             "evals": evals_json(record.evals), "train_s": record.train_s}
     checkpoint.save_checkpoint(config.output_dir, record.steps, tensors, state, config.keep_checkpoints)
 
 

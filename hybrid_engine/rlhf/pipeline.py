@@ -24,6 +24,7 @@ from types import SimpleNamespace
 from hybrid_engine.rlhf import commands
 from hybrid_engine.rlhf.config_args import ConfigValues, build_config, load_config_file
 from hybrid_engine.rlhf.demo import DEMO_DIR
+from hybrid_engine.rlhf.loop import as_json, evals_json
 from hybrid_engine.rlhf.metrics import MetricsLog, plot_curves, read_metrics
 from hybrid_engine.rlhf.model_dirs import is_main_rank
 from hybrid_engine.rlhf.reward_fn import load_reward_fn
@@ -140,7 +141,7 @@ def _mark_done(directory: str, result, fields: tuple[str, ...]) -> None:
     values = {}
     for name in fields:
         value = getattr(result, name)
-        values[name] = [(s, _json(e)) for s, e in value] if name == "evals" else _json(value)
+        values[name] = evals_json(value) if name == "evals" else as_json(value)
     (Path(directory) / DONE_FILE).write_text(json.dumps(values) + "\n")
 
 
@@ -243,10 +244,6 @@ def summary_rows(sft, rm, ppo) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def _json(value):
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-
-
 def machine() -> dict:
     """Where the run ran, for the summary."""
     import torch
@@ -282,7 +279,7 @@ def summarize(args, configs: dict, sft, rm, ppo, wall_s: float, demo: bool) -> N
                "table": [dict(zip(header, r)) for r in rows], "goals": [{"goal": t, "met": m} for t, m in goals],
                "configs": {k: dataclasses.asdict(v) for k, v in configs.items()},
                "sft": {"steps": sft.steps, "losses": sft.losses, "evals": sft.evals},
-               "reward": {"steps": rm.steps, "losses": rm.losses, "evals": [(s, _json(e)) for s, e in rm.evals]},
+               "reward": {"steps": rm.steps, "losses": rm.losses, "evals": evals_json(rm.evals)},
                "ppo": ppo_figures}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     saved = "train.png, " if plot else ""

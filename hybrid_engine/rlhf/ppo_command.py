@@ -15,6 +15,7 @@ import dataclasses
 from pathlib import Path
 
 from hybrid_engine.rlhf import commands
+from hybrid_engine.rlhf.loop import evals_json
 from hybrid_engine.rlhf.metrics import MetricsLog, plot_curves, read_metrics
 from hybrid_engine.rlhf.model_dirs import check_model_dir, is_main_rank
 from hybrid_engine.rlhf.reward_fn import load_reward_fn
@@ -150,7 +151,7 @@ def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
                                             f"{result.token_stats.prompts_dropped}"),
             ("time by phase", ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in totals.items())),
             ("wall time", f"{result.wall_s:.1f} s")]
-    evals = [(step, None if e is None else dataclasses.asdict(e)) for step, e in result.evals]
+    evals = evals_json(result.evals)
     figures = {"steps": result.steps, "skipped": result.skipped, "before": evals[0][1], "after": evals[-1][1],
                "evals": evals, "history": result.history, "logprob_source": result.logprob_source,
                "wall_s": result.wall_s, **totals, "token_stats": dataclasses.asdict(result.token_stats)}

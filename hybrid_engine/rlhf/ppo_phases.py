@@ -280,13 +280,19 @@ class PTXBatches:
             raise ValueError("the pre-training (PTX) data has no rows left after tokenization")
         self.pad_id, self.size, self.seed = tokenizer.pad_token_id, config.train_batch_size, config.seed + 7
         self.epoch, self.taken = 0, 0  # the position, saved in checkpoints
+        self._order: tuple[int, list[list[int]]] | None = None  # (epoch, its batches), drawn once per pass
+
+    def _batches(self) -> list[list[int]]:
+        if self._order is None or self._order[0] != self.epoch:
+            rank, world = loop.rank_and_world()
+            self._order = (self.epoch, loop.batch_order(len(self.examples), self.size, self.seed, self.epoch, rank,
+                                                        world))
+        return self._order[1]
 
     def __call__(self) -> dict:
-        rank, world = loop.rank_and_world()
-        batches = loop.batch_order(len(self.examples), self.size, self.seed, self.epoch, rank, world)
-        if self.taken == len(batches):
+        if self.taken == len(self._batches()):
             self.epoch, self.taken = self.epoch + 1, 0
-            batches = loop.batch_order(len(self.examples), self.size, self.seed, self.epoch, rank, world)
+        batches = self._batches()
         self.taken += 1
         return collate_sft([self.examples[i] for i in batches[self.taken - 1]], self.pad_id)
 

@@ -8,9 +8,8 @@ The prompt order needs no state: it is a function of (seed, epoch), and the step
 
 from __future__ import annotations
 
-import dataclasses
-
 from hybrid_engine.rlhf import checkpoint as ckpt
+from hybrid_engine.rlhf import loop
 
 
 def _trained(models) -> ckpt.Trained:
@@ -26,7 +25,7 @@ def save_run(config, models, ema, kl_ctl, ptx, result) -> None:
     if ema is not None:
         tensors.update(ema.state_tensors())
     state = {"config": ckpt.config_json(config), "optimizers": optim_meta, "history": result.history,
-             "evals": [[step, None if e is None else dataclasses.asdict(e)] for step, e in result.evals],
+             "evals": loop.evals_json(result.evals),
              "skipped": result.skipped, "logprob_source": result.logprob_source, "kl_coef": kl_ctl.value,
              "ptx": None if ptx is None else [ptx.epoch, ptx.taken]}
     ckpt.save_checkpoint(config.output_dir, result.steps, tensors, state, config.keep_checkpoints)
