@@ -64,16 +64,22 @@ def replace_in_readme(readme: Path, name: str, text: str) -> None:
     readme.write_text(content)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", type=Path, help="a file written by pytest --benchmark-json")
+def table_main(doc: str, make_table, name: str | None = None) -> None:
+    """The command line every table script shares: JSON in; the table printed, or put between README's markers
+    for `name` (None: the JSON file's stem) with --readme."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", type=Path, help="the JSON file the benchmark (or command) wrote")
     parser.add_argument("--readme", type=Path, help="replace the table between this file's markers")
     args = parser.parse_args()
-    text = table(json.loads(args.json.read_text()))
-    if not args.readme:
+    text = make_table(json.loads(args.json.read_text()))
+    if args.readme:
+        replace_in_readme(args.readme, name or args.json.stem, text)
+    else:
         print(text)
-        return
-    replace_in_readme(args.readme, args.json.stem, text)
+
+
+def main() -> None:
+    table_main(__doc__, table)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,7 @@ The README keeps them between `<!-- bench:engine:start -->` and `<!-- bench:engi
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-from bench_table import machine_line, replace_in_readme
+from bench_table import machine_line, table_main
 
 TARGETS = [  # (variant, ratio key, what, target, higher is better)
     ("full", "generation_speedup_vs_hf-zero3", "generation vs HF generate on the ZeRO-3 module", 3.0, True),
@@ -66,15 +62,7 @@ def tables(data: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", type=Path, help="the file bench_engine.py wrote with --benchmark-json")
-    parser.add_argument("--readme", type=Path, help="replace the tables between this file's markers")
-    args = parser.parse_args()
-    text = tables(json.loads(args.json.read_text()))
-    if not args.readme:
-        print(text)
-        return
-    replace_in_readme(args.readme, "engine", text)
+    table_main(__doc__, tables, "engine")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,7 @@ trainer of the same algorithm in the same run.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-from bench_table import machine_line, replace_in_readme
+from bench_table import machine_line, table_main
 
 
 def table(data: dict) -> str:
@@ -41,15 +37,7 @@ def table(data: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", type=Path, help="a file written by pytest --benchmark-json")
-    parser.add_argument("--readme", type=Path, help="replace the table between this file's markers")
-    args = parser.parse_args()
-    text = table(json.loads(args.json.read_text()))
-    if args.readme:
-        replace_in_readme(args.readme, "rlhf", text)
-    else:
-        print(text)
+    table_main(__doc__, table, "rlhf")
 
 
 if __name__ == "__main__":

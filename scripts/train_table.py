@@ -8,11 +8,7 @@ The README keeps it between `<!-- bench:train:start -->` and `<!-- bench:train:e
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-from bench_table import replace_in_readme
+from bench_table import table_main
 
 
 def table(summary: dict) -> str:
@@ -30,15 +26,7 @@ def table(summary: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", type=Path, help="the summary.json `hybrid-engine train` wrote")
-    parser.add_argument("--readme", type=Path, help="replace the table between this file's markers")
-    args = parser.parse_args()
-    text = table(json.loads(args.json.read_text()))
-    if args.readme:
-        replace_in_readme(args.readme, "train", text)
-    else:
-        print(text)
+    table_main(__doc__, table, "train")
 
 
 if __name__ == "__main__":

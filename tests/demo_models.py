@@ -29,6 +29,14 @@ def demo_llama(seed: int = 0, hidden: int = 64, layers: int = 2) -> transformers
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def save_demo_llama(directory, seed: int = 0):
+    """demo_llama(seed) and the demo tokenizer saved to `directory`, as `hybrid-engine sft` leaves its output;
+    returns the directory."""
+    demo_llama(seed).save_pretrained(directory)
+    tokenizer().save_pretrained(directory)
+    return directory
+
+
 @functools.lru_cache(maxsize=None)
 def _step_data(step: str, cache_dir: str) -> StepData:
     return load_step_data(demo_config(step, cache_dir=cache_dir), step)

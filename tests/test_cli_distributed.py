@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from demo_models import demo_llama, tokenizer
+from demo_models import demo_llama, save_demo_llama
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -49,8 +49,7 @@ def torchrun(args: list[str], cwd, timeout: int = 300) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli2")
-    demo_llama().save_pretrained(root / "start")
-    tokenizer().save_pretrained(root / "start")
+    save_demo_llama(root / "start")
     for stage, config in ZERO.items():
         (root / f"z{stage}.json").write_text(json.dumps(config))
     return root

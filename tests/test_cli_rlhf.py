@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from demo_models import demo_llama, tokenizer
+from demo_models import demo_llama, save_demo_llama, tokenizer
 
 from hybrid_engine.cli import build_parser, main
 from hybrid_engine.rlhf import RewardModel, SFTConfig
@@ -39,9 +39,7 @@ def cache(tmp_path_factory):
 def model_dir(tmp_path_factory):
     """A tiny Llama over the demo vocabulary, saved with the demo tokenizer."""
     path = tmp_path_factory.mktemp("tiny-llama")
-    demo_llama().save_pretrained(path)
-    tokenizer().save_pretrained(path)
-    return path
+    return save_demo_llama(path)
 
 
 @pytest.fixture(scope="module")

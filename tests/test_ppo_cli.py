@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import transformers
-from demo_models import demo_llama, tokenizer
+from demo_models import demo_llama, save_demo_llama, tokenizer
 
 from hybrid_engine.cli import build_parser, main
 from hybrid_engine.rlhf import RewardModel
@@ -30,9 +30,7 @@ def cache(tmp_path_factory):
 def sft_dir(tmp_path_factory):
     """A tiny Llama over the demo vocabulary, saved with the demo tokenizer (what `hybrid-engine sft` writes)."""
     path = tmp_path_factory.mktemp("sft")
-    demo_llama().save_pretrained(path)
-    tokenizer().save_pretrained(path)
-    return path
+    return save_demo_llama(path)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from demo_models import demo_llama, demo_rows, tokenizer
+from demo_models import demo_llama, demo_rows, save_demo_llama, tokenizer
 
 from hybrid_engine.rlhf import RewardConfig, RewardModel, SFTConfig, train_reward, train_sft
 from hybrid_engine.rlhf.checkpoint import checkpoints, load_checkpoint
@@ -96,8 +96,7 @@ def test_ppo_resume_in_the_library(cache, tmp_path):
 
 def _save_models(root: Path) -> tuple[str, str]:
     sft, rm = root / "sft", root / "rm"
-    demo_llama().save_pretrained(sft)
-    tokenizer().save_pretrained(sft)
+    save_demo_llama(sft)
     torch.manual_seed(3)
     RewardModel.from_model(demo_llama(seed=2)).save_pretrained(rm)
     return str(sft), str(rm)
