@@ -5,7 +5,9 @@ Three benchmarks, all ratios measured in this run:
   number of new tokens; `speedup_vs_hf-fp32` is filled in from the same run's HF fp32 row.
 - test_decode_step: one decode step at context 64; weights read per step (embeddings excluded) and
   FLOPs give GB/s and the fraction of the roofline.
-- test_decode_cost_by_position: ms per token as the context grows to 1024 (bench/decode_position.png).
+- test_decode_cost_by_position: ms per token as the context grows to 1024 (bench/decode_position.png), with the
+  KV cache in fp32 and, for `ours-fp32-kvbf16`, in bf16 (generate's kv_dtype).
+- test_bf16_kv_cache_logprobs: how far a bf16 KV cache moves the log-probs of sampled tokens from fp32 ones.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def test_decode_step(benchmark, provider, name, batch, machine, roofline):
 
 
 @pytest.mark.parametrize("batch", [1, 16])
-@pytest.mark.parametrize("provider", ["ours-fp32", "ours-bf16", "hf-fp32"])
+@pytest.mark.parametrize("provider", ["ours-fp32", "ours-fp32-kvbf16", "ours-bf16", "hf-fp32"])
 def test_decode_cost_by_position(benchmark, provider, batch, machine, roofline):
     """Decode steps from position 1 to 1024 at batch `batch` on the 125M model; ms/token every 64 positions."""
     name, total, window = MODELS[-1], 1024, 64
@@ -154,7 +156,8 @@ def test_decode_cost_by_position(benchmark, provider, batch, machine, roofline):
                     timings.append((pos, time.perf_counter() - t0))
             return
         net = our_net(name, provider)
-        cache = KVCache.allocate(net.spec, batch, total + 1)
+        kv_dtype = torch.bfloat16 if provider.endswith("kvbf16") else torch.float32
+        cache = KVCache.allocate(net.spec, batch, total + 1, dtype=kv_dtype)
         logits = net.prefill(ids, torch.ones_like(ids), cache)
         for pos in range(1, total):
             t0 = time.perf_counter()
@@ -186,3 +189,21 @@ def test_finished_sequences_leave_the_batch(benchmark, case, machine, roofline):
     out = run_benchmark(benchmark, lambda: hybrid_engine.generate(m, ids, **kw), rounds=1)
     record(benchmark, provider=case, machine=machine, roofline=roofline, baseline_provider="none-finish",
            generated_tokens=int(out.response_mask.sum()), finished_at_step_1=int((out.response_mask.sum(1) == 1).sum()))
+
+
+def test_bf16_kv_cache_logprobs(benchmark, machine, roofline):
+    """The 125M model samples 8 x 256 tokens with a bf16 KV cache; HF's fp32 forward over the same sequences gives
+    the fp32 log-probs they are compared with (|difference| per token: max, mean, 99th percentile)."""
+    name, batch, new_tokens = MODELS[-1], 8, 256
+    m = model(name)
+    ids = prompts(batch, m.config.vocab_size)
+    kw = dict(max_new_tokens=new_tokens, do_sample=True, seed=0, kv_dtype=torch.bfloat16)
+    benchmark.group = f"bf16 KV cache {name} B={batch} new={new_tokens}"
+    out = run_benchmark(benchmark, lambda: hybrid_engine.generate(m, ids, **kw), rounds=1)
+    with torch.no_grad():
+        logits = m(input_ids=out.sequences).logits[:, PROMPT - 1 : -1].float()
+    fp32 = torch.log_softmax(logits, -1).gather(2, out.sequences[:, PROMPT:, None])[..., 0]
+    diff = (out.logprobs - fp32).abs()[out.response_mask.bool()]
+    record(benchmark, provider="ours-fp32-kvbf16", machine=machine, roofline=roofline, model=name, batch=batch,
+           new_tokens=new_tokens, logprob_diff_max=round(float(diff.max()), 5),
+           logprob_diff_mean=round(float(diff.mean()), 5), logprob_diff_p99=round(float(diff.quantile(0.99)), 5))

@@ -54,10 +54,15 @@ TORCH_LIBRARY(hybrid_engine, m) {
       "int[] row_counts, int col_start) -> ()");
   // x fp32 [M, K] (M small), weight fp32/bf16 [N, K], bias [N] -> fp32 [M, N]; fp32 accumulation.
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  // The CPU decode_linear's hand-over rows to torch's GEMM (process-wide; hybrid_engine/ops/dispatch.py).
-  m.def("set_decode_linear_routes(int fp32_torch_max_rows, int fp32_kernel_max_rows, int lowp_kernel_max_rows) -> ()",
+  // The CPU dispatch choices, process-wide, set by the calibration (hybrid_engine/ops/dispatch.py):
+  // decode_linear's hand-over rows to torch's GEMM and to the AMX tiles, and bf16 prefill's SDPA route.
+  m.def("set_decode_linear_routes(int fp32_torch_max_rows, int fp32_kernel_max_rows, int lowp_kernel_max_rows, "
+        "int amx_min_rows) -> ()",
         &hybrid_engine::set_decode_linear_routes);
   m.def("decode_linear_routes() -> int[]", &hybrid_engine::decode_linear_routes);
+  m.def("decode_linear_has_amx(int K) -> bool", &hybrid_engine::decode_linear_has_amx);
+  m.def("set_prefill_sdpa_route(int route) -> ()", &hybrid_engine::set_prefill_sdpa_route);
+  m.def("prefill_sdpa_route() -> int", &hybrid_engine::prefill_sdpa_route);
   // One decode step of a whole decoder-only model (CPU; GPUs replay the Python loop in a CUDA graph).
   // x fp32 [B, H] (embedded tokens), weights: 12 per layer (attn norm w/b, qkv w/b, o w/b, mlp norm
   // w/b, up w/b, down w/b) then final norm w/b and LM head w/b, None where absent; caches

@@ -70,12 +70,21 @@ def calibration_rows(force: bool) -> list[tuple[str, str]]:
         rows.append(("measured roofline", f"read {data['roofline']['read_GBps']} GB/s, fp32 matmul "
                                           f"{data['roofline']['matmul_GFLOPps']} GFLOP/s"))
     lowp = "never" if r["lowp_kernel_max_rows"] >= never else f"M > {r['lowp_kernel_max_rows']}"
+    amx = "not measured" if "amx" not in data else "no AMX on this CPU" if not data["amx"] else (
+        "never" if r["amx_min_rows"] >= never else f"M >= {r['amx_min_rows']}")
+    sdpa = {-1: "where torch packs bf16 for AMX (unmeasured default)", 0: "never: our causal tiles",
+            1: "torch's flash attention (dense batches)"}[r["prefill_sdpa_bf16"]]
     rows += [("decode_linear fp32 weight", f"torch GEMM for M <= {r['fp32_torch_max_rows']} and M > "
                                            f"{r['fp32_kernel_max_rows']}, our kernel between"),
-             ("decode_linear bf16 weight", f"our kernel; widened to torch's GEMM: {lowp}")]
-    for name, (ours, torch_ms) in data.get("timings_ms", {}).items():
-        rows.append((f"  {name}", f"kernel {ours:.2f} ms, torch {torch_ms:.2f} ms"))
+             ("decode_linear bf16 weight", f"our kernel; widened to torch's GEMM: {lowp}; AMX tiles: {amx}"),
+             ("prefill attention bf16", sdpa)]
+    for name, (first, second) in data.get("timings_ms", {}).items():
+        sides = SIDES.get(name.rsplit(" ", 1)[-1], ("kernel", "torch"))
+        rows.append((f"  {name}", f"{sides[0]} {first:.2f} ms, {sides[1]} {second:.2f} ms"))
     return rows
+
+
+SIDES = {"fma/amx": ("FMA kernel", "AMX kernel"), "tiles/sdpa": ("our tiles", "SDPA")}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -98,12 +107,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     weight_dtype = torch.bfloat16 if args.weight_dtype == "bf16" else None
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"model: {name}, {params:.1f}M parameters; batch {args.batch}, prompt {args.prompt_len}, "
-          f"{args.max_new_tokens} new tokens, weights {args.weight_dtype}, {torch.get_num_threads()} threads")
+          f"{args.max_new_tokens} new tokens, weights {args.weight_dtype}, KV cache {args.kv_dtype}, "
+          f"{torch.get_num_threads()} threads")
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     hybrid_engine.generate(model, input_ids[:, :8], max_new_tokens=2)  # warm-up: loads the ops
     t0 = time.perf_counter()
-    out = hybrid_engine.generate(model, input_ids, weight_dtype=weight_dtype, **kw)
+    kv_dtype = torch.bfloat16 if args.kv_dtype == "bf16" else torch.float32
+    out = hybrid_engine.generate(model, input_ids, weight_dtype=weight_dtype, kv_dtype=kv_dtype, **kw)
     ours = time.perf_counter() - t0
     n = int(out.response_mask.sum())
     print(f"hybrid_engine.generate: {n / ours:8.1f} tokens/s ({ours:.2f} s)")
@@ -116,7 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         t = time.perf_counter() - t0
         m = (hf.shape[1] - args.prompt_len) * args.batch
         print(f"transformers generate:  {m / t:8.1f} tokens/s ({t:.2f} s) -> ours is {t / ours * n / m:.2f}x")
-        if not args.sample and weight_dtype is None:
+        if not args.sample and weight_dtype is None and args.kv_dtype == "fp32":
             same = torch.equal(hf[:, : out.sequences.shape[1]], out.sequences)
             print(f"greedy sequences identical to transformers: {same}")
     if args.show:
@@ -144,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
     gen.add_argument("--weight-dtype", choices=["fp32", "bf16"], default="fp32",
                      help="dtype of the weights the decode step reads (activations stay fp32)")
+    gen.add_argument("--kv-dtype", choices=["fp32", "bf16"], default="fp32",
+                     help="dtype of the KV cache: bf16 halves the bytes attention reads at long contexts (keys "
+                          "and values rounded once as they are written; attention still computes in fp32)")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")

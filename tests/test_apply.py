@@ -265,8 +265,12 @@ def test_generation_settings_pass_through(gather):
     ids, mask, eos = prompts_and_eos(model)
     kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)
     expected = hybrid_engine.generate(model, ids, mask, weight_dtype=torch.bfloat16, **kw).sequences
+    expected_kv = hybrid_engine.generate(model, ids, mask, weight_dtype=torch.bfloat16, kv_dtype=torch.bfloat16,
+                                         **kw).sequences
     apply_hybrid_engine(model, weight_dtype=torch.bfloat16, gather=gather)
     assert torch.equal(patched_call(model, input_ids=ids, attention_mask=mask, **kw), expected)
+    apply_hybrid_engine(model, weight_dtype=torch.bfloat16, gather=gather, kv_dtype=torch.bfloat16)
+    assert torch.equal(patched_call(model, input_ids=ids, attention_mask=mask, **kw), expected_kv)
     assert model.generate.stats.copied_bytes > 0 and model.generate.stats.generated_tokens > 0
 
 

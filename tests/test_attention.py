@@ -130,6 +130,21 @@ def test_prefill_kernel_matches_reference(B, Hq, Hkv, D, T, dtype, full):
     check_prefill(prefill_attention(q, k, v, lens, D**-0.5), q, k, v, lens, D**-0.5)
 
 
+@pytest.mark.parametrize("backend", ["kernels", "triton"])
+@pytest.mark.parametrize("cache_dtype", LOW_PRECISION)
+@pytest.mark.parametrize("B,Hq,Hkv,D,T", SHAPES[:5])
+def test_decode_low_precision_cache_under_fp32_q(B, Hq, Hkv, D, T, cache_dtype, backend):
+    """A bf16/fp16 KV cache (generate's kv_dtype) under fp32 queries: the same as the fp32 reference over the
+    cache's own values, to fp32 tolerance (the kernel widens each cached element exactly)."""
+    q, k_cache, v_cache, lens = make_decode(B, Hq, Hkv, D, T, torch.float32)
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
+    with use_backend(backend):
+        out = decode_attention(q, k_cache, v_cache, lens, 0.1)
+    assert out.dtype == torch.float32
+    ref = decode_attention_reference(q, k_cache.float(), v_cache.float(), lens, 0.1)
+    torch.testing.assert_close(out, ref, **TOLERANCES[torch.float32])
+
+
 def test_int32_lengths_and_contiguous_q():
     q, k_cache, v_cache, lens = make_decode(5, 8, 2, 64, 20, torch.float32)
     out = decode_attention(q.contiguous(), k_cache, v_cache, lens.int(), 0.125)
@@ -198,7 +213,8 @@ def prefill_args(**change):
         (dict(k_cache=torch.randn(2, 3, 8, 64), v_cache=torch.randn(2, 3, 8, 64)), "multiple of k_cache heads"),
         (dict(q=torch.randn(2, 4, 300), k_cache=torch.randn(2, 2, 8, 300), v_cache=torch.randn(2, 2, 8, 300)), "256"),
         (dict(q=torch.randint(0, 3, (2, 4, 64))), "q must be float32"),
-        (dict(v_cache=torch.randn(2, 2, 8, 64).bfloat16()), "v_cache and q must have the same dtype"),
+        (dict(v_cache=torch.randn(2, 2, 8, 64).bfloat16()), "v_cache and k_cache must have the same dtype"),
+        (dict(q=torch.randn(2, 4, 64).bfloat16()), "k_cache must have q's dtype, or bfloat16/float16 under float32"),
         (dict(seq_lens=torch.tensor([8.0, 3.0])), "seq_lens must be int32 or int64"),
         (dict(seq_lens=torch.tensor([8])), r"seq_lens.size\(0\) must be 2"),
         (dict(seq_lens=torch.tensor([9, 3])), r"seq_lens\[0\] = 9 is outside \[0, T_max = 8\]"),

@@ -1,6 +1,7 @@
-"""The measured dispatch of decode_linear (ops/dispatch.py): every route gives the reference's results within
-the op's tolerance; the calibration is cached and a second process reads it without measuring; a damaged or
-foreign cache is ignored with a warning and measured again; HYBRID_ENGINE_CALIBRATE=0 keeps the defaults."""
+"""The measured dispatch of decode_linear and bf16 prefill attention (ops/dispatch.py): every route gives the
+reference's results within the op's tolerance; the calibration is cached and a second process reads it without
+measuring; a damaged or foreign cache is ignored with a warning and measured again; HYBRID_ENGINE_CALIBRATE=0 keeps
+the defaults."""
 
 from __future__ import annotations
 
@@ -14,15 +15,17 @@ import torch
 from helpers import TOLERANCES
 
 from hybrid_engine.ops import dispatch
+from hybrid_engine.ops.attention import prefill_attention, prefill_attention_reference
 from hybrid_engine.ops.linear import decode_linear, decode_linear_reference
 
-ALL_KERNEL = dispatch.Routes(0, dispatch.NEVER, dispatch.NEVER)
+ALL_KERNEL = dispatch.Routes(0, dispatch.NEVER, dispatch.NEVER, amx_min_rows=dispatch.NEVER)
+ALL_AMX = dispatch.Routes(0, dispatch.NEVER, dispatch.NEVER, amx_min_rows=1)  # the FMA kernel without AMX
 ALL_TORCH = dispatch.Routes(dispatch.NEVER, dispatch.NEVER, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 8, 70, 300])
-@pytest.mark.parametrize("route", [ALL_KERNEL, ALL_TORCH], ids=["kernel", "torch"])
+@pytest.mark.parametrize("route", [ALL_KERNEL, ALL_AMX, ALL_TORCH], ids=["kernel", "amx", "torch"])
 def test_every_route_gives_the_reference_results(dtype, rows, route):
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 96, generator=gen)
@@ -32,6 +35,19 @@ def test_every_route_gives_the_reference_results(dtype, rows, route):
         assert dispatch.current() == route
         out = decode_linear(x, w, b)
     torch.testing.assert_close(out, decode_linear_reference(x, w, b), **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("sdpa", [0, 1])
+def test_both_prefill_routes_give_the_reference_results(sdpa):
+    gen = torch.Generator().manual_seed(sdpa)
+    q, k, v = (torch.randn(3, h, 40, 64, generator=gen).bfloat16() for h in (4, 2, 2))
+    lens = torch.tensor([40, 40, 33])
+    with dispatch.routes(dispatch.Routes(prefill_sdpa_bf16=sdpa)):
+        assert dispatch.current().prefill_sdpa_bf16 == sdpa
+        out = prefill_attention(q, k, v, lens, 0.125)
+    ref = prefill_attention_reference(q.float(), k.float(), v.float(), lens, 0.125)
+    torch.testing.assert_close(out.float(), ref, **TOLERANCES[torch.bfloat16])
+    assert (out[2, :, :7] == 0).all()  # the padded rows
 
 
 @pytest.fixture
@@ -91,3 +107,6 @@ def test_the_decision_rules():
     many = {8: (1, 2), 16: (3, 2), 32: (1, 2), 64: (3, 2)}
     assert dispatch._kernel_max((8, 16, 32, 64), many, floor=4) == 32  # one noisy loss at 16 is ignored
     assert dispatch._kernel_max((8, 16), {8: (3, 2), 16: (3, 2)}, floor=4) == 4
+    amx = {8: (1, 2), 16: (2, 1), 32: (2, 1)}  # (FMA s, AMX s)
+    assert dispatch._amx_min((8, 16, 32), amx) == 16  # AMX from 16 on
+    assert dispatch._amx_min((8, 16, 32), {**amx, 32: (1, 2)}) == dispatch.NEVER  # lost at the largest

@@ -114,6 +114,16 @@ def test_bf16_generation_reports_its_logprob_mismatch():
     assert eng.stats.logprob_mismatch == mismatch
 
 
+def test_bf16_kv_cache_setting_reaches_generation():
+    eng = engine("llama-gqa", generation={"kv_dtype": "bf16"})
+    ids, mask = PROMPTS
+    out = eng.generate(ids, mask, max_new_tokens=8, seed=3)
+    expected = hybrid_engine.generate(eng.module, ids, mask, max_new_tokens=8, seed=3, kv_dtype=torch.bfloat16)
+    assert torch.equal(out.sequences, expected.sequences)
+    torch.testing.assert_close(out.logprobs, expected.logprobs, atol=1e-6, rtol=0)
+    assert 0 < eng.logprob_mismatch(out, mask)["max"] < 0.5
+
+
 def test_token_logprobs_matches_log_softmax_with_gradients():
     eng = engine("llama-gqa")
     ids, mask = PROMPTS
@@ -191,6 +201,7 @@ def test_leaving_generation_mode_returns_the_memory():
     (dict(generation={"inference_tp_size": 3}), "inference_tp_size"),
     (dict(generation={"gather": "some"}), "gather"),
     (dict(generation={"weight_dtype": "fp8"}), "weight_dtype"),
+    (dict(generation={"kv_dtype": "int8"}), "kv_dtype"),
     (dict(generation={"beams": 2}), "unknown settings"),
     (dict(ds_config="/nonexistent/ds.json"), "ds_config"),
 ])

@@ -172,8 +172,11 @@ def test_old_logprobs_from_generation_equal_a_recompute_and_ref_logprobs_the_sft
     assert torch.allclose(exp.kl, kl) and figures["kl"] == pytest.approx(float(kl.double().mean()), abs=1e-6)
 
 
-def test_recomputed_old_logprobs_with_bf16_generation_weights(data, rm):
-    exp, figures, models, _, cfg = experience(data, rm, "ppo", generation_weight_dtype="bf16", train_batch_size=2)
+@pytest.mark.parametrize("setting", [dict(generation_weight_dtype="bf16"), dict(generation_kv_dtype="bf16")],
+                         ids=["bf16-weights", "bf16-kv-cache"])
+def test_recomputed_old_logprobs_with_bf16_generation(data, rm, setting):
+    exp, figures, models, _, cfg = experience(data, rm, "ppo", train_batch_size=2, **setting)
+    assert models.actor.settings.kv_dtype == (torch.bfloat16 if "generation_kv_dtype" in setting else torch.float32)
     assert figures["logprob_source"] == "recomputed"
     engine = models.actor.eval()
     with torch.no_grad():

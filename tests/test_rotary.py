@@ -106,6 +106,24 @@ def test_triton_matches_reference(B, S, Hq, Hkv, D, R, dtype):
     check_against_reference(ours, case, (Hq, Hkv, D), dtype)
 
 
+@pytest.mark.parametrize("backend", ["kernels", "triton"])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,S,Hq,Hkv,D,R", TRITON_SHAPES)
+def test_low_precision_cache_under_fp32_q(B, S, Hq, Hkv, D, R, cache_dtype, backend):
+    """fp32 q, k, v written to a bf16/fp16 cache (generate's kv_dtype): q and k as in the fp32 case, the cached
+    rows the reference's fp32 rows rounded once (a last-bit fp32 difference may flip that rounding: one unit of
+    the cache dtype's last place), v's exactly."""
+    qkv, k_cache, v_cache, positions, cos, sin = make_case(B, S, Hq, Hkv, D, R, torch.float32)
+    case = (qkv, k_cache.to(cache_dtype), v_cache.to(cache_dtype), positions, cos, sin)
+    with use_backend(backend):
+        ours = run(rotary_append_kv, *case, (Hq, Hkv, D))
+    ref = run(rotary_append_kv_reference, *case, (Hq, Hkv, D))
+    torch.testing.assert_close(ours[0], ref[0], **TOLERANCES[torch.float32])
+    assert ours[1].dtype == ours[2].dtype == cache_dtype
+    torch.testing.assert_close(ours[1], ref[1], **TOLERANCES[cache_dtype])
+    torch.testing.assert_close(ours[2], ref[2], atol=0, rtol=0)
+
+
 def test_fp16_and_int32_positions():
     case = list(make_case(3, 7, 4, 2, 64, 64, torch.float16))
     case[3] = case[3].int()
@@ -220,7 +238,8 @@ def bad_inputs():
         (dict(positions=pos.float()), "positions must be int32 or int64"),
         (dict(positions=pos[:, :2]), "positions must have shape"),
         (dict(k=k.double()), "k and q must have the same dtype"),
-        (dict(v_cache=vc.half()), "v_cache and q must have the same dtype"),
+        (dict(v_cache=vc.half()), "v_cache and k_cache must have the same dtype"),
+        (dict(q=q.bfloat16(), k=k.bfloat16(), v=v.bfloat16()), "k_cache must have q's dtype, or bfloat16/float16"),
         (dict(q=q.transpose(2, 3).contiguous().transpose(2, 3)), "q must be contiguous in its last dimension"),
         (dict(sin=None), "cos and sin must be given together"),
         (dict(cos=cos.double()), "cos must be Float"),

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "hybrid_engine/checks.h"
+#include "hybrid_engine/cpu/kv_types.h"
 #include "hybrid_engine/ops.h"
 
 namespace hybrid_engine {
@@ -136,9 +137,9 @@ struct DecodeScratch {
 };
 
 // One (b, kv head): the G query heads q[g] (row stride q_head_stride) attend to keys/values [0, L)
-// of k, v ([T_max, D] rows) and write out[g] (row stride D). Heads go in tiles of up to 4.
-template <typename T>
-void decode_group(const T* q, int64_t q_head_stride, const T* k, const T* v, T* out, int64_t L, int64_t G, int64_t D,
+// of k, v ([T_max, D] rows, in the cache's type C) and write out[g] (row stride D). Heads go in tiles of up to 4.
+template <typename T, typename C>
+void decode_group(const T* q, int64_t q_head_stride, const C* k, const C* v, T* out, int64_t L, int64_t G, int64_t D,
                   float scale, DecodeScratch& s) {
   const int64_t Dp = s.Dp, Dv = D / kVL * kVL;
   float *qf = s.qf.data(), *acc = s.acc.data(), *scores = s.scores.data();
@@ -150,7 +151,7 @@ void decode_group(const T* q, int64_t q_head_stride, const T* k, const T* v, T* 
   std::fill(s.l.begin(), s.l.end(), 0.f);
   for (int64_t t0 = 0; t0 < L; t0 += kDecodeBlock) {
     const int64_t n = std::min(kDecodeBlock, L - t0);
-    const T *kb = k + t0 * D, *vb = v + t0 * D;
+    const C *kb = k + t0 * D, *vb = v + t0 * D;
     // 1. Scores, two keys at a time; each key row comes from memory once for the whole group.
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
       dispatch_1_to_4(G - g0, [&](auto gt) {
@@ -363,12 +364,18 @@ void parallel_dynamic(int64_t n, const Make& make_scratch, const F& f) {
   });
 }
 
-// Whether torch's own flash attention beats the tiles above: it does on CPUs with AMX for bf16,
-// where its GEMMs run on AMX tiles (could_pack) about 4x faster than our fp32 FMA tiles, unless the
-// batch is ragged enough that computing every padded and future position (it gets only a
-// mask) costs more than that. Measurements: hybrid_engine/ops/attention.py.
+// Whether bf16 prefill goes to torch's own flash attention (set by the calibration, ops/dispatch.py): 1
+// where it was measured faster than the tiles above, 0 where not, -1 (the default, unmeasured) where torch
+// runs bf16 GEMMs on AMX tiles (could_pack), about 4x faster than our fp32 FMA tiles on Sapphire Rapids.
+std::atomic<int64_t> g_prefill_sdpa_bf16{-1};
+
+// Whether torch's flash attention takes this bf16 batch: where the route above says so, unless the batch is
+// ragged enough that computing every padded and future position (it gets only a mask) costs more than its
+// speed buys. Measurements: hybrid_engine/ops/attention.py.
 bool sdpa_wins(at::ScalarType dtype, const std::vector<int64_t>& lens, int64_t T) {
-  if (dtype != at::kBFloat16 || lens.empty() || !at::native::cpublas::could_pack(dtype)) return false;
+  const int64_t route = g_prefill_sdpa_bf16.load();
+  if (dtype != at::kBFloat16 || lens.empty() || route == 0) return false;
+  if (route < 0 && !at::native::cpublas::could_pack(dtype)) return false;
   double causal_work = 0.0;
   for (const int64_t L : lens) causal_work += static_cast<double>(L) * L;
   return 2.0 * causal_work >= static_cast<double>(lens.size()) * T * T;
@@ -415,8 +422,8 @@ void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
   HE_CHECK(Hkv > 0 && Hq % Hkv == 0, "q heads (", Hq, ") must be a multiple of k_cache heads (", Hkv, ")");
   HE_CHECK(D > 0 && D <= 256, "head dim D must be in [1, 256], got ", D);
   CHECK_FLOATING(q);
-  CHECK_SAME_DTYPE(k_cache, q);
-  CHECK_SAME_DTYPE(v_cache, q);
+  CHECK_CACHE_DTYPE(k_cache, q);
+  CHECK_SAME_DTYPE(v_cache, k_cache);
   CHECK_INDEX(seq_lens);
   CHECK_DEVICE(k_cache, q.device());
   CHECK_DEVICE(v_cache, q.device());
@@ -454,6 +461,13 @@ void check_prefill_attention_args(const at::Tensor& q, const at::Tensor& k, cons
 }
 #undef HE_OP
 
+void set_prefill_sdpa_route(int64_t route) {
+  TORCH_CHECK(route >= -1 && route <= 1, "set_prefill_sdpa_route: the route must be -1 (where AMX is), 0 or 1, got ", route);
+  g_prefill_sdpa_bf16 = route;
+}
+
+int64_t prefill_sdpa_route() { return g_prefill_sdpa_bf16.load(); }
+
 #define HE_OP "decode_attention"
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& seq_lens, double scale) {
@@ -465,18 +479,22 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   auto out = at::empty({B, Hq, D}, q.options());
   const int64_t G = Hq / Hkv;
   HE_DISPATCH_ATTENTION(q.scalar_type(), [&] {
-    const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k_cache.data_ptr<scalar_t>(), *vp = v_cache.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
-    // One work item per (b, kv head): its G query heads share every key and value row it reads.
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-      DecodeScratch scratch(G, D);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / Hkv, h = item % Hkv;
-        const int64_t kv_off = (b * Hkv + h) * T_max * D;
-        decode_group(qp + b * qs0 + h * G * qs1, qs1, kp + kv_off, vp + kv_off, op + (b * Hq + h * G) * D, lens[b], G,
-                     D, static_cast<float>(scale), scratch);
-      }
+    dispatch_cache_type<scalar_t>(k_cache.scalar_type(), [&](auto cache_tag) {
+      using cache_t = decltype(cache_tag);
+      const scalar_t* qp = q.data_ptr<scalar_t>();
+      const cache_t *kp = k_cache.data_ptr<cache_t>(), *vp = v_cache.data_ptr<cache_t>();
+      scalar_t* op = out.data_ptr<scalar_t>();
+      const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+      // One work item per (b, kv head): its G query heads share every key and value row it reads.
+      at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+        DecodeScratch scratch(G, D);
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t b = item / Hkv, h = item % Hkv;
+          const int64_t kv_off = (b * Hkv + h) * T_max * D;
+          decode_group(qp + b * qs0 + h * G * qs1, qs1, kp + kv_off, vp + kv_off, op + (b * Hq + h * G) * D, lens[b],
+                       G, D, static_cast<float>(scale), scratch);
+        }
+      });
     });
   });
   return out;

@@ -171,18 +171,18 @@ constexpr int S = 2 * Vec::L;  // K elements per micro-kernel step
 constexpr int64_t kChunkBytes = 32 << 10;
 // Weight bytes per panel: the panel is re-read from L2 by every activation block after the first.
 constexpr int64_t kPanelBytes = 64 << 10;
-// Activation rows from which the AMX path for bf16 weights (linear_amx.cpp) beats this one, measured on the
-// whole-model benchmark: below them the FMA kernel already streams the weight at the memory's rate.
-constexpr int64_t kAmxMinRows = 8;
 // Where torch's GEMM takes over, decided by measurement on the machine (hybrid_engine/ops/dispatch.py
 // calibrates and sets these once per process, set_decode_linear_routes): an fp32 weight goes to torch for
 // M <= fp32_torch_max_rows (its matrix-vector product streams at the read bandwidth on some machines, at a
 // third of it on others) and for M > fp32_kernel_max_rows (compute-bound: its GEMM outruns this kernel); a bf16
 // or fp16 weight is widened and goes to torch only for M > lowp_kernel_max_rows (prefill-sized M, where the
-// widening copy is small beside the GEMM). The defaults are the Sapphire Rapids measurements.
+// widening copy is small beside the GEMM). On a CPU with AMX, a bf16 weight with M >= amx_min_rows goes to
+// the tile kernel of linear_amx.cpp (below that the FMA kernel already streams the weight at the memory's
+// rate). The defaults are the Sapphire Rapids measurements.
 std::atomic<int64_t> g_fp32_torch_max_rows{1};
 std::atomic<int64_t> g_fp32_kernel_max_rows{64};
 std::atomic<int64_t> g_lowp_kernel_max_rows{64};
+std::atomic<int64_t> g_amx_min_rows{8};
 
 template <typename W>
 constexpr bool kInterleaved = std::is_same_v<W, at::BFloat16>;
@@ -366,17 +366,29 @@ void dispatch(const at::Tensor& x, const W* weight, const float* bias, float* ou
 }  // namespace
 
 void set_decode_linear_routes(int64_t fp32_torch_max_rows, int64_t fp32_kernel_max_rows,
-                              int64_t lowp_kernel_max_rows) {
-  HE_CHECK(fp32_torch_max_rows >= 0 && fp32_kernel_max_rows >= fp32_torch_max_rows && lowp_kernel_max_rows >= 0,
-           "decode_linear routes need 0 <= fp32_torch_max_rows <= fp32_kernel_max_rows and lowp_kernel_max_rows >= 0, "
-           "got ", fp32_torch_max_rows, ", ", fp32_kernel_max_rows, ", ", lowp_kernel_max_rows);
+                              int64_t lowp_kernel_max_rows, int64_t amx_min_rows) {
+  HE_CHECK(fp32_torch_max_rows >= 0 && fp32_kernel_max_rows >= fp32_torch_max_rows && lowp_kernel_max_rows >= 0 &&
+               amx_min_rows >= 1,
+           "decode_linear routes need 0 <= fp32_torch_max_rows <= fp32_kernel_max_rows, lowp_kernel_max_rows >= 0 "
+           "and amx_min_rows >= 1, got ", fp32_torch_max_rows, ", ", fp32_kernel_max_rows, ", ", lowp_kernel_max_rows,
+           ", ", amx_min_rows);
+  g_amx_min_rows = amx_min_rows;
   g_fp32_torch_max_rows = fp32_torch_max_rows;
   g_fp32_kernel_max_rows = fp32_kernel_max_rows;
   g_lowp_kernel_max_rows = lowp_kernel_max_rows;
 }
 
 std::vector<int64_t> decode_linear_routes() {
-  return {g_fp32_torch_max_rows.load(), g_fp32_kernel_max_rows.load(), g_lowp_kernel_max_rows.load()};
+  return {g_fp32_torch_max_rows.load(), g_fp32_kernel_max_rows.load(), g_lowp_kernel_max_rows.load(),
+          g_amx_min_rows.load()};
+}
+
+bool decode_linear_has_amx(int64_t K) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return amx::usable(K);
+#else
+  return false;
+#endif
 }
 
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -413,7 +425,7 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
 #if defined(CPU_CAPABILITY_AVX512)
-  if (weight.scalar_type() == at::kBFloat16 && M >= kAmxMinRows && amx::usable(x.size(1))) {
+  if (weight.scalar_type() == at::kBFloat16 && M >= g_amx_min_rows.load() && amx::usable(x.size(1))) {
     amx::decode_linear(x.data_ptr<float>(), weight.data_ptr<at::BFloat16>(), bp, op, M, N, x.size(1));
     return out;
   }

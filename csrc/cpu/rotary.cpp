@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "hybrid_engine/checks.h"
+#include "hybrid_engine/cpu/kv_types.h"
 #include "hybrid_engine/cpu/vec_io.h"
 #include "hybrid_engine/ops.h"
 
@@ -23,10 +24,11 @@ using vec_io::fVec;
 using vec_io::kWidth;
 
 // Raw pointers, sizes and element strides of one call; q, k, v rows are addressed by strides so
-// that views into a fused QKV projection need no copy.
-template <typename T, typename I>
+// that views into a fused QKV projection need no copy. The caches hold C (T, or bf16/fp16 under fp32).
+template <typename T, typename C, typename I>
 struct Args {
-  T *q, *k, *k_cache, *v_cache;
+  T *q, *k;
+  C *k_cache, *v_cache;
   const T* v;
   const I* positions;      // [B, S] contiguous
   const float *cos, *sin;  // [P, half] contiguous, or null
@@ -47,9 +49,21 @@ void rotate_head(T* x, const float* c, const float* s, int64_t half) {
   }
 }
 
-template <typename T, typename I>
-void process_tokens(const Args<T, I>& a, int64_t begin, int64_t end) {
-  const size_t row_bytes = static_cast<size_t>(a.D) * sizeof(T);
+// dst[0, D) = src[0, D), rounded once to the cache's type where it is narrower.
+template <typename C, typename T>
+void copy_row(C* dst, const T* src, int64_t D) {
+  if constexpr (std::is_same_v<C, T>) {
+    std::memcpy(dst, src, static_cast<size_t>(D) * sizeof(T));
+  } else {
+    for (int64_t i = 0; i < D; i += kWidth) {
+      const int64_t n = std::min(kWidth, D - i);
+      vec_io::store(dst + i, vec_io::load(src + i, n), n);
+    }
+  }
+}
+
+template <typename T, typename C, typename I>
+void process_tokens(const Args<T, C, I>& a, int64_t begin, int64_t end) {
   for (int64_t t = begin; t < end; ++t) {
     const int64_t p = static_cast<int64_t>(a.positions[t]);
     if (p < 0) continue;  // left padding: neither rotated nor cached
@@ -65,8 +79,8 @@ void process_tokens(const Args<T, I>& a, int64_t begin, int64_t end) {
     // The rotated k row is still in L1: copying it whole also carries the dims past the rotary ones.
     for (int64_t h = 0; h < a.Hkv; ++h) {
       const int64_t slot = ((b * a.Hkv + h) * a.T_max + p) * a.D;
-      std::memcpy(a.k_cache + slot, k + h * a.k_h, row_bytes);
-      std::memcpy(a.v_cache + slot, v + h * a.v_h, row_bytes);
+      copy_row(a.k_cache + slot, k + h * a.k_h, a.D);
+      copy_row(a.v_cache + slot, v + h * a.v_h, a.D);
     }
   }
 }
@@ -99,8 +113,8 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   CHECK_FLOATING(q);
   CHECK_SAME_DTYPE(k, q);
   CHECK_SAME_DTYPE(v, q);
-  CHECK_SAME_DTYPE(k_cache, q);
-  CHECK_SAME_DTYPE(v_cache, q);
+  CHECK_CACHE_DTYPE(k_cache, q);
+  CHECK_SAME_DTYPE(v_cache, k_cache);
   CHECK_INDEX(positions);
   CHECK_LAST_DIM_CONTIGUOUS(q);
   CHECK_LAST_DIM_CONTIGUOUS(k);
@@ -142,32 +156,35 @@ void rotary_append_kv_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
   // is busy with another process.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, (Hq + 2 * Hkv) * D));
   DISPATCH_STORAGE(q.scalar_type(), "rotary_append_kv_cpu", [&] {
-    HE_DISPATCH_INDEX(pos.scalar_type(), "rotary_append_kv_cpu", [&] {
-      check_positions(pos.data_ptr<index_t>(), B, S, T_max, P);
-      const Args<scalar_t, index_t> a{q.data_ptr<scalar_t>(),
-                                      k.data_ptr<scalar_t>(),
-                                      k_cache.data_ptr<scalar_t>(),
-                                      v_cache.data_ptr<scalar_t>(),
-                                      v.data_ptr<scalar_t>(),
-                                      pos.data_ptr<index_t>(),
-                                      cos.has_value() ? c.data_ptr<float>() : nullptr,
-                                      sin.has_value() ? s.data_ptr<float>() : nullptr,
-                                      S,
-                                      Hq,
-                                      Hkv,
-                                      D,
-                                      T_max,
-                                      cos.has_value() ? c.size(1) : 0,
-                                      q.stride(0),
-                                      q.stride(1),
-                                      q.stride(2),
-                                      k.stride(0),
-                                      k.stride(1),
-                                      k.stride(2),
-                                      v.stride(0),
-                                      v.stride(1),
-                                      v.stride(2)};
-      at::parallel_for(0, B * S, grain, [&](int64_t begin, int64_t end) { process_tokens(a, begin, end); });
+    dispatch_cache_type<scalar_t>(k_cache.scalar_type(), [&](auto cache_tag) {
+      using cache_t = decltype(cache_tag);
+      HE_DISPATCH_INDEX(pos.scalar_type(), "rotary_append_kv_cpu", [&] {
+        check_positions(pos.data_ptr<index_t>(), B, S, T_max, P);
+        const Args<scalar_t, cache_t, index_t> a{q.data_ptr<scalar_t>(),
+                                                 k.data_ptr<scalar_t>(),
+                                                 k_cache.data_ptr<cache_t>(),
+                                                 v_cache.data_ptr<cache_t>(),
+                                                 v.data_ptr<scalar_t>(),
+                                                 pos.data_ptr<index_t>(),
+                                                 cos.has_value() ? c.data_ptr<float>() : nullptr,
+                                                 sin.has_value() ? s.data_ptr<float>() : nullptr,
+                                                 S,
+                                                 Hq,
+                                                 Hkv,
+                                                 D,
+                                                 T_max,
+                                                 cos.has_value() ? c.size(1) : 0,
+                                                 q.stride(0),
+                                                 q.stride(1),
+                                                 q.stride(2),
+                                                 k.stride(0),
+                                                 k.stride(1),
+                                                 k.stride(2),
+                                                 v.stride(0),
+                                                 v.stride(1),
+                                                 v.stride(2)};
+        at::parallel_for(0, B * S, grain, [&](int64_t begin, int64_t end) { process_tokens(a, begin, end); });
+      });
     });
   });
 }

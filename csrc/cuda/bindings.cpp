@@ -68,6 +68,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& seq_lens, double scale) {
   check_decode_attention_args(q, k_cache, v_cache, seq_lens);
   CHECK_CUDA(q);
+  CHECK_SAME_DTYPE(k_cache, q);  // the CUDA kernel reads the cache in q's dtype (no bf16 cache under fp32 q yet)
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1), T_max = k_cache.size(2);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto lens = seq_lens.to(at::kLong).contiguous();

@@ -158,6 +158,7 @@ class HybridEngine:
             attention_mask = torch.ones_like(input_ids)
         if "seed" not in sampling and "generator" not in sampling:
             sampling["generator"] = self._rng
+        sampling.setdefault("kv_dtype", self.settings.kv_dtype)
         with self.generation_mode():
             t0 = time.perf_counter()
             if self.tp is None:

@@ -206,7 +206,7 @@ class HybridGenerate:
             out = generate_with(recorder or net, r.input_ids, r.attention_mask, max_new_tokens=r.max_new_tokens,
                                 do_sample=r.do_sample, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                 eos_token_id=r.eos_token_id, pad_token_id=r.pad_token_id,
-                                generator=self.generator if r.do_sample else None)
+                                generator=self.generator if r.do_sample else None, kv_dtype=self.settings.kv_dtype)
             stats.generate_s = time.perf_counter() - t0
             logits = recorder.steps if recorder is not None else None
             del net, recorder
@@ -236,9 +236,10 @@ def _check_model(model) -> None:
 def apply_hybrid_engine(model: torch.nn.Module, **generation) -> torch.nn.Module:
     """Makes `model.generate` (an HF causal LM's, a PEFT model's, a DeepSpeed engine's `.module`'s, ZeRO-3
     partitioned or not) run on hybrid_engine's fast generation path, gathering and fusing LoRA around each
-    call; returns the same model. `generation`: GenerationSettings (weight_dtype None or torch.bfloat16,
-    gather "all" or "layer"). Calls the fast path cannot serve exactly run the original generate (kept as
-    `model.generate.__wrapped__`; `unapply_hybrid_engine` restores it) with one FallbackWarning per reason.
+    call; returns the same model. `generation`: GenerationSettings (weight_dtype None or torch.bfloat16, gather "all" or
+    "layer", kv_dtype torch.float32 or torch.bfloat16). Calls the fast path cannot serve exactly run the original
+    generate (kept as `model.generate.__wrapped__`; `unapply_hybrid_engine` restores it) with one FallbackWarning
+    per reason.
     Applying again re-patches the original with the new settings. Sampling draws from the patch's own
     generator, seeded once here from torch's global RNG: torch.manual_seed before apply reproduces runs."""
     _check_model(model)

@@ -47,6 +47,10 @@ def check_sampling(do_sample: bool, temperature: float, top_k: int, top_p: float
         raise ValueError(f"top_p must be a number in (0, 1] (1: no nucleus filter), got {top_p!r}")
 
 
+KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""The KV cache's storage dtypes (activations stay fp32; a bf16/fp16 cache is rounded once on the write)."""
+
+
 def check_generate_args(
     vocab_size: int,
     *,
@@ -59,6 +63,7 @@ def check_generate_args(
     pad_token_id: int | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    kv_dtype: torch.dtype = torch.float32,
 ) -> None:
     """Everything generate() takes besides the model and the prompts (see check_prompts)."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
@@ -78,6 +83,8 @@ def check_generate_args(
         raise ValueError(f"seed must be an int, got {seed!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of torch.float32, torch.bfloat16, torch.float16, got {kv_dtype!r}")
 
 
 def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:

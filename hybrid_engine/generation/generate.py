@@ -50,13 +50,17 @@ def generate(
     seed: int | None = None,
     weight_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
+    kv_dtype: torch.dtype = torch.float32,
 ) -> GenerationOutput:
     """Generates up to max_new_tokens per prompt from an HF causal LM (Llama/Qwen2/Mistral, OPT, GPT-2).
 
     Prompts are left-padded (attention_mask 0 on the left). weight_dtype=None reads the model's own
     parameters; torch.bfloat16 reads bf16 copies made on entry and freed on return (activations and
-    accumulation stay fp32). Every sequence stops at any of the eos ids; generation ends when all
-    have stopped. logprobs are under the temperature-scaled distribution (before top-k/top-p).
+    accumulation stay fp32). kv_dtype=torch.bfloat16 (or float16) stores the KV cache in that dtype: half the bytes
+    decode attention reads at long contexts, the keys and values rounded once as they are written (attention still
+    computes in fp32; the log-prob difference from the fp32 cache is measured in tests/test_generate.py and
+    bench/bench_generate.py). Every sequence stops at any of the eos ids; generation ends when all have stopped.
+    logprobs are under the temperature-scaled distribution (before top-k/top-p).
 
     Samples come from `generator` when given (it is advanced, so successive calls continue its stream),
     else from a fresh generator seeded with `seed`, else from torch's default one; seed and generator
@@ -66,7 +70,8 @@ def generate(
     """
     spec = spec_from_config(model.config)
     args = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, generator=generator)
+                top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, generator=generator,
+                kv_dtype=kv_dtype)
     _check(spec.vocab_size, input_ids, attention_mask, **args)  # before any work
     net = InferenceTransformer(spec, extract_weights(model, spec, weight_dtype))
     return generate_with(net, input_ids, attention_mask, **args)
@@ -86,13 +91,14 @@ def generate_with(
     pad_token_id: int | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    kv_dtype: torch.dtype = torch.float32,
 ) -> GenerationOutput:
     """generate() over an already built generation model (the hybrid engine builds its own, from
     gathered, LoRA-fused or tensor-parallel weights); the same arguments, checks and output."""
     spec = net.spec
     _check(spec.vocab_size, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-           seed=seed, generator=generator)
+           seed=seed, generator=generator, kv_dtype=kv_dtype)
     if input_ids.device.type != "cpu" or (generator is not None and generator.device.type != "cpu"):
         raise ValueError("hybrid_engine.generate runs on CPU tensors (input_ids, generator) in this release")
     input_ids = input_ids.long()
@@ -108,7 +114,7 @@ def generate_with(
         generator = torch.Generator().manual_seed(seed)
 
     B = input_ids.shape[0]
-    cache = KVCache.allocate(spec, B, longest)
+    cache = KVCache.allocate(spec, B, longest, dtype=kv_dtype)
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long)
     logprobs = torch.zeros(B, max_new_tokens)
     mask = torch.zeros(B, max_new_tokens, dtype=torch.long)

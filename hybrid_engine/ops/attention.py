@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from hybrid_engine.ops import _backend
+from hybrid_engine.ops import _backend, dispatch
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -108,4 +108,6 @@ def prefill_attention(
         from hybrid_engine.triton.attention import prefill_attention as prefill_attention_triton
 
         return prefill_attention_triton(q, k, v, seq_lens, scale)
+    if q.device.type == "cpu":
+        dispatch.ensure()  # bf16's route to torch's flash attention, measured on this machine (dispatch.py)
     return torch.ops.hybrid_engine.prefill_attention(q, k, v, seq_lens, float(scale))

@@ -54,8 +54,8 @@ def rotary_append_kv_reference(
         for x in (q, k):
             xr = x[b, s, :, :R].float()  # [n, H, R]
             x[b, s, :, :R] = (xr * c + _rotate_half(xr) * sn).to(x.dtype)
-    k_cache[b, :, p] = k[b, s]  # [n, Hkv, D]
-    v_cache[b, :, p] = v[b, s]
+    k_cache[b, :, p] = k[b, s].to(k_cache.dtype)  # [n, Hkv, D]; rounded once into a bf16/fp16 cache
+    v_cache[b, :, p] = v[b, s].to(v_cache.dtype)
 
 
 @torch.library.register_fake("hybrid_engine::rotary_append_kv")

@@ -64,6 +64,9 @@ class PPOConfig(loop.StepConfig):
     --enable_ema); None: no EMA."""
     generation_weight_dtype: str | None = None
     """"bf16" generates from bf16 copies of the weights (the old log-probs are then recomputed); None: fp32."""
+    generation_kv_dtype: str = "fp32"
+    """"bf16" keeps generation's KV cache in bf16, half the bytes attention reads at long contexts (the old
+    log-probs are then recomputed); "fp32": exact."""
     reward_fn_weight: float = 1.0
     """The weight of the reward function's values in the score, when one is given beside the reward model."""
     eval_max_new_tokens: int | None = None
@@ -99,10 +102,18 @@ class PPOConfig(loop.StepConfig):
             raise ValueError(f"kl_coef and ptx_coef must be >= 0, got {self.kl_coef} and {self.ptx_coef}")
         if self.generation_weight_dtype not in (None, "bf16"):
             raise ValueError(f"generation_weight_dtype must be None or 'bf16', got {self.generation_weight_dtype!r}")
+        if self.generation_kv_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"generation_kv_dtype must be 'fp32' or 'bf16', got {self.generation_kv_dtype!r}")
         if self.nonfinite not in ("skip", "stop"):
             raise ValueError(f"nonfinite must be 'skip' or 'stop', got {self.nonfinite!r}")
         if self.ema_beta is not None and not 0 <= self.ema_beta <= 1:
             raise ValueError(f"ema_beta must be in [0, 1] or None, got {self.ema_beta!r}")
+
+    @property
+    def inexact_logprobs(self) -> bool:
+        """Whether generation's log-probs differ from a training forward's by more than ~1e-6 (bf16 generation
+        weights or KV cache, or training under bf16 autocast)."""
+        return self.generation_weight_dtype is not None or self.generation_kv_dtype != "fp32" or self.bf16_autocast
 
 
 @dataclass

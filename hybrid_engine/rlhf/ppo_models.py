@@ -98,7 +98,8 @@ def build_models(actor, reward_model, critic, reference, reward_fn, config: PPOC
         engine = HybridEngine(_load_lm(actor), ds_config=copy.deepcopy(ds), lora=lora,
                               optimizer=None if has_ds_optimizer else _adamw(config.lr, config.weight_decay),
                               gradient_checkpointing=config.gradient_checkpointing,
-                              generation=GenerationSettings(weight_dtype=dtype), seed=config.seed)
+                              generation=GenerationSettings(weight_dtype=dtype, kv_dtype=config.generation_kv_dtype),
+                              seed=config.seed)
     return Models(actor=engine, reference=frozen_ref, reward=frozen_rm, critic=critic_trainer,
                   critic_model=critic_model, reward_fn=None if reward_fn is None else load_reward_fn(reward_fn))
 

@@ -50,7 +50,7 @@ def old_logprobs(models: Models, ro: xp.Rollout, config: PPOConfig, check: bool)
     what skipping the recompute saves per step."""
     if ratio_from_training_forward(config):
         return ro.logprobs, {"logprob_source": ON_POLICY}
-    if config.generation_weight_dtype is not None or config.bf16_autocast:
+    if config.inexact_logprobs:
         with training_precision(config):
             logprobs = recompute_logprobs(models.actor, ro, config.temperature)
         return logprobs, {"logprob_source": "recomputed"}
@@ -69,12 +69,11 @@ ON_POLICY = "the training forward itself (one on-policy pass; generation's for t
 def ratio_from_training_forward(config: PPOConfig) -> bool:
     """Whether the ratio's old log-probs are the training forward's own, detached (TRL's num_iterations=1).
 
-    With bf16 generation weights or bf16 autocast, generation's log-probs differ from a training forward's by
-    ~1e-2. When each rollout batch is optimised once, in one minibatch, the old policy is the current one, so the
+    With bf16 generation weights or KV cache, or bf16 autocast, generation's log-probs differ from a training forward's
+    by ~1e-2. When each rollout batch is optimised once, in one minibatch, the old policy is the current one, so the
     ratio is exactly 1 without the recompute's extra forward; generation's log-probs still give the KL."""
-    mixed = config.generation_weight_dtype is not None or config.bf16_autocast
     one_pass = config.ppo_epochs == 1 and config.train_batch_size >= config.batch_size * config.num_generations
-    return mixed and one_pass
+    return config.inexact_logprobs and one_pass
 
 
 def training_precision(config: PPOConfig):

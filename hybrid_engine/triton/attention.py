@@ -95,12 +95,17 @@ def _prefill_kernel(
     )
 
 
-def _check(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, limit: int) -> None:
-    """The contract checks of the C++ ops, raised as ValueError (the kernels would read out of bounds)."""
+def _check(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, limit: int,
+           cache: bool = False) -> None:
+    """The contract checks of the C++ ops, raised as ValueError (the kernels would read out of bounds). With
+    `cache` (decode), k and v may also be bf16/fp16 under fp32 q."""
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
         raise ValueError(f"{name}: shapes of q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"{name}: q, k, v must share one of float32, bfloat16, float16, got {q.dtype}, {k.dtype}")
+    narrow_cache = cache and q.dtype == torch.float32 and k.dtype in (torch.bfloat16, torch.float16)
+    if k.dtype != v.dtype or not (q.dtype == k.dtype or narrow_cache) or q.dtype not in (
+            torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name}: q, k, v must share one of float32, bfloat16, float16 (or a bf16/fp16 cache under "
+                         f"fp32 q), got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or q.shape[-1] > 256:
         raise ValueError(f"{name}: head dims must be contiguous and at most 256")
     if seq_lens.shape != (q.shape[0],) or seq_lens.numel() and (seq_lens.min() < 0 or seq_lens.max() > limit):
@@ -113,7 +118,7 @@ def decode_attention(
     """Triton decode attention with the contract of hybrid_engine.ops.decode_attention."""
     if q.dim() != 3 or k_cache.dim() != 4:
         raise ValueError(f"decode_attention: q must be [B, Hq, D] and k_cache [B, Hkv, T_max, D], got {q.shape}")
-    _check("decode_attention", q, k_cache, v_cache, seq_lens, k_cache.shape[2])
+    _check("decode_attention", q, k_cache, v_cache, seq_lens, k_cache.shape[2], cache=True)
     B, Hq, D = q.shape
     Hkv, T_max = k_cache.shape[1], k_cache.shape[2]
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()

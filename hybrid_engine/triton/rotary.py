@@ -48,14 +48,18 @@ def _rotary_append_kv_kernel(
         tl.store(k_row + hk * k_h + i, r1, mask=km)
         tl.store(k_row + hk * k_h + half + i, r2, mask=km)
         # The rotated values go to the cache from registers: re-reading k here would race with the stores above.
-        tl.store(k_cache + slot + i, r1, mask=km)
-        tl.store(k_cache + slot + half + i, r2, mask=km)
-    # The k dims past the rotary ones (all of them without rope) and all of v are plain copies.
+        # A bf16/fp16 cache under fp32 k rounds them once more; in k's own dtype to_storage changes nothing.
+        tl.store(k_cache + slot + i, to_storage(r1.to(tl.float32), k_cache.dtype.element_ty), mask=km)
+        tl.store(k_cache + slot + half + i, to_storage(r2.to(tl.float32), k_cache.dtype.element_ty), mask=km)
+    # The k dims past the rotary ones (all of them without rope) and all of v are plain copies (rounded to a
+    # narrower cache).
     hm = hk < Hkv
     kt_mask = hm & (d >= rot) & (d < D)
-    tl.store(k_cache + slot + d, tl.load(k_row + hk * k_h + d, mask=kt_mask), mask=kt_mask)
+    kt = tl.load(k_row + hk * k_h + d, mask=kt_mask).to(tl.float32)
+    tl.store(k_cache + slot + d, to_storage(kt, k_cache.dtype.element_ty), mask=kt_mask)
     v_mask = hm & (d < D)
-    tl.store(v_cache + slot + d, tl.load(v_row + hk * v_h + d, mask=v_mask), mask=v_mask)
+    vt = tl.load(v_row + hk * v_h + d, mask=v_mask).to(tl.float32)
+    tl.store(v_cache + slot + d, to_storage(vt, v_cache.dtype.element_ty), mask=v_mask)
 
 
 def rotary_append_kv(
@@ -75,6 +79,10 @@ def rotary_append_kv(
         raise ValueError(f"rotary_append_kv: k, v must be [B, S, Hkv, D] and positions [B, S] for q {tuple(q.shape)}")
     if k_cache.shape != (B, Hkv, T_max, D) or v_cache.shape != k_cache.shape:
         raise ValueError("rotary_append_kv: k_cache and v_cache must be [B, Hkv, T_max, D]")
+    if v_cache.dtype != k_cache.dtype or not (k_cache.dtype == q.dtype or (
+            q.dtype == torch.float32 and k_cache.dtype in (torch.bfloat16, torch.float16))):
+        raise ValueError(f"rotary_append_kv: the caches must have q's dtype, or bf16/fp16 under fp32 q; got "
+                         f"{k_cache.dtype}, {v_cache.dtype} for q {q.dtype}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("rotary_append_kv: k_cache and v_cache must be contiguous")
     if any(x.stride(-1) != 1 for x in (q, k, v)):

@@ -16,6 +16,9 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
 at::Tensor prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& seq_lens, double scale);
 // The argument checks both devices share (then each checks q's device type).
+// bf16 prefill's route to torch's flash attention (attention.cpp): -1 where AMX is, 0 never, 1 always.
+void set_prefill_sdpa_route(int64_t route);
+int64_t prefill_sdpa_route();
 void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& seq_lens);
 void check_prefill_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -57,8 +60,10 @@ void reshard_scatter_cpu(const at::Tensor& dst, const at::Tensor& shard, int64_t
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 // Where decode_linear_cpu hands over to torch's GEMM (see linear.cpp); process-wide, set by the calibration.
 void set_decode_linear_routes(int64_t fp32_torch_max_rows, int64_t fp32_kernel_max_rows,
-                              int64_t lowp_kernel_max_rows);
+                              int64_t lowp_kernel_max_rows, int64_t amx_min_rows);
 std::vector<int64_t> decode_linear_routes();
+// Whether this build and CPU run bf16 weights with K elements per row on AMX tiles (linear_amx.cpp).
+bool decode_linear_has_amx(int64_t K);
 
 // ---- decode_step (csrc/cpu/decode_step.cpp): a whole model's decode step, CPU only ----
 at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& weights,
