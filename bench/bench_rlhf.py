@@ -1,16 +1,24 @@
-"""RLHF end to end against TRL (issue 13, first slice): our GRPO and RLOO against TRL 1.16's GRPOTrainer and
-RLOOTrainer, and against TRL with apply_hybrid_engine on its model, at equal settings on the demo task.
+"""RLHF end to end against the systems users would pick instead (issue 13): our GRPO and RLOO against TRL 1.16's
+GRPOTrainer and RLOOTrainer, and against TRL with apply_hybrid_engine on its model; our PPO against the HF baseline
+PPO (bench/hf_ppo.py: HF generate and eager PyTorch, what the DeepSpeed-Chat paper calls the HF baseline; TRL 1.16
+has no PPO trainer); and ours with its kernels turned off (ours-reference: the same run inside
+use_backend("reference")), so that the kernels' share of the gain shows apart from the engine's. Colossal-AI is not
+measured, because its latest release on the index (colossalai 0.5.0) pins torch<=2.5.1 and transformers==4.51.3 and
+its ColossalChat code is not in the package, so it cannot share this environment.
 
 Each case runs bench/rlhf_worker.py in a process of its own (peak memory is the run's): the same ~10M Llama
-made from a config, 8 prompts x 4 samples per step, 32 new tokens, lr 1e-5, KL 0.04 (GRPO) or 0.05 (RLOO),
-training in fp32 or under bf16 autocast (the same on both sides), the rule score as the reward. Every case runs
-twice, the rounds interleaved, and reports its faster round: the median step time after the first (warm-up)
-step, samples/s, generated tokens/s, peak resident memory, our phase split, and the reward per step (equal
-learning: a speed-up must not come from doing less). `python scripts/rlhf_table.py bench/results/rlhf.json
---readme README.md` makes the README table; ratios are against TRL at the same algorithm and precision in the
-same run.
+made from a config, 8 prompts x 4 samples per step, 32 new tokens, lr 1e-5, KL 0.04 (GRPO), 0.05 (RLOO) or 0.1
+(PPO, PPOConfig's default; its critic starts on both sides from the actor's body with the same fresh value head
+and trains at critic_lr 5e-6), training in fp32 or under bf16 autocast (the same on both sides), the rule score as
+the reward. Every case runs twice, the rounds interleaved, and reports its faster round: the median step time
+after the first (warm-up) step, samples/s, generated tokens/s, peak resident memory, the phase split (ours and
+hf), and the reward per step (equal learning: a speed-up must not come from doing less). `python
+scripts/rlhf_table.py bench/results/rlhf.json --readme README.md` makes the README table; ratios are against the
+baseline at the same algorithm and precision in the same run: TRL for grpo and rloo, hf for ppo.
 
-    pytest bench/bench_rlhf.py --benchmark-only --benchmark-json=bench/results/rlhf.json   # ~8 minutes
+    pytest bench/bench_rlhf.py --benchmark-only --benchmark-json=bench/results/rlhf.json   # ~15-20 minutes
+
+(The estimate scales the 8 minutes of the 12 grpo/rloo cases to the 22 cases; it was not timed.)
 """
 
 from __future__ import annotations
@@ -26,8 +34,16 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).with_name("rlhf_worker.py")
-PROVIDERS = ["ours", "trl", "trl-patched"]
-BETA = {"grpo": 0.04, "rloo": 0.05}
+PROVIDERS = {"grpo": ["ours", "ours-reference", "trl", "trl-patched"],
+             "rloo": ["ours", "ours-reference", "trl", "trl-patched"],
+             "ppo": ["ours", "ours-reference", "hf"]}
+"""The providers of each algorithm: TRL's trainers for grpo and rloo, the HF baseline (bench/hf_ppo.py) for ppo."""
+BASELINE = {"grpo": "trl", "rloo": "trl", "ppo": "hf"}
+BETA = {"grpo": 0.04, "rloo": 0.05, "ppo": 0.1}
+ALGOS = ["grpo", "rloo", "ppo"]
+PRECISIONS = ["fp32", "bf16"]
+CASES = [(a, p, v) for a in ALGOS for p in PRECISIONS for v in PROVIDERS[a]]
+ROUNDS = 2
 
 
 def _figures(result: dict) -> dict:
@@ -44,11 +60,6 @@ def _figures(result: dict) -> dict:
     return out
 
 
-ALGOS = ["grpo", "rloo"]
-PRECISIONS = ["fp32", "bf16"]
-ROUNDS = 2
-
-
 def _run_case(algo: str, precision: str, provider: str, out: Path) -> dict:
     cmd = [sys.executable, str(WORKER), provider, algo, str(out), "--beta", str(BETA[algo])]
     if precision == "bf16":
@@ -62,7 +73,7 @@ def rounds(tmp_path_factory, machine) -> dict:
     """Every case run ROUNDS times, the rounds interleaved (round 1 of every case, then round 2), so that slow
     spells of a shared machine fall on every provider alike; {case: [result of each round]}."""
     have_trl = importlib.util.find_spec("trl") is not None
-    cases = [(a, p, v) for a in ALGOS for p in PRECISIONS for v in PROVIDERS if have_trl or v == "ours"]
+    cases = [case for case in CASES if have_trl or not case[2].startswith("trl")]
     out = tmp_path_factory.mktemp("rlhf")
     results: dict = {case: [] for case in cases}
     for r in range(ROUNDS):
@@ -71,15 +82,13 @@ def rounds(tmp_path_factory, machine) -> dict:
     return results
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("algo,precision,provider", CASES)
 def test_rlhf_step(benchmark, algo, precision, provider, machine, rounds):
     if (algo, precision, provider) not in rounds:
         pytest.skip("trl is not installed (pip install -e '.[dev]')")
     runs = rounds[(algo, precision, provider)]
     best = min(runs, key=lambda r: _figures(r)["step_s"])  # best of the interleaved rounds
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are the worker's, below
-    benchmark.extra_info.update(provider=provider, algo=algo, precision=precision, **machine,
+    benchmark.extra_info.update(provider=provider, algo=algo, precision=precision, baseline=BASELINE[algo], **machine,
                                 settings=best["settings"], rounds=len(runs),
                                 step_s_rounds=[_figures(r)["step_s"] for r in runs], **_figures(best))
