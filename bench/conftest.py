@@ -11,6 +11,8 @@ if not torch.cuda.is_available():
 
 from harness import Roofline, cpu_model, measure_roofline  # noqa: E402
 
+from hybrid_engine._build import cpu_flags  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def roofline() -> Roofline:
@@ -22,6 +24,8 @@ def machine(roofline: Roofline) -> dict:
     info = {
         "cpu": cpu_model(),
         "capability": torch.backends.cpu.get_cpu_capability(),
+        # The units that change which implementation wins (ops/dispatch.py): AMX tiles, bf16 dot products.
+        "cpu_units": [f for f in ("amx_bf16", "avx512_bf16", "avx512_vnni") if f in cpu_flags()],
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "read_GBps": round(roofline.read_bytes_per_s / 1e9, 2),

@@ -24,6 +24,12 @@ TORCH_LIBRARY(hybrid_engine, m) {
       "Tensor positions, Tensor? cos, Tensor? sin) -> ()");
   // x [..., H], weight [H] -> out like x, rstd fp32 [...] (1 / rms of each row).
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor out, Tensor rstd)");
+  // Training ops (CPU; other devices use the Python reference). rotary_embed: HF's apply_rotary_pos_emb on
+  // q [B, Hq, T, D] and k [B, Hkv, T, D] with cos/sin fp32 [B or 1, T, D]; backward=True applies its
+  // transpose (the gradient). silu_mul: silu(gate) * up, the gated MLP's activation, and its backward.
+  m.def("rotary_embed(Tensor q, Tensor k, Tensor cos, Tensor sin, bool backward) -> (Tensor, Tensor)");
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  m.def("silu_mul_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
   // new_residual = x + residual; out = rms_norm(new_residual) * weight.
   m.def(
       "rms_norm_residual(Tensor x, Tensor residual, Tensor weight, float eps) -> "
@@ -79,6 +85,9 @@ TORCH_LIBRARY_IMPL(hybrid_engine, CPU, m) {
   m.impl("prefill_attention", &hybrid_engine::prefill_attention_cpu);
   m.impl("rotary_append_kv", &hybrid_engine::rotary_append_kv_cpu);
   m.impl("rms_norm", &hybrid_engine::rms_norm_cpu);
+  m.impl("rotary_embed", &hybrid_engine::rotary_embed_cpu);
+  m.impl("silu_mul", &hybrid_engine::silu_mul_cpu);
+  m.impl("silu_mul_backward", &hybrid_engine::silu_mul_backward_cpu);
   m.impl("rms_norm_residual", &hybrid_engine::rms_norm_residual_cpu);
   m.impl("rms_norm_backward", &hybrid_engine::rms_norm_backward_cpu);
   m.impl("token_logprobs", &hybrid_engine::token_logprobs_cpu);

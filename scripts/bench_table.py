@@ -31,7 +31,10 @@ def machine_line(benchmarks: list[dict]) -> str:
     # The roofline figures that the fractions in the table were computed against.
     with_roofline = [b for b in benchmarks if "roofline_fraction" in b["extra_info"]]
     info = (with_roofline or benchmarks)[0]["extra_info"] if benchmarks else {}
-    parts = [info.get("cpu", "?"), info.get("capability", ""), f"{info.get('threads', '?')} threads",
+    units = info.get("cpu_units")
+    units = None if units is None else ("no AMX, no avx512_bf16" if not {"amx_bf16", "avx512_bf16"} & set(units)
+                                        else " + ".join(u for u in units if u != "avx512_vnni"))
+    parts = [info.get("cpu", "?"), info.get("capability", ""), units, f"{info.get('threads', '?')} threads",
              f"torch {info.get('torch', '?')}", f"read {info.get('read_GBps', '?')} GB/s",
              f"fp32 matmul {info.get('matmul_GFLOPps', '?')} GFLOP/s"]
     if "gpu" in info:

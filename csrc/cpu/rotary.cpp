@@ -190,3 +190,81 @@ void rotary_append_kv_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
 }
 
 }  // namespace hybrid_engine
+
+// ---- rotary_embed: the training forward's rotary embedding (HF's apply_rotary_pos_emb), differentiable ----
+#undef HE_OP
+#define HE_OP "rotary_embed"
+
+namespace hybrid_engine {
+namespace {
+
+// One row of D = 2 half elements: (y1, y2) = (x1 c1 - x2 s1, x2 c2 + x1 s2) forward; the transpose
+// (g1 c1 + g2 s2, g2 c2 - g1 s1) backward, which is the gradient of the forward with respect to x.
+template <typename T>
+void rotate_row(const T* x, const float* c, const float* s, T* y, int64_t half, bool backward) {
+  for (int64_t i = 0; i < half; i += kWidth) {
+    const int64_t n = std::min(kWidth, half - i);
+    const fVec x1 = vec_io::load(x + i, n), x2 = vec_io::load(x + half + i, n);
+    const fVec c1 = vec_io::load(c + i, n), c2 = vec_io::load(c + half + i, n);
+    const fVec s1 = vec_io::load(s + i, n), s2 = vec_io::load(s + half + i, n);
+    if (backward) {
+      vec_io::store(y + i, x1 * c1 + x2 * s2, n);
+      vec_io::store(y + half + i, x2 * c2 - x1 * s1, n);
+    } else {
+      vec_io::store(y + i, x1 * c1 - x2 * s1, n);
+      vec_io::store(y + half + i, x2 * c2 + x1 * s2, n);
+    }
+  }
+}
+
+// x [B, H, T, D] (last dim contiguous) -> contiguous [B, H, T, D]; cos/sin fp32 [Bc, T, D], Bc = 1 or B.
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), half = D / 2;
+  auto out = at::empty({B, H, T, D}, x.options());
+  const int64_t cos_b = cos.size(0) == 1 ? 0 : T * D;
+  const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2);
+  DISPATCH_STORAGE(x.scalar_type(), "rotary_embed", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const float *cp = cos.data_ptr<float>(), *spn = sin.data_ptr<float>();
+    at::parallel_for(0, B * H * T, std::max<int64_t>(1, 32768 / D), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / (H * T), h = r / T % H, t = r % T;
+        const int64_t cs = b * cos_b + t * D;
+        rotate_row(xp + b * sb + h * sh + t * st, cp + cs, spn + cs, op + r * D, half, backward);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rotary_embed_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                    const at::Tensor& sin, bool backward) {
+  CHECK_DIM(q, 4, "[B, Hq, T, D]");
+  CHECK_DIM(k, 4, "[B, Hkv, T, D]");
+  const int64_t B = q.size(0), T = q.size(2), D = q.size(3);
+  CHECK_SIZE(k, 0, B);
+  CHECK_SIZE(k, 2, T);
+  CHECK_SIZE(k, 3, D);
+  HE_CHECK(D % 2 == 0, "head dim D must be even, got ", D);
+  CHECK_FLOATING(q);
+  CHECK_SAME_DTYPE(k, q);
+  CHECK_LAST_DIM_CONTIGUOUS(q);
+  CHECK_LAST_DIM_CONTIGUOUS(k);
+  CHECK_DIM(cos, 3, "[B or 1, T, D]");
+  HE_CHECK((cos.size(0) == B || cos.size(0) == 1) && cos.size(1) == T && cos.size(2) == D,
+           "cos must be [", B, " or 1, ", T, ", ", D, "], got ", shape_str(cos));
+  CHECK_SHAPE(sin, cos.size(0), T, D);
+  CHECK_DTYPE(cos, at::kFloat);
+  CHECK_DTYPE(sin, at::kFloat);
+  CHECK_CONTIGUOUS(cos);
+  CHECK_CONTIGUOUS(sin);
+  for (const at::Tensor* t : {&q, &k, &cos, &sin}) {
+    HE_CHECK(t->device().is_cpu(), "q, k, cos and sin must be CPU tensors, got ", t->device());
+  }
+  return {rotate(q, cos, sin, backward), rotate(k, cos, sin, backward)};
+}
+
+}  // namespace hybrid_engine

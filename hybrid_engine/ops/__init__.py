@@ -43,6 +43,12 @@ from hybrid_engine.ops.reshard import (  # noqa: E402
     zero_unpartition_reference,
 )
 from hybrid_engine.ops.rotary import rotary_append_kv, rotary_append_kv_reference, rotary_tables  # noqa: E402
+from hybrid_engine.ops.training import (  # noqa: E402
+    rotary_embed,
+    rotary_embed_reference,
+    silu_mul,
+    silu_mul_reference,
+)
 
 __all__ = [
     "decode_attention",
@@ -66,11 +72,15 @@ __all__ = [
     "rms_norm_reference",
     "rotary_append_kv",
     "rotary_append_kv_reference",
+    "rotary_embed",
+    "rotary_embed_reference",
     "rotary_tables",
     "shard_column_parallel",
     "shard_qkv",
     "shard_reference",
     "shard_row_parallel",
+    "silu_mul",
+    "silu_mul_reference",
     "token_logprobs",
     "token_logprobs_reference",
     "tp_to_zero",

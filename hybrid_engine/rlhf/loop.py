@@ -108,9 +108,21 @@ class StepConfig:
     output_dir/checkpoints every this many steps, to resume from; 0: none."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
+    training_kernels: bool = True
+    """Run the training forward and backward through hybrid_engine's fused ops patched into the HF modules
+    (RMSNorm, rotary embedding, the gated MLP's activation; Llama, Qwen2, Mistral); False: HF's own code."""
 
     def __post_init__(self):
         check_common(self)
+
+
+def with_training_kernels(model: torch.nn.Module, config) -> torch.nn.Module:
+    """`model` with the training kernels patched in when config.training_kernels (engine/train_kernels.py)."""
+    if config.training_kernels:
+        from hybrid_engine.engine.train_kernels import apply_training_kernels
+
+        apply_training_kernels(model)
+    return model
 
 
 def check_common(config) -> None:

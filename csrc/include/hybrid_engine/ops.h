@@ -56,6 +56,14 @@ at::Tensor reshard_gather_cpu(const at::Tensor& src, int64_t offset, int64_t row
 void reshard_scatter_cpu(const at::Tensor& dst, const at::Tensor& shard, int64_t offset, int64_t row_stride,
                          at::IntArrayRef row_starts, at::IntArrayRef row_counts, int64_t col_start);
 
+// ---- training ops (csrc/cpu/rotary.cpp, csrc/cpu/swiglu.cpp), CPU only ----
+// HF's apply_rotary_pos_emb for q [B, Hq, T, D] and k (its transpose with `backward`), contiguous outputs.
+std::tuple<at::Tensor, at::Tensor> rotary_embed_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                    const at::Tensor& sin, bool backward);
+at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up);
+std::tuple<at::Tensor, at::Tensor> silu_mul_backward_cpu(const at::Tensor& grad, const at::Tensor& gate,
+                                                         const at::Tensor& up);
+
 // ---- linear (csrc/cpu/linear.cpp) ----
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 // Where decode_linear_cpu hands over to torch's GEMM (see linear.cpp); process-wide, set by the calibration.
