@@ -12,8 +12,8 @@ made from a config, 8 prompts x 4 samples per step, 32 new tokens, lr 1e-5, KL 0
 and trains at critic_lr 5e-6), training in fp32 or under bf16 autocast (the same on both sides), the rule score as
 the reward. Every case runs twice, the rounds interleaved, and reports its faster round: the median step time
 after the first (warm-up) step, samples/s, generated tokens/s, peak resident memory, the phase split (ours and
-hf), and the reward per step (equal learning: a speed-up must not come from doing less). `python
-scripts/rlhf_table.py bench/results/rlhf.json --readme README.md` makes the README table; ratios are against the
+hf), and the reward per step (equal learning: a speed-up must not come from doing less). `hybrid-engine
+bench report --only rlhf --readme README.md` makes the README table and bench/rlhf_phases.png; ratios are against the
 baseline at the same algorithm and precision in the same run: TRL for grpo and rloo, hf for ppo.
 
     pytest bench/bench_rlhf.py --benchmark-only --benchmark-json=bench/results/rlhf.json   # ~15-20 minutes

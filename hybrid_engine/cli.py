@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from hybrid_engine.rlhf.commands import add_rlhf_commands
 
@@ -166,8 +167,39 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare-hf", action="store_true", help="also time transformers' generate on the same input")
     gen.add_argument("--show", action="store_true", help="print the first sequence's generated token ids")
     gen.set_defaults(func=cmd_generate)
+    add_bench_commands(sub)
     add_rlhf_commands(sub)
     return parser
+
+
+def cmd_bench_report(args: argparse.Namespace) -> int:
+    """The README's tables and the plots from the benchmarks' JSON (hybrid_engine/report)."""
+    from hybrid_engine.report import TABLES, report
+
+    unknown = sorted(set(args.only or []) - set(TABLES))
+    if unknown:
+        raise SystemExit(f"--only: unknown results {unknown}; known: {sorted(TABLES)}")
+    args.plots.mkdir(parents=True, exist_ok=True)
+    for line in report(args.results, args.readme, args.plots, args.only):
+        print(line)
+    return 0
+
+
+def add_bench_commands(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmark reports (run the benchmarks with pytest bench/ --benchmark-only)")
+    verbs = bench.add_subparsers(dest="bench_command", required=True)
+    rep = verbs.add_parser("report", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           help="turn the benchmarks' JSON into the README's markdown tables and PNG plots")
+    rep.add_argument("--results", type=Path, default=Path("bench/results"),
+                     help="the folder of JSON files the benchmarks wrote (kernels.json, generation.json, "
+                          "train_step.json, engine.json, rlhf.json, train_summary.json); missing ones are skipped")
+    rep.add_argument("--readme", type=Path, default=None,
+                     help="put each table between this file's <!-- bench:NAME:start/end --> markers; without it "
+                          "the tables are printed")
+    rep.add_argument("--plots", type=Path, default=Path("bench"), help="where the PNG plots go")
+    rep.add_argument("--only", nargs="+", metavar="NAME",
+                     help="only these results (file stems, e.g. rlhf generation)")
+    rep.set_defaults(func=cmd_bench_report)
 
 
 def main(argv: list[str] | None = None) -> int:

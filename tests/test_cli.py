@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from hybrid_engine.cli import build_parser, main
@@ -27,3 +31,30 @@ def test_help_explains_every_flag():
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="built-in presets: llama-20m, llama-125m, llama-tiny"):
         main(["generate", "--preset", "nope", "--max-new-tokens", "1"])
+
+
+def test_bench_report_writes_every_table_and_plot(tmp_path):
+    """The committed results through `hybrid-engine bench report`: each table between its README markers, the
+    plots as PNG files, and a clear error for an unknown name."""
+    import shutil
+
+    from hybrid_engine.report import TABLES
+
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+    readme = tmp_path / "README.md"
+    readme.write_text("".join(f"<!-- bench:{marker}:start -->\nold\n<!-- bench:{marker}:end -->\n"
+                              for marker, _ in TABLES.values()))
+    copied = tmp_path / "results"
+    shutil.copytree(results, copied)
+    run = subprocess.run([sys.executable, "-m", "hybrid_engine.cli", "bench", "report", "--results", str(copied),
+                          "--readme", str(readme), "--plots", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    text = readme.read_text()
+    present = [stem for stem in TABLES if (copied / f"{stem}.json").is_file()]
+    assert present and "old" not in text.split("<!-- bench:rlhf:start -->")[1].split("<!-- bench:rlhf:end -->")[0]
+    for stem in present:
+        assert f"{copied / stem}.json: table" in run.stdout
+    assert "Machine:" in text and (tmp_path / "rlhf_phases.png").stat().st_size > 1000
+    bad = subprocess.run([sys.executable, "-m", "hybrid_engine.cli", "bench", "report", "--only", "nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown results ['nope']" in bad.stderr

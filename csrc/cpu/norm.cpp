@@ -11,11 +11,6 @@
 
 #define HE_OP "rms_norm"
 
-// fp32, bf16 and fp16 only (HE_DISPATCH_FLOATING also instantiates double, which vec_io does not load).
-#define DISPATCH_STORAGE(dtype, name, ...)                                                  \
-  AT_DISPATCH_SWITCH(dtype, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
-                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
-
 namespace hybrid_engine {
 namespace {
 
@@ -132,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
   auto new_residual = residual.has_value() ? at::empty(x.sizes(), xc.options()) : at::Tensor();
   auto rstd = at::empty(row_shape(x), xc.options().dtype(at::kFloat));
   const int64_t H = x.size(-1), N = x.numel() / H;
-  DISPATCH_STORAGE(x.scalar_type(), "rms_norm_cpu", [&] {
+  HE_DISPATCH_STORAGE(x.scalar_type(), "rms_norm_cpu", [&] {
     const scalar_t* rp = residual.has_value() ? rc.data_ptr<scalar_t>() : nullptr;
     scalar_t* np = residual.has_value() ? new_residual.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, N, row_grain(H), [&](int64_t begin, int64_t end) {
@@ -180,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
   // the partials are added at the end, so no two threads write the same memory.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), at::divup(N, row_grain(H))));
   auto partial = at::zeros({chunks, H}, xc.options().dtype(at::kFloat));
-  DISPATCH_STORAGE(x.scalar_type(), "rms_norm_backward_cpu", [&] {
+  HE_DISPATCH_STORAGE(x.scalar_type(), "rms_norm_backward_cpu", [&] {
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         backward_rows<scalar_t>(gc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), w.data_ptr<float>(),

@@ -12,11 +12,6 @@
 
 #define HE_OP "rotary_append_kv"
 
-// fp32, bf16 and fp16 only (HE_DISPATCH_FLOATING also instantiates double, which vec_io does not load).
-#define DISPATCH_STORAGE(dtype, name, ...)                                                  \
-  AT_DISPATCH_SWITCH(dtype, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
-                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
-
 namespace hybrid_engine {
 namespace {
 
@@ -155,7 +150,7 @@ void rotary_append_kv_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
   // of work) then stays on one thread: waking a second one costs as much, and far more when the core
   // is busy with another process.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, (Hq + 2 * Hkv) * D));
-  DISPATCH_STORAGE(q.scalar_type(), "rotary_append_kv_cpu", [&] {
+  HE_DISPATCH_STORAGE(q.scalar_type(), "rotary_append_kv_cpu", [&] {
     dispatch_cache_type<scalar_t>(k_cache.scalar_type(), [&](auto cache_tag) {
       using cache_t = decltype(cache_tag);
       HE_DISPATCH_INDEX(pos.scalar_type(), "rotary_append_kv_cpu", [&] {
@@ -223,7 +218,7 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   auto out = at::empty({B, H, T, D}, x.options());
   const int64_t cos_b = cos.size(0) == 1 ? 0 : T * D;
   const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2);
-  DISPATCH_STORAGE(x.scalar_type(), "rotary_embed", [&] {
+  HE_DISPATCH_STORAGE(x.scalar_type(), "rotary_embed", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const float *cp = cos.data_ptr<float>(), *spn = sin.data_ptr<float>();

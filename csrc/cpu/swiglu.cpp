@@ -10,11 +10,6 @@
 
 #define HE_OP "silu_mul"
 
-// fp32, bf16 and fp16 only (HE_DISPATCH_FLOATING also instantiates double, which vec_io does not load).
-#define DISPATCH_STORAGE(dtype, name, ...)                                                  \
-  AT_DISPATCH_SWITCH(dtype, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
-                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
-
 namespace hybrid_engine {
 namespace {
 
@@ -48,7 +43,7 @@ at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
   check_pair(gate, up);
   const auto g = gate.contiguous(), u = up.contiguous();
   auto out = at::empty_like(g);
-  DISPATCH_STORAGE(g.scalar_type(), HE_OP, [&] {
+  HE_DISPATCH_STORAGE(g.scalar_type(), HE_OP, [&] {
     const scalar_t *gp = g.data_ptr<scalar_t>(), *up_ = u.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     for_chunks(g.numel(), [&](int64_t begin, int64_t end) {
@@ -70,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> silu_mul_backward_cpu(const at::Tensor& grad,
   HE_CHECK(grad.sizes() == gate.sizes(), "grad must have gate's shape ", shape_str(gate), ", got ", shape_str(grad));
   const auto dy = grad.contiguous(), g = gate.contiguous(), u = up.contiguous();
   auto d_gate = at::empty_like(g), d_up = at::empty_like(g);
-  DISPATCH_STORAGE(g.scalar_type(), "silu_mul_backward", [&] {
+  HE_DISPATCH_STORAGE(g.scalar_type(), "silu_mul_backward", [&] {
     const scalar_t *dyp = dy.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>(), *up_ = u.data_ptr<scalar_t>();
     scalar_t *dgp = d_gate.data_ptr<scalar_t>(), *dup = d_up.data_ptr<scalar_t>();
     for_chunks(g.numel(), [&](int64_t begin, int64_t end) {

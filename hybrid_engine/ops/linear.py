@@ -9,7 +9,15 @@ it at well under the memory bandwidth for 4-32 rows, and a bf16 weight needs eit
 matmul that rounds the activations. The CPU kernel streams each weight row once for all M rows (an FMA
 micro-kernel; bf16 weights with 8+ rows on AMX tiles, the activations split exactly into three bf16 terms).
 Where torch's GEMM is faster (an fp32 weight with very few or many rows, a bf16 weight with prefill-sized M,
-widened once) the op hands over to it, at row counts measured on the machine (ops/dispatch.py).
+widened once) the op hands over to it, at row counts measured on the machine (ops/dispatch.py); so does a bf16
+weight with M >= 8 to the AMX tiles, where the CPU has them.
+
+The widening of a bf16 weight for prefill-sized M, measured on an Ice Lake-class Xeon (2 cores, no AMX): 28.5 ms
+for the 125M model's 48 matrices (151 MB read, 302 MB written), beside 180-200 ms of GEMM at M = 256 and 550-630
+ms at M = 1024, so 5-15% of a prefill; below the calibrated row count (64-128 there) the kernel reads the bf16
+weight directly and nothing is widened. Widening one block of rows at a time into a cache-resident buffer, each
+block then multiplied by torch's GEMM, was tried and lost (1 MB blocks: 1.4x slower at M = 256; 4 MB: 1.1x;
+16 MB, about whole matrices, equal): MKL's GEMM loses more on narrow blocks than the copy costs.
 
 Where it cannot be 1.5x faster than the eager reference (measured on the whole-model benchmark,
 bench/bench_linear.py, 2 Sapphire Rapids cores): with M = 1 and an fp32 weight torch's matrix-vector product

@@ -15,6 +15,12 @@
 #include <immintrin.h>
 #endif
 
+// Dispatch over the storage dtypes vec_io loads and stores: fp32, bf16 and fp16 (HE_DISPATCH_FLOATING also
+// instantiates double, which it does not).
+#define HE_DISPATCH_STORAGE(dtype, name, ...)                                               \
+  AT_DISPATCH_SWITCH(dtype, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
 namespace hybrid_engine::vec_io {
 
 using fVec = at::vec::Vectorized<float>;

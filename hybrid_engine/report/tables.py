@@ -1,16 +1,11 @@
-"""Turn a pytest-benchmark JSON file into the README's markdown table.
+"""A pytest-benchmark JSON file as the README's markdown table (kernels, generation, the training step), the
+machine line every table starts with, and the README's markers.
 
-    python scripts/bench_table.py bench/results/cpu.json            # print the table
-    python scripts/bench_table.py bench/results/cpu.json --readme README.md   # replace it in README
-
-The README keeps the table between the markers `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->`
-(NAME is the JSON file's stem), so each results file has its own table.
+The README keeps each table between the markers `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 from pathlib import Path
 
@@ -18,12 +13,15 @@ COLUMNS = [  # (extra_info key, header, format)
     ("speedup_vs_eager", "vs eager", "{:.2f}x"),
     ("speedup_vs_hf-fp32", "vs HF fp32", "{:.2f}x"),
     ("speedup_vs_none-finish", "vs none finish", "{:.2f}x"),
+    ("speedup_vs_hf", "vs HF", "{:.2f}x"),
     ("tokens_per_s", "tok/s", "{:.0f}"),
     ("GBps", "GB/s", "{:.1f}"),
     ("GFLOPps", "GFLOP/s", "{:.1f}"),
     ("roofline_fraction", "of roofline", "{:.0%}"),
     ("peak_memory_MB", "peak MB", "{:.0f}"),
     ("memory_ratio_vs_eager", "memory vs eager", "{:.1f}x lower"),
+    ("logprob_diff_max", "log-prob diff, max", "{:.4f}"),
+    ("logprob_diff_mean", "log-prob diff, mean", "{:.5f}"),
 ]
 
 
@@ -65,25 +63,3 @@ def replace_in_readme(readme: Path, name: str, text: str) -> None:
     content = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", content,
                      flags=re.S)
     readme.write_text(content)
-
-
-def table_main(doc: str, make_table, name: str | None = None) -> None:
-    """The command line every table script shares: JSON in; the table printed, or put between README's markers
-    for `name` (None: the JSON file's stem) with --readme."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", type=Path, help="the JSON file the benchmark (or command) wrote")
-    parser.add_argument("--readme", type=Path, help="replace the table between this file's markers")
-    args = parser.parse_args()
-    text = make_table(json.loads(args.json.read_text()))
-    if args.readme:
-        replace_in_readme(args.readme, name or args.json.stem, text)
-    else:
-        print(text)
-
-
-def main() -> None:
-    table_main(__doc__, table)
-
-
-if __name__ == "__main__":
-    main()

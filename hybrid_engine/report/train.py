@@ -1,14 +1,7 @@
-"""Turn the summary.json of `hybrid-engine train` into the README's default-run table.
-
-    python scripts/train_table.py out/train/summary.json                 # print
-    python scripts/train_table.py out/train/summary.json --readme README.md
-
-The README keeps it between `<!-- bench:train:start -->` and `<!-- bench:train:end -->`.
-"""
+"""The summary.json of `hybrid-engine train` (bench/results/train_summary.json) as the README's default-run table
+(marker `bench:train`)."""
 
 from __future__ import annotations
-
-from bench_table import table_main
 
 
 def table(summary: dict) -> str:
@@ -23,11 +16,3 @@ def table(summary: dict) -> str:
         lines += ["", "| goal of the built-in default | met |", "|---|---|"]
         lines += [f"| {g['goal']} | {'yes' if g['met'] else '**no**'} |" for g in summary["goals"]]
     return "\n".join(lines)
-
-
-def main() -> None:
-    table_main(__doc__, table, "train")
-
-
-if __name__ == "__main__":
-    main()

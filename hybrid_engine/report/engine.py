@@ -1,14 +1,8 @@
-"""Turn bench/results/engine.json (bench/bench_engine.py) into the README's engine tables.
-
-    python scripts/engine_table.py bench/results/engine.json                 # print
-    python scripts/engine_table.py bench/results/engine.json --readme README.md
-
-The README keeps them between `<!-- bench:engine:start -->` and `<!-- bench:engine:end -->`.
-"""
+"""bench/results/engine.json (bench/bench_engine.py) as the README's engine tables (marker `bench:engine`)."""
 
 from __future__ import annotations
 
-from bench_table import machine_line, table_main
+from hybrid_engine.report.tables import machine_line
 
 TARGETS = [  # (variant, ratio key, what, target, higher is better)
     ("full", "generation_speedup_vs_hf-zero3", "generation vs HF generate on the ZeRO-3 module", 3.0, True),
@@ -59,11 +53,3 @@ def tables(data: dict) -> str:
     setup = (f"{info['model']}, 2 ranks x 1 thread, ZeRO-3, {info['batch_per_rank']} prompts of {info['prompt']} "
              f"tokens per rank, {info['new_tokens']} new tokens, then one training step")
     return "\n".join([machine_line(benchmarks), "", setup, "", *targets(benchmarks), "", *phases(benchmarks)])
-
-
-def main() -> None:
-    table_main(__doc__, tables, "engine")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,15 +1,10 @@
-"""Plots of the generation benchmark (bench/bench_generate.py) from its pytest-benchmark JSON.
-
-    python scripts/plot_generation.py bench/results/generation.json
-
-writes bench/generation_tokens_per_s.png (tokens/s against batch size, one line per provider, one panel
+"""Plots of the generation benchmark (bench/bench_generate.py) from its pytest-benchmark JSON: plot() writes
+bench/generation_tokens_per_s.png (tokens/s against batch size, one line per provider, one panel
 per model and number of new tokens) and bench/decode_position.png (ms per token against position).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -67,15 +62,10 @@ def machine_title(rows: list[dict]) -> str:
     return f"{info.get('cpu', '')}, {info.get('capability', '')}, {info.get('threads', '?')} threads"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", type=Path, help="JSON written by pytest bench/bench_generate.py --benchmark-json")
-    parser.add_argument("--out-dir", type=Path, default=Path("bench"), help="where the PNG files go")
-    args = parser.parse_args()
-    rows = json.loads(args.json.read_text())["benchmarks"]
-    plot_throughput(rows, args.out_dir / "generation_tokens_per_s.png")
-    plot_position(rows, args.out_dir / "decode_position.png")
-
-
-if __name__ == "__main__":
-    main()
+def plot(data: dict, out_dir: Path) -> list[Path]:
+    """Both plots of the generation benchmark's JSON, into out_dir."""
+    rows = data["benchmarks"]
+    outs = [out_dir / "generation_tokens_per_s.png", out_dir / "decode_position.png"]
+    plot_throughput(rows, outs[0])
+    plot_position(rows, outs[1])
+    return outs

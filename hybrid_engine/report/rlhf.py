@@ -1,9 +1,5 @@
 """Turn bench/results/rlhf.json (bench/bench_rlhf.py) into the README's RLHF table: ours against TRL (grpo, rloo)
 and against the HF baseline PPO (ppo), and ours with its kernels off (ours-reference).
-
-    python scripts/rlhf_table.py bench/results/rlhf.json                 # print
-    python scripts/rlhf_table.py bench/results/rlhf.json --readme README.md
-
 The README keeps it between `<!-- bench:rlhf:start -->` and `<!-- bench:rlhf:end -->`. Ratios are against the
 baseline of the same algorithm and precision in the same run: TRL's trainer for grpo and rloo, the HF baseline PPO
 (bench/hf_ppo.py, provider hf) for ppo.
@@ -11,7 +7,7 @@ baseline of the same algorithm and precision in the same run: TRL's trainer for 
 
 from __future__ import annotations
 
-from bench_table import machine_line, table_main
+from hybrid_engine.report.tables import machine_line
 
 BASELINE = {"grpo": "trl", "rloo": "trl", "ppo": "hf"}
 """The provider each algorithm's ratio is against (bench_rlhf.BASELINE)."""
@@ -45,11 +41,3 @@ def table(data: dict) -> str:
                      f"{r['generated_tokens_per_s']:.0f} | {r['peak_rss_mb']} | {r['rewards'][0]:.3f} -> "
                      f"{r['rewards'][-1]:.3f} | {ratio} |")
     return "\n".join(lines)
-
-
-def main() -> None:
-    table_main(__doc__, table, "rlhf")
-
-
-if __name__ == "__main__":
-    main()
