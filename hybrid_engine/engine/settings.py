@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from hybrid_engine.generation.checks import KV_DTYPES
 from hybrid_engine.model.spec import ModelSpec
 
 _DTYPES = {None: None, "none": None, "fp32": None, "float32": None, "bf16": torch.bfloat16,
@@ -59,7 +60,7 @@ class GenerationSettings:
         """Refuses settings that cannot work for this model and world size, naming the setting."""
         if self.weight_dtype not in (None, torch.bfloat16, torch.float32):
             raise ValueError(f"generation.weight_dtype must be None or torch.bfloat16, got {self.weight_dtype}")
-        if self.kv_dtype not in _KV_DTYPES.values():
+        if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"generation.kv_dtype must be torch.float32, bfloat16 or float16, got {self.kv_dtype}")
         if self.gather not in ("all", "layer"):
             raise ValueError(f"generation.gather must be 'all' or 'layer', got {self.gather!r}")

@@ -20,18 +20,14 @@ from __future__ import annotations
 import torch
 
 from hybrid_engine.ops import _backend
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+from hybrid_engine.ops.rotary import _rotate_half
 
 
 def rotary_embed_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's apply_rotary_pos_emb in fp32, rounded once to q's dtype: the oracle."""
     c, s = cos.float()[:, None], sin.float()[:, None]
-    return tuple((x.float() * c + _rotate_half(x.float()) * s).to(x.dtype) for x in (q, k))
+    return tuple((xf * c + _rotate_half(xf) * s).to(x.dtype) for x, xf in ((q, q.float()), (k, k.float())))
 
 
 def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
