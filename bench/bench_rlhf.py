@@ -1,12 +1,16 @@
 """RLHF end to end against the systems users would pick instead (issue 13): our GRPO and RLOO against TRL 1.16's
 GRPOTrainer and RLOOTrainer, and against TRL with apply_hybrid_engine on its model; our PPO against the HF baseline
 PPO (bench/hf_ppo.py: HF generate and eager PyTorch, what the DeepSpeed-Chat paper calls the HF baseline; TRL 1.16
-has no PPO trainer); and ours with its kernels turned off (ours-reference: the same run inside
-use_backend("reference")), so that the kernels' share of the gain shows apart from the engine's. Colossal-AI is not
-measured, because its latest release on the index (colossalai 0.5.0) pins torch<=2.5.1 and transformers==4.51.3 and
-its ColossalChat code is not in the package, so it cannot share this environment.
+has no PPO trainer); our PPO under DeepSpeed ZeRO-3 on two torchrun ranks against the same PPO with the actor's
+generation done by HF generate on the ZeRO-3 module (deepspeed: DeepSpeed without a hybrid engine,
+bench/ds_generate.py), with the actor full and with peft LoRA; and ours with its kernels turned off
+(ours-reference: the same run inside use_backend("reference")), so that the kernels' share of the gain shows apart
+from the engine's. Colossal-AI is not measured, because its latest release on the index (colossalai 0.5.0) pins
+torch<=2.5.1 and transformers==4.51.3 and its ColossalChat code is not in the package, so it cannot share this
+environment.
 
-Each case runs bench/rlhf_worker.py in a process of its own (peak memory is the run's): the same ~10M Llama
+Each case runs bench/rlhf_worker.py in a process of its own, or two for the ZeRO-3 setups (one thread each; peak
+memory is the run's, both ranks' summed), each rank taking half of every step's prompts: the same ~10M Llama
 made from a config, 8 prompts x 4 samples per step, 32 new tokens, lr 1e-5, KL 0.04 (GRPO), 0.05 (RLOO) or 0.1
 (PPO, PPOConfig's default; its critic starts on both sides from the actor's body with the same fresh value head
 and trains at critic_lr 5e-6), training in fp32 or under bf16 autocast (the same on both sides), the rule score as
@@ -14,11 +18,14 @@ the reward. Every case runs twice, the rounds interleaved, and reports its faste
 after the first (warm-up) step, samples/s, generated tokens/s, peak resident memory, the phase split (ours and
 hf), and the reward per step (equal learning: a speed-up must not come from doing less). `hybrid-engine
 bench report --only rlhf --readme README.md` makes the README table and bench/rlhf_phases.png; ratios are against the
-baseline at the same algorithm and precision in the same run: TRL for grpo and rloo, hf for ppo.
+baseline at the same algorithm, precision and setup in the same run: TRL for grpo and rloo, hf for ppo in one
+process, deepspeed under ZeRO-3.
 
     pytest bench/bench_rlhf.py --benchmark-only --benchmark-json=bench/results/rlhf.json   # ~15-20 minutes
+    pytest bench/bench_rlhf.py --benchmark-only -k zero3 --benchmark-json=bench/results/rlhf_zero3.json   # 17 minutes
 
-(The estimate scales the 8 minutes of the 12 grpo/rloo cases to the 22 cases; it was not timed.)
+Only the selected cases run (-k). (The estimate scales the 8 minutes of the 12 grpo/rloo cases to the 22
+single-process cases; it was not timed.)
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,16 +42,26 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).with_name("rlhf_worker.py")
-PROVIDERS = {"grpo": ["ours", "ours-reference", "trl", "trl-patched"],
-             "rloo": ["ours", "ours-reference", "trl", "trl-patched"],
-             "ppo": ["ours", "ours-reference", "hf"]}
-"""The providers of each algorithm: TRL's trainers for grpo and rloo, the HF baseline (bench/hf_ppo.py) for ppo."""
-BASELINE = {"grpo": "trl", "rloo": "trl", "ppo": "hf"}
+SETUPS = {"single": [], "zero3": ["--zero3"], "zero3-lora": ["--zero3", "--lora"]}
+"""How a case runs: one process (every thread), or two torchrun ranks under DeepSpeed ZeRO-3 (one thread each),
+the actor full or with peft LoRA."""
+PROVIDERS = {("grpo", "single"): ["ours", "ours-reference", "trl", "trl-patched"],
+             ("rloo", "single"): ["ours", "ours-reference", "trl", "trl-patched"],
+             ("ppo", "single"): ["ours", "ours-reference", "hf"],
+             ("ppo", "zero3"): ["ours", "deepspeed"], ("ppo", "zero3-lora"): ["ours", "deepspeed"]}
+"""The providers of each algorithm and setup: TRL's trainers for grpo and rloo, the HF baseline (bench/hf_ppo.py)
+for ppo, and DeepSpeed without a hybrid engine (bench/ds_generate.py) under ZeRO-3."""
+BASELINE = {"trl": "trl", "hf": "hf", "deepspeed": "deepspeed"}
 BETA = {"grpo": 0.04, "rloo": 0.05, "ppo": 0.1}
-ALGOS = ["grpo", "rloo", "ppo"]
-PRECISIONS = ["fp32", "bf16"]
-CASES = [(a, p, v) for a in ALGOS for p in PRECISIONS for v in PROVIDERS[a]]
+PRECISIONS = {"single": ["fp32", "bf16"], "zero3": ["fp32"], "zero3-lora": ["fp32"]}
+"""bf16 autocast only in one process: it runs ~3x slower than fp32 on CPUs without bf16 units."""
+CASES = [(a, p, setup, v) for (a, setup), providers in PROVIDERS.items() for p in PRECISIONS[setup] for v in providers]
 ROUNDS = 2
+
+
+def baseline(algo: str, setup: str) -> str:
+    """The provider a case's ratio is against: the one of its algorithm and setup that is not ours."""
+    return next(v for v in PROVIDERS[(algo, setup)] if v in BASELINE)
 
 
 def _figures(result: dict) -> dict:
@@ -53,27 +71,44 @@ def _figures(result: dict) -> dict:
     tokens = statistics.median(s["completion_tokens"] for s in steps)
     out = {"step_s": round(step_s, 4), "samples_per_s": round(samples / step_s, 2),
            "generated_tokens_per_s": round(tokens / step_s, 1), "peak_rss_mb": round(result["peak_rss_mb"]),
-           "params_M": round(result["params"] / 1e6, 2), "rewards": [round(s["reward"], 4) for s in result["steps"]]}
+           "params_M": round(result["params"] / 1e6, 2), "ranks": result.get("ranks", 1),
+           "rewards": [round(s["reward"], 4) for s in result["steps"]]}
     for phase in ("generate_s", "experience_s", "train_s"):
         if phase in steps[0]:
             out[phase] = round(statistics.median(s[phase] for s in steps), 4)
     return out
 
 
-def _run_case(algo: str, precision: str, provider: str, out: Path) -> dict:
-    cmd = [sys.executable, str(WORKER), provider, algo, str(out), "--beta", str(BETA[algo])]
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_case(algo: str, precision: str, setup: str, provider: str, out: Path) -> dict:
+    args = [str(WORKER), provider, algo, str(out), "--beta", str(BETA[algo]), *SETUPS[setup]]
     if precision == "bf16":
-        cmd.append("--bf16")
-    subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, capture_output=True)
+        args.append("--bf16")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    launcher = [sys.executable]
+    if SETUPS[setup]:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                     "--master_port", str(_port())]
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run(launcher + args, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{algo} {precision} {setup} {provider} failed:\n{proc.stderr[-6000:]}")
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="session")
-def rounds(tmp_path_factory, machine) -> dict:
-    """Every case run ROUNDS times, the rounds interleaved (round 1 of every case, then round 2), so that slow
-    spells of a shared machine fall on every provider alike; {case: [result of each round]}."""
+def rounds(request, tmp_path_factory, machine) -> dict:
+    """Every selected case run ROUNDS times, the rounds interleaved (round 1 of every case, then round 2), so that
+    slow spells of a shared machine fall on every provider alike; {case: [result of each round]}."""
     have_trl = importlib.util.find_spec("trl") is not None
-    cases = [case for case in CASES if have_trl or not case[2].startswith("trl")]
+    selected = {tuple(item.callspec.params[k] for k in ("algo", "precision", "setup", "provider"))
+                for item in request.session.items if getattr(item, "originalname", "") == "test_rlhf_step"}
+    cases = [case for case in CASES if case in selected and (have_trl or not case[3].startswith("trl"))]
     out = tmp_path_factory.mktemp("rlhf")
     results: dict = {case: [] for case in cases}
     for r in range(ROUNDS):
@@ -82,13 +117,14 @@ def rounds(tmp_path_factory, machine) -> dict:
     return results
 
 
-@pytest.mark.parametrize("algo,precision,provider", CASES)
-def test_rlhf_step(benchmark, algo, precision, provider, machine, rounds):
-    if (algo, precision, provider) not in rounds:
+@pytest.mark.parametrize("algo,precision,setup,provider", CASES)
+def test_rlhf_step(benchmark, algo, precision, setup, provider, machine, rounds):
+    if (algo, precision, setup, provider) not in rounds:
         pytest.skip("trl is not installed (pip install -e '.[dev]')")
-    runs = rounds[(algo, precision, provider)]
+    runs = rounds[(algo, precision, setup, provider)]
     best = min(runs, key=lambda r: _figures(r)["step_s"])  # best of the interleaved rounds
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are the worker's, below
-    benchmark.extra_info.update(provider=provider, algo=algo, precision=precision, baseline=BASELINE[algo], **machine,
+    benchmark.extra_info.update(provider=provider, algo=algo, precision=precision, setup=setup,
+                                baseline=baseline(algo, setup), **machine,
                                 settings=best["settings"], rounds=len(runs),
                                 step_s_rounds=[_figures(r)["step_s"] for r in runs], **_figures(best))

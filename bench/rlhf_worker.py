@@ -6,9 +6,16 @@ GRPO, RLOO or PPO on the demo task, with equal settings, writing its figures as 
 PROVIDER: ours (hybrid_engine.rlhf.train_ppo), ours-reference (the same inside use_backend("reference"): the
 engine without its kernels), trl (TRL's GRPOTrainer / RLOOTrainer, HF generate; grpo and rloo), trl-patched (the
 same with apply_hybrid_engine on its model), hf (the HF baseline PPO of bench/hf_ppo.py: HF generate and eager
-PyTorch; ppo only). Every side starts from the same randomly initialised Llama made from a config over the demo
-tokenizer, saved and loaded back, and is rewarded by the demo's rule_score (no reward model on either side, so
-both optimise the same function); PPO's critic starts on both sides from the same folder: the actor's body with a
+PyTorch; ppo only), deepspeed (train_ppo under ZeRO-3 with the actor's generation done by HF generate on the
+DeepSpeed module: bench/ds_generate.py; --zero3 only).
+
+With --zero3 the run is one rank of a torchrun world (gloo, one thread per rank): ours and deepspeed train actor
+and critic under DeepSpeed ZeRO-3, each rank taking its share of every step's prompts, and --lora puts peft LoRA
+(r 16 on q_proj and v_proj) on the actor. Rank 0 writes OUT.json; its peak memory is the ranks' sum.
+
+Every side starts from the same randomly initialised Llama made from a config over the demo tokenizer, saved and
+loaded back, and is rewarded by the demo's rule_score (no reward model on either side, so both optimise the same
+function); PPO's critic starts on both sides from the same folder: the actor's body with a
 value head drawn after torch.manual_seed(seed). fp32 (or, with --bf16, bf16 autocast for training on both
 sides), temperature 1, no top-k/top-p.
 """
@@ -58,23 +65,50 @@ def prompts(n: int) -> list[str]:
     return list(load_step_data(demo_config("ppo"), "ppo").train["prompt"][:n])
 
 
-def run_ours(model_dir: Path, args, critic_dir: Path | None) -> dict:
+ZERO3 = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 2**24, "allgather_bucket_size": 2**24,
+                                "stage3_prefetch_bucket_size": 2**24}}
+"""--zero3's DeepSpeed config (DeepSpeed's defaults but for buckets of 16M elements: its own reserve ~2 GB each)."""
+
+
+def zero3_actor(model_dir: Path, config, lora: bool, engine_cls):
+    """The actor train_ppo would build under ZERO3, as an instance of engine_cls (HybridEngine or
+    ds_generate.HFGenerateEngine), so that both sides build it alike."""
+    import peft
+
+    from hybrid_engine.rlhf import loop
+
+    ds = loop.training_ds_config(ZERO3, config.train_batch_size, config.max_grad_norm)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    adapters = peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]) if lora else None
+    return engine_cls(model, ds_config=ds, lora=adapters, seed=config.seed,
+                      optimizer=lambda p: torch.optim.AdamW(p, lr=config.lr, weight_decay=config.weight_decay))
+
+
+def run_ours(model_dir: Path, args, critic_dir: Path | None, engine_cls=None) -> dict:
+    """train_ppo on the demo prompts; with --zero3, under ZERO3 with engine_cls as the actor's class."""
     import datasets
 
-    from hybrid_engine.rlhf import PPOConfig, train_ppo
+    from hybrid_engine import HybridEngine
+    from hybrid_engine.rlhf import PPOConfig, loop, train_ppo
     from hybrid_engine.rlhf.data import StepData
     from hybrid_engine.rlhf.demo import demo_tokenizer, rule_score_batch
 
+    world = loop.rank_and_world()[1]
     rows = prompts(args.prompts * args.steps)
     data = StepData(train=datasets.Dataset.from_dict({"prompt": rows}),
                     eval=datasets.Dataset.from_dict({"prompt": []}), reports=[])
-    config = PPOConfig(algo=args.algo, num_generations=args.generations, batch_size=args.prompts,
-                       train_batch_size=args.prompts * args.generations, max_steps=args.steps,
+    per_rank = args.prompts // world
+    config = PPOConfig(algo=args.algo, num_generations=args.generations, batch_size=per_rank,
+                       train_batch_size=per_rank * args.generations, max_steps=args.steps,
                        max_new_tokens=args.completion, lr=args.lr, kl_coef=args.beta, schedule="constant",
                        max_grad_norm=1.0, seed=0, eval_every=0, bf16_autocast=args.bf16)
     critic = None if critic_dir is None else str(critic_dir)
-    result = train_ppo(str(model_dir), demo_tokenizer(), data, config, critic=critic, reward_fn=rule_score_batch,
-                       progress=False)
+    actor, reference, ds = str(model_dir), None, None
+    if args.zero3:
+        actor = zero3_actor(model_dir, config, args.lora, engine_cls or HybridEngine)
+        reference, ds = str(model_dir), ZERO3
+    result = train_ppo(actor, demo_tokenizer(), data, config, critic=critic, reward_fn=rule_score_batch,
+                       reference=reference, ds_config=ds, progress=False)
     steps = [{"time_s": r["generate_s"] + r["experience_s"] + r["train_s"], "generate_s": r["generate_s"],
               "experience_s": r["experience_s"], "train_s": r["train_s"], "reward": r["fn_score"], "kl": r["kl"],
               "completion_tokens": r["response_len"] * args.prompts * args.generations} for r in result.history]
@@ -99,6 +133,10 @@ def run_hf(model_dir: Path, args, critic_dir: Path) -> dict:
 def run(provider: str, model_dir: Path, args, critic_dir: Path | None) -> dict:
     if provider == "ours":
         return run_ours(model_dir, args, critic_dir)
+    if provider == "deepspeed":
+        from ds_generate import HFGenerateEngine
+
+        return run_ours(model_dir, args, critic_dir, engine_cls=HFGenerateEngine)
     if provider == "ours-reference":
         from hybrid_engine import use_backend
 
@@ -154,7 +192,7 @@ def run_trl(model_dir: Path, args, patched: bool) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("provider", choices=["ours", "ours-reference", "trl", "trl-patched", "hf"])
+    p.add_argument("provider", choices=["ours", "ours-reference", "trl", "trl-patched", "hf", "deepspeed"])
     p.add_argument("algo", choices=["grpo", "rloo", "ppo"])
     p.add_argument("out", type=Path)
     p.add_argument("--hidden", type=int, default=384)
@@ -166,7 +204,15 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient, both sides (bench_rlhf: 0.1 for ppo)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for training on both sides (fp32 weights)")
+    p.add_argument("--zero3", action="store_true", help="one rank of a torchrun world training under ZeRO-3 "
+                   "(ours and deepspeed only)")
+    p.add_argument("--lora", action="store_true", help="peft LoRA r 16 on the actor's q_proj and v_proj (--zero3)")
     args = p.parse_args()
+    if (args.zero3 and args.provider not in ("ours", "deepspeed")) or (args.provider == "deepspeed"
+                                                                       and not args.zero3):
+        p.error("--zero3 is for providers ours and deepspeed, and deepspeed needs it")
+    if args.lora and not args.zero3:
+        p.error("--lora needs --zero3")
     if args.provider == "hf" and args.algo != "ppo":
         p.error("the HF baseline (hf) is PPO only: use trl for grpo and rloo")
     if args.provider.startswith("trl") and args.algo == "ppo":
@@ -179,12 +225,27 @@ def main() -> None:
         if args.algo == "ppo":
             critic_dir = Path(tmp) / "critic"
             build_critic(model_dir, critic_dir, seed=0)
+        if args.zero3:  # after the saves: under torch.distributed, save_pretrained writes on rank 0 only
+            from hybrid_engine.engine.training import init_distributed
+
+            init_distributed()
         t0 = time.perf_counter()
         result = run(args.provider, model_dir, args, critic_dir)
         result.update(wall_s=time.perf_counter() - t0, params=params, threads=torch.get_num_threads(),
-                      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      settings={k: v for k, v in vars(args).items() if k != "out"})
+                      peak_rss_mb=peak_rss_mb(), ranks=1, settings={k: v for k, v in vars(args).items() if k != "out"})
+    if args.zero3:
+        import torch.distributed as dist
+
+        peaks = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, result["peak_rss_mb"])
+        result.update(peak_rss_mb=sum(peaks), ranks=len(peaks))
+        if dist.get_rank() != 0:
+            return
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ markers) and, for some, plots:
 | train_step.json | bench/bench_train.py | train_step | |
 | engine.json | bench/bench_engine.py | engine | |
 | rlhf.json | bench/bench_rlhf.py | rlhf | rlhf_phases.png |
+| rlhf_zero3.json | bench/bench_rlhf.py -k zero3 | rlhf_zero3 | rlhf_zero3_phases.png |
 | train_summary.json | hybrid-engine train (its summary.json) | train | |
 """
 
@@ -27,6 +28,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "train_step": ("train_step", tables.table),
     "engine": ("engine", engine.tables),
     "rlhf": ("rlhf", rlhf.table),
+    "rlhf_zero3": ("rlhf_zero3", rlhf.zero3_table),
     "train_summary": ("train", train.table),
 }
 """JSON file stem -> (README marker, table function)."""
@@ -37,10 +39,10 @@ def _plots(stem: str) -> Callable[[dict, Path], list[Path]] | None:
         from hybrid_engine.report import plot_generation
 
         return plot_generation.plot
-    if stem == "rlhf":
+    if stem in ("rlhf", "rlhf_zero3"):
         from hybrid_engine.report import plot_rlhf
 
-        return plot_rlhf.plot
+        return lambda data, out_dir: plot_rlhf.plot(data, out_dir, f"{stem}_phases.png")
     return None
 
 

@@ -19,11 +19,11 @@ PHASES = [("generate_s", "generation"), ("experience_s", "experience"), ("train_
 
 
 def plot_phases(rows: list[dict], out: Path) -> None:
-    panels = sorted({(r["algo"], r["precision"]) for r in rows})
+    panels = list(dict.fromkeys((r["algo"], r["precision"], r.get("setup", "single")) for r in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), squeeze=False)
     colors = {label: f"C{i}" for i, (_, label) in enumerate(PHASES)}
-    for ax, (algo, precision) in zip(axes[0], panels):
-        cases = [r for r in rows if (r["algo"], r["precision"]) == (algo, precision)]
+    for ax, (algo, precision, setup) in zip(axes[0], panels):
+        cases = [r for r in rows if (r["algo"], r["precision"], r.get("setup", "single")) == (algo, precision, setup)]
         for x, r in enumerate(cases):
             if all(key in r for key, _ in PHASES):
                 bottom = 0.0
@@ -35,7 +35,8 @@ def plot_phases(rows: list[dict], out: Path) -> None:
             else:
                 ax.bar(x, r["step_s"], color="0.55", label="whole step (no split)")
         ax.set_xticks(range(len(cases)), [r["provider"] for r in cases], rotation=30, ha="right")
-        ax.set(title=f"{algo}, {precision}", ylabel="s per step")
+        title = f"{algo}, {precision}" + ("" if setup == "single" else f", {setup}")
+        ax.set(title=title, ylabel="s per step")
         ax.grid(True, axis="y", alpha=0.3)
     handles = {h.get_label(): h for ax in axes[0] for h in ax.containers}
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), frameon=False)
@@ -43,8 +44,8 @@ def plot_phases(rows: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
-def plot(data: dict, out_dir: Path) -> list[Path]:
-    """The phase plot of the RLHF benchmark's JSON, into out_dir."""
-    out = out_dir / "rlhf_phases.png"
+def plot(data: dict, out_dir: Path, name: str = "rlhf_phases.png") -> list[Path]:
+    """The phase plot of the RLHF benchmark's JSON, into out_dir/name."""
+    out = out_dir / name
     plot_phases([b["extra_info"] for b in data["benchmarks"]], out)
     return [out]

@@ -1,8 +1,9 @@
-"""Turn bench/results/rlhf.json (bench/bench_rlhf.py) into the README's RLHF table: ours against TRL (grpo, rloo)
-and against the HF baseline PPO (ppo), and ours with its kernels off (ours-reference).
-The README keeps it between `<!-- bench:rlhf:start -->` and `<!-- bench:rlhf:end -->`. Ratios are against the
-baseline of the same algorithm and precision in the same run: TRL's trainer for grpo and rloo, the HF baseline PPO
-(bench/hf_ppo.py, provider hf) for ppo.
+"""Turn bench/bench_rlhf.py's JSON into the README's RLHF tables. rlhf.json (`<!-- bench:rlhf:start -->`): ours
+against TRL (grpo, rloo) and against the HF baseline PPO (ppo), and ours with its kernels off (ours-reference), in
+one process. rlhf_zero3.json (`<!-- bench:rlhf_zero3:start -->`): our PPO under DeepSpeed ZeRO-3 on two ranks
+against the same with HF generate on the ZeRO-3 module (deepspeed), actor full and LoRA. Ratios are against the
+row's baseline (its `baseline` field: the provider of the same algorithm, precision and setup that is not ours) in
+the same run.
 """
 
 from __future__ import annotations
@@ -10,34 +11,59 @@ from __future__ import annotations
 from hybrid_engine.report.tables import machine_line
 
 BASELINE = {"grpo": "trl", "rloo": "trl", "ppo": "hf"}
-"""The provider each algorithm's ratio is against (bench_rlhf.BASELINE)."""
+"""The baseline of each algorithm in one process, for rows that do not name theirs (older results)."""
 COLOSSAL = ("Colossal-AI is not measured, because its latest release on the index (colossalai 0.5.0) pins "
             "torch<=2.5.1 and transformers==4.51.3 and its ColossalChat code is not in the package, so it cannot "
             "share this environment.")
 
 
-def table(data: dict) -> str:
+def _key(r: dict) -> tuple:
+    return r["algo"], r["precision"], r.get("setup", "single")
+
+
+def _rows(data: dict) -> list[str]:
+    """The table's rows: one per case, with its phase split where reported and its ratio to its baseline."""
     rows = [b["extra_info"] for b in data["benchmarks"]]
-    baselines = {(r["algo"], r["precision"]): r for r in rows if r["provider"] == BASELINE.get(r["algo"])}
-    first = rows[0]
-    s = first["settings"]
-    lines = [machine_line(data["benchmarks"]) + ".",
-             f"Model {first['params_M']}M parameters; {s['prompts']} prompts x {s['generations']} samples per step, "
-             f"{s['completion']} new tokens, {s['steps']} steps (the first not timed); training in fp32 or under bf16 "
-             "autocast, the same on both sides. The ratio is the baseline's step time over the row's: TRL's "
-             "GRPOTrainer / RLOOTrainer for grpo and rloo, the HF baseline PPO (bench/hf_ppo.py: HF generate and "
-             "eager PyTorch; TRL 1.16 has no PPO) for ppo. ours-reference is ours with its kernels off "
-             "(use_backend(\"reference\")). " + COLOSSAL, "",
-             "| algo | precision | provider | step s | samples/s | generated tokens/s | peak RSS MB | reward, first -> "
-             "last step | vs baseline |", "|---|---|---|---|---|---|---|---|---|"]
+    baselines = {_key(r): r for r in rows if r["provider"] == r.get("baseline", BASELINE.get(r["algo"]))}
+    lines = ["| algo | precision | setup | provider | step s | samples/s | generated tokens/s | peak RSS MB | reward, "
+             "first -> last step | vs baseline |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = baselines.get((r["algo"], r["precision"]))
+        base = baselines.get(_key(r))
         ratio = f"{base['step_s'] / r['step_s']:.2f}x" if base else ""
         phases = ""
         if "generate_s" in r:
             phases = f" (generate {r['generate_s']:.2f}, score {r['experience_s']:.2f}, train {r['train_s']:.2f})"
-        lines.append(f"| {r['algo']} | {r['precision']} | {r['provider']} | {r['step_s']:.2f}{phases} | "
-                     f"{r['samples_per_s']:.1f} | "
-                     f"{r['generated_tokens_per_s']:.0f} | {r['peak_rss_mb']} | {r['rewards'][0]:.3f} -> "
-                     f"{r['rewards'][-1]:.3f} | {ratio} |")
-    return "\n".join(lines)
+        lines.append(f"| {r['algo']} | {r['precision']} | {r.get('setup', 'single')} | {r['provider']} | "
+                     f"{r['step_s']:.2f}{phases} | {r['samples_per_s']:.1f} | {r['generated_tokens_per_s']:.0f} | "
+                     f"{r['peak_rss_mb']} | {r['rewards'][0]:.3f} -> {r['rewards'][-1]:.3f} | {ratio} |")
+    return lines
+
+
+def _settings(data: dict) -> str:
+    first = data["benchmarks"][0]["extra_info"]
+    s = first["settings"]
+    return (f"Model {first['params_M']}M parameters; {s['prompts']} prompts x {s['generations']} samples per step, "
+            f"{s['completion']} new tokens, {s['steps']} steps (the first not timed)")
+
+
+def table(data: dict) -> str:
+    """rlhf.json's table: every system in one process."""
+    return "\n".join([
+        machine_line(data["benchmarks"]) + ".",
+        _settings(data) + "; training in fp32 or under bf16 autocast, the same on both sides. The ratio is the "
+        "baseline's step time over the row's: TRL's GRPOTrainer / RLOOTrainer for grpo and rloo, the HF baseline "
+        "PPO (bench/hf_ppo.py: HF generate and eager PyTorch; TRL 1.16 has no PPO) for ppo. ours-reference is ours "
+        "with its kernels off (use_backend(\"reference\")). " + COLOSSAL, "", *_rows(data)])
+
+
+def zero3_table(data: dict) -> str:
+    """rlhf_zero3.json's table: our PPO against DeepSpeed without a hybrid engine, two ranks under ZeRO-3."""
+    return "\n".join([
+        machine_line(data["benchmarks"]) + ".",
+        _settings(data) + ", across 2 torchrun ranks (gloo, one thread each; each rank takes half the prompts) "
+        "under DeepSpeed ZeRO-3, fp32. Both sides run the same train_ppo: the actor and critic train under ZeRO-3 "
+        "and score alike; only the actor's generation differs. deepspeed generates with HF generate on the ZeRO-3 "
+        "module, its hooks fetching the partitioned weights at every step (with LoRA, peft's adapters unmerged: "
+        "bench/ds_generate.py); ours switches the engine into its generation mode. zero3-lora puts peft LoRA (r "
+        "16, q_proj and v_proj) on the actor. Peak RSS is both ranks' together. The ratio is deepspeed's step time "
+        "over the row's.", "", *_rows(data)])

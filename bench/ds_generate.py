@@ -1,0 +1,58 @@
+"""DeepSpeed without a hybrid engine (issue 13's baseline): a HybridEngine whose generate() is HF `generate` on the
+DeepSpeed module itself (ZeRO-3 hooks fetch every partitioned weight at every decode step; with LoRA, peft's
+unmerged adapters run too), everything else unchanged. train_ppo given this actor does the same scoring and
+training as with ours, so a step-time ratio is what the engine's generation mode buys a DeepSpeed user.
+
+It returns hybrid_engine's GenerationOutput: the sampled tokens, their log-probs at the sampling temperature (from
+the logits HF returns, the old log-probs PPO uses), and the response mask (1 up to and including the first eos).
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from hybrid_engine import HybridEngine
+from hybrid_engine.generation import GenerationOutput
+
+
+def response_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """int64 [B, n]: 1 for each generated token up to and including the first eos, 0 after."""
+    after_eos = (tokens == eos_token_id).long().cumsum(1) - (tokens == eos_token_id).long()
+    return (after_eos == 0).long()
+
+
+def sampled_logprobs(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """fp32 [B, n]: log-softmax(logits / temperature) at each sampled token, 0 where masked out."""
+    stacked = torch.stack(logits, 1).float() / temperature  # [B, n, V]
+    picked = torch.log_softmax(stacked, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked * mask
+
+
+class HFGenerateEngine(HybridEngine):
+    """A HybridEngine that generates with HF `generate` on its (DeepSpeed, maybe peft) module."""
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int, do_sample: bool = True, temperature: float = 1.0, eos_token_id: int,
+                 pad_token_id: int, **unused) -> GenerationOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        config = transformers.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                               temperature=temperature, top_k=0, top_p=1.0,
+                                               eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                               return_dict_in_generate=True, output_logits=True)
+        module = self.module
+        was_training = module.training
+        module.eval()
+        try:
+            out = module.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                  synced_gpus=torch.distributed.is_initialized())
+        finally:
+            module.train(was_training)
+        tokens = out.sequences[:, input_ids.shape[1]:]
+        mask = response_mask(tokens, eos_token_id)
+        self.stats.generated_tokens += int(mask.sum())
+        return GenerationOutput(sequences=out.sequences, logprobs=sampled_logprobs(out.logits, tokens, temperature,
+                                                                                   mask), response_mask=mask)
