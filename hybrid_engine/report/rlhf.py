@@ -39,31 +39,29 @@ def _rows(data: dict) -> list[str]:
     return lines
 
 
-def _settings(data: dict) -> str:
+def _table(data: dict, how: str) -> str:
+    """The machine, the settings followed by `how` (what the table compares), and the rows."""
     first = data["benchmarks"][0]["extra_info"]
     s = first["settings"]
-    return (f"Model {first['params_M']}M parameters; {s['prompts']} prompts x {s['generations']} samples per step, "
-            f"{s['completion']} new tokens, {s['steps']} steps (the first not timed)")
+    settings = (f"Model {first['params_M']}M parameters; {s['prompts']} prompts x {s['generations']} samples per "
+                f"step, {s['completion']} new tokens, {s['steps']} steps (the first not timed)")
+    return "\n".join([machine_line(data["benchmarks"]) + ".", settings + how, "", *_rows(data)])
 
 
 def table(data: dict) -> str:
     """rlhf.json's table: every system in one process."""
-    return "\n".join([
-        machine_line(data["benchmarks"]) + ".",
-        _settings(data) + "; training in fp32 or under bf16 autocast, the same on both sides. The ratio is the "
-        "baseline's step time over the row's: TRL's GRPOTrainer / RLOOTrainer for grpo and rloo, the HF baseline "
-        "PPO (bench/hf_ppo.py: HF generate and eager PyTorch; TRL 1.16 has no PPO) for ppo. ours-reference is ours "
-        "with its kernels off (use_backend(\"reference\")). " + COLOSSAL, "", *_rows(data)])
+    return _table(data, "; training in fp32 or under bf16 autocast, the same on both sides. The ratio is the "
+                  "baseline's step time over the row's: TRL's GRPOTrainer / RLOOTrainer for grpo and rloo, the HF "
+                  "baseline PPO (bench/hf_ppo.py: HF generate and eager PyTorch; TRL 1.16 has no PPO) for ppo. "
+                  "ours-reference is ours with its kernels off (use_backend(\"reference\")). " + COLOSSAL)
 
 
 def zero3_table(data: dict) -> str:
     """rlhf_zero3.json's table: our PPO against DeepSpeed without a hybrid engine, two ranks under ZeRO-3."""
-    return "\n".join([
-        machine_line(data["benchmarks"]) + ".",
-        _settings(data) + ", across 2 torchrun ranks (gloo, one thread each; each rank takes half the prompts) "
-        "under DeepSpeed ZeRO-3, fp32. Both sides run the same train_ppo: the actor and critic train under ZeRO-3 "
-        "and score alike; only the actor's generation differs. deepspeed generates with HF generate on the ZeRO-3 "
-        "module, its hooks fetching the partitioned weights at every step (with LoRA, peft's adapters unmerged: "
-        "bench/ds_generate.py); ours switches the engine into its generation mode. zero3-lora puts peft LoRA (r "
-        "16, q_proj and v_proj) on the actor. Peak RSS is both ranks' together. The ratio is deepspeed's step time "
-        "over the row's.", "", *_rows(data)])
+    return _table(data, ", across 2 torchrun ranks (gloo, one thread each; each rank takes half the prompts) under "
+                  "DeepSpeed ZeRO-3, fp32. Both sides run the same train_ppo: the actor and critic train under "
+                  "ZeRO-3 and score alike; only the actor's generation differs. deepspeed generates with HF generate "
+                  "on the ZeRO-3 module, its hooks fetching the partitioned weights at every step (with LoRA, peft's "
+                  "adapters unmerged: bench/ds_generate.py); ours switches the engine into its generation mode. "
+                  "zero3-lora puts peft LoRA (r 16, q_proj and v_proj) on the actor. Peak RSS is both ranks' "
+                  "together. The ratio is deepspeed's step time over the row's.")
