@@ -38,7 +38,7 @@ def plot_phases(rows: list[dict], out: Path) -> None:
         title = f"{algo}, {precision}" + ("" if setup == "single" else f", {setup}")
         ax.set(title=title, ylabel="s per step")
         ax.grid(True, axis="y", alpha=0.3)
-    handles = {h.get_label(): h for ax in axes[0] for h in ax.containers}
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.containers if not h.get_label().startswith("_")}
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(out, dpi=110)
