@@ -77,8 +77,11 @@ def shared_tmpdir() -> str:
 
 
 def live_tensor_bytes() -> int:
+    """Bytes of the CPU tensors still reachable; garbage in reference cycles is collected first, else a collection
+    that happens to run inside generation mode makes the mode look as if it freed memory."""
     import gc
 
+    gc.collect()
     seen = {}
     for obj in gc.get_objects():
         if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type == "cpu":

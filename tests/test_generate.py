@@ -83,7 +83,9 @@ def test_logprobs_match_hf_log_softmax(family, temperature):
     T = ids.shape[1]
     logits = hf_logits(model, out.sequences, mask, out.response_mask)[:, T - 1 : -1] / temperature
     expected = torch.log_softmax(logits, -1).gather(2, out.sequences[:, T:, None])[..., 0] * out.response_mask
-    torch.testing.assert_close(out.logprobs, expected, atol=1e-5, rtol=0)
+    # rtol: fp32 log-probs of -4 to -8 carry ~1e-6 relative error, their hidden states summed in another order by
+    # each build's kernels (AVX2: 1.0e-5 and 1.7e-5 absolute seen on a Zen 1 EPYC; AVX-512 within 1e-5)
+    torch.testing.assert_close(out.logprobs, expected, atol=1e-5, rtol=1e-5)
 
 
 KV_BF16_MAX_NATS = 0.05
