@@ -21,8 +21,13 @@ bench report --only rlhf --readme README.md` makes the README table and bench/rl
 baseline at the same algorithm, precision and setup in the same run: TRL for grpo and rloo, hf for ppo in one
 process, deepspeed under ZeRO-3.
 
-    pytest bench/bench_rlhf.py --benchmark-only --benchmark-json=bench/results/rlhf.json   # ~15-20 minutes
+    pytest bench/bench_rlhf.py --benchmark-only -k "rlhf_step and not zero3" --benchmark-json=bench/results/rlhf.json
     pytest bench/bench_rlhf.py --benchmark-only -k zero3 --benchmark-json=bench/results/rlhf_zero3.json   # 17 minutes
+    pytest bench/bench_rlhf.py --benchmark-only -k scaling --benchmark-json=bench/results/rlhf_scaling.json
+
+The scaling runs (test_rlhf_scaling) time ours against each algorithm's baseline over model size (SIZES: ~10M,
+~50M, ~125M parameters) at 32 new tokens, and over response length (LENGTHS, up to 512 new tokens) at ~10M,
+in fp32 with one round of 3 steps each.
 
 Only the selected cases run (-k). (The estimate scales the 8 minutes of the 12 grpo/rloo cases to the 22
 single-process cases; it was not timed.)
@@ -57,6 +62,17 @@ PRECISIONS = {"single": ["fp32", "bf16"], "zero3": ["fp32"], "zero3-lora": ["fp3
 """bf16 autocast only in one process: it runs ~3x slower than fp32 on CPUs without bf16 units."""
 CASES = [(a, p, setup, v) for (a, setup), providers in PROVIDERS.items() for p in PRECISIONS[setup] for v in providers]
 ROUNDS = 2
+SIZES = {"10M": (384, 6), "50M": (512, 16), "125M": (768, 18)}
+"""The scaling runs' model sizes: (hidden, layers) of the demo Llama over the demo tokenizer's 246 tokens."""
+PAIRS = {"grpo": ["ours", "trl"], "rloo": ["ours", "trl"], "ppo": ["ours", "hf"]}
+"""Each algorithm's pair in the scaling runs: ours and its baseline in one process."""
+LENGTHS = [32, 128, 512]
+"""The scaling runs' response lengths (max new tokens; a response also ends at eos), at the smallest model."""
+SCALING = ([(a, v, size, LENGTHS[0]) for size in SIZES for a, pair in PAIRS.items() for v in pair]
+           + [(a, v, "10M", n) for n in LENGTHS[1:] for a in ("grpo", "ppo") for v in PAIRS[a]])
+"""(algo, provider, size, max new tokens) of every scaling run: fp32, 3 steps, one round (a 125M step takes ~10-40
+s)."""
+SCALING_STEPS = 3
 
 
 def baseline(algo: str, setup: str) -> str:
@@ -70,7 +86,8 @@ def _figures(result: dict) -> dict:
     samples = result["settings"]["prompts"] * result["settings"]["generations"]
     tokens = statistics.median(s["completion_tokens"] for s in steps)
     out = {"step_s": round(step_s, 4), "samples_per_s": round(samples / step_s, 2),
-           "generated_tokens_per_s": round(tokens / step_s, 1), "peak_rss_mb": round(result["peak_rss_mb"]),
+           "generated_tokens_per_s": round(tokens / step_s, 1), "mean_response_tokens": round(tokens / samples, 1),
+           "peak_rss_mb": round(result["peak_rss_mb"]),
            "params_M": round(result["params"] / 1e6, 2), "ranks": result.get("ranks", 1),
            "rewards": [round(s["reward"], 4) for s in result["steps"]]}
     for phase in ("generate_s", "experience_s", "train_s"):
@@ -85,8 +102,8 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _run_case(algo: str, precision: str, setup: str, provider: str, out: Path) -> dict:
-    args = [str(WORKER), provider, algo, str(out), "--beta", str(BETA[algo]), *SETUPS[setup]]
+def _run_case(algo: str, precision: str, setup: str, provider: str, out: Path, extra: tuple = ()) -> dict:
+    args = [str(WORKER), provider, algo, str(out), "--beta", str(BETA[algo]), *SETUPS[setup], *extra]
     if precision == "bf16":
         args.append("--bf16")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -105,16 +122,49 @@ def _run_case(algo: str, precision: str, setup: str, provider: str, out: Path) -
 def rounds(request, tmp_path_factory, machine) -> dict:
     """Every selected case run ROUNDS times, the rounds interleaved (round 1 of every case, then round 2), so that
     slow spells of a shared machine fall on every provider alike; {case: [result of each round]}."""
-    have_trl = importlib.util.find_spec("trl") is not None
-    selected = {tuple(item.callspec.params[k] for k in ("algo", "precision", "setup", "provider"))
-                for item in request.session.items if getattr(item, "originalname", "") == "test_rlhf_step"}
-    cases = [case for case in CASES if case in selected and (have_trl or not case[3].startswith("trl"))]
+    cases = _selected(request, "test_rlhf_step", ("algo", "precision", "setup", "provider"), CASES)
     out = tmp_path_factory.mktemp("rlhf")
     results: dict = {case: [] for case in cases}
     for r in range(ROUNDS):
         for case in cases:
             results[case].append(_run_case(*case, out / f"{'-'.join(case)}-{r}.json"))
     return results
+
+
+def _selected(request, test: str, params: tuple, cases: list) -> list:
+    """The cases of `test` that this session runs (-k), in the order of `cases`, less TRL's where trl is missing."""
+    have_trl = importlib.util.find_spec("trl") is not None
+    chosen = {tuple(item.callspec.params[k] for k in params)
+              for item in request.session.items if getattr(item, "originalname", "") == test}
+    return [c for c in cases if c in chosen and (have_trl or "trl" not in c)]
+
+
+@pytest.fixture(scope="session")
+def scaling_runs(request, tmp_path_factory, machine) -> dict:
+    """Every selected scaling run, once: {(algo, provider, size, length): result}."""
+    out = tmp_path_factory.mktemp("rlhf-scaling")
+    runs = {}
+    for algo, provider, size, length in _selected(request, "test_rlhf_scaling", ("algo", "provider", "size",
+                                                                                 "length"), SCALING):
+        hidden, layers = SIZES[size]
+        extra = ("--hidden", str(hidden), "--layers", str(layers), "--completion", str(length),
+                 "--steps", str(SCALING_STEPS))
+        runs[(algo, provider, size, length)] = _run_case(algo, "fp32", "single", provider,
+                                                         out / f"{algo}-{provider}-{size}-{length}.json", extra)
+    return runs
+
+
+@pytest.mark.parametrize("algo,provider,size,length", SCALING)
+def test_rlhf_scaling(benchmark, algo, provider, size, length, machine, scaling_runs):
+    """How each system's step grows with the model (10M to 125M parameters) and the response length (32 to 512
+    new tokens): ours against the baseline of the algorithm, in one process, fp32."""
+    if (algo, provider, size, length) not in scaling_runs:
+        pytest.skip("trl is not installed (pip install -e '.[dev]')")
+    result = scaling_runs[(algo, provider, size, length)]
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are the worker's, below
+    benchmark.extra_info.update(provider=provider, algo=algo, precision="fp32", setup="single", size=size,
+                                completion=length, baseline=PAIRS[algo][1], **machine, settings=result["settings"],
+                                rounds=1, **_figures(result))
 
 
 @pytest.mark.parametrize("algo,precision,setup,provider", CASES)

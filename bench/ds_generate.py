@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import torch
 import transformers
+from hf_ppo import response_mask  # the HF baseline's mask: both HF-generate actors cut responses alike
 
 from hybrid_engine import HybridEngine
 from hybrid_engine.generation import GenerationOutput
-
-
-def response_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """int64 [B, n]: 1 for each generated token up to and including the first eos, 0 after."""
-    after_eos = (tokens == eos_token_id).long().cumsum(1) - (tokens == eos_token_id).long()
-    return (after_eos == 0).long()
 
 
 def sampled_logprobs(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float,

@@ -124,6 +124,12 @@ def token_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor,
 # -- 1. generate ------------------------------------------------------------------------------------------------
 
 
+def response_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """int64 [B, n]: 1 for each generated token up to and including the first eos, 0 after."""
+    eos = (tokens == eos_token_id).long()
+    return ((eos.cumsum(1) - eos) == 0).long()  # no eos before this token
+
+
 @torch.no_grad()
 def generate(actor, tokenizer, prompts: list[str], config: HFPPOConfig) -> dict:
     """num_generations samples of every prompt (consecutive): sequences, attention_mask (B, P + R), start = P and
@@ -136,8 +142,7 @@ def generate(actor, tokenizer, prompts: list[str], config: HFPPOConfig) -> dict:
                                max_new_tokens=config.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                pad_token_id=tokenizer.pad_token_id)  # (B, P + R)
     start = inputs["input_ids"].shape[1]
-    eos = (sequences[:, start:] == tokenizer.eos_token_id).long()  # (B, R)
-    mask = ((eos.cumsum(1) - eos) == 0).float()  # no EOS before this token
+    mask = response_mask(sequences[:, start:], tokenizer.eos_token_id).float()  # (B, R)
     attention_mask = torch.cat([inputs["attention_mask"], mask.long()], 1)
     return {"sequences": sequences, "attention_mask": attention_mask, "start": start, "mask": mask}
 

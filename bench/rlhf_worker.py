@@ -41,7 +41,7 @@ def build_model(directory: Path, hidden: int, layers: int, seed: int) -> int:
     config = transformers.LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
         num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 64, 1),
-        max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+        max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config)

@@ -1,16 +1,11 @@
 """bench/ds_generate.py, bench_rlhf.py's DeepSpeed-without-a-hybrid-engine actor: HF generate's output in
 hybrid_engine's GenerationOutput form, its log-probs the actor's own, its mask cut after the first eos."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 from demo_models import demo_llama, tokenizer
+from helpers import bench_module
 
-_spec = importlib.util.spec_from_file_location("ds_generate", Path(__file__).parents[1] / "bench" / "ds_generate.py")
-ds_generate = sys.modules.setdefault("ds_generate", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(ds_generate)
+ds_generate = bench_module("ds_generate")
 
 
 def test_response_mask_keeps_the_first_eos_and_nothing_after():

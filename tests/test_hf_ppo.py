@@ -2,12 +2,11 @@
 the gae op's reference), and one step trains both of its models."""
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
 import transformers
+from helpers import bench_module
 
 from hybrid_engine.ops import gae_reference
 from hybrid_engine.rlhf import PPOConfig, losses
@@ -17,9 +16,7 @@ from hybrid_engine.rlhf.ppo_models import build_models
 from hybrid_engine.rlhf.ppo_phases import optimise
 from hybrid_engine.rlhf.reward import RewardModel
 
-_spec = importlib.util.spec_from_file_location("hf_ppo", Path(__file__).parents[1] / "bench" / "hf_ppo.py")
-hf_ppo = sys.modules.setdefault("hf_ppo", importlib.util.module_from_spec(_spec))  # dataclasses look it up there
-_spec.loader.exec_module(hf_ppo)
+hf_ppo = bench_module("hf_ppo")
 
 
 def _case(B: int = 5, R: int = 11):

@@ -11,6 +11,7 @@ markers) and, for some, plots:
 | engine.json | bench/bench_engine.py | engine | |
 | rlhf.json | bench/bench_rlhf.py | rlhf | rlhf_phases.png |
 | rlhf_zero3.json | bench/bench_rlhf.py -k zero3 | rlhf_zero3 | rlhf_zero3_phases.png |
+| rlhf_scaling.json | bench/bench_rlhf.py -k scaling | rlhf_scaling | rlhf_scaling.png |
 | train_summary.json | hybrid-engine train (its summary.json) | train | |
 """
 
@@ -29,6 +30,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "engine": ("engine", engine.tables),
     "rlhf": ("rlhf", rlhf.table),
     "rlhf_zero3": ("rlhf_zero3", rlhf.zero3_table),
+    "rlhf_scaling": ("rlhf_scaling", rlhf.scaling_table),
     "train_summary": ("train", train.table),
 }
 """JSON file stem -> (README marker, table function)."""
@@ -43,6 +45,10 @@ def _plots(stem: str) -> Callable[[dict, Path], list[Path]] | None:
         from hybrid_engine.report import plot_rlhf
 
         return lambda data, out_dir: plot_rlhf.plot(data, out_dir, f"{stem}_phases.png")
+    if stem == "rlhf_scaling":
+        from hybrid_engine.report import plot_rlhf
+
+        return plot_rlhf.plot_scaling
     return None
 
 

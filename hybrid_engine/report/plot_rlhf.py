@@ -1,5 +1,6 @@
-"""The RLHF benchmark's step time by phase, stacked, per system (bench/bench_rlhf.py's pytest-benchmark JSON).
-plot() writes bench/rlhf_phases.png.
+"""The RLHF benchmark's plots (bench/bench_rlhf.py's pytest-benchmark JSON): step time by phase, stacked, per system
+(plot(): bench/rlhf_phases.png, bench/rlhf_zero3_phases.png), and the scaling runs' samples/s against model size and
+step time against response length (plot_scaling(): bench/rlhf_scaling.png).
 
 One panel per algorithm and precision; a bar per provider: generation, experience (reference, reward and critic
 scoring) and training, where the provider reports them (ours, ours-reference, hf), else the whole step (TRL
@@ -14,16 +15,21 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 PHASES = [("generate_s", "generation"), ("experience_s", "experience"), ("train_s", "training")]
 
 
+def _panel(r: dict) -> tuple:
+    return r["algo"], r["precision"], r.get("setup", "single")
+
+
 def plot_phases(rows: list[dict], out: Path) -> None:
-    panels = list(dict.fromkeys((r["algo"], r["precision"], r.get("setup", "single")) for r in rows))
+    panels = list(dict.fromkeys(_panel(r) for r in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), squeeze=False)
     colors = {label: f"C{i}" for i, (_, label) in enumerate(PHASES)}
     for ax, (algo, precision, setup) in zip(axes[0], panels):
-        cases = [r for r in rows if (r["algo"], r["precision"], r.get("setup", "single")) == (algo, precision, setup)]
+        cases = [r for r in rows if _panel(r) == (algo, precision, setup)]
         for x, r in enumerate(cases):
             if all(key in r for key, _ in PHASES):
                 bottom = 0.0
@@ -48,4 +54,38 @@ def plot(data: dict, out_dir: Path, name: str = "rlhf_phases.png") -> list[Path]
     """The phase plot of the RLHF benchmark's JSON, into out_dir/name."""
     out = out_dir / name
     plot_phases([b["extra_info"] for b in data["benchmarks"]], out)
+    return [out]
+
+
+def plot_scaling(data: dict, out_dir: Path, name: str = "rlhf_scaling.png") -> list[Path]:
+    """Two panels, a line per algorithm and provider: samples/s against parameters (at the shortest responses),
+    and step time against max new tokens (at the smallest model)."""
+    rows = [b["extra_info"] for b in data["benchmarks"]]
+    shortest, smallest = min(r["completion"] for r in rows), min(r["params_M"] for r in rows)
+    fig, (by_size, by_length) = plt.subplots(1, 2, figsize=(10, 4))
+    algos = list(dict.fromkeys(r["algo"] for r in rows))
+    for line in dict.fromkeys((r["algo"], r["provider"]) for r in rows):
+        style = dict(marker="o", color=f"C{algos.index(line[0])}", ls="-" if line[1].startswith("ours") else "--",
+                     label=" ".join(line))
+        mine = [r for r in rows if (r["algo"], r["provider"]) == line]
+        sizes = sorted((r["params_M"], r["samples_per_s"]) for r in mine if r["completion"] == shortest)
+        lengths = sorted((r["completion"], r["step_s"]) for r in mine if r["params_M"] == smallest)
+        by_size.plot(*zip(*sizes), **style)
+        if len(lengths) > 1:
+            by_length.plot(*zip(*lengths), **style)
+    by_size.set(xscale="log", yscale="log", xlabel="parameters (M)", ylabel="samples/s",
+                title=f"samples/s against model size ({shortest} new tokens)")
+    by_length.set(xscale="log", yscale="log", xlabel="max new tokens", ylabel="s per step",
+                  title=f"step time against response length ({smallest}M)")
+    for ax, key in ((by_size, "params_M"), (by_length, "completion")):
+        ticks = sorted({r[key] for r in rows})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+    by_size.legend(fontsize=8)
+    fig.tight_layout()
+    out = out_dir / name
+    fig.savefig(out, dpi=110)
     return [out]

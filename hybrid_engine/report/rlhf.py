@@ -3,7 +3,8 @@ against TRL (grpo, rloo) and against the HF baseline PPO (ppo), and ours with it
 one process. rlhf_zero3.json (`<!-- bench:rlhf_zero3:start -->`): our PPO under DeepSpeed ZeRO-3 on two ranks
 against the same with HF generate on the ZeRO-3 module (deepspeed), actor full and LoRA. Ratios are against the
 row's baseline (its `baseline` field: the provider of the same algorithm, precision and setup that is not ours) in
-the same run.
+the same run. rlhf_scaling.json (`<!-- bench:rlhf_scaling:start -->`): ours against those baselines over model size
+and response length.
 """
 
 from __future__ import annotations
@@ -17,35 +18,47 @@ COLOSSAL = ("Colossal-AI is not measured, because its latest release on the inde
             "share this environment.")
 
 
-def _key(r: dict) -> tuple:
-    return r["algo"], r["precision"], r.get("setup", "single")
+def key(r: dict) -> tuple:
+    """What a row's ratio holds equal: algorithm, precision, setup and, in the scaling runs, model size and response
+    length."""
+    return r["algo"], r["precision"], r.get("setup", "single"), r.get("size"), r.get("completion")
 
 
-def _rows(data: dict) -> list[str]:
-    """The table's rows: one per case, with its phase split where reported and its ratio to its baseline."""
+def ratios(rows: list[dict]) -> list[float | None]:
+    """Each row's speed-up: its baseline's step time over its own (None where the run has no baseline)."""
+    baselines = {key(r): r for r in rows if r["provider"] == r.get("baseline", BASELINE.get(r["algo"]))}
+    return [baselines[key(r)]["step_s"] / r["step_s"] if key(r) in baselines else None for r in rows]
+
+
+def _rows(data: dict, scaling: bool = False) -> list[str]:
+    """The table's rows: one per case, with its phase split where reported and its ratio to its baseline; the
+    scaling runs' rows name their model size and response length instead of the setup."""
     rows = [b["extra_info"] for b in data["benchmarks"]]
-    baselines = {_key(r): r for r in rows if r["provider"] == r.get("baseline", BASELINE.get(r["algo"]))}
-    lines = ["| algo | precision | setup | provider | step s | samples/s | generated tokens/s | peak RSS MB | reward, "
-             "first -> last step | vs baseline |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        base = baselines.get(_key(r))
-        ratio = f"{base['step_s'] / r['step_s']:.2f}x" if base else ""
+    axes = "params M | max new tokens | mean response tokens" if scaling else "precision | setup"
+    lines = [f"| algo | {axes} | provider | step s | samples/s | generated tokens/s | peak RSS MB | reward, "
+             "first -> last step | vs baseline |", "|---|---|---|---|---|---|---|---|---|---|" + "---|" * scaling]
+    for r, ratio in zip(rows, ratios(rows)):
         phases = ""
         if "generate_s" in r:
             phases = f" (generate {r['generate_s']:.2f}, score {r['experience_s']:.2f}, train {r['train_s']:.2f})"
-        lines.append(f"| {r['algo']} | {r['precision']} | {r.get('setup', 'single')} | {r['provider']} | "
+        where = (f"{r['params_M']} | {r['completion']} | {r['mean_response_tokens']:.0f}" if scaling
+                 else f"{r['precision']} | {r.get('setup', 'single')}")
+        lines.append(f"| {r['algo']} | {where} | {r['provider']} | "
                      f"{r['step_s']:.2f}{phases} | {r['samples_per_s']:.1f} | {r['generated_tokens_per_s']:.0f} | "
-                     f"{r['peak_rss_mb']} | {r['rewards'][0]:.3f} -> {r['rewards'][-1]:.3f} | {ratio} |")
+                     f"{r['peak_rss_mb']} | {r['rewards'][0]:.3f} -> {r['rewards'][-1]:.3f} | "
+                     f"{'' if ratio is None else f'{ratio:.2f}x'} |")
     return lines
 
 
-def _table(data: dict, how: str) -> str:
+def _table(data: dict, how: str, scaling: bool = False) -> str:
     """The machine, the settings followed by `how` (what the table compares), and the rows."""
     first = data["benchmarks"][0]["extra_info"]
     s = first["settings"]
-    settings = (f"Model {first['params_M']}M parameters; {s['prompts']} prompts x {s['generations']} samples per "
-                f"step, {s['completion']} new tokens, {s['steps']} steps (the first not timed)")
-    return "\n".join([machine_line(data["benchmarks"]) + ".", settings + how, "", *_rows(data)])
+    model = "" if scaling else f"Model {first['params_M']}M parameters; "
+    length = "" if scaling else f", {s['completion']} new tokens"
+    settings = (f"{model}{s['prompts']} prompts x {s['generations']} samples per step{length}, {s['steps']} steps "
+                "(the first not timed)")
+    return "\n".join([machine_line(data["benchmarks"]) + ".", settings + how, "", *_rows(data, scaling)])
 
 
 def table(data: dict) -> str:
@@ -65,3 +78,11 @@ def zero3_table(data: dict) -> str:
                   "adapters unmerged: bench/ds_generate.py); ours switches the engine into its generation mode. "
                   "zero3-lora puts peft LoRA (r 16, q_proj and v_proj) on the actor. Peak RSS is both ranks' "
                   "together. The ratio is deepspeed's step time over the row's.")
+
+
+def scaling_table(data: dict) -> str:
+    """rlhf_scaling.json's table: ours against each algorithm's baseline over model size and response length."""
+    return _table(data, "; fp32, one process, one round. Model sizes 10M, 50M and 125M parameters (hidden 384 x 6 "
+                  "layers, 512 x 16, 768 x 18, over the demo tokenizer's 246 tokens) at 32 new tokens, and 32 to 512 "
+                  "new tokens at 10M (a response also ends at eos: the mean response column). The ratio is the "
+                  "baseline's step time over the row's: TRL for grpo and rloo, the HF baseline for ppo.", scaling=True)

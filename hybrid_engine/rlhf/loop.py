@@ -111,13 +111,21 @@ class StepConfig:
     training_kernels: bool = True
     """Run the training forward and backward through hybrid_engine's fused ops patched into the HF modules
     (RMSNorm, rotary embedding, the gated MLP's activation; Llama, Qwen2, Mistral); False: HF's own code."""
+    keep_freed_memory: bool = True
+    """Keep freed memory in the process for the next step instead of giving it back (hybrid_engine.allocator:
+    no page faults on each step's large tensors; the resident size stays at its peak); False: malloc's default."""
 
     def __post_init__(self):
         check_common(self)
 
 
-def with_training_kernels(model: torch.nn.Module, config) -> torch.nn.Module:
-    """`model` with the training kernels patched in when config.training_kernels (engine/train_kernels.py)."""
+def prepare_training(model: torch.nn.Module, config) -> torch.nn.Module:
+    """`model` with the training kernels patched in when config.training_kernels (engine/train_kernels.py), and
+    the allocator keeping freed memory when config.keep_freed_memory (hybrid_engine/allocator.py)."""
+    if config.keep_freed_memory:
+        from hybrid_engine.allocator import keep_freed_memory
+
+        keep_freed_memory()
     if config.training_kernels:
         from hybrid_engine.engine.train_kernels import apply_training_kernels
 

@@ -87,7 +87,7 @@ def build_models(actor, reward_model, critic, reference, reward_fn, config: PPOC
         if source is None:
             raise ValueError("PPO's critic starts from the reward model: give a reward model or a critic "
                              "(or use algo grpo or rloo)")
-        critic_model = loop.with_training_kernels(copy.deepcopy(RewardModel.load(source)), config)
+        critic_model = loop.prepare_training(copy.deepcopy(RewardModel.load(source)), config)
         critic_trainer = make_trainer(Critic(critic_model), copy.deepcopy(ds),
                                       None if has_ds_optimizer else _adamw(config.critic_lr, config.weight_decay))
         critic_trainer.train(True)
@@ -100,7 +100,7 @@ def build_models(actor, reward_model, critic, reference, reward_fn, config: PPOC
                               gradient_checkpointing=config.gradient_checkpointing,
                               generation=GenerationSettings(weight_dtype=dtype, kv_dtype=config.generation_kv_dtype),
                               seed=config.seed)
-    loop.with_training_kernels(engine.module, config)
+    loop.prepare_training(engine.module, config)
     return Models(actor=engine, reference=frozen_ref, reward=frozen_rm, critic=critic_trainer,
                   critic_model=critic_model, reward_fn=None if reward_fn is None else load_reward_fn(reward_fn))
 

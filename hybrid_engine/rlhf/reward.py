@@ -298,7 +298,7 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
     pad_id = loop.pad_id_of(tokenizer)  # before any work
     ds_config = loop.training_ds_config(ds_config, config.batch_size, config.max_grad_norm)
     torch.manual_seed(config.seed)
-    model = loop.with_training_kernels(RewardModel.load(model_or_path), config)
+    model = loop.prepare_training(RewardModel.load(model_or_path), config)
     loop.check_vocab(tokenizer, model.config.vocab_size)
     train, stats = tokenize_reward(data.train, tokenizer, config.tokens)
     held_out, _ = tokenize_reward(data.eval, tokenizer, config.tokens)

@@ -128,7 +128,7 @@ def _engine(model, config: SFTConfig, ds_config, lora) -> HybridEngine:
         if ds_config is not None or lora is not None or config.gradient_checkpointing:
             raise ValueError("model is already a HybridEngine: give ds_config, lora and gradient_checkpointing "
                              "when building it, not to train_sft")
-        loop.with_training_kernels(model.module, config)
+        loop.prepare_training(model.module, config)
         return model
     ds_config = loop.training_ds_config(ds_config, config.batch_size, config.max_grad_norm)
     has_ds_optimizer = ds_config is not None and "optimizer" in ds_config
@@ -138,7 +138,7 @@ def _engine(model, config: SFTConfig, ds_config, lora) -> HybridEngine:
 
     engine = HybridEngine(model, ds_config=ds_config, lora=lora, optimizer=None if has_ds_optimizer else adamw,
                           gradient_checkpointing=config.gradient_checkpointing, seed=config.seed)
-    loop.with_training_kernels(engine.module, config)
+    loop.prepare_training(engine.module, config)
     return engine
 
 
