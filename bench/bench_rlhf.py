@@ -23,7 +23,7 @@ process, deepspeed under ZeRO-3.
 
     pytest bench/bench_rlhf.py --benchmark-only -k "rlhf_step and not zero3" --benchmark-json=bench/results/rlhf.json
     pytest bench/bench_rlhf.py --benchmark-only -k zero3 --benchmark-json=bench/results/rlhf_zero3.json   # 17 minutes
-    pytest bench/bench_rlhf.py --benchmark-only -k scaling --benchmark-json=bench/results/rlhf_scaling.json
+    pytest bench/bench_rlhf.py --benchmark-only -k scaling --benchmark-json=bench/results/rlhf_scaling.json   # 24 min
 
 The scaling runs (test_rlhf_scaling) time ours against each algorithm's baseline over model size (SIZES: ~10M,
 ~50M, ~125M parameters) at 32 new tokens, and over response length (LENGTHS, up to 512 new tokens) at ~10M,
