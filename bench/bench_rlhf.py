@@ -24,10 +24,12 @@ process, deepspeed under ZeRO-3.
     pytest bench/bench_rlhf.py --benchmark-only -k "rlhf_step and not zero3" --benchmark-json=bench/results/rlhf.json
     pytest bench/bench_rlhf.py --benchmark-only -k zero3 --benchmark-json=bench/results/rlhf_zero3.json   # 17 minutes
     pytest bench/bench_rlhf.py --benchmark-only -k scaling --benchmark-json=bench/results/rlhf_scaling.json   # 24 min
+    pytest bench/bench_rlhf.py --benchmark-only -k curve --benchmark-json=bench/results/rlhf_curves.json
 
 The scaling runs (test_rlhf_scaling) time ours against each algorithm's baseline over model size (SIZES: ~10M,
 ~50M, ~125M parameters) at 32 new tokens, and over response length (LENGTHS, up to 512 new tokens) at ~10M,
-in fp32 with one round of 3 steps each.
+in fp32 with one round of 3 steps each. The reward-curve runs (test_rlhf_curve) run each algorithm's pair for
+CURVE_STEPS steps at CURVE_LR, in fp32, one round, and record the reward at every step.
 
 Only the selected cases run (-k). (The estimate scales the 8 minutes of the 12 grpo/rloo cases to the 22
 single-process cases; it was not timed.)
@@ -45,6 +47,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import measure_roofline
+from rlhf_roofline import phase_work, roofline_fractions
 
 WORKER = Path(__file__).with_name("rlhf_worker.py")
 SETUPS = {"single": [], "zero3": ["--zero3"], "zero3-lora": ["--zero3", "--lora"]}
@@ -73,6 +77,27 @@ SCALING = ([(a, v, size, LENGTHS[0]) for size in SIZES for a, pair in PAIRS.item
 """(algo, provider, size, max new tokens) of every scaling run: fp32, 3 steps, one round (a 125M step takes ~10-40
 s)."""
 SCALING_STEPS = 3
+CURVE_STEPS = 40
+CURVE_LR = 1e-4
+"""The reward-curve runs (test_rlhf_curve): each algorithm's pair at the default ~10M model, fp32, CURVE_STEPS
+steps at CURVE_LR (DeepSpeed-Chat's ~1e-5 barely moves a random model's reward in 40 steps), so that equal
+learning is seen over a curve and not only in a step's reward."""
+CURVES = [(a, v) for a, pair in PAIRS.items() for v in pair]
+
+
+ROOFLINES: list = []
+"""The roofline measured again after every case (harness.measure_roofline): a shared VM's slow spells lower some
+measurements by a third, and the run's roofline is the best of them all (best_roofline)."""
+
+
+def best_roofline(machine: dict) -> dict:
+    """The machine's figures with the roofline fields replaced by the best of this run's measurements: the session's
+    first (machine) and one after every case."""
+    fields = {"read_GBps": ("read_bytes_per_s", 1e9), "matmul_GFLOPps": ("flops_per_s", 1e9),
+              "matmul_bf16_GFLOPps": ("bf16_flops_per_s", 1e9)}
+    best = {k: max([machine[k]] + [round(getattr(r, attr) / scale, 2) for r in ROOFLINES])
+            for k, (attr, scale) in fields.items()}
+    return {**machine, **best, "roofline_measurements": 1 + len(ROOFLINES)}
 
 
 def baseline(algo: str, setup: str) -> str:
@@ -80,7 +105,7 @@ def baseline(algo: str, setup: str) -> str:
     return next(v for v in PROVIDERS[(algo, setup)] if v in BASELINE)
 
 
-def _figures(result: dict) -> dict:
+def _figures(result: dict, machine: dict) -> dict:
     steps = result["steps"][1:] or result["steps"]  # the first step warms up (JIT, allocator, caches)
     step_s = statistics.median(s["time_s"] for s in steps)
     samples = result["settings"]["prompts"] * result["settings"]["generations"]
@@ -93,7 +118,22 @@ def _figures(result: dict) -> dict:
     for phase in ("generate_s", "experience_s", "train_s"):
         if phase in steps[0]:
             out[phase] = round(statistics.median(s[phase] for s in steps), 4)
+    if "shape" in result:
+        out.update(_roofline(result, out, machine))
     return out
+
+
+def _roofline(result: dict, figures: dict, machine: dict) -> dict:
+    """Each phase's and the step's fraction of its roofline (rlhf_roofline.py), against the read bandwidth and
+    matmul rate of this run (machine: best_roofline's): fp32's, or under bf16 autocast bf16's for scoring and
+    training (the passes an algorithm may run in bf16 there; generation reads the fp32 weights)."""
+    settings = result["settings"]
+    work = phase_work(result["shape"], settings["algo"], settings["prompts"] * settings["generations"],
+                      figures["mean_response_tokens"])
+    times = {p: figures.get(f"{p}_s") for p in work} | {"step": figures["step_s"]}
+    rate = machine["matmul_GFLOPps"] * 1e9
+    autocast = machine["matmul_bf16_GFLOPps"] * 1e9 if settings["bf16"] else rate
+    return roofline_fractions(times, work, machine["read_GBps"] * 1e9, rate, autocast)
 
 
 def _port() -> int:
@@ -115,6 +155,7 @@ def _run_case(algo: str, precision: str, setup: str, provider: str, out: Path, e
     proc = subprocess.run(launcher + args, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{algo} {precision} {setup} {provider} failed:\n{proc.stderr[-6000:]}")
+    ROOFLINES.append(measure_roofline())
     return json.loads(out.read_text())
 
 
@@ -154,27 +195,49 @@ def scaling_runs(request, tmp_path_factory, machine) -> dict:
     return runs
 
 
+@pytest.fixture(scope="session")
+def curve_runs(request, tmp_path_factory, machine) -> dict:
+    """Every selected reward-curve run, once: {(algo, provider): result}."""
+    out = tmp_path_factory.mktemp("rlhf-curves")
+    extra = ("--steps", str(CURVE_STEPS), "--lr", str(CURVE_LR))
+    return {(algo, provider): _run_case(algo, "fp32", "single", provider, out / f"{algo}-{provider}.json", extra)
+            for algo, provider in _selected(request, "test_rlhf_curve", ("algo", "provider"), CURVES)}
+
+
+@pytest.mark.parametrize("algo,provider", CURVES)
+def test_rlhf_curve(benchmark, algo, provider, machine, curve_runs):
+    """Equal learning: the reward at every one of CURVE_STEPS steps, ours against the baseline of the algorithm, with
+    the same settings, model and learning rate (one process, fp32)."""
+    if (algo, provider) not in curve_runs:
+        pytest.skip("trl is not installed (pip install -e '.[dev]')")
+    result, machine = curve_runs[(algo, provider)], best_roofline(machine)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are the worker's, below
+    benchmark.extra_info.update(provider=provider, algo=algo, precision="fp32", setup="single",
+                                baseline=PAIRS[algo][1], **machine, settings=result["settings"], rounds=1,
+                                **_figures(result, machine))
+
+
 @pytest.mark.parametrize("algo,provider,size,length", SCALING)
 def test_rlhf_scaling(benchmark, algo, provider, size, length, machine, scaling_runs):
     """How each system's step grows with the model (10M to 125M parameters) and the response length (32 to 512
     new tokens): ours against the baseline of the algorithm, in one process, fp32."""
     if (algo, provider, size, length) not in scaling_runs:
         pytest.skip("trl is not installed (pip install -e '.[dev]')")
-    result = scaling_runs[(algo, provider, size, length)]
+    result, machine = scaling_runs[(algo, provider, size, length)], best_roofline(machine)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are the worker's, below
     benchmark.extra_info.update(provider=provider, algo=algo, precision="fp32", setup="single", size=size,
                                 completion=length, baseline=PAIRS[algo][1], **machine, settings=result["settings"],
-                                rounds=1, **_figures(result))
+                                rounds=1, **_figures(result, machine))
 
 
 @pytest.mark.parametrize("algo,precision,setup,provider", CASES)
 def test_rlhf_step(benchmark, algo, precision, setup, provider, machine, rounds):
     if (algo, precision, setup, provider) not in rounds:
         pytest.skip("trl is not installed (pip install -e '.[dev]')")
-    runs = rounds[(algo, precision, setup, provider)]
-    best = min(runs, key=lambda r: _figures(r)["step_s"])  # best of the interleaved rounds
+    runs, machine = rounds[(algo, precision, setup, provider)], best_roofline(machine)
+    best = min(runs, key=lambda r: _figures(r, machine)["step_s"])  # best of the interleaved rounds
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are the worker's, below
     benchmark.extra_info.update(provider=provider, algo=algo, precision=precision, setup=setup,
                                 baseline=baseline(algo, setup), **machine,
                                 settings=best["settings"], rounds=len(runs),
-                                step_s_rounds=[_figures(r)["step_s"] for r in runs], **_figures(best))
+                                step_s_rounds=[_figures(r, machine)["step_s"] for r in runs], **_figures(best, machine))

@@ -30,6 +30,7 @@ def machine(roofline: Roofline) -> dict:
         "torch": torch.__version__,
         "read_GBps": round(roofline.read_bytes_per_s / 1e9, 2),
         "matmul_GFLOPps": round(roofline.flops_per_s / 1e9, 1),
+        "matmul_bf16_GFLOPps": round(roofline.bf16_flops_per_s / 1e9, 1),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -40,10 +40,12 @@ def median_time(fn: Callable[[], object], warmup: int = 2, repeats: int = 7, min
 @dataclass
 class Roofline:
     """Read bandwidth (bytes/s of sum() over a 256 MiB fp32 tensor) and compute rate (FLOP/s of a
-    1024^3 fp32 matmul), measured once per run on this machine, each the best of several calls."""
+    1024^3 fp32 matmul; bf16_flops_per_s: the same in bf16), measured once per run on this machine, each the best of
+    several calls."""
 
     read_bytes_per_s: float
     flops_per_s: float
+    bf16_flops_per_s: float = 0.0
 
     def time(self, bytes_moved: float, flops: float = 0.0) -> float:
         """The roofline time of a piece of work: the larger of its memory time and compute time."""
@@ -59,7 +61,10 @@ def measure_roofline() -> Roofline:
     a = torch.randn(1024, 1024, device=device)
     b = torch.randn(1024, 1024, device=device)
     mm_s = median_time(lambda: a @ b, repeats=20, min_time=0.5, reduce=min)
-    return Roofline(read_bytes_per_s=256 * 1024 * 1024 / read_s, flops_per_s=2 * 1024**3 / mm_s)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    mm16_s = median_time(lambda: a16 @ b16, repeats=20, min_time=0.5, reduce=min)
+    return Roofline(read_bytes_per_s=256 * 1024 * 1024 / read_s, flops_per_s=2 * 1024**3 / mm_s,
+                    bf16_flops_per_s=2 * 1024**3 / mm16_s)
 
 
 _baselines: dict[str, float] = {}

@@ -34,7 +34,9 @@ import torch
 import transformers
 
 
-def build_model(directory: Path, hidden: int, layers: int, seed: int) -> int:
+def build_model(directory: Path, hidden: int, layers: int, seed: int) -> tuple[int, dict]:
+    """Save the demo Llama to `directory`; its parameter count and its shape for rlhf_roofline.phase_work (the
+    critic: the body's matmuls and a value head instead of the LM head)."""
     from hybrid_engine.rlhf.demo import demo_tokenizer
 
     tok = demo_tokenizer()
@@ -47,7 +49,10 @@ def build_model(directory: Path, hidden: int, layers: int, seed: int) -> int:
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
-    return sum(p.numel() for p in model.parameters())
+    matmuls = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    shape = {"matmul_params": matmuls, "critic_params": matmuls - model.lm_head.weight.numel() + hidden,
+             "layers": layers, "hidden": hidden}
+    return sum(p.numel() for p in model.parameters()), shape
 
 
 def build_critic(model_dir: Path, directory: Path, seed: int) -> None:
@@ -160,6 +165,17 @@ class StepClock(transformers.TrainerCallback):
         self.times.append(time.perf_counter() - self.starts[-1])
 
 
+def timed(fn, times: list):
+    """fn, appending the wall time of every call to `times`."""
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            times.append(time.perf_counter() - t0)
+    return wrapper
+
+
 def run_trl(model_dir: Path, args, patched: bool) -> dict:
     import datasets
     import trl
@@ -182,12 +198,17 @@ def run_trl(model_dir: Path, args, patched: bool) -> dict:
         from hybrid_engine import apply_hybrid_engine
 
         apply_hybrid_engine(trainer.model)
+    # The phase split: TRL's own generation call (HF generate, and the tokenizer around it), and the rest of its
+    # _generate_and_score_completions (rewards, the reference's log-probs, advantages) as experience.
+    generate, experience = [], []
+    trainer._generate = timed(trainer._generate, generate)
+    trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions, experience)
     trainer.train()
     logs = [log for log in trainer.state.log_history if "reward" in log]
     lengths = [log.get("completions/mean_length", float("nan")) for log in logs]
-    return {"steps": [{"time_s": t, "reward": log["reward"],
+    return {"steps": [{"time_s": t, "generate_s": g, "experience_s": e - g, "train_s": t - e, "reward": log["reward"],
                        "completion_tokens": n * args.prompts * args.generations}
-                      for t, log, n in zip(clock.times, logs, lengths)]}
+                      for t, g, e, log, n in zip(clock.times, generate, experience, logs, lengths)]}
 
 
 def main() -> None:
@@ -220,7 +241,8 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:  # alive for the whole run: TRL's RLOO reloads the model from it
         model_dir = Path(tmp) / "model"
-        params = build_model(model_dir, args.hidden, args.layers, seed=0)
+        params, shape = build_model(model_dir, args.hidden, args.layers, seed=0)
+        shape["prompt_tokens"] = mean_prompt_tokens(args.prompts * args.steps)
         critic_dir = None
         if args.algo == "ppo":
             critic_dir = Path(tmp) / "critic"
@@ -232,7 +254,8 @@ def main() -> None:
         t0 = time.perf_counter()
         result = run(args.provider, model_dir, args, critic_dir)
         result.update(wall_s=time.perf_counter() - t0, params=params, threads=torch.get_num_threads(),
-                      peak_rss_mb=peak_rss_mb(), ranks=1, settings={k: v for k, v in vars(args).items() if k != "out"})
+                      peak_rss_mb=peak_rss_mb(), ranks=1, shape=shape,
+                      settings={k: v for k, v in vars(args).items() if k != "out"})
     if args.zero3:
         import torch.distributed as dist
 
@@ -242,6 +265,15 @@ def main() -> None:
         if dist.get_rank() != 0:
             return
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def mean_prompt_tokens(n: int) -> float:
+    """The mean length in tokens of the run's n prompts."""
+    from hybrid_engine.rlhf.demo import demo_tokenizer
+
+    tok = demo_tokenizer()
+    rows = prompts(n)
+    return sum(len(tok(p)["input_ids"]) for p in rows) / len(rows)
 
 
 def peak_rss_mb() -> float:

@@ -12,6 +12,7 @@ markers) and, for some, plots:
 | rlhf.json | bench/bench_rlhf.py | rlhf | rlhf_phases.png |
 | rlhf_zero3.json | bench/bench_rlhf.py -k zero3 | rlhf_zero3 | rlhf_zero3_phases.png |
 | rlhf_scaling.json | bench/bench_rlhf.py -k scaling | rlhf_scaling | rlhf_scaling.png |
+| rlhf_curves.json | bench/bench_rlhf.py -k curve | rlhf_curves | rlhf_curves.png |
 | train_summary.json | hybrid-engine train (its summary.json) | train | |
 """
 
@@ -31,6 +32,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "rlhf": ("rlhf", rlhf.table),
     "rlhf_zero3": ("rlhf_zero3", rlhf.zero3_table),
     "rlhf_scaling": ("rlhf_scaling", rlhf.scaling_table),
+    "rlhf_curves": ("rlhf_curves", rlhf.curves_table),
     "train_summary": ("train", train.table),
 }
 """JSON file stem -> (README marker, table function)."""
@@ -49,6 +51,10 @@ def _plots(stem: str) -> Callable[[dict, Path], list[Path]] | None:
         from hybrid_engine.report import plot_rlhf
 
         return plot_rlhf.plot_scaling
+    if stem == "rlhf_curves":
+        from hybrid_engine.report import plot_rlhf
+
+        return plot_rlhf.plot_curves
     return None
 
 

@@ -1,10 +1,11 @@
 """The RLHF benchmark's plots (bench/bench_rlhf.py's pytest-benchmark JSON): step time by phase, stacked, per system
 (plot(): bench/rlhf_phases.png, bench/rlhf_zero3_phases.png), and the scaling runs' samples/s against model size and
-step time against response length (plot_scaling(): bench/rlhf_scaling.png).
+step time against response length (plot_scaling(): bench/rlhf_scaling.png), and the reward at every step of the
+reward-curve runs (plot_curves(): bench/rlhf_curves.png).
 
 One panel per algorithm and precision; a bar per provider: generation, experience (reference, reward and critic
-scoring) and training, where the provider reports them (ours, ours-reference, hf), else the whole step (TRL
-reports no split).
+scoring) and training, where the provider reports them (every provider since TRL's split was recorded), else the
+whole step.
 """
 
 from __future__ import annotations
@@ -85,6 +86,24 @@ def plot_scaling(data: dict, out_dir: Path, name: str = "rlhf_scaling.png") -> l
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.grid(True, which="both", alpha=0.3)
     by_size.legend(fontsize=8)
+    fig.tight_layout()
+    out = out_dir / name
+    fig.savefig(out, dpi=110)
+    return [out]
+
+
+def plot_curves(data: dict, out_dir: Path, name: str = "rlhf_curves.png") -> list[Path]:
+    """One panel per algorithm: the reward at every step, ours and its baseline."""
+    rows = [b["extra_info"] for b in data["benchmarks"]]
+    algos = list(dict.fromkeys(r["algo"] for r in rows))
+    fig, axes = plt.subplots(1, len(algos), figsize=(4 * len(algos), 3.6), squeeze=False)
+    for ax, algo in zip(axes[0], algos):
+        for r in (r for r in rows if r["algo"] == algo):
+            ax.plot(range(1, len(r["rewards"]) + 1), r["rewards"], label=r["provider"],
+                    ls="-" if r["provider"].startswith("ours") else "--")
+        ax.set(title=algo, xlabel="step", ylabel="mean reward")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     out = out_dir / name
     fig.savefig(out, dpi=110)

@@ -4,10 +4,13 @@ one process. rlhf_zero3.json (`<!-- bench:rlhf_zero3:start -->`): our PPO under 
 against the same with HF generate on the ZeRO-3 module (deepspeed), actor full and LoRA. Ratios are against the
 row's baseline (its `baseline` field: the provider of the same algorithm, precision and setup that is not ours) in
 the same run. rlhf_scaling.json (`<!-- bench:rlhf_scaling:start -->`): ours against those baselines over model size
-and response length.
+and response length. rlhf_curves.json (`<!-- bench:rlhf_curves:start -->`): the reward at every step of longer runs,
+ours against the baselines (equal learning).
 """
 
 from __future__ import annotations
+
+import statistics
 
 from hybrid_engine.report.tables import machine_line
 
@@ -36,7 +39,8 @@ def _rows(data: dict, scaling: bool = False) -> list[str]:
     rows = [b["extra_info"] for b in data["benchmarks"]]
     axes = "params M | max new tokens | mean response tokens" if scaling else "precision | setup"
     lines = [f"| algo | {axes} | provider | step s | samples/s | generated tokens/s | peak RSS MB | reward, "
-             "first -> last step | vs baseline |", "|---|---|---|---|---|---|---|---|---|---|" + "---|" * scaling]
+             "first -> last step | % of roofline: step (generate, score, train) | vs baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * scaling]
     for r, ratio in zip(rows, ratios(rows)):
         phases = ""
         if "generate_s" in r:
@@ -45,9 +49,19 @@ def _rows(data: dict, scaling: bool = False) -> list[str]:
                  else f"{r['precision']} | {r.get('setup', 'single')}")
         lines.append(f"| {r['algo']} | {where} | {r['provider']} | "
                      f"{r['step_s']:.2f}{phases} | {r['samples_per_s']:.1f} | {r['generated_tokens_per_s']:.0f} | "
-                     f"{r['peak_rss_mb']} | {r['rewards'][0]:.3f} -> {r['rewards'][-1]:.3f} | "
+                     f"{r['peak_rss_mb']} | {r['rewards'][0]:.3f} -> {r['rewards'][-1]:.3f} | {_roofline(r)} | "
                      f"{'' if ratio is None else f'{ratio:.2f}x'} |")
     return lines
+
+
+def _roofline(r: dict) -> str:
+    """The step's fraction of its roofline and its phases' (bench/rlhf_roofline.py), in percent; blank in results
+    from before they were recorded."""
+    if "step_roofline_fraction" not in r:
+        return ""
+    phases = [r.get(f"{p}_roofline_fraction") for p in ("generate", "experience", "train")]
+    split = "" if None in phases else " (" + ", ".join(f"{100 * f:.0f}" for f in phases) + ")"
+    return f"{100 * r['step_roofline_fraction']:.0f}{split}"
 
 
 def _table(data: dict, how: str, scaling: bool = False) -> str:
@@ -86,3 +100,36 @@ def scaling_table(data: dict) -> str:
                   "layers, 512 x 16, 768 x 18, over the demo tokenizer's 246 tokens) at 32 new tokens, and 32 to 512 "
                   "new tokens at 10M (a response also ends at eos: the mean response column). The ratio is the "
                   "baseline's step time over the row's: TRL for grpo and rloo, the HF baseline for ppo.", scaling=True)
+
+
+CURVE_TAIL = 10
+"""The curves table compares the mean reward of the last CURVE_TAIL steps."""
+
+
+def _tail(rewards: list[float]) -> tuple[float, float]:
+    """The mean of the last CURVE_TAIL rewards and its standard error."""
+    tail = rewards[-CURVE_TAIL:]
+    return statistics.mean(tail), statistics.stdev(tail) / len(tail) ** 0.5
+
+
+def curves_table(data: dict) -> str:
+    """rlhf_curves.json's table: each run's reward at the start and over its last steps, against its baseline's."""
+    rows = [b["extra_info"] for b in data["benchmarks"]]
+    s = rows[0]["settings"]
+    baselines = {r["algo"]: r for r in rows if r["provider"] == r["baseline"]}
+    lines = [machine_line(data["benchmarks"]) + ".",
+             f"Model {rows[0]['params_M']}M parameters; {s['prompts']} prompts x {s['generations']} samples per step, "
+             f"{s['completion']} new tokens, {s['steps']} steps at lr {s['lr']:g}, fp32, one process; the rule score "
+             f"as the reward. The last-{CURVE_TAIL} mean is given with its standard error; the difference is the row's "
+             "last-steps mean less its baseline's, in their combined standard errors (within +-2: the same learning "
+             "within noise). bench/rlhf_curves.png plots every step.", "",
+             f"| algo | provider | step s | reward, first step | reward, mean of the last {CURVE_TAIL} | difference "
+             "from the baseline (standard errors) | vs baseline (speed) |", "|---|---|---|---|---|---|---|"]
+    for r, ratio in zip(rows, ratios(rows)):
+        mean, err = _tail(r["rewards"])
+        base_mean, base_err = _tail(baselines[r["algo"]]["rewards"]) if r["algo"] in baselines else (None, None)
+        diff = "" if base_mean is None or r is baselines[r["algo"]] else \
+            f"{(mean - base_mean) / max((err**2 + base_err**2) ** 0.5, 1e-12):+.1f}"
+        lines.append(f"| {r['algo']} | {r['provider']} | {r['step_s']:.2f} | {r['rewards'][0]:.3f} | {mean:.3f} +- "
+                     f"{err:.3f} | {diff} | {'' if ratio is None else f'{ratio:.2f}x'} |")
+    return "\n".join(lines)
