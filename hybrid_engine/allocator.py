@@ -6,11 +6,16 @@ step, so the kernel page-faults and zeroes all of them again each time: on a 2-c
 64 MiB tensor cost more than reading it. keep_freed_memory() makes malloc take every block from its heap and keep
 what is freed for the next step (as the jemalloc and tcmalloc that CPU training guides recommend do, without a
 preload). The price: the resident size stays at the process's peak instead of falling between steps.
+
+release_freed_memory() is the other way: what the engine calls when it leaves generation mode, to hand the freed
+heap back to the OS (malloc_trim). Under keep_freed_memory() it does nothing, so the pages of the generation's
+weights and KV cache stay resident for the training step that follows instead of being page-faulted in again.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
@@ -29,3 +34,21 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL("libc.so.6")
     _applied = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     return _applied
+
+
+def keeps_freed_memory() -> bool:
+    """Whether keep_freed_memory() is in force in this process."""
+    return _applied
+
+
+def release_freed_memory() -> bool:
+    """Hands malloc's freed heap pages back to the OS (glibc's malloc_trim; glibc keeps large freed heap blocks
+    otherwise), unless keep_freed_memory() is in force. Returns whether it trimmed."""
+    name = None if _applied else ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True

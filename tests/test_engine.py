@@ -7,7 +7,6 @@ import copy
 import gc
 
 import peft
-import psutil
 import pytest
 import torch
 import transformers
@@ -186,13 +185,14 @@ def test_leaving_generation_mode_returns_the_memory():
     eng = HybridEngine(model, lora=peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
                        generation={"weight_dtype": "bf16"})
     ids, mask = torch.randint(3, 4096, (16, 64)), torch.ones(16, 64, dtype=torch.long)
-    rss, live = psutil.Process().memory_info().rss, _live_tensor_bytes()
+    live = _live_tensor_bytes()
     with eng.generation_mode():
         eng.generate(ids, mask, max_new_tokens=64)
         live_during = _live_tensor_bytes()
     assert live_during > live + 10 * 2**20  # bf16 copies and the KV cache were really held
     assert abs(_live_tensor_bytes() - live) <= 0.1 * live
-    assert abs(psutil.Process().memory_info().rss - rss) <= 0.1 * rss
+    # The resident size, which depends on the process-wide allocator setting: tests/test_allocator.py, in a
+    # process of its own.
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -6,13 +6,12 @@ did, also on an exception. Nothing here modifies a trained parameter."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
 
+from hybrid_engine.allocator import release_freed_memory
 from hybrid_engine.engine.lora import FusedWeights
 from hybrid_engine.engine.settings import GenerationSettings
 from hybrid_engine.engine.stats import SwitchStats, timed
@@ -55,16 +54,6 @@ def _tensors(layer: Layer) -> list[torch.Tensor]:
     return [t for lin in (layer.qkv, layer.o, layer.up, layer.down) for t in (lin.weight, lin.bias) if t is not None]
 
 
-def _trim_heap() -> None:
-    """Hands freed heap pages back to the OS (glibc keeps large freed blocks otherwise)."""
-    name = ctypes.util.find_library("c")
-    if name:
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
 @contextmanager
 def generation_weights(model: torch.nn.Module, spec: ModelSpec, settings: GenerationSettings,
                        tp: TPGroup | None, stats: SwitchStats) -> Iterator[Weights]:
@@ -95,4 +84,4 @@ def generation_weights(model: torch.nn.Module, spec: ModelSpec, settings: Genera
             del weights
             with timed(stats, "release_s"):
                 stack.close()  # re-partitions what was gathered
-                _trim_heap()
+                release_freed_memory()  # a no-op under keep_freed_memory: training reuses the pages
