@@ -15,7 +15,6 @@ weights and KV cache stay resident for the training step that follows instead of
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
@@ -29,26 +28,25 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL("libc.so.6")
     _applied = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    return _applied
-
-
-def keeps_freed_memory() -> bool:
-    """Whether keep_freed_memory() is in force in this process."""
     return _applied
 
 
 def release_freed_memory() -> bool:
     """Hands malloc's freed heap pages back to the OS (glibc's malloc_trim; glibc keeps large freed heap blocks
     otherwise), unless keep_freed_memory() is in force. Returns whether it trimmed."""
-    name = None if _applied else ctypes.util.find_library("c")
-    if not name:
+    libc = None if _applied else _glibc()
+    if libc is None:
         return False
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):
-        return False
+    libc.malloc_trim(0)
     return True
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library where it is glibc on Linux (mallopt and malloc_trim are glibc's), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL("libc.so.6")
