@@ -29,10 +29,10 @@ process, deepspeed under ZeRO-3.
 The scaling runs (test_rlhf_scaling) time ours against each algorithm's baseline over model size (SIZES: ~10M,
 ~50M, ~125M parameters) at 32 new tokens, and over response length (LENGTHS, up to 512 new tokens) at ~10M,
 in fp32 with one round of 3 steps each. The reward-curve runs (test_rlhf_curve) run each algorithm's pair for
-CURVE_STEPS steps at CURVE_LR, in fp32, one round, and record the reward at every step.
+CURVE_STEPS steps at CURVE_LR, in fp32, once for each of CURVE_SEEDS, and record the reward at every step.
 
-Only the selected cases run (-k). (The estimate scales the 8 minutes of the 12 grpo/rloo cases to the 22
-single-process cases; it was not timed.)
+Only the selected cases run (-k). The 22 single-process cases took 13 minutes on 2 cores (two rounds each), the
+18 curve runs (6 pairs' members x 3 seeds) about 18.
 """
 
 from __future__ import annotations
@@ -83,6 +83,9 @@ CURVE_LR = 1e-4
 steps at CURVE_LR (DeepSpeed-Chat's ~1e-5 barely moves a random model's reward in 40 steps), so that equal
 learning is seen over a curve and not only in a step's reward."""
 CURVES = [(a, v) for a, pair in PAIRS.items() for v in pair]
+CURVE_SEEDS = (0, 1, 2)
+"""Every curve runs once per seed (the model's initialisation, the sampling and the prompts' order, the same seed on
+both sides of a pair), so that a difference between the pair is weighed against the seeds' own spread."""
 
 
 ROOFLINES: list = []
@@ -197,24 +200,32 @@ def scaling_runs(request, tmp_path_factory, machine) -> dict:
 
 @pytest.fixture(scope="session")
 def curve_runs(request, tmp_path_factory, machine) -> dict:
-    """Every selected reward-curve run, once: {(algo, provider): result}."""
+    """Every selected reward-curve run, once per seed, the seeds outermost: {(algo, provider): [result per seed]}."""
     out = tmp_path_factory.mktemp("rlhf-curves")
-    extra = ("--steps", str(CURVE_STEPS), "--lr", str(CURVE_LR))
-    return {(algo, provider): _run_case(algo, "fp32", "single", provider, out / f"{algo}-{provider}.json", extra)
-            for algo, provider in _selected(request, "test_rlhf_curve", ("algo", "provider"), CURVES)}
+    cases = _selected(request, "test_rlhf_curve", ("algo", "provider"), CURVES)
+    runs: dict = {case: [] for case in cases}
+    for seed in CURVE_SEEDS:
+        extra = ("--steps", str(CURVE_STEPS), "--lr", str(CURVE_LR), "--seed", str(seed))
+        for algo, provider in cases:
+            runs[(algo, provider)].append(_run_case(algo, "fp32", "single", provider,
+                                                    out / f"{algo}-{provider}-{seed}.json", extra))
+    return runs
 
 
 @pytest.mark.parametrize("algo,provider", CURVES)
 def test_rlhf_curve(benchmark, algo, provider, machine, curve_runs):
-    """Equal learning: the reward at every one of CURVE_STEPS steps, ours against the baseline of the algorithm, with
-    the same settings, model and learning rate (one process, fp32)."""
+    """Equal learning: the reward at every one of CURVE_STEPS steps for each of CURVE_SEEDS, ours against the baseline
+    of the algorithm, with the same settings, model and learning rate (one process, fp32). `rewards` is the seeds'
+    mean at each step, `rewards_by_seed` each seed's; the speed figures are the first seed's."""
     if (algo, provider) not in curve_runs:
         pytest.skip("trl is not installed (pip install -e '.[dev]')")
-    result, machine = curve_runs[(algo, provider)], best_roofline(machine)
+    results, machine = curve_runs[(algo, provider)], best_roofline(machine)
+    by_seed = [_figures(r, machine)["rewards"] for r in results]
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are the worker's, below
     benchmark.extra_info.update(provider=provider, algo=algo, precision="fp32", setup="single",
-                                baseline=PAIRS[algo][1], **machine, settings=result["settings"], rounds=1,
-                                **_figures(result, machine))
+                                baseline=PAIRS[algo][1], **machine, settings=results[0]["settings"], rounds=1,
+                                **_figures(results[0], machine), seeds=list(CURVE_SEEDS), rewards_by_seed=by_seed)
+    benchmark.extra_info["rewards"] = [round(statistics.mean(step), 4) for step in zip(*by_seed)]
 
 
 @pytest.mark.parametrize("algo,provider,size,length", SCALING)

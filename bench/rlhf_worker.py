@@ -106,7 +106,7 @@ def run_ours(model_dir: Path, args, critic_dir: Path | None, engine_cls=None) ->
     config = PPOConfig(algo=args.algo, num_generations=args.generations, batch_size=per_rank,
                        train_batch_size=per_rank * args.generations, max_steps=args.steps,
                        max_new_tokens=args.completion, lr=args.lr, kl_coef=args.beta, schedule="constant",
-                       max_grad_norm=1.0, seed=0, eval_every=0, bf16_autocast=args.bf16)
+                       max_grad_norm=1.0, seed=args.seed, eval_every=0, bf16_autocast=args.bf16)
     critic = None if critic_dir is None else str(critic_dir)
     actor, reference, ds = str(model_dir), None, None
     if args.zero3:
@@ -128,10 +128,10 @@ def run_hf(model_dir: Path, args, critic_dir: Path) -> dict:
     from hybrid_engine.rlhf.loop import batch_order
 
     rows = prompts(args.prompts * args.steps)
-    batches = [[rows[i] for i in b] for b in batch_order(len(rows), args.prompts, seed=0, epoch=0)[:args.steps]]
+    batches = [[rows[i] for i in b] for b in batch_order(len(rows), args.prompts, seed=args.seed, epoch=0)[:args.steps]]
     config = HFPPOConfig(lr=args.lr, kl_coef=args.beta, num_generations=args.generations,
                          train_batch_size=args.prompts * args.generations, max_new_tokens=args.completion,
-                         max_grad_norm=1.0, bf16=args.bf16, seed=0)
+                         max_grad_norm=1.0, bf16=args.bf16, seed=args.seed)
     return {"steps": train(model_dir, critic_dir, demo_tokenizer(), batches, rule_score_batch, config)}
 
 
@@ -186,9 +186,11 @@ def run_trl(model_dir: Path, args, patched: bool) -> dict:
                   per_device_train_batch_size=args.prompts * args.generations, num_generations=args.generations,
                   max_completion_length=args.completion, learning_rate=args.lr, lr_scheduler_type="constant",
                   beta=args.beta, logging_steps=1, save_strategy="no", bf16=args.bf16, gradient_checkpointing=False,
-                  seed=0, dataloader_num_workers=0, max_grad_norm=1.0, temperature=1.0, top_p=1.0)
+                  seed=args.seed, dataloader_num_workers=0, max_grad_norm=1.0, temperature=1.0, top_p=1.0)
     config_cls, trainer_cls = (trl.GRPOConfig, trl.GRPOTrainer) if args.algo == "grpo" else (trl.RLOOConfig,
                                                                                            trl.RLOOTrainer)
+    if args.algo == "grpo":  # ours penalises with the plain k3 KL; TRL 1.16 would multiply it by the ratio
+        common["use_bias_correction_kl"] = False
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     clock = StepClock()
     trainer = trainer_cls(model=model, reward_funcs=rule_score_batch, args=config_cls(**common),
@@ -224,6 +226,8 @@ def main() -> None:
     p.add_argument("--completion", type=int, default=32, help="max new tokens")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient, both sides (bench_rlhf: 0.1 for ppo)")
+    p.add_argument("--seed", type=int, default=0, help="the model's initialisation, the sampling and the prompts' "
+                   "order, both sides")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for training on both sides (fp32 weights)")
     p.add_argument("--zero3", action="store_true", help="one rank of a torchrun world training under ZeRO-3 "
                    "(ours and deepspeed only)")
@@ -241,12 +245,12 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:  # alive for the whole run: TRL's RLOO reloads the model from it
         model_dir = Path(tmp) / "model"
-        params, shape = build_model(model_dir, args.hidden, args.layers, seed=0)
+        params, shape = build_model(model_dir, args.hidden, args.layers, seed=args.seed)
         shape["prompt_tokens"] = mean_prompt_tokens(args.prompts * args.steps)
         critic_dir = None
         if args.algo == "ppo":
             critic_dir = Path(tmp) / "critic"
-            build_critic(model_dir, critic_dir, seed=0)
+            build_critic(model_dir, critic_dir, seed=args.seed)
         if args.zero3:  # after the saves: under torch.distributed, save_pretrained writes on rank 0 only
             from hybrid_engine.engine.training import init_distributed
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import transformers
 
 sys.path.insert(0, os.path.dirname(__file__))
-from models import left_padded_prompts, tiny_model  # noqa: E402
+from models import VOCAB, left_padded_prompts, tiny_model  # noqa: E402
 
 import hybrid_engine  # noqa: E402
 from hybrid_engine.engine import HybridEngine  # noqa: E402
@@ -145,6 +145,29 @@ def logprob_training(stage: int, lora: bool, fused: bool) -> list[float]:
     return losses
 
 
+def grouped_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(input_ids, attention_mask, start): 3 left-padded prompts repeated 2, 1 and 2 times (GRPO's samples of a
+    prompt), each row followed by 4 response tokens of its own."""
+    ids, mask, _ = batch(step)
+    owner = torch.tensor([0, 0, 1, 2, 2])
+    g = torch.Generator().manual_seed(100 * dist.get_rank() + step)
+    response = torch.randint(2, VOCAB, (5, 4), generator=g)
+    return torch.cat([ids[owner], response], 1), torch.cat([mask[owner], torch.ones_like(response)], 1), ids.shape[1]
+
+
+def shared_prefix_training(stage: int, lora: bool, share: bool) -> list[float]:
+    """Losses of 3 steps of -mean log p(response) on grouped_batch rows, their prompts run once (share) or not."""
+    eng, losses = engine(stage, lora), []
+    for step in range(3):
+        ids, mask, start = grouped_batch(step)
+        lp = eng.token_logprobs(ids, mask, start, share_prefix=share)
+        loss = -lp.sum() / mask[:, start:].sum()
+        eng.backward(loss)
+        eng.step()
+        losses.append(loss.item())
+    return losses
+
+
 def check_tp(lora: bool, gather: str) -> dict:
     ids, mask = prompts()
     one = engine(3, lora).generate(ids, mask, max_new_tokens=NEW, **EOS)
@@ -165,6 +188,10 @@ def main(out_dir: str) -> None:
     for lora in (False, True):  # gradients through the fused op under ZeRO-3 (partitioned LM head)
         results[f"zero3-{'lora' if lora else 'full'}-token-logprobs-training"] = dict(
             fused=logprob_training(3, lora, True), logits=logprob_training(3, lora, False))
+    for stage in (2, 3):  # a shared prompt's two passes under ZeRO (the second forward re-gathers under stage 3)
+        for lora in (False, True):
+            results[f"zero{stage}-{'lora' if lora else 'full'}-shared-prefix-training"] = dict(
+                shared=shared_prefix_training(stage, lora, True), one_pass=shared_prefix_training(stage, lora, False))
     if dist.get_world_size() == 1:  # offload needs DeepSpeed's CPU Adam (built on first use)
         results["zero3-offload-full-all"] = check(3, False, "all", offload=True)
     if dist.get_world_size() == 2:

@@ -85,6 +85,15 @@ def test_token_logprobs_trains_like_hf_logits_under_zero3(ranks, config):
         assert max(abs(a - b) for a, b in zip(fused, logits)) <= 1e-5, (fused, logits)
 
 
+@pytest.mark.parametrize("config", ["zero2-full-shared-prefix-training", "zero2-lora-shared-prefix-training",
+                                    "zero3-full-shared-prefix-training", "zero3-lora-shared-prefix-training"])
+def test_a_shared_prompt_run_once_trains_like_one_pass_under_zero(ranks, config):
+    for r in ranks:
+        shared, one_pass = r[config]["shared"], r[config]["one_pass"]
+        assert max(abs(a - b) for a, b in zip(shared, one_pass)) <= 1e-5, (shared, one_pass)
+        assert len(set(shared)) == 3  # the steps trained: each step's loss differs
+
+
 def test_zero3_really_gathers(ranks):
     for r in ranks:
         assert r["zero3-full-all"]["switch"]["gather_bytes"] > 0

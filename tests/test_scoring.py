@@ -112,6 +112,39 @@ def test_frozen_reward_model_is_a_copy_that_stays_frozen():
     assert torch.allclose(frozen.score(ids, mask), before, atol=ATOL, rtol=0)
 
 
+@torch.no_grad()
+def autocast_hidden(body: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """fp32 (B, T, H): the HF body's final hidden states under bf16 autocast."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = body(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+    return out.last_hidden_state.float()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_under_autocast_the_frozen_models_score_through_their_hf_forward_in_bf16(family):
+    """PPOConfig.bf16_autocast: the HF body runs under bf16 autocast and the head reads its hidden states in fp32,
+    within the kernels' fp32 tolerance of the same computed by hand, and within bf16's reach of fp64."""
+    model = tiny_model(family)
+    ids, mask = padded_rows("both", seed=4)
+    policy = FrozenPolicy(copy.deepcopy(model), autocast_dtype=torch.bfloat16)
+    assert policy.net is None
+    ours = policy.token_logprobs(ids, mask, START, 0.7)
+    hidden = autocast_hidden(model.base_model, ids, mask)[:, START - 1 : -1]
+    logp = (hidden @ model.get_output_embeddings().weight.T / 0.7).log_softmax(-1)
+    by_hand = torch.where(mask[:, START:].bool(), logp.gather(-1, ids[:, START:, None]).squeeze(-1), 0)
+    assert ours.dtype == torch.float32 and (ours - by_hand).abs().max() < ATOL
+    assert (ours.double() - hf_logprobs(model, ids, mask, START, 0.7)).abs().max() < 0.15  # bf16 activations
+
+    rm = reward_model(family)
+    frozen = FrozenRewardModel(copy.deepcopy(rm), autocast_dtype=torch.bfloat16)
+    last = autocast_hidden(rm.body, ids, mask)[torch.arange(4), mask.shape[1] - 1 - mask.flip(1).argmax(1)]
+    value = (last @ rm.value_head.weight.float().T).squeeze(-1) + (0 if rm.value_head.bias is None
+                                                                 else rm.value_head.bias.float())
+    scores = frozen.score(ids, mask)
+    assert scores.dtype == torch.float32 and (scores - value).abs().max() < 0.02  # the head under autocast: bf16
+    assert (scores.double() - copy.deepcopy(rm).double().score(ids, mask)).abs().max() < 0.1
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda ids, mask: (ids[0], mask[0], START), r"\[B, T\]"),
     (lambda ids, mask: (ids, mask[:, :-1], START), r"\[B, T\]"),

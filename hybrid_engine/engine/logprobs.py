@@ -3,6 +3,10 @@
 The HF model runs its own forward (so DeepSpeed's ZeRO-3 hooks, peft's layers and gradient
 checkpointing all act as in training), but its LM head computes token_logprobs on the final hidden
 states instead of [B, T, V] logits: the head's forward is swapped for the duration of one call.
+
+Rows that share their prompt with their neighbours (GRPO's and RLOO's samples of one prompt) run it once: the
+prompt's columns once per run of such rows, their KV cache gathered to every row of the run, then each row's
+response on that cache (the same arithmetic as one pass, less the repeated prompts').
 """
 
 from __future__ import annotations
@@ -52,17 +56,76 @@ def head_as_token_logprobs(lm_head: torch.nn.Module, targets: torch.Tensor, temp
         del lm_head.forward
 
 
+def checkpointed(model: torch.nn.Module) -> bool:
+    """Whether an HF model trains with gradient (activation) checkpointing, under either of transformers' names."""
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, flag, False))
+
+
+def shared_prefix_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor, cut: int) -> torch.Tensor | None:
+    """Where neighbouring rows share their first `cut` columns (tokens and mask), as GRPO's and RLOO's samples of one
+    prompt do: each row's run index (B,), its runs numbered from 0; None when no two neighbours share them."""
+    if cut < 1 or input_ids.shape[0] < 2:
+        return None
+    ids, mask = input_ids[:, :cut], attention_mask[:, :cut]
+    same = (ids[1:] == ids[:-1]).all(1) & (mask[1:] == mask[:-1]).all(1)
+    if not same.any():
+        return None
+    return torch.cat([same.new_zeros(1), ~same]).long().cumsum(0)
+
+
+@contextlib.contextmanager
+def head_skipped(lm_head: torch.nn.Module):
+    """While active, lm_head(hidden [B, T, H]) returns an empty [B, T, 0]: a pass whose outputs are only its cache."""
+    lm_head.forward = lambda hidden: hidden[..., :0]
+    try:
+        yield
+    finally:
+        del lm_head.forward
+
+
+def _shared_prefix_logprobs(forward: Callable, lm_head: torch.nn.Module, input_ids: torch.Tensor,
+                            attention_mask: torch.Tensor, start: int, temperature: float,
+                            runs: torch.Tensor) -> torch.Tensor | None:
+    """token_logprobs' result in two passes: the first start - 1 columns once per run of rows sharing them, their
+    KV cache gathered to every row of the run, then the rest of every row on that cache. The same arithmetic as
+    one pass over all rows, less the repeated prefixes'; None where the model returned no cache."""
+    cut, T = start - 1, input_ids.shape[1]
+    firsts = torch.cat([runs.new_ones(1), runs[1:] != runs[:-1]]).nonzero().squeeze(1)
+    pos = positions(attention_mask)
+    with head_skipped(lm_head):
+        prefix = forward(input_ids=input_ids[firsts, :cut], attention_mask=attention_mask[firsts, :cut],
+                         position_ids=pos[firsts, :cut], use_cache=True)
+    cache = getattr(prefix, "cache", None) or getattr(prefix, "past_key_values", None)
+    if cache is None or cache.get_seq_length() != cut:
+        return None
+    cache.batch_select_indices(runs)
+    targets = shifted_targets(input_ids, attention_mask, start)[:, cut:]
+    with head_as_token_logprobs(lm_head, targets, temperature):
+        out = forward(input_ids=input_ids[:, cut:], attention_mask=attention_mask, position_ids=pos[:, cut:],
+                      cache=cache, use_cache=True)
+    return out.logits[:, : T - start]
+
+
 def token_logprobs(
     forward: Callable, lm_head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
-    temperature: float = 1.0,
+    temperature: float = 1.0, share_prefix: bool = True,
 ) -> torch.Tensor:
     """fp32 [B, T - start]: log p(input_ids[:, t] | input_ids[:, :t]) for t >= start, 0 where the mask is 0.
 
     `forward(**kwargs)` runs the HF causal LM (the DeepSpeed engine, or the model itself); `lm_head` is that
-    model's output projection."""
+    model's output projection. With `share_prefix`, neighbouring rows whose first start - 1 columns are the same
+    run them once (_shared_prefix_logprobs); not for a model that trains with gradient checkpointing, which keeps no
+    cache."""
     B, T = input_ids.shape
     if not 1 <= start < T:
         raise ValueError(f"start must be in [1, {T}) for input_ids of length {T}, got {start}")
+    runs = shared_prefix_runs(input_ids, attention_mask, start - 1) if share_prefix else None
+    if runs is not None:
+        out = _shared_prefix_logprobs(forward, lm_head, input_ids, attention_mask, start, temperature, runs)
+        if out is not None:
+            return out
     targets = shifted_targets(input_ids, attention_mask, start)
     with head_as_token_logprobs(lm_head, targets, temperature):
         out = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),

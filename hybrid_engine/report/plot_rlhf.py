@@ -93,14 +93,17 @@ def plot_scaling(data: dict, out_dir: Path, name: str = "rlhf_scaling.png") -> l
 
 
 def plot_curves(data: dict, out_dir: Path, name: str = "rlhf_curves.png") -> list[Path]:
-    """One panel per algorithm: the reward at every step, ours and its baseline."""
+    """One panel per algorithm: the reward at every step, ours and its baseline (the seeds' mean, and each seed's
+    faintly where there are several)."""
     rows = [b["extra_info"] for b in data["benchmarks"]]
     algos = list(dict.fromkeys(r["algo"] for r in rows))
     fig, axes = plt.subplots(1, len(algos), figsize=(4 * len(algos), 3.6), squeeze=False)
     for ax, algo in zip(axes[0], algos):
-        for r in (r for r in rows if r["algo"] == algo):
-            ax.plot(range(1, len(r["rewards"]) + 1), r["rewards"], label=r["provider"],
-                    ls="-" if r["provider"].startswith("ours") else "--")
+        for i, r in enumerate(r for r in rows if r["algo"] == algo):
+            style = dict(color=f"C{i}", ls="-" if r["provider"].startswith("ours") else "--")
+            ax.plot(range(1, len(r["rewards"]) + 1), r["rewards"], label=r["provider"], **style)
+            for seed in r.get("rewards_by_seed") or []:
+                ax.plot(range(1, len(seed) + 1), seed, alpha=0.25, lw=0.8, **style)
         ax.set(title=algo, xlabel="step", ylabel="mean reward")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)

@@ -112,24 +112,39 @@ def _tail(rewards: list[float]) -> tuple[float, float]:
     return statistics.mean(tail), statistics.stdev(tail) / len(tail) ** 0.5
 
 
+def _seeds_tail(row: dict) -> tuple[float, float, list[float]]:
+    """(mean, standard error, each seed's mean) of the last CURVE_TAIL rewards: the error is the seeds' spread where
+    the row ran several seeds, else the steps' spread within its one run."""
+    runs = row.get("rewards_by_seed") or [row["rewards"]]
+    means = [_tail(r)[0] for r in runs]
+    if len(means) == 1:
+        return (*_tail(runs[0]), means)
+    return statistics.mean(means), statistics.stdev(means) / len(means) ** 0.5, means
+
+
 def curves_table(data: dict) -> str:
     """rlhf_curves.json's table: each run's reward at the start and over its last steps, against its baseline's."""
     rows = [b["extra_info"] for b in data["benchmarks"]]
     s = rows[0]["settings"]
+    seeds = len(rows[0].get("rewards_by_seed") or [None])
     baselines = {r["algo"]: r for r in rows if r["provider"] == r["baseline"]}
+    spread = (f"over {seeds} seeds (each the model's initialisation, the sampling and the prompts' order, the same "
+              "on both sides), with the standard error of the seeds' means" if seeds > 1
+              else "with its standard error over those steps")
     lines = [machine_line(data["benchmarks"]) + ".",
              f"Model {rows[0]['params_M']}M parameters; {s['prompts']} prompts x {s['generations']} samples per step, "
              f"{s['completion']} new tokens, {s['steps']} steps at lr {s['lr']:g}, fp32, one process; the rule score "
-             f"as the reward. The last-{CURVE_TAIL} mean is given with its standard error; the difference is the row's "
-             "last-steps mean less its baseline's, in their combined standard errors (within +-2: the same learning "
-             "within noise). bench/rlhf_curves.png plots every step.", "",
-             f"| algo | provider | step s | reward, first step | reward, mean of the last {CURVE_TAIL} | difference "
-             "from the baseline (standard errors) | vs baseline (speed) |", "|---|---|---|---|---|---|---|"]
+             f"as the reward. The last-{CURVE_TAIL} mean is given {spread}; the difference is the row's mean less "
+             "its baseline's, in their combined standard errors (within +-2: the same learning within noise). "
+             "bench/rlhf_curves.png plots every step (the seeds' mean).", "",
+             f"| algo | provider | step s | reward, first step | reward, mean of the last {CURVE_TAIL} | each seed's "
+             "| difference from the baseline (standard errors) | vs baseline (speed) |", "|---" * 8 + "|"]
     for r, ratio in zip(rows, ratios(rows)):
-        mean, err = _tail(r["rewards"])
-        base_mean, base_err = _tail(baselines[r["algo"]]["rewards"]) if r["algo"] in baselines else (None, None)
-        diff = "" if base_mean is None or r is baselines[r["algo"]] else \
-            f"{(mean - base_mean) / max((err**2 + base_err**2) ** 0.5, 1e-12):+.1f}"
+        mean, err, per_seed = _seeds_tail(r)
+        base = _seeds_tail(baselines[r["algo"]]) if r["algo"] in baselines else None
+        diff = "" if base is None or r is baselines[r["algo"]] else \
+            f"{(mean - base[0]) / max((err**2 + base[1]**2) ** 0.5, 1e-12):+.1f}"
         lines.append(f"| {r['algo']} | {r['provider']} | {r['step_s']:.2f} | {r['rewards'][0]:.3f} | {mean:.3f} +- "
-                     f"{err:.3f} | {diff} | {'' if ratio is None else f'{ratio:.2f}x'} |")
+                     f"{err:.3f} | {', '.join(f'{m:.3f}' for m in per_seed)} | {diff} | "
+                     f"{'' if ratio is None else f'{ratio:.2f}x'} |")
     return "\n".join(lines)

@@ -39,14 +39,14 @@ def _load_lm(model):
     return model
 
 
-def _reference(actor, reference) -> FrozenPolicy:
+def _reference(actor, reference, autocast_dtype: torch.dtype | None) -> FrozenPolicy:
     """The frozen reference: given, or a copy of the actor before it trains."""
     if reference is not None:
         return FrozenPolicy(copy.deepcopy(_load_lm(reference)) if isinstance(reference, torch.nn.Module)
-                            else _load_lm(reference))
+                            else _load_lm(reference), autocast_dtype=autocast_dtype)
     if isinstance(actor, HybridEngine):
         raise ValueError("the actor is already a HybridEngine: give the reference policy (the SFT model) too")
-    return FrozenPolicy(copy.deepcopy(_load_lm(actor)))
+    return FrozenPolicy(copy.deepcopy(_load_lm(actor)), autocast_dtype=autocast_dtype)
 
 
 def _trained_reward_model(reward_model) -> RewardModel:
@@ -79,8 +79,10 @@ def build_models(actor, reward_model, critic, reference, reward_fn, config: PPOC
         raise ValueError("PPO needs a reward: give a reward model, a reward function, or both")
     ds = loop.training_ds_config(ds_config, config.train_batch_size, config.max_grad_norm)
     has_ds_optimizer = ds is not None and "optimizer" in ds
-    frozen_ref = _reference(actor, reference)
-    frozen_rm = None if reward_model is None else FrozenRewardModel(copy.deepcopy(_trained_reward_model(reward_model)))
+    scoring_dtype = torch.bfloat16 if config.bf16_autocast else None  # the frozen models score as training runs
+    frozen_ref = _reference(actor, reference, scoring_dtype)
+    frozen_rm = None if reward_model is None else FrozenRewardModel(
+        copy.deepcopy(_trained_reward_model(reward_model)), autocast_dtype=scoring_dtype)
     critic_model = critic_trainer = None
     if config.algo == "ppo":
         source = critic if critic is not None else reward_model
