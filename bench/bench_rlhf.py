@@ -32,7 +32,7 @@ in fp32 with one round of 3 steps each. The reward-curve runs (test_rlhf_curve) 
 CURVE_STEPS steps at CURVE_LR, in fp32, once for each of CURVE_SEEDS, and record the reward at every step.
 
 Only the selected cases run (-k). The 22 single-process cases took 13 minutes on 2 cores (two rounds each), the
-18 curve runs (6 pairs' members x 3 seeds) about 18.
+18 curve runs (6 pairs' members x 3 seeds) 24.
 """
 
 from __future__ import annotations
