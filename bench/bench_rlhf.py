@@ -22,7 +22,7 @@ baseline at the same algorithm, precision and setup in the same run: TRL for grp
 process, deepspeed under ZeRO-3.
 
     pytest bench/bench_rlhf.py --benchmark-only -k "rlhf_step and not zero3" --benchmark-json=bench/results/rlhf.json
-    pytest bench/bench_rlhf.py --benchmark-only -k zero3 --benchmark-json=bench/results/rlhf_zero3.json   # 17 minutes
+    pytest bench/bench_rlhf.py --benchmark-only -k zero3 --benchmark-json=bench/results/rlhf_zero3.json   # 7 minutes
     pytest bench/bench_rlhf.py --benchmark-only -k scaling --benchmark-json=bench/results/rlhf_scaling.json   # 24 min
     pytest bench/bench_rlhf.py --benchmark-only -k curve --benchmark-json=bench/results/rlhf_curves.json
 
