@@ -45,6 +45,13 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether activation checkpointing is on (_enable_checkpointing's, under either of transformers' names)."""
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, flag, False))
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -129,7 +136,7 @@ class HybridEngine:
         rows with the same prompt (input_ids and attention_mask before column start - 1: GRPO's samples of one
         prompt) run it once, unless share_prefix is False or the model trains with gradient checkpointing."""
         model = base_model(self.module)
-        share = share_prefix and not _logprobs.checkpointed(model)
+        share = share_prefix and not _checkpointing(model)
         return _logprobs.token_logprobs(self._trainer.forward, model.get_output_embeddings(), input_ids,
                                         attention_mask, start, temperature, share)
 

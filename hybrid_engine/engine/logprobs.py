@@ -56,13 +56,6 @@ def head_as_token_logprobs(lm_head: torch.nn.Module, targets: torch.Tensor, temp
         del lm_head.forward
 
 
-def checkpointed(model: torch.nn.Module) -> bool:
-    """Whether an HF model trains with gradient (activation) checkpointing, under either of transformers' names."""
-    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
-        "is_gradient_checkpointing"
-    return bool(getattr(model, flag, False))
-
-
 def shared_prefix_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor, cut: int) -> torch.Tensor | None:
     """Where neighbouring rows share their first `cut` columns (tokens and mask), as GRPO's and RLOO's samples of one
     prompt do: each row's run index (B,), its runs numbered from 0; None when no two neighbours share them."""

@@ -37,9 +37,9 @@ def _check_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, start: in
         raise ValueError(f"start must be in [1, {input_ids.shape[1]}), got {start}")
 
 
-def _autocast(dtype: torch.dtype | None, device: torch.device):
-    """torch.autocast on `device` to `dtype`, or a context that changes nothing when dtype is None."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+def _autocast(dtype: torch.dtype, device: torch.device):
+    """torch.autocast to `dtype` on `device`'s type."""
+    return torch.autocast(device.type, dtype=dtype)
 
 
 class FrozenPolicy:
