@@ -78,9 +78,10 @@ class PPOConfig(loop.StepConfig):
     bf16_autocast: bool = False
     """Run the actor's and the critic's training forwards under bf16 autocast (fp32 weights, optimizer and
     losses): faster where the CPU has bf16 units (0.25 s instead of 0.51 s for the training phase of the 10.8M
-    GRPO case of bench/results/rlhf.json, on a Zen 5 with avx512_bf16). The ratio's old log-probs then come from a forward of the
-    same precision (ratio_from_training_forward), not from generation, and the frozen reference and reward model
-    score through their HF forwards under the same autocast (rlhf/scoring.py), as TRL scores its reference."""
+    GRPO case of bench/results/rlhf.json, on a Zen 5 with avx512_bf16). The ratio's old log-probs then come from
+    a forward of the same precision (ratio_from_training_forward), not from generation, and the frozen reference and
+    reward model score through their HF forwards under the same autocast (rlhf/scoring.py), as TRL scores its
+    reference."""
 
     def __post_init__(self):
         super().__post_init__()
