@@ -4,7 +4,8 @@ Three benchmarks, all ratios measured in this run:
 - test_generate: tokens/s of a whole generate() call (prefill included) per provider, model, batch and
   number of new tokens; `speedup_vs_hf-fp32` is filled in from the same run's HF fp32 row.
 - test_decode_step: one decode step at context 64; weights read per step (embeddings excluded) and
-  FLOPs give GB/s and the fraction of the roofline.
+  FLOPs give GB/s and the fraction of the run's roofline, and of one measured beside the step in alternation with
+  it (harness.paired_roofline_fraction: this VM's read rate drifts within the hour).
 - test_decode_cost_by_position: ms per token as the context grows to 1024 (bench/decode_position.png), with the
   KV cache in fp32 and, for `ours-fp32-kvbf16`, in bf16 (generate's kv_dtype).
 - test_bf16_kv_cache_logprobs: how far a bf16 KV cache moves the log-probs of sampled tokens from fp32 ones.
@@ -18,7 +19,7 @@ import time
 
 import pytest
 import torch
-from harness import record, run_benchmark
+from harness import paired_roofline_fraction, record, run_benchmark
 from transformers import DynamicCache
 
 import hybrid_engine
@@ -128,9 +129,11 @@ def test_decode_step(benchmark, provider, name, batch, machine, roofline):
     kv_elem = 2 if provider == "hf-bf16" else 4  # our cache stays fp32 with bf16 weights
     kv_bytes = 2 * spec.num_layers * batch * spec.num_kv_heads * PROMPT * spec.head_dim * kv_elem
     flops = 2 * params * batch + 4 * spec.num_layers * batch * spec.num_heads * PROMPT * spec.head_dim
+    paired, probe = paired_roofline_fraction(step, weight_bytes + kv_bytes, flops)
     record(benchmark, provider=provider, machine=machine,
            roofline=roofline, bytes_moved=weight_bytes + kv_bytes, flops=flops, baseline_provider="hf-fp32",
-           tokens_per_s=round(batch / benchmark.stats.stats.median, 1), model=name, batch=batch)
+           tokens_per_s=round(batch / benchmark.stats.stats.median, 1), model=name, batch=batch,
+           roofline_fraction_paired=round(paired, 3), paired_read_GBps=round(probe.read_bytes_per_s / 1e9, 1))
 
 
 @pytest.mark.parametrize("batch", [1, 16])

@@ -67,6 +67,28 @@ def measure_roofline() -> Roofline:
                     bf16_flops_per_s=2 * 1024**3 / mm16_s)
 
 
+def paired_roofline_fraction(fn: Callable[[], object], bytes_moved: float, flops: float = 0.0, rounds: int = 9
+                             ) -> tuple[float, Roofline]:
+    """fn's fraction of a roofline measured beside it: `rounds` alternations of a short probe (the best of 3 sum()
+    over 256 MiB and of 3 fp32 1024^3 matmuls) with fn (the median of 3 calls), each round's fraction its probe's
+    roofline time over its fn time; the median of the rounds' fractions, and the median probe. A shared VM's
+    bandwidth drifts by a third within the hour, so a roofline measured once at the start of a run can be far from
+    the one a case actually ran beside."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    big = torch.ones(64 * 1024 * 1024, dtype=torch.float32, device=device)
+    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+    fractions, probes = [], []
+    for _ in range(rounds):
+        read_s = median_time(lambda: big.sum(), warmup=1, repeats=3, min_time=0.0, reduce=min)
+        mm_s = median_time(lambda: a @ b, warmup=1, repeats=3, min_time=0.0, reduce=min) if flops else 1.0
+        probe = Roofline(read_bytes_per_s=big.numel() * 4 / read_s, flops_per_s=2 * 1024**3 / mm_s)
+        t = median_time(fn, warmup=1, repeats=3, min_time=0.0)
+        fractions.append(probe.time(bytes_moved, flops) / t)
+        probes.append(probe)
+    mid = sorted(range(rounds), key=lambda i: probes[i].read_bytes_per_s)[rounds // 2]
+    return statistics.median(fractions), probes[mid]
+
+
 _baselines: dict[str, float] = {}
 
 

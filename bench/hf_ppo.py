@@ -102,9 +102,10 @@ def load_models(actor_dir: str | Path, critic_dir: str | Path, config: HFPPOConf
     reference = copy.deepcopy(actor).eval().requires_grad_(False)
     critic = ValueModel(critic_dir)
     return Models(actor=actor, reference=reference, critic=critic,
-                  actor_opt=torch.optim.AdamW(actor.parameters(), lr=config.lr, weight_decay=config.weight_decay),
+                  actor_opt=torch.optim.AdamW(actor.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                              fused=True),
                   critic_opt=torch.optim.AdamW(critic.parameters(), lr=config.critic_lr,
-                                               weight_decay=config.weight_decay))
+                                               weight_decay=config.weight_decay, fused=True))
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

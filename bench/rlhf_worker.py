@@ -17,12 +17,14 @@ Every side starts from the same randomly initialised Llama made from a config ov
 loaded back, and is rewarded by the demo's rule_score (no reward model on either side, so both optimise the same
 function); PPO's critic starts on both sides from the same folder: the actor's body with a
 value head drawn after torch.manual_seed(seed). fp32 (or, with --bf16, bf16 autocast for training on both
-sides), temperature 1, no top-k/top-p.
+sides), temperature 1, no top-k/top-p. Every side renders the prompts in the demo tokenizer's chat template and
+takes the same prompts at each step (step_prompts).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import sys
@@ -70,6 +72,16 @@ def prompts(n: int) -> list[str]:
     return list(load_step_data(demo_config("ppo"), "ppo").train["prompt"][:n])
 
 
+def step_prompts(args) -> list[list[str]]:
+    """The prompts of every step, in the order train_ppo takes them (its batch_order of the run's seed); the HF
+    baseline and TRL (with shuffle_dataset=False) are fed the same, so that every side sees the same prompts at
+    each step."""
+    from hybrid_engine.rlhf.loop import batch_order
+
+    rows = prompts(args.prompts * args.steps)
+    return [[rows[i] for i in b] for b in batch_order(len(rows), args.prompts, seed=args.seed, epoch=0)[:args.steps]]
+
+
 ZERO3 = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 2**24, "allgather_bucket_size": 2**24,
                                 "stage3_prefetch_bucket_size": 2**24}}
 """--zero3's DeepSpeed config (DeepSpeed's defaults but for buckets of 16M elements: its own reserve ~2 GB each)."""
@@ -80,13 +92,14 @@ def zero3_actor(model_dir: Path, config, lora: bool, engine_cls):
     ds_generate.HFGenerateEngine), so that both sides build it alike."""
     import peft
 
+    from hybrid_engine.engine.training import adamw
     from hybrid_engine.rlhf import loop
 
     ds = loop.training_ds_config(ZERO3, config.train_batch_size, config.max_grad_norm)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     adapters = peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]) if lora else None
     return engine_cls(model, ds_config=ds, lora=adapters, seed=config.seed,
-                      optimizer=lambda p: torch.optim.AdamW(p, lr=config.lr, weight_decay=config.weight_decay))
+                      optimizer=functools.partial(adamw, lr=config.lr, weight_decay=config.weight_decay))
 
 
 def run_ours(model_dir: Path, args, critic_dir: Path | None, engine_cls=None) -> dict:
@@ -125,14 +138,11 @@ def run_hf(model_dir: Path, args, critic_dir: Path) -> dict:
     from hf_ppo import HFPPOConfig, train
 
     from hybrid_engine.rlhf.demo import demo_tokenizer, rule_score_batch
-    from hybrid_engine.rlhf.loop import batch_order
 
-    rows = prompts(args.prompts * args.steps)
-    batches = [[rows[i] for i in b] for b in batch_order(len(rows), args.prompts, seed=args.seed, epoch=0)[:args.steps]]
     config = HFPPOConfig(lr=args.lr, kl_coef=args.beta, num_generations=args.generations,
                          train_batch_size=args.prompts * args.generations, max_new_tokens=args.completion,
                          max_grad_norm=1.0, bf16=args.bf16, seed=args.seed)
-    return {"steps": train(model_dir, critic_dir, demo_tokenizer(), batches, rule_score_batch, config)}
+    return {"steps": train(model_dir, critic_dir, demo_tokenizer(), step_prompts(args), rule_score_batch, config)}
 
 
 def run(provider: str, model_dir: Path, args, critic_dir: Path | None) -> dict:
@@ -176,11 +186,18 @@ def timed(fn, times: list):
     return wrapper
 
 
+def trl_rule_score(prompts: list, completions: list, **fields) -> list[float]:
+    """The demo's rule score on TRL's conversational rows: the user's prompt and the assistant's reply as text."""
+    from hybrid_engine.rlhf.demo import rule_score_batch
+
+    return rule_score_batch([p[-1]["content"] for p in prompts], [c[-1]["content"] for c in completions])
+
+
 def run_trl(model_dir: Path, args, patched: bool) -> dict:
     import datasets
     import trl
 
-    from hybrid_engine.rlhf.demo import demo_tokenizer, rule_score_batch
+    from hybrid_engine.rlhf.demo import demo_tokenizer
 
     common = dict(output_dir=str(model_dir / "trl"), use_cpu=True, report_to="none", max_steps=args.steps,
                   per_device_train_batch_size=args.prompts * args.generations, num_generations=args.generations,
@@ -193,9 +210,12 @@ def run_trl(model_dir: Path, args, patched: bool) -> dict:
         common["use_bias_correction_kl"] = False
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     clock = StepClock()
-    trainer = trainer_cls(model=model, reward_funcs=rule_score_batch, args=config_cls(**common),
+    # Conversational rows, so that TRL renders the chat template as ours and the HF baseline do (a plain string
+    # prompt would reach its model without the template's BOS and turn markers).
+    rows = [[{"role": "user", "content": p}] for p in sum(step_prompts(args), [])]
+    trainer = trainer_cls(model=model, reward_funcs=trl_rule_score, args=config_cls(**common, shuffle_dataset=False),
                           processing_class=demo_tokenizer(), callbacks=[clock],
-                          train_dataset=datasets.Dataset.from_dict({"prompt": prompts(args.prompts * args.steps)}))
+                          train_dataset=datasets.Dataset.from_dict({"prompt": rows}))
     if patched:
         from hybrid_engine import apply_hybrid_engine
 
@@ -272,12 +292,12 @@ def main() -> None:
 
 
 def mean_prompt_tokens(n: int) -> float:
-    """The mean length in tokens of the run's n prompts."""
+    """The mean length in tokens of the run's n prompts, in the chat template every side renders them in."""
     from hybrid_engine.rlhf.demo import demo_tokenizer
+    from hybrid_engine.rlhf.tokens import encode_prompts
 
-    tok = demo_tokenizer()
-    rows = prompts(n)
-    return sum(len(tok(p)["input_ids"]) for p in rows) / len(rows)
+    encoded = encode_prompts(demo_tokenizer(), prompts(n))
+    return sum(map(len, encoded)) / len(encoded)
 
 
 def peak_rss_mb() -> float:

@@ -112,6 +112,19 @@ def test_frozen_reward_model_is_a_copy_that_stays_frozen():
     assert torch.allclose(frozen.score(ids, mask), before, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llama-gqa", "opt"])  # GPT-2's Conv1D weights are transposed: copies
+def test_frozen_models_read_their_fp32_projections_in_place(family):
+    """No second copy of the model for the run: every projection the inference path reads, the fused q|k|v and
+    gate|up included, lies in the frozen model's own parameter storage, and the parameters keep their values."""
+    for frozen, model in ((FrozenPolicy, copy.deepcopy(tiny_model(family))), (FrozenRewardModel, reward_model(family))):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        net = frozen(model).net
+        storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        read = [lin.weight for layer in net.w.layers for lin in (layer.qkv, layer.o, layer.up, layer.down)]
+        assert all(w.untyped_storage().data_ptr() in storages for w in read), frozen.__name__
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), frozen.__name__
+
+
 @torch.no_grad()
 def autocast_hidden(body: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """fp32 (B, T, H): the HF body's final hidden states under bf16 autocast."""

@@ -18,6 +18,7 @@ COLUMNS = [  # (extra_info key, header, format)
     ("GBps", "GB/s", "{:.1f}"),
     ("GFLOPps", "GFLOP/s", "{:.1f}"),
     ("roofline_fraction", "of roofline", "{:.0%}"),
+    ("roofline_fraction_paired", "of roofline beside it", "{:.0%}"),
     ("peak_memory_MB", "peak MB", "{:.0f}"),
     ("memory_ratio_vs_eager", "memory vs eager", "{:.1f}x lower"),
     ("logprob_diff_max", "log-prob diff, max", "{:.4f}"),

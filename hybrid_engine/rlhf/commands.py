@@ -89,7 +89,7 @@ def add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: ty
                     f"(default: output_dir from --config, else {DEFAULT_OUTPUT[step]})")
     io.add_argument("--ds-config", metavar="FILE", help="a DeepSpeed JSON config to train under (ZeRO 0-3; run "
                     "with torchrun or deepspeed); its micro batch and clipping come from --batch-size and "
-                    "--max-grad-norm. Default: plain torch AdamW in one process")
+                    "--max-grad-norm. Default: torch AdamW (fused) in one process")
     io.add_argument("--config", metavar="FILE", help=f"a YAML or JSON file of {config_cls.__name__} settings, "
                     f"flat or under a '{step}:' section; flags override it")
     io.add_argument("--no-progress", action="store_true", help="do not show the progress bar")

@@ -12,7 +12,7 @@ import transformers
 
 from hybrid_engine.engine import HybridEngine
 from hybrid_engine.engine.settings import GenerationSettings
-from hybrid_engine.engine.training import make_trainer
+from hybrid_engine.engine.training import adamw, make_trainer
 from hybrid_engine.rlhf import loop
 from hybrid_engine.rlhf.ppo_config import PPOConfig
 from hybrid_engine.rlhf.reward import RewardModel
@@ -60,7 +60,7 @@ def _trained_reward_model(reward_model) -> RewardModel:
 
 
 def _adamw(lr: float, weight_decay: float) -> Callable:
-    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return lambda params: adamw(params, lr=lr, weight_decay=weight_decay)
 
 
 @dataclass

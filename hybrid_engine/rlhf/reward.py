@@ -12,12 +12,13 @@ value_head.safetensors. RewardModel.from_pretrained reads both; nothing is pickl
     - the frozen reward model that scores PPO rollouts: `score(input_ids, attention_mask) -> [B]`;
     - the critic's initialisation: `values(input_ids, attention_mask) -> [B, T]`, differentiable.
 
-train_reward trains it with plain torch AdamW in one process, or under DeepSpeed ZeRO 0-3 when given a
+train_reward trains it with torch AdamW (fused) in one process, or under DeepSpeed ZeRO 0-3 when given a
 ds_config (every rank calls it; rank 0 writes). LoRA is not offered for the reward model.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -32,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from hybrid_engine.engine.logprobs import positions
 from hybrid_engine.engine.lora import lora_layers
-from hybrid_engine.engine.training import make_trainer
+from hybrid_engine.engine.training import adamw, make_trainer
 from hybrid_engine.engine.zero import gathered, unique_params
 from hybrid_engine.model.spec import SUPPORTED
 from hybrid_engine.rlhf import checkpoint, loop
@@ -290,7 +291,7 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
 
     model_or_path: a RewardModel, an HF causal LM or body (its body is shared and trained in place), a
     directory of a saved causal LM (e.g. the SFT output) or of a saved reward model. ds_config: a DeepSpeed
-    config (dict or JSON path; its micro batch and clipping come from `config`); None: plain torch AdamW in
+    config (dict or JSON path; its micro batch and clipping come from `config`); None: torch AdamW (fused) in
     one process. Every rank must call this under DeepSpeed; rank 0 shows the progress bar and writes
     config.output_dir. checkpoint_every and resume as train_sft."""
     config = config or RewardConfig()
@@ -305,10 +306,8 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
     if not train:
         raise ValueError("no training pairs left after tokenization (data.train is empty or every prompt was dropped)")
 
-    def adamw(params):
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-    trainer = make_trainer(model, ds_config, None if ds_config is not None and "optimizer" in ds_config else adamw)
+    optimizer = functools.partial(adamw, lr=config.lr, weight_decay=config.weight_decay)
+    trainer = make_trainer(model, ds_config, None if ds_config is not None and "optimizer" in ds_config else optimizer)
 
     def train_step(rows: list[int]) -> float:
         chosen, rejected = reward_batch(trainer.forward, collate_reward([train[i] for i in rows], pad_id))

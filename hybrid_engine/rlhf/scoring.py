@@ -1,10 +1,10 @@
 """The frozen models of the PPO step, scored through the inference path instead of an HF training forward.
 
 The reference policy and the reward model never train, so their generation-mode weights are built once
-(views of the HF parameters, no copies for fp32 weights) and every experience batch runs through the
-InferenceTransformer's blocks, the kernels generation uses. The reference then reads log-probs with the
-fused token_logprobs op (never building [B, T, V] logits) and the reward model reads its value head at
-each sequence's last token. Both equal the HF forward within the kernels' fp32 tolerance (a test).
+(views of the HF parameters, no copies for fp32 weights: the fused projections are laid out in place) and every
+experience batch runs through the InferenceTransformer's blocks, the kernels generation uses. The reference then
+reads log-probs with the fused token_logprobs op (never building [B, T, V] logits) and the reward model reads
+its value head at each sequence's last token. Both equal the HF forward within the kernels' fp32 tolerance (a test).
 
 With an autocast dtype (PPOConfig.bf16_autocast) both score through their HF forward under autocast instead,
 the precision the training forwards run in (as TRL scores its reference under bf16): on a CPU with bf16 units
@@ -24,7 +24,7 @@ from hybrid_engine.engine import logprobs as training_logprobs
 from hybrid_engine.engine.lora import base_model
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
-from hybrid_engine.model.weights import extract_weights
+from hybrid_engine.model.weights import extract_weights, fuse_projection_storage
 from hybrid_engine.ops.logprobs import IGNORE_INDEX
 from hybrid_engine.rlhf.reward import RewardModel, last_token_index
 
@@ -42,6 +42,15 @@ def _autocast(dtype: torch.dtype, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def _inference_net(model, spec, weight_dtype: torch.dtype | None) -> InferenceTransformer:
+    """The inference path over a frozen model's weights. With fp32 weights, each block's q, k, v (and gate, up)
+    are first laid end to end in one buffer (fuse_projection_storage), so that the path reads them fused as views
+    of the model's own storage: no second copy of most of the model for the whole run."""
+    if weight_dtype is None:
+        fuse_projection_storage(model, spec)
+    return InferenceTransformer(spec, extract_weights(model, spec, weight_dtype))
+
+
 class FrozenPolicy:
     """A frozen causal LM (the PPO reference) that reads the log-probs of given tokens: through the inference
     path, or with `autocast_dtype` through its HF forward under autocast."""
@@ -54,8 +63,7 @@ class FrozenPolicy:
         self.model = model.eval()
         self.spec = spec_from_config(model.config)
         self.autocast_dtype = autocast_dtype
-        self.net = None if autocast_dtype else InferenceTransformer(self.spec,
-                                                                    extract_weights(model, self.spec, weight_dtype))
+        self.net = None if autocast_dtype else _inference_net(model, self.spec, weight_dtype)
 
     @torch.no_grad()
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
@@ -97,8 +105,7 @@ class FrozenRewardModel:
         self.spec = spec_from_config(model.config)
         self.autocast_dtype = autocast_dtype
         lm = _as_causal_lm(model.body, model.value_head, self.spec.family)
-        self.net = None if autocast_dtype else InferenceTransformer(self.spec,
-                                                                    extract_weights(lm, self.spec, weight_dtype))
+        self.net = None if autocast_dtype else _inference_net(lm, self.spec, weight_dtype)
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

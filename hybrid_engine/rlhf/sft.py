@@ -15,6 +15,7 @@ the eval split (evaluated whole on every rank, so each rank reports the same fig
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ import torch
 from hybrid_engine.engine import HybridEngine
 from hybrid_engine.engine.logprobs import head_as_token_logprobs, positions
 from hybrid_engine.engine.lora import base_model
+from hybrid_engine.engine.training import adamw
 from hybrid_engine.rlhf import checkpoint, loop
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.tokens import IGNORE_INDEX, TokenStats, collate_sft, tokenize_sft
@@ -132,11 +134,8 @@ def _engine(model, config: SFTConfig, ds_config, lora) -> HybridEngine:
         return model
     ds_config = loop.training_ds_config(ds_config, config.batch_size, config.max_grad_norm)
     has_ds_optimizer = ds_config is not None and "optimizer" in ds_config
-
-    def adamw(params):
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-    engine = HybridEngine(model, ds_config=ds_config, lora=lora, optimizer=None if has_ds_optimizer else adamw,
+    optimizer = functools.partial(adamw, lr=config.lr, weight_decay=config.weight_decay)
+    engine = HybridEngine(model, ds_config=ds_config, lora=lora, optimizer=None if has_ds_optimizer else optimizer,
                           gradient_checkpointing=config.gradient_checkpointing, seed=config.seed)
     loop.prepare_training(engine.module, config)
     return engine
@@ -148,7 +147,7 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
     rows, evaluating the held-out perplexity on data.eval before, every config.eval_every steps and after.
 
     ds_config: a DeepSpeed config (dict or JSON path) to train under (its micro batch and clipping come from
-    `config`); None: plain torch AdamW in one process. lora: a peft.LoraConfig. The model trains in place
+    `config`); None: torch AdamW (fused) in one process. lora: a peft.LoraConfig. The model trains in place
     (with LoRA, peft injects its layers into it); a HybridEngine keeps its own optimizer, whose learning rate
     config.lr and the schedule then drive. Every rank must call this under DeepSpeed; rank 0 shows the
     progress bar and writes config.output_dir. With config.checkpoint_every, checkpoints go to
