@@ -77,8 +77,8 @@ class PPOConfig(loop.StepConfig):
     """Recompute the actor's activations in the backward pass (less memory, more time)."""
     bf16_autocast: bool = False
     """Run the actor's and the critic's training forwards under bf16 autocast (fp32 weights, optimizer and
-    losses): faster where the CPU has bf16 units (0.25 s instead of 0.51 s for the training phase of the 10.8M
-    GRPO case of bench/results/rlhf.json, on a Zen 5 with avx512_bf16). The ratio's old log-probs then come from
+    losses): faster where the CPU has bf16 units (0.42 s instead of 0.58 s for the training phase of the 10.8M
+    GRPO case of bench/results/rlhf.json, on a Zen 4 with avx512_bf16). The ratio's old log-probs then come from
     a forward of the same precision (ratio_from_training_forward), not from generation, and the frozen reference and
     reward model score through their HF forwards under the same autocast (rlhf/scoring.py), as TRL scores its
     reference."""
