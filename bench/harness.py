@@ -4,6 +4,7 @@ the fraction of the roofline)."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -52,19 +53,30 @@ class Roofline:
         return max(bytes_moved / self.read_bytes_per_s, flops / self.flops_per_s)
 
 
-def measure_roofline() -> Roofline:
+def _probe_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The roofline probes' operands: 256 MiB of fp32 to sum, and two 1024 x 1024 fp32 matrices."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    big = torch.ones(64 * 1024 * 1024, dtype=torch.float32, device=device)  # 256 MiB
+    big = torch.ones(64 * 1024 * 1024, dtype=torch.float32, device=device)
+    return big, torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+
+
+def _read_rate(big: torch.Tensor, **timing) -> float:
+    """Bytes/s of big.sum(), its best call (median_time's `timing` arguments)."""
+    return big.numel() * big.element_size() / median_time(lambda: big.sum(), reduce=min, **timing)
+
+
+def _matmul_rate(a: torch.Tensor, b: torch.Tensor, **timing) -> float:
+    """FLOP/s of a @ b, its best call (median_time's `timing` arguments)."""
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / median_time(lambda: a @ b, reduce=min, **timing)
+
+
+def measure_roofline() -> Roofline:
+    big, a, b = _probe_tensors()
     # The best call of each, not the median: the roofline is what the machine can do, and a slow spell of a shared
     # VM must not lower it (one run's median put the matmul at 68 GFLOP/s against 168-185 in the others of that hour).
-    read_s = median_time(lambda: big.sum(), repeats=7, reduce=min)
-    a = torch.randn(1024, 1024, device=device)
-    b = torch.randn(1024, 1024, device=device)
-    mm_s = median_time(lambda: a @ b, repeats=20, min_time=0.5, reduce=min)
-    a16, b16 = a.bfloat16(), b.bfloat16()
-    mm16_s = median_time(lambda: a16 @ b16, repeats=20, min_time=0.5, reduce=min)
-    return Roofline(read_bytes_per_s=256 * 1024 * 1024 / read_s, flops_per_s=2 * 1024**3 / mm_s,
-                    bf16_flops_per_s=2 * 1024**3 / mm16_s)
+    return Roofline(read_bytes_per_s=_read_rate(big, repeats=7),
+                    flops_per_s=_matmul_rate(a, b, repeats=20, min_time=0.5),
+                    bf16_flops_per_s=_matmul_rate(a.bfloat16(), b.bfloat16(), repeats=20, min_time=0.5))
 
 
 def paired_roofline_fraction(fn: Callable[[], object], bytes_moved: float, flops: float = 0.0, rounds: int = 9
@@ -74,20 +86,17 @@ def paired_roofline_fraction(fn: Callable[[], object], bytes_moved: float, flops
     roofline time over its fn time; the median of the rounds' fractions, and the median probe. A shared VM's
     bandwidth drifts by a third within the hour, so a roofline measured once at the start of a run can be far from
     the one a case actually ran beside."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    big = torch.ones(64 * 1024 * 1024, dtype=torch.float32, device=device)
-    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+    big, a, b = _probe_tensors()
+    short = dict(warmup=1, repeats=3, min_time=0.0)
     fractions, probes = [], []
     for _ in range(rounds):
-        read_s = median_time(lambda: big.sum(), warmup=1, repeats=3, min_time=0.0, reduce=min)
-        mm_s = median_time(lambda: a @ b, warmup=1, repeats=3, min_time=0.0, reduce=min) if flops else 1.0
-        probe = Roofline(read_bytes_per_s=big.numel() * 4 / read_s, flops_per_s=2 * 1024**3 / mm_s)
-        t = median_time(fn, warmup=1, repeats=3, min_time=0.0)
+        probe = Roofline(read_bytes_per_s=_read_rate(big, **short),
+                         flops_per_s=_matmul_rate(a, b, **short) if flops else math.inf)
+        t = median_time(fn, **short)
         fractions.append(probe.time(bytes_moved, flops) / t)
         probes.append(probe)
     mid = sorted(range(rounds), key=lambda i: probes[i].read_bytes_per_s)[rounds // 2]
     return statistics.median(fractions), probes[mid]
-
 
 _baselines: dict[str, float] = {}
 
