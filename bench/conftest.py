@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 
 from harness import Roofline, cpu_model, measure_roofline  # noqa: E402
 
-from hybrid_engine._build import cpu_flags  # noqa: E402
+from hybrid_engine._build import cpu_flags, cpu_id  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +23,7 @@ def roofline() -> Roofline:
 def machine(roofline: Roofline) -> dict:
     info = {
         "cpu": cpu_model(),
+        "cpu_id": cpu_id(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         # The units that change which implementation wins (ops/dispatch.py): AMX tiles, bf16 dot products.
         "cpu_units": [f for f in ("amx_bf16", "avx512_bf16", "avx512_vnni") if f in cpu_flags()],

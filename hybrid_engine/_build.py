@@ -53,8 +53,9 @@ def _cpuinfo(key: str) -> str | None:
     except OSError:
         return None
     for line in text.splitlines():
-        if line.startswith(key):
-            return line.split(":", 1)[1].strip()
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == key:
+            return value.strip()
     return None
 
 
@@ -68,6 +69,15 @@ def cpu_model() -> str:
     import platform
 
     return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_id() -> str | None:
+    """The CPU's vendor, family and model numbers ("AuthenticAMD family 25 model 17"), which tell apart CPUs that
+    share a model name under a hypervisor ("AMD EPYC"); None where /proc/cpuinfo lacks them."""
+    family, model = _cpuinfo("cpu family"), _cpuinfo("model")
+    if family is None or model is None:
+        return None
+    return f"{_cpuinfo('vendor_id') or '?'} family {family} model {model}"
 
 
 def capability() -> str:

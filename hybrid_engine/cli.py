@@ -28,6 +28,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     rows = [
         ("torch", torch.__version__),
+        ("CPU", f"{_build.cpu_model()} ({_build.cpu_id() or 'family unknown'})"),
         ("CPU capability (torch)", _build.capability()),
         ("avx512_bf16", "yes" if "avx512_bf16" in _build.cpu_flags() else "no"),
         ("threads", str(torch.get_num_threads())),

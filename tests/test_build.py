@@ -33,3 +33,23 @@ def test_second_import_does_not_rebuild():
                           "print(round(time.time() - t, 2))"], capture_output=True, text=True, env=env, check=True)
     assert "compiling C++ ops" not in out.stderr
     assert float(out.stdout.strip().splitlines()[-1]) < 30
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+flags\t\t: fpu avx512f avx512_bf16
+"""
+
+
+def test_cpu_id_reads_family_and_model_apart_from_the_model_name(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO)
+    monkeypatch.setattr(_build, "Path", lambda _: info)
+    assert _build.cpu_model() == "AMD EPYC"  # "model" is its own key, not a prefix of "model name"
+    assert _build.cpu_id() == "AuthenticAMD family 25 model 17"
+    assert {"avx512f", "avx512_bf16"} <= _build.cpu_flags()
+    info.write_text("model name\t: Some CPU\n")
+    assert _build.cpu_id() is None

@@ -58,3 +58,13 @@ def test_bench_report_writes_every_table_and_plot(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "hybrid_engine.cli", "bench", "report", "--only", "nope"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown results ['nope']" in bad.stderr
+
+
+def test_machine_line_names_the_cpu_family_where_recorded():
+    from hybrid_engine.report.tables import machine_line
+
+    info = {"cpu": "AMD EPYC", "capability": "AVX512", "cpu_units": ["avx512_bf16"], "threads": 2,
+            "read_GBps": 33.7, "matmul_GFLOPps": 168.4, "roofline_fraction": 0.75}
+    line = machine_line([{"extra_info": {**info, "cpu_id": "AuthenticAMD family 25 model 17"}}])
+    assert line.startswith("Machine: AMD EPYC (AuthenticAMD family 25 model 17), AVX512, avx512_bf16, 2 threads")
+    assert machine_line([{"extra_info": info}]).startswith("Machine: AMD EPYC, AVX512")  # results made before it

@@ -33,7 +33,8 @@ def machine_line(benchmarks: list[dict]) -> str:
     units = info.get("cpu_units")
     units = None if units is None else ("no AMX, no avx512_bf16" if not {"amx_bf16", "avx512_bf16"} & set(units)
                                         else " + ".join(u for u in units if u != "avx512_vnni"))
-    parts = [info.get("cpu", "?"), info.get("capability", ""), units, f"{info.get('threads', '?')} threads",
+    cpu = info.get("cpu", "?") + (f" ({info['cpu_id']})" if info.get("cpu_id") else "")
+    parts = [cpu, info.get("capability", ""), units, f"{info.get('threads', '?')} threads",
              f"torch {info.get('torch', '?')}", f"read {info.get('read_GBps', '?')} GB/s",
              f"fp32 matmul {info.get('matmul_GFLOPps', '?')} GFLOP/s"]
     if "gpu" in info:

@@ -248,9 +248,10 @@ def machine() -> dict:
     """Where the run ran, for the summary."""
     import torch
 
-    from hybrid_engine._build import cpu_model
+    from hybrid_engine._build import cpu_id, cpu_model
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"cpu": cpu_model(), "cpu_id": cpu_id(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
 
 
 def summarize(args, configs: dict, sft, rm, ppo, wall_s: float, demo: bool) -> None:
