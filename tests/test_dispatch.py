@@ -110,3 +110,22 @@ def test_the_decision_rules():
     amx = {8: (1, 2), 16: (2, 1), 32: (2, 1)}  # (FMA s, AMX s)
     assert dispatch._amx_min((8, 16, 32), amx) == 16  # AMX from 16 on
     assert dispatch._amx_min((8, 16, 32), {**amx, 32: (1, 2)}) == dispatch.NEVER  # lost at the largest
+
+
+def test_each_thread_count_keeps_a_cache_of_its_own(monkeypatch):
+    """torchrun ranks of one thread each and a 2-thread process on one machine do not overwrite one another's."""
+    from hybrid_engine import _build
+
+    monkeypatch.delenv("HYBRID_ENGINE_CALIBRATION_FILE", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        paths = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            paths.append(dispatch.cache_path())
+    finally:
+        torch.set_num_threads(threads)
+    assert paths[0] != paths[1]
+    assert all(p.parent == _build.build_directory() for p in paths)
+    monkeypatch.setenv("HYBRID_ENGINE_CALIBRATION_FILE", "/some/where.json")
+    assert str(dispatch.cache_path()) == "/some/where.json"

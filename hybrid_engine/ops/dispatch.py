@@ -7,8 +7,9 @@ with prefill-sized rows (widened once, then torch's GEMM). On a CPU with AMX, a 
 goes to the AMX tile kernel instead of the AVX-512 FMA one (linear_amx.cpp). A bf16 prefill goes to torch's
 flash attention or to our causal tiles (attention.cpp). Where each hand-over lies differs between machines,
 so a short calibration (a few seconds) times both sides (on a set of weights larger than the last-level
-cache for decode_linear), sets the routes, and caches them as JSON beside the JIT build (`calibration.json`),
-keyed on the CPU model, its flags, the thread count, torch and the build. Later processes read the cache; a
+cache for decode_linear), sets the routes, and caches them as JSON beside the JIT build, one file per
+thread count (`calibration-2threads.json`), keyed on the CPU model, its flags, the thread count, torch and
+the build. Later processes read the cache; a
 cache for another machine or a damaged one is ignored with a warning and measured again.
 
 Choices without a route, because one side won on every machine measured: fp32 prefill attention (our tiles,
@@ -66,10 +67,13 @@ _state: dict = {"calibration": None}
 
 
 def cache_path() -> Path:
+    """HYBRID_ENGINE_CALIBRATION_FILE, or one file per thread count beside the build: a process with another
+    count (torchrun ranks of one thread each beside a 2-thread process) keeps its own calibration instead of
+    overwriting the other's, which each would then find foreign and measure again."""
     from hybrid_engine import _build
 
     given = os.environ.get("HYBRID_ENGINE_CALIBRATION_FILE")
-    return Path(given) if given else _build.build_directory() / "calibration.json"
+    return Path(given) if given else _build.build_directory() / f"calibration-{torch.get_num_threads()}threads.json"
 
 
 def machine_key() -> dict:
