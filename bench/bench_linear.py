@@ -9,12 +9,16 @@ Providers: ours (decode_linear); torch, the best honest torch equivalent: `x @ w
 a bf16 weight `F.linear(x.bfloat16(), w).float()`, which rounds the activations to bf16 (less accurate than ours,
 which keeps them fp32; the alternative, `x @ w.float().T`, is the eager reference); eager (the pure-torch
 reference, which widens a bf16 weight to fp32 on every call); compile (torch.compile of the reference).
+
+Ours and torch also record their fraction of a roofline measured beside them (harness.paired_roofline_fraction):
+this VM's read rate drifts by up to a third within a run, so the run's one roofline probe can sit far from the
+bandwidth a case actually had.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import baseline_time, record, run_benchmark
+from harness import baseline_time, paired_roofline_fraction, record, run_benchmark
 
 from hybrid_engine.ops import decode_linear, decode_linear_reference
 
@@ -65,6 +69,11 @@ def test_decode_linear(benchmark, M, wdtype, provider, model, machine, roofline)
     flops = sum(2 * M * w.numel() for w in weights)
     key = f"decode_linear M={M} {dtype_name}"
     torch_s = baseline_time(f"{key} torch", _step(_torch_linear, weights, xs))
+    paired = {}
+    if provider in ("ours", "torch"):
+        fraction, probe = paired_roofline_fraction(fn, weight_bytes + act_bytes, flops)
+        paired = dict(roofline_fraction_paired=round(fraction, 3),
+                      paired_read_GBps=round(probe.read_bytes_per_s / 1e9, 1))
     record(
         benchmark,
         provider=provider,
@@ -76,4 +85,5 @@ def test_decode_linear(benchmark, M, wdtype, provider, model, machine, roofline)
         speedup_vs_torch=round(torch_s / benchmark.stats.stats.median, 3),
         M=M,
         weight_dtype=dtype_name,
+        **paired,
     )
