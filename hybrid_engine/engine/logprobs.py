@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from hybrid_engine import ops
+from hybrid_engine.model.prefix import run_firsts, shared_prefix_runs
 from hybrid_engine.ops.logprobs import IGNORE_INDEX
 
 
@@ -56,18 +57,6 @@ def head_as_token_logprobs(lm_head: torch.nn.Module, targets: torch.Tensor, temp
         del lm_head.forward
 
 
-def shared_prefix_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor, cut: int) -> torch.Tensor | None:
-    """Where neighbouring rows share their first `cut` columns (tokens and mask), as GRPO's and RLOO's samples of one
-    prompt do: each row's run index (B,), its runs numbered from 0; None when no two neighbours share them."""
-    if cut < 1 or input_ids.shape[0] < 2:
-        return None
-    ids, mask = input_ids[:, :cut], attention_mask[:, :cut]
-    same = (ids[1:] == ids[:-1]).all(1) & (mask[1:] == mask[:-1]).all(1)
-    if not same.any():
-        return None
-    return torch.cat([same.new_zeros(1), ~same]).long().cumsum(0)
-
-
 @contextlib.contextmanager
 def head_skipped(lm_head: torch.nn.Module):
     """While active, lm_head(hidden [B, T, H]) returns an empty [B, T, 0]: a pass whose outputs are only its cache."""
@@ -85,7 +74,7 @@ def _shared_prefix_logprobs(forward: Callable, lm_head: torch.nn.Module, input_i
     KV cache gathered to every row of the run, then the rest of every row on that cache. The same arithmetic as
     one pass over all rows, less the repeated prefixes'; None where the model returned no cache."""
     cut, T = start - 1, input_ids.shape[1]
-    firsts = torch.cat([runs.new_ones(1), runs[1:] != runs[:-1]]).nonzero().squeeze(1)
+    firsts = run_firsts(runs)
     pos = positions(attention_mask)
     with head_skipped(lm_head):
         prefix = forward(input_ids=input_ids[firsts, :cut], attention_mask=attention_mask[firsts, :cut],

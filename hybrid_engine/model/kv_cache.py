@@ -53,3 +53,14 @@ class KVCache:
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = self.lengths[src]
+
+    def copy_slots(self, index: torch.Tensor) -> None:
+        """Slot b takes slot index[b]'s keys, values and length, for every b < len(index) (rows that share a prefix
+        take the cache of the one row that ran it)."""
+        n = len(index)
+        if n == 0:
+            return
+        stored = int(self.lengths[index].max())
+        self.k[:, :n, :, :stored] = self.k[:, index, :, :stored]
+        self.v[:, :n, :, :stored] = self.v[:, index, :, :stored]
+        self.lengths[:n] = self.lengths[index]

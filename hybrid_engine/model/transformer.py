@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from hybrid_engine import ops
 from hybrid_engine.model.kv_cache import KVCache
+from hybrid_engine.model.prefix import run_firsts, shared_prefix_runs
 from hybrid_engine.model.spec import ModelSpec
 from hybrid_engine.model.weights import Layer, Linear, Norm, Weights
 
@@ -86,29 +87,70 @@ class InferenceTransformer:
         return linear(h, self.w.lm_head)
 
     # ---- prefill ----
-    def blocks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache):
-        """Runs left-padded rows [B, T] through every block and fills the cache: (x, residual) [B * T, H],
-        the last block's output and the residual stream before the final norm."""
+    def run_blocks(self, x: torch.Tensor, B: int, S: int, positions: torch.Tensor, cache: KVCache, attend):
+        """x [B * S, H] through every block, each token's k, v written to the cache at its position (-1: none):
+        (x, residual) [B * S, H], the last block's output and the residual stream before the final norm.
+        attend(q, k, v [B, heads, S, D], the layer's k_cache, v_cache, scale) -> [B, Hq, S, D]."""
         s = self.spec
-        B, T = input_ids.shape
-        lengths = attention_mask.sum(1).to(torch.int32)
-        positions = (attention_mask.cumsum(1) - 1).masked_fill(attention_mask == 0, -1)
-        x = self.embed(input_ids, positions).view(B * T, s.hidden_size)
         residual = torch.zeros_like(x)
         for i, layer in enumerate(self.w.layers):
             h, residual = self.norm(x, layer.attn_norm, residual)
-            q, k, v = self.split_qkv(linear(h, layer.qkv), B, T)
-            ops.rotary_append_kv(q, k, v, cache.k[i, :B], cache.v[i, :B], positions, self.cos, self.sin)
-            a = ops.prefill_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lengths, self.scales[i])
-            x = self.reduce(linear(a.transpose(1, 2).reshape(B * T, s.num_heads * s.head_dim), layer.o))
+            q, k, v = self.split_qkv(linear(h, layer.qkv), B, S)
+            kc, vc = cache.k[i, :B], cache.v[i, :B]
+            ops.rotary_append_kv(q, k, v, kc, vc, positions, self.cos, self.sin)
+            a = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kc, vc, self.scales[i])
+            x = self.reduce(linear(a.transpose(1, 2).reshape(B * S, s.num_heads * s.head_dim), layer.o))
             h, residual = self.norm(x, layer.mlp_norm, residual)
             x = self.mlp(h, layer)
-        cache.lengths[:B] = lengths
         return x, residual
+
+    def blocks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache):
+        """Runs left-padded rows [B, T] through every block and fills cache slots [0, B): run_blocks' (x, residual)."""
+        B, T = input_ids.shape
+        lengths = attention_mask.sum(1).to(torch.int32)
+        positions = (attention_mask.cumsum(1) - 1).masked_fill(attention_mask == 0, -1)
+        x = self.embed(input_ids, positions).view(B * T, self.spec.hidden_size)
+
+        def attend(q, k, v, k_cache, v_cache, scale):
+            return ops.prefill_attention(q, k, v, lengths, scale)
+
+        out = self.run_blocks(x, B, T, positions, cache, attend)
+        cache.lengths[:B] = lengths
+        return out
+
+    def extend(self, input_ids: torch.Tensor, cache: KVCache):
+        """Runs rows [B, S] that continue the sequences of cache slots [0, B), every column a token, through every
+        block and appends them to the cache: run_blocks' (x, residual). Query j of slot b attends to the slot's
+        first lengths[b] + j + 1 positions."""
+        B, S = input_ids.shape
+        past = cache.lengths[:B].long()
+        positions = past[:, None] + torch.arange(S)  # (B, S)
+        x = self.embed(input_ids, positions).view(B * S, self.spec.hidden_size)
+        seen = int(past.max()) + S
+        visible = (torch.arange(seen)[None, None] <= positions[:, :, None])[:, None]  # (B, 1, S, seen)
+        gqa = self.spec.num_kv_heads != self.spec.num_heads
+
+        def attend(q, k, v, k_cache, v_cache, scale):
+            return F.scaled_dot_product_attention(q, k_cache[:, :, :seen].to(q.dtype), v_cache[:, :, :seen].to(q.dtype),
+                                                  attn_mask=visible, scale=scale, enable_gqa=gqa)
+
+        out = self.run_blocks(x, B, S, positions, cache, attend)
+        cache.lengths[:B] = (past + S).to(cache.lengths.dtype)
+        return out
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Runs left-padded prompts [B, T] through the model, fills the cache, returns last logits [B, V]."""
+        """Runs left-padded prompts [B, T] through the model, fills the cache, returns last logits [B, V]. A row
+        that repeats the row before it (GRPO's samples of one prompt) is run once and the cache copied to it."""
+        runs = shared_prefix_runs(input_ids, attention_mask, input_ids.shape[1])
+        if runs is None:
+            return self._prefill_rows(input_ids, attention_mask, cache)
+        firsts = run_firsts(runs)
+        logits = self._prefill_rows(input_ids[firsts], attention_mask[firsts], cache)
+        cache.copy_slots(runs)
+        return logits[runs]
+
+    def _prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
         B, T = input_ids.shape
         x, residual = self.blocks(input_ids, attention_mask, cache)
         # Left padding puts every prompt's last token in column T - 1.
@@ -116,16 +158,25 @@ class InferenceTransformer:
         return self.logits(x[last], residual[last])
 
     @torch.no_grad()
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """fp32 [B, T, H]: the final-normed hidden state at every position of rows [B, T] that may be padded
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cut: int = 0) -> torch.Tensor:
+        """fp32 [B, T - cut, H]: the final-normed hidden state at columns cut.. of rows [B, T] that may be padded
         on both sides (a left-padded prompt and a response with padding after its end), as a scoring pass
         reads them. Padding on the right is run as tokens: under the causal mask it changes no position
-        before it, and what is computed at those positions is for the caller to ignore."""
+        before it, and what is computed at those positions is for the caller to ignore. Rows that share their
+        first `cut` columns with their neighbours run them once (a prompt and its samples), when every row has
+        begun by then."""
         B, T = input_ids.shape
-        started = attention_mask.long().cumsum(1) > 0  # (B, T): from each row's first token on
+        started = (attention_mask.long().cumsum(1) > 0).long()  # (B, T): from each row's first token on
         cache = KVCache.allocate(self.spec, B, T)
-        x, residual = self.blocks(input_ids, started.long(), cache)
-        return self.norm(x, self.w.final_norm, residual)[0].view(B, T, -1)
+        runs = shared_prefix_runs(input_ids, attention_mask, cut) if cut and bool(started[:, cut - 1].all()) else None
+        if runs is None:
+            x, residual = self.blocks(input_ids, started, cache)
+            return self.norm(x, self.w.final_norm, residual)[0].view(B, T, -1)[:, cut:]
+        firsts = run_firsts(runs)
+        self.blocks(input_ids[firsts, :cut], started[firsts, :cut], cache)
+        cache.copy_slots(runs)
+        x, residual = self.extend(input_ids[:, cut:], cache)
+        return self.norm(x, self.w.final_norm, residual)[0].view(B, T - cut, -1)
 
     # ---- decode ----
     def flat_weights(self) -> list[torch.Tensor | None]:

@@ -99,7 +99,7 @@ def sequence_scores(models: Models, ro: xp.Rollout, prompts: list[str], completi
     """(B,) scores: the reward model's, plus reward_fn_weight times the reward function's; and their means."""
     parts, figures = [], {}
     if models.reward is not None:
-        rm = models.reward.score(ro.sequences, ro.attention_mask).double()
+        rm = models.reward.score(ro.sequences, ro.attention_mask, ro.start).double()
         parts.append(rm)
         figures["rm_score"] = xp.mean(rm)
     if models.reward_fn is not None:
@@ -250,7 +250,7 @@ def evaluate_policy(models: Models, held_out: Prompts, tokenizer, config: PPOCon
         kl.append(((out.logprobs - ref) * out.response_mask).sum(1).double())
         lengths.append(out.response_mask.sum(1).double())
         if models.reward is not None:
-            rm.append(models.reward.score(out.sequences, seq_mask).double())
+            rm.append(models.reward.score(out.sequences, seq_mask, start).double())
         if eval_fn is not None:
             prompts, extra = held_out.fields(indices, 1)
             completions = tokenizer.batch_decode(out.sequences[:, start:], skip_special_tokens=True)

@@ -76,7 +76,8 @@ class FrozenPolicy:
                 return training_logprobs.token_logprobs(self.model, self.model.get_output_embeddings(), input_ids,
                                                         attention_mask, start, temperature)
         B, T = input_ids.shape
-        hidden = self.net.hidden_states(input_ids, attention_mask)[:, start - 1 : T - 1]  # (B, T - start, H)
+        # (B, T - start, H); the prompt's first start - 1 columns once per run of rows sharing them
+        hidden = self.net.hidden_states(input_ids, attention_mask, cut=start - 1)[:, : T - start]
         targets = torch.where(attention_mask[:, start:].bool(), input_ids[:, start:], IGNORE_INDEX)
         head = self.net.w.lm_head
         logprobs = ops.token_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight.float(), targets.reshape(-1),
@@ -108,15 +109,18 @@ class FrozenRewardModel:
         self.net = None if autocast_dtype else _inference_net(lm, self.spec, weight_dtype)
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 1) -> torch.Tensor:
         """fp32 [B]: each sequence's reward, the head's value at its last token with attention_mask 1
-        (RewardModel.score's contract)."""
-        _check_rows(input_ids, attention_mask, 1)
+        (RewardModel.score's contract). `start`, where the responses begin (token_logprobs' argument): neighbouring
+        rows that share their first start - 1 columns (a prompt and its samples) run them once."""
+        _check_rows(input_ids, attention_mask, start)
         if self.net is None:
             with _autocast(self.autocast_dtype, input_ids.device):
                 return self.model.score(input_ids, attention_mask)
-        hidden = self.net.hidden_states(input_ids, attention_mask)  # (B, T, H)
-        last = hidden[torch.arange(hidden.shape[0]), last_token_index(attention_mask)]  # (B, H)
+        last = last_token_index(attention_mask)  # (B,)
+        cut = start - 1 if bool((last >= start - 1).all()) else 0  # every row's last token past the shared columns
+        hidden = self.net.hidden_states(input_ids, attention_mask, cut=cut)  # (B, T - cut, H)
+        last = hidden[torch.arange(hidden.shape[0]), last - cut]  # (B, H)
         head = self.net.w.lm_head
         values = last @ head.weight.float().T  # (B, 1)
         if head.bias is not None:
