@@ -15,9 +15,9 @@ from models import VOCAB, left_padded_prompts, tiny_model
 from test_engine import FAMILIES, engine
 from test_scoring import hf_logprobs, reward_model
 
-from hybrid_engine.engine.logprobs import shared_prefix_runs
 from hybrid_engine.generation import generate_with
 from hybrid_engine.model.kv_cache import KVCache
+from hybrid_engine.model.prefix import shared_prefix_runs
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
 from hybrid_engine.model.weights import extract_weights

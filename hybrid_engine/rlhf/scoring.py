@@ -117,10 +117,10 @@ class FrozenRewardModel:
         if self.net is None:
             with _autocast(self.autocast_dtype, input_ids.device):
                 return self.model.score(input_ids, attention_mask)
-        last = last_token_index(attention_mask)  # (B,)
-        cut = start - 1 if bool((last >= start - 1).all()) else 0  # every row's last token past the shared columns
+        index = last_token_index(attention_mask)  # (B,)
+        cut = start - 1 if bool((index >= start - 1).all()) else 0  # every row's last token past the shared columns
         hidden = self.net.hidden_states(input_ids, attention_mask, cut=cut)  # (B, T - cut, H)
-        last = hidden[torch.arange(hidden.shape[0]), last - cut]  # (B, H)
+        last = hidden[torch.arange(hidden.shape[0]), index - cut]  # (B, H)
         head = self.net.w.lm_head
         values = last @ head.weight.float().T  # (B, 1)
         if head.bias is not None:
