@@ -21,8 +21,9 @@ def synchronize() -> None:
 
 
 def median_time(fn: Callable[[], object], warmup: int = 2, repeats: int = 7, min_time: float = 0.2,
-                reduce: Callable[[list[float]], float] = statistics.median) -> float:
-    """Median (or `reduce`) seconds of one call of fn, over at least `repeats` calls and `min_time` seconds."""
+                reduce: Callable[[list[float]], float] = statistics.median, max_time: float = math.inf) -> float:
+    """Median (or `reduce`) seconds of one call of fn, over at least `repeats` calls and `min_time` seconds, unless
+    the calls already took `max_time` seconds (at least one call is always timed)."""
     for _ in range(warmup):
         fn()
     synchronize()
@@ -33,7 +34,7 @@ def median_time(fn: Callable[[], object], warmup: int = 2, repeats: int = 7, min
         fn()
         synchronize()
         times.append(time.perf_counter() - t0)
-        if len(times) >= 200:
+        if len(times) >= 200 or time.perf_counter() - start >= max_time:
             break
     return reduce(times)
 
@@ -74,9 +75,11 @@ def measure_roofline() -> Roofline:
     big, a, b = _probe_tensors()
     # The best call of each, not the median: the roofline is what the machine can do, and a slow spell of a shared
     # VM must not lower it (one run's median put the matmul at 68 GFLOP/s against 168-185 in the others of that hour).
+    # On a CPU without bf16 units a bf16 1024^3 matmul takes seconds: that probe stops after 2 s (it took a minute).
     return Roofline(read_bytes_per_s=_read_rate(big, repeats=7),
                     flops_per_s=_matmul_rate(a, b, repeats=20, min_time=0.5),
-                    bf16_flops_per_s=_matmul_rate(a.bfloat16(), b.bfloat16(), repeats=20, min_time=0.5))
+                    bf16_flops_per_s=_matmul_rate(a.bfloat16(), b.bfloat16(), warmup=1, repeats=20, min_time=0.5,
+                                                  max_time=2.0))
 
 
 def paired_roofline_fraction(fn: Callable[[], object], bytes_moved: float, flops: float = 0.0, rounds: int = 9
