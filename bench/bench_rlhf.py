@@ -24,15 +24,18 @@ process, deepspeed under ZeRO-3.
     pytest bench/bench_rlhf.py --benchmark-only -k "rlhf_step and not zero3" --benchmark-json=bench/results/rlhf.json
     pytest bench/bench_rlhf.py --benchmark-only -k zero3 --benchmark-json=bench/results/rlhf_zero3.json   # 7 minutes
     pytest bench/bench_rlhf.py --benchmark-only -k scaling --benchmark-json=bench/results/rlhf_scaling.json   # 24 min
+    pytest bench/bench_rlhf.py --benchmark-only -k batch --benchmark-json=bench/results/rlhf_batch.json
     pytest bench/bench_rlhf.py --benchmark-only -k curve --benchmark-json=bench/results/rlhf_curves.json
 
 The scaling runs (test_rlhf_scaling) time ours against each algorithm's baseline over model size (SIZES: ~10M,
 ~50M, ~125M parameters) at 32 new tokens, and over response length (LENGTHS, up to 512 new tokens) at ~10M,
-in fp32 with one round of 3 steps each. The reward-curve runs (test_rlhf_curve) run each algorithm's pair for
-CURVE_STEPS steps at CURVE_LR, in fp32, once for each of CURVE_SEEDS, and record the reward at every step.
+in fp32 with one round of 3 steps each. The batch runs (test_rlhf_batch) do the same over the prompts per step
+(BATCHES, 4 samples each) at ~10M and 32 new tokens, two interleaved rounds each. The reward-curve runs
+(test_rlhf_curve) run each algorithm's pair for CURVE_STEPS steps at CURVE_LR, in fp32, once for each of
+CURVE_SEEDS, and record the reward at every step.
 
 Only the selected cases run (-k). The 22 single-process cases took 13 minutes on 2 cores (two rounds each), the
-18 curve runs (6 pairs' members x 3 seeds) 24.
+18 curve runs (6 pairs' members x 3 seeds) 24, the 18 batch cases (two rounds each) 17.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import socket
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,6 +81,11 @@ SCALING = ([(a, v, size, LENGTHS[0]) for size in SIZES for a, pair in PAIRS.item
 """(algo, provider, size, max new tokens) of every scaling run: fp32, 3 steps, one round (a 125M step takes ~10-40
 s)."""
 SCALING_STEPS = 3
+BATCHES = [2, 8, 32]
+"""The batch runs' prompts per step (x 4 samples: 8 to 128 rows), at the smallest model and 32 new tokens."""
+BATCH = [(a, v, n) for n in BATCHES for a, pair in PAIRS.items() for v in pair]
+"""(algo, provider, prompts per step) of every batch run: fp32, SCALING_STEPS steps, ROUNDS interleaved rounds (the
+faster one reported), ours beside its baseline."""
 CURVE_STEPS = 40
 CURVE_LR = 1e-4
 """The reward-curve runs (test_rlhf_curve): each algorithm's pair at the default ~10M model, fp32, CURVE_STEPS
@@ -162,17 +171,29 @@ def _run_case(algo: str, precision: str, setup: str, provider: str, out: Path, e
     return json.loads(out.read_text())
 
 
-@pytest.fixture(scope="session")
-def rounds(request, tmp_path_factory, machine) -> dict:
-    """Every selected case run ROUNDS times, the rounds interleaved (round 1 of every case, then round 2), so that
-    slow spells of a shared machine fall on every provider alike; {case: [result of each round]}."""
-    cases = _selected(request, "test_rlhf_step", ("algo", "precision", "setup", "provider"), CASES)
-    out = tmp_path_factory.mktemp("rlhf")
+def _interleaved(cases: list, run: Callable[[tuple, int], dict]) -> dict:
+    """Every case run ROUNDS times, the rounds interleaved (round 1 of every case, then round 2), so that slow spells
+    of a shared machine fall on every provider alike; {case: [result of each round]}."""
     results: dict = {case: [] for case in cases}
     for r in range(ROUNDS):
         for case in cases:
-            results[case].append(_run_case(*case, out / f"{'-'.join(case)}-{r}.json"))
+            results[case].append(run(case, r))
     return results
+
+
+def _best_round(runs: list[dict], machine: dict) -> dict:
+    """The figures of the faster of a case's rounds, with every round's step time."""
+    best = min(runs, key=lambda r: _figures(r, machine)["step_s"])
+    return dict(settings=best["settings"], rounds=len(runs),
+                step_s_rounds=[_figures(r, machine)["step_s"] for r in runs], **_figures(best, machine))
+
+
+@pytest.fixture(scope="session")
+def rounds(request, tmp_path_factory, machine) -> dict:
+    """Every selected case, ROUNDS interleaved rounds: {case: [result of each round]}."""
+    cases = _selected(request, "test_rlhf_step", ("algo", "precision", "setup", "provider"), CASES)
+    out = tmp_path_factory.mktemp("rlhf")
+    return _interleaved(cases, lambda case, r: _run_case(*case, out / f"{'-'.join(case)}-{r}.json"))
 
 
 def _selected(request, test: str, params: tuple, cases: list) -> list:
@@ -196,6 +217,21 @@ def scaling_runs(request, tmp_path_factory, machine) -> dict:
         runs[(algo, provider, size, length)] = _run_case(algo, "fp32", "single", provider,
                                                          out / f"{algo}-{provider}-{size}-{length}.json", extra)
     return runs
+
+
+@pytest.fixture(scope="session")
+def batch_runs(request, tmp_path_factory, machine) -> dict:
+    """Every selected batch run, ROUNDS interleaved rounds: {(algo, provider, prompts): [result of each round]}."""
+    out = tmp_path_factory.mktemp("rlhf-batch")
+    hidden, layers = SIZES["10M"]
+
+    def run(case: tuple, r: int) -> dict:
+        algo, provider, prompts = case
+        extra = ("--hidden", str(hidden), "--layers", str(layers), "--completion", str(LENGTHS[0]),
+                 "--prompts", str(prompts), "--steps", str(SCALING_STEPS))
+        return _run_case(algo, "fp32", "single", provider, out / f"{algo}-{provider}-{prompts}-{r}.json", extra)
+
+    return _interleaved(_selected(request, "test_rlhf_batch", ("algo", "provider", "prompts"), BATCH), run)
 
 
 @pytest.fixture(scope="session")
@@ -241,14 +277,24 @@ def test_rlhf_scaling(benchmark, algo, provider, size, length, machine, scaling_
                                 rounds=1, **_figures(result, machine))
 
 
+@pytest.mark.parametrize("algo,provider,prompts", BATCH)
+def test_rlhf_batch(benchmark, algo, provider, prompts, machine, batch_runs):
+    """How each system's step grows with the batch (8 to 128 rows a step): ours against the baseline of the
+    algorithm at the smallest model and 32 new tokens, in one process, fp32."""
+    if (algo, provider, prompts) not in batch_runs:
+        pytest.skip("trl is not installed (pip install -e '.[dev]')")
+    runs, machine = batch_runs[(algo, provider, prompts)], best_roofline(machine)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are the worker's, below
+    benchmark.extra_info.update(provider=provider, algo=algo, precision="fp32", setup="single", size="10M",
+                                completion=LENGTHS[0], prompts=prompts, baseline=PAIRS[algo][1], **machine,
+                                **_best_round(runs, machine))
+
+
 @pytest.mark.parametrize("algo,precision,setup,provider", CASES)
 def test_rlhf_step(benchmark, algo, precision, setup, provider, machine, rounds):
     if (algo, precision, setup, provider) not in rounds:
         pytest.skip("trl is not installed (pip install -e '.[dev]')")
     runs, machine = rounds[(algo, precision, setup, provider)], best_roofline(machine)
-    best = min(runs, key=lambda r: _figures(r, machine)["step_s"])  # best of the interleaved rounds
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are the worker's, below
     benchmark.extra_info.update(provider=provider, algo=algo, precision=precision, setup=setup,
-                                baseline=baseline(algo, setup), **machine,
-                                settings=best["settings"], rounds=len(runs),
-                                step_s_rounds=[_figures(r, machine)["step_s"] for r in runs], **_figures(best, machine))
+                                baseline=baseline(algo, setup), **machine, **_best_round(runs, machine))

@@ -68,3 +68,26 @@ def test_machine_line_names_the_cpu_family_where_recorded():
     line = machine_line([{"extra_info": {**info, "cpu_id": "AuthenticAMD family 25 model 17"}}])
     assert line.startswith("Machine: AMD EPYC (AuthenticAMD family 25 model 17), AVX512, avx512_bf16, 2 threads")
     assert machine_line([{"extra_info": info}]).startswith("Machine: AMD EPYC, AVX512")  # results made before it
+
+
+def test_batch_table_pairs_each_row_with_its_baseline_at_the_same_batch(tmp_path):
+    """rlhf_batch.json's rows: each ratio against the baseline of the same algorithm and prompts per step, the
+    samples per step in the row, and a plot."""
+    from hybrid_engine.report import plot_rlhf, rlhf
+
+    def row(provider, prompts, step_s):
+        return {"extra_info": {
+            "provider": provider, "algo": "grpo", "precision": "fp32", "setup": "single", "size": "10M",
+            "completion": 32, "prompts": prompts, "baseline": "trl", "cpu": "AMD EPYC", "capability": "AVX2",
+            "threads": 2, "read_GBps": 30.0, "matmul_GFLOPps": 150.0, "params_M": 10.81, "step_s": step_s,
+            "samples_per_s": 4 * prompts / step_s, "generated_tokens_per_s": 100.0, "mean_response_tokens": 31.6,
+            "peak_rss_mb": 900, "rewards": [0.4, 0.5], "settings": {"prompts": prompts, "generations": 4,
+                                                                     "completion": 32, "steps": 3}}}
+
+    data = {"benchmarks": [row("ours", 2, 0.5), row("trl", 2, 1.0), row("ours", 8, 1.0), row("trl", 8, 3.0)]}
+    lines = rlhf.batch_table(data).splitlines()
+    assert lines[1].startswith("4 samples per prompt, 3 steps")
+    rows = [line for line in lines if line.startswith("| grpo")]
+    assert [r.split(" | ")[1] for r in rows] == ["8", "8", "32", "32"]
+    assert [r.split(" | ")[-1] for r in rows] == ["2.00x |", "1.00x |", "3.00x |", "1.00x |"]
+    assert plot_rlhf.plot_batch(data, tmp_path)[0].stat().st_size > 1000

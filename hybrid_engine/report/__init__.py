@@ -12,6 +12,7 @@ markers) and, for some, plots:
 | rlhf.json | bench/bench_rlhf.py | rlhf | rlhf_phases.png |
 | rlhf_zero3.json | bench/bench_rlhf.py -k zero3 | rlhf_zero3 | rlhf_zero3_phases.png |
 | rlhf_scaling.json | bench/bench_rlhf.py -k scaling | rlhf_scaling | rlhf_scaling.png |
+| rlhf_batch.json | bench/bench_rlhf.py -k batch | rlhf_batch | rlhf_batch.png |
 | rlhf_curves.json | bench/bench_rlhf.py -k curve | rlhf_curves | rlhf_curves.png |
 | train_summary.json | hybrid-engine train (its summary.json) | train | |
 """
@@ -32,6 +33,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "rlhf": ("rlhf", rlhf.table),
     "rlhf_zero3": ("rlhf_zero3", rlhf.zero3_table),
     "rlhf_scaling": ("rlhf_scaling", rlhf.scaling_table),
+    "rlhf_batch": ("rlhf_batch", rlhf.batch_table),
     "rlhf_curves": ("rlhf_curves", rlhf.curves_table),
     "train_summary": ("train", train.table),
 }
@@ -43,18 +45,13 @@ def _plots(stem: str) -> Callable[[dict, Path], list[Path]] | None:
         from hybrid_engine.report import plot_generation
 
         return plot_generation.plot
-    if stem in ("rlhf", "rlhf_zero3"):
+    if stem.startswith("rlhf"):
         from hybrid_engine.report import plot_rlhf
 
-        return lambda data, out_dir: plot_rlhf.plot(data, out_dir, f"{stem}_phases.png")
-    if stem == "rlhf_scaling":
-        from hybrid_engine.report import plot_rlhf
-
-        return plot_rlhf.plot_scaling
-    if stem == "rlhf_curves":
-        from hybrid_engine.report import plot_rlhf
-
-        return plot_rlhf.plot_curves
+        phases = {s: lambda data, out_dir, s=s: plot_rlhf.plot(data, out_dir, f"{s}_phases.png")
+                  for s in ("rlhf", "rlhf_zero3")}
+        return {**phases, "rlhf_scaling": plot_rlhf.plot_scaling, "rlhf_batch": plot_rlhf.plot_batch,
+                "rlhf_curves": plot_rlhf.plot_curves}.get(stem)
     return None
 
 

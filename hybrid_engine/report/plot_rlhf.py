@@ -1,6 +1,7 @@
 """The RLHF benchmark's plots (bench/bench_rlhf.py's pytest-benchmark JSON): step time by phase, stacked, per system
 (plot(): bench/rlhf_phases.png, bench/rlhf_zero3_phases.png), and the scaling runs' samples/s against model size and
-step time against response length (plot_scaling(): bench/rlhf_scaling.png), and the reward at every step of the
+step time against response length (plot_scaling(): bench/rlhf_scaling.png), the batch runs' samples/s and
+speed-up against the samples per step (plot_batch(): bench/rlhf_batch.png), and the reward at every step of the
 reward-curve runs (plot_curves(): bench/rlhf_curves.png).
 
 One panel per algorithm and precision; a bar per provider: generation, experience (reference, reward and critic
@@ -79,13 +80,54 @@ def plot_scaling(data: dict, out_dir: Path, name: str = "rlhf_scaling.png") -> l
     by_length.set(xscale="log", yscale="log", xlabel="max new tokens", ylabel="s per step",
                   title=f"step time against response length ({smallest}M)")
     for ax, key in ((by_size, "params_M"), (by_length, "completion")):
-        ticks = sorted({r[key] for r in rows})
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.grid(True, which="both", alpha=0.3)
+        _log_ticks(ax, sorted({r[key] for r in rows}))
     by_size.legend(fontsize=8)
+    fig.tight_layout()
+    out = out_dir / name
+    fig.savefig(out, dpi=110)
+    return [out]
+
+
+def _log_ticks(ax, ticks: list[float]) -> None:
+    """Plain numbers at `ticks` on a log x axis, and on the y axis; a light grid."""
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _samples(r: dict) -> int:
+    return r["settings"]["prompts"] * r["settings"]["generations"]
+
+
+def plot_batch(data: dict, out_dir: Path, name: str = "rlhf_batch.png") -> list[Path]:
+    """Two panels over the samples per step: samples/s, a line per algorithm and provider, and ours' speed-up over
+    its baseline, a line per algorithm."""
+    from hybrid_engine.report.rlhf import ratios
+
+    rows = [b["extra_info"] for b in data["benchmarks"]]
+    fig, (speed, gain) = plt.subplots(1, 2, figsize=(10, 4))
+    algos = list(dict.fromkeys(r["algo"] for r in rows))
+    for line in dict.fromkeys((r["algo"], r["provider"]) for r in rows):
+        style = dict(marker="o", color=f"C{algos.index(line[0])}", ls="-" if line[1].startswith("ours") else "--",
+                     label=" ".join(line))
+        speed.plot(*zip(*sorted((_samples(r), r["samples_per_s"]) for r in rows if (r["algo"], r["provider"]) == line)),
+                   **style)
+    for algo in algos:
+        points = sorted((_samples(r), x) for r, x in zip(rows, ratios(rows))
+                        if r["algo"] == algo and r["provider"] == "ours" and x is not None)
+        if points:
+            gain.plot(*zip(*points), marker="o", color=f"C{algos.index(algo)}", label=f"{algo}: ours / baseline")
+    speed.set(xscale="log", xlabel="samples per step", ylabel="samples/s",
+              title="samples/s against batch (10M, 32 new tokens)")
+    gain.set(xscale="log", xlabel="samples per step", ylabel="speed-up (baseline step s / ours)",
+             title="speed-up against batch")
+    ticks = sorted({_samples(r) for r in rows})
+    for ax in (speed, gain):
+        _log_ticks(ax, ticks)
+    speed.legend(fontsize=8)
+    gain.legend(fontsize=8)
     fig.tight_layout()
     out = out_dir / name
     fig.savefig(out, dpi=110)

@@ -4,13 +4,15 @@ one process. rlhf_zero3.json (`<!-- bench:rlhf_zero3:start -->`): our PPO under 
 against the same with HF generate on the ZeRO-3 module (deepspeed), actor full and LoRA. Ratios are against the
 row's baseline (its `baseline` field: the provider of the same algorithm, precision and setup that is not ours) in
 the same run. rlhf_scaling.json (`<!-- bench:rlhf_scaling:start -->`): ours against those baselines over model size
-and response length. rlhf_curves.json (`<!-- bench:rlhf_curves:start -->`): the reward at every step of longer runs,
+and response length. rlhf_batch.json (`<!-- bench:rlhf_batch:start -->`): the same over the samples per step.
+rlhf_curves.json (`<!-- bench:rlhf_curves:start -->`): the reward at every step of longer runs,
 ours against the baselines (equal learning).
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 
 from hybrid_engine.report.tables import machine_line
 
@@ -22,9 +24,9 @@ COLOSSAL = ("Colossal-AI is not measured, because its latest release on the inde
 
 
 def key(r: dict) -> tuple:
-    """What a row's ratio holds equal: algorithm, precision, setup and, in the scaling runs, model size and response
-    length."""
-    return r["algo"], r["precision"], r.get("setup", "single"), r.get("size"), r.get("completion")
+    """What a row's ratio holds equal: algorithm, precision, setup and, in the scaling and batch runs, model size,
+    response length and prompts per step."""
+    return r["algo"], r["precision"], r.get("setup", "single"), r.get("size"), r.get("completion"), r.get("prompts")
 
 
 def ratios(rows: list[dict]) -> list[float | None]:
@@ -33,21 +35,28 @@ def ratios(rows: list[dict]) -> list[float | None]:
     return [baselines[key(r)]["step_s"] / r["step_s"] if key(r) in baselines else None for r in rows]
 
 
-def _rows(data: dict, scaling: bool = False) -> list[str]:
-    """The table's rows: one per case, with its phase split where reported and its ratio to its baseline; the
-    scaling runs' rows name their model size and response length instead of the setup."""
+Axes = tuple[str, Callable[[dict], str]]
+"""The columns that say where a row sits: their header, and the row's cells."""
+SETUP: Axes = ("precision | setup", lambda r: f"{r['precision']} | {r.get('setup', 'single')}")
+SCALING: Axes = ("params M | max new tokens | mean response tokens",
+                 lambda r: f"{r['params_M']} | {r['completion']} | {r['mean_response_tokens']:.0f}")
+BATCH: Axes = ("samples per step | mean response tokens",
+               lambda r: f"{r['settings']['prompts'] * r['settings']['generations']} | {r['mean_response_tokens']:.0f}")
+
+
+def _rows(data: dict, axes: Axes = SETUP) -> list[str]:
+    """The table's rows: one per case, where it sits (`axes`), its phase split where reported and its ratio to its
+    baseline."""
     rows = [b["extra_info"] for b in data["benchmarks"]]
-    axes = "params M | max new tokens | mean response tokens" if scaling else "precision | setup"
-    lines = [f"| algo | {axes} | provider | step s | samples/s | generated tokens/s | peak RSS MB | reward, "
+    header, where = axes
+    lines = [f"| algo | {header} | provider | step s | samples/s | generated tokens/s | peak RSS MB | reward, "
              "first -> last step | % of roofline: step (generate, score, train) | vs baseline |",
-             "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * scaling]
+             "|---|" + "---|" * (header.count("|") + 1) + "---|---|---|---|---|---|---|---|"]
     for r, ratio in zip(rows, ratios(rows)):
         phases = ""
         if "generate_s" in r:
             phases = f" (generate {r['generate_s']:.2f}, score {r['experience_s']:.2f}, train {r['train_s']:.2f})"
-        where = (f"{r['params_M']} | {r['completion']} | {r['mean_response_tokens']:.0f}" if scaling
-                 else f"{r['precision']} | {r.get('setup', 'single')}")
-        lines.append(f"| {r['algo']} | {where} | {r['provider']} | "
+        lines.append(f"| {r['algo']} | {where(r)} | {r['provider']} | "
                      f"{r['step_s']:.2f}{phases} | {r['samples_per_s']:.1f} | {r['generated_tokens_per_s']:.0f} | "
                      f"{r['peak_rss_mb']} | {r['rewards'][0]:.3f} -> {r['rewards'][-1]:.3f} | {_roofline(r)} | "
                      f"{'' if ratio is None else f'{ratio:.2f}x'} |")
@@ -64,15 +73,17 @@ def _roofline(r: dict) -> str:
     return f"{100 * r['step_roofline_fraction']:.0f}{split}"
 
 
-def _table(data: dict, how: str, scaling: bool = False) -> str:
-    """The machine, the settings followed by `how` (what the table compares), and the rows."""
+def _table(data: dict, how: str, axes: Axes = SETUP) -> str:
+    """The machine, the settings followed by `how` (what the table compares), and the rows. Settings that vary
+    between the rows (the model, the response length, the batch) are left to `how` and the rows."""
     first = data["benchmarks"][0]["extra_info"]
     s = first["settings"]
-    model = "" if scaling else f"Model {first['params_M']}M parameters; "
-    length = "" if scaling else f", {s['completion']} new tokens"
-    settings = (f"{model}{s['prompts']} prompts x {s['generations']} samples per step{length}, {s['steps']} steps "
-                "(the first not timed)")
-    return "\n".join([machine_line(data["benchmarks"]) + ".", settings + how, "", *_rows(data, scaling)])
+    model = f"Model {first['params_M']}M parameters; " if axes is SETUP else ""
+    length = f", {s['completion']} new tokens" if axes is SETUP else ""
+    batch = (f"{s['generations']} samples per prompt" if axes is BATCH
+             else f"{s['prompts']} prompts x {s['generations']} samples per step")
+    settings = f"{model}{batch}{length}, {s['steps']} steps (the first not timed)"
+    return "\n".join([machine_line(data["benchmarks"]) + ".", settings + how, "", *_rows(data, axes)])
 
 
 def table(data: dict) -> str:
@@ -99,7 +110,14 @@ def scaling_table(data: dict) -> str:
     return _table(data, "; fp32, one process, one round. Model sizes 10M, 50M and 125M parameters (hidden 384 x 6 "
                   "layers, 512 x 16, 768 x 18, over the demo tokenizer's 246 tokens) at 32 new tokens, and 32 to 512 "
                   "new tokens at 10M (a response also ends at eos: the mean response column). The ratio is the "
-                  "baseline's step time over the row's: TRL for grpo and rloo, the HF baseline for ppo.", scaling=True)
+                  "baseline's step time over the row's: TRL for grpo and rloo, the HF baseline for ppo.", SCALING)
+
+
+def batch_table(data: dict) -> str:
+    """rlhf_batch.json's table: ours against each algorithm's baseline over the samples per step."""
+    return _table(data, "; fp32, one process, the faster of two interleaved rounds, the 10M model (hidden 384 x 6 "
+                  "layers) at 32 new tokens, with 2, 8 and 32 prompts a step. The ratio is the baseline's step time "
+                  "over the row's at the same batch: TRL for grpo and rloo, the HF baseline for ppo.", BATCH)
 
 
 CURVE_TAIL = 10
