@@ -23,14 +23,14 @@ process, deepspeed under ZeRO-3.
 
     pytest bench/bench_rlhf.py --benchmark-only -k "rlhf_step and not zero3" --benchmark-json=bench/results/rlhf.json
     pytest bench/bench_rlhf.py --benchmark-only -k zero3 --benchmark-json=bench/results/rlhf_zero3.json   # 7 minutes
-    pytest bench/bench_rlhf.py --benchmark-only -k scaling --benchmark-json=bench/results/rlhf_scaling.json   # 24 min
+    pytest bench/bench_rlhf.py --benchmark-only -k scaling --benchmark-json=bench/results/rlhf_scaling.json   # ~60 min
     pytest bench/bench_rlhf.py --benchmark-only -k batch --benchmark-json=bench/results/rlhf_batch.json
     pytest bench/bench_rlhf.py --benchmark-only -k curve --benchmark-json=bench/results/rlhf_curves.json
 
 The scaling runs (test_rlhf_scaling) time ours against each algorithm's baseline over model size (SIZES: ~10M,
 ~50M, ~125M parameters) at 32 new tokens, and over response length (LENGTHS, up to 512 new tokens) at ~10M,
-in fp32 with one round of 3 steps each. The batch runs (test_rlhf_batch) do the same over the prompts per step
-(BATCHES, 4 samples each) at ~10M and 32 new tokens, two interleaved rounds each. The reward-curve runs
+in fp32 with two interleaved rounds of 3 steps each. The batch runs (test_rlhf_batch) do the same over the prompts
+per step (BATCHES, 4 samples each) at ~10M and 32 new tokens. The reward-curve runs
 (test_rlhf_curve) run each algorithm's pair for CURVE_STEPS steps at CURVE_LR, in fp32, once for each of
 CURVE_SEEDS, and record the reward at every step.
 
@@ -78,8 +78,8 @@ LENGTHS = [32, 128, 512]
 """The scaling runs' response lengths (max new tokens; a response also ends at eos), at the smallest model."""
 SCALING = ([(a, v, size, LENGTHS[0]) for size in SIZES for a, pair in PAIRS.items() for v in pair]
            + [(a, v, "10M", n) for n in LENGTHS[1:] for a in ("grpo", "ppo") for v in PAIRS[a]])
-"""(algo, provider, size, max new tokens) of every scaling run: fp32, 3 steps, one round (a 125M step takes ~10-40
-s)."""
+"""(algo, provider, size, max new tokens) of every scaling run: fp32, 3 steps, ROUNDS interleaved rounds (the faster
+one reported; a 125M step takes ~10-40 s)."""
 SCALING_STEPS = 3
 BATCHES = [2, 8, 32]
 """The batch runs' prompts per step (x 4 samples: 8 to 128 rows), at the smallest model and 32 new tokens."""
@@ -206,17 +206,18 @@ def _selected(request, test: str, params: tuple, cases: list) -> list:
 
 @pytest.fixture(scope="session")
 def scaling_runs(request, tmp_path_factory, machine) -> dict:
-    """Every selected scaling run, once: {(algo, provider, size, length): result}."""
+    """Every selected scaling run, ROUNDS interleaved rounds: {(algo, provider, size, length): [result of each
+    round]}."""
     out = tmp_path_factory.mktemp("rlhf-scaling")
-    runs = {}
-    for algo, provider, size, length in _selected(request, "test_rlhf_scaling", ("algo", "provider", "size",
-                                                                                 "length"), SCALING):
+
+    def run(case: tuple, r: int) -> dict:
+        algo, provider, size, length = case
         hidden, layers = SIZES[size]
         extra = ("--hidden", str(hidden), "--layers", str(layers), "--completion", str(length),
                  "--steps", str(SCALING_STEPS))
-        runs[(algo, provider, size, length)] = _run_case(algo, "fp32", "single", provider,
-                                                         out / f"{algo}-{provider}-{size}-{length}.json", extra)
-    return runs
+        return _run_case(algo, "fp32", "single", provider, out / f"{algo}-{provider}-{size}-{length}-{r}.json", extra)
+
+    return _interleaved(_selected(request, "test_rlhf_scaling", ("algo", "provider", "size", "length"), SCALING), run)
 
 
 @pytest.fixture(scope="session")
@@ -270,11 +271,10 @@ def test_rlhf_scaling(benchmark, algo, provider, size, length, machine, scaling_
     new tokens): ours against the baseline of the algorithm, in one process, fp32."""
     if (algo, provider, size, length) not in scaling_runs:
         pytest.skip("trl is not installed (pip install -e '.[dev]')")
-    result, machine = scaling_runs[(algo, provider, size, length)], best_roofline(machine)
+    runs, machine = scaling_runs[(algo, provider, size, length)], best_roofline(machine)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are the worker's, below
     benchmark.extra_info.update(provider=provider, algo=algo, precision="fp32", setup="single", size=size,
-                                completion=length, baseline=PAIRS[algo][1], **machine, settings=result["settings"],
-                                rounds=1, **_figures(result, machine))
+                                completion=length, baseline=PAIRS[algo][1], **machine, **_best_round(runs, machine))
 
 
 @pytest.mark.parametrize("algo,provider,prompts", BATCH)
