@@ -183,9 +183,19 @@ def _interleaved(cases: list, run: Callable[[tuple, int], dict]) -> dict:
 
 def _best_round(runs: list[dict], machine: dict) -> dict:
     """The figures of the faster of a case's rounds, with every round's step time."""
-    best = min(runs, key=lambda r: _figures(r, machine)["step_s"])
-    return dict(settings=best["settings"], rounds=len(runs),
-                step_s_rounds=[_figures(r, machine)["step_s"] for r in runs], **_figures(best, machine))
+    figures = [_figures(r, machine) for r in runs]
+    best = min(range(len(runs)), key=lambda i: figures[i]["step_s"])
+    return dict(settings=runs[best]["settings"], rounds=len(runs), step_s_rounds=[f["step_s"] for f in figures],
+                **figures[best])
+
+
+def _sized_case(algo: str, provider: str, out: Path, size: str, length: int, *more: str) -> dict:
+    """One fp32 single-process run of the scaling and batch sets: the model of SIZES[size], `length` new tokens,
+    SCALING_STEPS steps, and `more` worker arguments."""
+    hidden, layers = SIZES[size]
+    extra = ("--hidden", str(hidden), "--layers", str(layers), "--completion", str(length),
+             "--steps", str(SCALING_STEPS), *more)
+    return _run_case(algo, "fp32", "single", provider, out, extra)
 
 
 @pytest.fixture(scope="session")
@@ -212,10 +222,7 @@ def scaling_runs(request, tmp_path_factory, machine) -> dict:
 
     def run(case: tuple, r: int) -> dict:
         algo, provider, size, length = case
-        hidden, layers = SIZES[size]
-        extra = ("--hidden", str(hidden), "--layers", str(layers), "--completion", str(length),
-                 "--steps", str(SCALING_STEPS))
-        return _run_case(algo, "fp32", "single", provider, out / f"{algo}-{provider}-{size}-{length}-{r}.json", extra)
+        return _sized_case(algo, provider, out / f"{'-'.join(map(str, case))}-{r}.json", size, length)
 
     return _interleaved(_selected(request, "test_rlhf_scaling", ("algo", "provider", "size", "length"), SCALING), run)
 
@@ -224,13 +231,11 @@ def scaling_runs(request, tmp_path_factory, machine) -> dict:
 def batch_runs(request, tmp_path_factory, machine) -> dict:
     """Every selected batch run, ROUNDS interleaved rounds: {(algo, provider, prompts): [result of each round]}."""
     out = tmp_path_factory.mktemp("rlhf-batch")
-    hidden, layers = SIZES["10M"]
 
     def run(case: tuple, r: int) -> dict:
         algo, provider, prompts = case
-        extra = ("--hidden", str(hidden), "--layers", str(layers), "--completion", str(LENGTHS[0]),
-                 "--prompts", str(prompts), "--steps", str(SCALING_STEPS))
-        return _run_case(algo, "fp32", "single", provider, out / f"{algo}-{provider}-{prompts}-{r}.json", extra)
+        return _sized_case(algo, provider, out / f"{'-'.join(map(str, case))}-{r}.json", "10M", LENGTHS[0],
+                           "--prompts", str(prompts))
 
     return _interleaved(_selected(request, "test_rlhf_batch", ("algo", "provider", "prompts"), BATCH), run)
 

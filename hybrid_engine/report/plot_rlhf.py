@@ -97,14 +97,10 @@ def _log_ticks(ax, ticks: list[float]) -> None:
     ax.grid(True, which="both", alpha=0.3)
 
 
-def _samples(r: dict) -> int:
-    return r["settings"]["prompts"] * r["settings"]["generations"]
-
-
 def plot_batch(data: dict, out_dir: Path, name: str = "rlhf_batch.png") -> list[Path]:
     """Two panels over the samples per step: samples/s, a line per algorithm and provider, and ours' speed-up over
     its baseline, a line per algorithm."""
-    from hybrid_engine.report.rlhf import ratios
+    from hybrid_engine.report.rlhf import ratios, samples_per_step
 
     rows = [b["extra_info"] for b in data["benchmarks"]]
     fig, (speed, gain) = plt.subplots(1, 2, figsize=(10, 4))
@@ -112,10 +108,10 @@ def plot_batch(data: dict, out_dir: Path, name: str = "rlhf_batch.png") -> list[
     for line in dict.fromkeys((r["algo"], r["provider"]) for r in rows):
         style = dict(marker="o", color=f"C{algos.index(line[0])}", ls="-" if line[1].startswith("ours") else "--",
                      label=" ".join(line))
-        speed.plot(*zip(*sorted((_samples(r), r["samples_per_s"]) for r in rows if (r["algo"], r["provider"]) == line)),
-                   **style)
+        mine = [r for r in rows if (r["algo"], r["provider"]) == line]
+        speed.plot(*zip(*sorted((samples_per_step(r), r["samples_per_s"]) for r in mine)), **style)
     for algo in algos:
-        points = sorted((_samples(r), x) for r, x in zip(rows, ratios(rows))
+        points = sorted((samples_per_step(r), x) for r, x in zip(rows, ratios(rows))
                         if r["algo"] == algo and r["provider"] == "ours" and x is not None)
         if points:
             gain.plot(*zip(*points), marker="o", color=f"C{algos.index(algo)}", label=f"{algo}: ours / baseline")
@@ -123,7 +119,7 @@ def plot_batch(data: dict, out_dir: Path, name: str = "rlhf_batch.png") -> list[
               title="samples/s against batch (10M, 32 new tokens)")
     gain.set(xscale="log", xlabel="samples per step", ylabel="speed-up (baseline step s / ours)",
              title="speed-up against batch")
-    ticks = sorted({_samples(r) for r in rows})
+    ticks = sorted({samples_per_step(r) for r in rows})
     for ax in (speed, gain):
         _log_ticks(ax, ticks)
     speed.legend(fontsize=8)

@@ -35,13 +35,18 @@ def ratios(rows: list[dict]) -> list[float | None]:
     return [baselines[key(r)]["step_s"] / r["step_s"] if key(r) in baselines else None for r in rows]
 
 
+def samples_per_step(r: dict) -> int:
+    """A row's samples per step: its prompts times the samples of each."""
+    return r["settings"]["prompts"] * r["settings"]["generations"]
+
+
 Axes = tuple[str, Callable[[dict], str]]
 """The columns that say where a row sits: their header, and the row's cells."""
 SETUP: Axes = ("precision | setup", lambda r: f"{r['precision']} | {r.get('setup', 'single')}")
 SCALING: Axes = ("params M | max new tokens | mean response tokens",
                  lambda r: f"{r['params_M']} | {r['completion']} | {r['mean_response_tokens']:.0f}")
 BATCH: Axes = ("samples per step | mean response tokens",
-               lambda r: f"{r['settings']['prompts'] * r['settings']['generations']} | {r['mean_response_tokens']:.0f}")
+               lambda r: f"{samples_per_step(r)} | {r['mean_response_tokens']:.0f}")
 
 
 def _rows(data: dict, axes: Axes = SETUP) -> list[str]:
