@@ -1,6 +1,7 @@
-"""Packaging. `pip install -e .` installs the Python package and compiles nothing: the C++ ops are
-JIT-compiled on first use. `HYBRID_ENGINE_BUILD_OPS=1 pip install --no-build-isolation .` builds
-them ahead of time from the same source and flag lists (hybrid_engine/_build.py)."""
+"""Packaging. `pip install -e .` (or a wheel) installs the Python package with its C++ and CUDA
+sources (hybrid_engine/csrc/) and compiles nothing: the ops are JIT-compiled on first use.
+`HYBRID_ENGINE_BUILD_OPS=1 pip install --no-build-isolation .` builds them ahead of time from the
+same source and flag lists (hybrid_engine/_build.py)."""
 
 import importlib.util
 import os

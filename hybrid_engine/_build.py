@@ -1,8 +1,10 @@
 """Sources, flags and loading of the compiled ops: one list serves the JIT load and the AOT build.
 
-The C++ ops are compiled for the CPU they run on (AVX-512 or AVX2 code paths, as torch itself
-reports its capability), cached under a directory keyed on torch's version and that capability,
-and loaded from the cache on every later import without a rebuild.
+The C++ and CUDA sources ship inside the package (hybrid_engine/csrc/), so an installed wheel builds
+its ops as a checkout does. The ops are compiled for the CPU they run on (AVX-512 or AVX2 code paths,
+as torch itself reports its capability), cached under a directory keyed on torch's version, the
+package's location, the Python environment and that capability, and loaded from the cache on every
+later import without a rebuild.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-CSRC = ROOT / "csrc"
+PACKAGE = Path(__file__).resolve().parent  # a checkout's hybrid_engine/ or an install's site-packages/hybrid_engine/
+ROOT = PACKAGE.parent  # where setup.py sits in a checkout (the AOT build's sources are relative to it)
+CSRC = PACKAGE / "csrc"
 INCLUDE_DIRS = [str(CSRC / "include")]
 
 # One list: the CPU kernels, one file per op family, plus the single registration file.
@@ -109,14 +112,20 @@ def extension_name() -> str:
     return f"hybrid_engine_C_{key}"
 
 
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
 def build_directory() -> Path:
-    """The JIT cache: one directory per checkout, torch version and CPU capability (two checkouts
-    sharing one directory would rebuild over each other)."""
+    """The JIT cache: one directory per torch version, package location (a checkout or an install), Python
+    environment (sys.prefix) and CPU capability. Two checkouts, or two virtualenvs on one checkout, sharing
+    one directory would rebuild over each other."""
     base = os.environ.get("HYBRID_ENGINE_BUILD_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hybrid_engine"
     )
-    checkout = hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]
-    path = Path(base) / f"torch{torch.__version__.replace('+', '_')}-{checkout}" / extension_name()
+    location, environment = _short_hash(str(PACKAGE)), _short_hash(os.path.realpath(sys.prefix))
+    key = f"torch{torch.__version__.replace('+', '_')}-{location}-env{environment}"
+    path = Path(base) / key / extension_name()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -146,7 +155,7 @@ def _clear_stale_lock(directory: Path, max_age_s: float = 900.0) -> None:
 
 def _prebuilt() -> str | None:
     """A library built ahead of time by setup.py for this machine's capability, if any."""
-    pattern = str(Path(__file__).parent / f"{extension_name()}*.so")
+    pattern = str(PACKAGE / f"{extension_name()}*.so")
     matches = glob.glob(pattern)
     return matches[0] if matches else None
 

@@ -56,7 +56,8 @@ def _check_plan(
     col_start: int,
     col_count: int,
 ) -> int:
-    """The C++ plan check (csrc/cpu/reshard.cpp) for the Triton and reference backends: same rules and messages."""
+    """The C++ plan check (hybrid_engine/csrc/cpu/reshard.cpp) for the Triton and reference backends: same rules
+    and messages."""
     for arg, value in (
         ("offset", offset),
         ("row_stride", row_stride),

@@ -11,8 +11,8 @@ hidden_act "silu"), gate and up of one shape and dtype.
 Both compute in fp32 and round once to the inputs' dtype (HF rounds every intermediate under bf16 autocast).
 Eager PyTorch spends several passes and temporaries on each (rotate_half's slices, negation and cat, then two
 products and a sum; silu, then a product, and four passes backward); each kernel here is one pass forward and
-one backward. The CPU kernels are in csrc/cpu/rotary.cpp and csrc/cpu/swiglu.cpp; on other devices, and with
-use_backend("reference") or ("triton"), the pure-torch reference runs (no GPU kernels yet).
+one backward. The CPU kernels are in hybrid_engine/csrc/cpu/rotary.cpp and hybrid_engine/csrc/cpu/swiglu.cpp; on
+other devices, and with use_backend("reference") or ("triton"), the pure-torch reference runs (no GPU kernels yet).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-// decode_linear on AMX tiles (csrc/cpu/linear_amx.cpp): the path csrc/cpu/linear.cpp takes for bf16 weights
-// and larger activation blocks on CPUs with AMX-BF16. Only AVX-512 builds have it.
+// decode_linear on AMX tiles (hybrid_engine/csrc/cpu/linear_amx.cpp): the path hybrid_engine/csrc/cpu/linear.cpp
+// takes for bf16 weights and larger activation blocks on CPUs with AMX-BF16. Only AVX-512 builds have it.
 #pragma once
 
 #include <c10/util/BFloat16.h>

@@ -1,4 +1,4 @@
-// CUDA launchers for rms_norm (csrc/cuda/norm.cu). Torch-free: raw pointers, sizes and a stream.
+// CUDA launchers for rms_norm (hybrid_engine/csrc/cuda/norm.cu). Torch-free: raw pointers, sizes and a stream.
 // T is x's element type (float, __half or __nv_bfloat16); W the weight's (float or T). Everything is
 // computed in fp32 and rounded once to the output's type.
 #pragma once

@@ -1,4 +1,4 @@
-// CUDA launcher for gae (csrc/cuda/gae.cu). Torch-free: raw pointers, sizes and a stream.
+// CUDA launcher for gae (hybrid_engine/csrc/cuda/gae.cu). Torch-free: raw pointers, sizes and a stream.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,4 +1,4 @@
-// CUDA launcher for rotary_append_kv (csrc/cuda/rotary.cu). Torch-free: raw pointers, sizes and a stream.
+// CUDA launcher for rotary_append_kv (hybrid_engine/csrc/cuda/rotary.cu). Torch-free: raw pointers, sizes and a stream.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -1,6 +1,6 @@
 // The thin layer between torch and the torch-free CUDA kernels: argument checks, output
 // allocation, raw pointers and the current stream. Compiled only into CUDA builds of the extension
-// (HYBRID_ENGINE_CUDA); the kernels themselves live in csrc/cuda/<family>.cu.
+// (HYBRID_ENGINE_CUDA); the kernels themselves live in hybrid_engine/csrc/cuda/<family>.cu.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -429,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_backward_cuda(const at::Tensor
 
 
 // ---- reshard ----
-// Defined in csrc/cpu/reshard.cpp, which every build compiles: both devices reject the same calls.
+// Defined in hybrid_engine/csrc/cpu/reshard.cpp, which every build compiles: both devices reject the same calls.
 int64_t check_reshard_gather_args(const at::Tensor& src, int64_t offset, int64_t row_stride,
                                   at::IntArrayRef row_starts, at::IntArrayRef row_counts, int64_t col_start,
                                   int64_t col_count);

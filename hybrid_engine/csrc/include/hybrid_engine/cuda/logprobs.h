@@ -1,4 +1,4 @@
-// CUDA launchers for token_logprobs (csrc/cuda/logprobs.cu). Torch-free: raw pointers, sizes and a
+// CUDA launchers for token_logprobs (hybrid_engine/csrc/cuda/logprobs.cu). Torch-free: raw pointers, sizes and a
 // stream. The logits blocks come from a GEMM done by the caller (cuBLAS through at::mm); these
 // kernels do everything after it. Each launcher has an fp32, a bf16 and an fp16 overload; the
 // logits' dtype is the one the GEMM produced (the inputs' dtype), the softmax math is fp32.

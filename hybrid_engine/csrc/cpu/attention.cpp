@@ -406,7 +406,7 @@ at::Tensor prefill_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tens
 }  // namespace
 
 // Shape, dtype, same-device and layout checks shared by the CPU and CUDA implementations
-// (csrc/cuda/bindings.cpp); each then checks that q is on its own device type.
+// (hybrid_engine/csrc/cuda/bindings.cpp); each then checks that q is on its own device type.
 #define HE_OP "decode_attention"
 void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& seq_lens) {

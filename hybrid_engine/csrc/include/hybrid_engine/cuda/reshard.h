@@ -1,4 +1,4 @@
-// CUDA launcher for reshard (csrc/cuda/reshard.cu). Torch-free: raw pointers, sizes and a stream.
+// CUDA launcher for reshard (hybrid_engine/csrc/cuda/reshard.cu). Torch-free: raw pointers, sizes and a stream.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,5 +1,6 @@
-// Declarations of every op's CPU implementation (csrc/cpu/<family>.cpp) and, in CUDA builds, its
-// CUDA host function (csrc/cuda/bindings.cpp). Schemas and shape contracts: csrc/torch_bindings.cpp.
+// Declarations of every op's CPU implementation (hybrid_engine/csrc/cpu/<family>.cpp) and, in CUDA builds, its
+// CUDA host function (hybrid_engine/csrc/cuda/bindings.cpp). Schemas and shape contracts:
+// hybrid_engine/csrc/torch_bindings.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,7 +11,7 @@
 
 namespace hybrid_engine {
 
-// ---- attention (csrc/cpu/attention.cpp) ----
+// ---- attention (hybrid_engine/csrc/cpu/attention.cpp) ----
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& seq_lens, double scale);
 at::Tensor prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -24,19 +25,19 @@ void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
 void check_prefill_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& seq_lens);
 
-// ---- rotary (csrc/cpu/rotary.cpp) ----
+// ---- rotary (hybrid_engine/csrc/cpu/rotary.cpp) ----
 void rotary_append_kv_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& positions, const std::optional<at::Tensor>& cos,
                           const std::optional<at::Tensor>& sin);
 
-// ---- norm (csrc/cpu/norm.cpp) ----
+// ---- norm (hybrid_engine/csrc/cpu/norm.cpp) ----
 std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_residual_cpu(const at::Tensor& x, const at::Tensor& residual,
                                                                      const at::Tensor& weight, double eps);
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                          const at::Tensor& weight, const at::Tensor& rstd);
 
-// ---- logprobs (csrc/cpu/logprobs.cpp) ----
+// ---- logprobs (hybrid_engine/csrc/cpu/logprobs.cpp) ----
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                                                   const at::Tensor& tokens, double temperature,
                                                                   bool with_entropy);
@@ -46,17 +47,17 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_backward_cpu(const at::Tensor&
                                                                const at::Tensor& tokens, const at::Tensor& lse,
                                                                const at::Tensor& entropy, double temperature);
 
-// ---- gae (csrc/cpu/gae.cpp) ----
+// ---- gae (hybrid_engine/csrc/cpu/gae.cpp) ----
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask,
                                            double gamma, double lam);
 
-// ---- reshard (csrc/cpu/reshard.cpp) ----
+// ---- reshard (hybrid_engine/csrc/cpu/reshard.cpp) ----
 at::Tensor reshard_gather_cpu(const at::Tensor& src, int64_t offset, int64_t row_stride, at::IntArrayRef row_starts,
                               at::IntArrayRef row_counts, int64_t col_start, int64_t col_count);
 void reshard_scatter_cpu(const at::Tensor& dst, const at::Tensor& shard, int64_t offset, int64_t row_stride,
                          at::IntArrayRef row_starts, at::IntArrayRef row_counts, int64_t col_start);
 
-// ---- training ops (csrc/cpu/rotary.cpp, csrc/cpu/swiglu.cpp), CPU only ----
+// ---- training ops (hybrid_engine/csrc/cpu/rotary.cpp, hybrid_engine/csrc/cpu/swiglu.cpp), CPU only ----
 // HF's apply_rotary_pos_emb for q [B, Hq, T, D] and k (its transpose with `backward`), contiguous outputs.
 std::tuple<at::Tensor, at::Tensor> rotary_embed_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                                     const at::Tensor& sin, bool backward);
@@ -64,7 +65,7 @@ at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up);
 std::tuple<at::Tensor, at::Tensor> silu_mul_backward_cpu(const at::Tensor& grad, const at::Tensor& gate,
                                                          const at::Tensor& up);
 
-// ---- linear (csrc/cpu/linear.cpp) ----
+// ---- linear (hybrid_engine/csrc/cpu/linear.cpp) ----
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 // Where decode_linear_cpu hands over to torch's GEMM (see linear.cpp); process-wide, set by the calibration.
 void set_decode_linear_routes(int64_t fp32_torch_max_rows, int64_t fp32_kernel_max_rows,
@@ -73,7 +74,7 @@ std::vector<int64_t> decode_linear_routes();
 // Whether this build and CPU run bf16 weights with K elements per row on AMX tiles (linear_amx.cpp).
 bool decode_linear_has_amx(int64_t K);
 
-// ---- decode_step (csrc/cpu/decode_step.cpp): a whole model's decode step, CPU only ----
+// ---- decode_step (hybrid_engine/csrc/cpu/decode_step.cpp): a whole model's decode step, CPU only ----
 at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& weights,
                            const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& lengths,
                            const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
@@ -81,7 +82,7 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
                            int64_t activation, double eps, at::ArrayRef<double> scales);
 
 #ifdef HYBRID_ENGINE_CUDA
-// ---- CUDA host functions (csrc/cuda/bindings.cpp), same contracts as the CPU ones ----
+// ---- CUDA host functions (hybrid_engine/csrc/cuda/bindings.cpp), same contracts as the CPU ones ----
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& seq_lens, double scale);
 at::Tensor prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -1,4 +1,4 @@
-// CUDA launchers for decode_attention and prefill_attention (csrc/cuda/attention.cu). Torch-free:
+// CUDA launchers for decode_attention and prefill_attention (hybrid_engine/csrc/cuda/attention.cu). Torch-free:
 // raw pointers, sizes, strides in elements and a stream.
 #pragma once
 

@@ -125,7 +125,7 @@ void copy_plan(char* flat, char* shard, const Plan& p) {
 }  // namespace
 
 // The device-independent argument checks of both ops, shared with the CUDA binding
-// (csrc/cuda/bindings.cpp) so that both devices reject the same calls with the same messages.
+// (hybrid_engine/csrc/cuda/bindings.cpp) so that both devices reject the same calls with the same messages.
 // Each returns the shard's row count.
 #define HE_OP "reshard_gather"
 int64_t check_reshard_gather_args(const at::Tensor& src, int64_t offset, int64_t row_stride,

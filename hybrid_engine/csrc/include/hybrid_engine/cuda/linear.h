@@ -1,4 +1,4 @@
-// CUDA launcher for decode_linear (csrc/cuda/linear.cu). Torch-free: raw pointers, sizes and a stream.
+// CUDA launcher for decode_linear (hybrid_engine/csrc/cuda/linear.cu). Torch-free: raw pointers, sizes and a stream.
 #pragma once
 
 #include <cuda_runtime.h>

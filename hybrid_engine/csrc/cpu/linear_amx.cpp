@@ -1,9 +1,9 @@
 // decode_linear with a bf16 weight on AMX tiles. The activations are split exactly into three bf16 terms,
 // x = hi + mid + lo (each the top 8 significant bits of what is left), so every weight x term product is exact
-// in fp32 and the tile unit accumulates in fp32: the fp32 result of the FMA path (csrc/cpu/linear.cpp) at
-// several times its rate. (An infinite x gives NaN here instead of inf.) An fp32 weight split the same way
-// needs six products and a split per weight; measured on the whole-model benchmark it is no faster than the
-// FMA path, so fp32 weights stay there.
+// in fp32 and the tile unit accumulates in fp32: the fp32 result of the FMA path
+// (hybrid_engine/csrc/cpu/linear.cpp) at several times its rate. (An infinite x gives NaN here instead of
+// inf.) An fp32 weight split the same way needs six products and a split per weight; measured on the
+// whole-model benchmark it is no faster than the FMA path, so fp32 weights stay there.
 // Tiles: A = 16 weight rows x 32 K (read in place from the weight), B = 16 K pairs x 16 activation rows (packed
 // once per call), C = fp32 [16 weight rows, 16 activation rows]. A block is 32 weight rows (A tiles 4, 5) x 32
 // activation rows (B tiles 6, 7) in C tiles 0-3, with K streamed once.
