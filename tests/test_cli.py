@@ -33,30 +33,51 @@ def test_unknown_preset_is_a_clear_error():
         main(["generate", "--preset", "nope", "--max-new-tokens", "1"])
 
 
-def test_bench_report_writes_every_table_and_plot(tmp_path):
-    """The committed results through `hybrid-engine bench report`: each table between its README markers, the
-    plots as PNG files, and a clear error for an unknown name."""
+def test_bench_report_regenerates_the_committed_docs(tmp_path):
+    """The committed README.md and docs/*.md are what `hybrid-engine bench report --docs` makes from the committed
+    JSON, byte for byte: on copies with stale tables (a full table in docs/, a headline and the default run's table
+    in the README) it writes every page's tables back, and the plots as PNG files. The old spelling `--readme` still
+    works: it writes the tables whose markers that file has and names the ones that live in docs/. Without either
+    the tables are printed, and an unknown name is a clear error."""
+    import re
     import shutil
 
-    from hybrid_engine.report import TABLES
+    from hybrid_engine.report import PAGES, README, TABLES
 
-    results = Path(__file__).resolve().parents[1] / "bench" / "results"
-    readme = tmp_path / "README.md"
-    readme.write_text("".join(f"<!-- bench:{marker}:start -->\nold\n<!-- bench:{marker}:end -->\n"
-                              for marker, _ in TABLES.values()))
-    copied = tmp_path / "results"
-    shutil.copytree(results, copied)
-    run = subprocess.run([sys.executable, "-m", "hybrid_engine.cli", "bench", "report", "--results", str(copied),
-                          "--readme", str(readme), "--plots", str(tmp_path)], capture_output=True, text=True)
+    root, results = Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[1] / "bench" / "results"
+
+    def report(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "hybrid_engine.cli", "bench", "report", "--results",
+                               str(results), *args], capture_output=True, text=True)
+
+    def make_stale(page: Path, marker: str) -> None:
+        start, end = f"<!-- bench:{marker}:start -->", f"<!-- bench:{marker}:end -->"
+        text = page.read_text()
+        stale = re.sub(re.escape(start) + ".*?" + re.escape(end), f"{start}\nstale\n{end}", text, flags=re.S)
+        assert stale != text
+        page.write_text(stale)
+
+    shutil.copy(root / README, tmp_path / README)
+    shutil.copytree(root / "docs", tmp_path / "docs")
+    for marker in ("rlhf_scaling", "rlhf_headline", "train"):
+        make_stale(tmp_path / README if PAGES[marker] == README else tmp_path / "docs" / PAGES[marker], marker)
+    run = report("--docs", str(tmp_path / "docs"), "--plots", str(tmp_path / "plots"))
     assert run.returncode == 0, run.stderr
-    text = readme.read_text()
-    present = [stem for stem in TABLES if (copied / f"{stem}.json").is_file()]
-    assert present and "old" not in text.split("<!-- bench:rlhf:start -->")[1].split("<!-- bench:rlhf:end -->")[0]
-    for stem in present:
-        assert f"{copied / stem}.json: table" in run.stdout
-    assert "Machine:" in text and (tmp_path / "rlhf_phases.png").stat().st_size > 1000
-    bad = subprocess.run([sys.executable, "-m", "hybrid_engine.cli", "bench", "report", "--only", "nope"],
-                         capture_output=True, text=True)
+    for page in [README, *(f"docs/{p.name}" for p in (root / "docs").glob("*.md"))]:
+        assert (tmp_path / page).read_bytes() == (root / page).read_bytes(), \
+            f"{page} is not what `hybrid-engine bench report --docs docs` makes from bench/results: run it"
+    for stem in TABLES:
+        assert f"{stem}.json: table -> " in run.stdout or not (results / f"{stem}.json").is_file()
+    assert (tmp_path / "plots" / "rlhf_phases.png").stat().st_size > 1000
+
+    make_stale(tmp_path / README, "rlhf_headline")
+    old = report("--only", "rlhf", "rlhf_zero3", "--readme", str(tmp_path / README), "--plots", str(tmp_path))
+    assert old.returncode == 0, old.stderr
+    assert (tmp_path / README).read_bytes() == (root / README).read_bytes()
+    assert "rlhf, rlhf_zero3" in old.stderr and "--docs docs" in old.stderr
+    printed = report("--only", "engine", "--plots", str(tmp_path))
+    assert printed.returncode == 0 and "| target | variant |" in printed.stdout
+    bad = report("--only", "nope")
     assert bad.returncode != 0 and "unknown results ['nope']" in bad.stderr
 
 

@@ -1,4 +1,5 @@
-"""bench/results/engine.json (bench/bench_engine.py) as the README's engine tables (marker `bench:engine`)."""
+"""bench/results/engine.json (bench/bench_engine.py) as the engine tables (marker `bench:engine`: targets and phases)
+and the README's headline (marker `bench:engine_headline`: the targets)."""
 
 from __future__ import annotations
 
@@ -47,9 +48,19 @@ def targets(benchmarks: list[dict]) -> list[str]:
     return lines
 
 
+def _setup(benchmarks: list[dict]) -> str:
+    info = benchmarks[0]["extra_info"]
+    return (f"{info['model']}, 2 ranks x 1 thread, ZeRO-3, {info['batch_per_rank']} prompts of {info['prompt']} "
+            f"tokens per rank, {info['new_tokens']} new tokens, then one training step")
+
+
 def tables(data: dict) -> str:
     benchmarks = data["benchmarks"]
-    info = benchmarks[0]["extra_info"]
-    setup = (f"{info['model']}, 2 ranks x 1 thread, ZeRO-3, {info['batch_per_rank']} prompts of {info['prompt']} "
-             f"tokens per rank, {info['new_tokens']} new tokens, then one training step")
-    return "\n".join([machine_line(benchmarks), "", setup, "", *targets(benchmarks), "", *phases(benchmarks)])
+    return "\n".join([machine_line(benchmarks), "", _setup(benchmarks), "", *targets(benchmarks), "",
+                      *phases(benchmarks)])
+
+
+def headline(data: dict) -> str:
+    """The machine, the setup and the targets, without the phases."""
+    benchmarks = data["benchmarks"]
+    return "\n".join([machine_line(benchmarks), "", _setup(benchmarks), "", *targets(benchmarks)])

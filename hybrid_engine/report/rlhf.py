@@ -1,12 +1,14 @@
-"""Turn bench/bench_rlhf.py's JSON into the README's RLHF tables. rlhf.json (`<!-- bench:rlhf:start -->`): ours
-against TRL (grpo, rloo) and against the HF baseline PPO (ppo), and ours with its kernels off (ours-reference), in
-one process. rlhf_zero3.json (`<!-- bench:rlhf_zero3:start -->`): our PPO under DeepSpeed ZeRO-3 on two ranks
-against the same with HF generate on the ZeRO-3 module (deepspeed), actor full and LoRA. Ratios are against the
-row's baseline (its `baseline` field: the provider of the same algorithm, precision and setup that is not ours) in
-the same run. rlhf_scaling.json (`<!-- bench:rlhf_scaling:start -->`): ours against those baselines over model size
-and response length. rlhf_batch.json (`<!-- bench:rlhf_batch:start -->`): the same over the samples per step.
-rlhf_curves.json (`<!-- bench:rlhf_curves:start -->`): the reward at every step of longer runs,
-ours against the baselines (equal learning).
+"""Turn bench/bench_rlhf.py's JSON into the RLHF tables of docs/benchmarks.md, and rlhf.json into the README's
+headline (`<!-- bench:rlhf_headline:start -->`: ours against each baseline, step time).
+
+rlhf.json (`<!-- bench:rlhf:start -->`): ours against TRL (grpo, rloo) and against the HF baseline PPO (ppo), and
+ours with its kernels off (ours-reference), in one process. rlhf_zero3.json (`<!-- bench:rlhf_zero3:start -->`): our
+PPO under DeepSpeed ZeRO-3 on two ranks against the same with HF generate on the ZeRO-3 module (deepspeed), actor
+full and LoRA. Ratios are against the row's baseline (its `baseline` field: the provider of the same algorithm,
+precision and setup that is not ours) in the same run. rlhf_scaling.json (`<!-- bench:rlhf_scaling:start -->`): ours
+against those baselines over model size and response length. rlhf_batch.json (`<!-- bench:rlhf_batch:start -->`):
+the same over the samples per step. rlhf_curves.json (`<!-- bench:rlhf_curves:start -->`): the reward at every step
+of longer runs, ours against the baselines (equal learning).
 """
 
 from __future__ import annotations
@@ -97,6 +99,29 @@ def table(data: dict) -> str:
                   "baseline's step time over the row's: TRL's GRPOTrainer / RLOOTrainer for grpo and rloo, the HF "
                   "baseline PPO (bench/hf_ppo.py: HF generate and eager PyTorch; TRL 1.16 has no PPO) for ppo. "
                   "ours-reference is ours with its kernels off (use_backend(\"reference\")). " + COLOSSAL)
+
+
+def headline(data: dict) -> str:
+    """rlhf.json in one row per algorithm and precision: the baseline's step time, ours (with its phases) and the
+    ratio."""
+    rows = [b["extra_info"] for b in data["benchmarks"]]
+    first = rows[0]
+    s = first["settings"]
+    lines = [machine_line(data["benchmarks"]) + ".",
+             f"Model {first['params_M']}M parameters; {s['prompts']} prompts x {s['generations']} samples per step, "
+             f"{s['completion']} new tokens, one process. The baseline is TRL's GRPOTrainer / RLOOTrainer (trl) for "
+             "grpo and rloo, the HF baseline PPO (hf: HF generate and eager PyTorch) for ppo.", "",
+             "| algo | precision | baseline | baseline step s | ours step s (generate, score, train) "
+             "| ours vs baseline |", "|---|---|---|---|---|---|"]
+    baselines = {key(r): r for r in rows if r["provider"] == r.get("baseline", BASELINE.get(r["algo"]))}
+    for r, ratio in zip(rows, ratios(rows)):
+        if r["provider"] != "ours" or ratio is None:
+            continue
+        base = baselines[key(r)]
+        phases = f" ({r['generate_s']:.2f}, {r['experience_s']:.2f}, {r['train_s']:.2f})" if "generate_s" in r else ""
+        lines.append(f"| {r['algo']} | {r['precision']} | {base['provider']} | {base['step_s']:.2f} | "
+                     f"{r['step_s']:.2f}{phases} | {ratio:.2f}x |")
+    return "\n".join(lines)
 
 
 def zero3_table(data: dict) -> str:

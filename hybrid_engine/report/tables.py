@@ -1,12 +1,14 @@
-"""A pytest-benchmark JSON file as the README's markdown table (kernels, generation, the training step), the
-machine line every table starts with, and the README's markers.
+"""A pytest-benchmark JSON file as a markdown table (kernels, generation, the training step), the headline tables of
+the kernels and of generation, the machine line every table starts with, and the pages' markers.
 
-The README keeps each table between the markers `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->`.
+A page (README.md, docs/*.md) keeps each table between the markers `<!-- bench:NAME:start -->` and
+`<!-- bench:NAME:end -->`.
 """
 
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from pathlib import Path
 
 COLUMNS = [  # (extra_info key, header, format)
@@ -56,12 +58,83 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def replace_in_readme(readme: Path, name: str, text: str) -> None:
-    """Puts `text` between README's `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->` markers."""
+def _median(b: dict) -> float:
+    return b["stats"]["median"]
+
+
+def _span(values: list[float], fmt: str) -> str:
+    """The range of `values` (one value alone), each written with `fmt`; blank when there are none."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    return fmt.format(low) if fmt.format(low) == fmt.format(high) else f"{fmt.format(low)} to {fmt.format(high)}"
+
+
+def kernels_headline(data: dict) -> str:
+    """kernels.json in one row per op: how many cases it was measured on, and over those cases the range of ours
+    against its eager reference, against the fastest other provider of the same case, and of the roofline."""
+    cases: dict[str, dict[str, dict]] = defaultdict(dict)  # case -> provider -> benchmark
+    for b in data["benchmarks"]:
+        cases[b["group"] or b["name"]][str(b["extra_info"].get("provider", b["param"]))] = b
+    ops: dict[str, list[dict[str, dict]]] = defaultdict(list)
+    for case, by_provider in cases.items():
+        if "ours" in by_provider:
+            ops[case.split()[0]].append(by_provider)
+    lines = [machine_line(data["benchmarks"]), "",
+             "| op | cases | ours vs eager | ours vs the fastest other provider | ours, of roofline |",
+             "|---|---|---|---|---|"]
+    for op, measured in sorted(ops.items()):
+        ours = [c["ours"]["extra_info"] for c in measured]
+        vs_eager = [i["speedup_vs_eager"] for i in ours if "speedup_vs_eager" in i]
+        vs_best = [min(_median(b) for p, b in c.items() if p != "ours") / _median(c["ours"]) for c in measured
+                   if len(c) > 1]
+        roofline = [i["roofline_fraction"] for i in ours if "roofline_fraction" in i]
+        lines.append(f"| {op} | {len(measured)} | {_span(vs_eager, '{:.2f}x')} | {_span(vs_best, '{:.2f}x')} | "
+                     f"{_span(roofline, '{:.0%}')} |")
+    return "\n".join(lines)
+
+
+def generation_headline(data: dict) -> str:
+    """generation.json's whole `generate` calls at the longest response measured, one row per model and batch:
+    tokens/s of HF in fp32 and of ours with fp32 and bf16 weights, ours against HF, and the decode step's fraction
+    of the roofline at the same batch."""
+    rows: dict[tuple, dict[str, dict]] = defaultdict(dict)  # (model, batch) -> provider -> extra_info
+    steps: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    generate = [b["extra_info"] for b in data["benchmarks"] if b["name"].startswith("test_generate[")]
+    new = max(i["new_tokens"] for i in generate)
+    for i in generate:
+        if i["new_tokens"] == new:
+            rows[(i["model"], i["batch"])][i["provider"]] = i
+    for b in data["benchmarks"]:
+        if (b["group"] or "").startswith("decode step"):
+            steps[(b["extra_info"]["model"], b["extra_info"]["batch"])][b["extra_info"]["provider"]] = b["extra_info"]
+
+    def cell(by: dict[str, dict], provider: str, key: str, fmt: str) -> str:
+        return fmt.format(by[provider][key]) if key in by.get(provider, {}) else ""
+
+    lines = [machine_line(data["benchmarks"]), "",
+             f"`generate` of {new} new tokens, greedy, against HF `generate` with fp32 weights; the decode step's "
+             "fraction of the roofline at the same batch.", "",
+             "| model | batch | HF fp32 tok/s | ours fp32 tok/s | ours bf16 tok/s | ours fp32 vs HF | ours bf16 vs HF "
+             "| decode step, ours fp32, of roofline | ours bf16, of roofline |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    models = list(dict.fromkeys(model for model, _ in rows))  # in the order the run measured them
+    for model, batch in sorted(rows, key=lambda k: (models.index(k[0]), k[1])):
+        by, step = rows[(model, batch)], steps.get((model, batch), {})
+        lines.append(" | ".join([
+            f"| {model}", str(batch),
+            *(cell(by, p, "tokens_per_s", "{:.0f}") for p in ("hf-fp32", "ours-fp32", "ours-bf16")),
+            *(cell(by, p, "speedup_vs_hf-fp32", "{:.2f}x") for p in ("ours-fp32", "ours-bf16")),
+            *(cell(step, p, "roofline_fraction", "{:.0%}") for p in ("ours-fp32", "ours-bf16"))]) + " |")
+    return "\n".join(lines)
+
+
+def replace_between_markers(page: Path, name: str, text: str) -> None:
+    """Puts `text` between the page's `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->` markers."""
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-    content = readme.read_text()
+    content = page.read_text()
     if start not in content or end not in content:
-        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+        raise SystemExit(f"{page} has no {start} ... {end} markers")
     content = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", content,
                      flags=re.S)
-    readme.write_text(content)
+    page.write_text(content)

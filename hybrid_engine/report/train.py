@@ -1,4 +1,4 @@
-"""The summary.json of `hybrid-engine train` (bench/results/train_summary.json) as the README's default-run table
+"""The summary.json of `hybrid-engine train` (bench/results/train_summary.json) as the default-run table in README.md
 (marker `bench:train`)."""
 
 from __future__ import annotations
