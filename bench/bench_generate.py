@@ -9,6 +9,11 @@ Three benchmarks, all ratios measured in this run:
 - test_decode_cost_by_position: ms per token as the context grows to 1024 (bench/decode_position.png), with the
   KV cache in fp32 and, for `ours-fp32-kvbf16`, in bf16 (generate's kv_dtype).
 - test_bf16_kv_cache_logprobs: how far a bf16 KV cache moves the log-probs of sampled tokens from fp32 ones.
+
+Without --sweeps (bench/conftest.py), test_generate and test_decode_step run HF and ours in fp32 on the first model
+at batch 16 (64 new tokens), and the 125M model's three sweeps do not run:
+
+    pytest bench/bench_generate.py --benchmark-only --sweeps --benchmark-json=bench/results/generation.json
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 
 import pytest
 import torch
-from harness import paired_roofline_fraction, record, run_benchmark
+from harness import paired_roofline_fraction, record, representative, run_benchmark
 from transformers import DynamicCache
 
 import hybrid_engine
@@ -31,6 +36,9 @@ MODELS = os.environ.get("BENCH_GENERATE_MODELS", "llama-20m,llama-125m").split("
 BATCHES = [1, 4, 16, 32]
 NEW_TOKENS = [64, 256]
 PROVIDERS = ["hf-fp32", "hf-bf16", "ours-fp32", "ours-bf16"]
+# The representative cases: fp32 HF against ours, the first model, batch 16, 64 new tokens.
+AXES = dict(provider=representative(PROVIDERS, "hf-fp32", "ours-fp32"), name=representative(MODELS, MODELS[0]),
+            batch=representative(BATCHES, 16), new_tokens=representative(NEW_TOKENS, 64))
 
 
 @functools.cache
@@ -72,10 +80,10 @@ def matmul_weight_bytes(name: str, weight_dtype: torch.dtype | None) -> tuple[in
     return sum(t.numel() * t.element_size() for t in mats), sum(t.numel() for t in mats)
 
 
-@pytest.mark.parametrize("new_tokens", NEW_TOKENS)
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("new_tokens", AXES["new_tokens"])
+@pytest.mark.parametrize("batch", AXES["batch"])
+@pytest.mark.parametrize("name", AXES["name"])
+@pytest.mark.parametrize("provider", AXES["provider"])
 def test_generate(benchmark, provider, name, batch, new_tokens, machine, roofline):
     ids = prompts(batch, model(name).config.vocab_size)
     fn = generate_fn(provider, name, ids, new_tokens)
@@ -116,9 +124,9 @@ def decode_step_fn(provider: str, name: str, batch: int):
     return step
 
 
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("batch", AXES["batch"])
+@pytest.mark.parametrize("name", AXES["name"])
+@pytest.mark.parametrize("provider", AXES["provider"])
 def test_decode_step(benchmark, provider, name, batch, machine, roofline):
     step = decode_step_fn(provider, name, batch)
     benchmark.group = f"decode step {name} B={batch}"
@@ -136,6 +144,7 @@ def test_decode_step(benchmark, provider, name, batch, machine, roofline):
            roofline_fraction_paired=round(paired, 3), paired_read_GBps=round(probe.read_bytes_per_s / 1e9, 1))
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.parametrize("provider", ["ours-fp32", "ours-fp32-kvbf16", "ours-bf16", "hf-fp32"])
 def test_decode_cost_by_position(benchmark, provider, batch, machine, roofline):
@@ -178,6 +187,7 @@ def test_decode_cost_by_position(benchmark, provider, batch, machine, roofline):
            roofline=roofline, ms_per_token_by_position=by_window, model=name, batch=batch)
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("case", ["none-finish", "half-finish-at-step-1"])
 def test_finished_sequences_leave_the_batch(benchmark, case, machine, roofline):
     """125M model, batch 16, 128 new tokens. With eos ids chosen so that half the prompts stop after
@@ -194,6 +204,7 @@ def test_finished_sequences_leave_the_batch(benchmark, case, machine, roofline):
            generated_tokens=int(out.response_mask.sum()), finished_at_step_1=int((out.response_mask.sum(1) == 1).sum()))
 
 
+@pytest.mark.sweep
 def test_bf16_kv_cache_logprobs(benchmark, machine, roofline):
     """The 125M model samples 8 x 256 tokens with a bf16 KV cache; HF's fp32 forward over the same sequences gives
     the fp32 log-probs they are compared with (|difference| per token: max, mean, 99th percentile)."""

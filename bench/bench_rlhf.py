@@ -1,9 +1,9 @@
 """RLHF end to end against the systems users would pick instead (issue 13): our GRPO and RLOO against TRL 1.16's
 GRPOTrainer and RLOOTrainer, and against TRL with apply_hybrid_engine on its model; our PPO against the HF baseline
-PPO (bench/hf_ppo.py: HF generate and eager PyTorch, what the DeepSpeed-Chat paper calls the HF baseline; TRL 1.16
-has no PPO trainer); our PPO under DeepSpeed ZeRO-3 on two torchrun ranks against the same PPO with the actor's
-generation done by HF generate on the ZeRO-3 module (deepspeed: DeepSpeed without a hybrid engine,
-bench/ds_generate.py), with the actor full and with peft LoRA; and ours with its kernels turned off
+PPO (hybrid_engine/benchmarks/hf_ppo.py: HF generate and eager PyTorch, what the DeepSpeed-Chat paper calls the HF
+baseline; TRL 1.16 has no PPO trainer); our PPO under DeepSpeed ZeRO-3 on two torchrun ranks against the same PPO
+with the actor's generation done by HF generate on the ZeRO-3 module (deepspeed: DeepSpeed without a hybrid engine,
+hybrid_engine/benchmarks/ds_generate.py), with the actor full and with peft LoRA; and ours with its kernels turned off
 (ours-reference: the same run inside use_backend("reference")), so that the kernels' share of the gain shows apart
 from the engine's. Colossal-AI is not measured, because its latest release on the index (colossalai 0.5.0) pins
 torch<=2.5.1 and transformers==4.51.3 and its ColossalChat code is not in the package, so it cannot share this
@@ -15,17 +15,23 @@ made from a config, 8 prompts x 4 samples per step, 32 new tokens, lr 1e-5, KL 0
 (PPO, PPOConfig's default; its critic starts on both sides from the actor's body with the same fresh value head
 and trains at critic_lr 5e-6), training in fp32 or under bf16 autocast (the same on both sides), the rule score as
 the reward. Every case runs twice, the rounds interleaved, and reports its faster round: the median step time
-after the first (warm-up) step, samples/s, generated tokens/s, peak resident memory, the phase split (ours and
-hf), and the reward per step (equal learning: a speed-up must not come from doing less). `hybrid-engine
+after the first (warm-up) step (a wall clock from the step's first call to the end of its optimizer step, the same
+span for every provider: hybrid_engine/benchmarks/step_clock.py), samples/s, generated tokens/s, peak resident
+memory, the phase split (generate_s, experience_s, train_s: each phase's own timer, their sum at most the step's),
+and the reward per step (equal learning: a speed-up must not come from doing less). `hybrid-engine
 bench report --only rlhf --readme README.md` makes the README table and bench/rlhf_phases.png; ratios are against the
 baseline at the same algorithm, precision and setup in the same run: TRL for grpo and rloo, hf for ppo in one
 process, deepspeed under ZeRO-3.
 
-    pytest bench/bench_rlhf.py --benchmark-only -k "rlhf_step and not zero3" --benchmark-json=bench/results/rlhf.json
-    pytest bench/bench_rlhf.py --benchmark-only -k zero3 --benchmark-json=bench/results/rlhf_zero3.json   # 7 minutes
-    pytest bench/bench_rlhf.py --benchmark-only -k scaling --benchmark-json=bench/results/rlhf_scaling.json   # ~60 min
-    pytest bench/bench_rlhf.py --benchmark-only -k batch --benchmark-json=bench/results/rlhf_batch.json
-    pytest bench/bench_rlhf.py --benchmark-only -k curve --benchmark-json=bench/results/rlhf_curves.json
+    pytest bench/bench_rlhf.py --benchmark-only --sweeps -k "rlhf_step and not zero3" \
+        --benchmark-json=bench/results/rlhf.json
+    pytest bench/bench_rlhf.py --benchmark-only --sweeps -k zero3 --benchmark-json=bench/results/rlhf_zero3.json
+    pytest bench/bench_rlhf.py --benchmark-only --sweeps -k scaling --benchmark-json=bench/results/rlhf_scaling.json
+    pytest bench/bench_rlhf.py --benchmark-only --sweeps -k batch --benchmark-json=bench/results/rlhf_batch.json
+    pytest bench/bench_rlhf.py --benchmark-only --sweeps -k curve --benchmark-json=bench/results/rlhf_curves.json
+
+Without --sweeps (bench/conftest.py) only REPRESENTATIVE runs: GRPO against TRL and PPO against the HF baseline, fp32,
+one process; the scaling, batch and curve runs are sweeps.
 
 The scaling runs (test_rlhf_scaling) time ours against each algorithm's baseline over model size (SIZES: ~10M,
 ~50M, ~125M parameters) at 32 new tokens, and over response length (LENGTHS, up to 512 new tokens) at ~10M,
@@ -51,8 +57,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import measure_roofline
-from rlhf_roofline import phase_work, roofline_fractions
+from harness import measure_roofline, representative
+
+from hybrid_engine.benchmarks.rlhf_roofline import phase_work, roofline_fractions
+from hybrid_engine.benchmarks.step_clock import PHASES, untimed_s
 
 WORKER = Path(__file__).with_name("rlhf_worker.py")
 SETUPS = {"single": [], "zero3": ["--zero3"], "zero3-lora": ["--zero3", "--lora"]}
@@ -63,12 +71,15 @@ PROVIDERS = {("grpo", "single"): ["ours", "ours-reference", "trl", "trl-patched"
              ("ppo", "single"): ["ours", "ours-reference", "hf"],
              ("ppo", "zero3"): ["ours", "deepspeed"], ("ppo", "zero3-lora"): ["ours", "deepspeed"]}
 """The providers of each algorithm and setup: TRL's trainers for grpo and rloo, the HF baseline (bench/hf_ppo.py)
-for ppo, and DeepSpeed without a hybrid engine (bench/ds_generate.py) under ZeRO-3."""
+for ppo, and DeepSpeed without a hybrid engine (hybrid_engine.benchmarks.ds_generate) under ZeRO-3."""
 BASELINE = {"trl": "trl", "hf": "hf", "deepspeed": "deepspeed"}
 BETA = {"grpo": 0.04, "rloo": 0.05, "ppo": 0.1}
 PRECISIONS = {"single": ["fp32", "bf16"], "zero3": ["fp32"], "zero3-lora": ["fp32"]}
 """bf16 autocast only in one process: it runs ~3x slower than fp32 on CPUs without bf16 units."""
 CASES = [(a, p, setup, v) for (a, setup), providers in PROVIDERS.items() for p in PRECISIONS[setup] for v in providers]
+REPRESENTATIVE = [("grpo", "fp32", "single", "ours"), ("grpo", "fp32", "single", "trl"),
+                  ("ppo", "fp32", "single", "ours"), ("ppo", "fp32", "single", "hf")]
+"""The cases of a run without --sweeps: ours against the baseline of GRPO and of PPO, fp32, one process."""
 ROUNDS = 2
 SIZES = {"10M": (384, 6), "50M": (512, 16), "125M": (768, 18)}
 """The scaling runs' model sizes: (hidden, layers) of the demo Llama over the demo tokenizer's 246 tokens."""
@@ -127,18 +138,22 @@ def _figures(result: dict, machine: dict) -> dict:
            "peak_rss_mb": round(result["peak_rss_mb"]),
            "params_M": round(result["params"] / 1e6, 2), "ranks": result.get("ranks", 1),
            "rewards": [round(s["reward"], 4) for s in result["steps"]]}
-    for phase in ("generate_s", "experience_s", "train_s"):
+    for phase in PHASES:
         if phase in steps[0]:
             out[phase] = round(statistics.median(s[phase] for s in steps), 4)
+    if all(phase in steps[0] for phase in PHASES):
+        # Each step's wall time less its phases (the medians above are each phase's own and need not add up to
+        # step_s): the work no phase timer covers, above 0 since the wall clock is measured apart from them.
+        out["untimed_s"] = round(statistics.median(untimed_s(s) for s in steps), 4)
     if "shape" in result:
         out.update(_roofline(result, out, machine))
     return out
 
 
 def _roofline(result: dict, figures: dict, machine: dict) -> dict:
-    """Each phase's and the step's fraction of its roofline (rlhf_roofline.py), against the read bandwidth and
-    matmul rate of this run (machine: best_roofline's): fp32's, or under bf16 autocast bf16's for scoring and
-    training (the passes an algorithm may run in bf16 there; generation reads the fp32 weights)."""
+    """Each phase's and the step's fraction of its roofline (hybrid_engine.benchmarks.rlhf_roofline), against the
+    read bandwidth and matmul rate of this run (machine: best_roofline's): fp32's, or under bf16 autocast bf16's for
+    scoring and training (the passes an algorithm may run in bf16 there; generation reads the fp32 weights)."""
     settings = result["settings"]
     work = phase_work(result["shape"], settings["algo"], settings["prompts"] * settings["generations"],
                       figures["mean_response_tokens"])
@@ -254,6 +269,7 @@ def curve_runs(request, tmp_path_factory, machine) -> dict:
     return runs
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("algo,provider", CURVES)
 def test_rlhf_curve(benchmark, algo, provider, machine, curve_runs):
     """Equal learning: the reward at every one of CURVE_STEPS steps for each of CURVE_SEEDS, ours against the baseline
@@ -270,6 +286,7 @@ def test_rlhf_curve(benchmark, algo, provider, machine, curve_runs):
     benchmark.extra_info["rewards"] = [round(statistics.mean(step), 4) for step in zip(*by_seed)]
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("algo,provider,size,length", SCALING)
 def test_rlhf_scaling(benchmark, algo, provider, size, length, machine, scaling_runs):
     """How each system's step grows with the model (10M to 125M parameters) and the response length (32 to 512
@@ -282,6 +299,7 @@ def test_rlhf_scaling(benchmark, algo, provider, size, length, machine, scaling_
                                 completion=length, baseline=PAIRS[algo][1], **machine, **_best_round(runs, machine))
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("algo,provider,prompts", BATCH)
 def test_rlhf_batch(benchmark, algo, provider, prompts, machine, batch_runs):
     """How each system's step grows with the batch (8 to 128 rows a step): ours against the baseline of the
@@ -295,7 +313,7 @@ def test_rlhf_batch(benchmark, algo, provider, prompts, machine, batch_runs):
                                 **_best_round(runs, machine))
 
 
-@pytest.mark.parametrize("algo,precision,setup,provider", CASES)
+@pytest.mark.parametrize("algo,precision,setup,provider", representative(CASES, *REPRESENTATIVE))
 def test_rlhf_step(benchmark, algo, precision, setup, provider, machine, rounds):
     if (algo, precision, setup, provider) not in rounds:
         pytest.skip("trl is not installed (pip install -e '.[dev]')")

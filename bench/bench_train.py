@@ -8,7 +8,9 @@ vocab 32000); 8 sequences of 128 tokens. FLOPs: 6 x tokens x the parameters of e
 embedding is a lookup, not one), forward and backward, against the run's fp32 matmul rate. `speedup_vs_hf`
 compares the providers at the same model and precision in this run.
 
-    pytest bench/bench_train.py --benchmark-only --benchmark-json=bench/results/train_step.json
+    pytest bench/bench_train.py --benchmark-only --sweeps --benchmark-json=bench/results/train_step.json
+
+(without --sweeps, the ~10M model in fp32 alone)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from harness import record, run_benchmark
+from harness import record, representative, run_benchmark
 
 from hybrid_engine import apply_training_kernels, unapply_training_kernels
 from hybrid_engine.engine.training import adamw
@@ -61,8 +63,8 @@ def step_fn(model, provider: str, autocast: bool):
 # The providers of one model and precision run next to each other (provider varies fastest), so that both see
 # the same spell of this shared VM and the same allocator history.
 @pytest.mark.parametrize("provider", ["hf", "ours"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("precision", representative(["fp32", "bf16-autocast"], "fp32"))
+@pytest.mark.parametrize("name", representative(list(MODELS), "llama-10m"))
 def test_train_step(benchmark, provider, name, precision, machine, roofline):
     model = make_model(name)
     if provider == "ours":

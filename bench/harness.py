@@ -1,6 +1,6 @@
-"""Benchmark harness: one roofline measured in the same run, machine metadata, and the figures
+"""Benchmark harness: one roofline measured in the same run, machine metadata, the figures
 every benchmark records in `extra_info` (ratio to the eager torch reference, achieved rates and
-the fraction of the roofline)."""
+the fraction of the roofline), and which parametrized cases a run without --sweeps takes (representative)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from hybrid_engine._build import cpu_model  # noqa: F401  (re-exported for the suites)
+
+
+def representative(values, *keep) -> list:
+    """One parametrize axis's values, those not in `keep` marked `sweep`: a bare `pytest bench/ --benchmark-only`
+    runs the product of every axis's kept values, --sweeps every value (bench/conftest.py). A tuple is one case of
+    several argnames ("algo,provider")."""
+    def mark(v):
+        return pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.sweep)
+
+    return [v if v in keep else mark(v) for v in values]
 
 
 def synchronize() -> None:

@@ -5,9 +5,14 @@ GRPO, RLOO or PPO on the demo task, with equal settings, writing its figures as 
 
 PROVIDER: ours (hybrid_engine.rlhf.train_ppo), ours-reference (the same inside use_backend("reference"): the
 engine without its kernels), trl (TRL's GRPOTrainer / RLOOTrainer, HF generate; grpo and rloo), trl-patched (the
-same with apply_hybrid_engine on its model), hf (the HF baseline PPO of bench/hf_ppo.py: HF generate and eager
-PyTorch; ppo only), deepspeed (train_ppo under ZeRO-3 with the actor's generation done by HF generate on the
-DeepSpeed module: bench/ds_generate.py; --zero3 only).
+same with apply_hybrid_engine on its model), hf (the HF baseline PPO of hybrid_engine/benchmarks/hf_ppo.py: HF
+generate and eager PyTorch; ppo only), deepspeed (train_ppo under ZeRO-3 with the actor's generation done by HF
+generate on the DeepSpeed module: hybrid_engine/benchmarks/ds_generate.py; --zero3 only).
+
+Every step's time_s is a wall clock around the same span for every provider, from the step's first call to the end
+of its optimizer step (hybrid_engine/benchmarks/step_clock.py: train_ppo's ppo_step clocked from outside, TRL's
+Trainer from on_step_begin to on_step_end, the HF baseline's train_step); its phases (generate_s, experience_s,
+train_s) are timed apart from it, so that they sum to at most time_s.
 
 With --zero3 the run is one rank of a torchrun world (gloo, one thread per rank): ours and deepspeed train actor
 and critic under DeepSpeed ZeRO-3, each rank taking its share of every step's prompts, and --lora puts peft LoRA
@@ -37,8 +42,9 @@ import transformers
 
 
 def build_model(directory: Path, hidden: int, layers: int, seed: int) -> tuple[int, dict]:
-    """Save the demo Llama to `directory`; its parameter count and its shape for rlhf_roofline.phase_work (the
-    critic: the body's matmuls and a value head instead of the LM head)."""
+    """Save the demo Llama to `directory`; its parameter count and its shape for the roofline's phase_work
+    (hybrid_engine.benchmarks.rlhf_roofline; the critic: the body's matmuls and a value head instead of the LM
+    head)."""
     from hybrid_engine.rlhf.demo import demo_tokenizer
 
     tok = demo_tokenizer()
@@ -89,7 +95,7 @@ ZERO3 = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 2**24, "allgath
 
 def zero3_actor(model_dir: Path, config, lora: bool, engine_cls):
     """The actor train_ppo would build under ZERO3, as an instance of engine_cls (HybridEngine or
-    ds_generate.HFGenerateEngine), so that both sides build it alike."""
+    hybrid_engine.benchmarks.ds_generate.HFGenerateEngine), so that both sides build it alike."""
     import peft
 
     from hybrid_engine.engine.training import adamw
@@ -103,10 +109,15 @@ def zero3_actor(model_dir: Path, config, lora: bool, engine_cls):
 
 
 def run_ours(model_dir: Path, args, critic_dir: Path | None, engine_cls=None) -> dict:
-    """train_ppo on the demo prompts; with --zero3, under ZERO3 with engine_cls as the actor's class."""
+    """train_ppo on the demo prompts; with --zero3, under ZERO3 with engine_cls as the actor's class. Each step's
+    time_s: the wall clock of its call of ppo_step, clocked in the module train_ppo is defined in (where its loop
+    looks ppo_step up)."""
+    import importlib
+
     import datasets
 
     from hybrid_engine import HybridEngine
+    from hybrid_engine.benchmarks.step_clock import clock_calls
     from hybrid_engine.rlhf import PPOConfig, loop, train_ppo
     from hybrid_engine.rlhf.data import StepData
     from hybrid_engine.rlhf.demo import demo_tokenizer, rule_score_batch
@@ -125,18 +136,24 @@ def run_ours(model_dir: Path, args, critic_dir: Path | None, engine_cls=None) ->
     if args.zero3:
         actor = zero3_actor(model_dir, config, args.lora, engine_cls or HybridEngine)
         reference, ds = str(model_dir), ZERO3
-    result = train_ppo(actor, demo_tokenizer(), data, config, critic=critic, reward_fn=rule_score_batch,
-                       reference=reference, ds_config=ds, progress=False)
-    steps = [{"time_s": r["generate_s"] + r["experience_s"] + r["train_s"], "generate_s": r["generate_s"],
-              "experience_s": r["experience_s"], "train_s": r["train_s"], "reward": r["fn_score"], "kl": r["kl"],
-              "completion_tokens": r["response_len"] * args.prompts * args.generations} for r in result.history]
+    driver = importlib.import_module(train_ppo.__module__)
+    with clock_calls(driver, "ppo_step") as walls:
+        result = train_ppo(actor, demo_tokenizer(), data, config, critic=critic, reward_fn=rule_score_batch,
+                           reference=reference, ds_config=ds, progress=False)
+    if len(walls) != len(result.history):
+        raise RuntimeError(f"{len(walls)} ppo_step calls clocked for {len(result.history)} steps: train_ppo's loop "
+                           f"no longer calls {driver.__name__}.ppo_step; clock the function it calls per step")
+    steps = [{"time_s": end - start, "generate_s": r["generate_s"], "experience_s": r["experience_s"],
+              "train_s": r["train_s"], "reward": r["fn_score"], "kl": r["kl"],
+              "completion_tokens": r["response_len"] * args.prompts * args.generations}
+             for (start, end), r in zip(walls, result.history)]
     return {"steps": steps}
 
 
 def run_hf(model_dir: Path, args, critic_dir: Path) -> dict:
-    """The HF baseline PPO (hf_ppo.py) on the prompts train_ppo takes at each step (the same batch order)."""
-    from hf_ppo import HFPPOConfig, train
-
+    """The HF baseline PPO (hybrid_engine.benchmarks.hf_ppo) on the prompts train_ppo takes at each step (the same
+    batch order); its time_s is its train_step's wall clock."""
+    from hybrid_engine.benchmarks.hf_ppo import HFPPOConfig, train
     from hybrid_engine.rlhf.demo import demo_tokenizer, rule_score_batch
 
     config = HFPPOConfig(lr=args.lr, kl_coef=args.beta, num_generations=args.generations,
@@ -149,7 +166,7 @@ def run(provider: str, model_dir: Path, args, critic_dir: Path | None) -> dict:
     if provider == "ours":
         return run_ours(model_dir, args, critic_dir)
     if provider == "deepspeed":
-        from ds_generate import HFGenerateEngine
+        from hybrid_engine.benchmarks.ds_generate import HFGenerateEngine
 
         return run_ours(model_dir, args, critic_dir, engine_cls=HFGenerateEngine)
     if provider == "ours-reference":
@@ -160,30 +177,6 @@ def run(provider: str, model_dir: Path, args, critic_dir: Path | None) -> dict:
     if provider == "hf":
         return run_hf(model_dir, args, critic_dir)
     return run_trl(model_dir, args, provider == "trl-patched")
-
-
-class StepClock(transformers.TrainerCallback):
-    """Wall time of every optimizer step of a transformers Trainer."""
-
-    def __init__(self):
-        self.starts, self.times = [], []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.starts.append(time.perf_counter())
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self.starts[-1])
-
-
-def timed(fn, times: list):
-    """fn, appending the wall time of every call to `times`."""
-    def wrapper(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            times.append(time.perf_counter() - t0)
-    return wrapper
 
 
 def trl_rule_score(prompts: list, completions: list, **fields) -> list[float]:
@@ -197,6 +190,7 @@ def run_trl(model_dir: Path, args, patched: bool) -> dict:
     import datasets
     import trl
 
+    from hybrid_engine.benchmarks.step_clock import TrainerClock, clock_calls, trainer_steps
     from hybrid_engine.rlhf.demo import demo_tokenizer
 
     common = dict(output_dir=str(model_dir / "trl"), use_cpu=True, report_to="none", max_steps=args.steps,
@@ -209,7 +203,7 @@ def run_trl(model_dir: Path, args, patched: bool) -> dict:
     if args.algo == "grpo":  # ours penalises with the plain k3 KL; TRL 1.16 would multiply it by the ratio
         common["use_bias_correction_kl"] = False
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    clock = StepClock()
+    clock = TrainerClock()
     # Conversational rows, so that TRL renders the chat template as ours and the HF baseline do (a plain string
     # prompt would reach its model without the template's BOS and turn markers).
     rows = [[{"role": "user", "content": p}] for p in sum(step_prompts(args), [])]
@@ -220,17 +214,16 @@ def run_trl(model_dir: Path, args, patched: bool) -> dict:
         from hybrid_engine import apply_hybrid_engine
 
         apply_hybrid_engine(trainer.model)
-    # The phase split: TRL's own generation call (HF generate, and the tokenizer around it), and the rest of its
-    # _generate_and_score_completions (rewards, the reference's log-probs, advantages) as experience.
-    generate, experience = [], []
-    trainer._generate = timed(trainer._generate, generate)
-    trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions, experience)
-    trainer.train()
+    # The phase split: TRL's own generation call (HF generate, and the tokenizer around it), the rest of its
+    # _generate_and_score_completions (rewards, the reference's log-probs, advantages) as experience, and from there
+    # to the end of optimizer.step() as training (step_clock.trainer_steps).
+    with clock_calls(trainer, "_generate") as generate, \
+            clock_calls(trainer, "_generate_and_score_completions") as experience:
+        trainer.train()
     logs = [log for log in trainer.state.log_history if "reward" in log]
     lengths = [log.get("completions/mean_length", float("nan")) for log in logs]
-    return {"steps": [{"time_s": t, "generate_s": g, "experience_s": e - g, "train_s": t - e, "reward": log["reward"],
-                       "completion_tokens": n * args.prompts * args.generations}
-                      for t, g, e, log, n in zip(clock.times, generate, experience, logs, lengths)]}
+    return {"steps": [dict(step, reward=log["reward"], completion_tokens=n * args.prompts * args.generations)
+                      for step, log, n in zip(trainer_steps(clock, generate, experience), logs, lengths)]}
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Shared test setup: fixed seeds, fixed dispatch routes, Triton's interpreter on machines without a GPU, `gpu`
-skips."""
+skips, and the `cache` fixture (a datasets cache folder per test module)."""
 
 import os
 
@@ -20,6 +20,13 @@ if not HAS_CUDA:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    """A datasets cache folder for the test module (the cache_dir of demo_rows, load_step_data and the commands'
+    --cache-dir), fresh for each module so that no module reads another's cached rows."""
+    return str(tmp_path_factory.mktemp("datasets-cache"))
 
 
 def pytest_collection_modifyitems(config, items):

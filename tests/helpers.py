@@ -1,15 +1,8 @@
-"""Tolerances and comparisons shared by the op tests, and the import of bench/ modules."""
+"""Tolerances and comparisons shared by the op tests."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import torch
-
-BENCH = str(Path(__file__).resolve().parents[1] / "bench")
 
 # Absolute/relative tolerances of an op's output against its fp32 reference, per input dtype.
 TOLERANCES = {
@@ -31,11 +24,3 @@ def assert_within_twice_torch(
     ours_err = max_error(ours, ref_fp32)
     torch_err = max_error(torch_same_precision, ref_fp32)
     assert ours_err <= 2 * torch_err + floor, f"error {ours_err:.3g} > 2 x torch's {torch_err:.3g} (+{floor:g})"
-
-
-def bench_module(name: str) -> ModuleType:
-    """A module of bench/ (the benchmarks' baselines), imported with bench/ at the end of sys.path so that its own
-    imports of its neighbours resolve and no test module is shadowed."""
-    if BENCH not in sys.path:
-        sys.path.append(BENCH)
-    return importlib.import_module(name)

@@ -31,11 +31,6 @@ from hybrid_engine.rlhf.reward import RewardConfig
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("datasets-cache"))
-
-
-@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama over the demo vocabulary, saved with the demo tokenizer."""
     path = tmp_path_factory.mktemp("tiny-llama")

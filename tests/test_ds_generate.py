@@ -1,11 +1,10 @@
-"""bench/ds_generate.py, bench_rlhf.py's DeepSpeed-without-a-hybrid-engine actor: HF generate's output in
-hybrid_engine's GenerationOutput form, its log-probs the actor's own, its mask cut after the first eos."""
+"""hybrid_engine.benchmarks.ds_generate, bench_rlhf.py's DeepSpeed-without-a-hybrid-engine actor: HF generate's
+output in hybrid_engine's GenerationOutput form, its log-probs the actor's own, its mask cut after the first eos."""
 
 import torch
 from demo_models import demo_llama, tokenizer
-from helpers import bench_module
 
-ds_generate = bench_module("ds_generate")
+from hybrid_engine.benchmarks import ds_generate
 
 
 def test_response_mask_keeps_the_first_eos_and_nothing_after():

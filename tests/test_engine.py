@@ -139,10 +139,36 @@ def test_token_logprobs_matches_log_softmax_with_gradients():
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
 
 
+def layer_calls(eng: HybridEngine) -> tuple[int, int]:
+    """(calls in the forward, calls in the backward) of the attention of every decoder layer over one training
+    step's loss: a layer under activation checkpointing runs again in the backward, to recompute what it did not keep.
+    Its attention, since transformers checkpoints a layer's forward inside its hooks (the layer's own hooks run once);
+    a pre-hook, since torch's non-reentrant checkpoint may stop a recomputation before the last module returns."""
+    layers = [m.self_attn for m in eng.module.modules() if type(m).__name__.endswith("DecoderLayer")]
+    assert layers
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in layers]
+    try:
+        ids, mask = left_padded_prompts([7, 4, 6], seed=0)
+        loss = eng(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        forward = len(calls)
+        eng.backward(loss)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert forward == len(layers)
+    return forward, len(calls) - forward
+
+
 def test_gradient_checkpointing_trains_the_same():
     plain, ckpt = engine("llama-gqa"), engine("llama-gqa", gradient_checkpointing=True)
     ckpt.train()
+    plain.train()
     torch.testing.assert_close(train(ckpt, range(3)), train(plain, range(3)), atol=1e-6, rtol=1e-6)
+    # Checkpointing is really on: every layer runs again in the backward (and only with the flag).
+    layers, recomputed = layer_calls(ckpt)
+    assert recomputed == layers, f"{recomputed} of {layers} decoder layers recomputed in the backward"
+    assert layer_calls(plain)[1] == 0
 
 
 def test_lora_adapters_save_and_load(tmp_path):

@@ -30,11 +30,6 @@ ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("datasets-cache"))
-
-
-@pytest.fixture(scope="module")
 def data(cache) -> StepData:
     return demo_rows("ppo", 16, 6, cache)
 

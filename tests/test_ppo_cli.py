@@ -22,11 +22,6 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("datasets-cache"))
-
-
-@pytest.fixture(scope="module")
 def sft_dir(tmp_path_factory):
     """A tiny Llama over the demo vocabulary, saved with the demo tokenizer (what `hybrid-engine sft` writes)."""
     path = tmp_path_factory.mktemp("sft")

@@ -22,11 +22,6 @@ from hybrid_engine.rlhf.checkpoint import checkpoints, load_checkpoint
 from hybrid_engine.rlhf.ppo import PPOConfig, train_ppo
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("datasets-cache"))
-
-
 def _run_step(train, step: str, cache: str, out: str, resume=False, **config):
     cls = SFTConfig if step == "sft" else RewardConfig
     data = demo_rows(step, 64, 8, cache)

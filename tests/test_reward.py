@@ -20,11 +20,6 @@ from hybrid_engine.rlhf.tokens import TokenConfig, pad, tokenize_reward
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("datasets-cache"))
-
-
-@pytest.fixture(scope="module")
 def pairs(cache):
     return demo_rows("reward", 400, 100, cache)
 

@@ -1,19 +1,12 @@
-"""bench/rlhf_roofline.py's work model against torch's own FLOP count of a real forward, and bench/rlhf_worker.py's
-phase split (TRL's included) summing to its step time."""
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+"""hybrid_engine.benchmarks.rlhf_roofline, the work model of an RLHF step, against torch's own FLOP count of a real
+forward. The worker's step times and phases are tested in test_step_clock.py."""
 
 import pytest
 import torch
 import transformers
-from helpers import BENCH, bench_module
 from torch.utils.flop_counter import FlopCounterMode
 
-roofline = bench_module("rlhf_roofline")
+from hybrid_engine.benchmarks import rlhf_roofline as roofline
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 33])
@@ -47,19 +40,3 @@ def test_ppo_adds_the_critic_to_scoring_and_training():
     assert ppo["experience"][1] == pytest.approx(grpo["experience"][1] + critic)
     assert ppo["train"][1] == pytest.approx(grpo["train"][1] + 3 * critic)
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("provider,algo", [("trl", "grpo"), ("ours", "ppo")])
-def test_worker_phases_sum_to_the_step(tmp_path, provider, algo):
-    pytest.importorskip("trl")
-    out = tmp_path / "run.json"
-    subprocess.run([sys.executable, str(Path(BENCH) / "rlhf_worker.py"), provider, algo, str(out), "--hidden", "64",
-                    "--layers", "2", "--steps", "2", "--prompts", "2", "--generations", "2", "--completion", "8"],
-                   check=True, capture_output=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    result = json.loads(out.read_text())
-    assert len(result["steps"]) == 2
-    for step in result["steps"]:
-        phases = [step["generate_s"], step["experience_s"], step["train_s"]]
-        assert min(phases) > 0
-        assert sum(phases) == pytest.approx(step["time_s"], rel=1e-9)
-    assert result["shape"]["prompt_tokens"] > 1 and result["shape"]["critic_params"] < result["shape"]["matmul_params"]

@@ -18,11 +18,6 @@ from hybrid_engine.rlhf.tokens import IGNORE_INDEX, TokenConfig, collate_sft, en
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("datasets-cache"))
-
-
-@pytest.fixture(scope="module")
 def small(cache):
     return demo_rows("sft", 320, 64, cache)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 import transformers
-from hf_ppo import response_mask  # the HF baseline's mask: both HF-generate actors cut responses alike
 
 from hybrid_engine import HybridEngine
+from hybrid_engine.benchmarks.hf_ppo import response_mask  # the HF baseline's mask: both HF-generate actors cut alike
 from hybrid_engine.generation import GenerationOutput
 
 

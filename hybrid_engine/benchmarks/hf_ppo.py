@@ -16,6 +16,10 @@ it (the body, and value_head.safetensors beside it), so that both PPOs start fro
 training forwards of phase 4 run under torch.autocast("cpu", torch.bfloat16) (fp32 weights, optimizer and losses),
 as transformers' Trainer with bf16=True; generation and the forwards of phase 2 stay fp32.
 
+Timing: a step's time_s is a wall clock from train_step's first call to the end of its last optimizer step; the
+phases are timed apart from it, each by its own clock (generate: the generate call; experience: phases 2 and 3;
+train: phase 4), so that their sum is at most time_s, short of it by the work between them.
+
 Shapes: B sequences (prompts x samples), P the left-padded prompt width, R the longest response, V the vocabulary.
 """
 
@@ -203,9 +207,12 @@ def critic_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.T
 @torch.no_grad()
 def make_experience(models: Models, tokenizer, prompts: list[str], reward_fn: Callable,
                     config: HFPPOConfig) -> dict:
-    """Phases 2 and 3 on a rollout (phase 1): old and reference log-probs, values, scores, advantages, returns."""
+    """Phase 1, a rollout, and phases 2 and 3 on it: old and reference log-probs, values, scores, advantages, returns;
+    generate_s and experience_s, each phase's own clock."""
     models.actor.eval()
+    t0 = time.perf_counter()
     ro = generate(models.actor, tokenizer, prompts, config)
+    generate_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     seq, att, start, mask = ro["sequences"], ro["attention_mask"], ro["start"], ro["mask"]
     old = token_logprobs(models.actor, seq, att, start, config.temperature)
@@ -217,7 +224,7 @@ def make_experience(models: Models, tokenizer, prompts: list[str], reward_fn: Ca
     rewards = compute_rewards(old, ref, scores, mask, config.kl_coef, config.clip_reward)
     advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
     return dict(ro, old=old, ref=ref, values=values, advantages=advantages, returns=returns, scores=scores,
-                kl=((old - ref) * mask).sum(1), experience_s=time.perf_counter() - t0)
+                kl=((old - ref) * mask).sum(1), generate_s=generate_s, experience_s=time.perf_counter() - t0)
 
 
 def _step(loss: torch.Tensor, model: torch.nn.Module, optimizer, config: HFPPOConfig) -> float:
@@ -249,14 +256,15 @@ def optimise(models: Models, exp: dict, config: HFPPOConfig) -> dict:
 
 
 def train_step(models: Models, tokenizer, prompts: list[str], reward_fn: Callable, config: HFPPOConfig) -> dict:
-    """One PPO step on `prompts`; its figures (phase times, mean score, KL, losses, generated tokens)."""
-    t0 = time.perf_counter()
+    """One PPO step on `prompts`; its figures: time_s (the step's wall clock), the phases' own times (generate_s,
+    experience_s, train_s), the mean score, KL, losses and generated tokens."""
+    start = time.perf_counter()
     exp = make_experience(models, tokenizer, prompts, reward_fn, config)
-    t1 = time.perf_counter()
+    t0 = time.perf_counter()
     record = optimise(models, exp, config)
-    t2 = time.perf_counter()
-    record.update(time_s=t2 - t0, generate_s=t1 - t0 - exp["experience_s"], experience_s=exp["experience_s"],
-                  train_s=t2 - t1, reward=float(exp["scores"].mean()), kl=float(exp["kl"].mean()),
+    end = time.perf_counter()
+    record.update(time_s=end - start, generate_s=exp["generate_s"], experience_s=exp["experience_s"],
+                  train_s=end - t0, reward=float(exp["scores"].mean()), kl=float(exp["kl"].mean()),
                   completion_tokens=int(exp["mask"].sum()))
     return record
 
