@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from hybrid_engine.cli import build_parser, main
+from hybrid_engine.commands.main import build_parser, main
 
 
 def test_env_reports_the_ops(capsys):
@@ -38,7 +38,7 @@ def test_bench_report_writes_every_table_and_plot(tmp_path):
     plots as PNG files, and a clear error for an unknown name."""
     import shutil
 
-    from hybrid_engine.report import TABLES
+    from hybrid_engine.commands.report import TABLES
 
     results = Path(__file__).resolve().parents[1] / "bench" / "results"
     readme = tmp_path / "README.md"
@@ -46,7 +46,7 @@ def test_bench_report_writes_every_table_and_plot(tmp_path):
                               for marker, _ in TABLES.values()))
     copied = tmp_path / "results"
     shutil.copytree(results, copied)
-    run = subprocess.run([sys.executable, "-m", "hybrid_engine.cli", "bench", "report", "--results", str(copied),
+    run = subprocess.run([sys.executable, "-m", "hybrid_engine.commands", "bench", "report", "--results", str(copied),
                           "--readme", str(readme), "--plots", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     text = readme.read_text()
@@ -55,13 +55,13 @@ def test_bench_report_writes_every_table_and_plot(tmp_path):
     for stem in present:
         assert f"{copied / stem}.json: table" in run.stdout
     assert "Machine:" in text and (tmp_path / "rlhf_phases.png").stat().st_size > 1000
-    bad = subprocess.run([sys.executable, "-m", "hybrid_engine.cli", "bench", "report", "--only", "nope"],
+    bad = subprocess.run([sys.executable, "-m", "hybrid_engine.commands", "bench", "report", "--only", "nope"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown results ['nope']" in bad.stderr
 
 
 def test_machine_line_names_the_cpu_family_where_recorded():
-    from hybrid_engine.report.tables import machine_line
+    from hybrid_engine.commands.report.tables import machine_line
 
     info = {"cpu": "AMD EPYC", "capability": "AVX512", "cpu_units": ["avx512_bf16"], "threads": 2,
             "read_GBps": 33.7, "matmul_GFLOPps": 168.4, "roofline_fraction": 0.75}
@@ -73,7 +73,7 @@ def test_machine_line_names_the_cpu_family_where_recorded():
 def test_batch_table_pairs_each_row_with_its_baseline_at_the_same_batch(tmp_path):
     """rlhf_batch.json's rows: each ratio against the baseline of the same algorithm and prompts per step, the
     samples per step in the row, and a plot."""
-    from hybrid_engine.report import plot_rlhf, rlhf
+    from hybrid_engine.commands.report import plot_rlhf, rlhf
 
     def row(provider, prompts, step_s):
         return {"extra_info": {

@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 import transformers
 from helpers import bench_module
+from hybrid_engine.rlhf.ppo_models import build_models
+from hybrid_engine.rlhf.ppo_phases import optimise
 
 from hybrid_engine.ops import gae_reference
 from hybrid_engine.rlhf import PPOConfig, losses
 from hybrid_engine.rlhf import experience as xp
 from hybrid_engine.rlhf.demo import demo_tokenizer, rule_score_batch
-from hybrid_engine.rlhf.ppo_models import build_models
-from hybrid_engine.rlhf.ppo_phases import optimise
 from hybrid_engine.rlhf.reward import RewardModel
 
 hf_ppo = bench_module("hf_ppo")

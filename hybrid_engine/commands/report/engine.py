@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hybrid_engine.report.tables import machine_line
+from hybrid_engine.commands.report.tables import machine_line
 
 TARGETS = [  # (variant, ratio key, what, target, higher is better)
     ("full", "generation_speedup_vs_hf-zero3", "generation vs HF generate on the ZeRO-3 module", 3.0, True),

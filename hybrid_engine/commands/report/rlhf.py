@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 
-from hybrid_engine.report.tables import machine_line
+from hybrid_engine.commands.report.tables import machine_line
 
 BASELINE = {"grpo": "trl", "rloo": "trl", "ppo": "hf"}
 """The baseline of each algorithm in one process, for rows that do not name theirs (older results)."""
