@@ -70,8 +70,9 @@ PROVIDERS = {("grpo", "single"): ["ours", "ours-reference", "trl", "trl-patched"
              ("rloo", "single"): ["ours", "ours-reference", "trl", "trl-patched"],
              ("ppo", "single"): ["ours", "ours-reference", "hf"],
              ("ppo", "zero3"): ["ours", "deepspeed"], ("ppo", "zero3-lora"): ["ours", "deepspeed"]}
-"""The providers of each algorithm and setup: TRL's trainers for grpo and rloo, the HF baseline (bench/hf_ppo.py)
-for ppo, and DeepSpeed without a hybrid engine (hybrid_engine.benchmarks.ds_generate) under ZeRO-3."""
+"""The providers of each algorithm and setup: TRL's trainers for grpo and rloo, the HF baseline
+(hybrid_engine/benchmarks/hf_ppo.py) for ppo, and DeepSpeed without a hybrid engine
+(hybrid_engine.benchmarks.ds_generate) under ZeRO-3."""
 BASELINE = {"trl": "trl", "hf": "hf", "deepspeed": "deepspeed"}
 BETA = {"grpo": 0.04, "rloo": 0.05, "ppo": 0.1}
 PRECISIONS = {"single": ["fp32", "bf16"], "zero3": ["fp32"], "zero3-lora": ["fp32"]}

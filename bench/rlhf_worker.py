@@ -82,7 +82,7 @@ def step_prompts(args) -> list[list[str]]:
     """The prompts of every step, in the order train_ppo takes them (its batch_order of the run's seed); the HF
     baseline and TRL (with shuffle_dataset=False) are fed the same, so that every side sees the same prompts at
     each step."""
-    from hybrid_engine.rlhf.loop import batch_order
+    from hybrid_engine.rlhf.schedule import batch_order
 
     rows = prompts(args.prompts * args.steps)
     return [[rows[i] for i in b] for b in batch_order(len(rows), args.prompts, seed=args.seed, epoch=0)[:args.steps]]
@@ -99,9 +99,9 @@ def zero3_actor(model_dir: Path, config, lora: bool, engine_cls):
     import peft
 
     from hybrid_engine.engine.training import adamw
-    from hybrid_engine.rlhf import loop
+    from hybrid_engine.rlhf.trainer import training_ds_config
 
-    ds = loop.training_ds_config(ZERO3, config.train_batch_size, config.max_grad_norm)
+    ds = training_ds_config(ZERO3, config.train_batch_size, config.max_grad_norm)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     adapters = peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]) if lora else None
     return engine_cls(model, ds_config=ds, lora=adapters, seed=config.seed,
@@ -118,11 +118,12 @@ def run_ours(model_dir: Path, args, critic_dir: Path | None, engine_cls=None) ->
 
     from hybrid_engine import HybridEngine
     from hybrid_engine.benchmarks.step_clock import clock_calls
-    from hybrid_engine.rlhf import PPOConfig, loop, train_ppo
+    from hybrid_engine.rlhf import ModelSources, PPOConfig, train_ppo
     from hybrid_engine.rlhf.data import StepData
     from hybrid_engine.rlhf.demo import demo_tokenizer, rule_score_batch
+    from hybrid_engine.rlhf.distributed import rank_and_world
 
-    world = loop.rank_and_world()[1]
+    world = rank_and_world()[1]
     rows = prompts(args.prompts * args.steps)
     data = StepData(train=datasets.Dataset.from_dict({"prompt": rows}),
                     eval=datasets.Dataset.from_dict({"prompt": []}), reports=[])
@@ -138,8 +139,9 @@ def run_ours(model_dir: Path, args, critic_dir: Path | None, engine_cls=None) ->
         reference, ds = str(model_dir), ZERO3
     driver = importlib.import_module(train_ppo.__module__)
     with clock_calls(driver, "ppo_step") as walls:
-        result = train_ppo(actor, demo_tokenizer(), data, config, critic=critic, reward_fn=rule_score_batch,
-                           reference=reference, ds_config=ds, progress=False)
+        sources = ModelSources(actor=actor, critic=critic, reference=reference, reward_fn=rule_score_batch,
+                               ds_config=ds)
+        result = train_ppo(sources, demo_tokenizer(), data, config, progress=False)
     if len(walls) != len(result.history):
         raise RuntimeError(f"{len(walls)} ppo_step calls clocked for {len(result.history)} steps: train_ppo's loop "
                            f"no longer calls {driver.__name__}.ppo_step; clock the function it calls per step")

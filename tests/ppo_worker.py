@@ -23,7 +23,8 @@ from hybrid_engine.engine.training import init_distributed  # noqa: E402
 from hybrid_engine.generation import generate  # noqa: E402
 from hybrid_engine.rlhf import RewardModel  # noqa: E402
 from hybrid_engine.rlhf.demo import rule_score_batch  # noqa: E402
-from hybrid_engine.rlhf.ppo import PPOConfig, Prompts, train_ppo  # noqa: E402
+from hybrid_engine.rlhf.ppo import ModelSources, PPOConfig, train_ppo  # noqa: E402
+from hybrid_engine.rlhf.ppo.experience import Prompts  # noqa: E402
 from hybrid_engine.rlhf.tokens import collate_ppo  # noqa: E402
 
 
@@ -45,8 +46,9 @@ def run(name: str, algo: str, stage: int | None, out: str, data, **fields) -> di
                        output_dir=os.path.join(out, name), **fields)
     torch.manual_seed(11)
     rm = RewardModel.from_model(demo_llama(seed=1))
-    result = train_ppo(demo_llama(), tok, data, config, reward_model=rm, eval_fn=rule_score_batch,
-                       ds_config=None if stage is None else zero(stage), progress=False)
+    sources = ModelSources(actor=demo_llama(), reward_model=rm, eval_fn=rule_score_batch,
+                           ds_config=None if stage is None else zero(stage))
+    result = train_ppo(sources, tok, data, config, progress=False)
     prompts = collate_ppo(Prompts.of(data.eval, tok, config).examples, tok.pad_token_id)
     args = dict(max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     greedy = result.actor.generate(prompts["input_ids"], prompts["attention_mask"], **args)  # every rank (ZeRO-3)

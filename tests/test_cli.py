@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from hybrid_engine.cli import build_parser, main
+from hybrid_engine.commands.main import build_parser, main
 
 
 def test_env_reports_the_ops(capsys):
@@ -42,12 +42,12 @@ def test_bench_report_regenerates_the_committed_docs(tmp_path):
     import re
     import shutil
 
-    from hybrid_engine.report import PAGES, README, TABLES
+    from hybrid_engine.commands.report import PAGES, README, TABLES
 
     root, results = Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[1] / "bench" / "results"
 
     def report(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "hybrid_engine.cli", "bench", "report", "--results",
+        return subprocess.run([sys.executable, "-m", "hybrid_engine.commands", "bench", "report", "--results",
                                str(results), *args], capture_output=True, text=True)
 
     def make_stale(page: Path, marker: str) -> None:
@@ -82,7 +82,7 @@ def test_bench_report_regenerates_the_committed_docs(tmp_path):
 
 
 def test_machine_line_names_the_cpu_family_where_recorded():
-    from hybrid_engine.report.tables import machine_line
+    from hybrid_engine.commands.report.tables import machine_line
 
     info = {"cpu": "AMD EPYC", "capability": "AVX512", "cpu_units": ["avx512_bf16"], "threads": 2,
             "read_GBps": 33.7, "matmul_GFLOPps": 168.4, "roofline_fraction": 0.75}
@@ -94,7 +94,7 @@ def test_machine_line_names_the_cpu_family_where_recorded():
 def test_batch_table_pairs_each_row_with_its_baseline_at_the_same_batch(tmp_path):
     """rlhf_batch.json's rows: each ratio against the baseline of the same algorithm and prompts per step, the
     samples per step in the row, and a plot."""
-    from hybrid_engine.report import plot_rlhf, rlhf
+    from hybrid_engine.commands.report import plot_rlhf, rlhf
 
     def row(provider, prompts, step_s):
         return {"extra_info": {

@@ -41,7 +41,7 @@ def _free_port() -> int:
 def torchrun(args: list[str], cwd, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "hybrid_engine.cli", *args, "--no-progress", "--cache-dir",
+           "--master_port", str(_free_port()), "-m", "hybrid_engine.commands", *args, "--no-progress", "--cache-dir",
            str(cwd / "cache")]
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 

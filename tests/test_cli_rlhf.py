@@ -15,17 +15,17 @@ import torch
 import transformers
 from demo_models import demo_llama, save_demo_llama, tokenizer
 
-from hybrid_engine.cli import build_parser, main
-from hybrid_engine.rlhf import RewardModel, SFTConfig
-from hybrid_engine.rlhf.chat import chat_loop, encode_conversation, fit_conversation
-from hybrid_engine.rlhf.commands import parse_data
-from hybrid_engine.rlhf.config_args import (
+from hybrid_engine.commands.chat import chat_loop, encode_conversation, fit_conversation
+from hybrid_engine.commands.common import parse_data
+from hybrid_engine.commands.config_args import (
     add_config_args,
     build_config,
     field_docs,
     flat_fields,
     load_config_file,
 )
+from hybrid_engine.commands.main import build_parser, main
+from hybrid_engine.rlhf import RewardModel, SFTConfig
 from hybrid_engine.rlhf.demo import DEMO_DIR, DEMO_MODEL, demo_model
 from hybrid_engine.rlhf.reward import RewardConfig
 
@@ -75,7 +75,7 @@ def test_every_config_field_is_a_flag_with_its_docstring_and_default():
 def test_field_docs_read_the_class_and_its_dataclass_bases():
     docs = field_docs(SFTConfig)
     assert docs["lr"].startswith("Peak learning rate of AdamW (DeepSpeed-Chat's default learning_rate)")
-    assert docs["epochs"].startswith("Passes over the training examples")  # from loop.StepConfig
+    assert docs["epochs"].startswith("Passes over the training examples")  # from StepConfig
     assert "Recompute" in docs["gradient_checkpointing"]
     assert RewardConfig.__dataclass_fields__["lr"].default == 5e-5 and "step-2" in field_docs(RewardConfig)["lr"]
 

@@ -10,10 +10,10 @@ import transformers
 from hybrid_engine.benchmarks import hf_ppo
 from hybrid_engine.ops import gae_reference
 from hybrid_engine.rlhf import PPOConfig, losses
-from hybrid_engine.rlhf import experience as xp
 from hybrid_engine.rlhf.demo import demo_tokenizer, rule_score_batch
-from hybrid_engine.rlhf.ppo_models import build_models
-from hybrid_engine.rlhf.ppo_phases import optimise
+from hybrid_engine.rlhf.ppo import ModelSources, build_models
+from hybrid_engine.rlhf.ppo import batch as xp
+from hybrid_engine.rlhf.ppo.update import optimise
 from hybrid_engine.rlhf.reward import RewardModel
 
 
@@ -90,7 +90,8 @@ def test_step_equals_ours_on_the_same_rollout(tmp_path):
     ours_cfg = PPOConfig(algo="ppo", lr=1e-3, num_generations=2, batch_size=4, train_batch_size=8, max_new_tokens=8,
                          schedule="constant", seed=0)
     theirs = hf_ppo.load_models(actor_dir, critic_dir, cfg)
-    ours = build_models(str(actor_dir), None, str(critic_dir), None, rule_score_batch, ours_cfg, None, None)
+    sources = ModelSources(actor=str(actor_dir), critic=str(critic_dir), reward_fn=rule_score_batch)
+    ours = build_models(sources, ours_cfg)
     prompts = ["tell me about a fox", "describe the weather in paris today", "hi", "tell me about a cat"]
     exp = hf_ppo.make_experience(theirs, tok, prompts, rule_score_batch, cfg)
     seq, att, start, mask = exp["sequences"], exp["attention_mask"], exp["start"], exp["mask"]

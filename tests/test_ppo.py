@@ -1,4 +1,4 @@
-"""RLHF step 3 (rlhf/ppo.py, rlhf/experience.py) on tiny demo Llamas in one process: the experience of a
+"""RLHF step 3 (rlhf/ppo/: the driver, the experience phases) on tiny demo Llamas in one process: the experience of a
 rollout against references computed here (log-probs, scores, PPO and group targets), the trainer end to end for
 ppo, grpo and rloo, determinism, reward functions, NaN handling, the EMA, saving, PTX, LoRA and bad settings.
 The formulas themselves are tested in test_losses.py; these tests check what the trainer feeds them."""
@@ -17,11 +17,14 @@ from demo_models import demo_llama, demo_rows, tokenizer
 
 from hybrid_engine.engine.logprobs import positions
 from hybrid_engine.generation import generate
-from hybrid_engine.rlhf import RewardModel, losses, ppo, ppo_phases
-from hybrid_engine.rlhf import experience as xp
+from hybrid_engine.rlhf import RewardModel, losses
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.demo import rule_score_batch
-from hybrid_engine.rlhf.ppo import NonFiniteError, PPOConfig, Prompts, build_models, make_experience, train_ppo
+from hybrid_engine.rlhf.ppo import ModelSources, NonFiniteError, PPOConfig, PPOResult, build_models, driver, train_ppo
+from hybrid_engine.rlhf.ppo import batch as xp
+from hybrid_engine.rlhf.ppo import experience as phases
+from hybrid_engine.rlhf.ppo import update as ppo_update
+from hybrid_engine.rlhf.ppo.experience import ON_POLICY, Prompts
 from hybrid_engine.rlhf.reward_fn import load_reward_fn
 from hybrid_engine.rlhf.scoring import FrozenPolicy
 from hybrid_engine.rlhf.tokens import collate_ppo, encode_prompts
@@ -45,13 +48,13 @@ def rm() -> RewardModel:
 def captured(monkeypatch) -> list:
     """The Models each train_ppo call builds (its frozen reference and reward model are not in PPOResult)."""
     built = []
-    real = ppo.build_models
+    real = driver.build_models
 
     def capture(*args, **kwargs):
         built.append(real(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(ppo, "build_models", capture)
+    monkeypatch.setattr(driver, "build_models", capture)
     return built
 
 
@@ -76,9 +79,21 @@ def config(algo: str = "ppo", **fields) -> PPOConfig:
     return PPOConfig(**{**base, **fields})
 
 
-def run(data, cfg: PPOConfig, rm=None, actor=None, **kwargs) -> ppo.PPOResult:
-    return train_ppo(actor if actor is not None else demo_actor(), tokenizer(), data, cfg, reward_model=rm,
-                     progress=False, **kwargs)
+SOURCE_FIELDS = ("critic", "reference", "reward_fn", "eval_fn", "ds_config", "lora")
+
+
+def run(data, cfg: PPOConfig, rm=None, actor=None, **kwargs) -> PPOResult:
+    """train_ppo on the demo actor (or `actor`) and `rm`; kwargs are ModelSources fields or train_ppo options."""
+    sources = ModelSources(actor=actor if actor is not None else demo_actor(), reward_model=rm,
+                           **{k: kwargs.pop(k) for k in SOURCE_FIELDS if k in kwargs})
+    return train_ppo(sources, tokenizer(), data, cfg, progress=False, **kwargs)
+
+
+def make_experience(models, prompts: Prompts, indices: list[int], cfg: PPOConfig, kl_coef: float):
+    """Phases 1-3 of a step, as driver.ppo_step runs them: (the experience, the figures of phase 2)."""
+    ro = phases.generate(models, prompts, indices, tokenizer(), cfg)
+    exp, figures = phases.score(models, ro, prompts, indices, tokenizer(), cfg)
+    return phases.targets(models, exp, cfg, kl_coef), figures
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -115,13 +130,13 @@ def experience(data, rm, algo: str, reward_fn=None, **fields):
     cfg = config(algo, **fields)
     sft = demo_actor()
     pristine = copy.deepcopy(sft)
-    models = build_models(sft, rm, None, None, reward_fn, cfg, None, None)
+    models = build_models(ModelSources(actor=sft, reward_model=rm, reward_fn=reward_fn), cfg)
     with torch.no_grad():
         g = torch.Generator().manual_seed(5)
         for p in models.actor.module.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=g))
     prompts = Prompts.of(data.train, tokenizer(), cfg)
-    exp, figures = make_experience(models, prompts, [0, 1, 2, 3], tokenizer(), cfg, cfg.kl_coef)
+    exp, figures = make_experience(models, prompts, [0, 1, 2, 3], cfg, cfg.kl_coef)
     return exp, figures, models, pristine, cfg
 
 
@@ -510,7 +525,7 @@ def test_missing_models_are_clear_errors(data, rm):
         run(data, config())
     with pytest.raises(ValueError, match="PPO's critic starts from the reward model"):
         run(data, config(), reward_fn=rule_score_batch)
-    engine = build_models(demo_actor(), rm, None, None, None, config(), None, None).actor
+    engine = build_models(ModelSources(actor=demo_actor(), reward_model=rm), config()).actor
     with pytest.raises(ValueError, match="already a HybridEngine: give the reference policy"):
         run(data, config(), rm, actor=engine)
     empty = StepData(train=data.train.select([]), eval=data.eval, reports=[])
@@ -533,15 +548,15 @@ def test_a_reward_model_without_a_trained_head_is_refused(data, tmp_path):
 def test_bf16_autocast_trains_with_old_logprobs_of_its_own_precision(data, rm, train_batch_size):
     result = run(data, config(max_steps=2, bf16_autocast=True, train_batch_size=train_batch_size), rm=rm)
     # One minibatch per rollout: the ratio uses the training forward itself; two: a bf16 recompute.
-    assert result.logprob_source == (ppo.ON_POLICY if train_batch_size == 4 else "recomputed")
+    assert result.logprob_source == (ON_POLICY if train_batch_size == 4 else "recomputed")
     for record in result.history:
         assert math.isfinite(record["policy_loss"]) and math.isfinite(record["value_loss"])
 
 
 def test_the_on_policy_ratio_is_exactly_one_at_the_first_update(data, rm, monkeypatch):
     seen = []
-    real = ppo_phases.policy_loss
-    monkeypatch.setattr(ppo_phases, "policy_loss", lambda lp, old, *a, **k: seen.append(torch.equal(lp.detach(), old))
+    real = ppo_update.policy_loss
+    monkeypatch.setattr(ppo_update, "policy_loss", lambda lp, old, *a, **k: seen.append(torch.equal(lp.detach(), old))
                         or real(lp, old, *a, **k))
     run(data, config(max_steps=1, generation_weight_dtype="bf16"), rm=rm)
     assert seen == [True]

@@ -13,10 +13,10 @@ import torch
 import transformers
 from demo_models import demo_llama, save_demo_llama, tokenizer
 
-from hybrid_engine.cli import build_parser, main
+from hybrid_engine.commands.main import build_parser, main
+from hybrid_engine.commands.metrics import read_metrics
 from hybrid_engine.rlhf import RewardModel
 from hybrid_engine.rlhf.demo import DEMO_DIR
-from hybrid_engine.rlhf.metrics import read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -198,7 +198,7 @@ def test_bad_set_overrides_are_clear_errors_before_any_step_runs(override, match
 
 
 def test_set_reads_values_as_yaml_into_sections_and_nested_tokens(tmp_path):
-    from hybrid_engine.rlhf.pipeline import apply_overrides, step_configs
+    from hybrid_engine.commands.train import apply_overrides, step_configs
 
     values = apply_overrides({"ppo": {"lr": 1.0}}, ["ppo.lr=2.5e-4", "ppo.max_steps=null", "sft.epochs=2",
                                                     "seed=7", "ppo.algo=grpo", "ppo.tokens.max_prompt_len=8"])

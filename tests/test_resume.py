@@ -19,7 +19,7 @@ from demo_models import demo_llama, demo_rows, save_demo_llama, tokenizer
 
 from hybrid_engine.rlhf import RewardConfig, RewardModel, SFTConfig, train_reward, train_sft
 from hybrid_engine.rlhf.checkpoint import checkpoints, load_checkpoint
-from hybrid_engine.rlhf.ppo import PPOConfig, train_ppo
+from hybrid_engine.rlhf.ppo import ModelSources, PPOConfig, train_ppo
 
 
 def _run_step(train, step: str, cache: str, out: str, resume=False, **config):
@@ -72,8 +72,8 @@ def test_ppo_resume_in_the_library(cache, tmp_path):
     def run(out, resume=False):
         config = PPOConfig(max_steps=6, batch_size=4, train_batch_size=2, max_new_tokens=8, lr=1e-3, critic_lr=1e-3,
                            eval_every=2, ema_beta=0.9, checkpoint_every=2, output_dir=str(out))
-        return train_ppo(demo_llama(), tokenizer(), data, config, reward_model=RewardModel.from_model(demo_llama(2)),
-                         progress=False, resume=resume)
+        sources = ModelSources(actor=demo_llama(), reward_model=RewardModel.from_model(demo_llama(2)))
+        return train_ppo(sources, tokenizer(), data, config, progress=False, resume=resume)
 
     whole = run(tmp_path / "whole")
     run(tmp_path / "stopped")
@@ -98,7 +98,8 @@ def _save_models(root: Path) -> tuple[str, str]:
 
 
 def _ppo_command(sft: str, rm: str, out: Path, cache: str, resume: bool = False) -> list[str]:
-    cmd = [sys.executable, "-m", "hybrid_engine.cli", "ppo", "--model", sft, "--reward-model", rm, "--output", str(out),
+    cmd = [sys.executable, "-m", "hybrid_engine.commands", "ppo", "--model", sft, "--reward-model", rm, "--output",
+           str(out),
            "--cache-dir", cache, "--no-progress", "--max-steps", "12", "--batch-size", "4", "--train-batch-size", "4",
            "--max-new-tokens", "8", "--lr", "1e-3", "--critic-lr", "1e-3", "--eval-every", "4", "--checkpoint-every",
            "2", "--eval-batch-size", "8"]

@@ -12,9 +12,10 @@ import transformers
 from demo_models import demo_llama, demo_rows, tokenizer
 
 from hybrid_engine.rlhf import SFTConfig, perplexity, sft_loss, train_sft
-from hybrid_engine.rlhf.loop import batch_order, lr_scale, training_ds_config
+from hybrid_engine.rlhf.schedule import batch_order, lr_scale
 from hybrid_engine.rlhf.sft import response_nll
 from hybrid_engine.rlhf.tokens import IGNORE_INDEX, TokenConfig, collate_sft, encode_prompts, tokenize_sft
+from hybrid_engine.rlhf.trainer import training_ds_config
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
-"""RLHF, DeepSpeed-Chat's three steps: SFT (sft.py), the reward model (reward.py) and PPO, GRPO or RLOO (ppo.py,
-over experience.py, scoring.py and the maths of losses.py); data.py, tokens.py and demo.py hold the data layer and
-the built-in demo task; checkpoint.py the checkpoints; commands.py, ppo_command.py, pipeline.py and chat.py the
-`hybrid-engine` commands."""
+"""The RL library: DeepSpeed-Chat's three steps as functions, usable from Python without the command line. SFT
+(sft.py), the reward model (reward.py), and PPO, GRPO or RLOO (the ppo/ package), each trained by the one loop
+(loop.py) with what the trainers share (trainer.py, step_config.py, schedule.py, distributed.py) and checkpoints
+(checkpoint.py); the maths in losses.py; the data layer in data.py and tokens.py; the frozen models' scoring in
+scoring.py; reward functions in reward_fn.py; the built-in demo task in demo.py."""
 
 from hybrid_engine.rlhf.losses import (
     AdaptiveKLController,
@@ -16,7 +17,7 @@ from hybrid_engine.rlhf.losses import (
     value_loss,
     whiten,
 )
-from hybrid_engine.rlhf.ppo import NonFiniteError, PolicyEval, PPOConfig, PPOResult, train_ppo
+from hybrid_engine.rlhf.ppo import ModelSources, NonFiniteError, PolicyEval, PPOConfig, PPOResult, train_ppo
 from hybrid_engine.rlhf.reward import (
     RewardConfig,
     RewardEval,
@@ -30,6 +31,7 @@ from hybrid_engine.rlhf.reward import (
 from hybrid_engine.rlhf.sft import SFTConfig, SFTResult, perplexity, sft_loss, train_sft
 
 __all__ = [
+    "ModelSources",
     "NonFiniteError",
     "PPOConfig",
     "PPOResult",

@@ -13,6 +13,7 @@ refused with a clear error.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,7 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hybrid_engine.engine.zero import unique_params
-from hybrid_engine.rlhf import loop
+from hybrid_engine.rlhf.distributed import rank_and_world
+from hybrid_engine.rlhf.loop import LoopRecord, evals_json
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 FORMAT = "hybrid_engine.checkpoint.v1"
@@ -129,7 +131,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, tensors: dict[str,
     """Writes checkpoints/step-<step>/ atomically on rank 0 (the others wait) and keeps the newest `keep`."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{step}"
-    if loop.rank_and_world()[0] == 0:
+    if rank_and_world()[0] == 0:
         tmp = root / f".step-{step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -202,8 +204,6 @@ def restore_training(trained: Trained, tensors: dict[str, torch.Tensor], optim_m
 
 def config_json(config, ignored: tuple[str, ...] = ("checkpoint_every", "keep_checkpoints", "output_dir")) -> dict:
     """A step config as JSON, without the fields that decide only what is written."""
-    import dataclasses
-
     values = json.loads(json.dumps(dataclasses.asdict(config)))
     return {k: v for k, v in values.items() if k not in ignored}
 
@@ -219,3 +219,25 @@ def check_same_config(saved: dict, config) -> None:
 def resume_path(config, resume) -> str | os.PathLike:
     """The folder `resume` names: config.output_dir for True, else the given path."""
     return config.output_dir if resume is True else resume
+
+
+class TrainedState:
+    """The checkpoint of an SFT or reward-model run (loop.RunState): the trained models, their optimizers, the RNG,
+    the losses and evaluations so far. eval_type rebuilds a saved evaluation (None: it is saved as it is)."""
+
+    def __init__(self, config, trained: Trained, eval_type: type | None = None):
+        self.config, self.trained, self.eval_type = config, trained, eval_type
+
+    def save(self, record: LoopRecord) -> None:
+        tensors, optim_meta = training_tensors(self.trained)
+        state = {"config": config_json(self.config), "optimizers": optim_meta, "losses": record.history,
+                 "evals": evals_json(record.evals), "train_s": record.train_s}
+        save_checkpoint(self.config.output_dir, record.steps, tensors, state, self.config.keep_checkpoints)
+
+    def restore(self, resume: bool | str, record: LoopRecord) -> None:
+        tensors, state = load_checkpoint(resume_path(self.config, resume))
+        check_same_config(state["config"], self.config)
+        restore_training(self.trained, tensors, state["optimizers"])
+        record.history, record.train_s, record.steps = state["losses"], state["train_s"], state["step"]
+        record.evals = [(step, self.eval_type(**e) if self.eval_type is not None and e is not None else e)
+                        for step, e in state["evals"]]

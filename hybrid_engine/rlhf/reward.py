@@ -36,9 +36,20 @@ from hybrid_engine.engine.lora import lora_layers
 from hybrid_engine.engine.training import adamw, make_trainer
 from hybrid_engine.engine.zero import gathered, unique_params
 from hybrid_engine.model.spec import SUPPORTED
-from hybrid_engine.rlhf import checkpoint, loop
+from hybrid_engine.rlhf import checkpoint
 from hybrid_engine.rlhf.data import StepData
+from hybrid_engine.rlhf.distributed import rank_and_world
+from hybrid_engine.rlhf.loop import Trainer, train_loop
+from hybrid_engine.rlhf.step_config import StepConfig
 from hybrid_engine.rlhf.tokens import TokenStats, collate_reward, tokenize_reward
+from hybrid_engine.rlhf.trainer import (
+    check_vocab,
+    eval_mode,
+    optimizer_step,
+    pad_id_of,
+    prepare_training,
+    training_ds_config,
+)
 
 HEAD_FILE = "value_head.safetensors"
 """The value head's file beside the body's config.json and model.safetensors."""
@@ -156,7 +167,7 @@ class RewardModel(torch.nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """The body with save_pretrained and the head as value_head.safetensors, from any ZeRO stage (every
         rank must call this under DeepSpeed; rank 0 writes)."""
-        rank, _ = loop.rank_and_world()
+        rank, _ = rank_and_world()
         with gathered(unique_params([self])):
             if rank == 0:
                 os.makedirs(directory, exist_ok=True)
@@ -206,7 +217,7 @@ def _check_body_config(directory: Path) -> None:
 
 
 @dataclass
-class RewardConfig(loop.StepConfig):
+class RewardConfig(StepConfig):
     """Reward-model training (DeepSpeed-Chat's step 2): the shared StepConfig fields."""
 
     lr: float = 5e-5
@@ -296,11 +307,11 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
     config.output_dir. checkpoint_every and resume as train_sft."""
     config = config or RewardConfig()
     t_start = time.perf_counter()
-    pad_id = loop.pad_id_of(tokenizer)  # before any work
-    ds_config = loop.training_ds_config(ds_config, config.batch_size, config.max_grad_norm)
+    pad_id = pad_id_of(tokenizer)  # before any work
+    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm)
     torch.manual_seed(config.seed)
-    model = loop.prepare_training(RewardModel.load(model_or_path), config)
-    loop.check_vocab(tokenizer, model.config.vocab_size)
+    model = prepare_training(RewardModel.load(model_or_path), config)
+    check_vocab(tokenizer, model.config.vocab_size)
     train, stats = tokenize_reward(data.train, tokenizer, config.tokens)
     held_out, _ = tokenize_reward(data.eval, tokenizer, config.tokens)
     if not train:
@@ -309,31 +320,25 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
     optimizer = functools.partial(adamw, lr=config.lr, weight_decay=config.weight_decay)
     trainer = make_trainer(model, ds_config, None if ds_config is not None and "optimizer" in ds_config else optimizer)
 
-    def train_step(rows: list[int]) -> float:
+    def train_step(rows: list[int], step: int) -> float:
         chosen, rejected = reward_batch(trainer.forward, collate_reward([train[i] for i in rows], pad_id))
-        loss = pairwise_loss(chosen, rejected)
-        trainer.backward(loss)
-        loop.clip_gradients(model, trainer.zero_stage, config.max_grad_norm)
-        trainer.step()
-        return loss.item()
+        return optimizer_step(trainer, model, pairwise_loss(chosen, rejected), config.max_grad_norm)
 
     def evaluate() -> RewardEval | None:
-        trainer.train(False)
-        try:
+        with eval_mode(trainer):
             return evaluate_reward(trainer.forward, held_out, pad_id, config.eval_batch_size)
-        finally:
-            trainer.train(True)
 
     checkpoint.check_supported(config, trainer.zero_stage, resume)
     trainer.train(True)
-    record = loop.train_loop(len(train), config, trainer.optimizer, train_step, evaluate, "reward", progress,
-                             show=lambda e: {"eval_acc": f"{e.accuracy:.3f}"},
-                             trained=[("reward_model", model, trainer.optimizer)], eval_type=RewardEval, resume=resume)
+    hooks = Trainer(step=train_step, evaluate=evaluate, optimizers=[(trainer.optimizer, config.lr)],
+                    postfix=lambda loss: {"loss": f"{loss:.3f}"}, show_eval=lambda e: {"eval_acc": f"{e.accuracy:.3f}"},
+                    state=checkpoint.TrainedState(config, [("reward_model", model, trainer.optimizer)], RewardEval))
+    record = train_loop(len(train), config, hooks, "reward", progress, resume)
     trainer.train(False)
     if config.output_dir is not None:
         model.save_pretrained(config.output_dir)
-        if loop.rank_and_world()[0] == 0:
+        if rank_and_world()[0] == 0:
             tokenizer.save_pretrained(config.output_dir)
-    return RewardResult(losses=record.losses, before=record.evals[0][1], after=record.evals[-1][1],
+    return RewardResult(losses=record.history, before=record.evals[0][1], after=record.evals[-1][1],
                         evals=record.evals, steps=record.steps, train_s=record.train_s,
                         wall_s=time.perf_counter() - t_start, token_stats=stats, model=model)

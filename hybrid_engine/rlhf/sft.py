@@ -27,13 +27,24 @@ from hybrid_engine.engine import HybridEngine
 from hybrid_engine.engine.logprobs import head_as_token_logprobs, positions
 from hybrid_engine.engine.lora import base_model
 from hybrid_engine.engine.training import adamw
-from hybrid_engine.rlhf import checkpoint, loop
+from hybrid_engine.rlhf import checkpoint
 from hybrid_engine.rlhf.data import StepData
+from hybrid_engine.rlhf.distributed import rank_and_world
+from hybrid_engine.rlhf.loop import Trainer, train_loop
+from hybrid_engine.rlhf.step_config import StepConfig
 from hybrid_engine.rlhf.tokens import IGNORE_INDEX, TokenStats, collate_sft, tokenize_sft
+from hybrid_engine.rlhf.trainer import (
+    check_vocab,
+    eval_mode,
+    optimizer_step,
+    pad_id_of,
+    prepare_training,
+    training_ds_config,
+)
 
 
 @dataclass
-class SFTConfig(loop.StepConfig):
+class SFTConfig(StepConfig):
     """Supervised fine-tuning (DeepSpeed-Chat's step 1): the shared StepConfig fields, plus these."""
 
     lr: float = 1e-3
@@ -109,16 +120,11 @@ def perplexity(model, examples: Sequence[dict], pad_id: int, batch_size: int = 3
     mode is restored after); None for no examples. `model` is a HybridEngine or an HF causal LM."""
     if not examples:
         return None
-    module = model.module if isinstance(model, HybridEngine) else model
-    was_training = module.training
-    model.eval()
-    try:
-        total, count = 0.0, 0
+    total, count = 0.0, 0
+    with eval_mode(model):
         for start in range(0, len(examples), batch_size):
             nll, n = response_nll(model, collate_sft(examples[start:start + batch_size], pad_id))
             total, count = total + float(nll), count + int(n)
-    finally:
-        model.train(was_training)
     return math.exp(total / max(count, 1))
 
 
@@ -130,14 +136,14 @@ def _engine(model, config: SFTConfig, ds_config, lora) -> HybridEngine:
         if ds_config is not None or lora is not None or config.gradient_checkpointing:
             raise ValueError("model is already a HybridEngine: give ds_config, lora and gradient_checkpointing "
                              "when building it, not to train_sft")
-        loop.prepare_training(model.module, config)
+        prepare_training(model.module, config)
         return model
-    ds_config = loop.training_ds_config(ds_config, config.batch_size, config.max_grad_norm)
+    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm)
     has_ds_optimizer = ds_config is not None and "optimizer" in ds_config
     optimizer = functools.partial(adamw, lr=config.lr, weight_decay=config.weight_decay)
     engine = HybridEngine(model, ds_config=ds_config, lora=lora, optimizer=None if has_ds_optimizer else optimizer,
                           gradient_checkpointing=config.gradient_checkpointing, seed=config.seed)
-    loop.prepare_training(engine.module, config)
+    prepare_training(engine.module, config)
     return engine
 
 
@@ -154,37 +160,34 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
     output_dir/checkpoints; resume (True: the newest there, or a folder) continues one, to the bit."""
     config = config or SFTConfig()
     t_start = time.perf_counter()
-    pad_id = loop.pad_id_of(tokenizer)  # before any work
+    pad_id = pad_id_of(tokenizer)  # before any work
     torch.manual_seed(config.seed)
     engine = _engine(model, config, ds_config, lora)
-    loop.check_vocab(tokenizer, base_model(engine.module).config.vocab_size)
+    check_vocab(tokenizer, base_model(engine.module).config.vocab_size)
     train, stats = tokenize_sft(data.train, tokenizer, config.tokens)
     held_out, _ = tokenize_sft(data.eval, tokenizer, config.tokens)
     if not train:
         raise ValueError("no training rows left after tokenization (data.train is empty or every prompt was dropped)")
     tokens = 0
 
-    def train_step(rows: list[int]) -> float:
+    def train_step(rows: list[int], step: int) -> float:
         nonlocal tokens
         batch = collate_sft([train[i] for i in rows], pad_id)
-        loss = sft_loss(engine, batch)
-        engine.backward(loss)
-        loop.clip_gradients(engine.module, engine.zero_stage, config.max_grad_norm)
-        engine.step()
         tokens += int(batch["attention_mask"].sum())
-        return loss.item()
+        return optimizer_step(engine, engine.module, sft_loss(engine, batch), config.max_grad_norm)
 
     checkpoint.check_supported(config, engine.zero_stage, resume)
     engine.train()
-    record = loop.train_loop(len(train), config, engine.optimizer, train_step,
-                             lambda: perplexity(engine, held_out, pad_id, config.eval_batch_size), "sft", progress,
-                             show=lambda ppl: {"eval_ppl": f"{ppl:.3f}"},
-                             trained=[("model", engine.module, engine.optimizer)], resume=resume)
+    trainer = Trainer(step=train_step, evaluate=lambda: perplexity(engine, held_out, pad_id, config.eval_batch_size),
+                      optimizers=[(engine.optimizer, config.lr)], postfix=lambda loss: {"loss": f"{loss:.3f}"},
+                      show_eval=lambda ppl: {"eval_ppl": f"{ppl:.3f}"},
+                      state=checkpoint.TrainedState(config, [("model", engine.module, engine.optimizer)]))
+    record = train_loop(len(train), config, trainer, "sft", progress, resume)
     if config.output_dir is not None:
         engine.save_pretrained(config.output_dir)
-        if loop.rank_and_world()[0] == 0:
+        if rank_and_world()[0] == 0:
             tokenizer.save_pretrained(config.output_dir)
-    return SFTResult(losses=record.losses, eval_perplexity_before=record.evals[0][1],
+    return SFTResult(losses=record.history, eval_perplexity_before=record.evals[0][1],
                      eval_perplexity_after=record.evals[-1][1], evals=record.evals, steps=record.steps,
                      train_tokens=tokens, train_s=record.train_s, wall_s=time.perf_counter() - t_start,
                      token_stats=stats, engine=engine)

@@ -14,7 +14,7 @@ import torch
 from hybrid_engine.engine.lora import base_model
 from hybrid_engine.engine.save import merged_model
 from hybrid_engine.engine.zero import gathered, unique_params
-from hybrid_engine.rlhf import loop
+from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.losses import ema_update
 
 
@@ -50,7 +50,7 @@ class ActorEMA:
             for p, s in zip(self.params, self.shadow):
                 p.data.copy_(s)
             try:
-                if loop.rank_and_world()[0] == 0:
+                if rank_and_world()[0] == 0:
                     merged_model(base_model(self.module)).save_pretrained(directory)
             finally:
                 for p, t in zip(self.params, live):

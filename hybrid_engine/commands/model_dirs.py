@@ -5,20 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from hybrid_engine.rlhf.reward import HEAD_FILE
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
 """Any of these in a directory means a tokenizer was saved there."""
-
-
-def is_main_rank() -> bool:
-    """Whether this process prints and writes summaries: rank 0 of torch.distributed, or of $RANK before the
-    process group exists (torchrun and the deepspeed launcher set it), or the only process."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def check_model_dir(directory: str, flag: str = "--model", reward_ok: bool = False) -> Path:
@@ -42,8 +34,6 @@ def has_tokenizer(directory: str | os.PathLike | None) -> bool:
 
 def load_tokenizer(directory: str | os.PathLike, flag: str = "--tokenizer"):
     """transformers.AutoTokenizer from a local directory; a clear error when it holds none."""
-    from transformers import AutoTokenizer
-
     if not Path(directory).is_dir():
         raise ValueError(f"{flag} {directory}: no such directory")
     if not has_tokenizer(directory):

@@ -3,7 +3,7 @@ and the README's headline (marker `bench:engine_headline`: the targets)."""
 
 from __future__ import annotations
 
-from hybrid_engine.report.tables import machine_line
+from hybrid_engine.commands.report.tables import machine_line
 
 TARGETS = [  # (variant, ratio key, what, target, higher is better)
     ("full", "generation_speedup_vs_hf-zero3", "generation vs HF generate on the ZeRO-3 module", 3.0, True),

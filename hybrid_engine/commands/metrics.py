@@ -9,7 +9,7 @@ import math
 import os
 from pathlib import Path
 
-from hybrid_engine.rlhf.model_dirs import is_main_rank
+from hybrid_engine.rlhf.distributed import is_main_rank
 
 PLOTTED = (("score", "reward (training score)"), ("rule", "rule score (held out)"),
            ("kl", "KL to reference (nats per response)"),

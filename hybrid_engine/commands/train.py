@@ -21,13 +21,22 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from hybrid_engine.rlhf import commands
-from hybrid_engine.rlhf.config_args import ConfigValues, build_config, load_config_file
-from hybrid_engine.rlhf.demo import DEMO_DIR
+import torch
+import yaml
+
+from hybrid_engine._build import cpu_id, cpu_model
+from hybrid_engine.commands import common
+from hybrid_engine.commands.config_args import ConfigValues, build_config, load_config_file
+from hybrid_engine.commands.metrics import MetricsLog, plot_curves, read_metrics
+from hybrid_engine.commands.ppo import logprob_note, ppo_summary, resume_step
+from hybrid_engine.rlhf.checkpoint import checkpoints
+from hybrid_engine.rlhf.demo import DEMO_DIR, rule_score_batch
+from hybrid_engine.rlhf.distributed import is_main_rank
 from hybrid_engine.rlhf.loop import as_json, evals_json
-from hybrid_engine.rlhf.metrics import MetricsLog, plot_curves, read_metrics
-from hybrid_engine.rlhf.model_dirs import is_main_rank
+from hybrid_engine.rlhf.ppo import ModelSources, PPOConfig, train_ppo
+from hybrid_engine.rlhf.reward import RewardConfig, RewardEval, train_reward
 from hybrid_engine.rlhf.reward_fn import load_reward_fn
+from hybrid_engine.rlhf.sft import SFTConfig, train_sft
 
 DEFAULT_CONFIG = DEMO_DIR.parent / "train.yaml"
 DEMO_KL_BOUND = 8.0
@@ -69,8 +78,6 @@ def add_train_command(subparsers) -> None:
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
     """`values` with each STEP.KEY=VALUE (or KEY=VALUE) of `overrides` set, VALUE read as YAML."""
-    import yaml
-
     out = json.loads(json.dumps(values))
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -91,10 +98,6 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 def step_configs(args: argparse.Namespace) -> dict:
     """{step: its config dataclass} from the config file (or the built-in default) and --set."""
-    from hybrid_engine.rlhf.ppo import PPOConfig
-    from hybrid_engine.rlhf.reward import RewardConfig
-    from hybrid_engine.rlhf.sft import SFTConfig
-
     path = args.config or DEFAULT_CONFIG
     values = ConfigValues(apply_overrides(load_config_file(path), args.set), str(path))
     out = {}
@@ -105,7 +108,7 @@ def step_configs(args: argparse.Namespace) -> dict:
 
 
 def _step_args(args: argparse.Namespace, **extra) -> argparse.Namespace:
-    """The per-step namespace commands.step_data and commands.model_and_tokenizer read."""
+    """The per-step namespace common.step_data and common.model_and_tokenizer read."""
     return argparse.Namespace(data=args.data, data_split=args.data_split, eval_fraction=args.eval_fraction,
                               cache_dir=args.cache_dir, tokenizer=args.tokenizer, **extra)
 
@@ -126,8 +129,6 @@ def _finished(directory: str, resume: bool):
     path = Path(directory) / DONE_FILE
     if not (resume and path.is_file()):
         return None
-    from hybrid_engine.rlhf.reward import RewardEval
-
     values = json.loads(path.read_text())
     for key in ("before", "after"):
         if isinstance(values.get(key), dict):
@@ -147,8 +148,6 @@ def _mark_done(directory: str, result, fields: tuple[str, ...]) -> None:
 
 def _resume_step(config, resume: bool) -> bool:
     """Whether a step resumes: --resume and a checkpoint of it exists."""
-    from hybrid_engine.rlhf.checkpoint import checkpoints
-
     return resume and bool(checkpoints(config.output_dir))
 
 
@@ -169,37 +168,32 @@ def run_step(args, config, step: str, fields: tuple[str, ...], train):
 
 def run_train(args: argparse.Namespace) -> int:
     """`hybrid-engine train`: sft, reward and ppo in order, then the summary table, plot and summary.json."""
-    from hybrid_engine.rlhf.demo import rule_score_batch
-    from hybrid_engine.rlhf.ppo import train_ppo
-    from hybrid_engine.rlhf.ppo_command import resume_step
-    from hybrid_engine.rlhf.reward import train_reward
-    from hybrid_engine.rlhf.sft import train_sft
-
     t_start = time.perf_counter()
-    commands.quiet_libraries()
+    common.quiet_libraries()
     configs = step_configs(args)  # every setting is checked before any step starts
     progress = not args.no_progress
     sft_cfg, rm_cfg, ppo_cfg = configs["sft"], configs["reward"], configs["ppo"]
     eval_fn = load_reward_fn(args.eval_fn) if args.eval_fn else (None if args.data else rule_score_batch)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # both fail here, not after two steps
     _banner("1/3 sft")
-    model, tokenizer = commands.model_and_tokenizer(_step_args(args, model=args.model), sft_cfg.seed)
+    model, tokenizer = common.model_and_tokenizer(_step_args(args, model=args.model), sft_cfg.seed)
     sft = run_step(args, sft_cfg, "sft", SFT_FIELDS, lambda resume: train_sft(
-        model, tokenizer, commands.step_data(_step_args(args), "sft", sft_cfg.seed), sft_cfg,
+        model, tokenizer, common.step_data(_step_args(args), "sft", sft_cfg.seed), sft_cfg,
         ds_config=args.ds_config, progress=progress, resume=resume))
     model = sft.engine = None  # the step saved its model; the next steps load it from sft_cfg.output_dir
     _banner("2/3 reward")
     rm = run_step(args, rm_cfg, "reward", REWARD_FIELDS, lambda resume: train_reward(
-        sft_cfg.output_dir, tokenizer, commands.step_data(_step_args(args), "reward", rm_cfg.seed), rm_cfg,
+        sft_cfg.output_dir, tokenizer, common.step_data(_step_args(args), "reward", rm_cfg.seed), rm_cfg,
         ds_config=args.ds_config, progress=progress, resume=resume))
     rm.model = None
     _banner("3/3 ppo")
     resume = _resume_step(ppo_cfg, args.resume)
     log = MetricsLog(ppo_cfg.output_dir, "ppo", resume_step=resume_step(ppo_cfg.output_dir) if resume else None)
     try:
-        ppo = train_ppo(sft_cfg.output_dir, tokenizer, commands.step_data(_step_args(args), "ppo", ppo_cfg.seed),
-                        ppo_cfg, reward_model=rm_cfg.output_dir, reward_fn=reward_fn, eval_fn=eval_fn,
-                        ds_config=args.ds_config, progress=progress, log=log.write, resume=resume)
+        sources = ModelSources(actor=sft_cfg.output_dir, reward_model=rm_cfg.output_dir, reward_fn=reward_fn,
+                               eval_fn=eval_fn, ds_config=args.ds_config)
+        ppo = train_ppo(sources, tokenizer, common.step_data(_step_args(args), "ppo", ppo_cfg.seed), ppo_cfg,
+                        progress=progress, log=log.write, resume=resume)
     finally:
         log.close()
     wall = time.perf_counter() - t_start
@@ -227,7 +221,7 @@ def demo_goals(rm, ppo) -> list[tuple[str, bool]]:
 def summary_rows(sft, rm, ppo) -> list[tuple[str, str, str, str]]:
     """(step, figure, before, after) rows of the summary table."""
     def f(x, spec=".3f"):
-        return commands.fmt(x, spec)
+        return common.fmt(x, spec)
 
     rows = [("sft", "held-out perplexity", f(sft.eval_perplexity_before, ".2f"), f(sft.eval_perplexity_after, ".2f")),
             ("reward", "held-out accuracy", f(rm.accuracy_before), f(rm.accuracy_after)),
@@ -246,10 +240,6 @@ def summary_rows(sft, rm, ppo) -> list[tuple[str, str, str, str]]:
 
 def machine() -> dict:
     """Where the run ran, for the summary."""
-    import torch
-
-    from hybrid_engine._build import cpu_id, cpu_model
-
     return {"cpu": cpu_model(), "cpu_id": cpu_id(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__}
 
@@ -258,8 +248,6 @@ def summarize(args, configs: dict, sft, rm, ppo, wall_s: float, demo: bool) -> N
     """Prints the table (and the demo's goals), writes summary.json and train.png; rank 0 only."""
     if not is_main_rank():
         return
-    from hybrid_engine.rlhf.ppo_command import logprob_note, ppo_summary
-
     rows = summary_rows(sft, rm, ppo)
     widths = [max(len(r[i]) for r in rows + [("step", "figure", "before", "after")]) for i in range(4)]
     print("\nhybrid-engine train summary")

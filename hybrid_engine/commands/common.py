@@ -1,13 +1,9 @@
-"""The `hybrid-engine sft`, `reward` and `chat` commands: flags and a config file into a step's config, the
-data, the model and the tokenizer, then the library's trainer, a summary table and summary.json.
+"""What the training commands (sft, reward, ppo, train) share: the flags every step takes, the step's config from
+flags and a --config file, its data, the model and tokenizer, LoRA, and the summary table and summary.json.
 
-    hybrid-engine sft --max-steps 200 --output out/sft          # the built-in demo task
-    hybrid-engine reward --model out/sft --output out/reward
-    hybrid-engine chat --model out/sft --prompt "tell me about a fox"
-
-Every field of the step's config (SFTConfig, RewardConfig) is a flag and a key of the --config file (see
-config_args): explicit flag > config file > default. Under torchrun or the deepspeed launcher every rank runs
-the command; the trainers keep the ranks in step, and only rank 0 prints and writes the summary.
+Every field of the step's config (SFTConfig, RewardConfig, PPOConfig) is a flag and a key of the --config file
+(config_args): explicit flag > config file > default. Under torchrun or the deepspeed launcher every rank runs the
+command; the trainers keep the ranks in step, and only rank 0 prints and writes the summary.
 """
 
 from __future__ import annotations
@@ -18,39 +14,19 @@ import json
 import sys
 from pathlib import Path
 
-from hybrid_engine.rlhf import chat
-from hybrid_engine.rlhf.config_args import add_config_args, build_config, load_config_file
+import datasets
+import peft
+import transformers
+
+from hybrid_engine.commands.config_args import add_config_args, build_config, load_config_file
+from hybrid_engine.commands.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
 from hybrid_engine.rlhf.data import DataConfig, DatasetSpec, StepData, load_step_data
 from hybrid_engine.rlhf.demo import demo_config, demo_model, demo_tokenizer
-from hybrid_engine.rlhf.loop import evals_json
-from hybrid_engine.rlhf.model_dirs import check_model_dir, has_tokenizer, is_main_rank, load_tokenizer
+from hybrid_engine.rlhf.distributed import is_main_rank
 
 DEFAULT_OUTPUT = {"sft": "out/sft", "reward": "out/reward", "ppo": "out/ppo"}
 
 
-def add_rlhf_commands(subparsers) -> None:
-    """Registers `sft`, `reward`, `ppo`, `train` and `chat` on the `hybrid-engine` command's subparsers."""
-    from hybrid_engine.rlhf.reward import RewardConfig
-    from hybrid_engine.rlhf.sft import SFTConfig
-
-    sft = subparsers.add_parser("sft", help="step 1: supervised fine-tuning on (prompt, response) rows",
-                                description="Fine-tune a causal LM on (prompt, response) rows, the loss on the "
-                                "response tokens only; by default the built-in demo model on the demo task.")
-    add_training_args(sft, "sft", SFTConfig)
-    add_lora_args(sft)
-    sft.set_defaults(func=run_sft)
-
-    reward = subparsers.add_parser("reward", help="step 2: train a reward model on (prompt, chosen, rejected) pairs",
-                                   description="Train a reward model (the LM body and a scalar value head) on "
-                                   "preference pairs; by default from the built-in demo model on the demo task.")
-    add_training_args(reward, "reward", RewardConfig)
-    reward.set_defaults(func=run_reward)
-    from hybrid_engine.rlhf.pipeline import add_train_command
-    from hybrid_engine.rlhf.ppo_command import add_ppo_command
-
-    add_ppo_command(subparsers)
-    add_train_command(subparsers)
-    chat.add_chat_command(subparsers)
 
 
 def add_lora_args(parser: argparse.ArgumentParser) -> None:
@@ -103,9 +79,6 @@ def add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: ty
 def quiet_libraries() -> None:
     """Turns off the progress bars transformers and datasets draw for loading, saving and converting files, so
     that a command's own bars and summary are what it prints."""
-    import datasets
-    import transformers
-
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
 
@@ -164,8 +137,6 @@ def lora_config(args: argparse.Namespace):
         raise ValueError(f"--lora-r must be 0 (no LoRA) or a positive rank, got {args.lora_r}")
     if args.lora_r == 0:
         return None
-    import peft
-
     return peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                            target_modules=args.lora_target_modules)
 
@@ -199,63 +170,8 @@ def report(step: str, args: argparse.Namespace, config, data: StepData, rows: li
     print(f"  {'saved to':<{width}}  {config.output_dir} (summary.json beside the model)")
 
 
-# -- the commands ---------------------------------------------------------------------------------------------
 
 
-def run_sft(args: argparse.Namespace) -> int:
-    """`hybrid-engine sft`: train_sft with the flags' settings, then the summary."""
-    from hybrid_engine.rlhf.sft import SFTConfig, train_sft
-
-    quiet_libraries()
-    config = step_config(args, SFTConfig, "sft")
-    lora = lora_config(args)
-    model, tokenizer = model_and_tokenizer(args, config.seed)
-    data = step_data(args, "sft", config.seed)
-    result = train_sft(model, tokenizer, data, config, ds_config=args.ds_config, lora=lora,
-                       progress=not args.no_progress, resume=args.resume)
-    losses, stats = result.losses, result.token_stats
-    rows = [("steps", str(result.steps)),
-            ("train loss", before_after(losses[0] if losses else None, losses[-1] if losses else None)),
-            ("held-out perplexity", before_after(result.eval_perplexity_before, result.eval_perplexity_after, ".3f")),
-            ("training tokens/s", f"{result.tokens_per_s:.0f} (per rank)"),
-            ("wall time", f"{result.wall_s:.1f} s ({result.train_s:.1f} s training)"),
-            ("prompts truncated / dropped", f"{stats.prompts_truncated} / {stats.prompts_dropped}")]
-    figures = {"steps": result.steps, "losses": losses, "eval_perplexity_before": result.eval_perplexity_before,
-               "eval_perplexity_after": result.eval_perplexity_after, "evals": result.evals,
-               "train_tokens": result.train_tokens, "tokens_per_s": result.tokens_per_s, "train_s": result.train_s,
-               "wall_s": result.wall_s, "token_stats": dataclasses.asdict(stats), "lora_r": args.lora_r}
-    report("sft", args, config, data, rows, figures)
-    return 0
 
 
-def run_reward(args: argparse.Namespace) -> int:
-    """`hybrid-engine reward`: train_reward with the flags' settings, then the summary."""
-    from hybrid_engine.rlhf.reward import RewardConfig, train_reward
-
-    quiet_libraries()
-    config = step_config(args, RewardConfig, "reward")
-    model, tokenizer = model_and_tokenizer(args, config.seed, reward_ok=True)
-    data = step_data(args, "reward", config.seed)
-    result = train_reward(model, tokenizer, data, config, ds_config=args.ds_config, progress=not args.no_progress,
-                          resume=args.resume)
-    before, after, losses = result.before, result.after, result.losses
-
-    def held_out(name: str) -> str:
-        return before_after(getattr(before, name, None), getattr(after, name, None))
-
-    rows = [("steps", str(result.steps)),
-            ("train loss", before_after(losses[0] if losses else None, losses[-1] if losses else None)),
-            ("held-out accuracy", held_out("accuracy")),
-            ("held-out chosen mean", held_out("chosen_mean")),
-            ("held-out rejected mean", held_out("rejected_mean")),
-            ("held-out loss", held_out("loss")),
-            ("wall time", f"{result.wall_s:.1f} s ({result.train_s:.1f} s training)"),
-            ("prompts truncated / dropped", f"{result.token_stats.prompts_truncated} / "
-                                            f"{result.token_stats.prompts_dropped}")]
-    evals = evals_json(result.evals)
-    figures = {"steps": result.steps, "losses": losses, "before": evals[0][1], "after": evals[-1][1], "evals": evals,
-               "train_s": result.train_s, "wall_s": result.wall_s,
-               "token_stats": dataclasses.asdict(result.token_stats)}
-    report("reward", args, config, data, rows, figures)
-    return 0
 

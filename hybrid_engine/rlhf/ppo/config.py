@@ -1,11 +1,11 @@
-"""The settings and results of RLHF step 3 (ppo.py): PPOConfig, with DeepSpeed-Chat's step-3 defaults, the
+"""The settings and results of RLHF step 3 (driver.py): PPOConfig, with DeepSpeed-Chat's step-3 defaults, the
 held-out figures PolicyEval, and the error a run stops with on NaN or inf."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hybrid_engine.rlhf import loop
+from hybrid_engine.rlhf.step_config import StepConfig
 
 ALGOS = ("ppo", "grpo", "rloo")
 
@@ -15,7 +15,7 @@ class NonFiniteError(FloatingPointError):
 
 
 @dataclass
-class PPOConfig(loop.StepConfig):
+class PPOConfig(StepConfig):
     """RLHF step 3 (DeepSpeed-Chat's step-3 defaults): the shared StepConfig fields (epochs are passes over the
     prompts, max_steps counts rollouts, batch_size is prompts per rollout on each rank, lr the actor's), plus
     these."""

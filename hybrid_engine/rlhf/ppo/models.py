@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import transformers
@@ -13,11 +14,11 @@ import transformers
 from hybrid_engine.engine import HybridEngine
 from hybrid_engine.engine.settings import GenerationSettings
 from hybrid_engine.engine.training import adamw, make_trainer
-from hybrid_engine.rlhf import loop
-from hybrid_engine.rlhf.ppo_config import PPOConfig
+from hybrid_engine.rlhf.ppo.config import PPOConfig
 from hybrid_engine.rlhf.reward import RewardModel
 from hybrid_engine.rlhf.reward_fn import load_reward_fn
 from hybrid_engine.rlhf.scoring import FrozenPolicy, FrozenRewardModel
+from hybrid_engine.rlhf.trainer import prepare_training, training_ds_config
 
 # -- the four models -------------------------------------------------------------------------------------------
 
@@ -64,23 +65,53 @@ def _adamw(lr: float, weight_decay: float) -> Callable:
 
 
 @dataclass
+class ModelSources:
+    """Where train_ppo builds its models from (build_models)."""
+
+    actor: Any
+    """The SFT policy to train: an HF causal LM (trained in place), its directory, or a HybridEngine."""
+    reward_model: Any = None
+    """The frozen reward model that scores the rollouts: a RewardModel or its directory; None: reward_fn alone."""
+    critic: Any = None
+    """Where PPO's critic starts (a RewardModel or its directory); None: from the reward model."""
+    reference: Any = None
+    """The frozen policy of the KL term (an HF causal LM or its directory); None: a copy of the actor before training
+    (which must then not be a HybridEngine)."""
+    reward_fn: Any = None
+    """A rule, "module:function" or a callable fn(prompts, completions, **row fields) -> one number each, added to the
+    reward model's score (times config.reward_fn_weight), or used alone."""
+    eval_fn: Any = None
+    """A held-out measure of the same form that no model trains on (the demo's rule_score); reported, never trained
+    on."""
+    ds_config: Any = None
+    """A DeepSpeed config (dict or JSON path) the actor and critic train under; None: torch AdamW in one process."""
+    lora: Any = None
+    """A peft.LoraConfig for the actor; None: every weight trains."""
+
+
+@dataclass
 class Models:
+    """The models of a run, built (build_models)."""
+
     actor: HybridEngine
     reference: FrozenPolicy
     reward: FrozenRewardModel | None
     critic: object | None  # the critic's trainer (make_trainer), PPO only
     critic_model: RewardModel | None
     reward_fn: Callable | None
+    eval_fn: Callable | None = None
 
 
-def build_models(actor, reward_model, critic, reference, reward_fn, config: PPOConfig, ds_config, lora) -> Models:
+def build_models(sources: ModelSources, config: PPOConfig) -> Models:
     """The actor engine, the frozen reference and reward model, and (PPO) the critic's trainer."""
+    actor, reward_model, critic, reward_fn = sources.actor, sources.reward_model, sources.critic, sources.reward_fn
+    ds_config, lora = sources.ds_config, sources.lora
     if reward_model is None and reward_fn is None:
         raise ValueError("PPO needs a reward: give a reward model, a reward function, or both")
-    ds = loop.training_ds_config(ds_config, config.train_batch_size, config.max_grad_norm)
+    ds = training_ds_config(ds_config, config.train_batch_size, config.max_grad_norm)
     has_ds_optimizer = ds is not None and "optimizer" in ds
     scoring_dtype = torch.bfloat16 if config.bf16_autocast else None  # the frozen models score as training runs
-    frozen_ref = _reference(actor, reference, scoring_dtype)
+    frozen_ref = _reference(actor, sources.reference, scoring_dtype)
     frozen_rm = None if reward_model is None else FrozenRewardModel(
         copy.deepcopy(_trained_reward_model(reward_model)), autocast_dtype=scoring_dtype)
     critic_model = critic_trainer = None
@@ -89,7 +120,7 @@ def build_models(actor, reward_model, critic, reference, reward_fn, config: PPOC
         if source is None:
             raise ValueError("PPO's critic starts from the reward model: give a reward model or a critic "
                              "(or use algo grpo or rloo)")
-        critic_model = loop.prepare_training(copy.deepcopy(RewardModel.load(source)), config)
+        critic_model = prepare_training(copy.deepcopy(RewardModel.load(source)), config)
         critic_trainer = make_trainer(Critic(critic_model), copy.deepcopy(ds),
                                       None if has_ds_optimizer else _adamw(config.critic_lr, config.weight_decay))
         critic_trainer.train(True)
@@ -102,8 +133,9 @@ def build_models(actor, reward_model, critic, reference, reward_fn, config: PPOC
                               gradient_checkpointing=config.gradient_checkpointing,
                               generation=GenerationSettings(weight_dtype=dtype, kv_dtype=config.generation_kv_dtype),
                               seed=config.seed)
-    loop.prepare_training(engine.module, config)
+    prepare_training(engine.module, config)
     return Models(actor=engine, reference=frozen_ref, reward=frozen_rm, critic=critic_trainer,
-                  critic_model=critic_model, reward_fn=None if reward_fn is None else load_reward_fn(reward_fn))
+                  critic_model=critic_model, reward_fn=None if reward_fn is None else load_reward_fn(reward_fn),
+                  eval_fn=None if sources.eval_fn is None else load_reward_fn(sources.eval_fn))
 
 

@@ -14,10 +14,15 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from hybrid_engine.rlhf import commands
+from hybrid_engine.commands import common
+from hybrid_engine.commands.metrics import MetricsLog, plot_curves, read_metrics
+from hybrid_engine.commands.model_dirs import check_model_dir
+from hybrid_engine.rlhf.checkpoint import checkpoint_root, checkpoints
+from hybrid_engine.rlhf.data import DataConfig, load_step_data
+from hybrid_engine.rlhf.demo import rule_score_batch
+from hybrid_engine.rlhf.distributed import is_main_rank
 from hybrid_engine.rlhf.loop import evals_json
-from hybrid_engine.rlhf.metrics import MetricsLog, plot_curves, read_metrics
-from hybrid_engine.rlhf.model_dirs import check_model_dir, is_main_rank
+from hybrid_engine.rlhf.ppo import ModelSources, PPOConfig, train_ppo
 from hybrid_engine.rlhf.reward_fn import load_reward_fn
 
 DEFAULT_MODEL = "out/sft"
@@ -25,13 +30,11 @@ DEFAULT_REWARD_MODEL = "out/reward"
 
 
 def add_ppo_command(subparsers) -> None:
-    from hybrid_engine.rlhf.ppo import PPOConfig
-
     p = subparsers.add_parser("ppo", help="step 3: PPO (or --algo grpo / rloo) against a reward model and/or rule",
                               description="Train the SFT policy with PPO against the reward model (DeepSpeed-Chat's "
                               "step 3), or critic-free with --algo grpo or rloo; by default on the demo's prompts "
                               "from out/sft and out/reward.")
-    commands.add_training_args(p, "ppo", PPOConfig, model_help="the SFT policy to train, a saved causal LM "
+    common.add_training_args(p, "ppo", PPOConfig, model_help="the SFT policy to train, a saved causal LM "
                                f"(default: {DEFAULT_MODEL}, what `hybrid-engine sft` writes)")
     models = p.add_argument_group("rewards and the other models")
     models.add_argument("--reward-model", metavar="DIR", help="the frozen reward model that scores rollouts "
@@ -48,7 +51,7 @@ def add_ppo_command(subparsers) -> None:
                         "and plotted, never trained on (default on the demo data: its rule_score)")
     models.add_argument("--ptx-data", metavar="PATH", action="append", help="SFT-style (prompt, response) rows for "
                         "the pre-training loss, weighted by --ptx-coef; repeat for several files")
-    commands.add_lora_args(p)
+    common.add_lora_args(p)
     p.set_defaults(func=run_ppo)
 
 
@@ -61,8 +64,6 @@ def _model_dir(given: str | None, default: str, flag: str, step: str, reward_ok:
 
 def resolve_rewards(args: argparse.Namespace) -> tuple[str | None, object | None, object | None]:
     """(the reward model's directory or None, the reward function or None, the eval function or None)."""
-    from hybrid_engine.rlhf.demo import rule_score_batch
-
     reward_model = None
     if not args.no_reward_model and (args.reward_model or not args.reward_fn):
         reward_model = _model_dir(args.reward_model, DEFAULT_REWARD_MODEL, "--reward-model", "reward", reward_ok=True)
@@ -75,9 +76,7 @@ def resolve_rewards(args: argparse.Namespace) -> tuple[str | None, object | None
 def _ptx(args: argparse.Namespace, seed: int):
     if not args.ptx_data:
         return None
-    from hybrid_engine.rlhf.data import DataConfig, load_step_data
-
-    specs = [commands.parse_data(d) for d in args.ptx_data]
+    specs = [common.parse_data(d) for d in args.ptx_data]
     for spec in specs:
         spec.data_split = "1,0,0"  # all of each file is pre-training text
     return load_step_data(DataConfig(datasets=specs, eval_fraction=0.0, seed=seed, cache_dir=args.cache_dir), "sft")
@@ -85,19 +84,18 @@ def _ptx(args: argparse.Namespace, seed: int):
 
 def run_ppo(args: argparse.Namespace) -> int:
     """`hybrid-engine ppo`: train_ppo with the flags' settings, then the logs, the plot and the summary."""
-    from hybrid_engine.rlhf.ppo import PPOConfig, train_ppo
-
-    commands.quiet_libraries()
-    config = commands.step_config(args, PPOConfig, "ppo")
+    common.quiet_libraries()
+    config = common.step_config(args, PPOConfig, "ppo")
     args.model = _model_dir(args.model, DEFAULT_MODEL, "--model", "sft")
     reward_model, reward_fn, eval_fn = resolve_rewards(args)
-    model, tokenizer = commands.model_and_tokenizer(args, config.seed)
-    data = commands.step_data(args, "ppo", config.seed)
+    model, tokenizer = common.model_and_tokenizer(args, config.seed)
+    data = common.step_data(args, "ppo", config.seed)
     log = MetricsLog(config.output_dir, "ppo", resume_step=resume_step(config.output_dir) if args.resume else None)
     try:
-        result = train_ppo(model, tokenizer, data, config, reward_model=reward_model, critic=args.critic,
-                           reference=args.reference, reward_fn=reward_fn, eval_fn=eval_fn,
-                           ptx_data=_ptx(args, config.seed), ds_config=args.ds_config, lora=commands.lora_config(args),
+        sources = ModelSources(actor=model, reward_model=reward_model, critic=args.critic, reference=args.reference,
+                               reward_fn=reward_fn, eval_fn=eval_fn, ds_config=args.ds_config,
+                               lora=common.lora_config(args))
+        result = train_ppo(sources, tokenizer, data, config, ptx_data=_ptx(args, config.seed),
                            progress=not args.no_progress, log=log.write, resume=args.resume)
     finally:
         log.close()
@@ -105,14 +103,12 @@ def run_ppo(args: argparse.Namespace) -> int:
     if is_main_rank():
         plot_curves(read_metrics(Path(config.output_dir) / "metrics.jsonl"), Path(config.output_dir) / "ppo.png",
                     f"hybrid-engine {config.algo}")
-    commands.report("ppo", args, config, data, rows, figures)
+    common.report("ppo", args, config, data, rows, figures)
     return 0
 
 
 def resume_step(output_dir: str) -> int:
     """The step of the newest checkpoint under output_dir (a clear error when there is none)."""
-    from hybrid_engine.rlhf.checkpoint import checkpoint_root, checkpoints
-
     found = checkpoints(output_dir)
     if not found:
         raise ValueError(f"--resume: no checkpoint under {checkpoint_root(output_dir)} (write them with "
@@ -138,7 +134,7 @@ def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
     before, after = result.before, result.after
 
     def held_out(name: str, spec: str = ".3f") -> str:
-        return commands.before_after(getattr(before, name, None), getattr(after, name, None), spec)
+        return common.before_after(getattr(before, name, None), getattr(after, name, None), spec)
 
     totals = _phase_totals(result.history)
     rows = [("steps", f"{result.steps} ({result.skipped} updates skipped for NaN/inf)"),

@@ -13,8 +13,11 @@ import sys
 from collections.abc import Callable
 
 import torch
+import transformers
 
-from hybrid_engine.rlhf.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
+from hybrid_engine.commands.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
+from hybrid_engine.generation import generate
+from hybrid_engine.model.spec import SUPPORTED, spec_from_config
 from hybrid_engine.rlhf.tokens import TokenConfig, TokenStats, fit_prompt, format_prompt
 
 QUIT = ("exit", "quit")
@@ -49,8 +52,6 @@ def add_chat_command(subparsers) -> None:
 
 def load_chat_model(model_dir: str, tokenizer_dir: str | None = None):
     """(the causal LM saved in model_dir, in eval mode, its tokenizer from tokenizer_dir or model_dir)."""
-    import transformers
-
     path = check_model_dir(model_dir)
     if tokenizer_dir is None and not has_tokenizer(path):
         raise ValueError(f"--model {model_dir}: no tokenizer saved there; give --tokenizer DIR")
@@ -61,8 +62,6 @@ def load_chat_model(model_dir: str, tokenizer_dir: str | None = None):
 
 def max_positions(model) -> int | None:
     """The most tokens (prompt and answer) the model takes; None when its config does not say."""
-    from hybrid_engine.model.spec import SUPPORTED, spec_from_config
-
     if model.config.model_type in SUPPORTED:
         return spec_from_config(model.config).max_positions
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
@@ -104,9 +103,6 @@ def fit_conversation(tokenizer, messages: list[dict[str, str]], room: int | None
 
 def responder(model, tokenizer, args: argparse.Namespace) -> Callable[[list[dict[str, str]]], str]:
     """A function from the conversation so far to the model's decoded answer (special tokens skipped)."""
-    import hybrid_engine
-    from hybrid_engine.model.spec import SUPPORTED
-
     limit = max_positions(model)
     if limit is not None and args.max_new_tokens >= limit:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: the model takes "
@@ -123,7 +119,7 @@ def responder(model, tokenizer, args: argparse.Namespace) -> Callable[[list[dict
         ids = fit_conversation(tokenizer, messages, room, args.chat_template)
         input_ids = torch.tensor([ids])
         if model.config.model_type in SUPPORTED:
-            out = hybrid_engine.generate(model, input_ids, max_new_tokens=args.max_new_tokens, eos_token_id=eos,
+            out = generate(model, input_ids, max_new_tokens=args.max_new_tokens, eos_token_id=eos,
                                          pad_token_id=pad, generator=generator if args.sample else None, **sampling)
             new = out.sequences[0, len(ids):][out.response_mask[0].bool()]
         else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 
-from hybrid_engine.report.tables import machine_line
+from hybrid_engine.commands.report.tables import machine_line
 
 BASELINE = {"grpo": "trl", "rloo": "trl", "ppo": "hf"}
 """The baseline of each algorithm in one process, for rows that do not name theirs (older results)."""
@@ -71,8 +71,8 @@ def _rows(data: dict, axes: Axes = SETUP) -> list[str]:
 
 
 def _roofline(r: dict) -> str:
-    """The step's fraction of its roofline and its phases' (bench/rlhf_roofline.py), in percent; blank in results
-    from before they were recorded."""
+    """The step's fraction of its roofline and its phases' (hybrid_engine/benchmarks/rlhf_roofline.py), in percent;
+    blank in results from before they were recorded."""
     if "step_roofline_fraction" not in r:
         return ""
     phases = [r.get(f"{p}_roofline_fraction") for p in ("generate", "experience", "train")]
@@ -97,7 +97,8 @@ def table(data: dict) -> str:
     """rlhf.json's table: every system in one process."""
     return _table(data, "; training in fp32 or under bf16 autocast, the same on both sides. The ratio is the "
                   "baseline's step time over the row's: TRL's GRPOTrainer / RLOOTrainer for grpo and rloo, the HF "
-                  "baseline PPO (bench/hf_ppo.py: HF generate and eager PyTorch; TRL 1.16 has no PPO) for ppo. "
+                  "baseline PPO (hybrid_engine/benchmarks/hf_ppo.py: HF generate and eager PyTorch; TRL 1.16 has no "
+                  "PPO) for ppo. "
                   "ours-reference is ours with its kernels off (use_backend(\"reference\")). " + COLOSSAL)
 
 
@@ -130,7 +131,8 @@ def zero3_table(data: dict) -> str:
                   "DeepSpeed ZeRO-3, fp32. Both sides run the same train_ppo: the actor and critic train under "
                   "ZeRO-3 and score alike; only the actor's generation differs. deepspeed generates with HF generate "
                   "on the ZeRO-3 module, its hooks fetching the partitioned weights at every step (with LoRA, peft's "
-                  "adapters unmerged: bench/ds_generate.py); ours switches the engine into its generation mode. "
+                  "adapters unmerged: hybrid_engine/benchmarks/ds_generate.py); ours switches the engine into its "
+                  "generation mode. "
                   "zero3-lora puts peft LoRA (r 16, q_proj and v_proj) on the actor. Peak RSS is both ranks' "
                   "together. The ratio is deepspeed's step time over the row's.")
 

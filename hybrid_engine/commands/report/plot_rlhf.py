@@ -100,7 +100,7 @@ def _log_ticks(ax, ticks: list[float]) -> None:
 def plot_batch(data: dict, out_dir: Path, name: str = "rlhf_batch.png") -> list[Path]:
     """Two panels over the samples per step: samples/s, a line per algorithm and provider, and ours' speed-up over
     its baseline, a line per algorithm."""
-    from hybrid_engine.report.rlhf import ratios, samples_per_step
+    from hybrid_engine.commands.report.rlhf import ratios, samples_per_step
 
     rows = [b["extra_info"] for b in data["benchmarks"]]
     fig, (speed, gain) = plt.subplots(1, 2, figsize=(10, 4))

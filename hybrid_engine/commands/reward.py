@@ -1,0 +1,61 @@
+"""`hybrid-engine reward`: step 2, the reward model, from flags and a config file, then its summary.
+
+    hybrid-engine reward --model out/sft --output out/reward
+    hybrid-engine reward --model DIR --data pairs.jsonl --output out/reward
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from hybrid_engine.commands.common import (
+    add_training_args,
+    before_after,
+    model_and_tokenizer,
+    quiet_libraries,
+    report,
+    step_config,
+    step_data,
+)
+from hybrid_engine.rlhf.loop import evals_json
+from hybrid_engine.rlhf.reward import RewardConfig, train_reward
+
+
+def add_reward_command(subparsers) -> None:
+    reward = subparsers.add_parser("reward", help="step 2: train a reward model on (prompt, chosen, rejected) pairs",
+                                   description="Train a reward model (the LM body and a scalar value head) on "
+                                   "preference pairs; by default from the built-in demo model on the demo task.")
+    add_training_args(reward, "reward", RewardConfig)
+    reward.set_defaults(func=run_reward)
+
+
+def run_reward(args: argparse.Namespace) -> int:
+    """`hybrid-engine reward`: train_reward with the flags' settings, then the summary."""
+    quiet_libraries()
+    config = step_config(args, RewardConfig, "reward")
+    model, tokenizer = model_and_tokenizer(args, config.seed, reward_ok=True)
+    data = step_data(args, "reward", config.seed)
+    result = train_reward(model, tokenizer, data, config, ds_config=args.ds_config, progress=not args.no_progress,
+                          resume=args.resume)
+    before, after, losses = result.before, result.after, result.losses
+
+    def held_out(name: str) -> str:
+        return before_after(getattr(before, name, None), getattr(after, name, None))
+
+    rows = [("steps", str(result.steps)),
+            ("train loss", before_after(losses[0] if losses else None, losses[-1] if losses else None)),
+            ("held-out accuracy", held_out("accuracy")),
+            ("held-out chosen mean", held_out("chosen_mean")),
+            ("held-out rejected mean", held_out("rejected_mean")),
+            ("held-out loss", held_out("loss")),
+            ("wall time", f"{result.wall_s:.1f} s ({result.train_s:.1f} s training)"),
+            ("prompts truncated / dropped", f"{result.token_stats.prompts_truncated} / "
+                                            f"{result.token_stats.prompts_dropped}")]
+    evals = evals_json(result.evals)
+    figures = {"steps": result.steps, "losses": losses, "before": evals[0][1], "after": evals[-1][1], "evals": evals,
+               "train_s": result.train_s, "wall_s": result.wall_s,
+               "token_stats": dataclasses.asdict(result.token_stats)}
+    report("reward", args, config, data, rows, figures)
+    return 0
+

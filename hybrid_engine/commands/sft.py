@@ -1,0 +1,57 @@
+"""`hybrid-engine sft`: step 1, supervised fine-tuning, from flags and a config file, then its summary.
+
+    hybrid-engine sft --max-steps 200 --output out/sft          # the built-in demo task
+    hybrid-engine sft --model DIR --data rows.jsonl --output out/sft
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from hybrid_engine.commands.common import (
+    add_lora_args,
+    add_training_args,
+    before_after,
+    lora_config,
+    model_and_tokenizer,
+    quiet_libraries,
+    report,
+    step_config,
+    step_data,
+)
+from hybrid_engine.rlhf.sft import SFTConfig, train_sft
+
+
+def add_sft_command(subparsers) -> None:
+    sft = subparsers.add_parser("sft", help="step 1: supervised fine-tuning on (prompt, response) rows",
+                                description="Fine-tune a causal LM on (prompt, response) rows, the loss on the "
+                                "response tokens only; by default the built-in demo model on the demo task.")
+    add_training_args(sft, "sft", SFTConfig)
+    add_lora_args(sft)
+    sft.set_defaults(func=run_sft)
+
+
+def run_sft(args: argparse.Namespace) -> int:
+    """`hybrid-engine sft`: train_sft with the flags' settings, then the summary."""
+    quiet_libraries()
+    config = step_config(args, SFTConfig, "sft")
+    lora = lora_config(args)
+    model, tokenizer = model_and_tokenizer(args, config.seed)
+    data = step_data(args, "sft", config.seed)
+    result = train_sft(model, tokenizer, data, config, ds_config=args.ds_config, lora=lora,
+                       progress=not args.no_progress, resume=args.resume)
+    losses, stats = result.losses, result.token_stats
+    rows = [("steps", str(result.steps)),
+            ("train loss", before_after(losses[0] if losses else None, losses[-1] if losses else None)),
+            ("held-out perplexity", before_after(result.eval_perplexity_before, result.eval_perplexity_after, ".3f")),
+            ("training tokens/s", f"{result.tokens_per_s:.0f} (per rank)"),
+            ("wall time", f"{result.wall_s:.1f} s ({result.train_s:.1f} s training)"),
+            ("prompts truncated / dropped", f"{stats.prompts_truncated} / {stats.prompts_dropped}")]
+    figures = {"steps": result.steps, "losses": losses, "eval_perplexity_before": result.eval_perplexity_before,
+               "eval_perplexity_after": result.eval_perplexity_after, "evals": result.evals,
+               "train_tokens": result.train_tokens, "tokens_per_s": result.tokens_per_s, "train_s": result.train_s,
+               "wall_s": result.wall_s, "token_stats": dataclasses.asdict(stats), "lora_r": args.lora_r}
+    report("sft", args, config, data, rows, figures)
+    return 0
+

@@ -1,0 +1,58 @@
+"""The held-out evaluation of an RLHF run: one sampled response per held-out prompt, scored by the reward model
+and the eval function, with its KL to the reference and its length."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from hybrid_engine.rlhf.ppo import batch as xp
+from hybrid_engine.rlhf.ppo.config import PolicyEval, PPOConfig
+from hybrid_engine.rlhf.ppo.experience import Prompts
+from hybrid_engine.rlhf.ppo.models import Models
+from hybrid_engine.rlhf.tokens import collate_ppo
+
+EvalFn = Callable[..., "list[float]"]
+
+
+@torch.no_grad()
+def evaluate_policy(models: Models, held_out: Prompts, tokenizer, config: PPOConfig,
+                    eval_fn: EvalFn | None) -> PolicyEval | None:
+    """One sampled response per held-out prompt, from a generator seeded afresh (the same draws at every
+    evaluation, and the training stream untouched); every rank evaluates the whole split."""
+    n = len(held_out.examples)
+    if n == 0:
+        return None
+    rm, rule, kl, lengths = [], [], [], []
+    max_new = config.eval_max_new_tokens or config.max_new_tokens
+    for lo in range(0, n, config.eval_batch_size):
+        indices = list(range(lo, min(lo + config.eval_batch_size, n)))
+        ids = collate_ppo([held_out.examples[i] for i in indices], tokenizer.pad_token_id)
+        out = models.actor.generate(ids["input_ids"], ids["attention_mask"], max_new_tokens=max_new, do_sample=True,
+                                    temperature=config.temperature, eos_token_id=tokenizer.eos_token_id,
+                                    pad_token_id=tokenizer.pad_token_id, seed=config.seed + 1 + lo)
+        seq_mask = torch.cat([ids["attention_mask"], out.response_mask], 1)
+        start = ids["input_ids"].shape[1]
+        ref = models.reference.token_logprobs(out.sequences, seq_mask, start, config.temperature)
+        kl.append(((out.logprobs - ref) * out.response_mask).sum(1).double())
+        lengths.append(out.response_mask.sum(1).double())
+        if models.reward is not None:
+            rm.append(models.reward.score(out.sequences, seq_mask, start).double())
+        if eval_fn is not None:
+            prompts, extra = held_out.fields(indices, 1)
+            completions = tokenizer.batch_decode(out.sequences[:, start:], skip_special_tokens=True)
+            rule.append(xp.call_reward_fn(eval_fn, prompts, completions, extra))
+    return PolicyEval(reward=xp.mean(torch.cat(rm)) if rm else None, rule=xp.mean(torch.cat(rule)) if rule else None,
+                      kl=xp.mean(torch.cat(kl)), response_len=xp.mean(torch.cat(lengths)))
+
+
+def eval_record(figures: PolicyEval) -> dict:
+    """An evaluation as a metrics record (keys apart from the training records')."""
+    record = {"eval": True, "eval_kl": figures.kl, "eval_response_len": figures.response_len}
+    if figures.reward is not None:
+        record["eval_reward"] = figures.reward
+    if figures.rule is not None:
+        record["rule"] = figures.rule
+    return record
+

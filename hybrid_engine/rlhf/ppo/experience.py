@@ -1,0 +1,138 @@
+"""Phases 1-3 of an RLHF step for a batch of prompts (driver.ppo_step calls them in turn): 1. generate the rollouts
+with the actor; 2. score them (the old log-probs, the reference's, the reward model's and the reward function's
+scores); 3. the targets the optimisation trains on (the critic's values and GAE, or the group baselines: batch.py's
+maths)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hybrid_engine.engine import HybridEngine
+from hybrid_engine.rlhf.ppo import batch as xp
+from hybrid_engine.rlhf.ppo.config import PPOConfig
+from hybrid_engine.rlhf.ppo.models import Models
+from hybrid_engine.rlhf.tokens import TokenStats, collate_ppo, tokenize_ppo
+from hybrid_engine.rlhf.trainer import eval_mode
+
+
+@dataclass
+class Prompts:
+    """The tokenized prompts of one split, with their rows' text fields for the reward function."""
+
+    examples: list[dict]
+    rows: object  # the datasets.Dataset (or list of mappings) the examples index into
+    stats: TokenStats
+
+    @classmethod
+    def of(cls, rows, tokenizer, config: PPOConfig) -> Prompts:
+        examples, stats = tokenize_ppo(rows, tokenizer, config.tokens)
+        return cls(examples=examples, rows=rows, stats=stats)
+
+    def fields(self, indices: list[int], repeat: int) -> tuple[list[str], dict[str, list]]:
+        """(prompts, other fields) of examples `indices`, each repeated `repeat` times in a row."""
+        rows = [self.rows[self.examples[i]["row"]] for i in indices for _ in range(repeat)]
+        names = [k for k in rows[0] if k != "prompt"] if rows else []
+        return [r["prompt"] for r in rows], {k: [r[k] for r in rows] for k in names}
+
+
+ON_POLICY = "the training forward itself (one on-policy pass; generation's for the KL)"
+
+
+def ratio_from_training_forward(config: PPOConfig) -> bool:
+    """Whether the ratio's old log-probs are the training forward's own, detached (TRL's num_iterations=1).
+
+    With bf16 generation weights or KV cache, or bf16 autocast, generation's log-probs differ from a training forward's
+    by ~1e-2. When each rollout batch is optimised once, in one minibatch, the old policy is the current one, so the
+    ratio is exactly 1 without the recompute's extra forward; generation's log-probs still give the KL."""
+    one_pass = config.ppo_epochs == 1 and config.train_batch_size >= config.batch_size * config.num_generations
+    return config.inexact_logprobs and one_pass
+
+
+def training_precision(config: PPOConfig):
+    """The context the training forwards run in: bf16 autocast, or nothing (fp32)."""
+    if config.bf16_autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def recompute_logprobs(engine: HybridEngine, ro: xp.Rollout, temperature: float) -> torch.Tensor:
+    with eval_mode(engine):
+        return engine.token_logprobs(ro.sequences, ro.attention_mask, ro.start, temperature)
+
+
+def old_logprobs(models: Models, ro: xp.Rollout, config: PPOConfig, check: bool) -> tuple[torch.Tensor, dict]:
+    """The actor's log-probs of its own samples: from generation with fp32 weights (a training forward gives
+    the same to ~1e-6), else recomputed by an eval-mode forward; and figures saying which. With `check` (the
+    first step) the generation's log-probs are also recomputed once, to record how far apart they are and
+    what skipping the recompute saves per step."""
+    if ratio_from_training_forward(config):
+        return ro.logprobs, {"logprob_source": ON_POLICY}
+    if config.inexact_logprobs:
+        with training_precision(config):
+            logprobs = recompute_logprobs(models.actor, ro, config.temperature)
+        return logprobs, {"logprob_source": "recomputed"}
+    figures = {"logprob_source": "generation"}
+    if check:
+        t0 = time.perf_counter()
+        again = recompute_logprobs(models.actor, ro, config.temperature)
+        figures["recompute_s"] = time.perf_counter() - t0
+        figures["logprob_mismatch"] = float(((again - ro.logprobs) * ro.mask).abs().max())
+    return ro.logprobs, figures
+
+
+@torch.no_grad()
+def sequence_scores(models: Models, ro: xp.Rollout, prompts: list[str], completions: list[str], extra: dict,
+                    config: PPOConfig) -> tuple[torch.Tensor, dict]:
+    """(B,) scores: the reward model's, plus reward_fn_weight times the reward function's; and their means."""
+    parts, figures = [], {}
+    if models.reward is not None:
+        rm = models.reward.score(ro.sequences, ro.attention_mask, ro.start).double()
+        parts.append(rm)
+        figures["rm_score"] = xp.mean(rm)
+    if models.reward_fn is not None:
+        fn = xp.call_reward_fn(models.reward_fn, prompts, completions, extra)
+        parts.append(config.reward_fn_weight * fn)
+        figures["fn_score"] = xp.mean(fn)
+    return torch.stack(parts).sum(0).float(), figures
+
+
+@torch.no_grad()
+def generate(models: Models, batch: Prompts, indices: list[int], tokenizer, config: PPOConfig) -> xp.Rollout:
+    """Phase 1: config.num_generations samples of each prompt of `indices`, in a row, from the actor."""
+    k = config.num_generations
+    ids = collate_ppo([batch.examples[i] for i in indices for _ in range(k)], tokenizer.pad_token_id)
+    return xp.rollout(models.actor, ids["input_ids"], ids["attention_mask"], config.max_new_tokens, config.temperature,
+                      tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def score(models: Models, ro: xp.Rollout, batch: Prompts, indices: list[int], tokenizer, config: PPOConfig,
+          check: bool = False) -> tuple[xp.Experience, dict]:
+    """Phase 2: the old log-probs (`check`: see old_logprobs), the reference's, and the sequences' scores; the
+    experience without targets yet, and its figures (the scores' means, the KL to the reference, the length)."""
+    old, source = old_logprobs(models, ro, config, check)
+    ref = models.reference.token_logprobs(ro.sequences, ro.attention_mask, ro.start, config.temperature)
+    completions = tokenizer.batch_decode(ro.sequences[:, ro.start:], skip_special_tokens=True)
+    prompts, extra = batch.fields(indices, config.num_generations)
+    scores, figures = sequence_scores(models, ro, prompts, completions, extra, config)
+    figures.update(source)
+    exp = xp.Experience(sequences=ro.sequences, attention_mask=ro.attention_mask, start=ro.start, mask=ro.mask,
+                        old_logprobs=old, ref_logprobs=ref, scores=scores, advantages=torch.zeros_like(ro.mask),
+                        completions=completions)
+    figures.update(score=xp.mean(scores), kl=xp.mean(exp.kl), response_len=float(ro.mask.sum(1).mean()))
+    return exp, figures
+
+
+@torch.no_grad()
+def targets(models: Models, exp: xp.Experience, config: PPOConfig, kl_coef: float) -> xp.Experience:
+    """Phase 3: PPO's critic values, KL-penalised rewards and GAE; or GRPO's and RLOO's group baselines."""
+    if config.algo != "ppo":
+        return xp.group_targets(exp, config.algo, config.num_generations, kl_coef, config.whiten_advantages)
+    with eval_mode(models.critic), training_precision(config):
+        values = xp.critic_values(models.critic.forward, exp.sequences, exp.attention_mask, exp.start)
+    return xp.ppo_targets(exp, values, kl_coef, config.clip_reward, config.gamma, config.lam, config.whiten_advantages)

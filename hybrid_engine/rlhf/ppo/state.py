@@ -1,0 +1,55 @@
+"""A PPO run's checkpoint (loop.RunState): everything train_ppo needs to go on as if it had never stopped.
+
+Tensors: the actor's and the critic's weights and optimizer states, the EMA, torch's RNG and the actor's
+sampling generator. JSON: the config it ran with (a resumed run must use the same), the step records and
+evaluations so far, the KL controller's coefficient and the pre-training data's position (and, for reading,
+the skip count and where the old log-probs came from). The prompt order needs no state: it is a function of
+(seed, epoch), and the step count says where it was.
+"""
+
+from __future__ import annotations
+
+from hybrid_engine.rlhf import checkpoint as ckpt
+from hybrid_engine.rlhf.loop import LoopRecord, evals_json
+from hybrid_engine.rlhf.ppo.config import PolicyEval
+
+
+class PPORunState:
+    """The checkpoint of a run over `run` (driver.PPORun: its config, models, EMA, KL controller and PTX data)."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def _trained(self) -> ckpt.Trained:
+        models = self.run.models
+        out = [("actor", models.actor.module, models.actor.optimizer)]
+        if models.critic is not None:
+            out.append(("critic", models.critic_model, models.critic.optimizer))
+        return out
+
+    def save(self, record: LoopRecord) -> None:
+        """Writes checkpoints/step-<record.steps> under config.output_dir (every rank calls this)."""
+        run = self.run
+        tensors, optim_meta = ckpt.training_tensors(self._trained(), {"actor_sampler": run.models.actor.generator})
+        if run.ema is not None:
+            tensors.update(run.ema.state_tensors())
+        state = {"config": ckpt.config_json(run.config), "optimizers": optim_meta, "history": record.history,
+                 "evals": evals_json(record.evals), "skipped": sum(r["skipped"] for r in record.history),
+                 "logprob_source": record.history[-1]["logprob_source"] if record.history else "",
+                 "kl_coef": run.kl_ctl.value, "ptx": None if run.ptx is None else [run.ptx.epoch, run.ptx.taken]}
+        ckpt.save_checkpoint(run.config.output_dir, record.steps, tensors, state, run.config.keep_checkpoints)
+
+    def restore(self, resume: bool | str, record: LoopRecord) -> None:
+        """Loads the checkpoint `resume` names (True: the newest under config.output_dir) into the run."""
+        run = self.run
+        tensors, state = ckpt.load_checkpoint(ckpt.resume_path(run.config, resume))
+        ckpt.check_same_config(state["config"], run.config)
+        ckpt.restore_training(self._trained(), tensors, state["optimizers"],
+                              {"actor_sampler": run.models.actor.generator})
+        if run.ema is not None:
+            run.ema.load_state_tensors(tensors)
+        run.kl_ctl.value = state["kl_coef"]
+        if run.ptx is not None:
+            run.ptx.epoch, run.ptx.taken = state["ptx"]
+        record.history, record.steps = state["history"], state["step"]
+        record.evals = [(step, None if e is None else PolicyEval(**e)) for step, e in state["evals"]]

@@ -1,0 +1,122 @@
+"""Phase 4 of an RLHF step: ppo_epochs passes over minibatches of the rollout batch, an actor step (the clipped
+policy loss, plus GRPO's KL term) on each, a critic step (PPO) and a pre-training step (with PTX data)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from hybrid_engine.rlhf.data import StepData
+from hybrid_engine.rlhf.distributed import rank_and_world
+from hybrid_engine.rlhf.losses import policy_loss, value_loss
+from hybrid_engine.rlhf.ppo import batch as xp
+from hybrid_engine.rlhf.ppo.config import NonFiniteError, PPOConfig
+from hybrid_engine.rlhf.ppo.experience import ratio_from_training_forward, training_precision
+from hybrid_engine.rlhf.ppo.models import Models
+from hybrid_engine.rlhf.schedule import batch_order
+from hybrid_engine.rlhf.sft import sft_loss
+from hybrid_engine.rlhf.tokens import collate_sft, tokenize_sft
+from hybrid_engine.rlhf.trainer import optimizer_step
+
+
+def finite_or_skip(ok: bool, what: str, step: int, config: PPOConfig) -> bool:
+    if not ok and config.nonfinite == "stop":
+        raise NonFiniteError(f"PPO step {step}: {what} hold NaN or inf; nothing was trained on them. Set "
+                             "nonfinite='skip' to skip such updates and go on")
+    return ok
+
+
+def _step_on(trainer, module: torch.nn.Module, loss: torch.Tensor, config: PPOConfig) -> float | None:
+    """Backward, clipping and an optimizer step on a loss that is finite on every rank; None (nothing stepped)
+    otherwise. `trainer` is the HybridEngine or the critic's trainer, `module` what it trains."""
+    if not xp.all_finite(loss.detach()):
+        return None
+    return optimizer_step(trainer, module, loss, config.max_grad_norm)
+
+
+def actor_update(models: Models, mb: xp.Experience, config: PPOConfig, kl_coef: float) -> float | None:
+    """One actor step on a minibatch (the clipped policy loss, plus GRPO's KL term); None when not finite."""
+    engine = models.actor
+    with training_precision(config):
+        logprobs = engine.token_logprobs(mb.sequences, mb.attention_mask, mb.start, config.temperature)
+    old = logprobs.detach() if ratio_from_training_forward(config) else mb.old_logprobs
+    loss = policy_loss(logprobs, old, mb.advantages, mb.mask, config.clip_range)
+    if config.algo == "grpo" and kl_coef > 0:
+        loss = loss + kl_coef * xp.group_kl_loss(logprobs, mb.ref_logprobs, mb.mask)
+    return _step_on(engine, engine.module, loss, config)
+
+
+def critic_update(models: Models, mb: xp.Experience, config: PPOConfig) -> float | None:
+    """One critic step on a minibatch (the clipped value loss); None when not finite."""
+    with training_precision(config):
+        values = xp.critic_values(models.critic.forward, mb.sequences, mb.attention_mask, mb.start)
+    loss = value_loss(values, mb.old_values, mb.returns, mb.mask, config.value_clip_range)
+    return _step_on(models.critic, models.critic_model, loss, config)
+
+
+def ptx_update(models: Models, batch: dict, config: PPOConfig) -> float | None:
+    """One actor step on the pre-training mixture: ptx_coef times the LM loss (DeepSpeed-Chat's
+    train_unsupervised); None when not finite."""
+    with training_precision(config):
+        loss = config.ptx_coef * sft_loss(models.actor, batch)
+    return _step_on(models.actor, models.actor.module, loss, config)
+
+
+def optimise(models: Models, exp: xp.Experience, config: PPOConfig, kl_coef: float, step: int,
+             ptx_batch: Callable[[], dict] | None) -> dict:
+    """Phase 4: ppo_epochs passes over minibatches of the rollout batch; the mean losses and skips."""
+    B = exp.sequences.shape[0]
+    actor_losses, critic_losses, ptx_losses, skipped = [], [], [], 0
+    for _ in range(config.ppo_epochs):
+        for lo in range(0, B, config.train_batch_size):
+            mb = exp.select(range(lo, min(lo + config.train_batch_size, B)))
+            updates = [("actor", actor_losses, lambda: actor_update(models, mb, config, kl_coef))]
+            if models.critic is not None:
+                updates.append(("critic", critic_losses, lambda: critic_update(models, mb, config)))
+            if ptx_batch is not None and config.ptx_coef > 0:
+                updates.append(("ptx", ptx_losses, lambda: ptx_update(models, ptx_batch(), config)))
+            for name, record, update in updates:
+                loss = update()
+                if finite_or_skip(loss is not None, f"the {name} loss", step, config):
+                    record.append(loss)
+                else:
+                    skipped += 1
+    figures = {"policy_loss": _mean(actor_losses), "skipped": skipped}
+    if models.critic is not None:
+        figures["value_loss"] = _mean(critic_losses)
+    if ptx_losses:
+        figures["ptx_loss"] = _mean(ptx_losses)
+    return figures
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+class PTXBatches:
+    """The pre-training batches (train_batch_size rows, a seeded order per pass, cycling); callable."""
+
+    def __init__(self, ptx_data, tokenizer, config: PPOConfig):
+        rows = ptx_data.train if isinstance(ptx_data, StepData) else ptx_data
+        self.examples, _ = tokenize_sft(rows, tokenizer, config.tokens)
+        if not self.examples:
+            raise ValueError("the pre-training (PTX) data has no rows left after tokenization")
+        self.pad_id, self.size, self.seed = tokenizer.pad_token_id, config.train_batch_size, config.seed + 7
+        self.epoch, self.taken = 0, 0  # the position, saved in checkpoints
+        self._order: tuple[int, list[list[int]]] | None = None  # (epoch, its batches), drawn once per pass
+
+    def _batches(self) -> list[list[int]]:
+        if self._order is None or self._order[0] != self.epoch:
+            rank, world = rank_and_world()
+            self._order = (self.epoch, batch_order(len(self.examples), self.size, self.seed, self.epoch, rank,
+                                                        world))
+        return self._order[1]
+
+    def __call__(self) -> dict:
+        if self.taken == len(self._batches()):
+            self.epoch, self.taken = self.epoch + 1, 0
+        batches = self._batches()
+        self.taken += 1
+        return collate_sft([self.examples[i] for i in batches[self.taken - 1]], self.pad_id)
+

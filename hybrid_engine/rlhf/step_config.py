@@ -1,0 +1,83 @@
+"""StepConfig: the training settings every RLHF step's config shares (SFTConfig, RewardConfig, PPOConfig), and
+their checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hybrid_engine.rlhf.schedule import SCHEDULES
+from hybrid_engine.rlhf.tokens import TokenConfig
+
+
+@dataclass
+class StepConfig:
+    """The training settings steps 1 and 2 share (DeepSpeed-Chat's defaults unless said otherwise); each
+    step's config adds its own fields and learning rate."""
+
+    epochs: int = 1
+    """Passes over the training examples (DeepSpeed-Chat's num_train_epochs)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps, even mid-epoch; None: all epochs."""
+    batch_size: int = 16
+    """Examples (SFT rows, reward pairs) per optimizer step on each rank (DeepSpeed-Chat's
+    per_device_train_batch_size)."""
+    eval_batch_size: int = 32
+    """Examples per forward pass when evaluating."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from lr / warmup_steps to lr."""
+    schedule: str = "linear"
+    """After warmup: "constant", or "linear" decay towards 0 at the last step (DeepSpeed-Chat decays by
+    a cosine)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradients' global L2 norm to this (DeepSpeed-Chat's gradient_clipping); None: no clipping."""
+    eval_every: int = 0
+    """Evaluate on the held-out split every this many steps as well as before and after; 0: only then."""
+    seed: int = 1234
+    """Seeds the data order and torch's global RNG (LoRA and value-head initialisation, dropout)."""
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+    """Prompt and sequence lengths, and how prompts are formatted."""
+    output_dir: str | None = None
+    """Save the trained model and the tokenizer here; None: do not save."""
+    checkpoint_every: int = 0
+    """Write a checkpoint (weights, optimizer, RNG, data position; safetensors and JSON) to
+    output_dir/checkpoints every this many steps, to resume from; 0: none."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    training_kernels: bool = True
+    """Run the training forward and backward through hybrid_engine's fused ops patched into the HF modules
+    (RMSNorm, rotary embedding, the gated MLP's activation; Llama, Qwen2, Mistral); False: HF's own code."""
+    keep_freed_memory: bool = True
+    """Keep freed memory in the process for the next step instead of giving it back (hybrid_engine.allocator:
+    no page faults on each step's large tensors; the resident size stays at its peak); False: malloc's default."""
+
+    def __post_init__(self):
+        check_common(self)
+
+
+def check_common(config) -> None:
+    """The checks every step's config shares (its fields epochs, max_steps, batch_size, ...)."""
+    positive = {"epochs": config.epochs, "batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size}
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if config.max_steps is not None and (not isinstance(config.max_steps, int) or config.max_steps < 1):
+        raise ValueError(f"max_steps must be a positive integer or None, got {config.max_steps!r}")
+    if not isinstance(config.keep_checkpoints, int) or config.keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints must be a positive integer, got {config.keep_checkpoints!r}")
+    for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be positive, got {config.lr!r}")
+    if config.weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay!r}")
+    if config.max_grad_norm is not None and not config.max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be positive or None (no clipping), got {config.max_grad_norm!r}")
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+

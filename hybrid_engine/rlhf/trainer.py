@@ -1,0 +1,91 @@
+"""What the three trainers (SFT, the reward model, PPO's actor and critic) share around their models: the DeepSpeed
+config they train under, the model made ready for training, the tokenizer checks, one optimizer step, and eval
+mode for a while."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from hybrid_engine.allocator import keep_freed_memory
+from hybrid_engine.engine.train_kernels import apply_training_kernels
+from hybrid_engine.engine.training import load_ds_config
+
+
+def prepare_training(model: torch.nn.Module, config) -> torch.nn.Module:
+    """`model` with the training kernels patched in when config.training_kernels (engine/train_kernels.py), and
+    the allocator keeping freed memory when config.keep_freed_memory (hybrid_engine/allocator.py)."""
+    if config.keep_freed_memory:
+        keep_freed_memory()
+    if config.training_kernels:
+        apply_training_kernels(model)
+    return model
+
+
+def training_ds_config(ds_config, batch_size: int, max_grad_norm: float | None) -> dict | None:
+    """The DeepSpeed config a step trains under: `ds_config` (dict or JSON path) with its micro batch set to
+    batch_size and its gradient clipping to max_grad_norm. A ds_config that says otherwise, accumulates
+    gradients or brings its own scheduler (the step's config owns the schedule) is refused."""
+    if ds_config is None:
+        return None
+    config = load_ds_config(ds_config)  # checks the file and the ZeRO stage, copies
+    given = ds_config if isinstance(ds_config, dict) else json.loads(Path(os.fspath(ds_config)).read_text())
+    clip = 0.0 if max_grad_norm is None else float(max_grad_norm)
+    wanted = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
+              "gradient_clipping": clip}
+    for key, value in wanted.items():
+        if key in given and given[key] != value:
+            raise ValueError(f"ds_config[{key!r}] is {given[key]!r} but the config says {value!r}: set it in the "
+                             "step's config (batch_size, max_grad_norm; no gradient accumulation) and leave it out")
+    if "scheduler" in given:
+        raise ValueError("ds_config['scheduler']: the learning-rate schedule is the step config's (lr, warmup_steps, "
+                         "schedule); remove the scheduler")
+    config.update(wanted)
+    return config
+
+
+def pad_id_of(tokenizer) -> int:
+    """The tokenizer's pad id; a clear error when it has none (batches are padded with it)."""
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token: set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
+    return pad_id
+
+
+def check_vocab(tokenizer, vocab_size: int) -> None:
+    """Refuses a tokenizer whose ids do not all fit the model's vocabulary."""
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab_size}")
+
+
+def clip_gradients(module: torch.nn.Module, zero_stage: int | None, max_grad_norm: float | None) -> None:
+    """Clips the global gradient norm of `module` in plain torch; DeepSpeed (zero_stage not None) clips inside
+    its own step, by its gradient_clipping."""
+    if max_grad_norm is not None and zero_stage is None:
+        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_grad_norm)
+
+
+
+def optimizer_step(trainer, module: torch.nn.Module, loss: torch.Tensor, max_grad_norm: float | None) -> float:
+    """Backward, clipping and an optimizer step on `loss`; its value. `trainer` is a HybridEngine or a trainer of
+    engine.training (make_trainer), `module` the model it trains."""
+    trainer.backward(loss)
+    clip_gradients(module, trainer.zero_stage, max_grad_norm)
+    trainer.step()
+    return loss.item()
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """`model` (an nn.Module, a HybridEngine or a trainer) in eval mode inside the block, back in the mode it was in
+    after it, even on an exception."""
+    was_training = getattr(model, "module", model).training
+    model.train(False)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
