@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import transformers
 
-from hybrid_engine import HybridEngine
 from hybrid_engine.benchmarks.hf_ppo import response_mask  # the HF baseline's mask: both HF-generate actors cut alike
+from hybrid_engine.engine import HybridEngine
 from hybrid_engine.generation import GenerationOutput
 
 

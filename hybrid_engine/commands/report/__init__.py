@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from hybrid_engine.commands.report import engine, rlhf, tables, train
+from hybrid_engine.commands.report import engine, plot_generation, plot_rlhf, rlhf, tables, train
 
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "kernels": ("kernels", tables.table),
@@ -73,12 +73,8 @@ PAGES: dict[str, str] = {
 
 def _plots(stem: str) -> Callable[[dict, Path], list[Path]] | None:
     if stem == "generation":
-        from hybrid_engine.commands.report import plot_generation
-
         return plot_generation.plot
     if stem.startswith("rlhf"):
-        from hybrid_engine.commands.report import plot_rlhf
-
         phases = {s: lambda data, out_dir, s=s: plot_rlhf.plot(data, out_dir, f"{s}_phases.png")
                   for s in ("rlhf", "rlhf_zero3")}
         return {**phases, "rlhf_scaling": plot_rlhf.plot_scaling, "rlhf_batch": plot_rlhf.plot_batch,

@@ -19,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
+from hybrid_engine.commands.report.rlhf import ratios, samples_per_step  # noqa: E402
+
 PHASES = [("generate_s", "generation"), ("experience_s", "experience"), ("train_s", "training")]
 
 
@@ -100,8 +102,6 @@ def _log_ticks(ax, ticks: list[float]) -> None:
 def plot_batch(data: dict, out_dir: Path, name: str = "rlhf_batch.png") -> list[Path]:
     """Two panels over the samples per step: samples/s, a line per algorithm and provider, and ours' speed-up over
     its baseline, a line per algorithm."""
-    from hybrid_engine.commands.report.rlhf import ratios, samples_per_step
-
     rows = [b["extra_info"] for b in data["benchmarks"]]
     fig, (speed, gain) = plt.subplots(1, 2, figsize=(10, 4))
     algos = list(dict.fromkeys(r["algo"] for r in rows))
