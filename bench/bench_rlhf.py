@@ -19,19 +19,13 @@ after the first (warm-up) step (a wall clock from the step's first call to the e
 span for every provider: hybrid_engine/benchmarks/step_clock.py), samples/s, generated tokens/s, peak resident
 memory, the phase split (generate_s, experience_s, train_s: each phase's own timer, their sum at most the step's),
 and the reward per step (equal learning: a speed-up must not come from doing less). `hybrid-engine
-bench report --only rlhf --readme README.md` makes the README table and bench/rlhf_phases.png; ratios are against the
+bench report --only rlhf --docs docs` makes its tables and bench/rlhf_phases.png; ratios are against the
 baseline at the same algorithm, precision and setup in the same run: TRL for grpo and rloo, hf for ppo in one
 process, deepspeed under ZeRO-3.
 
-    pytest bench/bench_rlhf.py --benchmark-only --sweeps -k "rlhf_step and not zero3" \
-        --benchmark-json=bench/results/rlhf.json
-    pytest bench/bench_rlhf.py --benchmark-only --sweeps -k zero3 --benchmark-json=bench/results/rlhf_zero3.json
-    pytest bench/bench_rlhf.py --benchmark-only --sweeps -k scaling --benchmark-json=bench/results/rlhf_scaling.json
-    pytest bench/bench_rlhf.py --benchmark-only --sweeps -k batch --benchmark-json=bench/results/rlhf_batch.json
-    pytest bench/bench_rlhf.py --benchmark-only --sweeps -k curve --benchmark-json=bench/results/rlhf_curves.json
-
-Without --sweeps (bench/conftest.py) only REPRESENTATIVE runs: GRPO against TRL and PPO against the HF baseline, fp32,
-one process; the scaling, batch and curve runs are sweeps.
+Each committed table's command (with --sweeps) is in bench/conftest.py's docstring. Without --sweeps only REPRESENTATIVE
+runs: GRPO against TRL and PPO against the HF baseline, fp32, one process; the scaling, batch and curve runs are
+sweeps.
 
 The scaling runs (test_rlhf_scaling) time ours against each algorithm's baseline over model size (SIZES: ~10M,
 ~50M, ~125M parameters) at 32 new tokens, and over response length (LENGTHS, up to 512 new tokens) at ~10M,
