@@ -13,6 +13,7 @@ docs/benchmarks.md.
 | train_step.json | bench/bench_train.py | train_step | |
 | engine.json | bench/bench_engine.py | engine (+ _headline) | |
 | rlhf.json | bench/bench_rlhf.py | rlhf (+ _headline) | rlhf_phases |
+| rlhf_wallclock.json | bench/bench_rlhf.py -k "... and fp32" | rlhf_wallclock | |
 | rlhf_zero3.json | bench/bench_rlhf.py -k zero3 | rlhf_zero3 | rlhf_zero3_phases |
 | rlhf_scaling.json | bench/bench_rlhf.py -k scaling | rlhf_scaling | rlhf_scaling |
 | rlhf_batch.json | bench/bench_rlhf.py -k batch | rlhf_batch | rlhf_batch |
@@ -35,6 +36,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "train_step": ("train_step", tables.table),
     "engine": ("engine", engine.tables),
     "rlhf": ("rlhf", rlhf.table),
+    "rlhf_wallclock": ("rlhf_wallclock", rlhf.table),
     "rlhf_zero3": ("rlhf_zero3", rlhf.zero3_table),
     "rlhf_scaling": ("rlhf_scaling", rlhf.scaling_table),
     "rlhf_batch": ("rlhf_batch", rlhf.batch_table),
@@ -58,6 +60,7 @@ PAGES: dict[str, str] = {
     "train_step": "benchmarks.md",
     "engine": "benchmarks.md",
     "rlhf": "benchmarks.md",
+    "rlhf_wallclock": "benchmarks.md",
     "rlhf_zero3": "benchmarks.md",
     "rlhf_scaling": "benchmarks.md",
     "rlhf_batch": "benchmarks.md",
