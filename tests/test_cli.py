@@ -28,6 +28,14 @@ def test_help_explains_every_flag():
             assert action.help, f"{action.option_strings} has no help"
 
 
+def test_the_old_module_path_still_runs_the_command_with_a_note():
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "hybrid_engine.cli", "env", "--help"], cwd=root, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    assert "usage: hybrid-engine env" in run.stdout and "python -m hybrid_engine.commands" in run.stderr
+
+
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="built-in presets: llama-20m, llama-125m, llama-tiny"):
         main(["generate", "--preset", "nope", "--max-new-tokens", "1"])

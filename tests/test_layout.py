@@ -1,5 +1,6 @@
 """The package's layers, read from its source: no import cycle between its modules, the library (everything but
-hybrid_engine/commands/) never imports the command line (the commands package or argparse), and no module below the
+the command line: hybrid_engine/commands/ and the old path hybrid_engine/cli.py) never imports the command line (the
+commands package or argparse), and no module below the
 package face imports the face itself (`import hybrid_engine`, or a name `from hybrid_engine import` that is not a
 submodule)."""
 
@@ -10,6 +11,12 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hybrid_engine"
+COMMAND_LINE = ("hybrid_engine.commands", "hybrid_engine.cli")
+"""The command line's modules and packages; everything else of the package is the library."""
+
+
+def is_command_line(name: str) -> bool:
+    return any(name == c or name.startswith(c + ".") for c in COMMAND_LINE)
 
 
 @functools.cache
@@ -83,12 +90,12 @@ def test_no_import_cycles():
     assert cycles(graph()) == []
 
 
-@pytest.mark.parametrize("name", sorted(n for n in modules() if not n.startswith("hybrid_engine.commands")))
+@pytest.mark.parametrize("name", sorted(n for n in modules() if not is_command_line(n)))
 def test_the_library_never_imports_the_command_line(name):
     trees = modules()
     used = imports(trees[name], set(trees))
     assert "argparse" not in used
-    assert not any(m == "hybrid_engine.commands" or m.startswith("hybrid_engine.commands.") for m in used)
+    assert not any(is_command_line(m) for m in used)
 
 
 def test_nothing_below_the_package_face_imports_it():
