@@ -83,6 +83,10 @@ def main(out: str, mode: str) -> None:
         results["grpo-zero3"] = run("grpo-zero3", "grpo", 3, out, data)
     with open(os.path.join(out, f"{mode}-rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
+    # Leave together: a rank that exits while the other still works (rank 0's reloads) can abort in the process
+    # group's teardown.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -64,6 +64,10 @@ def main(out: str) -> None:
                                                     tok.pad_token_id))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
+    # Leave together: a rank that exits while the other still works (rank 0's reloads above) can abort in the
+    # process group's teardown ("terminate called without an active exception", seen once in CI).
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
