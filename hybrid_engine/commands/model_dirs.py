@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from hybrid_engine.rlhf.reward import HEAD_FILE
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
@@ -38,4 +36,6 @@ def load_tokenizer(directory: str | os.PathLike, flag: str = "--tokenizer"):
         raise ValueError(f"{flag} {directory}: no such directory")
     if not has_tokenizer(directory):
         raise ValueError(f"{flag} {directory}: no tokenizer there (none of {', '.join(TOKENIZER_FILES)})")
+    from transformers import AutoTokenizer  # here, when one is loaded: resolving it costs start-up about 0.4 s
+
     return AutoTokenizer.from_pretrained(str(directory))

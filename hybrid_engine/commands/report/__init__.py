@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from hybrid_engine.commands.report import engine, plot_generation, plot_rlhf, rlhf, tables, train
+from hybrid_engine.commands.report import engine, rlhf, tables, train
 
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "kernels": ("kernels", tables.table),
@@ -75,9 +75,15 @@ PAGES: dict[str, str] = {
 
 
 def _plots(stem: str) -> Callable[[dict, Path], list[Path]] | None:
+    # The plot modules are imported here, when a plot is made: they import matplotlib.pyplot (about 0.3 s) and set
+    # its backend to Agg, which every `hybrid-engine` command would otherwise pay for and impose at start-up.
     if stem == "generation":
+        from hybrid_engine.commands.report import plot_generation
+
         return plot_generation.plot
     if stem.startswith("rlhf"):
+        from hybrid_engine.commands.report import plot_rlhf
+
         phases = {s: lambda data, out_dir, s=s: plot_rlhf.plot(data, out_dir, f"{s}_phases.png")
                   for s in ("rlhf", "rlhf_zero3")}
         return {**phases, "rlhf_scaling": plot_rlhf.plot_scaling, "rlhf_batch": plot_rlhf.plot_batch,

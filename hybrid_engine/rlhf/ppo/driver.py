@@ -18,6 +18,7 @@ A step whose scores or targets hold NaN or inf is skipped and counted, or stops 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -120,7 +121,7 @@ def train_ppo(models: ModelSources | Models, tokenizer, data: StepData, config: 
         optimizers=[(models.actor.optimizer, config.lr)]
         + ([] if models.critic is None else [(models.critic.optimizer, config.critic_lr)]),
         postfix=lambda record: {"score": f"{record['score']:.3f}", "kl": f"{record['kl']:.2f}"},
-        on_step=log, on_eval=None if log is None else lambda step, e: e is not None and log(step, eval_record(e)),
+        on_step=log, on_eval=None if log is None else functools.partial(_log_eval, log),
         state=PPORunState(run))
     record = train_loop(len(train.examples), config, trainer, config.algo, progress, resume)
     if config.output_dir is not None:
@@ -152,6 +153,12 @@ def ppo_step(run: PPORun, prompts: Prompts, indices: list[int], step: int) -> di
         record.update(skipped=1)
     record["train_s"] = time.perf_counter() - t0
     return record
+
+
+def _log_eval(log: Callable[[int, dict], None], step: int, figures: PolicyEval | None) -> None:
+    """An evaluation as a metrics record (none for an empty eval split)."""
+    if figures is not None:
+        log(step, eval_record(figures))
 
 
 def _kl_controller(config: PPOConfig) -> AdaptiveKLController | FixedKLController:
