@@ -1,7 +1,8 @@
 """Run by torchrun (gloo, CPU) for tests/test_ppo_distributed.py: train_ppo on a few demo prompts under DeepSpeed,
 then reload what rank 0 saved. Each rank writes what it measured to OUT/<mode>-rank<r>.json.
 
-    python -m torch.distributed.run --nproc_per_node 2 ppo_worker.py OUT ranks   # ppo ZeRO-2, ppo and grpo ZeRO-3
+    python -m torch.distributed.run --nproc_per_node 2 ppo_worker.py OUT ranks   # ppo ZeRO-2, ppo and grpo ZeRO-3,
+                                                                                  # grpo ZeRO-3 generating with TP 2
     python -m torch.distributed.run --nproc_per_node 1 ppo_worker.py OUT single  # plain torch, then ZeRO-3 alone
 """
 
@@ -52,7 +53,8 @@ def run(name: str, algo: str, stage: int | None, out: str, data, **fields) -> di
     prompts = collate_ppo(Prompts.of(data.eval, tok, config).examples, tok.pad_token_id)
     args = dict(max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     greedy = result.actor.generate(prompts["input_ids"], prompts["attention_mask"], **args)  # every rank (ZeRO-3)
-    record = {"stage": result.actor.zero_stage, "steps": result.steps, "skipped": result.skipped,
+    record = {"stage": result.actor.zero_stage, "tp": result.actor.settings.inference_tp_size,
+              "steps": result.steps, "skipped": result.skipped,
               "history": [{k: v for k, v in r.items() if not k.endswith("_s")} for r in result.history],
               "evals": [(s, asdict(e)) for s, e in result.evals], "greedy": greedy.sequences.tolist()}
     if dist.is_initialized():
@@ -81,6 +83,7 @@ def main(out: str, mode: str) -> None:
         results["ppo-zero2"] = run("ppo-zero2", "ppo", 2, out, data)
         results["ppo-zero3"] = run("ppo-zero3", "ppo", 3, out, data, ema_beta=0.9)
         results["grpo-zero3"] = run("grpo-zero3", "grpo", 3, out, data)
+        results["grpo-tp2-zero3"] = run("grpo-tp2-zero3", "grpo", 3, out, data, generation={"inference_tp_size": 2})
     with open(os.path.join(out, f"{mode}-rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
     # Leave together: a rank that exits while the other still works (rank 0's reloads) can abort in the process

@@ -50,7 +50,7 @@ def test_sampling_uses_the_temperature_without_top_k():
     tok, engine = tokenizer(), _engine()
     ids, mask = _prompts(tok)
     torch.manual_seed(0)
-    out = engine.generate(ids, mask, max_new_tokens=24, temperature=2.0, eos_token_id=len(tok) + 10,
+    out = engine.generate(ids, mask, max_new_tokens=24, do_sample=True, temperature=2.0, eos_token_id=len(tok) + 10,
                           pad_token_id=tok.pad_token_id)
     engine.eval()
     full_mask = torch.cat([mask, out.response_mask], 1)

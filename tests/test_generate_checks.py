@@ -7,7 +7,11 @@ import torch
 from models import VOCAB, left_padded_prompts, tiny_model
 
 import hybrid_engine
+from hybrid_engine.engine.settings import GenerationSettings
+from hybrid_engine.generation import SamplingConfig, SamplingParams
 from hybrid_engine.generation.checks import NonFiniteLogitsError
+from hybrid_engine.model.dtypes import parse_kv_dtype, parse_weight_dtype
+from hybrid_engine.rlhf.ppo import PPOConfig
 
 # The module, not the function that hybrid_engine.generation re-exports under the same name.
 generate_module = importlib.import_module("hybrid_engine.generation.generate")
@@ -75,6 +79,11 @@ BAD = [
     ("seed str", _with(seed="1"), "seed must be an int"),
     ("seed and generator", _with(seed=1, generator=torch.Generator()), "pass seed or generator, not both"),
     ("generator int", _with(generator=1), "generator must be a torch.Generator"),
+    ("unknown argument", _with(top_a=0.1), r"unknown generation arguments \['top_a'\]; known: .*'top_k'"),
+    ("sampling positional int", _with(sampling=8), r"sampling must be a SamplingParams or None, got int"),
+    ("kv_dtype int8", _with(kv_dtype=torch.int8), r"kv_dtype must be one of fp32, bf16, fp16, got torch.int8"),
+    ("kv_dtype name", _with(kv_dtype="half-ish"), r"kv_dtype must be one of fp32, bf16, fp16, got 'half-ish'"),
+    ("weight_dtype fp16", _with(weight_dtype="fp16"), r"weight_dtype must be one of fp32, bf16, got 'fp16'"),
 ]
 
 
@@ -90,8 +99,59 @@ def test_bad_input_is_refused_before_any_work(build, match, monkeypatch):
 
 def test_bad_weight_dtype_names_the_argument():
     ids, mask = _prompts()
-    with pytest.raises(ValueError, match="weight_dtype must be"):
+    with pytest.raises(ValueError, match="weight_dtype must be one of fp32, bf16, got torch.float16"):
         hybrid_engine.generate(tiny_model("gpt2"), ids, mask, max_new_tokens=2, weight_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("setting, value, allowed", [
+    ("kv_dtype", torch.int8, "fp32, bf16, fp16"),
+    ("kv_dtype", "half-ish", "fp32, bf16, fp16"),
+    ("weight_dtype", "fp16", "fp32, bf16"),
+    ("weight_dtype", 16, "fp32, bf16"),
+])
+def test_a_dtype_setting_is_refused_with_one_error_wherever_it_enters(setting, value, allowed):
+    """generate(), the engine's GenerationSettings and PPOConfig read a dtype setting through one parser, against
+    one allowed set."""
+    ids, mask = _prompts()
+    expected = re.escape(f"{setting} must be one of {allowed}, got {value!r}")
+    with pytest.raises(ValueError, match=expected):
+        hybrid_engine.generate(tiny_model("gpt2"), ids, mask, max_new_tokens=2, **{setting: value})
+    with pytest.raises(ValueError, match="generation." + expected):
+        GenerationSettings(**{setting: value})
+    with pytest.raises(ValueError, match="generation." + expected):
+        PPOConfig(generation={setting: value})
+
+
+@pytest.mark.parametrize("name, dtype", [("bf16", torch.bfloat16), ("BFloat16", torch.bfloat16),
+                                         ("fp16", torch.float16), ("float32", torch.float32)])
+def test_dtype_names_are_the_dtypes(name, dtype):
+    assert parse_kv_dtype(name) == parse_kv_dtype(dtype) == dtype
+    assert GenerationSettings(kv_dtype=name).kv_dtype == dtype
+    assert parse_weight_dtype("fp32") is parse_weight_dtype(torch.float32) is parse_weight_dtype("none") is None
+    assert parse_weight_dtype("bf16") == torch.bfloat16
+
+
+def test_a_sampling_params_and_keywords_over_it_are_the_keywords_alone():
+    model = tiny_model("gpt2")
+    ids, mask = left_padded_prompts(LENGTHS)
+    keywords = dict(max_new_tokens=5, do_sample=True, temperature=0.8, top_k=20, eos_token_id=[3, 4], pad_token_id=0)
+    expected = hybrid_engine.generate(model, ids, mask, seed=7, **keywords)
+    params = SamplingParams(**keywords, seed=1)
+    for out in (hybrid_engine.generate(model, ids, mask, SamplingParams(**keywords, seed=7)),
+                hybrid_engine.generate(model, ids, mask, params, seed=7),  # a keyword over the params
+                hybrid_engine.generate(model, ids, mask, sampling=params, seed=7, weight_dtype="fp32",
+                                       kv_dtype="fp32")):
+        assert torch.equal(out.sequences, expected.sequences) and torch.equal(out.logprobs, expected.logprobs)
+    assert SamplingConfig(True, 2.0, 5, 0.5) == SamplingParams(do_sample=True, temperature=2.0, top_k=5, top_p=0.5)
+
+
+def test_dtypes_by_name_generate_as_the_dtypes():
+    model = tiny_model("llama-gqa")
+    ids, mask = left_padded_prompts(LENGTHS)
+    by_dtype = hybrid_engine.generate(model, ids, mask, max_new_tokens=4, weight_dtype=torch.bfloat16,
+                                      kv_dtype=torch.bfloat16)
+    by_name = hybrid_engine.generate(model, ids, mask, max_new_tokens=4, weight_dtype="bf16", kv_dtype="bf16")
+    assert torch.equal(by_name.sequences, by_dtype.sequences) and torch.equal(by_name.logprobs, by_dtype.logprobs)
 
 
 def test_int32_ids_and_bool_mask_are_accepted():

@@ -16,14 +16,17 @@ import transformers
 from demo_models import demo_llama, demo_rows, tokenizer
 
 from hybrid_engine.engine.logprobs import positions
+from hybrid_engine.engine.settings import GenerationSettings
 from hybrid_engine.generation import generate
 from hybrid_engine.rlhf import RewardModel, losses
+from hybrid_engine.rlhf.checkpoint import config_json
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.demo import rule_score_batch
 from hybrid_engine.rlhf.ppo import ModelSources, NonFiniteError, PPOConfig, PPOResult, build_models, driver, train_ppo
 from hybrid_engine.rlhf.ppo import batch as xp
 from hybrid_engine.rlhf.ppo import experience as phases
 from hybrid_engine.rlhf.ppo import update as ppo_update
+from hybrid_engine.rlhf.ppo.config import saved_config
 from hybrid_engine.rlhf.ppo.experience import ON_POLICY, Prompts
 from hybrid_engine.rlhf.reward_fn import load_reward_fn
 from hybrid_engine.rlhf.scoring import FrozenPolicy
@@ -182,11 +185,13 @@ def test_old_logprobs_from_generation_equal_a_recompute_and_ref_logprobs_the_sft
     assert torch.allclose(exp.kl, kl) and figures["kl"] == pytest.approx(float(kl.double().mean()), abs=1e-6)
 
 
-@pytest.mark.parametrize("setting", [dict(generation_weight_dtype="bf16"), dict(generation_kv_dtype="bf16")],
-                         ids=["bf16-weights", "bf16-kv-cache"])
+@pytest.mark.parametrize("setting", [dict(weight_dtype="bf16"), dict(kv_dtype="bf16"), dict(kv_dtype="fp16")],
+                         ids=["bf16-weights", "bf16-kv-cache", "fp16-kv-cache"])
 def test_recomputed_old_logprobs_with_bf16_generation(data, rm, setting):
-    exp, figures, models, _, cfg = experience(data, rm, "ppo", train_batch_size=2, **setting)
-    assert models.actor.settings.kv_dtype == (torch.bfloat16 if "generation_kv_dtype" in setting else torch.float32)
+    exp, figures, models, _, cfg = experience(data, rm, "ppo", train_batch_size=2, generation=setting)
+    assert models.actor.settings == GenerationSettings(**setting)
+    assert models.actor.settings.kv_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        setting.get("kv_dtype"), torch.float32)
     assert figures["logprob_source"] == "recomputed"
     engine = models.actor.eval()
     with torch.no_grad():
@@ -294,7 +299,7 @@ def test_train_ppo_runs_three_steps(data, rm, captured, algo):
 
 
 def test_bf16_generation_recomputes_the_old_logprobs(data, rm):
-    result = run(data, config(max_steps=2, generation_weight_dtype="bf16", train_batch_size=2), rm)
+    result = run(data, config(max_steps=2, generation={"weight_dtype": "bf16"}, train_batch_size=2), rm)
     assert result.logprob_source == "recomputed" and len(result.history) == 2
     assert all(r["logprob_source"] == "recomputed" and math.isfinite(r["policy_loss"]) for r in result.history)
 
@@ -503,16 +508,45 @@ def test_a_lora_actor_trains(data, rm, tmp_path):
     (dict(ptx_coef=-1.0), r"kl_coef and ptx_coef must be >= 0"),
     (dict(nonfinite="ignore"), r"nonfinite must be 'skip' or 'stop', got 'ignore'"),
     (dict(ema_beta=1.5), r"ema_beta must be in \[0, 1\] or None"),
-    (dict(generation_weight_dtype="fp16"), r"generation_weight_dtype must be None or 'bf16'"),
+    (dict(generation={"weight_dtype": "fp16"}), r"generation.weight_dtype must be one of fp32, bf16, got 'fp16'"),
+    (dict(generation={"kv_dtype": "int8"}), r"generation.kv_dtype must be one of fp32, bf16, fp16, got 'int8'"),
+    (dict(generation={"gather": "some"}), r"generation.gather must be 'all' or 'layer'"),
+    (dict(generation={"top_k": 3}), r"generation: unknown settings \['top_k'\]"),
     (dict(train_batch_size=0), r"train_batch_size must be a positive integer"),
-    (dict(max_new_tokens=0), r"max_new_tokens must be a positive integer"),
-    (dict(temperature=0.0), r"temperature must be positive"),
+    (dict(max_new_tokens=0), r"max_new_tokens must be an int >= 1, got 0"),
+    (dict(eval_max_new_tokens=0), r"max_new_tokens must be an int >= 1, got 0"),
+    (dict(temperature=0.0), r"temperature must be a finite number > 0, got 0.0"),
     (dict(clip_range=-0.2), r"clip_range must be positive"),
     (dict(batch_size=0), r"batch_size must be a positive integer"),
 ])
 def test_bad_settings_are_refused(fields, match):
     with pytest.raises(ValueError, match=match):
         PPOConfig(**fields)
+
+
+def test_the_earlier_flat_generation_settings_still_work_with_a_warning():
+    with pytest.warns(FutureWarning, match=r"generation_kv_dtype=\.\.\.\) is now .*GenerationSettings\(kv_dtype"):
+        old = PPOConfig(generation_weight_dtype="bf16", generation_kv_dtype="bf16")
+    assert old.generation == GenerationSettings(weight_dtype=torch.bfloat16, kv_dtype=torch.bfloat16)
+    assert old == PPOConfig(generation={"weight_dtype": "bf16", "kv_dtype": "bf16"}) and old.inexact_logprobs
+    with pytest.raises(ValueError, match=r"generation.weight_dtype must be one of fp32, bf16, got 'fp16'"), \
+            pytest.warns(FutureWarning):
+        PPOConfig(generation_weight_dtype="fp16")  # the same check and error as the new spelling
+
+
+def test_a_checkpoint_of_the_earlier_flat_settings_reads_as_todays():
+    saved = {"lr": 1e-3, "generation_weight_dtype": "bf16", "generation_kv_dtype": "fp32"}
+    assert saved_config(saved) == {"lr": 1e-3, "generation": {"weight_dtype": "bf16", "inference_tp_size": 1,
+                                                              "gather": "all", "kv_dtype": "fp32"}}
+    today = config_json(PPOConfig(generation={"weight_dtype": "bf16"}))
+    assert saved_config(today) == today and today["generation"]["weight_dtype"] == "bf16"
+
+
+def test_a_built_engine_and_the_config_must_agree_on_generation(data, rm):
+    engine = build_models(ModelSources(actor=demo_actor(), reward_model=rm),
+                          config(generation={"kv_dtype": "bf16"})).actor
+    with pytest.raises(ValueError, match=r"the actor engine generates with .*kv_dtype=torch.bfloat16.*give the config"):
+        build_models(ModelSources(actor=engine, reward_model=rm, reference=demo_actor()), config())
 
 
 def test_num_generations_defaults_by_algorithm():
@@ -558,5 +592,5 @@ def test_the_on_policy_ratio_is_exactly_one_at_the_first_update(data, rm, monkey
     real = ppo_update.policy_loss
     monkeypatch.setattr(ppo_update, "policy_loss", lambda lp, old, *a, **k: seen.append(torch.equal(lp.detach(), old))
                         or real(lp, old, *a, **k))
-    run(data, config(max_steps=1, generation_weight_dtype="bf16"), rm=rm)
+    run(data, config(max_steps=1, generation={"weight_dtype": "bf16"}), rm=rm)
     assert seen == [True]

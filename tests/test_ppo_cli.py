@@ -5,6 +5,7 @@ raise the held-out rule score."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -13,10 +14,13 @@ import torch
 import transformers
 from demo_models import demo_llama, save_demo_llama, tokenizer
 
+from hybrid_engine.commands.config_args import ConfigValues, add_config_args, build_config
 from hybrid_engine.commands.main import build_parser, main
 from hybrid_engine.commands.metrics import read_metrics
+from hybrid_engine.engine.settings import GenerationSettings
 from hybrid_engine.rlhf import RewardModel
 from hybrid_engine.rlhf.demo import DEMO_DIR
+from hybrid_engine.rlhf.ppo import PPOConfig
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -67,13 +71,58 @@ def test_help_explains_every_flag(name):
 
 def test_ppo_flags_cover_the_config_and_the_models():
     flags = {opt for a in subcommand("ppo")._actions for opt in a.option_strings}
-    for flag in ("--algo", "--num-generations", "--kl-coef", "--ema-beta", "--nonfinite", "--generation-weight-dtype",
-                 "--reward-model", "--no-reward-model", "--reward-fn", "--eval-fn", "--ptx-data", "--critic",
-                 "--reference", "--lora-r", "--max-prompt-len"):
+    for flag in ("--algo", "--num-generations", "--kl-coef", "--ema-beta", "--nonfinite", "--weight-dtype",
+                 "--kv-dtype", "--inference-tp-size", "--reward-model", "--no-reward-model", "--reward-fn",
+                 "--eval-fn", "--ptx-data", "--critic", "--reference", "--lora-r", "--max-prompt-len"):
         assert flag in flags, flag
     assert "--output-dir" not in flags and "--output" in flags
     assert {"--set", "--config", "--output", "--no-progress"} <= {o for a in subcommand("train")._actions
                                                                  for o in a.option_strings}
+
+
+def ppo_config(argv: list[str], values: dict | None = None, path: str = "c.yaml") -> PPOConfig:
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, PPOConfig, skip=("output_dir",))
+    return build_config(PPOConfig, parser.parse_args(argv), ConfigValues(values or {}, path), section="ppo")
+
+
+BF16_KV = GenerationSettings(kv_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("argv, values", [
+    (["--kv-dtype", "bf16"], {}),
+    (["--kv-dtype", "BFloat16"], {}),
+    ([], {"kv_dtype": "bf16"}),
+    ([], {"generation": {"kv-dtype": "bf16"}}),
+    ([], {"ppo": {"generation": {"kv_dtype": "bf16"}}}),
+    (["--kv-dtype", "bf16"], {"kv_dtype": "fp32"}),  # the flag over the file
+], ids=["flag", "flag-long-name", "file-flat", "file-nested", "file-section", "flag-over-file"])
+def test_generation_settings_from_flags_and_files_are_the_engines(argv, values):
+    config = ppo_config(argv, values)
+    assert config.generation == BF16_KV and config.inexact_logprobs
+
+
+def test_the_earlier_generation_flags_and_keys_still_work_with_a_warning():
+    with pytest.warns(FutureWarning, match=r"'--generation-kv-dtype' is now '--kv-dtype'"):
+        assert ppo_config(["--generation-kv-dtype", "bf16"]).generation == BF16_KV
+    with pytest.warns(FutureWarning, match=r"c\.yaml, section 'ppo': 'generation_weight_dtype' is now 'weight_dtype'"):
+        config = ppo_config([], {"ppo": {"generation_weight_dtype": "bf16"}})
+    assert config.generation == GenerationSettings(weight_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"c\.yaml: 'generation-kv-dtype' and 'kv_dtype' are one setting"):
+        ppo_config([], {"generation-kv-dtype": "bf16", "kv_dtype": "fp32"})
+    help_text = subcommand("ppo").format_help()
+    assert "--kv-dtype" in help_text and "--generation-kv-dtype" not in help_text
+
+
+@pytest.mark.parametrize("argv, values, match", [
+    (["--kv-dtype", "int8"], {}, r"generation.kv_dtype must be one of fp32, bf16, fp16, got 'int8'"),
+    ([], {"generation": {"weight_dtype": "fp16"}}, r"generation.weight_dtype must be one of fp32, bf16, got 'fp16'"),
+    ([], {"kv_dtype": 16}, r"c\.yaml: 'kv_dtype' must be a dtype name such as 'bf16', got int 16"),
+    (["--gather", "half"], {}, r"generation.gather must be 'all' or 'layer', got 'half'"),
+])
+def test_bad_generation_settings_name_the_setting(argv, values, match):
+    with pytest.raises(ValueError, match=match):
+        ppo_config(argv, values)
 
 
 # -- ppo end to end -------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """train_ppo under DeepSpeed with torchrun (gloo, CPU, one thread a process): PPO under ZeRO-2 and ZeRO-3 (with the
-EMA) and GRPO under ZeRO-3 in 2 processes, and PPO under ZeRO-3 in 1 process against plain torch. Every rank
-finishes, trains on its own prompts, reports the same held-out evaluation (each rank evaluates the whole split)
-and generates the same tokens; what rank 0 saved reloads in plain torch and generates them too. The worker is
-ppo_worker.py."""
+EMA) and GRPO under ZeRO-3 in 2 processes (each rank generating alone, and both tensor-parallel), and PPO under
+ZeRO-3 in 1 process against plain torch. Every rank finishes, trains on its own prompts, reports the same held-out
+evaluation (each rank evaluates the whole split) and generates the same tokens; what rank 0 saved reloads in plain
+torch and generates them too. The worker is ppo_worker.py."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("ppo_worker.py")
-RUNS = ("ppo-zero2", "ppo-zero3", "grpo-zero3")
+RUNS = ("ppo-zero2", "ppo-zero3", "grpo-zero3", "grpo-tp2-zero3")
 FIGURES = ("policy_loss", "value_loss", "score", "kl", "rm_score")
 
 
@@ -67,9 +67,12 @@ def test_every_rank_finishes_its_steps_with_finite_losses(ranks, name):
 
 @pytest.mark.parametrize("name", RUNS)
 def test_every_rank_reports_the_same_held_out_evaluation(ranks, name):
+    """Each rank evaluates the whole split. Generating alone, every rank draws the same samples; generating
+    tensor-parallel, the two ranks' copies of the split are one batch, and each rank keeps its own rows' draws."""
     a, b = ranks[0][name], ranks[1][name]
     assert [s for s, _ in a["evals"]] == [0, 2]
-    assert a["evals"] == b["evals"]  # the whole eval split on every rank, the same weights and draws
+    if "tp2" not in name:
+        assert a["evals"] == b["evals"]  # the same weights and draws
     assert abs(a["evals"][0][1]["kl"]) < 1e-4 and a["evals"][-1][1]["kl"] != a["evals"][0][1]["kl"]  # it trained
     assert a["greedy"] == b["greedy"]
 
@@ -80,6 +83,14 @@ def test_the_saved_actor_reloads_and_generates_what_the_engine_does(ranks, name)
     assert a["reloaded_greedy"] == a["greedy"]
     assert a["critic_loads"] == name.startswith("ppo")
     assert a["ema_loads"] == (name == "ppo-zero3")
+
+
+def test_the_configs_generation_settings_are_the_engines(ranks):
+    """PPOConfig.generation reaches the actor's engine: inference_tp_size=2 shards the generation weights across the
+    two ranks, which generate both ranks' prompts together (the tests above check its greedy tokens against the
+    saved actor's in plain torch)."""
+    for rank in ranks:
+        assert rank["grpo-zero3"]["tp"] == 1 and rank["grpo-tp2-zero3"]["tp"] == 2
 
 
 def test_zero2_and_zero3_train_alike(ranks):

@@ -14,7 +14,7 @@ import transformers
 
 from hybrid_engine.benchmarks.hf_ppo import response_mask  # the HF baseline's mask: both HF-generate actors cut alike
 from hybrid_engine.engine import HybridEngine
-from hybrid_engine.generation import GenerationOutput
+from hybrid_engine.generation import GenerationOutput, SamplingParams
 
 
 def sampled_logprobs(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float,
@@ -29,14 +29,16 @@ class HFGenerateEngine(HybridEngine):
     """A HybridEngine that generates with HF `generate` on its (DeepSpeed, maybe peft) module."""
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 max_new_tokens: int, do_sample: bool = True, temperature: float = 1.0, eos_token_id: int,
-                 pad_token_id: int, **unused) -> GenerationOutput:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 sampling: SamplingParams | None = None, **overrides) -> GenerationOutput:
+        """HybridEngine.generate's arguments; HF samples from torch's global generator (a seed or generator given
+        here is not used)."""
+        s = SamplingParams.of(sampling, overrides)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        config = transformers.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                               temperature=temperature, top_k=0, top_p=1.0,
-                                               eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        config = transformers.GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample,
+                                               temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                               eos_token_id=s.eos_token_id, pad_token_id=s.pad_token_id,
                                                return_dict_in_generate=True, output_logits=True)
         module = self.module
         was_training = module.training
@@ -47,7 +49,7 @@ class HFGenerateEngine(HybridEngine):
         finally:
             module.train(was_training)
         tokens = out.sequences[:, input_ids.shape[1]:]
-        mask = response_mask(tokens, eos_token_id)
+        mask = response_mask(tokens, s.eos_token_id)
         self.stats.generated_tokens += int(mask.sum())
-        return GenerationOutput(sequences=out.sequences, logprobs=sampled_logprobs(out.logits, tokens, temperature,
+        return GenerationOutput(sequences=out.sequences, logprobs=sampled_logprobs(out.logits, tokens, s.temperature,
                                                                                    mask), response_mask=mask)

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from hybrid_engine.commands.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
-from hybrid_engine.generation import generate
+from hybrid_engine.generation import SamplingParams, generate
 from hybrid_engine.model.spec import SUPPORTED, spec_from_config
 from hybrid_engine.rlhf.tokens import TokenConfig, TokenStats, fit_prompt, format_prompt
 
@@ -110,23 +110,24 @@ def responder(model, tokenizer, args: argparse.Namespace) -> Callable[[list[dict
     room = None if limit is None else limit - args.max_new_tokens
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
+    choice = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
         if args.sample else dict(do_sample=False)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed) if args.sample else None
+    sampling = SamplingParams(**choice, max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                              generator=generator)
     torch.manual_seed(args.seed)  # HF generate samples from torch's global RNG
 
     def respond(messages: list[dict[str, str]]) -> str:
         ids = fit_conversation(tokenizer, messages, room, args.chat_template)
         input_ids = torch.tensor([ids])
         if model.config.model_type in SUPPORTED:
-            out = generate(model, input_ids, max_new_tokens=args.max_new_tokens, eos_token_id=eos,
-                                         pad_token_id=pad, generator=generator if args.sample else None, **sampling)
+            out = generate(model, input_ids, sampling=sampling)
             new = out.sequences[0, len(ids):][out.response_mask[0].bool()]
         else:
             with torch.no_grad():
                 out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                      max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                     **sampling)
+                                     **choice)
             new = out[0, len(ids):]
         return tokenizer.decode(new.tolist(), skip_special_tokens=True).strip()
 

@@ -22,6 +22,7 @@ from hybrid_engine.commands.model_dirs import check_model_dir, has_tokenizer, lo
 from hybrid_engine.rlhf.data import DataConfig, DatasetSpec, StepData, load_step_data
 from hybrid_engine.rlhf.demo import demo_config, demo_model, demo_tokenizer
 from hybrid_engine.rlhf.distributed import is_main_rank
+from hybrid_engine.rlhf.step_config import config_dict
 
 DEFAULT_OUTPUT = {"sft": "out/sft", "reward": "out/reward", "ppo": "out/ppo"}
 
@@ -164,7 +165,7 @@ def report(step: str, args: argparse.Namespace, config, data: StepData, rows: li
         print(f"  {label:<{width}}  {value}")
     summary = {"command": step, "model": args.model or "demo model (random init)",
                "data": [dataclasses.asdict(r) for r in data.reports], "train_rows": len(data.train),
-               "eval_rows": len(data.eval), "config": dataclasses.asdict(config), **figures}
+               "eval_rows": len(data.eval), "config": config_dict(config), **figures}
     path = Path(config.output_dir) / "summary.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")

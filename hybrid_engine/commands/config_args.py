@@ -15,9 +15,13 @@ A config file is a mapping, either flat or with one section per command:
     reward:
       lr: 1.0e-5
 
-Types are int, float, str, bool, `X | None` (the flag takes the literal `none`; the file takes null) and
-nested dataclasses. A float field also takes a string that float() reads, because YAML 1.1 reads `1e-3`
-(no dot) as a string.
+Types are int, float, str, bool, torch.dtype, `X | None` (the flag takes the literal `none`; the file takes null)
+and nested dataclasses. A float field also takes a string that float() reads, because YAML 1.1 reads `1e-3`
+(no dot) as a string. A torch.dtype field takes a dtype's name ("bf16"), which the dataclass itself parses
+(model/dtypes.py), so a name is checked once, against its setting's one allowed set.
+
+A config class may name settings it has renamed, `RENAMED = {old flat name: new flat name}`: the old flag and
+the old file key still work, with a warning.
 """
 
 from __future__ import annotations
@@ -31,14 +35,19 @@ import json
 import textwrap
 import types
 import typing
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from hybrid_engine.model.dtypes import dtype_name
+
 SECTIONS = ("sft", "reward", "ppo")
 """The per-command sections a config file may have."""
-SCALARS = (int, float, str, bool)
+SCALARS = (int, float, str, bool, torch.dtype)
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,7 @@ class FlatField:
     path: tuple[str, ...]
     """Its place in the config: ("tokens", "max_prompt_len")."""
     kind: type
-    """int, float, str or bool."""
+    """int, float, str, bool or torch.dtype (given by name)."""
     optional: bool
     """The type is `kind | None`."""
     default: Any
@@ -64,7 +73,12 @@ class FlatField:
 
     @property
     def type_name(self) -> str:
-        return self.kind.__name__ + (" or null" if self.optional else "")
+        name = "a dtype name such as 'bf16'" if self.kind is torch.dtype else self.kind.__name__
+        return name + (" or null" if self.optional else "")
+
+
+def _kind_name(kind: type) -> str:
+    return "dtype" if kind is torch.dtype else kind.__name__  # a dtype is given by name: "bf16"
 
 
 class ConfigValues(dict):
@@ -156,9 +170,11 @@ def _parse_value(leaf: FlatField):
             return None
         if leaf.kind is bool:
             return _parse_bool(text)
+        if leaf.kind is torch.dtype:
+            return text  # a name, parsed by the config dataclass
         return leaf.kind(text)
 
-    parse.__name__ = leaf.kind.__name__  # argparse names it in "invalid int value: 'x'"
+    parse.__name__ = _kind_name(leaf.kind)  # argparse names it in "invalid int value: 'x'"
     return parse
 
 
@@ -170,7 +186,7 @@ def _parse_bool(text: str) -> bool:
 
 
 def _help(leaf: FlatField) -> str:
-    default = "none" if leaf.default is None else leaf.default
+    default = "none" if leaf.default is None else dtype_name(leaf.default) if leaf.kind is torch.dtype else leaf.default
     text = f"{leaf.doc} (default: {default})" if leaf.doc else f"(default: {default})"
     return text.replace("%", "%%")
 
@@ -184,9 +200,33 @@ def add_config_args(parser, cls: type, skip: Iterable[str] = ()) -> None:
             parser.add_argument(leaf.flag, dest=leaf.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=_help(leaf))
         else:
-            metavar = leaf.kind.__name__.upper() + ("|none" if leaf.optional else "")
+            metavar = _kind_name(leaf.kind).upper() + ("|none" if leaf.optional else "")
             parser.add_argument(leaf.flag, dest=leaf.name, type=_parse_value(leaf), metavar=metavar,
                                 default=argparse.SUPPRESS, help=_help(leaf))
+    leaves = {leaf.name: leaf for leaf in flat_fields(cls, skip)}
+    for old, new in renamed(cls).items():
+        if new in leaves:  # hidden: --help shows the new flag only
+            parser.add_argument("--" + old.replace("_", "-"), dest=new, type=_parse_value(leaves[new]),
+                                action=_RenamedFlag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def renamed(cls: type) -> dict[str, str]:
+    """{old flat name: new flat name} of the settings `cls` has renamed."""
+    return dict(getattr(cls, "RENAMED", {}))
+
+
+def _renamed_warning(old: str, new: str, where: str) -> None:
+    warnings.warn(f"{where}: {old!r} is now {new!r}; the old name still works, for now", FutureWarning,
+                  stacklevel=2)
+
+
+class _RenamedFlag(argparse.Action):
+    """An old flag's value stored under its new name, with a warning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        _renamed_warning(option_string, new, "flag")
+        setattr(namespace, self.dest, values)
 
 
 # -- files ------------------------------------------------------------------------------------------------
@@ -228,6 +268,8 @@ def _check_value(leaf: FlatField, value: Any, where: str) -> Any:
     if value is None and leaf.optional:
         return None
     ok = isinstance(value, leaf.kind) and not (leaf.kind is not bool and isinstance(value, bool))
+    if leaf.kind is torch.dtype:
+        ok = isinstance(value, str)  # a name, parsed by the config dataclass
     if leaf.kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)
@@ -274,11 +316,27 @@ def file_settings(cls: type, file_values: Mapping, section: str | None, source: 
                   skip: Iterable[str] = ()) -> dict[str, Any]:
     """{leaf name: value} of a config file for `cls`: its top-level keys, then its `section` over them.
     The other commands' sections are left for their commands."""
-    leaves = flat_fields(cls, skip)
+    leaves, names = flat_fields(cls, skip), renamed(cls)
     top = {k: v for k, v in file_values.items() if not (k in SECTIONS and isinstance(v, Mapping))}
-    out = _flatten(top, (), leaves, source)
+    out = _flatten(_renamed_keys(top, names, source), (), leaves, source)
     if section is not None and isinstance(file_values.get(section), Mapping):
-        out.update(_flatten(file_values[section], (), leaves, f"{source}, section {section!r}"))
+        where = f"{source}, section {section!r}"
+        out.update(_flatten(_renamed_keys(file_values[section], names, where), (), leaves, where))
+    return out
+
+
+def _renamed_keys(mapping: Mapping, names: dict[str, str], where: str) -> dict:
+    """`mapping` with the old names of renamed settings replaced by the new ones (warned)."""
+    out = {}
+    for key, value in mapping.items():
+        name = str(key).replace("-", "_")
+        if name in names:
+            if names[name] in mapping or names[name].replace("_", "-") in mapping:
+                raise ValueError(f"{where}: {key!r} and {names[name]!r} are one setting (the old and the new name); "
+                                 "give it once")
+            _renamed_warning(str(key), names[name], where)
+            key = names[name]
+        out[key] = value
     return out
 
 

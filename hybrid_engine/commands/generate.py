@@ -9,7 +9,8 @@ import time
 import torch
 import transformers
 
-from hybrid_engine.generation import generate
+from hybrid_engine.generation import SamplingParams, generate
+from hybrid_engine.model.dtypes import KV_DTYPES, WEIGHT_DTYPES, dtype_name
 from hybrid_engine.model.presets import preset_model
 
 
@@ -23,10 +24,10 @@ def add_generate_command(subparsers) -> None:
     gen.add_argument("--batch", type=int, default=8, help="number of prompts generated together")
     gen.add_argument("--prompt-len", type=int, default=64, help="tokens per (random) prompt")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
-    gen.add_argument("--weight-dtype", choices=["fp32", "bf16"], default="fp32",
+    gen.add_argument("--weight-dtype", choices=[dtype_name(d) for d in WEIGHT_DTYPES], default="fp32",
                      help="dtype of the weights the decode step reads (activations stay fp32)")
-    gen.add_argument("--kv-dtype", choices=["fp32", "bf16"], default="fp32",
-                     help="dtype of the KV cache: bf16 halves the bytes attention reads at long contexts (keys "
+    gen.add_argument("--kv-dtype", choices=[dtype_name(d) for d in KV_DTYPES], default="fp32",
+                     help="dtype of the KV cache: bf16 or fp16 halve the bytes attention reads at long contexts (keys "
                           "and values rounded once as they are written; attention still computes in fp32)")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -49,17 +50,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         name = f"preset {args.preset} (random weights)"
     vocab = model.config.vocab_size
     input_ids = torch.randint(3, vocab, (args.batch, args.prompt_len))
-    weight_dtype = torch.bfloat16 if args.weight_dtype == "bf16" else None
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"model: {name}, {params:.1f}M parameters; batch {args.batch}, prompt {args.prompt_len}, "
           f"{args.max_new_tokens} new tokens, weights {args.weight_dtype}, KV cache {args.kv_dtype}, "
           f"{torch.get_num_threads()} threads")
-    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     generate(model, input_ids[:, :8], max_new_tokens=2)  # warm-up: loads the ops
     t0 = time.perf_counter()
-    kv_dtype = torch.bfloat16 if args.kv_dtype == "bf16" else torch.float32
-    out = generate(model, input_ids, weight_dtype=weight_dtype, kv_dtype=kv_dtype, **kw)
+    out = generate(model, input_ids, sampling=sampling, weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype)
     ours = time.perf_counter() - t0
     n = int(out.response_mask.sum())
     print(f"hybrid_engine.generate: {n / ours:8.1f} tokens/s ({ours:.2f} s)")
@@ -72,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         t = time.perf_counter() - t0
         m = (hf.shape[1] - args.prompt_len) * args.batch
         print(f"transformers generate:  {m / t:8.1f} tokens/s ({t:.2f} s) -> ours is {t / ours * n / m:.2f}x")
-        if not args.sample and weight_dtype is None and args.kv_dtype == "fp32":
+        if not args.sample and args.weight_dtype == args.kv_dtype == "fp32":
             same = torch.equal(hf[:, : out.sequences.shape[1]], out.sequences)
             print(f"greedy sequences identical to transformers: {same}")
     if args.show:

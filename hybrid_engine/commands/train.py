@@ -37,6 +37,7 @@ from hybrid_engine.rlhf.ppo import ModelSources, PPOConfig, train_ppo
 from hybrid_engine.rlhf.reward import RewardConfig, RewardEval, train_reward
 from hybrid_engine.rlhf.reward_fn import load_reward_fn
 from hybrid_engine.rlhf.sft import SFTConfig, train_sft
+from hybrid_engine.rlhf.step_config import config_dict
 
 DEFAULT_CONFIG = DEMO_DIR.parent / "train.yaml"
 DEMO_KL_BOUND = 8.0
@@ -266,7 +267,7 @@ def summarize(args, configs: dict, sft, rm, ppo, wall_s: float, demo: bool) -> N
     header = ("step", "figure", "before", "after")
     summary = {"machine": machine(), "wall_s": wall_s, "step_wall_s": times, "ppo_logprobs": note,
                "table": [dict(zip(header, r)) for r in rows], "goals": [{"goal": t, "met": m} for t, m in goals],
-               "configs": {k: dataclasses.asdict(v) for k, v in configs.items()},
+               "configs": {k: config_dict(v) for k, v in configs.items()},
                "sft": {"steps": sft.steps, "losses": sft.losses, "evals": sft.evals},
                "reward": {"steps": rm.steps, "losses": rm.losses, "evals": evals_json(rm.evals)},
                "ppo": ppo_figures}

@@ -3,6 +3,7 @@ and switches into the fast generation mode and back."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from hybrid_engine.engine.stats import SwitchStats
 from hybrid_engine.engine.tp import gather_prompts, local_spec, make_tp_group
 from hybrid_engine.engine.training import init_distributed, load_ds_config, make_trainer
 from hybrid_engine.engine.zero import gathered, unique_params
-from hybrid_engine.generation import GenerationOutput, generate_with
+from hybrid_engine.generation import GenerationOutput, SamplingParams, generate_with
 from hybrid_engine.generation.checks import check_prompts
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
@@ -161,29 +162,31 @@ class HybridEngine:
                 self._net = None
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **sampling) -> GenerationOutput:
-        """hybrid_engine.generate's arguments and output, on the engine's current weights. Samples from the
-        engine's own generator unless `seed` is given."""
+                 sampling: SamplingParams | None = None, **overrides) -> GenerationOutput:
+        """hybrid_engine.generate's arguments (a SamplingParams, or its fields as keyword arguments) and output, on
+        the engine's current weights, its KV cache in settings.kv_dtype. Samples from the engine's own generator
+        unless a seed or a generator is given."""
+        params = SamplingParams.of(sampling, overrides)
         check_prompts(input_ids, attention_mask, self.spec.vocab_size)  # before any collective
+        params.check_vocab(self.spec.vocab_size)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if "seed" not in sampling and "generator" not in sampling:
-            sampling["generator"] = self._rng
-        sampling.setdefault("kv_dtype", self.settings.kv_dtype)
+        if params.seed is None and params.generator is None:
+            params = dataclasses.replace(params, generator=self._rng)
         with self.generation_mode():
             t0 = time.perf_counter()
             if self.tp is None:
-                out = generate_with(self._net, input_ids, attention_mask, **sampling)
+                out = generate_with(self._net, input_ids, attention_mask, params, kv_dtype=self.settings.kv_dtype)
             else:
-                out = self._generate_tp(input_ids, attention_mask, sampling)
+                out = self._generate_tp(input_ids, attention_mask, params)
             self.stats.generate_s += time.perf_counter() - t0
             self.stats.generated_tokens += int(out.response_mask.sum())
         return out
 
-    def _generate_tp(self, input_ids, attention_mask, sampling) -> GenerationOutput:
+    def _generate_tp(self, input_ids, attention_mask, params: SamplingParams) -> GenerationOutput:
         """The TP group generates every member's prompts as one batch; this rank keeps its own rows."""
         ids, mask, rows, pad = gather_prompts(self.tp, input_ids, attention_mask)
-        out = generate_with(self._net, ids, mask, **sampling)
+        out = generate_with(self._net, ids, mask, params, kv_dtype=self.settings.kv_dtype)
         response = out.response_mask[rows]
         n = int(response.sum(1).max())
         T = ids.shape[1]

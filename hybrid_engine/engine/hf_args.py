@@ -19,7 +19,8 @@ import torch
 import transformers
 from transformers.generation.utils import GenerationMixin
 
-from hybrid_engine.generation.checks import check_fits, check_generate_args, check_prompts
+from hybrid_engine.generation.checks import check_fits, check_prompts
+from hybrid_engine.generation.sampling import SamplingParams
 from hybrid_engine.model.spec import ModelSpec
 
 
@@ -37,13 +38,7 @@ class Request:
 
     input_ids: torch.Tensor  # [B, T] int, left-padded
     attention_mask: torch.Tensor  # [B, T] int64 0/1
-    max_new_tokens: int
-    do_sample: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    eos_token_id: list[int] | None
-    pad_token_id: int | None
+    sampling: SamplingParams  # without a generator: the patch samples from its own
     return_dict: bool
     output_scores: bool
     output_logits: bool
@@ -208,12 +203,14 @@ def _max_new_tokens(hf, config, user_config, kwargs: dict, input_ids: torch.Tens
     return n
 
 
-def _sampling(config) -> tuple[bool, float, int, float]:
-    """(do_sample, temperature, top_k, top_p); greedy ignores the rest (HF builds warpers only to sample)."""
+def _sampling(config, max_new_tokens: int, eos: list[int] | None, pad: int | None) -> SamplingParams:
+    """The call's sampling settings; greedy ignores temperature, top-k and top-p (HF builds warpers only to
+    sample)."""
     if not config.do_sample:
-        return False, 1.0, 0, 1.0
-    temperature = 1.0 if config.temperature is None else config.temperature
-    return True, temperature, config.top_k or 0, 1.0 if config.top_p is None else config.top_p
+        return SamplingParams(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    return SamplingParams(do_sample=True, temperature=1.0 if config.temperature is None else config.temperature,
+                          top_k=config.top_k or 0, top_p=1.0 if config.top_p is None else config.top_p,
+                          max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
 
 
 def resolve(hf, spec: ModelSpec, args: tuple, kwargs: dict) -> Request:
@@ -229,15 +226,14 @@ def resolve(hf, spec: ModelSpec, args: tuple, kwargs: dict) -> Request:
     eos, pad = _special_tokens(config, spec.vocab_size)
     check_prompts(input_ids, None, spec.vocab_size)  # the ids themselves
     max_new = _max_new_tokens(hf, config, user_config, kwargs, input_ids)
-    do_sample, temperature, top_k, top_p = _sampling(config)
-    check_generate_args(spec.vocab_size, max_new_tokens=max_new, do_sample=do_sample, temperature=temperature,
-                        top_k=top_k, top_p=top_p, eos_token_id=eos, pad_token_id=pad)
+    sampling = _sampling(config, max_new, eos, pad)
+    sampling.check_vocab(spec.vocab_size)
     attention_mask = _left_padded_prompts(input_ids, attention_mask, *_hf_pad_eos(config), spec.vocab_size)
     try:
         check_fits(spec, int(attention_mask.sum(1).max()), max_new)
     except ValueError as e:
         raise Fallback(str(e), "length") from None
-    request = Request(input_ids, attention_mask, max_new, do_sample, temperature, top_k, top_p, eos, pad,
+    request = Request(input_ids, attention_mask, sampling,
                       bool(config.return_dict_in_generate), bool(config.output_scores), bool(config.output_logits))
     if request.wants_logits and eos and input_ids.shape[0] > 1:
         raise Fallback("output_scores/output_logits with an eos id on a batch of several rows (HF keeps scoring "

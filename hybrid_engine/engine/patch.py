@@ -56,14 +56,14 @@ class _LogitsRecorder:
 
 def _warpers(r: Request) -> LogitsProcessorList:
     """HF's own warpers for this request, in HF's order (its scores are the processed logits)."""
-    warpers = LogitsProcessorList()
-    if r.do_sample:
-        if r.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(r.temperature))
-        if r.top_k:
-            warpers.append(TopKLogitsWarper(top_k=r.top_k))
-        if r.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p=r.top_p))
+    warpers, s = LogitsProcessorList(), r.sampling
+    if s.do_sample:
+        if s.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(s.temperature))
+        if s.top_k:
+            warpers.append(TopKLogitsWarper(top_k=s.top_k))
+        if s.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=s.top_p))
     return warpers
 
 
@@ -203,10 +203,9 @@ class HybridGenerate:
             del weights
             recorder = _LogitsRecorder(net) if r.wants_logits else None
             t0 = time.perf_counter()
-            out = generate_with(recorder or net, r.input_ids, r.attention_mask, max_new_tokens=r.max_new_tokens,
-                                do_sample=r.do_sample, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                                eos_token_id=r.eos_token_id, pad_token_id=r.pad_token_id,
-                                generator=self.generator if r.do_sample else None, kv_dtype=self.settings.kv_dtype)
+            out = generate_with(recorder or net, r.input_ids, r.attention_mask, r.sampling,
+                                generator=self.generator if r.sampling.do_sample else None,
+                                kv_dtype=self.settings.kv_dtype)
             stats.generate_s = time.perf_counter() - t0
             logits = recorder.steps if recorder is not None else None
             del net, recorder

@@ -7,7 +7,6 @@ made during generation, check_finite_logits, raises NonFiniteLogitsError (a Floa
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import TYPE_CHECKING
 
@@ -23,68 +22,28 @@ class NonFiniteLogitsError(FloatingPointError):
     """The model produced NaN or inf logits: raised instead of sampling from them."""
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
     return isinstance(x, Integral) and not isinstance(x, bool)
 
 
-def _check_token_id(name: str, value, vocab_size: int) -> None:
-    if not _is_int(value):
+def check_token_id(name: str, value, vocab_size: int) -> None:
+    if not is_int(value):
         raise ValueError(f"{name} must be an int token id, got {value!r}")
     if not 0 <= value < vocab_size:
         raise ValueError(f"{name}={value} is outside the vocabulary [0, {vocab_size})")
 
 
 def check_sampling(do_sample: bool, temperature: float, top_k: int, top_p: float) -> None:
-    """The sampling settings, as SamplingConfig holds them."""
+    """The sampling settings, as SamplingParams holds them."""
     if not isinstance(do_sample, bool):
         raise ValueError(f"do_sample must be a bool, got {do_sample!r}")
     # Greedy decoding ignores temperature for the choice, but logprobs are taken under it.
     if not isinstance(temperature, Real) or not (0 < temperature < math.inf):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if not _is_int(top_k) or top_k < 0:
+    if not is_int(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: no top-k filter), got {top_k!r}")
     if not isinstance(top_p, Real) or not (0 < top_p <= 1):
         raise ValueError(f"top_p must be a number in (0, 1] (1: no nucleus filter), got {top_p!r}")
-
-
-KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-"""The KV cache's storage dtypes (activations stay fp32; a bf16/fp16 cache is rounded once on the write)."""
-
-
-def check_generate_args(
-    vocab_size: int,
-    *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-    kv_dtype: torch.dtype = torch.float32,
-) -> None:
-    """Everything generate() takes besides the model and the prompts (see check_prompts)."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    check_sampling(do_sample, temperature, top_k, top_p)
-    if eos_token_id is not None:
-        if isinstance(eos_token_id, Sequence) and not isinstance(eos_token_id, str):
-            for i, eos in enumerate(eos_token_id):
-                _check_token_id(f"eos_token_id[{i}]", eos, vocab_size)
-        else:
-            _check_token_id("eos_token_id", eos_token_id, vocab_size)
-    if pad_token_id is not None:
-        _check_token_id("pad_token_id", pad_token_id, vocab_size)
-    if seed is not None and generator is not None:
-        raise ValueError("pass seed or generator, not both: seed=s is generator=torch.Generator().manual_seed(s)")
-    if seed is not None and not _is_int(seed):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if kv_dtype not in KV_DTYPES:
-        raise ValueError(f"kv_dtype must be one of torch.float32, torch.bfloat16, torch.float16, got {kv_dtype!r}")
 
 
 def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Integral
 
 import torch
 
-from hybrid_engine.generation.checks import check_finite_logits, check_fits, check_generate_args, check_prompts
-from hybrid_engine.generation.sampling import SamplingConfig, next_tokens
+from hybrid_engine.generation.checks import check_finite_logits, check_fits, check_prompts
+from hybrid_engine.generation.sampling import SamplingParams, next_tokens
+from hybrid_engine.model.dtypes import parse_kv_dtype, parse_weight_dtype
 from hybrid_engine.model.kv_cache import KVCache
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
@@ -23,39 +22,25 @@ class GenerationOutput:
     response_mask: torch.Tensor  # int64 [B, n]: 1 for generated tokens (eos included), 0 after
 
 
-def _eos_ids(eos_token_id: int | Sequence[int] | None) -> torch.Tensor:
-    if eos_token_id is None:
-        return torch.empty(0, dtype=torch.long)
-    ids = [eos_token_id] if isinstance(eos_token_id, Integral) else list(eos_token_id)
-    return torch.tensor([int(i) for i in ids], dtype=torch.long)
-
-
-def _check(vocab_size: int, input_ids, attention_mask, **args) -> None:
-    check_generate_args(vocab_size, **args)
-    check_prompts(input_ids, attention_mask, vocab_size)
-
-
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 32,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    seed: int | None = None,
-    weight_dtype: torch.dtype | None = None,
-    generator: torch.Generator | None = None,
-    kv_dtype: torch.dtype = torch.float32,
+    sampling: SamplingParams | None = None,
+    *,
+    weight_dtype: torch.dtype | str | None = None,
+    kv_dtype: torch.dtype | str = torch.float32,
+    **overrides,
 ) -> GenerationOutput:
     """Generates up to max_new_tokens per prompt from an HF causal LM (Llama/Qwen2/Mistral, OPT, GPT-2).
 
-    Prompts are left-padded (attention_mask 0 on the left). weight_dtype=None reads the model's own
-    parameters; torch.bfloat16 reads bf16 copies made on entry and freed on return (activations and
+    The sampling settings are a SamplingParams, or its fields as keyword arguments over it (max_new_tokens=32,
+    do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id, pad_token_id, seed, generator), as
+    Hugging Face's generate reads a generation_config and its keyword arguments.
+
+    Prompts are left-padded (attention_mask 0 on the left). weight_dtype=None (or "fp32") reads the model's own
+    parameters; torch.bfloat16 ("bf16") reads bf16 copies made on entry and freed on return (activations and
     accumulation stay fp32). kv_dtype=torch.bfloat16 (or float16) stores the KV cache in that dtype: half the bytes
     decode attention reads at long contexts, the keys and values rounded once as they are written (attention still
     computes in fp32; the log-prob difference from the fp32 cache is measured in tests/test_generate.py and
@@ -69,12 +54,12 @@ def generate(
     step (0: the prefill, k: the k-th decode step) and the batch rows.
     """
     spec = spec_from_config(model.config)
-    args = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, generator=generator,
-                kv_dtype=kv_dtype)
-    _check(spec.vocab_size, input_ids, attention_mask, **args)  # before any work
-    net = InferenceTransformer(spec, extract_weights(model, spec, weight_dtype))
-    return generate_with(net, input_ids, attention_mask, **args)
+    params = SamplingParams.of(sampling, overrides)
+    weights, kv = parse_weight_dtype(weight_dtype), parse_kv_dtype(kv_dtype)
+    params.check_vocab(spec.vocab_size)  # before any work
+    check_prompts(input_ids, attention_mask, spec.vocab_size)
+    net = InferenceTransformer(spec, extract_weights(model, spec, weights))
+    return generate_with(net, input_ids, attention_mask, params, kv_dtype=kv)
 
 
 @torch.no_grad()
@@ -82,36 +67,33 @@ def generate_with(
     net: InferenceTransformer,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 32,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-    kv_dtype: torch.dtype = torch.float32,
+    sampling: SamplingParams | None = None,
+    *,
+    kv_dtype: torch.dtype | str = torch.float32,
+    **overrides,
 ) -> GenerationOutput:
     """generate() over an already built generation model (the hybrid engine builds its own, from
     gathered, LoRA-fused or tensor-parallel weights); the same arguments, checks and output."""
     spec = net.spec
-    _check(spec.vocab_size, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-           temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-           seed=seed, generator=generator, kv_dtype=kv_dtype)
+    params = SamplingParams.of(sampling, overrides)
+    kv_dtype = parse_kv_dtype(kv_dtype)
+    params.check_vocab(spec.vocab_size)
+    check_prompts(input_ids, attention_mask, spec.vocab_size)
+    generator = params.generator
     if input_ids.device.type != "cpu" or (generator is not None and generator.device.type != "cpu"):
         raise ValueError("hybrid_engine.generate runs on CPU tensors (input_ids, generator) in this release")
     input_ids = input_ids.long()
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     prompt_length = int(attention_mask.sum(1).max())
+    max_new_tokens = params.max_new_tokens
     check_fits(spec, prompt_length, max_new_tokens)
     longest = prompt_length + max_new_tokens
-    sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
-    eos = _eos_ids(eos_token_id)
+    eos = params.eos_ids
+    pad_token_id = params.pad_token_id
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if len(eos) else 0
-    if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
+    if params.seed is not None:
+        generator = torch.Generator().manual_seed(params.seed)
 
     B = input_ids.shape[0]
     cache = KVCache.allocate(spec, B, longest, dtype=kv_dtype)
@@ -125,7 +107,7 @@ def generate_with(
     steps = 0
     for step in range(max_new_tokens):
         check_finite_logits(logits, step, slot_seq[:active])
-        new, lp = next_tokens(logits, sampling, generator)
+        new, lp = next_tokens(logits, params, generator)
         seqs = slot_seq[:active]
         tokens[seqs, step], logprobs[seqs, step], mask[seqs, step] = new, lp, 1
         steps = step + 1

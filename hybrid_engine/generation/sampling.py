@@ -1,27 +1,98 @@
 """Choosing the next token from logits: greedy, temperature, top-k and top-p, in Hugging Face's order
-(temperature, then top-k, then top-p), reproducible under a seeded generator."""
+(temperature, then top-k, then top-p), reproducible under a seeded generator; and SamplingParams, everything a
+generate() call takes besides the model, the prompts and the dtypes."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
-from hybrid_engine.generation.checks import check_sampling
+from hybrid_engine.generation.checks import check_sampling, check_token_id, is_int
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
+class SamplingParams:
+    """How generate() picks each token and when it stops. Checked when made (ValueError naming the setting);
+    the eos and pad ids are checked against the model's vocabulary by check_vocab."""
+
     do_sample: bool = False
+    """Sample from the filtered distribution; False: greedy (argmax)."""
     temperature: float = 1.0
-    top_k: int = 0  # 0: no top-k filter
-    top_p: float = 1.0  # 1.0: no nucleus filter
+    """Logits are divided by it; the returned log-probs are under the scaled distribution (greedy too)."""
+    top_k: int = 0
+    """Keep the k most likely tokens when sampling; 0: no top-k filter."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens with this much probability when sampling; 1.0: no nucleus filter."""
+    max_new_tokens: int = 32
+    """The most tokens generated per prompt."""
+    eos_token_id: int | Sequence[int] | None = None
+    """A sequence stops at any of these ids (the eos token is kept, with its log-prob); None: none stops early."""
+    pad_token_id: int | None = None
+    """Fills a finished sequence's remaining positions; None: the first eos id, else 0."""
+    seed: int | None = None
+    """Sample from a fresh generator seeded with it (seed and generator together are refused)."""
+    generator: torch.Generator | None = None
+    """Sample from this generator, advancing it; None with no seed: torch's default generator."""
 
     def __post_init__(self):
         check_sampling(self.do_sample, self.temperature, self.top_k, self.top_p)
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        for name, value in self._token_ids():
+            if not is_int(value):
+                raise ValueError(f"{name} must be an int token id, got {value!r}")
+        if self.seed is not None and self.generator is not None:
+            raise ValueError("pass seed or generator, not both: seed=s is generator=torch.Generator().manual_seed(s)")
+        if self.seed is not None and not is_int(self.seed):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(self.generator).__name__}")
+
+    @classmethod
+    def of(cls, sampling: SamplingParams | None, overrides: dict) -> SamplingParams:
+        """`sampling` (None: the defaults) with the keyword arguments of a generate() call over it, as Hugging
+        Face's generate reads a generation_config and its keyword arguments."""
+        if sampling is not None and not isinstance(sampling, cls):
+            raise ValueError(f"sampling must be a SamplingParams or None, got {type(sampling).__name__} (the "
+                             "sampling settings are keyword arguments: max_new_tokens=..., do_sample=...)")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown generation arguments {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(sampling or cls(), **overrides)
+
+    def _token_ids(self) -> list[tuple[str, object]]:
+        eos = self.eos_token_id
+        if eos is None:
+            ids = []
+        elif isinstance(eos, Sequence) and not isinstance(eos, str):
+            ids = [(f"eos_token_id[{i}]", e) for i, e in enumerate(eos)]
+        else:
+            ids = [("eos_token_id", eos)]
+        return ids + ([("pad_token_id", self.pad_token_id)] if self.pad_token_id is not None else [])
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The eos and pad ids are in the model's vocabulary [0, vocab_size)."""
+        for name, value in self._token_ids():
+            check_token_id(name, value, vocab_size)
+
+    @property
+    def eos_ids(self) -> torch.Tensor:
+        """The eos ids as an int64 tensor (empty for none)."""
+        eos = self.eos_token_id
+        ids = [] if eos is None else [eos] if isinstance(eos, Integral) else list(eos)
+        return torch.tensor([int(i) for i in ids], dtype=torch.long)
 
 
-def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+SamplingConfig = SamplingParams
+"""The earlier name of SamplingParams (its first four fields, in the same order)."""
+
+
+def filter_logits(logits: torch.Tensor, cfg: SamplingParams) -> torch.Tensor:
     """Scaled logits [B, V] with the tokens outside top-k / top-p set to -inf."""
     logits = logits / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
@@ -39,7 +110,7 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 
 def next_tokens(
-    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
+    logits: torch.Tensor, cfg: SamplingParams, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B] int64, their log-probabilities [B] fp32 under the temperature-scaled distribution)."""
     logits = logits.float()

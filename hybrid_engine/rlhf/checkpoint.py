@@ -13,7 +13,6 @@ refused with a clear error.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from hybrid_engine.engine.zero import unique_params
 from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.loop import LoopRecord, evals_json
+from hybrid_engine.rlhf.step_config import config_dict
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 FORMAT = "hybrid_engine.checkpoint.v1"
@@ -204,8 +204,7 @@ def restore_training(trained: Trained, tensors: dict[str, torch.Tensor], optim_m
 
 def config_json(config, ignored: tuple[str, ...] = ("checkpoint_every", "keep_checkpoints", "output_dir")) -> dict:
     """A step config as JSON, without the fields that decide only what is written."""
-    values = json.loads(json.dumps(dataclasses.asdict(config)))
-    return {k: v for k, v in values.items() if k not in ignored}
+    return {k: v for k, v in config_dict(config).items() if k not in ignored}
 
 
 def check_same_config(saved: dict, config) -> None:

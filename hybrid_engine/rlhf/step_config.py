@@ -3,8 +3,12 @@ their checks."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+
+from hybrid_engine.model.dtypes import dtype_name
 from hybrid_engine.rlhf.schedule import SCHEDULES
 from hybrid_engine.rlhf.tokens import TokenConfig
 
@@ -81,3 +85,11 @@ def check_common(config) -> None:
     if config.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
 
+
+def _json_ready(pairs: list[tuple[str, object]]) -> dict:
+    return {k: dtype_name(v) if isinstance(v, torch.dtype) else v for k, v in pairs}
+
+
+def config_dict(config) -> dict:
+    """A step config as a JSON-ready dict: nested dataclasses as dicts, dtypes by their names ("bf16")."""
+    return dataclasses.asdict(config, dict_factory=_json_ready)

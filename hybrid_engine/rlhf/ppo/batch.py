@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from hybrid_engine.generation.sampling import SamplingParams
 from hybrid_engine.rlhf import losses
 
 
@@ -72,13 +73,11 @@ class Rollout:
     generate_s: float
 
 
-def rollout(actor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, temperature: float,
-            eos_token_id: int, pad_token_id: int) -> Rollout:
+def rollout(actor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingParams) -> Rollout:
     """Samples one response per prompt row (left-padded prompt_ids [B, P]) from the actor (a HybridEngine),
     in its generation mode."""
     t0 = time.perf_counter()
-    out = actor.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
-                         temperature=temperature, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    out = actor.generate(prompt_ids, prompt_mask, sampling)
     mask = out.response_mask.float()
     attention_mask = torch.cat([prompt_mask.long(), out.response_mask.long()], 1)
     return Rollout(sequences=out.sequences, attention_mask=attention_mask, start=prompt_ids.shape[1], mask=mask,

@@ -3,9 +3,16 @@ held-out figures PolicyEval, and the error a run stops with on NaN or inf."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import warnings
+from dataclasses import InitVar, dataclass, field
+from typing import ClassVar
 
-from hybrid_engine.rlhf.step_config import StepConfig
+import torch
+
+from hybrid_engine.engine.settings import GenerationSettings
+from hybrid_engine.generation.sampling import SamplingParams
+from hybrid_engine.rlhf.step_config import StepConfig, config_dict
 
 ALGOS = ("ppo", "grpo", "rloo")
 
@@ -62,11 +69,9 @@ class PPOConfig(StepConfig):
     ema_beta: float | None = None
     """Keep an EMA of the actor with this decay and save it beside it (DeepSpeed-Chat: 0.992 with
     --enable_ema); None: no EMA."""
-    generation_weight_dtype: str | None = None
-    """"bf16" generates from bf16 copies of the weights (the old log-probs are then recomputed); None: fp32."""
-    generation_kv_dtype: str = "fp32"
-    """"bf16" keeps generation's KV cache in bf16, half the bytes attention reads at long contexts (the old
-    log-probs are then recomputed); "fp32": exact."""
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    """How the actor generates (the engine's own settings): weight_dtype and kv_dtype other than fp32 are faster
+    and not exact, so the old log-probs are then recomputed by a training forward."""
     reward_fn_weight: float = 1.0
     """The weight of the reward function's values in the score, when one is given beside the reward model."""
     eval_max_new_tokens: int | None = None
@@ -82,9 +87,26 @@ class PPOConfig(StepConfig):
     a forward of the same precision (ratio_from_training_forward), not from generation, and the frozen reference and
     reward model score through their HF forwards under the same autocast (rlhf/scoring.py), as TRL scores its
     reference."""
+    generation_weight_dtype: InitVar[str | None] = None
+    """The earlier spelling of generation.weight_dtype (warns)."""
+    generation_kv_dtype: InitVar[str | None] = None
+    """The earlier spelling of generation.kv_dtype (warns)."""
 
-    def __post_init__(self):
+    RENAMED: ClassVar[dict[str, str]] = {"generation_weight_dtype": "weight_dtype", "generation_kv_dtype": "kv_dtype"}
+    """Earlier flat names of settings, still read (with a warning) from flags and config files."""
+
+    def __post_init__(self, generation_weight_dtype: str | None = None, generation_kv_dtype: str | None = None):
         super().__post_init__()
+        self.generation = GenerationSettings.parse(self.generation)
+        renamed = {}
+        for old, value in (("generation_weight_dtype", generation_weight_dtype),
+                           ("generation_kv_dtype", generation_kv_dtype)):
+            if value is not None:
+                renamed[self.RENAMED[old]] = value
+                warnings.warn(f"PPOConfig({old}=...) is now PPOConfig(generation=GenerationSettings("
+                              f"{self.RENAMED[old]}=...))", FutureWarning, stacklevel=3)
+        if renamed:
+            self.generation = dataclasses.replace(self.generation, **renamed)  # parsed and checked like the others
         if self.algo not in ALGOS:
             raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         if self.num_generations is None:
@@ -92,30 +114,50 @@ class PPOConfig(StepConfig):
         if self.algo != "ppo" and self.num_generations < 2:
             raise ValueError(f"{self.algo} compares samples of one prompt: num_generations must be >= 2, "
                              f"got {self.num_generations}")
-        for name in ("train_batch_size", "ppo_epochs", "num_generations", "max_new_tokens"):
+        for name in ("train_batch_size", "ppo_epochs", "num_generations"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("critic_lr", "temperature", "clip_reward", "clip_range", "value_clip_range", "kl_target",
+        self.sampling(None, None)  # temperature and max_new_tokens: checked as generate checks them
+        if self.eval_max_new_tokens is not None:
+            self.sampling(None, None, max_new_tokens=self.eval_max_new_tokens)
+        for name in ("critic_lr", "clip_reward", "clip_range", "value_clip_range", "kl_target",
                      "kl_horizon"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.kl_coef < 0 or self.ptx_coef < 0:
             raise ValueError(f"kl_coef and ptx_coef must be >= 0, got {self.kl_coef} and {self.ptx_coef}")
-        if self.generation_weight_dtype not in (None, "bf16"):
-            raise ValueError(f"generation_weight_dtype must be None or 'bf16', got {self.generation_weight_dtype!r}")
-        if self.generation_kv_dtype not in ("fp32", "bf16"):
-            raise ValueError(f"generation_kv_dtype must be 'fp32' or 'bf16', got {self.generation_kv_dtype!r}")
         if self.nonfinite not in ("skip", "stop"):
             raise ValueError(f"nonfinite must be 'skip' or 'stop', got {self.nonfinite!r}")
         if self.ema_beta is not None and not 0 <= self.ema_beta <= 1:
             raise ValueError(f"ema_beta must be in [0, 1] or None, got {self.ema_beta!r}")
 
+    def sampling(self, eos_token_id: int | None, pad_token_id: int | None, max_new_tokens: int | None = None,
+                 seed: int | None = None) -> SamplingParams:
+        """How the actor samples a rollout: at config.temperature, with no top-k or top-p filter (the losses' log-probs
+        are of the whole temperature-scaled distribution), up to max_new_tokens (None: config.max_new_tokens)."""
+        return SamplingParams(do_sample=True, temperature=self.temperature,
+                              max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                              eos_token_id=eos_token_id,
+                              pad_token_id=pad_token_id, seed=seed)
+
     @property
     def inexact_logprobs(self) -> bool:
         """Whether generation's log-probs differ from a training forward's by more than ~1e-6 (bf16 generation
         weights or KV cache, or training under bf16 autocast)."""
-        return self.generation_weight_dtype is not None or self.generation_kv_dtype != "fp32" or self.bf16_autocast
+        exact = self.generation.weight_dtype is None and self.generation.kv_dtype == torch.float32
+        return not exact or self.bf16_autocast
+
+
+def saved_config(saved: dict) -> dict:
+    """A PPOConfig as a checkpoint saved it (checkpoint.config_json), in today's layout: checkpoints written before
+    the generation settings moved into `generation` hold them flat."""
+    if "generation" in saved or not any(old in saved for old in PPOConfig.RENAMED):
+        return saved
+    saved = dict(saved)
+    old = {new: saved.pop(old, None) for old, new in PPOConfig.RENAMED.items()}
+    settings = GenerationSettings(**{k: v for k, v in old.items() if v is not None})
+    return {**saved, "generation": config_dict(settings)}
 
 
 @dataclass

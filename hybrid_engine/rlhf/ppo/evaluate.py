@@ -29,9 +29,8 @@ def evaluate_policy(models: Models, held_out: Prompts, tokenizer, config: PPOCon
     for lo in range(0, n, config.eval_batch_size):
         indices = list(range(lo, min(lo + config.eval_batch_size, n)))
         ids = collate_ppo([held_out.examples[i] for i in indices], tokenizer.pad_token_id)
-        out = models.actor.generate(ids["input_ids"], ids["attention_mask"], max_new_tokens=max_new, do_sample=True,
-                                    temperature=config.temperature, eos_token_id=tokenizer.eos_token_id,
-                                    pad_token_id=tokenizer.pad_token_id, seed=config.seed + 1 + lo)
+        sampling = config.sampling(tokenizer.eos_token_id, tokenizer.pad_token_id, max_new, seed=config.seed + 1 + lo)
+        out = models.actor.generate(ids["input_ids"], ids["attention_mask"], sampling)
         seq_mask = torch.cat([ids["attention_mask"], out.response_mask], 1)
         start = ids["input_ids"].shape[1]
         ref = models.reference.token_logprobs(out.sequences, seq_mask, start, config.temperature)

@@ -106,8 +106,8 @@ def generate(models: Models, batch: Prompts, indices: list[int], tokenizer, conf
     """Phase 1: config.num_generations samples of each prompt of `indices`, in a row, from the actor."""
     k = config.num_generations
     ids = collate_ppo([batch.examples[i] for i in indices for _ in range(k)], tokenizer.pad_token_id)
-    return xp.rollout(models.actor, ids["input_ids"], ids["attention_mask"], config.max_new_tokens, config.temperature,
-                      tokenizer.eos_token_id, tokenizer.pad_token_id)
+    sampling = config.sampling(tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return xp.rollout(models.actor, ids["input_ids"], ids["attention_mask"], sampling)
 
 
 @torch.no_grad()

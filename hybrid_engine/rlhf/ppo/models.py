@@ -12,7 +12,6 @@ import torch
 import transformers
 
 from hybrid_engine.engine import HybridEngine
-from hybrid_engine.engine.settings import GenerationSettings
 from hybrid_engine.engine.training import adamw, make_trainer
 from hybrid_engine.rlhf.ppo.config import PPOConfig
 from hybrid_engine.rlhf.reward import RewardModel
@@ -126,12 +125,15 @@ def build_models(sources: ModelSources, config: PPOConfig) -> Models:
         critic_trainer.train(True)
     if isinstance(actor, HybridEngine):
         engine = actor
+        if engine.settings != config.generation:
+            raise ValueError(f"the actor engine generates with {engine.settings}, the config asks for "
+                             f"{config.generation}: give the config the engine's settings (generation=engine.settings)"
+                             " so that the old log-probs are recomputed where generation is not exact")
     else:
-        dtype = torch.bfloat16 if config.generation_weight_dtype == "bf16" else None
         engine = HybridEngine(_load_lm(actor), ds_config=copy.deepcopy(ds), lora=lora,
                               optimizer=None if has_ds_optimizer else _adamw(config.lr, config.weight_decay),
                               gradient_checkpointing=config.gradient_checkpointing,
-                              generation=GenerationSettings(weight_dtype=dtype, kv_dtype=config.generation_kv_dtype),
+                              generation=config.generation,
                               seed=config.seed)
     prepare_training(engine.module, config)
     return Models(actor=engine, reference=frozen_ref, reward=frozen_rm, critic=critic_trainer,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from hybrid_engine.rlhf import checkpoint as ckpt
 from hybrid_engine.rlhf.loop import LoopRecord, evals_json
-from hybrid_engine.rlhf.ppo.config import PolicyEval
+from hybrid_engine.rlhf.ppo.config import PolicyEval, saved_config
 
 
 class PPORunState:
@@ -43,7 +43,7 @@ class PPORunState:
         """Loads the checkpoint `resume` names (True: the newest under config.output_dir) into the run."""
         run = self.run
         tensors, state = ckpt.load_checkpoint(ckpt.resume_path(run.config, resume))
-        ckpt.check_same_config(state["config"], run.config)
+        ckpt.check_same_config(saved_config(state["config"]), run.config)
         ckpt.restore_training(self._trained(), tensors, state["optimizers"],
                               {"actor_sampler": run.models.actor.generator})
         if run.ema is not None:
