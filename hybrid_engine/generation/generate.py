@@ -22,6 +22,21 @@ class GenerationOutput:
     response_mask: torch.Tensor  # int64 [B, n]: 1 for generated tokens (eos included), 0 after
 
 
+def _retire(finished: torch.Tensor, new: torch.Tensor, cache: KVCache, slot_seq: torch.Tensor,
+            active: int) -> tuple[torch.Tensor, int]:
+    """Refills each finished slot with the last active one, so the active slots stay a prefix; (the active slots'
+    next input tokens, the number of active slots)."""
+    new = new.clone()
+    for slot in torch.nonzero(finished)[:, 0].flip(0).tolist():
+        last = active - 1
+        if slot != last:
+            cache.move_slot(last, slot)
+            slot_seq[slot] = slot_seq[last]
+            new[slot] = new[last]
+        active -= 1
+    return new[:active], active
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -87,17 +102,11 @@ def generate_with(
     prompt_length = int(attention_mask.sum(1).max())
     max_new_tokens = params.max_new_tokens
     check_fits(spec, prompt_length, max_new_tokens)
-    longest = prompt_length + max_new_tokens
-    eos = params.eos_ids
-    pad_token_id = params.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = int(eos[0]) if len(eos) else 0
-    if params.seed is not None:
-        generator = torch.Generator().manual_seed(params.seed)
+    eos, generator = params.eos_ids, params.rng()
 
     B = input_ids.shape[0]
-    cache = KVCache.allocate(spec, B, longest, dtype=kv_dtype)
-    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long)
+    cache = KVCache.allocate(spec, B, prompt_length + max_new_tokens, dtype=kv_dtype)
+    tokens = torch.full((B, max_new_tokens), params.pad_id, dtype=torch.long)
     logprobs = torch.zeros(B, max_new_tokens)
     mask = torch.zeros(B, max_new_tokens, dtype=torch.long)
     # slot_seq[s]: the sequence in cache slot s; slots [0, active) are still generating.
@@ -113,16 +122,7 @@ def generate_with(
         steps = step + 1
         finished = torch.isin(new, eos) if len(eos) else torch.zeros_like(new, dtype=torch.bool)
         if finished.any():
-            # Refill each finished slot with the last active one, so the batch stays a prefix.
-            new = new.clone()
-            for slot in torch.nonzero(finished)[:, 0].flip(0).tolist():
-                last = active - 1
-                if slot != last:
-                    cache.move_slot(last, slot)
-                    slot_seq[slot] = slot_seq[last]
-                    new[slot] = new[last]
-                active -= 1
-            new = new[:active]
+            new, active = _retire(finished, new, cache, slot_seq, active)
         if active == 0 or step == max_new_tokens - 1:
             break
         logits = net.decode(new, cache)

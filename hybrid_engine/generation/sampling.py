@@ -81,6 +81,18 @@ class SamplingParams:
             check_token_id(name, value, vocab_size)
 
     @property
+    def pad_id(self) -> int:
+        """What fills a finished sequence: pad_token_id, else the first eos id, else 0."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        eos = self.eos_ids
+        return int(eos[0]) if len(eos) else 0
+
+    def rng(self) -> torch.Generator | None:
+        """Where samples come from: a fresh generator seeded with seed, else generator (None: torch's default)."""
+        return torch.Generator().manual_seed(self.seed) if self.seed is not None else self.generator
+
+    @property
     def eos_ids(self) -> torch.Tensor:
         """The eos ids as an int64 tensor (empty for none)."""
         eos = self.eos_token_id
