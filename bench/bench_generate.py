@@ -60,8 +60,10 @@ def generate_fn(provider: str, name: str, ids: torch.Tensor, new_tokens: int):
         return lambda: m.generate(input_ids=ids, attention_mask=mask, **kw)
     weight_dtype = torch.bfloat16 if provider == "ours-bf16" else None
     m = model(name)
-    # No eos: every sequence runs to new_tokens, as on the HF side.
-    return lambda: hybrid_engine.generate(m, ids, mask, max_new_tokens=new_tokens, weight_dtype=weight_dtype)
+    # No eos (eos_token_id=None, not the model's generation_config eos): every sequence runs to new_tokens, as on the
+    # HF side.
+    return lambda: hybrid_engine.generate(m, ids, mask, max_new_tokens=new_tokens, weight_dtype=weight_dtype,
+                                          eos_token_id=None)
 
 
 def our_net(name: str, provider: str) -> InferenceTransformer:
@@ -195,7 +197,7 @@ def test_finished_sequences_leave_the_batch(benchmark, case, machine, roofline):
     name, batch, new_tokens = MODELS[-1], 16, 128
     m = model(name)
     ids = prompts(batch, m.config.vocab_size)
-    first = hybrid_engine.generate(m, ids, max_new_tokens=1).sequences[:, -1]
+    first = hybrid_engine.generate(m, ids, max_new_tokens=1, eos_token_id=None).sequences[:, -1]
     eos = sorted(set(first[: batch // 2].tolist()) - set(first[batch // 2:].tolist()))
     kw = dict(max_new_tokens=new_tokens, eos_token_id=eos if case != "none-finish" else None, pad_token_id=0)
     benchmark.group = f"finished sequences {name} B={batch} new={new_tokens}"
@@ -211,7 +213,7 @@ def test_bf16_kv_cache_logprobs(benchmark, machine, roofline):
     name, batch, new_tokens = MODELS[-1], 8, 256
     m = model(name)
     ids = prompts(batch, m.config.vocab_size)
-    kw = dict(max_new_tokens=new_tokens, do_sample=True, seed=0, kv_dtype=torch.bfloat16)
+    kw = dict(max_new_tokens=new_tokens, do_sample=True, seed=0, kv_dtype=torch.bfloat16, eos_token_id=None)
     benchmark.group = f"bf16 KV cache {name} B={batch} new={new_tokens}"
     out = run_benchmark(benchmark, lambda: hybrid_engine.generate(m, ids, **kw), rounds=1)
     with torch.no_grad():

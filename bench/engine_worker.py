@@ -79,14 +79,14 @@ def generation(eng, provider: str, ids, mask) -> dict:
     if provider in ("ours", "ours-bf16", "ours-layer"):
         eng.settings.weight_dtype = torch.bfloat16 if provider == "ours-bf16" else None
         eng.settings.gather = "layer" if provider == "ours-layer" else "all"
-        out, r = timed(lambda: eng.generate(ids, mask, max_new_tokens=NEW))
+        out, r = timed(lambda: eng.generate(ids, mask, max_new_tokens=NEW, eos_token_id=None))
         r.update(switch=eng.stats.as_dict())
         eng.settings.weight_dtype, eng.settings.gather = None, "all"
         return dict(r, tokens=int(out.response_mask.sum()))
     if provider == "single":
         with gathered(unique_params([module])):
             plain = merged_model(base_model(module))
-        out, r = timed(lambda: hybrid_engine.generate(plain, ids, mask, max_new_tokens=NEW))
+        out, r = timed(lambda: hybrid_engine.generate(plain, ids, mask, max_new_tokens=NEW, eos_token_id=None))
         return dict(r, tokens=int(out.response_mask.sum()))
     if provider == "hf-gathered":
         def run():
@@ -124,7 +124,7 @@ def main(out_dir: str, lora: bool, live: int | None, providers: list[str]) -> No
     torch.set_num_threads(1)
     eng = engine(lora, live)
     ids, mask = prompts(eng.spec.vocab_size)
-    sequences = eng.generate(ids, mask, max_new_tokens=NEW).sequences  # warm-up, and the training batch
+    sequences = eng.generate(ids, mask, max_new_tokens=NEW, eos_token_id=None).sequences  # warm-up, training batch
     # A first training step allocates the optimizer state and lets ZeRO-3 trace the module order: keep it
     # out of both training providers.
     training(eng, "train-ds", sequences)

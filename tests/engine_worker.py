@@ -105,7 +105,8 @@ def check(stage: int, lora: bool, gather: str, offload: bool = False) -> dict:
     losses_b = train(b, range(2 * STEPS))
 
     # An eos id that certainly fires mid-batch: the token row 0 generates third.
-    eos = dict(eos_token_id=int(a.generate(ids, mask, max_new_tokens=3).sequences[0, -1]), pad_token_id=0)
+    third = a.generate(ids, mask, max_new_tokens=3, eos_token_id=None).sequences[0, -1]  # no eos: 3 tokens
+    eos = dict(eos_token_id=int(third), pad_token_id=0)
     out = a.generate(ids, mask, max_new_tokens=NEW, **eos)
     parity = a.logprob_mismatch(out, mask)
     a.eval()

@@ -96,6 +96,21 @@ def test_lengths_and_model_defaults_resolve_like_hf():
         assert torch.equal(patched_call(model, input_ids=ids, attention_mask=mask, **kw), ref), kw
 
 
+def test_non_contiguous_prompts_match_hf():
+    """A transposed (non-contiguous) input_ids and attention_mask, with the model's own eos from its
+    generation_config (none given in the call), give HF's sequences on the fast path."""
+    model = fresh("llama-gqa")
+    ids, mask, eos = prompts_and_eos(model)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, 0
+    ids_t, mask_t = ids.t().contiguous().t(), mask.t().contiguous().t()
+    assert not ids_t.is_contiguous() and not mask_t.is_contiguous()
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    apply_hybrid_engine(model)
+    out = patched_call(model, input_ids=ids_t, attention_mask=mask_t, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, expected)
+    assert out.shape[1] > ids.shape[1] + 4 and (out[0, ids.shape[1] + 4 :] == 0).all()  # row 0 stopped at its eos
+
+
 def test_no_attention_mask_infers_it_like_hf():
     model = fresh("opt")
     ids, _ = left_padded_prompts([4, 6, 2], pad_id=1, seed=4)  # OPT's pad id is 1

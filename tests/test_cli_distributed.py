@@ -61,7 +61,7 @@ def _ok(proc: subprocess.CompletedProcess, what: str) -> None:
 
 
 def test_the_three_commands_in_two_processes(work):
-    small = ["--max-steps", "2", "--batch-size", "2"]
+    small = ["--max-steps", "2", "--batch-size", "2", "--demo"]
     _ok(torchrun(["sft", "--model", "start", "--output", "sft", "--ds-config", "z2.json", *small], work), "sft")
     _ok(torchrun(["reward", "--model", "sft", "--output", "rm", "--ds-config", "z3.json", *small], work), "reward")
     proc = torchrun(["ppo", "--model", "sft", "--reward-model", "rm", "--output", "ppo", "--ds-config", "z3.json",
@@ -84,7 +84,7 @@ def test_a_dead_rank_ends_the_run_with_a_clear_error(work):
     RewardModel.from_model(demo_llama(seed=2)).save_pretrained(work / "rm0")
     proc = torchrun(["ppo", "--model", str(start), "--reward-model", "rm0", "--output", "dead", "--ds-config",
                      "z2.json", "--max-steps", "6", "--batch-size", "2", "--train-batch-size", "2",
-                     "--max-new-tokens", "8", "--reward-fn", "killer.py:score"], work, timeout=240)
+                     "--max-new-tokens", "8", "--reward-fn", "killer.py:score", "--demo"], work, timeout=240)
     assert proc.returncode != 0
     assert "rank      : 1" in proc.stderr and "Signal 9 (SIGKILL)" in proc.stderr  # torchrun names the dead rank
     assert not (work / "dead" / "summary.json").exists()

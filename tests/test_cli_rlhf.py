@@ -16,7 +16,7 @@ import transformers
 from demo_models import demo_llama, save_demo_llama, tokenizer
 
 from hybrid_engine.commands.chat import chat_loop, encode_conversation, fit_conversation
-from hybrid_engine.commands.common import parse_data
+from hybrid_engine.commands.common import parse_data, step_data
 from hybrid_engine.commands.config_args import (
     add_config_args,
     build_config,
@@ -25,6 +25,7 @@ from hybrid_engine.commands.config_args import (
     load_config_file,
 )
 from hybrid_engine.commands.main import build_parser, main
+from hybrid_engine.commands.train import step_configs, train_data
 from hybrid_engine.rlhf import RewardModel, SFTConfig
 from hybrid_engine.rlhf.demo import DEMO_DIR, DEMO_MODEL, demo_model
 from hybrid_engine.rlhf.reward import RewardConfig
@@ -237,6 +238,70 @@ def test_bad_config_files_are_clear_errors(tmp_path):
 def test_data_flags_parse_paths_and_weights():
     assert parse_data("a.jsonl:0.5").path == "a.jsonl" and parse_data("a.jsonl:0.5").weight == 0.5
     assert parse_data("dir:x/a.jsonl").path == "dir:x/a.jsonl" and parse_data("a.jsonl").weight is None
+    assert parse_data("b.parquet:3").weight == 3.0 and parse_data("x:y:a.json:0").weight == 0.0
+
+
+@pytest.mark.parametrize("text, words", [
+    ("a.jsonl:abc", "the blend weight after ':' must be a number, got 'abc'"),
+    ("a.jsonl:", "the blend weight after ':' must be a number, got ''"),
+    ("a.jsonl:nan", "the blend weight must be a finite number >= 0, got 'nan'"),
+    ("a.parquet:inf", "the blend weight must be a finite number >= 0, got 'inf'"),
+    ("a.json:-1", "the blend weight must be a finite number >= 0, got '-1'"),
+])
+def test_a_bad_data_weight_is_a_one_line_error_naming_the_flag(text, words):
+    with pytest.raises(ValueError) as e:
+        parse_data(text)
+    assert str(e.value) == f"--data {text}: {words}"
+    with pytest.raises(ValueError, match=f"^--ptx-data {text}: "):
+        parse_data(text, "--ptx-data")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def test_a_step_run_alone_takes_the_whole_file_and_says_so(small_data, cache, capsys):
+    sft, pairs = small_data / "sft.jsonl", small_data / "reward.jsonl"
+    for command, path, rows in (("sft", sft, 48), ("reward", pairs, 40), ("ppo", pairs, 40)):
+        data = step_data(parse([command, "--data", str(path), "--cache-dir", cache]), command, seed=1234)
+        assert len(data.train) + len(data.eval) == rows and len(data.eval) == round(rows / 10), command
+        share = {"sft": "1,0,0", "reward": "0,1,0", "ppo": "0,0,1"}[command]
+        assert capsys.readouterr().out == (f"data {path}: {rows} rows, all for {command} (split {share}): "
+                                           f"{rows - round(rows / 10)} train, {round(rows / 10)} held out\n")
+    data = step_data(parse(["sft", "--data", str(sft), "--data-split", "2,4,4", "--cache-dir", cache]), "sft", 1234)
+    assert len(data.train) + len(data.eval) == 10  # 48 * 0.2, as asked
+    assert capsys.readouterr().out == f"data {sft}: 48 rows, 10 for sft (split 2,4,4): 9 train, 1 held out\n"
+
+
+def test_train_splits_each_file_between_the_steps_and_says_so(small_data, cache, tmp_path, capsys):
+    pairs = small_data / "reward.jsonl"
+    args = parse(["train", "--data", str(pairs), "--output", str(tmp_path), "--cache-dir", cache])
+    data = train_data(args, step_configs(args))
+    assert [r.step_rows for step in ("sft", "reward", "ppo") for r in data[step].reports] == [8, 16, 16]
+    assert set(data["sft"].train["prompt"]).isdisjoint(data["ppo"].train["prompt"])
+    assert capsys.readouterr().out.splitlines() == [
+        f"data {pairs}: 40 rows, 8 for sft (split 2,4,4): 7 train, 1 held out",
+        f"data {pairs}: 40 rows, 16 for reward (split 2,4,4): 14 train, 2 held out",
+        f"data {pairs}: 40 rows, 16 for ppo (split 2,4,4): 14 train, 2 held out"]
+    args = parse(["train", "--output", str(tmp_path), "--cache-dir", cache])  # no model, no data: the demo
+    demo = train_data(args, step_configs(args))
+    assert [len(demo[s].train) + len(demo[s].eval) for s in ("sft", "reward", "ppo")] == [3000, 3000, 1200]
+    capsys.readouterr()
+
+
+def test_the_demo_data_is_used_only_when_asked(small_data, cache, model_dir, tmp_path):
+    data = step_data(parse(["sft", "--demo", "--cache-dir", cache]), "sft", seed=1234)
+    assert len(data.train) + len(data.eval) == 3000 and data.reports[0].path.endswith("demo/sft.jsonl")
+    for command in ("sft", "reward", "ppo"):
+        with pytest.raises(ValueError) as e:
+            step_data(parse([command]), command, seed=1234)
+        assert str(e.value).startswith(f"no data: give --data FILE ({command} rows: ") and str(e.value).endswith(
+            "), or --demo for the built-in demo task")
+    with pytest.raises(ValueError, match="^--data and --demo exclude each other"):
+        step_data(parse(["sft", "--demo", "--data", str(small_data / "sft.jsonl")]), "sft", seed=1234)
+    with pytest.raises(ValueError, match=r"^no data: give --data FILE \(split between sft, reward and ppo"):
+        main(["train", "--model", str(model_dir), "--output", str(tmp_path / "run"), "--no-progress"])
+    assert not (tmp_path / "run").exists()  # refused before any step
 
 
 def test_the_demo_model_has_the_documented_shape():
@@ -255,14 +320,16 @@ def test_the_demo_model_has_the_documented_shape():
 def test_sft_trains_saves_a_loadable_model_and_a_summary(model_dir, small_data, cache, tmp_path, capsys):
     config = write(tmp_path / "c.yaml", {"sft": {"batch_size": 4, "max_steps": 5, "tokens": {"max_prompt_len": 24}}})
     out = tmp_path / "sft"
-    assert main(["sft", "--model", str(model_dir), "--data", str(small_data / "sft.jsonl"), "--data-split", "1,0,0",
-                 "--eval-fraction", "0.25", "--config", str(config), "--max-steps", "2", "--output", str(out),
-                 "--cache-dir", cache, "--no-progress"]) == 0
+    assert main(["sft", "--model", str(model_dir), "--data", str(small_data / "sft.jsonl"), "--eval-fraction", "0.25",
+                 "--config", str(config), "--max-steps", "2", "--output", str(out), "--cache-dir", cache,
+                 "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "held-out perplexity" in printed and "->" in printed and "prompts truncated / dropped" in printed
+    assert f"data {small_data / 'sft.jsonl'}: 48 rows, all for sft (split 1,0,0): 36 train, 12 held out\n" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and len(summary["losses"]) == 2 and summary["config"]["batch_size"] == 4
     assert summary["config"]["tokens"]["max_prompt_len"] == 24 and summary["eval_rows"] == 12
+    assert summary["train_rows"] == 36 and summary["data"][0]["data_split"] == "1,0,0"  # the whole file
     assert summary["eval_perplexity_after"] > 0 and summary["tokens_per_s"] > 0
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.config.vocab_size == len(tokenizer())
@@ -299,16 +366,17 @@ def test_only_rank_0_prints_and_writes_the_summary(model_dir, small_data, cache,
     assert main(["sft", "--model", str(model_dir), "--data", str(small_data / "sft.jsonl"), "--data-split", "1,0,0",
                  "--batch-size", "4", "--max-steps", "1", "--output", str(out), "--cache-dir", cache,
                  "--no-progress"]) == 0
-    assert "summary" not in capsys.readouterr().out and not (out / "summary.json").exists()
+    printed = capsys.readouterr().out
+    assert "summary" not in printed and "rows, all for sft" not in printed and not (out / "summary.json").exists()
 
 
 def test_bad_command_input_is_a_clear_error(model_dir, small_data, cache, tmp_path):
     base = ["--cache-dir", cache, "--no-progress", "--output", str(tmp_path / "o")]
     with pytest.raises(ValueError, match="--model .*nowhere: no such directory"):
-        main(["sft", "--model", str(tmp_path / "nowhere"), *base])
+        main(["sft", "--model", str(tmp_path / "nowhere"), "--demo", *base])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a saved Hugging Face model"):
-        main(["sft", "--model", str(tmp_path / "empty"), *base])
+        main(["reward", "--model", str(tmp_path / "empty"), "--demo", *base])
     with pytest.raises(FileNotFoundError, match="missing.jsonl: no such data file"):
         main(["sft", "--model", str(model_dir), "--data", str(tmp_path / "missing.jsonl"), *base])
     with pytest.raises(ValueError, match=r"c\.json: unknown key 'lrate' \(did you mean 'lr'\?\)"):
@@ -317,6 +385,15 @@ def test_bad_command_input_is_a_clear_error(model_dir, small_data, cache, tmp_pa
         main(["sft", "--lora-r", "-1", *base])
     with pytest.raises(SystemExit):
         main(["sft", "--max-steps", "two"])
+    data = ["--model", str(model_dir), "--data", str(small_data / "sft.jsonl")]
+    with pytest.raises(ValueError, match=r"^--data-split must be three finite numbers >= 0, not all 0, like '2,4,4'; "
+                       r"got 'nan,1,1'$"):
+        main(["sft", *data, "--data-split", "nan,1,1", *base])
+    with pytest.raises(ValueError, match=r"^--eval-fraction must be in \[0, 1\), got inf$"):
+        main(["sft", *data, "--eval-fraction", "inf", *base])
+    with pytest.raises(ValueError, match=r"^--data a\.jsonl:abc: the blend weight after ':' must be a number"):
+        main(["sft", "--model", str(model_dir), "--data", "a.jsonl:abc", *base])
+    assert not (tmp_path / "o").exists()
 
 
 # -- chat -----------------------------------------------------------------------------------------------------

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import socket
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from datasets.exceptions import DatasetGenerationError
 
 from hybrid_engine.rlhf.data import (
     FIELDS,
@@ -19,6 +22,7 @@ from hybrid_engine.rlhf.data import (
     blend_counts,
     load_file,
     load_step_data,
+    parse_split,
     split_indices,
 )
 from hybrid_engine.rlhf.demo import DEMO_DIR, demo_config, demo_tokenizer, rule_score
@@ -157,6 +161,127 @@ def test_extra_columns_are_ignored(tmp_path, cache):
     assert ds.column_names == ["prompt", "response"] and ds["prompt"] == ["a", "c"]
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_ppo_keeps_every_column_as_the_file_types_it(tmp_path, cache, suffix):
+    rows = [{"prompt": f"p{i}", "answer": i * 7, "tags": ["a", str(i)], "level": None if i else "easy"}
+            for i in range(4)]
+    ds = load_file(write_rows(tmp_path / f"rows{suffix}", rows), "ppo", cache)
+    assert ds.column_names == ["prompt", "answer", "tags", "level"]
+    assert ds["answer"] == [0, 7, 14, 21] and ds["tags"][1] == ["a", "1"] and ds["level"] == ["easy", None, None, None]
+    assert ds[2] == rows[2]  # a row, as Prompts.fields hands it to the reward function
+
+
+def test_a_column_of_two_types_reaches_ppo_as_the_file_holds_it(tmp_path, cache, monkeypatch):
+    rows = [{"prompt": "a", "answer": 7}, {"prompt": "b", "answer": 8}, {"prompt": "c", "answer": "nine"}]
+    path = write_rows(tmp_path / "mixed.jsonl", rows)
+    assert load_file(path, "ppo", cache)["answer"] == [7, 8, "nine"]
+    sft = load_file(write_rows(tmp_path / "sft.jsonl", [{**r, "response": "x"} for r in rows]), "sft", cache)
+    assert sft.column_names == ["prompt", "response"] and len(sft) == 3  # SFT reads its fields alone
+
+    def refuse(*args, **kwargs):  # a column Arrow cannot hold: the rows are built from the parsed file instead
+        raise DatasetGenerationError("mixed types")
+
+    monkeypatch.setattr(datasets.Dataset, "from_json", refuse)
+    with pytest.raises(ValueError) as e:
+        load_file(path, "ppo", cache)
+    assert str(e.value) == (f"{path}, row 3: column 'answer' holds a string where row 1 holds a number; a column "
+                            "the reward function receives must hold one type")
+
+
+def test_a_ppo_column_named_like_a_reward_function_argument_is_refused(tmp_path, cache):
+    path = write_rows(tmp_path / "clash.jsonl", [{"prompt": "a", "completions": "x"}])
+    with pytest.raises(ValueError, match=r"clash\.jsonl: a column may not be named 'completions'"):
+        load_file(path, "ppo", cache)
+
+
+def test_ppo_files_with_different_columns_blend(tmp_path, cache):
+    a = write_rows(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "answer": i} for i in range(5)])
+    b = write_rows(tmp_path / "b.parquet", [{"prompt": f"b{i}", "source": "web"} for i in range(5)])
+    specs = [DatasetSpec(str(a)), DatasetSpec(str(b))]
+    data = load_step_data(DataConfig(datasets=specs, data_split="0,0,1", eval_fraction=0.2, cache_dir=cache), "ppo")
+    rows = data.train.to_list() + data.eval.to_list()
+    assert len(rows) == 10 and data.train.column_names == ["prompt", "answer", "source"]
+    assert sorted((r["prompt"], r["answer"], r["source"]) for r in rows) == sorted(
+        [(f"a{i}", i, None) for i in range(5)] + [(f"b{i}", None, "web") for i in range(5)])
+    c = write_rows(tmp_path / "c.jsonl", [{"prompt": "c", "answer": "seven"}])
+    with pytest.raises(ValueError, match=r"column 'answer' is .*string.* in .*c\.jsonl but .*int64.* in .*a\.jsonl"):
+        load_step_data(DataConfig(datasets=[DatasetSpec(str(a)), DatasetSpec(str(c))], cache_dir=cache), "ppo")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_file_replaced_with_its_old_mtime_gives_its_new_rows(tmp_path, cache, suffix):
+    """`datasets` keys its cache on path and mtime: a file replaced as `cp -p` replaces it must not read back the
+    old rows."""
+    path = tmp_path / f"rows{suffix}"
+    write_rows(path, [{"prompt": f"old {i}", "response": f"r{i}"} for i in range(6)])
+    assert load_file(path, "sft", cache)["prompt"][0] == "old 0"
+    stat = path.stat()
+    write_rows(path, [{"prompt": f"new {i}", "response": f"r{i}"} for i in range(6)])
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert load_file(path, "sft", cache)["prompt"] == [f"new {i}" for i in range(6)]
+    data = load_step_data(DataConfig(datasets=[DatasetSpec(str(path))], data_split="1,0,0", cache_dir=cache), "sft")
+    assert sorted([*data.train["prompt"], *data.eval["prompt"]]) == [f"new {i}" for i in range(6)]
+
+
+def one_line_error(call, *args) -> str:
+    with pytest.raises(ValueError) as e:
+        call(*args)
+    message = str(e.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_unreadable_files_are_one_line_errors_naming_the_file(tmp_path, cache):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"prompt": "a"}\n{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    assert one_line_error(load_file, bad, "ppo", cache) == (f"{bad}, row 2: not UTF-8 text (byte 0xe9 at offset 31); "
+                                                            "data files must be UTF-8")
+    listed = tmp_path / "latin1.json"
+    listed.write_bytes('[\n{"prompt": "caf\u00e9"}\n]'.encode("latin-1"))
+    assert one_line_error(load_file, listed, "ppo", cache).startswith(f"{listed}, line 2: not UTF-8 text")
+
+    wrong = write_rows(tmp_path / "wrong.parquet", [{"question": "q", "reply": "r"}] * 3)
+    assert one_line_error(load_file, wrong, "sft", cache) == (
+        f"{wrong}: no 'prompt' or 'response' column; the sft step reads prompt and response (or prompt and "
+        "chosen), the file has 'question', 'reply'")
+    assert "no 'rejected' column; the reward step reads prompt, chosen and rejected" in one_line_error(
+        load_file, write_rows(tmp_path / "half.jsonl", [{"prompt": "p", "chosen": "c"}] * 2), "reward", cache)
+
+    fake = tmp_path / "fake.parquet"
+    fake.write_text('{"prompt": "a"}\n')
+    assert one_line_error(load_file, fake, "ppo", cache).startswith(f"{fake}: not a parquet file (")
+    empty = tmp_path / "empty.parquet"
+    empty.write_bytes(b"")
+    assert one_line_error(load_file, empty, "ppo", cache) == f"{empty}: the file is empty (0 bytes), not a parquet file"
+    no_rows = tmp_path / "no_rows.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), no_rows)
+    assert one_line_error(load_file, no_rows, "ppo", cache) == f"{no_rows}: the file has no rows"
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n")
+    assert one_line_error(load_file, blank, "ppo", cache) == f"{blank}: the file has no rows"
+
+
+@pytest.mark.parametrize("split", ["nan,1,1", "1,inf,1", "1,-1,1", "0,0,0", "2,4", "a,b,c"])
+def test_a_split_of_non_finite_or_negative_shares_is_refused(split):
+    assert one_line_error(parse_split, split) == (
+        f"data_split must be three finite numbers >= 0, not all 0, like '2,4,4'; got {split!r}")
+    with pytest.raises(ValueError, match="data_split must be three finite numbers"):
+        DataConfig(data_split=split)
+    with pytest.raises(ValueError, match=r"a\.jsonl: data_split must be three finite numbers"):
+        DatasetSpec("a.jsonl", data_split=split)
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -1.0])
+def test_a_non_finite_or_negative_weight_is_refused(weight):
+    assert one_line_error(DatasetSpec, "a.jsonl", weight) == (
+        f"a.jsonl: the blend weight must be a finite number >= 0, got {weight}")
+
+
+def test_a_non_finite_eval_fraction_is_refused():
+    assert one_line_error(DataConfig, [], "2,4,4", float("nan")) == "eval_fraction must be in [0, 1), got nan"
+
+
 def test_loading_touches_no_network(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the data layer tried to open a network connection")
@@ -210,6 +335,7 @@ def test_blending_respects_weights(tmp_path, cache):
     assert sum(p.startswith("a") for p in prompts) == 300 and sum(p.startswith("b") for p in prompts) == 100
     assert len(set(p for p in prompts if p.startswith("a"))) == 100  # upsampled: every row thrice
     assert [r.blended_rows for r in data.reports] == [300, 100]
+    assert [r.data_split for r in data.reports] == ["0,0,1", "0,0,1"]
     for spec in specs:
         spec.weight = None
     plain = load_step_data(DataConfig(datasets=specs, eval_fraction=0, cache_dir=cache), "ppo").train["prompt"]

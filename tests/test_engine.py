@@ -71,6 +71,33 @@ def test_generation_logprobs_equal_training_logprobs(name, use_lora):
 
 
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_generate_takes_eos_and_pad_from_the_generation_config_as_hf_does(use_lora):
+    """A call that names no eos or pad id stops at the module's generation_config.eos_token_id, as HF's generate of
+    the same model does (the README's example ran past the model's <|im_end|>); an id in the call wins."""
+    model = copy.deepcopy(tiny_model("llama-gqa"))
+    ids, mask = PROMPTS
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    model.generation_config.eos_token_id = [int(free[0, ids.shape[1] + 2])]  # row 0 stops by step 2
+    model.generation_config.pad_token_id = 5
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    adapters = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if use_lora else None  # B = 0: a no-op
+    eng = HybridEngine(model, lora=adapters)  # its generation_config read through the peft wrapper
+    out = eng.generate(ids, mask, max_new_tokens=8)
+    assert torch.equal(out.sequences, expected) and not out.response_mask[0].all()
+    assert torch.equal(eng.generate(ids, mask, max_new_tokens=8, eos_token_id=None).sequences, free)
+
+
+def test_engine_generate_takes_non_contiguous_prompts():
+    eng = engine("llama-gqa")
+    ids, mask = PROMPTS
+    ids_t, mask_t = ids.t().contiguous().t(), mask.t().contiguous().t()
+    assert not ids_t.is_contiguous() and not mask_t.is_contiguous()
+    expected = eng.generate(ids, mask, max_new_tokens=6, seed=1)
+    out = eng.generate(ids_t, mask_t, max_new_tokens=6, seed=1)
+    assert torch.equal(out.sequences, expected.sequences) and torch.equal(out.logprobs, expected.logprobs)
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 def test_training_after_generation_is_bit_identical(use_lora):
     a, b = engine("llama-gqa", use_lora), engine("llama-gqa", use_lora)
     losses = train(a, range(2))

@@ -1,9 +1,12 @@
+import copy
+
 import pytest
 import torch
 import transformers
 from models import CONFIGS, VOCAB, left_padded_prompts, tiny_model
 
 import hybrid_engine
+from hybrid_engine.generation import SamplingParams
 from hybrid_engine.generation.sampling import SamplingConfig, filter_logits
 
 FAMILIES = list(CONFIGS)
@@ -35,7 +38,8 @@ def hf_logits(model, sequences, prompt_mask, response_mask):
 def test_greedy_matches_hf(family):
     model = tiny_model(family)
     ids, mask = left_padded_prompts(LENGTHS)
-    ours = hybrid_engine.generate(model, ids, mask, max_new_tokens=12, pad_token_id=0)
+    # No eos on either side (hf_greedy passes eos_token_id=None too): every row runs all 12 steps.
+    ours = hybrid_engine.generate(model, ids, mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours.sequences, hf_greedy(model, ids, mask, 12))
     assert ours.response_mask.all()
 
@@ -59,6 +63,82 @@ def test_greedy_with_eos_mid_batch_matches_hf(family):
         assert (gen[row, n:] == 0).all()
 
 
+def with_generation_config(family: str) -> tuple[torch.nn.Module, int, int]:
+    """(a copy of the tiny model to edit the generation_config of, an eos id that fires mid-batch on the seed-1
+    prompts (row 0's greedy token at step 3), an id that none of their first 12 greedy tokens is)."""
+    model = copy.deepcopy(tiny_model(family))  # tiny_model is cached: never edit it in place
+    ids, mask = left_padded_prompts(LENGTHS, seed=1)
+    free = hf_greedy(model, ids, mask, 12)[:, ids.shape[1] :]
+    never = min(set(range(1, VOCAB)) - set(free.flatten().tolist()))
+    return model, int(free[0, 3]), never
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eos_and_pad_default_to_the_generation_config_as_in_hf(family):
+    """A call that names no eos or pad id stops at the model's generation_config.eos_token_id (an int or a list)
+    and pads with its pad_token_id, as HF's generate does; response_mask is 0 after each row's eos."""
+    model, eos, never = with_generation_config(family)
+    ids, mask = left_padded_prompts(LENGTHS, seed=1)
+    T = ids.shape[1]
+    for config_eos, config_pad in ((eos, 5), ([never, eos], None)):  # a pad of None: the first eos id
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = config_eos, config_pad
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        ours = hybrid_engine.generate(model, ids, mask, max_new_tokens=12)
+        assert torch.equal(ours.sequences, expected)
+        assert not ours.response_mask[0].all()  # row 0 stopped at its eos (by step 3)
+        assert (ours.sequences[:, T:][ours.response_mask == 0] == (never if config_pad is None else 5)).all()
+
+
+def test_an_id_in_the_call_wins_over_the_generation_config():
+    model, eos, never = with_generation_config("llama-gqa")
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, 5
+    ids, mask = left_padded_prompts(LENGTHS, seed=1)
+
+    def hf(**kw):
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, **kw)
+
+    # eos_token_id=None in the call stops on none, in HF's generate and in ours.
+    free = hybrid_engine.generate(model, ids, mask, max_new_tokens=12, eos_token_id=None)
+    assert free.response_mask.all() and torch.equal(free.sequences, hf(eos_token_id=None))
+    # The call's eos (a keyword or a SamplingParams field) replaces the model's.
+    for ours in (hybrid_engine.generate(model, ids, mask, max_new_tokens=12, eos_token_id=never),
+                 hybrid_engine.generate(model, ids, mask, SamplingParams(max_new_tokens=12, eos_token_id=never))):
+        assert ours.response_mask.all() and torch.equal(ours.sequences, hf(eos_token_id=never))
+    # The call's pad replaces the model's, which still gives the eos.
+    padded = hybrid_engine.generate(model, ids, mask, max_new_tokens=12, pad_token_id=0)
+    assert torch.equal(padded.sequences, hf(pad_token_id=0)) and not padded.response_mask[0].all()
+    # An empty eos list in a SamplingParams stops on none too.
+    empty = hybrid_engine.generate(model, ids, mask, SamplingParams(max_new_tokens=12, eos_token_id=[]))
+    assert torch.equal(empty.sequences, free.sequences) and empty.response_mask.all()
+
+
+def test_an_eos_id_outside_the_vocabulary_in_the_generation_config_never_stops_a_row():
+    """GPT-2's config keeps eos 50256 in the 97-token test vocabulary: HF never stops on it, nor do we (a call's
+    out-of-vocabulary eos_token_id is still refused: test_generate_checks.py)."""
+    model = tiny_model("gpt2")
+    assert model.generation_config.eos_token_id == 50256
+    ids, mask = left_padded_prompts(LENGTHS, seed=1)
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    ours = hybrid_engine.generate(model, ids, mask, max_new_tokens=12)
+    assert torch.equal(ours.sequences, expected) and ours.response_mask.all()
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt2"])
+def test_non_contiguous_prompts_generate_as_their_values(family):
+    """Transposed or column-sliced (non-contiguous) input_ids and attention_mask give the contiguous ones' output."""
+    model = tiny_model(family)
+    ids, mask = left_padded_prompts(LENGTHS, seed=6)
+    T = ids.shape[1]
+    transposed = ids.t().contiguous().t(), mask.t().contiguous().t()
+    sliced = torch.cat([ids, ids], 1)[:, T:], torch.cat([mask, mask], 1)[:, T:]
+    kw = dict(max_new_tokens=8, do_sample=True, seed=2, pad_token_id=0)
+    expected = hybrid_engine.generate(model, ids, mask, **kw)
+    for view_ids, view_mask in (transposed, sliced, (transposed[0], mask)):
+        assert not view_ids.is_contiguous() and torch.equal(view_ids, ids) and torch.equal(view_mask, mask)
+        ours = hybrid_engine.generate(model, view_ids, view_mask, **kw)
+        assert torch.equal(ours.sequences, expected.sequences) and torch.equal(ours.logprobs, expected.logprobs)
+
+
 @pytest.mark.parametrize("family", ["llama-gqa", "opt", "gpt2"])
 def test_bf16_weights_match_hf_on_rounded_weights(family):
     model = tiny_model(family)
@@ -68,7 +148,8 @@ def test_bf16_weights_match_hf_on_rounded_weights(family):
     for name, buf in model.named_buffers():  # buffers such as rotary inv_freq are not weights
         rounded.get_buffer(name).copy_(buf)
     ids, mask = left_padded_prompts(LENGTHS, seed=2)
-    ours = hybrid_engine.generate(model, ids, mask, max_new_tokens=10, pad_token_id=0, weight_dtype=torch.bfloat16)
+    ours = hybrid_engine.generate(model, ids, mask, max_new_tokens=10, eos_token_id=None, pad_token_id=0,
+                                  weight_dtype=torch.bfloat16)  # no eos on either side, as hf_greedy's
     assert torch.equal(ours.sequences, hf_greedy(rounded, ids, mask, 10))
 
 

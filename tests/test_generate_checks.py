@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+import transformers
 from models import VOCAB, left_padded_prompts, tiny_model
 
 import hybrid_engine
@@ -95,6 +96,31 @@ def test_bad_input_is_refused_before_any_work(build, match, monkeypatch):
     monkeypatch.setattr(generate_module, "extract_weights", no_work)
     with pytest.raises(ValueError, match=match):
         hybrid_engine.generate(tiny_model("gpt2"), **build())
+
+
+def _meta_model():
+    config = tiny_model("gpt2").config  # built (and cached) outside the meta device
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: "gpt2", r"model must be a Hugging Face causal LM \(an AutoModelForCausalLM.*\), got str$"),
+    (lambda: torch.nn.Linear(4, VOCAB), r"model must be a Hugging Face causal LM .*, got Linear$"),
+    (lambda: tiny_model("gpt2").state_dict(), r"model must be a Hugging Face causal LM .*, got OrderedDict$"),
+    (_meta_model, r"model has tensors on the meta device \(e.g. transformer\.wte\.weight\).*load its weights first"),
+], ids=["str", "nn.Linear", "state_dict", "meta"])
+def test_a_model_that_cannot_generate_is_refused_before_any_work(make, match, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("generate() started work before checking its model")
+
+    model = make()
+    monkeypatch.setattr(generate_module, "extract_weights", no_work)
+    monkeypatch.setattr(generate_module, "spec_from_config", no_work)
+    ids, mask = _prompts()
+    with pytest.raises(ValueError, match=match) as e:
+        hybrid_engine.generate(model, ids, mask, max_new_tokens=2)
+    assert "\n" not in str(e.value)
 
 
 def test_bad_weight_dtype_names_the_argument():

@@ -342,18 +342,28 @@ def test_a_reward_function_gets_each_rows_fields_aligned_with_its_completions(tm
         return [float(len(c)) for c in completions]
 
     result = run(data, config("grpo", max_steps=2, num_generations=3), reward_fn=check_fields)
-    assert len(result.history) == 2 and len(calls) == 2
+    # 2 rollouts of 4 prompts x 3 samples; the held-out evaluations before and after (2 prompts, 1 sample each)
+    assert len(result.history) == 2 and [len(p) for p, _ in calls] == [2, 12, 12, 2]
     for prompts, answers in calls:
-        assert len(prompts) == len(answers) == 12
+        assert len(prompts) == len(answers)
         for p, a in zip(prompts, answers):
             assert a == "answer " + p.rsplit(" ", 1)[1]  # the answer of the prompt's own row
-        assert all(len(set(prompts[i : i + 3])) == 1 for i in range(0, 12, 3))  # a prompt's samples in a row
+    assert all(len(set(calls[1][0][i : i + 3])) == 1 for i in range(0, 12, 3))  # a prompt's samples in a row
 
 
 def test_a_callable_reward_function_is_used_alone(data):
     result = run(data, config("rloo", max_steps=2), reward_fn=rule_score_batch, eval_fn=rule_score_batch)
     assert len(result.history) == 2 and result.after.reward is None and result.after.rule is not None
     assert all("rm_score" not in r and 0 <= r["fn_score"] <= 1 for r in result.history)
+    # the reward function's held-out mean is reported too: here it is the same rule as eval_fn, on the same draws
+    assert [e.reward_fn for _, e in result.evals] == [e.rule for _, e in result.evals]
+
+
+def test_the_held_out_reward_function_score_is_reported_without_an_eval_function(data):
+    result = run(data, config("rloo", max_steps=1), reward_fn=rule_score_batch)
+    before, after = result.evals[0][1], result.evals[-1][1]
+    assert before.reward is None and before.rule is None  # no reward model, no eval function
+    assert 0 <= before.reward_fn <= 1 and 0 <= after.reward_fn <= 1
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -375,7 +385,7 @@ def test_a_bad_reward_function_spec_fails_before_training(data, rm):
 
 
 @pytest.mark.parametrize("fn, match", [
-    (lambda prompts, completions, **f: [1.0], r"returned 1 values for 4 completions"),
+    (lambda prompts, completions, **f: [1.0], r"returned 1 values for 6 completions"),  # the 6 held-out ones, first
     (lambda prompts, completions, **f: None, r"must return one number per completion, got None"),
     (lambda prompts, completions, **f: ["high"] * len(completions), r"one number per completion"),
 ])
@@ -547,6 +557,29 @@ def test_a_built_engine_and_the_config_must_agree_on_generation(data, rm):
                           config(generation={"kv_dtype": "bf16"})).actor
     with pytest.raises(ValueError, match=r"the actor engine generates with .*kv_dtype=torch.bfloat16.*give the config"):
         build_models(ModelSources(actor=engine, reward_model=rm, reference=demo_actor()), config())
+
+
+def _gpt2(seed: int) -> transformers.GPT2LMHeadModel:
+    """A tiny GPT-2 over the demo vocabulary, with GPT-2's dropout (0.1 after the embeddings, in attention, after
+    attention and after the MLP)."""
+    config = transformers.GPT2Config(vocab_size=len(tokenizer()), n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _dropout_rates(model: torch.nn.Module) -> list[float]:
+    return [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_is_off_in_the_actor_and_the_critic_unless_kept(disable):
+    torch.manual_seed(11)
+    models = build_models(ModelSources(actor=_gpt2(0), reward_model=RewardModel.from_model(_gpt2(1))),
+                          config(disable_dropout=disable))
+    for model in (models.actor.module, models.critic_model):
+        rates = _dropout_rates(model)
+        assert len(rates) == 7  # after the embeddings, and 3 in each of the 2 blocks
+        assert rates == ([0.0] * 7 if disable else [0.1] * 7)
 
 
 def test_num_generations_defaults_by_algorithm():

@@ -17,6 +17,7 @@ from demo_models import demo_llama, save_demo_llama, tokenizer
 from hybrid_engine.commands.config_args import ConfigValues, add_config_args, build_config
 from hybrid_engine.commands.main import build_parser, main
 from hybrid_engine.commands.metrics import read_metrics
+from hybrid_engine.commands.train import uses_demo
 from hybrid_engine.engine.settings import GenerationSettings
 from hybrid_engine.rlhf import RewardModel
 from hybrid_engine.rlhf.demo import DEMO_DIR
@@ -130,10 +131,11 @@ def test_bad_generation_settings_name_the_setting(argv, values, match):
 
 def test_ppo_writes_the_model_critic_metrics_plot_and_summary(sft_dir, rm_dir, cache, tmp_path, capsys):
     out = tmp_path / "ppo"
-    assert main(["ppo", "--model", str(sft_dir), "--reward-model", str(rm_dir), *TINY, "--cache-dir", cache,
+    assert main(["ppo", "--model", str(sft_dir), "--reward-model", str(rm_dir), "--demo", *TINY, "--cache-dir", cache,
                  "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "held-out rule score" in printed and "held-out reward-model score" in printed and "->" in printed
+    assert "ppo.jsonl: 1200 rows, all for ppo (split 0,0,1): 1000 train, 200 held out\n" in printed
 
     actor = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert actor.config.vocab_size == len(tokenizer())
@@ -148,7 +150,7 @@ def test_ppo_writes_the_model_critic_metrics_plot_and_summary(sft_dir, rm_dir, c
     assert [r["step"] for r in steps] == [1, 2] and [r["step"] for r in evals] == [0, 2]
     assert all(r["tag"] == "ppo" and math.isfinite(r["policy_loss"]) and math.isfinite(r["value_loss"])
                for r in steps)
-    assert all(0 <= r["rule"] <= 1 and "eval_reward" in r for r in evals)  # the demo data's rule by default
+    assert all(0 <= r["rule"] <= 1 and "eval_reward" in r for r in evals)  # the demo data's rule with --demo
     assert (out / "ppo.png").read_bytes()[:8] == PNG
 
     summary = json.loads((out / "summary.json").read_text())
@@ -156,7 +158,8 @@ def test_ppo_writes_the_model_critic_metrics_plot_and_summary(sft_dir, rm_dir, c
     assert len(summary["history"]) == 2 and summary["logprob_source"] == "generation"
     assert summary["config"]["batch_size"] == 4 and summary["config"]["max_new_tokens"] == 8
     assert summary["config"]["algo"] == "ppo" and summary["eval_rows"] == 200  # the demo's held-out prompts
-    assert set(summary["after"]) == {"reward", "rule", "kl", "response_len"}
+    assert set(summary["after"]) == {"reward", "rule", "kl", "response_len", "reward_fn"}
+    assert summary["after"]["reward_fn"] is None  # no --reward-fn
     assert summary["before"]["rule"] == evals[0]["rule"] and summary["after"]["rule"] == evals[-1]["rule"]
 
 
@@ -208,10 +211,10 @@ def test_missing_models_are_clear_errors(sft_dir, rm_dir, tmp_path, monkeypatch)
         main(["ppo", "--model", str(sft_dir), "--reward-model", str(tmp_path / "nowhere"), "--no-progress"])
     with pytest.raises(ValueError, match=r"PPO's critic starts from the reward model"):
         main(["ppo", "--model", str(sft_dir), "--no-reward-model", "--reward-fn",
-              "hybrid_engine.rlhf.demo:rule_score_batch", *TINY, "--output", str(tmp_path / "o")])
+              "hybrid_engine.rlhf.demo:rule_score_batch", "--demo", *TINY, "--output", str(tmp_path / "o")])
     with pytest.raises(ValueError, match=r"has no function 'nope'"):
         main(["ppo", "--model", str(sft_dir), "--algo", "grpo", "--no-reward-model", "--reward-fn",
-              "hybrid_engine.rlhf.demo:nope", *TINY, "--output", str(tmp_path / "o")])
+              "hybrid_engine.rlhf.demo:nope", "--demo", *TINY, "--output", str(tmp_path / "o")])
     with pytest.raises(ValueError, match=r"--eval-fn|has no function 'nope'"):
         main(["ppo", "--model", str(sft_dir), "--reward-model", str(rm_dir), "--eval-fn",
               "hybrid_engine.rlhf.demo:nope", "--no-progress", "--output", str(tmp_path / "o2")])
@@ -220,6 +223,72 @@ def test_missing_models_are_clear_errors(sft_dir, rm_dir, tmp_path, monkeypatch)
         main(["ppo", "--model", str(sft_dir), "--algo", "grpo", "--num-generations", "1", "--no-progress"])
     with pytest.raises(SystemExit):
         main(["ppo", "--kl-coef", "much"])
+
+
+def test_ppo_without_data_or_demo_is_refused_before_any_model_loads(sft_dir, rm_dir, tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(ValueError) as e:
+        main(["ppo", "--model", str(sft_dir), "--reward-model", str(rm_dir), *TINY, "--output", str(out)])
+    assert str(e.value) == "no data: give --data FILE (ppo rows: prompt), or --demo for the built-in demo task"
+    assert not out.exists()
+
+
+ANSWERS_RULES = """
+import json
+
+LOG = {log!r}
+
+
+def _record(name, prompts, completions, fields):
+    with open(LOG, "a") as f:
+        f.write(json.dumps({{"fn": name, "prompts": prompts, "fields": fields}}) + "\\n")
+
+
+def score(prompts, completions, **fields):
+    _record("score", prompts, completions, fields)
+    return [float(a % 2) for a in fields["answer"]]
+
+
+def measure(prompts, completions, answer, level):
+    _record("measure", prompts, completions, {{"answer": answer, "level": level}})
+    return [0.5] * len(completions)
+"""
+
+
+def test_reward_and_eval_functions_receive_every_column_of_the_rows(sft_dir, cache, tmp_path):
+    """A row {"prompt": ..., "answer": 7, "level": ...} reaches --reward-fn and --eval-fn with answer=[..., 7, ...]
+    (an int, as in the file) and level=[...], each aligned with its prompt."""
+    lines = (DEMO_DIR / "ppo.jsonl").read_text().splitlines()[:24]
+    rows = [{**json.loads(line), "answer": i, "level": ["easy", "hard"][i % 2]} for i, line in enumerate(lines)]
+    data = tmp_path / "answers.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = tmp_path / "calls.jsonl"
+    (tmp_path / "answer_rules.py").write_text(ANSWERS_RULES.format(log=str(log)))
+    rules = tmp_path / "answer_rules.py"
+    assert main(["ppo", "--model", str(sft_dir), "--algo", "grpo", "--num-generations", "2", "--no-reward-model",
+                 "--reward-fn", f"{rules}:score", "--eval-fn", f"{rules}:measure", "--data", str(data),
+                 "--eval-fraction", "0.25", *TINY, "--cache-dir", cache, "--output", str(tmp_path / "out")]) == 0
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    by_prompt = {r["prompt"]: r for r in rows}
+    assert {c["fn"] for c in calls} == {"score", "measure"}
+    for call in calls:
+        assert set(call["fields"]) == {"answer", "level"}, call["fn"]
+        assert call["fields"]["answer"] == [by_prompt[p]["answer"] for p in call["prompts"]]
+        assert call["fields"]["level"] == [by_prompt[p]["level"] for p in call["prompts"]]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["after"]["rule"] == 0.5 and summary["train_rows"] == 18 and summary["eval_rows"] == 6
+
+
+@pytest.mark.parametrize("command", ["ppo", "train"])
+@pytest.mark.parametrize("flag", ["--reward-fn", "--eval-fn"])
+def test_a_second_reward_or_eval_function_is_refused(command, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, flag, "a.py:one", flag, "b.py:two"])
+    assert e.value.code == 2
+    assert (f"error: argument {flag}: given twice (a.py:one and b.py:two); one function per run: write one that "
+            "combines the rules") in capsys.readouterr().err
+    args = build_parser().parse_args([command, flag, "a.py:one"])
+    assert getattr(args, flag[2:].replace("-", "_")) == "a.py:one"
 
 
 # -- train --set ----------------------------------------------------------------------------------------------
@@ -289,6 +358,12 @@ def test_a_shortened_default_run_raises_the_held_out_rule_score(tmp_path, cache)
         assert (out / step / "config.json").is_file(), step
     assert (out / "ppo" / "critic" / "value_head.safetensors").is_file()
     assert (out / "train.png").read_bytes()[:8] == PNG
+
+
+def test_train_takes_the_demo_only_without_a_model_or_with_demo():
+    parse = build_parser().parse_args
+    assert uses_demo(parse(["train"])) and uses_demo(parse(["train", "--model", "m", "--demo"]))
+    assert not uses_demo(parse(["train", "--model", "m"])) and not uses_demo(parse(["train", "--data", "a.jsonl"]))
 
 
 def test_train_checks_its_reward_functions_before_any_step(tmp_path):

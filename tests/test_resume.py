@@ -102,7 +102,7 @@ def _ppo_command(sft: str, rm: str, out: Path, cache: str, resume: bool = False)
            str(out),
            "--cache-dir", cache, "--no-progress", "--max-steps", "12", "--batch-size", "4", "--train-batch-size", "4",
            "--max-new-tokens", "8", "--lr", "1e-3", "--critic-lr", "1e-3", "--eval-every", "4", "--checkpoint-every",
-           "2", "--eval-batch-size", "8"]
+           "2", "--eval-batch-size", "8", "--demo"]
     return cmd + (["--resume"] if resume else [])
 
 

@@ -108,13 +108,15 @@ def responder(model, tokenizer, args: argparse.Namespace) -> Callable[[list[dict
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: the model takes "
                          f"{limit} tokens in all")
     room = None if limit is None else limit - args.max_new_tokens
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+    # The tokenizer's eos and pad ids; those it lacks are left to the model's generation_config, which both
+    # hybrid_engine.generate and HF's generate read when a call gives none (an explicit None would mean none).
+    eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    special = {name: value for name, value in (("eos_token_id", eos), ("pad_token_id", pad)) if value is not None}
     choice = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
         if args.sample else dict(do_sample=False)
     generator = torch.Generator().manual_seed(args.seed) if args.sample else None
-    sampling = SamplingParams(**choice, max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                              generator=generator)
+    sampling = SamplingParams(**choice, max_new_tokens=args.max_new_tokens, generator=generator, **special)
     torch.manual_seed(args.seed)  # HF generate samples from torch's global RNG
 
     def respond(messages: list[dict[str, str]]) -> str:
@@ -126,24 +128,43 @@ def responder(model, tokenizer, args: argparse.Namespace) -> Callable[[list[dict
         else:
             with torch.no_grad():
                 out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                     max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                     **choice)
+                                     max_new_tokens=args.max_new_tokens, **special, **choice)
             new = out[0, len(ids):]
         return tokenizer.decode(new.tolist(), skip_special_tokens=True).strip()
 
     return respond
 
 
+def read_line(stream) -> tuple[str, bool]:
+    """The next line of `stream` ("" at its end), and whether it held bytes that its encoding cannot decode (a
+    non-UTF-8 byte typed into a UTF-8 terminal): those are read as U+FFFD (errors="replace"), never a crash. A
+    text stream without a binary buffer beneath it (io.StringIO) holds text already and is read as it is."""
+    binary = getattr(stream, "buffer", None)
+    if binary is None:
+        return stream.readline(), False
+    raw = binary.readline()
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        return raw.decode(encoding), False
+    except UnicodeDecodeError:
+        return raw.decode(encoding, errors="replace"), True
+
+
 def chat_loop(respond: Callable[[list[dict[str, str]]], str], keep_history: bool, stream=None) -> int:
     """Answers each non-empty line of `stream` (stdin) until its end or a line in QUIT; the conversation's
-    messages carry across turns when keep_history."""
+    messages carry across turns when keep_history. Undecodable input bytes become U+FFFD, said once on stderr."""
     stream = stream or sys.stdin
     interactive = stream.isatty()
     messages: list[dict[str, str]] = []
+    said = False
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = stream.readline()
+        line, replaced = read_line(stream)
+        if replaced and not said:
+            said = True
+            print(f"(the input holds bytes that are not valid {getattr(stream, 'encoding', None) or 'utf-8'}: they "
+                  "are read as U+FFFD, the replacement character; this note is shown once)", file=sys.stderr)
         if not line or line.strip().lower() in QUIT:
             return 0
         if not line.strip():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,7 +20,18 @@ import transformers
 
 from hybrid_engine.commands.config_args import add_config_args, build_config, load_config_file
 from hybrid_engine.commands.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
-from hybrid_engine.rlhf.data import DataConfig, DatasetSpec, StepData, load_step_data
+from hybrid_engine.rlhf.data import (
+    FORMATS,
+    READS,
+    WHOLE_FILE,
+    DataConfig,
+    DatasetReport,
+    DatasetSpec,
+    StepData,
+    check_eval_fraction,
+    load_step_data,
+    parse_split,
+)
 from hybrid_engine.rlhf.demo import demo_config, demo_model, demo_tokenizer
 from hybrid_engine.rlhf.distributed import is_main_rank
 from hybrid_engine.rlhf.step_config import config_dict
@@ -54,9 +66,11 @@ def add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: ty
                     "when it has one, else the demo tokenizer")
     io.add_argument("--data", metavar="PATH[:WEIGHT]", action="append", help="a .json, .jsonl or .parquet data "
                     "file, optionally with its blend weight; repeat for several (weights for all or none). "
-                    f"Default: the demo's {step}.jsonl, wholly for this step")
-    io.add_argument("--data-split", metavar="A,B,C", help="each data file's shares for sft, reward and ppo "
-                    "(default: 2,4,4 for --data files; the demo file is this step's alone)")
+                    "Required, unless --demo")
+    io.add_argument("--demo", action="store_true", help=f"train on the built-in demo task's {step}.jsonl "
+                    "(hybrid_engine/data/demo) instead of --data")
+    io.add_argument("--data-split", metavar="A,B,C", help="each data file's shares for sft, reward and ppo, of "
+                    f"which this step takes its own (default: {WHOLE_FILE[step]}, the whole file for this step)")
     io.add_argument("--eval-fraction", type=float, metavar="F", help="the fraction of this step's rows held out "
                     "for evaluation (default: 0.1)")
     io.add_argument("--cache-dir", metavar="DIR", help="where `datasets` caches the converted files (default: "
@@ -93,28 +107,79 @@ def step_config(args: argparse.Namespace, config_cls: type, step: str):
     return dataclasses.replace(config, output_dir=args.output or config.output_dir or DEFAULT_OUTPUT[step])
 
 
-def parse_data(text: str) -> DatasetSpec:
-    """--data PATH or PATH:WEIGHT."""
+class Once(argparse.Action):
+    """A flag given at most once: a second value is refused, not put silently in place of the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        first = getattr(namespace, self.dest, None)
+        if first is not None:
+            raise argparse.ArgumentError(self, f"given twice ({first} and {values}); one function per run: write "
+                                         "one that combines the rules")
+        setattr(namespace, self.dest, values)
+
+
+def parse_data(text: str, flag: str = "--data") -> DatasetSpec:
+    """--data PATH or PATH:WEIGHT: the weight follows the last ':' after a data file's name (a.jsonl:0.5); a ':'
+    elsewhere is part of the path."""
     path, sep, weight = text.rpartition(":")
-    if sep:
-        try:
-            return DatasetSpec(path=path, weight=float(weight))
-        except ValueError:
-            pass
-    return DatasetSpec(path=text)
+    if not sep or Path(path).suffix.lower() not in FORMATS:
+        return DatasetSpec(path=text)
+    try:
+        value = float(weight)
+    except ValueError:
+        raise ValueError(f"{flag} {text}: the blend weight after ':' must be a number, got {weight!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{flag} {text}: the blend weight must be a finite number >= 0, got {weight!r}")
+    return DatasetSpec(path=path, weight=value)
 
 
-def step_data(args: argparse.Namespace, step: str, seed: int) -> StepData:
-    """The step's rows from --data (or the demo file), --data-split and --eval-fraction."""
+def data_config(args: argparse.Namespace, step: str, seed: int, whole_file: bool = True) -> DataConfig:
+    """The step's DataConfig from --data or --demo, --data-split, --eval-fraction and --cache-dir, checked.
+
+    whole_file: each --data file is this step's alone unless --data-split says otherwise (sft, reward and ppo run
+    by themselves); False: DataConfig's split between the three steps (train)."""
+    if args.data and args.demo:
+        raise ValueError("--data and --demo exclude each other: --demo trains on the built-in demo task's files")
+    if not args.data and not args.demo:
+        rows = f"{step} rows: {READS[step]}" if whole_file else "split between sft, reward and ppo by --data-split"
+        raise ValueError(f"no data: give --data FILE ({rows}), or --demo for the built-in demo task")
+    if args.data_split is not None:
+        parse_split(args.data_split, "--data-split")
+    if args.eval_fraction is not None:
+        check_eval_fraction(args.eval_fraction, "--eval-fraction")
     given = {"eval_fraction": args.eval_fraction, "data_split": args.data_split, "cache_dir": args.cache_dir}
     given = {k: v for k, v in given.items() if v is not None}
     if args.data:
-        config = DataConfig(datasets=[parse_data(d) for d in args.data], seed=seed, **given)
-    else:
-        config = dataclasses.replace(demo_config(step, seed=seed), **given)
-        if args.data_split is not None:  # an explicit split applies to the demo file too
-            config.datasets = [dataclasses.replace(s, data_split=None) for s in config.datasets]
-    return load_step_data(config, step)
+        if whole_file:
+            given.setdefault("data_split", WHOLE_FILE[step])
+        return DataConfig(datasets=[parse_data(d) for d in args.data], seed=seed, **given)
+    config = dataclasses.replace(demo_config(step, seed=seed), **given)
+    if args.data_split is not None:  # an explicit split applies to the demo file too
+        config.datasets = [dataclasses.replace(s, data_split=None) for s in config.datasets]
+    return config
+
+
+def data_line(report: DatasetReport, step: str) -> str:
+    """Where one file's rows went, in a short line: 'data a.jsonl: 1500 rows, 300 for sft (split 2,4,4): 270 train,
+    30 held out'."""
+    share = "all" if report.step_rows == report.rows else str(report.step_rows)
+    line = (f"data {report.path}: {report.rows} rows, {share} for {step} (split {report.data_split}): "
+            f"{report.train_rows} train, {report.eval_rows} held out")
+    return line + (f", {report.blended_rows} in the blend" if report.blended_rows != report.train_rows else "")
+
+
+def print_data_lines(data: StepData, step: str) -> None:
+    if is_main_rank():
+        for report in data.reports:
+            print(data_line(report, step), flush=True)
+
+
+def step_data(args: argparse.Namespace, step: str, seed: int, whole_file: bool = True) -> StepData:
+    """The step's rows from --data (or the demo's file with --demo), --data-split and --eval-fraction (data_config);
+    prints where each file's rows went."""
+    data = load_step_data(data_config(args, step, seed, whole_file), step)
+    print_data_lines(data, step)
+    return data
 
 
 def model_and_tokenizer(args: argparse.Namespace, seed: int, reward_ok: bool = False):

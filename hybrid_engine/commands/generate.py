@@ -54,8 +54,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"model: {name}, {params:.1f}M parameters; batch {args.batch}, prompt {args.prompt_len}, "
           f"{args.max_new_tokens} new tokens, weights {args.weight_dtype}, KV cache {args.kv_dtype}, "
           f"{torch.get_num_threads()} threads")
+    # eos_token_id=[]: no eos, not the model's generation_config's. This is a tokens/s benchmark on random prompts:
+    # every row generates all --max-new-tokens (as transformers' side does, told eos_token_id=None too), so the
+    # figures stay comparable between models, runs and --compare-hf.
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=[])
     generate(model, input_ids[:, :8], max_new_tokens=2)  # warm-up: loads the ops
     t0 = time.perf_counter()
     out = generate(model, input_ids, sampling=sampling, weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype)
@@ -65,9 +68,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.compare_hf:
         t0 = time.perf_counter()
         with torch.no_grad():
+            # No eos, as on our side (min_new_tokens would instead forbid the eos token, changing greedy choices).
             hf = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
-                                do_sample=False, pad_token_id=0)
+                                max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)
         t = time.perf_counter() - t0
         m = (hf.shape[1] - args.prompt_len) * args.batch
         print(f"transformers generate:  {m / t:8.1f} tokens/s ({t:.2f} s) -> ours is {t / ours * n / m:.2f}x")

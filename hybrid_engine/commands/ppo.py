@@ -1,7 +1,11 @@
 """`hybrid-engine ppo`: step 3 from flags and a config file, with its logs, plot and summary.
 
-    hybrid-engine ppo --model out/sft --reward-model out/reward --output out/ppo
-    hybrid-engine ppo --algo grpo --num-generations 4 --reward-fn my_rules.py:score
+    hybrid-engine ppo --model out/sft --reward-model out/reward --data prompts.jsonl --output out/ppo
+    hybrid-engine ppo --algo grpo --num-generations 4 --reward-fn my_rules.py:score --data prompts.jsonl
+    hybrid-engine ppo --model out/sft --reward-model out/reward --demo    # the built-in demo task's prompts
+
+Each --data file is PPO's alone unless --data-split gives it a share; every column of its rows reaches --reward-fn
+and --eval-fn as a keyword argument.
 
 Writes to the output directory: the trained actor (save_pretrained, with its tokenizer), critic/ (PPO),
 ema/ (with --ema-beta), metrics.jsonl (one record per step and per evaluation), tensorboard/, ppo.png (the
@@ -18,7 +22,7 @@ from hybrid_engine.commands import common
 from hybrid_engine.commands.metrics import MetricsLog, plot_curves, read_metrics
 from hybrid_engine.commands.model_dirs import check_model_dir
 from hybrid_engine.rlhf.checkpoint import checkpoint_root, checkpoints
-from hybrid_engine.rlhf.data import DataConfig, load_step_data
+from hybrid_engine.rlhf.data import WHOLE_FILE, DataConfig, load_step_data
 from hybrid_engine.rlhf.demo import rule_score_batch
 from hybrid_engine.rlhf.distributed import is_main_rank
 from hybrid_engine.rlhf.loop import evals_json
@@ -32,8 +36,8 @@ DEFAULT_REWARD_MODEL = "out/reward"
 def add_ppo_command(subparsers) -> None:
     p = subparsers.add_parser("ppo", help="step 3: PPO (or --algo grpo / rloo) against a reward model and/or rule",
                               description="Train the SFT policy with PPO against the reward model (DeepSpeed-Chat's "
-                              "step 3), or critic-free with --algo grpo or rloo; by default on the demo's prompts "
-                              "from out/sft and out/reward.")
+                              "step 3), or critic-free with --algo grpo or rloo; by default from out/sft and "
+                              "out/reward, on the prompts of --data (or of the demo task with --demo).")
     common.add_training_args(p, "ppo", PPOConfig, model_help="the SFT policy to train, a saved causal LM "
                                f"(default: {DEFAULT_MODEL}, what `hybrid-engine sft` writes)")
     models = p.add_argument_group("rewards and the other models")
@@ -44,11 +48,13 @@ def add_ppo_command(subparsers) -> None:
     models.add_argument("--critic", metavar="DIR", help="where PPO's critic starts (default: the reward model)")
     models.add_argument("--reference", metavar="DIR", help="the frozen policy of the KL term (default: --model as "
                         "it was before training)")
-    models.add_argument("--reward-fn", metavar="MODULE:FUNCTION", help="a rule-based reward, fn(prompts, "
-                        "completions, **row fields) -> one number each, added to the reward model's score "
-                        "(times --reward-fn-weight); MODULE is importable or a .py file")
-    models.add_argument("--eval-fn", metavar="MODULE:FUNCTION", help="a held-out measure of the same form, reported "
-                        "and plotted, never trained on (default on the demo data: its rule_score)")
+    models.add_argument("--reward-fn", metavar="MODULE:FUNCTION", action=common.Once, help="a rule-based reward, "
+                        "fn(prompts, completions, **row fields) -> one number each, added to the reward model's score "
+                        "(times --reward-fn-weight); the row fields are every other column of the --data rows. "
+                        "MODULE is importable or a .py file; given once")
+    models.add_argument("--eval-fn", metavar="MODULE:FUNCTION", action=common.Once, help="a held-out measure of the "
+                        "same form, reported and plotted, never trained on (default with --demo: its rule_score); "
+                        "given once")
     models.add_argument("--ptx-data", metavar="PATH", action="append", help="SFT-style (prompt, response) rows for "
                         "the pre-training loss, weighted by --ptx-coef; repeat for several files")
     common.add_lora_args(p)
@@ -69,17 +75,19 @@ def resolve_rewards(args: argparse.Namespace) -> tuple[str | None, object | None
         reward_model = _model_dir(args.reward_model, DEFAULT_REWARD_MODEL, "--reward-model", "reward", reward_ok=True)
     if args.no_reward_model and not args.reward_fn:
         raise ValueError("--no-reward-model needs --reward-fn: PPO needs a reward")
-    eval_fn = load_reward_fn(args.eval_fn) if args.eval_fn else (None if args.data else rule_score_batch)
+    eval_fn = load_reward_fn(args.eval_fn) if args.eval_fn else (rule_score_batch if args.demo else None)
     return reward_model, args.reward_fn, eval_fn
 
 
 def _ptx(args: argparse.Namespace, seed: int):
     if not args.ptx_data:
         return None
-    specs = [common.parse_data(d) for d in args.ptx_data]
+    specs = [common.parse_data(d, "--ptx-data") for d in args.ptx_data]
     for spec in specs:
-        spec.data_split = "1,0,0"  # all of each file is pre-training text
-    return load_step_data(DataConfig(datasets=specs, eval_fraction=0.0, seed=seed, cache_dir=args.cache_dir), "sft")
+        spec.data_split = WHOLE_FILE["sft"]  # all of each file is pre-training text
+    data = load_step_data(DataConfig(datasets=specs, eval_fraction=0.0, seed=seed, cache_dir=args.cache_dir), "sft")
+    common.print_data_lines(data, "the pre-training loss")
+    return data
 
 
 def run_ppo(args: argparse.Namespace) -> int:
@@ -88,14 +96,15 @@ def run_ppo(args: argparse.Namespace) -> int:
     config = common.step_config(args, PPOConfig, "ppo")
     args.model = _model_dir(args.model, DEFAULT_MODEL, "--model", "sft")
     reward_model, reward_fn, eval_fn = resolve_rewards(args)
+    data = common.step_data(args, "ppo", config.seed)  # every row checked before the models load
+    ptx_data = _ptx(args, config.seed)
     model, tokenizer = common.model_and_tokenizer(args, config.seed)
-    data = common.step_data(args, "ppo", config.seed)
     log = MetricsLog(config.output_dir, "ppo", resume_step=resume_step(config.output_dir) if args.resume else None)
     try:
         sources = ModelSources(actor=model, reward_model=reward_model, critic=args.critic, reference=args.reference,
                                reward_fn=reward_fn, eval_fn=eval_fn, ds_config=args.ds_config,
                                lora=common.lora_config(args))
-        result = train_ppo(sources, tokenizer, data, config, ptx_data=_ptx(args, config.seed),
+        result = train_ppo(sources, tokenizer, data, config, ptx_data=ptx_data,
                            progress=not args.no_progress, log=log.write, resume=args.resume)
     finally:
         log.close()
@@ -140,6 +149,7 @@ def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
     rows = [("steps", f"{result.steps} ({result.skipped} updates skipped for NaN/inf)"),
             ("held-out reward-model score", held_out("reward")),
             ("held-out rule score", held_out("rule")),
+            ("held-out reward-function score", held_out("reward_fn")),
             ("held-out KL to reference", held_out("kl") + " nats per response"),
             ("held-out response length", held_out("response_len", ".1f") + " tokens"),
             ("old log-probs", logprob_note(result.history, result.logprob_source)),

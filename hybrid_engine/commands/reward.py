@@ -1,7 +1,9 @@
 """`hybrid-engine reward`: step 2, the reward model, from flags and a config file, then its summary.
 
-    hybrid-engine reward --model out/sft --output out/reward
+    hybrid-engine reward --model out/sft --demo --output out/reward   # the built-in demo task
     hybrid-engine reward --model DIR --data pairs.jsonl --output out/reward
+
+Each --data file is the reward step's alone unless --data-split gives it a share (`train` splits its files 2,4,4).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from hybrid_engine.rlhf.reward import RewardConfig, train_reward
 def add_reward_command(subparsers) -> None:
     reward = subparsers.add_parser("reward", help="step 2: train a reward model on (prompt, chosen, rejected) pairs",
                                    description="Train a reward model (the LM body and a scalar value head) on "
-                                   "preference pairs; by default from the built-in demo model on the demo task.")
+                                   "the preference pairs of --data (or of the demo task with --demo); by default "
+                                   "from a fresh demo model.")
     add_training_args(reward, "reward", RewardConfig)
     reward.set_defaults(func=run_reward)
 
@@ -34,8 +37,8 @@ def run_reward(args: argparse.Namespace) -> int:
     """`hybrid-engine reward`: train_reward with the flags' settings, then the summary."""
     quiet_libraries()
     config = step_config(args, RewardConfig, "reward")
+    data = step_data(args, "reward", config.seed)  # every row checked before the model loads
     model, tokenizer = model_and_tokenizer(args, config.seed, reward_ok=True)
-    data = step_data(args, "reward", config.seed)
     result = train_reward(model, tokenizer, data, config, ds_config=args.ds_config, progress=not args.no_progress,
                           resume=args.resume)
     before, after, losses = result.before, result.after, result.losses

@@ -1,7 +1,9 @@
 """`hybrid-engine sft`: step 1, supervised fine-tuning, from flags and a config file, then its summary.
 
-    hybrid-engine sft --max-steps 200 --output out/sft          # the built-in demo task
+    hybrid-engine sft --demo --max-steps 200 --output out/sft   # the built-in demo task
     hybrid-engine sft --model DIR --data rows.jsonl --output out/sft
+
+Each --data file is SFT's alone unless --data-split gives it a share (`train` splits its files 2,4,4).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from hybrid_engine.rlhf.sft import SFTConfig, train_sft
 
 def add_sft_command(subparsers) -> None:
     sft = subparsers.add_parser("sft", help="step 1: supervised fine-tuning on (prompt, response) rows",
-                                description="Fine-tune a causal LM on (prompt, response) rows, the loss on the "
-                                "response tokens only; by default the built-in demo model on the demo task.")
+                                description="Fine-tune a causal LM on the (prompt, response) rows of --data (or of "
+                                "the demo task with --demo), the loss on the response tokens only; by default a "
+                                "fresh demo model.")
     add_training_args(sft, "sft", SFTConfig)
     add_lora_args(sft)
     sft.set_defaults(func=run_sft)
@@ -37,8 +40,8 @@ def run_sft(args: argparse.Namespace) -> int:
     quiet_libraries()
     config = step_config(args, SFTConfig, "sft")
     lora = lora_config(args)
+    data = step_data(args, "sft", config.seed)  # every row checked before the model loads
     model, tokenizer = model_and_tokenizer(args, config.seed)
-    data = step_data(args, "sft", config.seed)
     result = train_sft(model, tokenizer, data, config, ds_config=args.ds_config, lora=lora,
                        progress=not args.no_progress, resume=args.resume)
     losses, stats = result.losses, result.token_stats

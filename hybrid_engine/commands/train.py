@@ -1,7 +1,7 @@
 """`hybrid-engine train`: the three steps in order, each one's output feeding the next.
 
     hybrid-engine train                                  # the built-in default (hybrid_engine/data/train.yaml)
-    hybrid-engine train --config my.yaml --data rows.jsonl --output out/run1
+    hybrid-engine train --config my.yaml --data rows.jsonl --output out/run1   # each file split 2,4,4
     hybrid-engine train --set ppo.max_steps=20 --set sft.epochs=1
 
 The output directory gets sft/ (step 1's model), reward/ (step 2's), ppo/ (the final policy, its critic,
@@ -58,15 +58,18 @@ def add_train_command(subparsers) -> None:
                    "sft's seed)")
     p.add_argument("--tokenizer", metavar="DIR", help="a saved tokenizer (default: --model's, else the demo's)")
     p.add_argument("--data", metavar="PATH[:WEIGHT]", action="append", help="a data file for all three steps, "
-                   "split between them by --data-split; repeatable (default: the demo's three files)")
+                   "split between them by --data-split; repeatable (default without --model: the demo's three "
+                   "files; with --model, --data or --demo is required)")
+    p.add_argument("--demo", action="store_true", help="train on the built-in demo task's three files instead of "
+                   "--data (the default when no --model is given)")
     p.add_argument("--data-split", metavar="A,B,C", help="each data file's shares for sft, reward and ppo "
                    "(default: 2,4,4)")
     p.add_argument("--eval-fraction", type=float, metavar="F", help="the held-out fraction of each step's rows")
     p.add_argument("--cache-dir", metavar="DIR", help="where `datasets` caches the converted files")
-    p.add_argument("--reward-fn", metavar="MODULE:FUNCTION", help="a rule-based reward added to the reward model's "
-                   "score in PPO")
-    p.add_argument("--eval-fn", metavar="MODULE:FUNCTION", help="a held-out measure for PPO (default on the demo "
-                   "data: its rule_score)")
+    p.add_argument("--reward-fn", metavar="MODULE:FUNCTION", action=common.Once, help="a rule-based reward added "
+                   "to the reward model's score in PPO; it receives every column of the rows; given once")
+    p.add_argument("--eval-fn", metavar="MODULE:FUNCTION", action=common.Once, help="a held-out measure for PPO "
+                   "(default on the demo data: its rule_score); given once")
     p.add_argument("--ds-config", metavar="FILE", help="a DeepSpeed JSON config every step trains under (run with "
                    "torchrun or deepspeed)")
     p.add_argument("--output", metavar="DIR", default="out/train", help="where the steps write (default: out/train)")
@@ -108,10 +111,23 @@ def step_configs(args: argparse.Namespace) -> dict:
     return out
 
 
+def uses_demo(args: argparse.Namespace) -> bool:
+    """Whether train runs on the demo task's files: --demo, or neither --data nor --model given."""
+    return args.demo or not (args.data or args.model)
+
+
 def _step_args(args: argparse.Namespace, **extra) -> argparse.Namespace:
     """The per-step namespace common.step_data and common.model_and_tokenizer read."""
-    return argparse.Namespace(data=args.data, data_split=args.data_split, eval_fraction=args.eval_fraction,
-                              cache_dir=args.cache_dir, tokenizer=args.tokenizer, **extra)
+    return argparse.Namespace(data=args.data, demo=uses_demo(args), data_split=args.data_split,
+                              eval_fraction=args.eval_fraction, cache_dir=args.cache_dir, tokenizer=args.tokenizer,
+                              **extra)
+
+
+def train_data(args: argparse.Namespace, configs: dict) -> dict:
+    """{step: its StepData}, every file of every step checked (and where its rows went printed) before any step
+    runs; each --data file is split between the steps by --data-split (default 2,4,4)."""
+    return {step: common.step_data(_step_args(args), step, configs[step].seed, whole_file=False)
+            for step in ("sft", "reward", "ppo")}
 
 
 def _log_losses(directory: str, tag: str, losses: list[float]) -> None:
@@ -174,18 +190,19 @@ def run_train(args: argparse.Namespace) -> int:
     configs = step_configs(args)  # every setting is checked before any step starts
     progress = not args.no_progress
     sft_cfg, rm_cfg, ppo_cfg = configs["sft"], configs["reward"], configs["ppo"]
-    eval_fn = load_reward_fn(args.eval_fn) if args.eval_fn else (None if args.data else rule_score_batch)
+    demo = uses_demo(args)
+    eval_fn = load_reward_fn(args.eval_fn) if args.eval_fn else (rule_score_batch if demo else None)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # both fail here, not after two steps
+    data = train_data(args, configs)
     _banner("1/3 sft")
     model, tokenizer = common.model_and_tokenizer(_step_args(args, model=args.model), sft_cfg.seed)
     sft = run_step(args, sft_cfg, "sft", SFT_FIELDS, lambda resume: train_sft(
-        model, tokenizer, common.step_data(_step_args(args), "sft", sft_cfg.seed), sft_cfg,
-        ds_config=args.ds_config, progress=progress, resume=resume))
+        model, tokenizer, data["sft"], sft_cfg, ds_config=args.ds_config, progress=progress, resume=resume))
     model = sft.engine = None  # the step saved its model; the next steps load it from sft_cfg.output_dir
     _banner("2/3 reward")
     rm = run_step(args, rm_cfg, "reward", REWARD_FIELDS, lambda resume: train_reward(
-        sft_cfg.output_dir, tokenizer, common.step_data(_step_args(args), "reward", rm_cfg.seed), rm_cfg,
-        ds_config=args.ds_config, progress=progress, resume=resume))
+        sft_cfg.output_dir, tokenizer, data["reward"], rm_cfg, ds_config=args.ds_config, progress=progress,
+        resume=resume))
     rm.model = None
     _banner("3/3 ppo")
     resume = _resume_step(ppo_cfg, args.resume)
@@ -193,12 +210,11 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         sources = ModelSources(actor=sft_cfg.output_dir, reward_model=rm_cfg.output_dir, reward_fn=reward_fn,
                                eval_fn=eval_fn, ds_config=args.ds_config)
-        ppo = train_ppo(sources, tokenizer, common.step_data(_step_args(args), "ppo", ppo_cfg.seed), ppo_cfg,
-                        progress=progress, log=log.write, resume=resume)
+        ppo = train_ppo(sources, tokenizer, data["ppo"], ppo_cfg, progress=progress, log=log.write, resume=resume)
     finally:
         log.close()
     wall = time.perf_counter() - t_start
-    summarize(args, configs, sft, rm, ppo, wall, demo=not args.data and eval_fn is rule_score_batch)
+    summarize(args, configs, sft, rm, ppo, wall, demo=demo and eval_fn is rule_score_batch)
     return 0
 
 
@@ -234,6 +250,8 @@ def summary_rows(sft, rm, ppo) -> list[tuple[str, str, str, str]]:
             rows.append(("ppo", "held-out rule score", f(b.rule), f(a.rule)))
         if b.reward is not None:
             rows.append(("ppo", "held-out reward-model score", f(b.reward), f(a.reward)))
+        if b.reward_fn is not None:
+            rows.append(("ppo", "held-out reward-function score", f(b.reward_fn), f(a.reward_fn)))
         rows += [("ppo", "KL to reference (nats/response)", f(b.kl, ".2f"), f(a.kl, ".2f")),
                  ("ppo", "response length (tokens)", f(b.response_len, ".1f"), f(a.response_len, ".1f"))]
     return rows

@@ -24,6 +24,7 @@ from hybrid_engine.engine.training import init_distributed, load_ds_config, make
 from hybrid_engine.engine.zero import gathered, unique_params
 from hybrid_engine.generation import GenerationOutput, SamplingParams, generate_with
 from hybrid_engine.generation.checks import check_prompts
+from hybrid_engine.generation.sampling import model_token_ids
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
 from hybrid_engine.model.weights import fuse_projection_storage
@@ -164,13 +165,15 @@ class HybridEngine:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  sampling: SamplingParams | None = None, **overrides) -> GenerationOutput:
         """hybrid_engine.generate's arguments (a SamplingParams, or its fields as keyword arguments) and output, on
-        the engine's current weights, its KV cache in settings.kv_dtype. Samples from the engine's own generator
+        the engine's current weights, its KV cache in settings.kv_dtype. The eos and pad ids the call does not give
+        are the module's generation_config's, as in Hugging Face's generate. Samples from the engine's own generator
         unless a seed or a generator is given."""
-        params = SamplingParams.of(sampling, overrides)
+        defaults = model_token_ids(base_model(self.module), self.spec.vocab_size)
+        params = SamplingParams.of(sampling, overrides, defaults)
         check_prompts(input_ids, attention_mask, self.spec.vocab_size)  # before any collective
         params.check_vocab(self.spec.vocab_size)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        input_ids = input_ids.contiguous()  # a transposed or sliced view is gathered (tensor parallel) as its values
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.contiguous()
         if params.seed is None and params.generator is None:
             params = dataclasses.replace(params, generator=self._rng)
         with self.generation_mode():

@@ -6,6 +6,7 @@ made during generation, check_finite_logits, raises NonFiniteLogitsError (a Floa
 
 from __future__ import annotations
 
+import itertools
 import math
 from numbers import Integral, Real
 from typing import TYPE_CHECKING
@@ -24,6 +25,19 @@ class NonFiniteLogitsError(FloatingPointError):
 
 def is_int(x) -> bool:
     return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def check_model(model) -> None:
+    """model: a Hugging Face causal LM (a torch.nn.Module with a config), its weights loaded (none on the meta
+    device). Its architecture is spec_from_config's to check."""
+    if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
+        raise ValueError(f"model must be a Hugging Face causal LM (an AutoModelForCausalLM, e.g. from_pretrained), "
+                         f"got {type(model).__name__}")
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    meta = next((name for name, t in tensors if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"model has tensors on the meta device (e.g. {meta}), without values to generate from: load "
+                         "its weights first (from_pretrained, or to_empty() then load_state_dict)")
 
 
 def check_token_id(name: str, value, vocab_size: int) -> None:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hybrid_engine.generation.checks import check_finite_logits, check_fits, check_prompts
-from hybrid_engine.generation.sampling import SamplingParams, next_tokens
+from hybrid_engine.generation.checks import check_finite_logits, check_fits, check_model, check_prompts
+from hybrid_engine.generation.sampling import SamplingParams, model_token_ids, next_tokens
 from hybrid_engine.model.dtypes import parse_kv_dtype, parse_weight_dtype
 from hybrid_engine.model.kv_cache import KVCache
 from hybrid_engine.model.spec import spec_from_config
@@ -52,7 +52,9 @@ def generate(
 
     The sampling settings are a SamplingParams, or its fields as keyword arguments over it (max_new_tokens=32,
     do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id, pad_token_id, seed, generator), as
-    Hugging Face's generate reads a generation_config and its keyword arguments.
+    Hugging Face's generate reads a generation_config and its keyword arguments. The eos and pad ids that neither
+    gives are the model's generation_config's, as in HF's generate (an id given in the call wins; a keyword
+    eos_token_id=None stops on none).
 
     Prompts are left-padded (attention_mask 0 on the left). weight_dtype=None (or "fp32") reads the model's own
     parameters; torch.bfloat16 ("bf16") reads bf16 copies made on entry and freed on return (activations and
@@ -66,10 +68,12 @@ def generate(
     else from a fresh generator seeded with `seed`, else from torch's default one; seed and generator
     together are refused. Bad arguments raise ValueError naming the argument, before any work starts
     (checks.py); NaN or inf logits raise checks.NonFiniteLogitsError (a FloatingPointError) naming the
-    step (0: the prefill, k: the k-th decode step) and the batch rows.
+    step (0: the prefill, k: the k-th decode step) and the batch rows. A model that is no HF causal LM, or one on
+    the meta device, is refused the same way.
     """
+    check_model(model)
     spec = spec_from_config(model.config)
-    params = SamplingParams.of(sampling, overrides)
+    params = SamplingParams.of(sampling, overrides, model_token_ids(model, spec.vocab_size))
     weights, kv = parse_weight_dtype(weight_dtype), parse_kv_dtype(kv_dtype)
     params.check_vocab(spec.vocab_size)  # before any work
     check_prompts(input_ids, attention_mask, spec.vocab_size)
@@ -88,7 +92,8 @@ def generate_with(
     **overrides,
 ) -> GenerationOutput:
     """generate() over an already built generation model (the hybrid engine builds its own, from
-    gathered, LoRA-fused or tensor-parallel weights); the same arguments, checks and output."""
+    gathered, LoRA-fused or tensor-parallel weights); the same arguments, checks and output. It has no HF model
+    whose generation_config could give eos and pad ids: the caller resolves them (an unset eos stops on none)."""
     spec = net.spec
     params = SamplingParams.of(sampling, overrides)
     kv_dtype = parse_kv_dtype(kv_dtype)
@@ -97,8 +102,8 @@ def generate_with(
     generator = params.generator
     if input_ids.device.type != "cpu" or (generator is not None and generator.device.type != "cpu"):
         raise ValueError("hybrid_engine.generate runs on CPU tensors (input_ids, generator) in this release")
-    input_ids = input_ids.long()
-    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    input_ids = input_ids.long().contiguous()  # a transposed or sliced view is read as its values
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long().contiguous()
     prompt_length = int(attention_mask.sum(1).max())
     max_new_tokens = params.max_new_tokens
     check_fits(spec, prompt_length, max_new_tokens)

@@ -30,9 +30,13 @@ class SamplingParams:
     max_new_tokens: int = 32
     """The most tokens generated per prompt."""
     eos_token_id: int | Sequence[int] | None = None
-    """A sequence stops at any of these ids (the eos token is kept, with its log-prob); None: none stops early."""
+    """A sequence stops at any of these ids (the eos token is kept, with its log-prob). None: unset, so generate()
+    and HybridEngine.generate take the model's generation_config.eos_token_id, as Hugging Face's generate does
+    (generate_with, which has no HF model, stops on none); [] or a keyword eos_token_id=None: none stops early."""
     pad_token_id: int | None = None
-    """Fills a finished sequence's remaining positions; None: the first eos id, else 0."""
+    """Fills a finished sequence's remaining positions. None: unset, so generate() and HybridEngine.generate take
+    the model's generation_config.pad_token_id when some eos id is in play; then (or without a model) the first
+    eos id, else 0."""
     seed: int | None = None
     """Sample from a fresh generator seeded with it (seed and generator together are refused)."""
     generator: torch.Generator | None = None
@@ -53,9 +57,12 @@ class SamplingParams:
             raise ValueError(f"generator must be a torch.Generator, got {type(self.generator).__name__}")
 
     @classmethod
-    def of(cls, sampling: SamplingParams | None, overrides: dict) -> SamplingParams:
+    def of(cls, sampling: SamplingParams | None, overrides: dict, model_defaults: dict | None = None) -> SamplingParams:
         """`sampling` (None: the defaults) with the keyword arguments of a generate() call over it, as Hugging
-        Face's generate reads a generation_config and its keyword arguments."""
+        Face's generate reads a generation_config and its keyword arguments. model_defaults (model_token_ids: the
+        model's own eos and pad ids) fill what neither gives: an eos or pad id left None in `sampling` and not
+        given as a keyword (a keyword eos_token_id=None means none, as in HF's generate); the pad id only when some
+        eos id is in play, since only then does it appear in the output."""
         if sampling is not None and not isinstance(sampling, cls):
             raise ValueError(f"sampling must be a SamplingParams or None, got {type(sampling).__name__} (the "
                              "sampling settings are keyword arguments: max_new_tokens=..., do_sample=...)")
@@ -63,7 +70,15 @@ class SamplingParams:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown generation arguments {unknown}; known: {sorted(known)}")
-        return dataclasses.replace(sampling or cls(), **overrides)
+        params = dataclasses.replace(sampling or cls(), **overrides)
+        unset = {name for name in ("eos_token_id", "pad_token_id")
+                 if name not in overrides and getattr(params, name) is None}
+        defaults = model_defaults or {}
+        if "eos_token_id" in unset and defaults.get("eos_token_id") is not None:
+            params = dataclasses.replace(params, eos_token_id=defaults["eos_token_id"])
+        if "pad_token_id" in unset and defaults.get("pad_token_id") is not None and len(params.eos_ids):
+            params = dataclasses.replace(params, pad_token_id=defaults["pad_token_id"])
+        return params
 
     def _token_ids(self) -> list[tuple[str, object]]:
         eos = self.eos_token_id
@@ -102,6 +117,30 @@ class SamplingParams:
 
 SamplingConfig = SamplingParams
 """The earlier name of SamplingParams (its first four fields, in the same order)."""
+
+
+def _id_list(value) -> list[int]:
+    """A generation_config's eos_token_id (None, an int, a list or a tensor of ints) as a list."""
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    return [value] if isinstance(value, Integral) else list(value)
+
+
+def model_token_ids(model: torch.nn.Module, vocab_size: int) -> dict:
+    """The eos and pad ids Hugging Face's generate takes from `model`'s generation_config when a call names
+    neither (transformers' _prepare_generation_config, then _prepare_special_tokens: eos an int or a list, a pad
+    of None meaning the first eos id), for SamplingParams.of: {"eos_token_id": list or None, "pad_token_id": int or
+    None}. An eos id outside [0, vocab_size) is never generated, so HF never stops on it: it is left out (GPT-2's
+    50256 in a smaller vocabulary). {} for a model without a generation_config."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    eos = [e for e in _id_list(getattr(config, "eos_token_id", None)) if is_int(e) and 0 <= e < vocab_size]
+    pad = getattr(config, "pad_token_id", None)
+    pad = int(pad) if isinstance(pad, torch.Tensor) else pad
+    return {"eos_token_id": eos or None, "pad_token_id": pad}
 
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingParams) -> torch.Tensor:

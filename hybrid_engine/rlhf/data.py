@@ -18,12 +18,23 @@ by a seeded permutation into three disjoint parts in those proportions, and step
 part k, so no step trains on another step's rows. Part k is then split again into training rows and
 `eval_fraction` held-out rows, and the training rows of several data sets are blended by weight.
 Unlike DeepSpeed-Chat, the part boundaries are the rounded cumulative fractions, so a part with
-fraction 0 is always empty and the parts always cover the data set exactly.
+fraction 0 is always empty and the parts always cover the data set exactly. WHOLE_FILE gives a file
+wholly to one step (what `hybrid-engine sft`, `reward` and `ppo` do with their --data files).
+
+PPO keeps every column of its files, not only `prompt`: the reward and evaluation functions receive the
+other columns as keyword arguments (one list each), with the types the file gives them (an `answer: 7`
+arrives as the int 7). A file without a column another file has gets None in it.
+
+`datasets` keys its cache on a file's path and modification time, so a file replaced with its old mtime
+kept (`cp -p`, `rsync -a`, `tar`) would read back the old rows; each file is therefore converted into a
+cache folder of its own content (content_cache: the SHA-256 of its bytes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +42,20 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from datasets.exceptions import DatasetGenerationError
 
 STEPS = ("sft", "reward", "ppo")
 FIELDS = {"sft": ("prompt", "response"), "reward": ("prompt", "chosen", "rejected"), "ppo": ("prompt",)}
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+READS = {"sft": "prompt and response (or prompt and chosen)", "reward": "prompt, chosen and rejected",
+         "ppo": "prompt"}
+"""What each step reads, in words, for the error messages."""
+WHOLE_FILE = {"sft": "1,0,0", "reward": "0,1,0", "ppo": "0,0,1"}
+"""The data_split that gives a file wholly to one step."""
+RESERVED = ("prompts", "completions")
+"""The reward function's own arguments, which a PPO file's columns cannot be named."""
 
 
 @dataclass
@@ -50,6 +70,12 @@ class DatasetSpec:
     data_split: str | None = None
     """Its own split across the three steps, like DataConfig.data_split ("1,0,0" gives a file made for
     SFT wholly to SFT); None uses DataConfig.data_split."""
+
+    def __post_init__(self):
+        if self.weight is not None and not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"{self.path}: the blend weight must be a finite number >= 0, got {self.weight}")
+        if self.data_split is not None:
+            parse_split(self.data_split, f"{self.path}: data_split")
 
 
 @dataclass
@@ -68,7 +94,12 @@ class DataConfig:
     blend_rows: int | None = None
     """Training rows in the weighted blend; None: as many as the data sets' training rows together."""
     cache_dir: str | None = None
-    """Where `datasets` caches the files it converts to Arrow; None: its default cache."""
+    """Where `datasets` caches the files it converts to Arrow, in a folder per file content (content_cache);
+    None: its default cache."""
+
+    def __post_init__(self):
+        parse_split(self.data_split)
+        check_eval_fraction(self.eval_fraction)
 
 
 @dataclass
@@ -86,11 +117,13 @@ class DatasetReport:
     """Of those, rows held out for evaluation."""
     blended_rows: int
     """Training rows drawn from it into the blend (repeats counted)."""
+    data_split: str = ""
+    """The split it was cut by (its own or DataConfig.data_split)."""
 
 
 @dataclass
 class StepData:
-    """A step's rows: columns FIELDS[step], all strings."""
+    """A step's rows: columns FIELDS[step], all strings (PPO: then the files' other columns)."""
 
     train: datasets.Dataset
     eval: datasets.Dataset
@@ -134,9 +167,41 @@ def validate_rows(path: str | Path, rows: Sequence[tuple[int, Any]], fields: Seq
         raise ValueError("bad rows:\n" + "\n".join(problems[:5]) + more)
 
 
+def check_columns(path: Path, step: str, fields: Sequence[str], columns: Sequence[str]) -> None:
+    """A one-line ValueError when the file has no column for a field `step` reads."""
+    missing = [f for f in fields if f not in columns]
+    if missing:
+        have = ", ".join(repr(c) for c in columns) or "none"
+        raise ValueError(f"{path}: no {' or '.join(repr(f) for f in missing)} column; the {step} step reads "
+                         f"{READS[step]}, the file has {have}")
+    if step == "ppo" and (clash := [c for c in columns if c in RESERVED]):
+        raise ValueError(f"{path}: a column may not be named {clash[0]!r}: the reward function takes its other "
+                         f"columns as keyword arguments beside {' and '.join(RESERVED)}; rename it")
+
+
+def content_cache(path: Path, cache_dir: str | None) -> str:
+    """The `datasets` cache folder for this file's content: CACHE/by-content/<SHA-256 of its bytes>.
+
+    `datasets` finds a converted file in its cache by the file's path and mtime alone; a folder per content
+    never holds the rows of another content, whatever the mtime says."""
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return str(Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "by-content" / digest[:32])
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        where = f"row {line}" if path.suffix.lower() == ".jsonl" else f"line {line}"
+        raise ValueError(f"{path}, {where}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "data files must be UTF-8") from None
+
+
 def read_json_rows(path: Path) -> list[tuple[int, Any]]:
     """(row number, parsed row) of a JSON list (numbered by position) or JSON Lines file (by line)."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = _decode(path, path.read_bytes())
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -153,39 +218,88 @@ def read_json_rows(path: Path) -> list[tuple[int, Any]]:
     return out
 
 
+def _kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _mixed_column(path: Path, rows: Sequence[tuple[int, dict]], names: Sequence[str]) -> str | None:
+    """A message naming the first column of `names` whose values are of two kinds, with the rows; None: none is."""
+    for name in names:
+        first = None
+        for number, row in rows:
+            kind = _kind(row.get(name))
+            if kind is None:
+                continue
+            if first is None:
+                first = (number, kind)
+            elif kind != first[1]:
+                return (f"{path}, row {number}: column {name!r} holds a {kind} where row {first[0]} holds a "
+                        f"{first[1]}; a column the reward function receives must hold one type")
+    return None
+
+
+def _from_rows(path: Path, rows: Sequence[tuple[int, dict]], keep: Sequence[str]) -> datasets.Dataset:
+    try:
+        return datasets.Dataset.from_list([{k: row.get(k) for k in keep} for _, row in rows])
+    except (pa.ArrowException, ValueError, TypeError) as e:
+        raise ValueError(_mixed_column(path, rows, keep) or f"{path}: columns {list(keep)} do not fit one table: "
+                         f"{str(e).splitlines()[0]}") from None
+
+
 def _read_json(path: Path, step: str, cache_dir: str | None) -> tuple[datasets.Dataset, tuple[str, ...]]:
     # The rows are checked as Python's parser reads them: exactly what the user wrote, with its line
     # (Arrow's reader types a column a block at a time, so a mixed column comes back coerced, as JSON
     # or as an error without a row). `datasets` then reads the file for training.
     rows = read_json_rows(path)
-    columns = {k for _, row in rows if isinstance(row, dict) for k in row}
-    fields = step_fields(step, sorted(columns))
+    if not rows:
+        raise ValueError(f"{path}: the file has no rows")
+    columns = list(dict.fromkeys(k for _, row in rows if isinstance(row, dict) for k in row))
+    fields = step_fields(step, columns)
+    if all(isinstance(row, dict) for _, row in rows):
+        check_columns(path, step, fields, columns)
     validate_rows(path, rows, fields)
+    extras = [c for c in columns if c not in fields] if step == "ppo" else []
     try:
-        ds = datasets.Dataset.from_json(str(path), cache_dir=cache_dir)
+        ds = datasets.Dataset.from_json(str(path), cache_dir=content_cache(path, cache_dir))
     except (ValueError, DatasetGenerationError):
-        # An extra column of mixed types that Arrow cannot hold; the checked fields are all we need.
-        ds = datasets.Dataset.from_list([{f: row[f] for f in fields} for _, row in rows])
-    if len(ds) != len(rows):
+        ds = None  # a column of mixed types that Arrow cannot hold
+    if ds is not None and len(ds) != len(rows):
         raise ValueError(f"{path}: datasets read {len(ds)} rows where the file has {len(rows)}")
+    if ds is None or extras and ds.select_columns(extras).to_list() != [{k: r.get(k) for k in extras} for _, r in rows]:
+        # What the reward function receives is what the file holds, not Arrow's coercion of it.
+        ds = _from_rows(path, rows, [*fields, *extras])
     return ds, fields
 
 
 def _read_parquet(path: Path, step: str, cache_dir: str | None) -> tuple[datasets.Dataset, tuple[str, ...]]:
-    import pyarrow.parquet as pq
-
-    names = pq.read_schema(path).names
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes), not a parquet file")
+    try:
+        names, num_rows = pq.read_schema(path).names, pq.read_metadata(path).num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a parquet file ({str(e).splitlines()[0]})") from None
+    if num_rows == 0:
+        raise ValueError(f"{path}: the file has no rows")
     fields = step_fields(step, names)
-    present = [f for f in fields if f in names]
-    ds = datasets.Dataset.from_parquet(str(path), cache_dir=cache_dir, columns=present)
-    columns = ds.to_dict()
-    rows = [(i + 1, {f: columns[f][i] for f in present}) for i in range(len(ds))]
+    check_columns(path, step, fields, names)
+    extras = [c for c in names if c not in fields] if step == "ppo" else []
+    ds = datasets.Dataset.from_parquet(str(path), cache_dir=content_cache(path, cache_dir),
+                                       columns=[*fields, *extras])
+    columns = ds.select_columns(list(fields)).to_dict()
+    rows = [(i + 1, {f: columns[f][i] for f in fields}) for i in range(len(ds))]
     validate_rows(path, rows, fields)
     return ds, fields
 
 
 def load_file(path: str | Path, step: str, cache_dir: str | None = None) -> datasets.Dataset:
-    """Every row of one file, validated for `step`, as columns FIELDS[step] (all strings)."""
+    """Every row of one file, validated for `step`, as columns FIELDS[step] (all strings); for PPO, then every
+    other column of the file, as the file types it."""
     path = Path(path)
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
@@ -194,26 +308,56 @@ def load_file(path: str | Path, step: str, cache_dir: str | None = None) -> data
         raise FileNotFoundError(f"{path}: no such data file")
     reader = _read_json if kind == "json" else _read_parquet
     ds, fields = reader(path, step, cache_dir)
-    ds = ds.select_columns(list(fields))
+    extras = [c for c in ds.column_names if c not in fields] if step == "ppo" else []
+    ds = ds.select_columns([*fields, *extras])
     renames = {f: canonical for f, canonical in zip(fields, FIELDS[step]) if f != canonical}
     if renames:
         ds = ds.rename_columns(renames)
-    return ds.cast(datasets.Features({f: datasets.Value("string") for f in FIELDS[step]}))
+    features = {f: datasets.Value("string") for f in FIELDS[step]}
+    return ds.cast(datasets.Features({**features, **{c: ds.features[c] for c in extras}}))
+
+
+def align_columns(parts: Sequence[datasets.Dataset], paths: Sequence[str]) -> list[datasets.Dataset]:
+    """PPO's files with the same columns, so that they blend: a column a file lacks is None in its rows; a column
+    two files type differently is a ValueError naming both."""
+    features, where = {}, {}
+    for ds, path in zip(parts, paths):
+        for name, feature in ds.features.items():
+            known = features.get(name)
+            if known is None or known == datasets.Value("null"):
+                features[name], where[name] = feature, path
+            elif feature != known and feature != datasets.Value("null"):
+                raise ValueError(f"column {name!r} is {feature} in {path} but {known} in {where[name]}; give it one "
+                                 "type in every file")
+    if all(list(ds.features.items()) == list(features.items()) for ds in parts):
+        return list(parts)
+    out = []
+    for ds in parts:
+        for name, feature in features.items():
+            if name not in ds.column_names:
+                ds = ds.add_column(name, [None] * len(ds), feature=feature)
+        out.append(ds.select_columns(list(features)).cast(datasets.Features(features)))
+    return out
 
 
 # -- split, hold-out, blend -----------------------------------------------------------------------
 
 
-def parse_split(data_split: str) -> tuple[float, float, float]:
-    """"2,4,4" -> (0.2, 0.4, 0.4): the three steps' shares, normalized."""
+def parse_split(data_split: str, name: str = "data_split") -> tuple[float, float, float]:
+    """"2,4,4" -> (0.2, 0.4, 0.4): the three steps' shares, normalized; `name` is the setting the error names."""
     try:
         shares = [float(s) for s in data_split.split(",")]
-    except ValueError:
+    except (ValueError, AttributeError):
         shares = []
-    if len(shares) != 3 or min(shares) < 0 or sum(shares) <= 0:
-        raise ValueError(f"data_split must be three non-negative numbers, not all 0, like '2,4,4'; got {data_split!r}")
+    if len(shares) != 3 or not all(math.isfinite(s) and s >= 0 for s in shares) or sum(shares) <= 0:
+        raise ValueError(f"{name} must be three finite numbers >= 0, not all 0, like '2,4,4'; got {data_split!r}")
     total = sum(shares)
     return tuple(s / total for s in shares)
+
+
+def check_eval_fraction(eval_fraction: float, name: str = "eval_fraction") -> None:
+    if not 0 <= eval_fraction < 1:  # NaN fails too
+        raise ValueError(f"{name} must be in [0, 1), got {eval_fraction}")
 
 
 def split_indices(num_rows: int, data_split: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -226,8 +370,7 @@ def split_indices(num_rows: int, data_split: str, seed: int) -> tuple[np.ndarray
 
 def holdout(part: np.ndarray, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(train, eval) of one step's part, both sorted: the part's first indices are held out."""
-    if not 0 <= eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    check_eval_fraction(eval_fraction)
     n_eval = int(round(eval_fraction * len(part)))
     if eval_fraction > 0 and len(part) >= 2:
         n_eval = min(max(n_eval, 1), len(part) - 1)
@@ -281,14 +424,17 @@ def load_step_data(config: DataConfig, step: str) -> StepData:
     if any(w is None for w in weights) and any(w is not None for w in weights):
         raise ValueError("give every data set a weight, or none")
     files = [load_file(spec.path, step, config.cache_dir) for spec in config.datasets]  # all checked first
+    if step == "ppo" and len(files) > 1:
+        files = align_columns(files, [spec.path for spec in config.datasets])
     trains, evals, reports = [], [], []
     for spec, ds in zip(config.datasets, files):
-        parts = split_indices(len(ds), spec.data_split or config.data_split, config.seed)
+        data_split = spec.data_split or config.data_split
+        parts = split_indices(len(ds), data_split, config.seed)
         train_idx, eval_idx = holdout(parts[STEPS.index(step)], config.eval_fraction)
         trains.append(ds.select(train_idx))
         evals.append(ds.select(eval_idx))
         reports.append(DatasetReport(spec.path, len(ds), len(train_idx) + len(eval_idx), len(train_idx),
-                                     len(eval_idx), 0))
+                                     len(eval_idx), 0, data_split))
     train, counts = blend(trains, None if weights[0] is None else weights, config.seed, config.blend_rows)
     for report, count in zip(reports, counts):
         report.blended_rows = count

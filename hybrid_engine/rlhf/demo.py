@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from hybrid_engine.rlhf.data import DataConfig, DatasetSpec
+from hybrid_engine.rlhf.data import WHOLE_FILE, DataConfig, DatasetSpec
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 """The demo's folder: sft.jsonl, reward.jsonl, ppo.jsonl and the tokenizer files."""
@@ -48,8 +48,6 @@ vocabulary size and the special token ids from the demo tokenizer."""
 
 # How much of each file the demo holds out for evaluation, per step (PPO: 200 of 1200 prompts).
 EVAL_FRACTION = {"sft": 0.1, "reward": 0.1, "ppo": 1 / 6}
-# Each demo file is made for one step, so its split gives it wholly to that step.
-_ROUTE = {"sft": "1,0,0", "reward": "0,1,0", "ppo": "0,0,1"}
 
 
 def rule_score(prompt: str, completion: str) -> float:
@@ -65,10 +63,11 @@ def rule_score(prompt: str, completion: str) -> float:
 
 
 def demo_config(step: str, seed: int = 1234, cache_dir: str | None = None) -> DataConfig:
-    """The DataConfig that feeds step `step` ("sft", "reward" or "ppo") from its demo file."""
-    if step not in _ROUTE:
-        raise ValueError(f"step must be one of {tuple(_ROUTE)}, got {step!r}")
-    spec = DatasetSpec(path=str(DEMO_DIR / f"{step}.jsonl"), data_split=_ROUTE[step])
+    """The DataConfig that feeds step `step` ("sft", "reward" or "ppo") from its demo file, made for that step
+    and so wholly its own."""
+    if step not in WHOLE_FILE:
+        raise ValueError(f"step must be one of {tuple(WHOLE_FILE)}, got {step!r}")
+    spec = DatasetSpec(path=str(DEMO_DIR / f"{step}.jsonl"), data_split=WHOLE_FILE[step])
     return DataConfig(datasets=[spec], eval_fraction=EVAL_FRACTION[step], seed=seed, cache_dir=cache_dir)
 
 

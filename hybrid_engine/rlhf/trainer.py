@@ -26,6 +26,25 @@ def prepare_training(model: torch.nn.Module, config) -> torch.nn.Module:
     return model
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Sets every dropout probability of `model` to 0, as TRL's disable_dropout does for RL (a training forward
+    then computes the log-probs generation sampled from): its nn.Dropout modules and the attention dropout rates
+    HF attention modules keep as a float. A LoRA adapter's own dropout (peft's lora_dropout, asked for with it) is
+    left alone. Returns how many were non-zero."""
+    changed = 0
+    for name, module in model.named_modules():
+        if "lora_dropout" in name:
+            continue
+        if isinstance(module, torch.nn.Dropout):
+            changed += module.p != 0
+            module.p = 0.0
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float):
+            changed += rate != 0
+            module.attention_dropout = 0.0
+    return changed
+
+
 def training_ds_config(ds_config, batch_size: int, max_grad_norm: float | None) -> dict | None:
     """The DeepSpeed config a step trains under: `ds_config` (dict or JSON path) with its micro batch set to
     batch_size and its gradient clipping to max_grad_norm. A ds_config that says otherwise, accumulates

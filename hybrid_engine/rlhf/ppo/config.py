@@ -78,6 +78,9 @@ class PPOConfig(StepConfig):
     """The longest response of an evaluation rollout; None: max_new_tokens."""
     nonfinite: str = "skip"
     """NaN or inf in a step's scores, targets or losses: "skip" the update (counted) or "stop" the run."""
+    disable_dropout: bool = True
+    """Set the dropout of the actor and the critic to 0 (as TRL does): their training forwards then compute the
+    log-probs and values of what generation sampled, without noise. False keeps the models' own dropout."""
     gradient_checkpointing: bool = False
     """Recompute the actor's activations in the backward pass (less memory, more time)."""
     bf16_autocast: bool = False
@@ -172,5 +175,8 @@ class PolicyEval:
     """The mean over responses of sum(log p_actor - log p_ref): a sample of KL(actor || reference) per response."""
     response_len: float
     """The mean response length in tokens."""
+    reward_fn: float | None = None
+    """The mean of the reward function (the one the run trains on, unweighted); None without one. Without a reward
+    model, this is the held-out reward."""
 
 

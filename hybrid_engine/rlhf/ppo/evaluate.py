@@ -24,7 +24,7 @@ def evaluate_policy(models: Models, held_out: Prompts, tokenizer, config: PPOCon
     n = len(held_out.examples)
     if n == 0:
         return None
-    rm, rule, kl, lengths = [], [], [], []
+    rm, fn, rule, kl, lengths = [], [], [], [], []
     max_new = config.eval_max_new_tokens or config.max_new_tokens
     for lo in range(0, n, config.eval_batch_size):
         indices = list(range(lo, min(lo + config.eval_batch_size, n)))
@@ -38,12 +38,18 @@ def evaluate_policy(models: Models, held_out: Prompts, tokenizer, config: PPOCon
         lengths.append(out.response_mask.sum(1).double())
         if models.reward is not None:
             rm.append(models.reward.score(out.sequences, seq_mask, start).double())
-        if eval_fn is not None:
+        if eval_fn is not None or models.reward_fn is not None:
             prompts, extra = held_out.fields(indices, 1)
             completions = tokenizer.batch_decode(out.sequences[:, start:], skip_special_tokens=True)
-            rule.append(xp.call_reward_fn(eval_fn, prompts, completions, extra))
-    return PolicyEval(reward=xp.mean(torch.cat(rm)) if rm else None, rule=xp.mean(torch.cat(rule)) if rule else None,
-                      kl=xp.mean(torch.cat(kl)), response_len=xp.mean(torch.cat(lengths)))
+            for measure, values in ((models.reward_fn, fn), (eval_fn, rule)):
+                if measure is not None:
+                    values.append(xp.call_reward_fn(measure, prompts, completions, extra))
+    return PolicyEval(reward=_mean(rm), rule=_mean(rule), kl=xp.mean(torch.cat(kl)),
+                      response_len=xp.mean(torch.cat(lengths)), reward_fn=_mean(fn))
+
+
+def _mean(parts: list[torch.Tensor]) -> float | None:
+    return xp.mean(torch.cat(parts)) if parts else None
 
 
 def eval_record(figures: PolicyEval) -> dict:
@@ -53,5 +59,7 @@ def eval_record(figures: PolicyEval) -> dict:
         record["eval_reward"] = figures.reward
     if figures.rule is not None:
         record["rule"] = figures.rule
+    if figures.reward_fn is not None:
+        record["eval_reward_fn"] = figures.reward_fn
     return record
 

@@ -21,7 +21,8 @@ from hybrid_engine.rlhf.trainer import eval_mode
 
 @dataclass
 class Prompts:
-    """The tokenized prompts of one split, with their rows' text fields for the reward function."""
+    """The tokenized prompts of one split, with their rows' other columns (every one, as the data holds them) for
+    the reward and eval functions."""
 
     examples: list[dict]
     rows: object  # the datasets.Dataset (or list of mappings) the examples index into

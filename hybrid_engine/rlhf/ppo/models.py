@@ -17,7 +17,7 @@ from hybrid_engine.rlhf.ppo.config import PPOConfig
 from hybrid_engine.rlhf.reward import RewardModel
 from hybrid_engine.rlhf.reward_fn import load_reward_fn
 from hybrid_engine.rlhf.scoring import FrozenPolicy, FrozenRewardModel
-from hybrid_engine.rlhf.trainer import prepare_training, training_ds_config
+from hybrid_engine.rlhf.trainer import disable_dropout, prepare_training, training_ds_config
 
 # -- the four models -------------------------------------------------------------------------------------------
 
@@ -120,6 +120,8 @@ def build_models(sources: ModelSources, config: PPOConfig) -> Models:
             raise ValueError("PPO's critic starts from the reward model: give a reward model or a critic "
                              "(or use algo grpo or rloo)")
         critic_model = prepare_training(copy.deepcopy(RewardModel.load(source)), config)
+        if config.disable_dropout:
+            disable_dropout(critic_model)
         critic_trainer = make_trainer(Critic(critic_model), copy.deepcopy(ds),
                                       None if has_ds_optimizer else _adamw(config.critic_lr, config.weight_decay))
         critic_trainer.train(True)
@@ -136,6 +138,8 @@ def build_models(sources: ModelSources, config: PPOConfig) -> Models:
                               generation=config.generation,
                               seed=config.seed)
     prepare_training(engine.module, config)
+    if config.disable_dropout:
+        disable_dropout(engine.module)
     return Models(actor=engine, reference=frozen_ref, reward=frozen_rm, critic=critic_trainer,
                   critic_model=critic_model, reward_fn=None if reward_fn is None else load_reward_fn(reward_fn),
                   eval_fn=None if sources.eval_fn is None else load_reward_fn(sources.eval_fn))
