@@ -70,6 +70,15 @@ def max_positions(model) -> int | None:
     return None
 
 
+def prompt_room(model, max_new_tokens: int) -> int | None:
+    """The most prompt tokens that leave room for max_new_tokens (None: the model does not say)."""
+    limit = max_positions(model)
+    if limit is not None and max_new_tokens >= limit:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the model takes "
+                         f"{limit} tokens in all")
+    return None if limit is None else limit - max_new_tokens
+
+
 def templated(tokenizer, use_chat_template: bool = True) -> bool:
     """Whether prompts go through the tokenizer's chat template (and conversations keep their history)."""
     return use_chat_template and bool(getattr(tokenizer, "chat_template", None))
@@ -103,21 +112,8 @@ def fit_conversation(tokenizer, messages: list[dict[str, str]], room: int | None
 
 def responder(model, tokenizer, args: argparse.Namespace) -> Callable[[list[dict[str, str]]], str]:
     """A function from the conversation so far to the model's decoded answer (special tokens skipped)."""
-    limit = max_positions(model)
-    if limit is not None and args.max_new_tokens >= limit:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: the model takes "
-                         f"{limit} tokens in all")
-    room = None if limit is None else limit - args.max_new_tokens
-    # The tokenizer's eos and pad ids; those it lacks are left to the model's generation_config, which both
-    # hybrid_engine.generate and HF's generate read when a call gives none (an explicit None would mean none).
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    special = {name: value for name, value in (("eos_token_id", eos), ("pad_token_id", pad)) if value is not None}
-    choice = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
-        if args.sample else dict(do_sample=False)
-    generator = torch.Generator().manual_seed(args.seed) if args.sample else None
-    sampling = SamplingParams(**choice, max_new_tokens=args.max_new_tokens, generator=generator, **special)
-    torch.manual_seed(args.seed)  # HF generate samples from torch's global RNG
+    room = prompt_room(model, args.max_new_tokens)
+    sampling, hf_kwargs = sampling_settings(args, tokenizer)
 
     def respond(messages: list[dict[str, str]]) -> str:
         ids = fit_conversation(tokenizer, messages, room, args.chat_template)
@@ -127,12 +123,27 @@ def responder(model, tokenizer, args: argparse.Namespace) -> Callable[[list[dict
             new = out.sequences[0, len(ids):][out.response_mask[0].bool()]
         else:
             with torch.no_grad():
-                out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                     max_new_tokens=args.max_new_tokens, **special, **choice)
+                out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **hf_kwargs)
             new = out[0, len(ids):]
         return tokenizer.decode(new.tolist(), skip_special_tokens=True).strip()
 
     return respond
+
+
+def sampling_settings(args: argparse.Namespace, tokenizer) -> tuple[SamplingParams, dict]:
+    """(the SamplingParams of --max-new-tokens, --sample, --temperature, --top-k, --top-p and --seed for
+    hybrid_engine.generate, the same as keyword arguments of HF's generate). Seeds torch's global RNG, which HF's
+    generate samples from. The eos and pad ids are the tokenizer's; those it lacks are left to the model's
+    generation_config, which both generates read when a call gives none (an explicit None would mean none)."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    special = {name: value for name, value in (("eos_token_id", eos), ("pad_token_id", pad)) if value is not None}
+    choice = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
+        if args.sample else dict(do_sample=False)
+    generator = torch.Generator().manual_seed(args.seed) if args.sample else None
+    torch.manual_seed(args.seed)
+    sampling = SamplingParams(**choice, max_new_tokens=args.max_new_tokens, generator=generator, **special)
+    return sampling, dict(max_new_tokens=args.max_new_tokens, **special, **choice)
 
 
 def read_line(stream) -> tuple[str, bool]:

@@ -1,5 +1,6 @@
 """`hybrid-engine generate`: fast generation from a saved Hugging Face model or a built-in preset, in tokens/s, and
-optionally against transformers' own generate on the same input."""
+optionally against transformers' own generate on the same input; with --prompt or --prompts-file, text prompts
+completed and printed (generate_text.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 import torch
 import transformers
 
+from hybrid_engine.commands.generate_text import add_text_args, run_text, wants_text
 from hybrid_engine.generation import SamplingParams, generate
 from hybrid_engine.model.dtypes import KV_DTYPES, WEIGHT_DTYPES, dtype_name
 from hybrid_engine.model.presets import preset_model
@@ -16,7 +18,11 @@ from hybrid_engine.model.presets import preset_model
 
 def add_generate_command(subparsers) -> None:
     gen = subparsers.add_parser("generate", help="generate with a saved HF model or a built-in preset, report "
-                                "tokens/s", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "tokens/s; or complete text prompts (--prompt)",
+                                description="Without --prompt: a speed benchmark, --batch random prompts of "
+                                "--prompt-len tokens, every row generating all --max-new-tokens. With --prompt or "
+                                "--prompts-file: those texts completed by --model (stopping at its eos) and printed.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--model", help="a directory written by save_pretrained (Llama/Qwen2/Mistral, OPT, GPT-2)")
     src.add_argument("--preset", default="llama-20m", help="a built-in random-weight model: llama-tiny, "
@@ -36,11 +42,15 @@ def add_generate_command(subparsers) -> None:
     gen.add_argument("--seed", type=int, default=0, help="seed for the weights, the prompts and sampling")
     gen.add_argument("--compare-hf", action="store_true", help="also time transformers' generate on the same input")
     gen.add_argument("--show", action="store_true", help="print the first sequence's generated token ids")
+    add_text_args(gen)
     gen.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generates from a saved Hugging Face model or a built-in preset and reports tokens/s."""
+    """Generates from a saved Hugging Face model or a built-in preset and reports tokens/s (or completes text
+    prompts: run_text)."""
+    if wants_text(args):
+        return run_text(args)
     torch.manual_seed(args.seed)
     if args.model:
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
