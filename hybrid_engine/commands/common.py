@@ -182,18 +182,26 @@ def step_data(args: argparse.Namespace, step: str, seed: int, whole_file: bool =
     return data
 
 
-def model_and_tokenizer(args: argparse.Namespace, seed: int, reward_ok: bool = False):
+def model_and_tokenizer(args: argparse.Namespace, seed: int, reward_ok: bool = False, data: StepData | None = None):
     """(--model's directory or a fresh demo model, the tokenizer --tokenizer or the model's directory holds,
-    else the demo tokenizer)."""
+    else the demo tokenizer). A loaded tokenizer is checked on a few of `data`'s texts (model_dirs.round_trip)."""
     model = str(check_model_dir(args.model, reward_ok=reward_ok)) if args.model else demo_model(seed)
+    sample = sample_texts(data) if data is not None else ()
     if args.tokenizer:
-        return model, load_tokenizer(args.tokenizer)
+        return model, load_tokenizer(args.tokenizer, sample=sample)
     if has_tokenizer(args.model):
-        return model, load_tokenizer(args.model, flag="--model")
+        return model, load_tokenizer(args.model, flag="--model", sample=sample)
     if args.model and is_main_rank():
         print(f"note: {args.model} has no tokenizer; using the demo tokenizer (give --tokenizer DIR otherwise)",
               file=sys.stderr)
     return model, demo_tokenizer()
+
+
+def sample_texts(data: StepData, rows: int = 8) -> list[str]:
+    """The text columns of the first `rows` training rows (prompt, response, chosen, rejected)."""
+    head = data.train.select(range(min(rows, len(data.train))))
+    return [text for name in head.column_names if name in ("prompt", "response", "chosen", "rejected")
+            for text in head[name]]
 
 
 def lora_config(args: argparse.Namespace):

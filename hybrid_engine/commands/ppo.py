@@ -98,7 +98,7 @@ def run_ppo(args: argparse.Namespace) -> int:
     reward_model, reward_fn, eval_fn = resolve_rewards(args)
     data = common.step_data(args, "ppo", config.seed)  # every row checked before the models load
     ptx_data = _ptx(args, config.seed)
-    model, tokenizer = common.model_and_tokenizer(args, config.seed)
+    model, tokenizer = common.model_and_tokenizer(args, config.seed, data=data)
     log = MetricsLog(config.output_dir, "ppo", resume_step=resume_step(config.output_dir) if args.resume else None)
     try:
         sources = ModelSources(actor=model, reward_model=reward_model, critic=args.critic, reference=args.reference,

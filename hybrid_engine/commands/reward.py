@@ -38,7 +38,7 @@ def run_reward(args: argparse.Namespace) -> int:
     quiet_libraries()
     config = step_config(args, RewardConfig, "reward")
     data = step_data(args, "reward", config.seed)  # every row checked before the model loads
-    model, tokenizer = model_and_tokenizer(args, config.seed, reward_ok=True)
+    model, tokenizer = model_and_tokenizer(args, config.seed, reward_ok=True, data=data)
     result = train_reward(model, tokenizer, data, config, ds_config=args.ds_config, progress=not args.no_progress,
                           resume=args.resume)
     before, after, losses = result.before, result.after, result.losses

@@ -41,7 +41,7 @@ def run_sft(args: argparse.Namespace) -> int:
     config = step_config(args, SFTConfig, "sft")
     lora = lora_config(args)
     data = step_data(args, "sft", config.seed)  # every row checked before the model loads
-    model, tokenizer = model_and_tokenizer(args, config.seed)
+    model, tokenizer = model_and_tokenizer(args, config.seed, data=data)
     result = train_sft(model, tokenizer, data, config, ds_config=args.ds_config, lora=lora,
                        progress=not args.no_progress, resume=args.resume)
     losses, stats = result.losses, result.token_stats
