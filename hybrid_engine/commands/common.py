@@ -13,11 +13,13 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import datasets
 import transformers
 
+from hybrid_engine.commands import run_keys
 from hybrid_engine.commands.config_args import add_config_args, build_config, load_config_file
 from hybrid_engine.commands.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
 from hybrid_engine.rlhf.data import (
@@ -100,10 +102,13 @@ def quiet_libraries() -> None:
 # -- from flags to the trainer's arguments --------------------------------------------------------------------
 
 
-def step_config(args: argparse.Namespace, config_cls: type, step: str):
-    """The step's config: explicit flags over the --config file over the defaults; output_dir from --output."""
+def step_config(args: argparse.Namespace, config_cls: type, step: str, run: Iterable[str] = run_keys.STEP):
+    """The step's config: explicit flags over the --config file over the defaults; output_dir from --output. The
+    file's run settings (`run`: model, data, ...; run_keys.py) are set on `args` where their flags were not given."""
     file_values = load_config_file(args.config) if args.config else {}
-    config = build_config(config_cls, args, file_values, section=step)
+    file_values, settings = run_keys.split_run_keys(file_values, run)
+    run_keys.apply_run_keys(args, settings)
+    config = build_config(config_cls, args, file_values, section=step, also=run)
     return dataclasses.replace(config, output_dir=args.output or config.output_dir or DEFAULT_OUTPUT[step])
 
 

@@ -286,13 +286,15 @@ def _unknown(key: str, valid: list[str], where: str) -> ValueError:
     return ValueError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(sorted(valid))}")
 
 
-def _flatten(mapping: Mapping, prefix: tuple[str, ...], leaves: list[FlatField], where: str) -> dict[str, Any]:
+def _flatten(mapping: Mapping, prefix: tuple[str, ...], leaves: list[FlatField], where: str,
+             also: Iterable[str] = ()) -> dict[str, Any]:
     """{leaf name: checked value} of one mapping of a config file at `prefix` (() for the top level, where any
-    leaf may also be given by its flat name)."""
+    leaf may also be given by its flat name). `also`: other keys the file may hold there (named when a key is
+    unknown)."""
     groups = {leaf.path[:i] for leaf in leaves for i in range(1, len(leaf.path))}
     here = {leaf.path[len(prefix)]: leaf for leaf in leaves if leaf.path[:len(prefix)] == prefix}
     flat = {leaf.name: leaf for leaf in leaves} if not prefix else {}
-    valid = sorted(set(here) | set(flat))
+    valid = sorted(set(here) | set(flat) | set(also))
     out: dict[str, Any] = {}
     for key, value in mapping.items():
         name = str(key).replace("-", "_")
@@ -313,12 +315,13 @@ def _flatten(mapping: Mapping, prefix: tuple[str, ...], leaves: list[FlatField],
 
 
 def file_settings(cls: type, file_values: Mapping, section: str | None, source: str,
-                  skip: Iterable[str] = ()) -> dict[str, Any]:
+                  skip: Iterable[str] = (), also: Iterable[str] = ()) -> dict[str, Any]:
     """{leaf name: value} of a config file for `cls`: its top-level keys, then its `section` over them.
-    The other commands' sections are left for their commands."""
+    The other commands' sections are left for their commands. `also`: the command's other top-level keys (its
+    run settings, taken out of file_values before), named when a key is unknown."""
     leaves, names = flat_fields(cls, skip), renamed(cls)
     top = {k: v for k, v in file_values.items() if not (k in SECTIONS and isinstance(v, Mapping))}
-    out = _flatten(_renamed_keys(top, names, source), (), leaves, source)
+    out = _flatten(_renamed_keys(top, names, source), (), leaves, source, also)
     if section is not None and isinstance(file_values.get(section), Mapping):
         where = f"{source}, section {section!r}"
         out.update(_flatten(_renamed_keys(file_values[section], names, where), (), leaves, where))
@@ -352,14 +355,16 @@ def _instantiate(cls: type, values: dict[tuple[str, ...], Any], prefix: tuple[st
 
 
 def build_config(cls: type, args: argparse.Namespace | None, file_values: Mapping | None = None,
-                 section: str | None = None, source: str | None = None, skip: Iterable[str] = ()):
+                 section: str | None = None, source: str | None = None, skip: Iterable[str] = (),
+                 also: Iterable[str] = ()):
     """An instance of config dataclass `cls`: each field from its explicit flag in `args` (add_config_args), else
     from `file_values` (load_config_file; its `section` over its top-level keys), else the dataclass default;
     the dataclasses' own __post_init__ checks run. `source` names the file in errors (by default the path
-    load_config_file recorded). Fields in `skip` are neither flags nor file keys."""
+    load_config_file recorded). Fields in `skip` are neither flags nor file keys; `also` are the command's other
+    keys, for the error on an unknown one."""
     leaves = flat_fields(cls, skip)
     source = source or getattr(file_values, "path", "the config file")
-    settings = file_settings(cls, file_values or {}, section, source, skip)
+    settings = file_settings(cls, file_values or {}, section, source, skip, also)
     given = vars(args) if args is not None else {}
     settings.update({leaf.name: given[leaf.name] for leaf in leaves if leaf.name in given})
     by_name = {leaf.name: leaf.path for leaf in leaves}

@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from hybrid_engine.commands import common
+from hybrid_engine.commands import common, run_keys
 from hybrid_engine.commands.metrics import MetricsLog, plot_curves, read_metrics
 from hybrid_engine.commands.model_dirs import check_model_dir
 from hybrid_engine.rlhf.checkpoint import checkpoint_root, checkpoints
@@ -93,7 +93,7 @@ def _ptx(args: argparse.Namespace, seed: int):
 def run_ppo(args: argparse.Namespace) -> int:
     """`hybrid-engine ppo`: train_ppo with the flags' settings, then the logs, the plot and the summary."""
     common.quiet_libraries()
-    config = common.step_config(args, PPOConfig, "ppo")
+    config = common.step_config(args, PPOConfig, "ppo", run_keys.PPO)
     args.model = _model_dir(args.model, DEFAULT_MODEL, "--model", "sft")
     reward_model, reward_fn, eval_fn = resolve_rewards(args)
     data = common.step_data(args, "ppo", config.seed)  # every row checked before the models load

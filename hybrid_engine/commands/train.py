@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from hybrid_engine._build import cpu_id, cpu_model
-from hybrid_engine.commands import common
+from hybrid_engine.commands import common, run_keys
 from hybrid_engine.commands.config_args import ConfigValues, build_config, load_config_file
 from hybrid_engine.commands.metrics import MetricsLog, plot_curves, read_metrics
 from hybrid_engine.commands.ppo import logprob_note, ppo_summary, resume_step
@@ -101,12 +101,15 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 
 def step_configs(args: argparse.Namespace) -> dict:
-    """{step: its config dataclass} from the config file (or the built-in default) and --set."""
+    """{step: its config dataclass} from the config file (or the built-in default) and --set. The file's run
+    settings (model, data, reward_fn, ...: run_keys.py) are set on `args` where their flags were not given."""
     path = args.config or DEFAULT_CONFIG
     values = ConfigValues(apply_overrides(load_config_file(path), args.set), str(path))
+    values, settings = run_keys.split_run_keys(values, run_keys.TRAIN)
+    run_keys.apply_run_keys(args, settings)
     out = {}
     for step, cls in (("sft", SFTConfig), ("reward", RewardConfig), ("ppo", PPOConfig)):
-        config = build_config(cls, None, values, section=step, skip=("output_dir",))
+        config = build_config(cls, None, values, section=step, skip=("output_dir",), also=run_keys.TRAIN)
         out[step] = dataclasses.replace(config, output_dir=os.path.join(args.output, step))
     return out
 

@@ -1,0 +1,77 @@
+"""A config file's run settings: the models, data and functions of a run, beside the step's own fields.
+
+    model: out/sft                       # the flags' names, snake_case or kebab-case, at the top level
+    data: [rows.jsonl, more.jsonl:0.5]   # a path, or a list of them (PATH[:WEIGHT], as --data takes)
+    reward_model: out/reward
+    reward_fn: my_rules.py:score
+    ppo:
+      max_steps: 20
+
+Each is the value of the flag of the same name when that flag is not given: an explicit flag wins over the file.
+Paths are read as the flags' are, from the working directory. They are top-level keys only: a run has one model and
+one data set, whichever steps it runs (a run setting inside a step's section is refused, saying so).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Mapping
+
+from hybrid_engine.commands.config_args import SECTIONS, ConfigValues
+
+KINDS: dict[str, type] = {
+    "model": str, "tokenizer": str, "data": list, "demo": bool, "data_split": str, "eval_fraction": float,
+    "cache_dir": str, "ds_config": str, "reward_model": str, "no_reward_model": bool, "critic": str,
+    "reference": str, "reward_fn": str, "eval_fn": str, "ptx_data": list,
+}
+"""Every run setting a config file may hold, with its type (list: one string or a list of strings)."""
+STEP = ("model", "tokenizer", "data", "demo", "data_split", "eval_fraction", "cache_dir", "ds_config")
+"""The run settings of `hybrid-engine sft` and `reward`."""
+PPO = STEP + ("reward_model", "no_reward_model", "critic", "reference", "reward_fn", "eval_fn", "ptx_data")
+"""The run settings of `hybrid-engine ppo`."""
+TRAIN = STEP + ("reward_fn", "eval_fn")
+"""The run settings of `hybrid-engine train`."""
+
+
+def _checked(key: str, value, where: str):
+    kind = KINDS[key]
+    if kind is list:
+        value = [value] if isinstance(value, str) else value
+        if not (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
+            raise ValueError(f"{where}: {key!r} must be a path or a list of paths, got {value!r}")
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)) or value == "":
+        raise ValueError(f"{where}: {key!r} must be a {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def split_run_keys(values: Mapping, keys: Iterable[str]) -> tuple[ConfigValues, dict]:
+    """(the file's values without its run settings, {run setting: checked value}) for a command taking `keys`."""
+    source = getattr(values, "path", "the config file")
+    keys = set(keys)
+    for section in SECTIONS:
+        inside = values.get(section)
+        misplaced = [k for k in inside if str(k).replace("-", "_") in KINDS] if isinstance(inside, Mapping) else []
+        if misplaced:
+            raise ValueError(f"{source}, section {section!r}: {misplaced[0]!r} is a run setting, not a step's: put it "
+                             "at the top level of the file")
+    rest, run = {}, {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name in keys:
+            run[name] = _checked(name, value, source)
+        elif name in KINDS:
+            raise ValueError(f"{source}: {key!r} is not a setting of this command (its run settings: "
+                             f"{', '.join(sorted(keys))})")
+        else:
+            rest[key] = value
+    return ConfigValues(rest, source), run
+
+
+def apply_run_keys(args: argparse.Namespace, run: Mapping) -> None:
+    """Sets each run setting on `args` whose flag was not given (None, or False for a switch)."""
+    for key, value in run.items():
+        if getattr(args, key, None) in (None, False):
+            setattr(args, key, value)
