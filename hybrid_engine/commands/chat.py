@@ -17,7 +17,8 @@ import transformers
 
 from hybrid_engine.commands.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
 from hybrid_engine.generation import SamplingParams, generate
-from hybrid_engine.model.spec import SUPPORTED, spec_from_config
+from hybrid_engine.model.spec import SUPPORTED
+from hybrid_engine.rlhf.preflight import max_positions
 from hybrid_engine.rlhf.tokens import TokenConfig, TokenStats, fit_prompt, format_prompt
 
 QUIT = ("exit", "quit")
@@ -60,19 +61,9 @@ def load_chat_model(model_dir: str, tokenizer_dir: str | None = None):
     return model, tokenizer
 
 
-def max_positions(model) -> int | None:
-    """The most tokens (prompt and answer) the model takes; None when its config does not say."""
-    if model.config.model_type in SUPPORTED:
-        return spec_from_config(model.config).max_positions
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if isinstance(getattr(model.config, name, None), int):
-            return getattr(model.config, name)
-    return None
-
-
 def prompt_room(model, max_new_tokens: int) -> int | None:
     """The most prompt tokens that leave room for max_new_tokens (None: the model does not say)."""
-    limit = max_positions(model)
+    limit = max_positions(model.config)
     if limit is not None and max_new_tokens >= limit:
         raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the model takes "
                          f"{limit} tokens in all")

@@ -13,10 +13,11 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import datasets
+import torch
 import transformers
 
 from hybrid_engine.commands import run_keys
@@ -36,6 +37,7 @@ from hybrid_engine.rlhf.data import (
 )
 from hybrid_engine.rlhf.demo import demo_config, demo_model, demo_tokenizer
 from hybrid_engine.rlhf.distributed import is_main_rank
+from hybrid_engine.rlhf.preflight import check_step
 from hybrid_engine.rlhf.step_config import config_dict
 
 DEFAULT_OUTPUT = {"sft": "out/sft", "reward": "out/reward", "ppo": "out/ppo"}
@@ -200,6 +202,22 @@ def model_and_tokenizer(args: argparse.Namespace, seed: int, reward_ok: bool = F
         print(f"note: {args.model} has no tokenizer; using the demo tokenizer (give --tokenizer DIR otherwise)",
               file=sys.stderr)
     return model, demo_tokenizer()
+
+
+def model_config(model, flag: str = "--model"):
+    """The Hugging Face config of a model given as a saved directory or as a built model."""
+    if isinstance(model, torch.nn.Module):
+        return model.config
+    return transformers.AutoConfig.from_pretrained(str(check_model_dir(model, flag, reward_ok=True)))
+
+
+def preflight(steps: dict, data: dict, tokenizer, model, ds_config=None, others: Sequence[tuple[str, str]] = ()):
+    """rlhf.preflight's checks for each step of {step: config} on {step: StepData}, before any work: the model (a
+    directory or a built model) and the others ((flag, directory) of further models the rows go through)."""
+    models = [("the model" if isinstance(model, torch.nn.Module) else f"--model {model}", model_config(model))]
+    models += [(f"{flag} {directory}", model_config(directory, flag)) for flag, directory in others]
+    for step, config in steps.items():
+        check_step(step, config, data[step], tokenizer, models, ds_config)
 
 
 def sample_texts(data: StepData, rows: int = 8) -> list[str]:

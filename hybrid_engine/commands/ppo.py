@@ -99,6 +99,9 @@ def run_ppo(args: argparse.Namespace) -> int:
     data = common.step_data(args, "ppo", config.seed)  # every row checked before the models load
     ptx_data = _ptx(args, config.seed)
     model, tokenizer = common.model_and_tokenizer(args, config.seed, data=data)
+    others = [(flag, d) for flag, d in (("--reward-model", reward_model), ("--critic", args.critic),
+                                        ("--reference", args.reference)) if d is not None]
+    common.preflight({"ppo": config}, {"ppo": data}, tokenizer, model, args.ds_config, others)  # before any work
     log = MetricsLog(config.output_dir, "ppo", resume_step=resume_step(config.output_dir) if args.resume else None)
     try:
         sources = ModelSources(actor=model, reward_model=reward_model, critic=args.critic, reference=args.reference,

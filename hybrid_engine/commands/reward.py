@@ -15,6 +15,7 @@ from hybrid_engine.commands.common import (
     add_training_args,
     before_after,
     model_and_tokenizer,
+    preflight,
     quiet_libraries,
     report,
     step_config,
@@ -39,6 +40,7 @@ def run_reward(args: argparse.Namespace) -> int:
     config = step_config(args, RewardConfig, "reward")
     data = step_data(args, "reward", config.seed)  # every row checked before the model loads
     model, tokenizer = model_and_tokenizer(args, config.seed, reward_ok=True, data=data)
+    preflight({"reward": config}, {"reward": data}, tokenizer, model, args.ds_config)  # before any work
     result = train_reward(model, tokenizer, data, config, ds_config=args.ds_config, progress=not args.no_progress,
                           resume=args.resume)
     before, after, losses = result.before, result.after, result.losses

@@ -17,6 +17,7 @@ from hybrid_engine.commands.common import (
     before_after,
     lora_config,
     model_and_tokenizer,
+    preflight,
     quiet_libraries,
     report,
     step_config,
@@ -42,6 +43,7 @@ def run_sft(args: argparse.Namespace) -> int:
     lora = lora_config(args)
     data = step_data(args, "sft", config.seed)  # every row checked before the model loads
     model, tokenizer = model_and_tokenizer(args, config.seed, data=data)
+    preflight({"sft": config}, {"sft": data}, tokenizer, model, args.ds_config)  # before any work
     result = train_sft(model, tokenizer, data, config, ds_config=args.ds_config, lora=lora,
                        progress=not args.no_progress, resume=args.resume)
     losses, stats = result.losses, result.token_stats

@@ -197,8 +197,9 @@ def run_train(args: argparse.Namespace) -> int:
     eval_fn = load_reward_fn(args.eval_fn) if args.eval_fn else (rule_score_batch if demo else None)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # both fail here, not after two steps
     data = train_data(args, configs)
-    _banner("1/3 sft")
     model, tokenizer = common.model_and_tokenizer(_step_args(args, model=args.model), sft_cfg.seed, data=data["sft"])
+    common.preflight(configs, data, tokenizer, model, args.ds_config)  # every step's checks before the first step
+    _banner("1/3 sft")
     sft = run_step(args, sft_cfg, "sft", SFT_FIELDS, lambda resume: train_sft(
         model, tokenizer, data["sft"], sft_cfg, ds_config=args.ds_config, progress=progress, resume=resume))
     model = sft.engine = None  # the step saved its model; the next steps load it from sft_cfg.output_dir
