@@ -70,13 +70,16 @@ def _model_dir(given: str | None, default: str, flag: str, step: str, reward_ok:
 
 def resolve_rewards(args: argparse.Namespace) -> tuple[str | None, object | None, object | None]:
     """(the reward model's directory or None, the reward function or None, the eval function or None)."""
+    if args.no_reward_model and args.reward_model:
+        raise ValueError(f"--reward-model {args.reward_model} and --no-reward-model exclude each other: give one")
     reward_model = None
     if not args.no_reward_model and (args.reward_model or not args.reward_fn):
         reward_model = _model_dir(args.reward_model, DEFAULT_REWARD_MODEL, "--reward-model", "reward", reward_ok=True)
     if args.no_reward_model and not args.reward_fn:
         raise ValueError("--no-reward-model needs --reward-fn: PPO needs a reward")
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # a bad one fails before any work
     eval_fn = load_reward_fn(args.eval_fn) if args.eval_fn else (rule_score_batch if args.demo else None)
-    return reward_model, args.reward_fn, eval_fn
+    return reward_model, reward_fn, eval_fn
 
 
 def _ptx(args: argparse.Namespace, seed: int):
@@ -94,8 +97,10 @@ def run_ppo(args: argparse.Namespace) -> int:
     """`hybrid-engine ppo`: train_ppo with the flags' settings, then the logs, the plot and the summary."""
     common.quiet_libraries()
     config = common.step_config(args, PPOConfig, "ppo", run_keys.PPO)
-    args.model = _model_dir(args.model, DEFAULT_MODEL, "--model", "sft")
+    if args.critic is not None and config.algo != "ppo":
+        raise ValueError(f"--critic {args.critic}: {config.algo} has no critic (only --algo ppo trains one)")
     reward_model, reward_fn, eval_fn = resolve_rewards(args)
+    args.model = _model_dir(args.model, DEFAULT_MODEL, "--model", "sft")
     data = common.step_data(args, "ppo", config.seed)  # every row checked before the models load
     ptx_data = _ptx(args, config.seed)
     model, tokenizer = common.model_and_tokenizer(args, config.seed, data=data)

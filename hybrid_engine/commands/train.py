@@ -26,7 +26,7 @@ import yaml
 
 from hybrid_engine._build import cpu_id, cpu_model
 from hybrid_engine.commands import common, run_keys
-from hybrid_engine.commands.config_args import ConfigValues, build_config, load_config_file
+from hybrid_engine.commands.config_args import ConfigValues, build_config, file_settings, load_config_file
 from hybrid_engine.commands.metrics import MetricsLog, plot_curves, read_metrics
 from hybrid_engine.commands.ppo import logprob_note, ppo_summary, resume_step
 from hybrid_engine.rlhf.checkpoint import checkpoints
@@ -40,6 +40,8 @@ from hybrid_engine.rlhf.sft import SFTConfig, train_sft
 from hybrid_engine.rlhf.step_config import config_dict
 
 DEFAULT_CONFIG = DEMO_DIR.parent / "train.yaml"
+STEP_CLASSES = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
+"""Each step's config class, in the order train runs them."""
 DEMO_KL_BOUND = 8.0
 """The built-in default's bound on the held-out KL to the reference, in nats per response."""
 DEMO_MIN_ACCURACY = 0.9
@@ -100,15 +102,26 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return out
 
 
+def check_overrides(overrides: list[str]) -> None:
+    """Each --set key and its value's type checked alone, so that an unknown key is blamed on --set, not on the
+    config file it is set in."""
+    for item in overrides:
+        source = f"--set {item}"
+        values, _ = run_keys.split_run_keys(ConfigValues(apply_overrides({}, [item]), source), run_keys.TRAIN)
+        for step, cls in STEP_CLASSES.items():
+            file_settings(cls, values, step, source, skip=("output_dir",), also=run_keys.TRAIN)
+
+
 def step_configs(args: argparse.Namespace) -> dict:
     """{step: its config dataclass} from the config file (or the built-in default) and --set. The file's run
     settings (model, data, reward_fn, ...: run_keys.py) are set on `args` where their flags were not given."""
     path = args.config or DEFAULT_CONFIG
+    check_overrides(args.set)
     values = ConfigValues(apply_overrides(load_config_file(path), args.set), str(path))
     values, settings = run_keys.split_run_keys(values, run_keys.TRAIN)
     run_keys.apply_run_keys(args, settings)
     out = {}
-    for step, cls in (("sft", SFTConfig), ("reward", RewardConfig), ("ppo", PPOConfig)):
+    for step, cls in STEP_CLASSES.items():
         config = build_config(cls, None, values, section=step, skip=("output_dir",), also=run_keys.TRAIN)
         out[step] = dataclasses.replace(config, output_dir=os.path.join(args.output, step))
     return out

@@ -35,6 +35,10 @@ def load_reward_fn(spec: str | Callable) -> Callable:
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"a reward function is given as 'module:function' or 'file.py:function', got {spec!r}")
     module, _, name = spec.rpartition(":")
+    if not module or not name.isidentifier():
+        raise ValueError(f"a reward function is given as 'module:function' or 'file.py:function', got {spec!r}: "
+                         + ("the module or file before ':' is missing" if not module else
+                            f"{name!r} after ':' is not a function name"))
     fn = getattr(_import(module, spec), name, None)
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: {module} has no function {name!r}")

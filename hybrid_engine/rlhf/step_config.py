@@ -70,6 +70,8 @@ def check_common(config) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if config.max_steps is not None and (not isinstance(config.max_steps, int) or config.max_steps < 1):
         raise ValueError(f"max_steps must be a positive integer or None, got {config.max_steps!r}")
+    if not isinstance(config.seed, int) or isinstance(config.seed, bool) or not 0 <= config.seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {config.seed!r}")
     if not isinstance(config.keep_checkpoints, int) or config.keep_checkpoints < 1:
         raise ValueError(f"keep_checkpoints must be a positive integer, got {config.keep_checkpoints!r}")
     for name in ("warmup_steps", "eval_every", "checkpoint_every"):
