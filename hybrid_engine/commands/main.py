@@ -18,6 +18,7 @@ from hybrid_engine.commands.bench import add_bench_commands
 from hybrid_engine.commands.chat import add_chat_command
 from hybrid_engine.commands.env import add_env_command
 from hybrid_engine.commands.generate import add_generate_command
+from hybrid_engine.commands.noise import silence_known_noise
 from hybrid_engine.commands.ppo import add_ppo_command
 from hybrid_engine.commands.reward import add_reward_command
 from hybrid_engine.commands.sft import add_sft_command
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    silence_known_noise()
     return args.func(args)
 
 
