@@ -17,6 +17,7 @@ import sys
 
 from hybrid_engine.commands.bench import add_bench_commands
 from hybrid_engine.commands.chat import add_chat_command
+from hybrid_engine.commands.ds_optimizer import announce_optimizer_build
 from hybrid_engine.commands.env import add_env_command
 from hybrid_engine.commands.generate import add_generate_command
 from hybrid_engine.commands.noise import silence_known_noise
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     reach the caller."""
     args = build_parser().parse_args(argv)
     silence_known_noise()
+    announce_optimizer_build(getattr(args, "ds_config", None))
     if argv is not None:
         return args.func(args)
     return run(args.func, args, f"hybrid-engine {args.command}")
