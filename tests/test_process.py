@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from hybrid_engine.commands import main as main_module
 from hybrid_engine.commands import process
 from hybrid_engine.commands.common import parse_data
 from hybrid_engine.commands.main import build_parser
@@ -32,6 +33,12 @@ def test_a_bad_flag_value_is_one_line_and_status_2(tmp_path, capsys):
     assert process.run(args.func, args, prog) == 2
     err = capsys.readouterr().err
     assert err.startswith("hybrid-engine sft: error: --eval-fraction") and err.count("\n") == 1
+
+
+def test_a_missing_ds_config_is_one_line(tmp_path, capsys):
+    args, prog = parsed("sft", "--demo", "--ds-config", str(tmp_path / "ds.json"), "--output", str(tmp_path / "out"))
+    assert process.run(main_module.run_command, args, prog) == 2
+    assert capsys.readouterr().err == f"hybrid-engine sft: error: ds_config: no such file '{tmp_path / 'ds.json'}'\n"
 
 
 @pytest.mark.parametrize("where", ["hybrid-engine --debug sft", "hybrid-engine sft ... --debug"])

@@ -63,11 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     ends it with one line and an exit status (process.py); called with argv, as tests and scripts do, exceptions
     reach the caller."""
     args = build_parser().parse_args(argv)
+    if argv is not None:
+        return run_command(args)
+    return run(run_command, args, f"hybrid-engine {args.command}")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """The parsed command, after what every command does first: the known library noise silenced (noise.py) and a
+    DeepSpeed op compile announced (ds_optimizer.py)."""
     silence_known_noise()
     announce_optimizer_build(getattr(args, "ds_config", None))
-    if argv is not None:
-        return args.func(args)
-    return run(args.func, args, f"hybrid-engine {args.command}")
+    return args.func(args)
 
 
 if __name__ == "__main__":
