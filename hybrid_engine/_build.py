@@ -4,7 +4,8 @@ The C++ and CUDA sources ship inside the package (hybrid_engine/csrc/), so an in
 its ops as a checkout does. The ops are compiled for the CPU they run on (AVX-512 or AVX2 code paths,
 as torch itself reports its capability), cached under a directory keyed on torch's version, the
 package's location, the Python environment and that capability, and loaded from the cache on every
-later import without a rebuild.
+later import without a rebuild. One process builds at a time (_build_lock.py: a waiting process says which one it
+waits for, and a build that was killed is taken over at once).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import hashlib
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+from hybrid_engine._build_lock import build_lock
 
 PACKAGE = Path(__file__).resolve().parent  # a checkout's hybrid_engine/ or an install's site-packages/hybrid_engine/
 ROOT = PACKAGE.parent  # where setup.py sits in a checkout (the AOT build's sources are relative to it)
@@ -146,13 +148,6 @@ def _check_toolchain() -> None:
         )
 
 
-def _clear_stale_lock(directory: Path, max_age_s: float = 900.0) -> None:
-    # A build killed half-way leaves its lock behind and every later load would wait forever.
-    lock = directory / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > max_age_s:
-        lock.unlink(missing_ok=True)
-
-
 def _prebuilt() -> str | None:
     """A library built ahead of time by setup.py for this machine's capability, if any."""
     pattern = str(PACKAGE / f"{extension_name()}*.so")
@@ -177,24 +172,24 @@ def load(verbose: bool = False) -> None:
     from torch.utils import cpp_extension
 
     directory = build_directory()
-    _clear_stale_lock(directory)
     cuda = with_cuda()
     name = extension_name()
-    if not (directory / f"{name}.so").exists():
-        print(
-            f"hybrid_engine: compiling C++ ops for {capability()} (first use, about a minute) in {directory}",
-            file=sys.stderr,
+    with build_lock(directory):  # who holds it is named while waiting; a killed build's lock is taken over
+        if not (directory / f"{name}.so").exists():
+            print(
+                f"hybrid_engine: compiling C++ ops for {capability()} (first use, about a minute) in {directory}",
+                file=sys.stderr,
+            )
+        cpp_extension.load(
+            name=name,
+            sources=CPU_SOURCES + (CUDA_SOURCES if cuda else []),
+            extra_cflags=extra_cflags() + (["-DHYBRID_ENGINE_CUDA"] if cuda else []),
+            extra_cuda_cflags=NVCC_FLAGS if cuda else None,
+            extra_include_paths=INCLUDE_DIRS,
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=verbose,
         )
-    cpp_extension.load(
-        name=name,
-        sources=CPU_SOURCES + (CUDA_SOURCES if cuda else []),
-        extra_cflags=extra_cflags() + (["-DHYBRID_ENGINE_CUDA"] if cuda else []),
-        extra_cuda_cflags=NVCC_FLAGS if cuda else None,
-        extra_include_paths=INCLUDE_DIRS,
-        build_directory=str(directory),
-        is_python_module=False,
-        verbose=verbose,
-    )
     _loaded = True
 
 

@@ -23,6 +23,7 @@ import transformers
 from hybrid_engine.commands import run_keys
 from hybrid_engine.commands.config_args import add_config_args, build_config, load_config_file
 from hybrid_engine.commands.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
+from hybrid_engine.commands.noise import silence_known_noise
 from hybrid_engine.rlhf.data import (
     FORMATS,
     READS,
@@ -96,9 +97,10 @@ def add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: ty
 
 def quiet_libraries() -> None:
     """Turns off the progress bars transformers and datasets draw for loading, saving and converting files, so
-    that a command's own bars and summary are what it prints."""
+    that a command's own bars and summary are what it prints, and the known library messages (noise.py)."""
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    silence_known_noise()
 
 
 # -- from flags to the trainer's arguments --------------------------------------------------------------------
