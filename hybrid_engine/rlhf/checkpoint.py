@@ -1,10 +1,16 @@
 """Checkpoints of a training run, to resume it after a crash or a kill, to the bit.
 
 A checkpoint is a folder `checkpoints/step-N/` beside the run's output: `tensors.safetensors` (the trained
-weights, the optimizers' state tensors, the RNG states, an EMA) and `state.json` (the data position, the
-history so far, the optimizers' hyper-parameters). Loading one reads tensors and JSON only: no pickle. It is
-written to a temporary folder and renamed into place, so a kill mid-write leaves the previous checkpoint
-whole; the newest `keep` are kept.
+weights, the optimizers' state tensors, the RNG states, an EMA), `state.json` (the data position, the
+history so far, the optimizers' hyper-parameters) and `manifest.json` (the size and SHA-256 of each of the
+other two). Loading one reads tensors and JSON only: no pickle. It is written to a temporary folder and renamed
+into place, so a kill mid-write leaves the previous checkpoint whole; the run's newest `keep` are kept.
+
+Resuming checks every file against the manifest: a damaged newest checkpoint is named and the newest intact one
+is used. Checkpoints written before manifests existed load unchecked, with a note.
+
+A run never starts over an earlier run's checkpoints (check_output): it resumes them, or its output folder is
+cleared first. The final model is written atomically (save_final): to a temporary folder, then moved into place.
 
 Supported: plain torch in one process, and DeepSpeed ZeRO stage 0 (every rank holds the whole model and
 optimizer; rank 0 writes, every rank reads). ZeRO 1-3 partition the optimizer state across ranks and are
@@ -13,10 +19,13 @@ refused with a clear error.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,6 +38,16 @@ from hybrid_engine.rlhf.step_config import config_dict
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 FORMAT = "hybrid_engine.checkpoint.v1"
+MANIFEST = "manifest.json"
+"""A checkpoint's list of its files with their sizes and SHA-256 checksums."""
+FINAL_TMP = ".final.tmp"
+"""Where save_final writes the final model before moving it into the output folder."""
+
+
+def note(text: str) -> None:
+    """A one-line note on stderr, from rank 0 only."""
+    if rank_and_world()[0] == 0:
+        print(f"note: {text}", file=sys.stderr, flush=True)
 
 
 def check_supported(config, zero_stage: int | None, resume) -> None:
@@ -40,6 +59,38 @@ def check_supported(config, zero_stage: int | None, resume) -> None:
     if zero_stage not in (None, 0):
         raise ValueError(f"checkpoints (checkpoint_every, resume) support plain torch and DeepSpeed ZeRO stage 0; "
                          f"this run uses ZeRO stage {zero_stage}, which partitions the optimizer state")
+
+
+def check_output(config, resume) -> None:
+    """Before training: config.output_dir (when set) is a folder this run can write, and holds no checkpoints of
+    an earlier run unless this run resumes them (a new run would prune them in among its own, and a later resume
+    would continue the old run)."""
+    if config.output_dir is None:
+        return
+    check_writable(config.output_dir)
+    found = checkpoints(config.output_dir)
+    if found and not resume:
+        raise ValueError(f"{config.output_dir} holds checkpoints of an earlier run (newest {found[-1].name}): "
+                         "resume it (--resume, resume=True), or start over in an empty folder (the commands' "
+                         "--overwrite clears it)")
+
+
+def check_writable(output_dir: str | os.PathLike) -> None:
+    """Creates output_dir (rank 0) and writes a probe file there: a folder that cannot hold the model fails now,
+    not after training."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output folder {output_dir} is a file, not a folder: give a folder to save the model in")
+    if rank_and_world()[0] != 0:
+        return
+    probe = path / f".write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"hybrid-engine")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output folder {output_dir} is not writable ({e.strerror or e}): the trained model "
+                         "could not be saved there") from None
 
 
 # -- what goes in ---------------------------------------------------------------------------------------------
@@ -126,9 +177,15 @@ def checkpoint_root(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def step_of(folder: Path) -> int:
+    return int(STEP_DIR.match(folder.name).group(1))
+
+
 def save_checkpoint(output_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict,
                     keep: int = 2) -> Path | None:
-    """Writes checkpoints/step-<step>/ atomically on rank 0 (the others wait) and keeps the newest `keep`."""
+    """Writes checkpoints/step-<step>/ atomically on rank 0 (the others wait) with its manifest, and keeps the
+    run's newest `keep`. Checkpoints of later steps are not this run's past (left by the run it resumed from an
+    earlier checkpoint of, or damaged): they are removed, so that a later resume finds this run's newest."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{step}"
     if rank_and_world()[0] == 0:
@@ -138,14 +195,26 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, tensors: dict[str,
         save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"),
                   metadata={"format": FORMAT})
         (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "step": step, **state}) + "\n")
+        manifest = {"format": FORMAT, "files": {p.name: file_entry(p) for p in sorted(tmp.iterdir())}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in checkpoints(output_dir)[:-keep]:
+        found = checkpoints(output_dir)
+        for old in [p for p in found if step_of(p) > step] + [p for p in found if step_of(p) <= step][:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return final
+
+
+def file_entry(path: Path) -> dict:
+    """A manifest's record of one file: its size and SHA-256, read back from the disk."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -163,18 +232,131 @@ def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "state.json").is_file() and (p / "tensors.safetensors").is_file()]
 
 
+_checked: dict[tuple, str | None] = {}
+"""damage() of each checkpoint folder as its files stood (name, size, mtime) when checked."""
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder (None: nothing): each file against its manifest's size and SHA-256;
+    a checkpoint written before manifests existed is only read, with a note."""
+    key = (str(folder.resolve()), tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                               for p in folder.iterdir())))
+    if key not in _checked:
+        _checked[key] = _damage(folder)
+    return _checked[key]
+
+
+def _damage(folder: Path) -> str | None:
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        note(f"checkpoint {folder} has no checksums (written by an earlier version): it is read unchecked")
+        try:
+            json.loads((folder / "state.json").read_text())
+            load_file(str(folder / "tensors.safetensors"))
+        except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError, a JSON error: a damaged file
+            return f"unreadable ({type(e).__name__}: {e})"
+        return None
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"its {MANIFEST} is unreadable ({e})"
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, not the {want['bytes']} written"
+        if file_entry(path)["sha256"] != want["sha256"]:
+            return f"{name} does not match its SHA-256 checksum"
+    return None
+
+
+_noted: set[str] = set()
+
+
+def newest_checkpoint(output_dir: str | os.PathLike) -> Path:
+    """The newest intact checkpoint under output_dir; each damaged newer one is named in a note (once)."""
+    found = checkpoints(output_dir)
+    if not found:
+        raise ValueError(f"no checkpoint to resume from in {output_dir} (looked for "
+                         f"{checkpoint_root(output_dir)}/step-N)")
+    damaged = []
+    for folder in reversed(found):
+        problem = damage(folder)
+        if problem is None:
+            for bad, why in damaged:
+                text = f"checkpoint {bad} is damaged ({why}): resuming from {folder}, the newest intact one"
+                if text not in _noted:
+                    _noted.add(text)
+                    note(text)
+            return folder
+        damaged.append((folder, problem))
+    raise ValueError(f"every checkpoint under {checkpoint_root(output_dir)} is damaged: "
+                     + "; ".join(f"{folder.name}: {why}" for folder, why in damaged))
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, state) of a checkpoint folder (or of the newest one under an output directory)."""
+    """(tensors, state) of a checkpoint folder, or of the newest intact one under an output directory
+    (newest_checkpoint). Every file is checked against the checkpoint's manifest first."""
     path = Path(path)
-    if not (path / "state.json").is_file():
-        found = checkpoints(path)
-        if not found:
-            raise ValueError(f"no checkpoint to resume from in {path} (looked for {checkpoint_root(path)}/step-N)")
-        path = found[-1]
+    if (path / "state.json").is_file():
+        problem = damage(path)
+        if problem is not None:
+            raise ValueError(f"checkpoint {path} is damaged: {problem}")
+    else:
+        path = newest_checkpoint(path)
     state = json.loads((path / "state.json").read_text())
     if state.get("format") != FORMAT:
         raise ValueError(f"{path}: not a hybrid-engine checkpoint (format {state.get('format')!r})")
     return load_file(str(path / "tensors.safetensors")), state
+
+
+# -- the final model ----------------------------------------------------------------------------------------------
+
+
+def save_final(output_dir: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """The trained model into output_dir, atomically: write(folder) (every rank calls it; rank 0 writes) fills a
+    temporary folder beside the run's other files, whose entries are then renamed into output_dir. A failure (a
+    full disk) leaves none of the model there, and its error says where the newest checkpoint is."""
+    output = Path(output_dir)
+    tmp = output / FINAL_TMP
+    rank = rank_and_world()[0]
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        write(tmp)
+        if rank == 0:
+            for entry in sorted(tmp.iterdir()):
+                _fsync_tree(entry)
+            for entry in sorted(tmp.iterdir()):
+                target = output / entry.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
+            tmp.rmdir()
+    except Exception as e:  # OSError, or safetensors' SafetensorError wrapping one (a full disk)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        found = checkpoints(output)
+        kept = (f"the newest checkpoint, {found[-1]}, is kept: resume from it (--resume) once the fault is fixed"
+                if found else "no checkpoint was written to resume from (checkpoint_every, --checkpoint-every N)")
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise OSError(getattr(e, "errno", None), f"saving the trained model to {output_dir} failed ({why}); "
+                      f"none of it was left there; {kept}") from e
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _fsync_tree(path: Path) -> None:
+    if path.is_dir():
+        for child in path.iterdir():
+            _fsync_tree(child)
+    else:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 # -- a run's trained models -------------------------------------------------------------------------------------

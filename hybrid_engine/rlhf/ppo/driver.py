@@ -104,6 +104,7 @@ def train_ppo(models: ModelSources | Models, tokenizer, data: StepData, config: 
     pad_id_of(tokenizer)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token: a response could never end")
+    checkpoint.check_output(config, resume)
     torch.manual_seed(config.seed)
     models = models if isinstance(models, Models) else build_models(models, config)
     check_vocab(tokenizer, base_model(models.actor.module).config.vocab_size)
@@ -125,7 +126,7 @@ def train_ppo(models: ModelSources | Models, tokenizer, data: StepData, config: 
         state=PPORunState(run))
     record = train_loop(len(train.examples), config, trainer, config.algo, progress, resume)
     if config.output_dir is not None:
-        _save(run, config.output_dir)
+        checkpoint.save_final(config.output_dir, functools.partial(_save, run))
     history = record.history
     return PPOResult(history=history, before=record.evals[0][1], after=record.evals[-1][1], evals=record.evals,
                      steps=record.steps, skipped=sum(r["skipped"] for r in history),
