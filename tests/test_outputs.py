@@ -1,7 +1,8 @@
-"""Output folders and checkpoints lose nothing: a new run never starts over an earlier run's checkpoints (nor prunes
-them in among its own), one run at a time holds a folder (a lock with its pid), a folder holding a run is replaced
-only with --overwrite, an unwritable output fails before training, the final model is written atomically, and a
-damaged checkpoint is found by its checksums and passed over for the newest intact one."""
+"""Output folders and checkpoints lose nothing, and a resume continues its own run: a new run never starts over an
+earlier run's checkpoints (nor prunes them in among its own), one run at a time holds a folder (a lock with its pid),
+a folder holding a run is replaced only with --overwrite, an unwritable output fails before training, the final
+model is written atomically, a damaged checkpoint is found by its checksums and passed over for the newest intact
+one, and a resume with other data, models or reward functions is refused by name."""
 
 from __future__ import annotations
 
@@ -299,3 +300,57 @@ def test_the_ppo_command_resumes_its_metrics_from_the_checkpoint_it_uses(tmp_pat
     shutil.rmtree(tmp_path / "checkpoints")
     with pytest.raises(ValueError, match="^--resume: no checkpoint to resume from"):
         resume_step(str(tmp_path))
+
+
+# -- 23: a resume continues the same run ------------------------------------------------------------------------
+
+
+def test_resume_refuses_other_data_or_another_starting_model_by_name(cache, tmp_path, capsys):
+    _sft(cache, tmp_path)
+    data = demo_rows("sft", 60, 8, cache)  # other rows
+    config = SFTConfig(max_steps=6, batch_size=4, lr=1e-3, eval_every=2, checkpoint_every=2, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"^the checkpoint was written by another run \(other training and "
+                                         r"held-out rows \(--data, --data-split, --eval-fraction\)\): resume with"):
+        train_sft(demo_llama(), tokenizer(), data, config, progress=False, resume=True)
+    with pytest.raises(ValueError, match=r"^the checkpoint was written by another run \(other starting model "
+                                         r"\(--model\)\)"):
+        train_sft(demo_llama(seed=1), tokenizer(), demo_rows("sft", 64, 8, cache), config, progress=False,
+                  resume=True)
+    resumed = _sft(cache, tmp_path, resume=True, max_steps=8)  # the step count may change
+    assert resumed.steps == 8
+    assert "note: resuming with max_steps 8 (the checkpoint's run had 6)" in capsys.readouterr().err
+
+
+def test_checkpoints_that_recorded_no_run_still_resume_with_a_note(whole, cache, tmp_path, capsys):
+    _sft(cache, tmp_path)
+    for folder in checkpoints(tmp_path):  # as an earlier version wrote them
+        state = json.loads((folder / "state.json").read_text())
+        del state["run"]
+        (folder / "state.json").write_text(json.dumps(state) + "\n")
+        (folder / MANIFEST).unlink()
+    assert _sft(cache, tmp_path, resume=True).losses == whole.losses
+    assert "before runs recorded their data and models: they are not compared" in capsys.readouterr().err
+
+
+def test_ppo_resume_refuses_another_reward_model_or_an_added_reward_function(cache, tmp_path):
+    from hybrid_engine.rlhf import RewardModel
+    from hybrid_engine.rlhf.demo import rule_score_batch
+    from hybrid_engine.rlhf.ppo import ModelSources, PPOConfig, train_ppo
+
+    data = demo_rows("ppo", 32, 4, cache)
+    config = PPOConfig(max_steps=3, batch_size=4, train_batch_size=4, max_new_tokens=4, checkpoint_every=2,
+                       output_dir=str(tmp_path))
+
+    def run(reward_seed=2, reward_fn=None, reference=None):
+        sources = ModelSources(actor=demo_llama(), reward_model=RewardModel.from_model(demo_llama(reward_seed)),
+                               reward_fn=reward_fn, reference=reference)
+        return train_ppo(sources, tokenizer(), data, config, progress=False, resume=bool(checkpoints(tmp_path)))
+
+    run()
+    with pytest.raises(ValueError, match=r"\(other reward model \(--reward-model\)\): resume with"):
+        run(reward_seed=3)
+    with pytest.raises(ValueError, match=r"\(other reward function \(--reward-fn\)\): resume with"):
+        run(reward_fn=rule_score_batch)
+    with pytest.raises(ValueError, match=r"other KL reference \(--reference, by default --model\)"):
+        run(reference=demo_llama(seed=5))
+    assert run().steps == 3

@@ -389,12 +389,87 @@ def config_json(config, ignored: tuple[str, ...] = ("checkpoint_every", "keep_ch
     return {k: v for k, v in config_dict(config).items() if k not in ignored}
 
 
+MAY_CHANGE = ("max_steps",)
+"""Settings a resumed run may change (with a note) beside those config_json leaves out: the run goes on to the new
+step count, the learning-rate schedule following the new total from there."""
+
+
 def check_same_config(saved: dict, config) -> None:
     now = config_json(config)
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    for key in [k for k in changed if k in MAY_CHANGE]:
+        note(f"resuming with {key} {now.get(key)} (the checkpoint's run had {saved.get(key)})")
+    changed = [k for k in changed if k not in MAY_CHANGE]
     if changed:
         raise ValueError(f"the checkpoint was written with other settings ({', '.join(changed)}): resume with the "
                          "settings it ran with")
+
+
+# -- what else defines a run ------------------------------------------------------------------------------------
+
+RUN_PARTS = {"data": "training and held-out rows (--data, --data-split, --eval-fraction)",
+             "model": "starting model (--model)", "reference": "KL reference (--reference, by default --model)",
+             "reward_model": "reward model (--reward-model)", "reward_fn": "reward function (--reward-fn)",
+             "eval_fn": "eval function (--eval-fn)", "ptx": "pre-training rows (--ptx-data)"}
+"""What defines a run beside its config, recorded in its checkpoints as fingerprints and compared on resume."""
+
+
+def rows_fingerprint(*row_sets) -> str | None:
+    """SHA-256 of the rows (datasets.Dataset or lists of dicts), in order; None for no row sets."""
+    if all(rows is None for rows in row_sets):
+        return None
+    digest = hashlib.sha256()
+    for rows in row_sets:
+        digest.update(b"\x00rows")
+        if rows is None:
+            continue
+        if hasattr(rows, "with_format"):  # a datasets.Dataset: its selected rows, a batch of them at a time
+            for start in range(0, len(rows), 4096):
+                batch = rows.with_format("arrow")[start:start + 4096].to_pylist()
+                digest.update(json.dumps(batch, sort_keys=True, default=str).encode())
+        else:
+            digest.update(json.dumps(list(rows), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def weights_fingerprint(module: torch.nn.Module | None) -> str | None:
+    """A fingerprint of a model's weights as they are: every tensor's name, shape, dtype and an even sample of up
+    to 4096 of its values (two fine-tunes of one model differ everywhere), so a model of any size is cheap."""
+    if module is None:
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float64)
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def function_fingerprint(fn) -> str | None:
+    """A reward or eval function by its name and source (a changed rule file is another function)."""
+    if fn is None:
+        return None
+    import inspect
+
+    name = getattr(fn, "__qualname__", type(fn).__qualname__)
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        source = ""
+    return f"{name}:{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+
+
+def check_same_run(saved: dict | None, now: dict) -> None:
+    """Refuses a checkpoint that another run wrote: one whose data, models or reward differ from this run's."""
+    if saved is None:
+        note("the checkpoint was written before runs recorded their data and models: they are not compared")
+        return
+    changed = [RUN_PARTS[k] for k in RUN_PARTS if saved.get(k) != now.get(k)]
+    if changed:
+        raise ValueError(f"the checkpoint was written by another run ({', '.join('other ' + c for c in changed)}): "
+                         "resume with what it ran with, or start a new run (--overwrite)")
 
 
 def resume_path(config, resume) -> str | os.PathLike:
@@ -406,18 +481,20 @@ class TrainedState:
     """The checkpoint of an SFT or reward-model run (loop.RunState): the trained models, their optimizers, the RNG,
     the losses and evaluations so far. eval_type rebuilds a saved evaluation (None: it is saved as it is)."""
 
-    def __init__(self, config, trained: Trained, eval_type: type | None = None):
-        self.config, self.trained, self.eval_type = config, trained, eval_type
+    def __init__(self, config, trained: Trained, eval_type: type | None = None, run: dict | None = None):
+        """run: what defines the run beside its config (RUN_PARTS: fingerprints of its rows and starting model)."""
+        self.config, self.trained, self.eval_type, self.run = config, trained, eval_type, run or {}
 
     def save(self, record: LoopRecord) -> None:
         tensors, optim_meta = training_tensors(self.trained)
-        state = {"config": config_json(self.config), "optimizers": optim_meta, "losses": record.history,
-                 "evals": evals_json(record.evals), "train_s": record.train_s}
+        state = {"config": config_json(self.config), "run": self.run, "optimizers": optim_meta,
+                 "losses": record.history, "evals": evals_json(record.evals), "train_s": record.train_s}
         save_checkpoint(self.config.output_dir, record.steps, tensors, state, self.config.keep_checkpoints)
 
     def restore(self, resume: bool | str, record: LoopRecord) -> None:
         tensors, state = load_checkpoint(resume_path(self.config, resume))
         check_same_config(state["config"], self.config)
+        check_same_run(state.get("run"), self.run)
         restore_training(self.trained, tensors, state["optimizers"])
         record.history, record.train_s, record.steps = state["losses"], state["train_s"], state["step"]
         record.evals = [(step, self.eval_type(**e) if self.eval_type is not None and e is not None else e)

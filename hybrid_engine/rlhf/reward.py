@@ -336,10 +336,13 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
             return evaluate_reward(trainer.forward, held_out, pad_id, config.eval_batch_size)
 
     checkpoint.check_supported(config, trainer.zero_stage, resume)
+    run = None if not (config.checkpoint_every or resume) else {  # what a resume must match
+        "data": checkpoint.rows_fingerprint(data.train, data.eval), "model": checkpoint.weights_fingerprint(model)}
     trainer.train(True)
     hooks = Trainer(step=train_step, evaluate=evaluate, optimizers=[(trainer.optimizer, config.lr)],
                     postfix=lambda loss: {"loss": f"{loss:.3f}"}, show_eval=lambda e: {"eval_acc": f"{e.accuracy:.3f}"},
-                    state=checkpoint.TrainedState(config, [("reward_model", model, trainer.optimizer)], RewardEval))
+                    state=checkpoint.TrainedState(config, [("reward_model", model, trainer.optimizer)], RewardEval,
+                                                  run=run))
     record = train_loop(len(train), config, hooks, "reward", progress, resume)
     trainer.train(False)
     if config.output_dir is not None:

@@ -184,11 +184,14 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
         return optimizer_step(engine, engine.module, sft_loss(engine, batch), config.max_grad_norm)
 
     checkpoint.check_supported(config, engine.zero_stage, resume)
+    run = None if not (config.checkpoint_every or resume) else {  # what a resume must match
+        "data": checkpoint.rows_fingerprint(data.train, data.eval),
+        "model": checkpoint.weights_fingerprint(engine.module)}
     engine.train()
     trainer = Trainer(step=train_step, evaluate=lambda: perplexity(engine, held_out, pad_id, config.eval_batch_size),
                       optimizers=[(engine.optimizer, config.lr)], postfix=lambda loss: {"loss": f"{loss:.3f}"},
                       show_eval=lambda ppl: {"eval_ppl": f"{ppl:.3f}"},
-                      state=checkpoint.TrainedState(config, [("model", engine.module, engine.optimizer)]))
+                      state=checkpoint.TrainedState(config, [("model", engine.module, engine.optimizer)], run=run))
     record = train_loop(len(train), config, trainer, "sft", progress, resume)
     if config.output_dir is not None:
         checkpoint.save_final(config.output_dir, functools.partial(_save, engine, tokenizer))
