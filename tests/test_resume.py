@@ -47,7 +47,7 @@ def test_checkpoints_hold_safetensors_and_json_only(cache, tmp_path):
     found = checkpoints(tmp_path)
     assert [p.name for p in found] == ["step-2", "step-4"]  # none at the last step: the saved model is the result
     for folder in found:
-        assert sorted(p.name for p in folder.iterdir()) == ["state.json", "tensors.safetensors"]
+        assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "state.json", "tensors.safetensors"]
     tensors, state = load_checkpoint(tmp_path)  # the newest
     assert state["step"] == 4 and len(state["losses"]) == 4
     assert "rng.torch" in tensors and any(k.startswith("model_optim.") for k in tensors)

@@ -24,6 +24,7 @@ from hybrid_engine.commands import run_keys
 from hybrid_engine.commands.config_args import add_config_args, build_config, load_config_file
 from hybrid_engine.commands.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
 from hybrid_engine.commands.noise import silence_known_noise
+from hybrid_engine.commands.outputs import OutputLock, claim_output
 from hybrid_engine.rlhf.data import (
     FORMATS,
     READS,
@@ -81,18 +82,34 @@ def add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: ty
     io.add_argument("--cache-dir", metavar="DIR", help="where `datasets` caches the converted files (default: "
                     "its own cache)")
     io.add_argument("--output", metavar="DIR", help="save the trained model, the tokenizer and summary.json here "
-                    f"(default: output_dir from --config, else {DEFAULT_OUTPUT[step]})")
+                    f"(default: output_dir from --config, else {DEFAULT_OUTPUT[step]}); a folder that holds an "
+                    "earlier run is refused unless --resume or --overwrite, and one that another run is using is "
+                    "refused")
+    io.add_argument("--overwrite", action="store_true", help="clear --output first when it holds an earlier run "
+                    "(its model, checkpoints and logs), and start a new run there")
     io.add_argument("--ds-config", metavar="FILE", help="a DeepSpeed JSON config to train under (ZeRO 0-3; run "
                     "with torchrun or deepspeed); its micro batch and clipping come from --batch-size and "
                     "--max-grad-norm. Default: torch AdamW (fused) in one process")
     io.add_argument("--config", metavar="FILE", help=f"a YAML or JSON file of {config_cls.__name__} settings, "
                     f"flat or under a '{step}:' section; flags override it")
     io.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
-    io.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --output "
-                    "(written with --checkpoint-every), with the same settings; the result is the same, to the bit, "
-                    "as a run that never stopped")
+    io.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint under "
+                    "--output (written with --checkpoint-every), with the same settings; the result is the same, to "
+                    "the bit, as a run that never stopped")
     settings = parser.add_argument_group(f"{config_cls.__name__} settings (also keys of --config)")
     add_config_args(settings, config_cls, skip=("output_dir",))
+
+
+def claim(args: argparse.Namespace, output: str, *extra: tuple[str, str | None], **inputs: str | None
+          ) -> OutputLock:
+    """Locks and checks the run's output folder (outputs.claim_output) for the run's --resume and --overwrite;
+    none of `inputs` (by flag name, '_' for '-': reward_model="out/reward"), the `extra` (flag, path) pairs,
+    --tokenizer, --data, --config and --ds-config may lie in it."""
+    given = [*extra, *((f"--{k.replace('_', '-')}", v) for k, v in inputs.items())]
+    given += [(flag, getattr(args, flag[2:].replace("-", "_"), None)) for flag in ("--tokenizer", "--config",
+                                                                                  "--ds-config")]
+    given += [("--data", parse_data(text).path) for text in getattr(args, "data", None) or []]
+    return claim_output(output, resume=args.resume, overwrite=args.overwrite, inputs=given)
 
 
 def quiet_libraries() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from hybrid_engine.commands import common, run_keys
 from hybrid_engine.commands.metrics import MetricsLog, plot_curves, read_metrics
 from hybrid_engine.commands.model_dirs import check_model_dir
-from hybrid_engine.rlhf.checkpoint import checkpoint_root, checkpoints
+from hybrid_engine.rlhf.checkpoint import newest_checkpoint, step_of
 from hybrid_engine.rlhf.data import WHOLE_FILE, DataConfig, load_step_data
 from hybrid_engine.rlhf.demo import rule_score_batch
 from hybrid_engine.rlhf.distributed import is_main_rank
@@ -101,6 +101,13 @@ def run_ppo(args: argparse.Namespace) -> int:
         raise ValueError(f"--critic {args.critic}: {config.algo} has no critic (only --algo ppo trains one)")
     reward_model, reward_fn, eval_fn = resolve_rewards(args)
     args.model = _model_dir(args.model, DEFAULT_MODEL, "--model", "sft")
+    ptx = [("--ptx-data", common.parse_data(d, "--ptx-data").path) for d in args.ptx_data or []]
+    with common.claim(args, config.output_dir, *ptx, model=args.model, reward_model=reward_model, critic=args.critic,
+                      reference=args.reference):  # one run in --output at a time
+        return _run(args, config, reward_model, reward_fn, eval_fn)
+
+
+def _run(args: argparse.Namespace, config: PPOConfig, reward_model, reward_fn, eval_fn) -> int:
     data = common.step_data(args, "ppo", config.seed)  # every row checked before the models load
     ptx_data = _ptx(args, config.seed)
     model, tokenizer = common.model_and_tokenizer(args, config.seed, data=data)
@@ -125,12 +132,12 @@ def run_ppo(args: argparse.Namespace) -> int:
 
 
 def resume_step(output_dir: str) -> int:
-    """The step of the newest checkpoint under output_dir (a clear error when there is none)."""
-    found = checkpoints(output_dir)
-    if not found:
-        raise ValueError(f"--resume: no checkpoint under {checkpoint_root(output_dir)} (write them with "
-                         "--checkpoint-every N)")
-    return int(found[-1].name.split("-")[1])
+    """The step of the checkpoint a resume continues, the newest intact one under output_dir (a clear error when
+    there is none)."""
+    try:
+        return step_of(newest_checkpoint(output_dir))
+    except ValueError as e:
+        raise ValueError(f"--resume: {e} (write them with --checkpoint-every N)") from None
 
 
 def _phase_totals(history: list[dict]) -> dict[str, float]:

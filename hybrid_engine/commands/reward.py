@@ -14,6 +14,7 @@ import dataclasses
 from hybrid_engine.commands.common import (
     add_training_args,
     before_after,
+    claim,
     model_and_tokenizer,
     preflight,
     quiet_libraries,
@@ -38,6 +39,11 @@ def run_reward(args: argparse.Namespace) -> int:
     """`hybrid-engine reward`: train_reward with the flags' settings, then the summary."""
     quiet_libraries()
     config = step_config(args, RewardConfig, "reward")
+    with claim(args, config.output_dir, model=args.model):  # one run in --output at a time
+        return _run(args, config)
+
+
+def _run(args: argparse.Namespace, config: RewardConfig) -> int:
     data = step_data(args, "reward", config.seed)  # every row checked before the model loads
     model, tokenizer = model_and_tokenizer(args, config.seed, reward_ok=True, data=data)
     preflight({"reward": config}, {"reward": data}, tokenizer, model, args.ds_config)  # before any work

@@ -15,6 +15,7 @@ from hybrid_engine.commands.common import (
     add_lora_args,
     add_training_args,
     before_after,
+    claim,
     lora_config,
     model_and_tokenizer,
     preflight,
@@ -40,6 +41,11 @@ def run_sft(args: argparse.Namespace) -> int:
     """`hybrid-engine sft`: train_sft with the flags' settings, then the summary."""
     quiet_libraries()
     config = step_config(args, SFTConfig, "sft")
+    with claim(args, config.output_dir, model=args.model):  # one run in --output at a time
+        return _run(args, config)
+
+
+def _run(args: argparse.Namespace, config: SFTConfig) -> int:
     lora = lora_config(args)
     data = step_data(args, "sft", config.seed)  # every row checked before the model loads
     model, tokenizer = model_and_tokenizer(args, config.seed, data=data)

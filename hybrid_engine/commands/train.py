@@ -5,7 +5,8 @@
     hybrid-engine train --set ppo.max_steps=20 --set sft.epochs=1
 
 The output directory gets sft/ (step 1's model), reward/ (step 2's), ppo/ (the final policy, its critic,
-metrics.jsonl and tensorboard/), train.png (the PPO curves) and summary.json. On the built-in demo task the
+metrics.jsonl and tensorboard/), train.png (the PPO curves) and summary.json. A second run into a folder that holds
+one is refused: --resume continues it, --overwrite replaces it. On the built-in demo task the
 summary also checks the default run's goals: a reward model of >= 90% held-out accuracy, and a held-out rule
 score raised at least halfway to its maximum with the KL to the reference below DEMO_KL_BOUND.
 """
@@ -74,7 +75,10 @@ def add_train_command(subparsers) -> None:
                    "(default on the demo data: its rule_score); given once")
     p.add_argument("--ds-config", metavar="FILE", help="a DeepSpeed JSON config every step trains under (run with "
                    "torchrun or deepspeed)")
-    p.add_argument("--output", metavar="DIR", default="out/train", help="where the steps write (default: out/train)")
+    p.add_argument("--output", metavar="DIR", default="out/train", help="where the steps write (default: out/train); "
+                   "a folder that holds an earlier run is refused unless --resume or --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="clear --output first when it holds an earlier run, and "
+                   "start a new one there")
     p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
     p.add_argument("--resume", action="store_true", help="continue a stopped run in --output: finished steps are "
                    "not run again, the step that was running resumes from its newest checkpoint (checkpoint_every "
@@ -204,6 +208,11 @@ def run_train(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     common.quiet_libraries()
     configs = step_configs(args)  # every setting is checked before any step starts
+    with common.claim(args, args.output, model=args.model):  # one run in --output at a time
+        return _run(args, configs, t_start)
+
+
+def _run(args: argparse.Namespace, configs: dict, t_start: float) -> int:
     progress = not args.no_progress
     sft_cfg, rm_cfg, ppo_cfg = configs["sft"], configs["reward"], configs["ppo"]
     demo = uses_demo(args)

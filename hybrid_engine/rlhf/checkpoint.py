@@ -1,10 +1,16 @@
 """Checkpoints of a training run, to resume it after a crash or a kill, to the bit.
 
 A checkpoint is a folder `checkpoints/step-N/` beside the run's output: `tensors.safetensors` (the trained
-weights, the optimizers' state tensors, the RNG states, an EMA) and `state.json` (the data position, the
-history so far, the optimizers' hyper-parameters). Loading one reads tensors and JSON only: no pickle. It is
-written to a temporary folder and renamed into place, so a kill mid-write leaves the previous checkpoint
-whole; the newest `keep` are kept.
+weights, the optimizers' state tensors, the RNG states, an EMA), `state.json` (the data position, the
+history so far, the optimizers' hyper-parameters) and `manifest.json` (the size and SHA-256 of each of the
+other two). Loading one reads tensors and JSON only: no pickle. It is written to a temporary folder and renamed
+into place, so a kill mid-write leaves the previous checkpoint whole; the run's newest `keep` are kept.
+
+Resuming checks every file against the manifest: a damaged newest checkpoint is named and the newest intact one
+is used. Checkpoints written before manifests existed load unchecked, with a note.
+
+A run never starts over an earlier run's checkpoints (check_output): it resumes them, or its output folder is
+cleared first. The final model is written atomically (save_final): to a temporary folder, then moved into place.
 
 Supported: plain torch in one process, and DeepSpeed ZeRO stage 0 (every rank holds the whole model and
 optimizer; rank 0 writes, every rank reads). ZeRO 1-3 partition the optimizer state across ranks and are
@@ -13,10 +19,13 @@ refused with a clear error.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,6 +38,16 @@ from hybrid_engine.rlhf.step_config import config_dict
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 FORMAT = "hybrid_engine.checkpoint.v1"
+MANIFEST = "manifest.json"
+"""A checkpoint's list of its files with their sizes and SHA-256 checksums."""
+FINAL_TMP = ".final.tmp"
+"""Where save_final writes the final model before moving it into the output folder."""
+
+
+def note(text: str) -> None:
+    """A one-line note on stderr, from rank 0 only."""
+    if rank_and_world()[0] == 0:
+        print(f"note: {text}", file=sys.stderr, flush=True)
 
 
 def check_supported(config, zero_stage: int | None, resume) -> None:
@@ -40,6 +59,38 @@ def check_supported(config, zero_stage: int | None, resume) -> None:
     if zero_stage not in (None, 0):
         raise ValueError(f"checkpoints (checkpoint_every, resume) support plain torch and DeepSpeed ZeRO stage 0; "
                          f"this run uses ZeRO stage {zero_stage}, which partitions the optimizer state")
+
+
+def check_output(config, resume) -> None:
+    """Before training: config.output_dir (when set) is a folder this run can write, and holds no checkpoints of
+    an earlier run unless this run resumes them (a new run would prune them in among its own, and a later resume
+    would continue the old run)."""
+    if config.output_dir is None:
+        return
+    check_writable(config.output_dir)
+    found = checkpoints(config.output_dir)
+    if found and not resume:
+        raise ValueError(f"{config.output_dir} holds checkpoints of an earlier run (newest {found[-1].name}): "
+                         "resume it (--resume, resume=True), or start over in an empty folder (the commands' "
+                         "--overwrite clears it)")
+
+
+def check_writable(output_dir: str | os.PathLike) -> None:
+    """Creates output_dir (rank 0) and writes a probe file there: a folder that cannot hold the model fails now,
+    not after training."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output folder {output_dir} is a file, not a folder: give a folder to save the model in")
+    if rank_and_world()[0] != 0:
+        return
+    probe = path / f".write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"hybrid-engine")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output folder {output_dir} is not writable ({e.strerror or e}): the trained model "
+                         "could not be saved there") from None
 
 
 # -- what goes in ---------------------------------------------------------------------------------------------
@@ -126,9 +177,15 @@ def checkpoint_root(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def step_of(folder: Path) -> int:
+    return int(STEP_DIR.match(folder.name).group(1))
+
+
 def save_checkpoint(output_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict,
                     keep: int = 2) -> Path | None:
-    """Writes checkpoints/step-<step>/ atomically on rank 0 (the others wait) and keeps the newest `keep`."""
+    """Writes checkpoints/step-<step>/ atomically on rank 0 (the others wait) with its manifest, and keeps the
+    run's newest `keep`. Checkpoints of later steps are not this run's past (left by the run it resumed from an
+    earlier checkpoint of, or damaged): they are removed, so that a later resume finds this run's newest."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{step}"
     if rank_and_world()[0] == 0:
@@ -138,14 +195,26 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, tensors: dict[str,
         save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"),
                   metadata={"format": FORMAT})
         (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "step": step, **state}) + "\n")
+        manifest = {"format": FORMAT, "files": {p.name: file_entry(p) for p in sorted(tmp.iterdir())}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in checkpoints(output_dir)[:-keep]:
+        found = checkpoints(output_dir)
+        for old in [p for p in found if step_of(p) > step] + [p for p in found if step_of(p) <= step][:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return final
+
+
+def file_entry(path: Path) -> dict:
+    """A manifest's record of one file: its size and SHA-256, read back from the disk."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -163,18 +232,131 @@ def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "state.json").is_file() and (p / "tensors.safetensors").is_file()]
 
 
+_checked: dict[tuple, str | None] = {}
+"""damage() of each checkpoint folder as its files stood (name, size, mtime) when checked."""
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder (None: nothing): each file against its manifest's size and SHA-256;
+    a checkpoint written before manifests existed is only read, with a note."""
+    key = (str(folder.resolve()), tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                               for p in folder.iterdir())))
+    if key not in _checked:
+        _checked[key] = _damage(folder)
+    return _checked[key]
+
+
+def _damage(folder: Path) -> str | None:
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        note(f"checkpoint {folder} has no checksums (written by an earlier version): it is read unchecked")
+        try:
+            json.loads((folder / "state.json").read_text())
+            load_file(str(folder / "tensors.safetensors"))
+        except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError, a JSON error: a damaged file
+            return f"unreadable ({type(e).__name__}: {e})"
+        return None
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"its {MANIFEST} is unreadable ({e})"
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, not the {want['bytes']} written"
+        if file_entry(path)["sha256"] != want["sha256"]:
+            return f"{name} does not match its SHA-256 checksum"
+    return None
+
+
+_noted: set[str] = set()
+
+
+def newest_checkpoint(output_dir: str | os.PathLike) -> Path:
+    """The newest intact checkpoint under output_dir; each damaged newer one is named in a note (once)."""
+    found = checkpoints(output_dir)
+    if not found:
+        raise ValueError(f"no checkpoint to resume from in {output_dir} (looked for "
+                         f"{checkpoint_root(output_dir)}/step-N)")
+    damaged = []
+    for folder in reversed(found):
+        problem = damage(folder)
+        if problem is None:
+            for bad, why in damaged:
+                text = f"checkpoint {bad} is damaged ({why}): resuming from {folder}, the newest intact one"
+                if text not in _noted:
+                    _noted.add(text)
+                    note(text)
+            return folder
+        damaged.append((folder, problem))
+    raise ValueError(f"every checkpoint under {checkpoint_root(output_dir)} is damaged: "
+                     + "; ".join(f"{folder.name}: {why}" for folder, why in damaged))
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, state) of a checkpoint folder (or of the newest one under an output directory)."""
+    """(tensors, state) of a checkpoint folder, or of the newest intact one under an output directory
+    (newest_checkpoint). Every file is checked against the checkpoint's manifest first."""
     path = Path(path)
-    if not (path / "state.json").is_file():
-        found = checkpoints(path)
-        if not found:
-            raise ValueError(f"no checkpoint to resume from in {path} (looked for {checkpoint_root(path)}/step-N)")
-        path = found[-1]
+    if (path / "state.json").is_file():
+        problem = damage(path)
+        if problem is not None:
+            raise ValueError(f"checkpoint {path} is damaged: {problem}")
+    else:
+        path = newest_checkpoint(path)
     state = json.loads((path / "state.json").read_text())
     if state.get("format") != FORMAT:
         raise ValueError(f"{path}: not a hybrid-engine checkpoint (format {state.get('format')!r})")
     return load_file(str(path / "tensors.safetensors")), state
+
+
+# -- the final model ----------------------------------------------------------------------------------------------
+
+
+def save_final(output_dir: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """The trained model into output_dir, atomically: write(folder) (every rank calls it; rank 0 writes) fills a
+    temporary folder beside the run's other files, whose entries are then renamed into output_dir. A failure (a
+    full disk) leaves none of the model there, and its error says where the newest checkpoint is."""
+    output = Path(output_dir)
+    tmp = output / FINAL_TMP
+    rank = rank_and_world()[0]
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        write(tmp)
+        if rank == 0:
+            for entry in sorted(tmp.iterdir()):
+                _fsync_tree(entry)
+            for entry in sorted(tmp.iterdir()):
+                target = output / entry.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
+            tmp.rmdir()
+    except Exception as e:  # OSError, or safetensors' SafetensorError wrapping one (a full disk)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        found = checkpoints(output)
+        kept = (f"the newest checkpoint, {found[-1]}, is kept: resume from it (--resume) once the fault is fixed"
+                if found else "no checkpoint was written to resume from (checkpoint_every, --checkpoint-every N)")
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise OSError(getattr(e, "errno", None), f"saving the trained model to {output_dir} failed ({why}); "
+                      f"none of it was left there; {kept}") from e
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _fsync_tree(path: Path) -> None:
+    if path.is_dir():
+        for child in path.iterdir():
+            _fsync_tree(child)
+    else:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 # -- a run's trained models -------------------------------------------------------------------------------------
@@ -207,12 +389,87 @@ def config_json(config, ignored: tuple[str, ...] = ("checkpoint_every", "keep_ch
     return {k: v for k, v in config_dict(config).items() if k not in ignored}
 
 
+MAY_CHANGE = ("max_steps",)
+"""Settings a resumed run may change (with a note) beside those config_json leaves out: the run goes on to the new
+step count, the learning-rate schedule following the new total from there."""
+
+
 def check_same_config(saved: dict, config) -> None:
     now = config_json(config)
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    for key in [k for k in changed if k in MAY_CHANGE]:
+        note(f"resuming with {key} {now.get(key)} (the checkpoint's run had {saved.get(key)})")
+    changed = [k for k in changed if k not in MAY_CHANGE]
     if changed:
         raise ValueError(f"the checkpoint was written with other settings ({', '.join(changed)}): resume with the "
                          "settings it ran with")
+
+
+# -- what else defines a run ------------------------------------------------------------------------------------
+
+RUN_PARTS = {"data": "training and held-out rows (--data, --data-split, --eval-fraction)",
+             "model": "starting model (--model)", "reference": "KL reference (--reference, by default --model)",
+             "reward_model": "reward model (--reward-model)", "reward_fn": "reward function (--reward-fn)",
+             "eval_fn": "eval function (--eval-fn)", "ptx": "pre-training rows (--ptx-data)"}
+"""What defines a run beside its config, recorded in its checkpoints as fingerprints and compared on resume."""
+
+
+def rows_fingerprint(*row_sets) -> str | None:
+    """SHA-256 of the rows (datasets.Dataset or lists of dicts), in order; None for no row sets."""
+    if all(rows is None for rows in row_sets):
+        return None
+    digest = hashlib.sha256()
+    for rows in row_sets:
+        digest.update(b"\x00rows")
+        if rows is None:
+            continue
+        if hasattr(rows, "with_format"):  # a datasets.Dataset: its selected rows, a batch of them at a time
+            for start in range(0, len(rows), 4096):
+                batch = rows.with_format("arrow")[start:start + 4096].to_pylist()
+                digest.update(json.dumps(batch, sort_keys=True, default=str).encode())
+        else:
+            digest.update(json.dumps(list(rows), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def weights_fingerprint(module: torch.nn.Module | None) -> str | None:
+    """A fingerprint of a model's weights as they are: every tensor's name, shape, dtype and an even sample of up
+    to 4096 of its values (two fine-tunes of one model differ everywhere), so a model of any size is cheap."""
+    if module is None:
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float64)
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def function_fingerprint(fn) -> str | None:
+    """A reward or eval function by its name and source (a changed rule file is another function)."""
+    if fn is None:
+        return None
+    import inspect
+
+    name = getattr(fn, "__qualname__", type(fn).__qualname__)
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        source = ""
+    return f"{name}:{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+
+
+def check_same_run(saved: dict | None, now: dict) -> None:
+    """Refuses a checkpoint that another run wrote: one whose data, models or reward differ from this run's."""
+    if saved is None:
+        note("the checkpoint was written before runs recorded their data and models: they are not compared")
+        return
+    changed = [RUN_PARTS[k] for k in RUN_PARTS if saved.get(k) != now.get(k)]
+    if changed:
+        raise ValueError(f"the checkpoint was written by another run ({', '.join('other ' + c for c in changed)}): "
+                         "resume with what it ran with, or start a new run (--overwrite)")
 
 
 def resume_path(config, resume) -> str | os.PathLike:
@@ -224,18 +481,20 @@ class TrainedState:
     """The checkpoint of an SFT or reward-model run (loop.RunState): the trained models, their optimizers, the RNG,
     the losses and evaluations so far. eval_type rebuilds a saved evaluation (None: it is saved as it is)."""
 
-    def __init__(self, config, trained: Trained, eval_type: type | None = None):
-        self.config, self.trained, self.eval_type = config, trained, eval_type
+    def __init__(self, config, trained: Trained, eval_type: type | None = None, run: dict | None = None):
+        """run: what defines the run beside its config (RUN_PARTS: fingerprints of its rows and starting model)."""
+        self.config, self.trained, self.eval_type, self.run = config, trained, eval_type, run or {}
 
     def save(self, record: LoopRecord) -> None:
         tensors, optim_meta = training_tensors(self.trained)
-        state = {"config": config_json(self.config), "optimizers": optim_meta, "losses": record.history,
-                 "evals": evals_json(record.evals), "train_s": record.train_s}
+        state = {"config": config_json(self.config), "run": self.run, "optimizers": optim_meta,
+                 "losses": record.history, "evals": evals_json(record.evals), "train_s": record.train_s}
         save_checkpoint(self.config.output_dir, record.steps, tensors, state, self.config.keep_checkpoints)
 
     def restore(self, resume: bool | str, record: LoopRecord) -> None:
         tensors, state = load_checkpoint(resume_path(self.config, resume))
         check_same_config(state["config"], self.config)
+        check_same_run(state.get("run"), self.run)
         restore_training(self.trained, tensors, state["optimizers"])
         record.history, record.train_s, record.steps = state["losses"], state["train_s"], state["step"]
         record.evals = [(step, self.eval_type(**e) if self.eval_type is not None and e is not None else e)

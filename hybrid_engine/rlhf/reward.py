@@ -295,6 +295,12 @@ def evaluate_reward(forward, examples: Sequence[dict], pad_id: int, batch_size: 
                       rejected_mean=float(r.mean()), loss=float(pairwise_loss(c, r)))
 
 
+def _save(model: RewardModel, tokenizer, directory) -> None:
+    model.save_pretrained(directory)
+    if rank_and_world()[0] == 0:
+        tokenizer.save_pretrained(directory)
+
+
 def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig | None = None, ds_config=None,
                  progress: bool = True, resume: bool | str = False) -> RewardResult:
     """Train a reward model on data.train's (prompt, chosen, rejected) pairs, evaluating on data.eval before,
@@ -308,6 +314,7 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
     config = config or RewardConfig()
     t_start = time.perf_counter()
     pad_id = pad_id_of(tokenizer)  # before any work
+    checkpoint.check_output(config, resume)
     ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm)
     torch.manual_seed(config.seed)
     model = prepare_training(RewardModel.load(model_or_path), config)
@@ -329,16 +336,17 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
             return evaluate_reward(trainer.forward, held_out, pad_id, config.eval_batch_size)
 
     checkpoint.check_supported(config, trainer.zero_stage, resume)
+    run = None if not (config.checkpoint_every or resume) else {  # what a resume must match
+        "data": checkpoint.rows_fingerprint(data.train, data.eval), "model": checkpoint.weights_fingerprint(model)}
     trainer.train(True)
     hooks = Trainer(step=train_step, evaluate=evaluate, optimizers=[(trainer.optimizer, config.lr)],
                     postfix=lambda loss: {"loss": f"{loss:.3f}"}, show_eval=lambda e: {"eval_acc": f"{e.accuracy:.3f}"},
-                    state=checkpoint.TrainedState(config, [("reward_model", model, trainer.optimizer)], RewardEval))
+                    state=checkpoint.TrainedState(config, [("reward_model", model, trainer.optimizer)], RewardEval,
+                                                  run=run))
     record = train_loop(len(train), config, hooks, "reward", progress, resume)
     trainer.train(False)
     if config.output_dir is not None:
-        model.save_pretrained(config.output_dir)
-        if rank_and_world()[0] == 0:
-            tokenizer.save_pretrained(config.output_dir)
+        checkpoint.save_final(config.output_dir, functools.partial(_save, model, tokenizer))
     return RewardResult(losses=record.history, before=record.evals[0][1], after=record.evals[-1][1],
                         evals=record.evals, steps=record.steps, train_s=record.train_s,
                         wall_s=time.perf_counter() - t_start, token_stats=stats, model=model)

@@ -147,6 +147,12 @@ def _engine(model, config: SFTConfig, ds_config, lora) -> HybridEngine:
     return engine
 
 
+def _save(engine: HybridEngine, tokenizer, directory) -> None:
+    engine.save_pretrained(directory)
+    if rank_and_world()[0] == 0:
+        tokenizer.save_pretrained(directory)
+
+
 def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None, ds_config=None, lora=None,
               progress: bool = True, resume: bool | str = False) -> SFTResult:
     """Fine-tune `model` (an HF causal LM, a directory, or a HybridEngine) on data.train's (prompt, response)
@@ -161,6 +167,7 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
     config = config or SFTConfig()
     t_start = time.perf_counter()
     pad_id = pad_id_of(tokenizer)  # before any work
+    checkpoint.check_output(config, resume)
     torch.manual_seed(config.seed)
     engine = _engine(model, config, ds_config, lora)
     check_vocab(tokenizer, base_model(engine.module).config.vocab_size)
@@ -177,16 +184,17 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
         return optimizer_step(engine, engine.module, sft_loss(engine, batch), config.max_grad_norm)
 
     checkpoint.check_supported(config, engine.zero_stage, resume)
+    run = None if not (config.checkpoint_every or resume) else {  # what a resume must match
+        "data": checkpoint.rows_fingerprint(data.train, data.eval),
+        "model": checkpoint.weights_fingerprint(engine.module)}
     engine.train()
     trainer = Trainer(step=train_step, evaluate=lambda: perplexity(engine, held_out, pad_id, config.eval_batch_size),
                       optimizers=[(engine.optimizer, config.lr)], postfix=lambda loss: {"loss": f"{loss:.3f}"},
                       show_eval=lambda ppl: {"eval_ppl": f"{ppl:.3f}"},
-                      state=checkpoint.TrainedState(config, [("model", engine.module, engine.optimizer)]))
+                      state=checkpoint.TrainedState(config, [("model", engine.module, engine.optimizer)], run=run))
     record = train_loop(len(train), config, trainer, "sft", progress, resume)
     if config.output_dir is not None:
-        engine.save_pretrained(config.output_dir)
-        if rank_and_world()[0] == 0:
-            tokenizer.save_pretrained(config.output_dir)
+        checkpoint.save_final(config.output_dir, functools.partial(_save, engine, tokenizer))
     return SFTResult(losses=record.history, eval_perplexity_before=record.evals[0][1],
                      eval_perplexity_after=record.evals[-1][1], evals=record.evals, steps=record.steps,
                      train_tokens=tokens, train_s=record.train_s, wall_s=time.perf_counter() - t_start,

@@ -104,6 +104,7 @@ def train_ppo(models: ModelSources | Models, tokenizer, data: StepData, config: 
     pad_id_of(tokenizer)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token: a response could never end")
+    checkpoint.check_output(config, resume)
     torch.manual_seed(config.seed)
     models = models if isinstance(models, Models) else build_models(models, config)
     check_vocab(tokenizer, base_model(models.actor.module).config.vocab_size)
@@ -114,6 +115,7 @@ def train_ppo(models: ModelSources | Models, tokenizer, data: StepData, config: 
                  ema=None if config.ema_beta is None else ActorEMA(models.actor.module, config.ema_beta),
                  ptx=None if ptx_data is None else PTXBatches(ptx_data, tokenizer, config))
     checkpoint.check_supported(config, models.actor.zero_stage, resume)
+    defines = None if not (config.checkpoint_every or resume) else _defines(models, data, ptx_data)
     models.actor.train()
     trainer = Trainer(
         step=lambda rows, step: ppo_step(run, train, rows, step),
@@ -122,16 +124,27 @@ def train_ppo(models: ModelSources | Models, tokenizer, data: StepData, config: 
         + ([] if models.critic is None else [(models.critic.optimizer, config.critic_lr)]),
         postfix=lambda record: {"score": f"{record['score']:.3f}", "kl": f"{record['kl']:.2f}"},
         on_step=log, on_eval=None if log is None else functools.partial(_log_eval, log),
-        state=PPORunState(run))
+        state=PPORunState(run, defines))
     record = train_loop(len(train.examples), config, trainer, config.algo, progress, resume)
     if config.output_dir is not None:
-        _save(run, config.output_dir)
+        checkpoint.save_final(config.output_dir, functools.partial(_save, run))
     history = record.history
     return PPOResult(history=history, before=record.evals[0][1], after=record.evals[-1][1], evals=record.evals,
                      steps=record.steps, skipped=sum(r["skipped"] for r in history),
                      logprob_source=history[-1]["logprob_source"] if history else "",
                      wall_s=time.perf_counter() - t_start, token_stats=train.stats, actor=models.actor,
                      critic=models.critic_model, ema=run.ema)
+
+
+def _defines(models: Models, data: StepData, ptx_data) -> dict:
+    """What a resume of this run must match beside its config (checkpoint.RUN_PARTS), taken before training."""
+    fp = checkpoint.weights_fingerprint
+    return {"data": checkpoint.rows_fingerprint(data.train, data.eval), "model": fp(models.actor.module),
+            "reference": fp(models.reference.model), "reward_model": fp(None if models.reward is None
+                                                                         else models.reward.model),
+            "reward_fn": checkpoint.function_fingerprint(models.reward_fn),
+            "eval_fn": checkpoint.function_fingerprint(models.eval_fn),
+            "ptx": checkpoint.rows_fingerprint(ptx_data.train if isinstance(ptx_data, StepData) else ptx_data)}
 
 
 def ppo_step(run: PPORun, prompts: Prompts, indices: list[int], step: int) -> dict:

@@ -1,7 +1,8 @@
 """A PPO run's checkpoint (loop.RunState): everything train_ppo needs to go on as if it had never stopped.
 
 Tensors: the actor's and the critic's weights and optimizer states, the EMA, torch's RNG and the actor's
-sampling generator. JSON: the config it ran with (a resumed run must use the same), the step records and
+sampling generator. JSON: the config it ran with and fingerprints of its data, models and reward functions (a
+resumed run must use the same), the step records and
 evaluations so far, the KL controller's coefficient and the pre-training data's position (and, for reading,
 the skip count and where the old log-probs came from). The prompt order needs no state: it is a function of
 (seed, epoch), and the step count says where it was.
@@ -17,8 +18,9 @@ from hybrid_engine.rlhf.ppo.config import PolicyEval, saved_config
 class PPORunState:
     """The checkpoint of a run over `run` (driver.PPORun: its config, models, EMA, KL controller and PTX data)."""
 
-    def __init__(self, run):
-        self.run = run
+    def __init__(self, run, defines: dict | None = None):
+        """defines: what defines the run beside its config (checkpoint.RUN_PARTS), compared on resume."""
+        self.run, self.defines = run, defines or {}
 
     def _trained(self) -> ckpt.Trained:
         models = self.run.models
@@ -33,8 +35,9 @@ class PPORunState:
         tensors, optim_meta = ckpt.training_tensors(self._trained(), {"actor_sampler": run.models.actor.generator})
         if run.ema is not None:
             tensors.update(run.ema.state_tensors())
-        state = {"config": ckpt.config_json(run.config), "optimizers": optim_meta, "history": record.history,
-                 "evals": evals_json(record.evals), "skipped": sum(r["skipped"] for r in record.history),
+        state = {"config": ckpt.config_json(run.config), "run": self.defines, "optimizers": optim_meta,
+                 "history": record.history, "evals": evals_json(record.evals),
+                 "skipped": sum(r["skipped"] for r in record.history),
                  "logprob_source": record.history[-1]["logprob_source"] if record.history else "",
                  "kl_coef": run.kl_ctl.value, "ptx": None if run.ptx is None else [run.ptx.epoch, run.ptx.taken]}
         ckpt.save_checkpoint(run.config.output_dir, record.steps, tensors, state, run.config.keep_checkpoints)
@@ -44,6 +47,7 @@ class PPORunState:
         run = self.run
         tensors, state = ckpt.load_checkpoint(ckpt.resume_path(run.config, resume))
         ckpt.check_same_config(saved_config(state["config"]), run.config)
+        ckpt.check_same_run(state.get("run"), self.defines)
         ckpt.restore_training(self._trained(), tensors, state["optimizers"],
                               {"actor_sampler": run.models.actor.generator})
         if run.ema is not None:
