@@ -68,18 +68,26 @@ def _model_dir(given: str | None, default: str, flag: str, step: str, reward_ok:
     return str(check_model_dir(given or default, flag, reward_ok=reward_ok))
 
 
-def resolve_rewards(args: argparse.Namespace) -> tuple[str | None, object | None, object | None]:
-    """(the reward model's directory or None, the reward function or None, the eval function or None)."""
+def check_reward_flags(args: argparse.Namespace, config: PPOConfig) -> tuple[object | None, object | None]:
+    """The flags about rewards checked together, before any directory is looked at: (the reward function or None,
+    the eval function or None), both loaded (their files run) so that a bad one fails before any work."""
+    if args.critic is not None and config.algo != "ppo":
+        raise ValueError(f"--critic {args.critic}: {config.algo} has no critic (only --algo ppo trains one)")
     if args.no_reward_model and args.reward_model:
         raise ValueError(f"--reward-model {args.reward_model} and --no-reward-model exclude each other: give one")
-    reward_model = None
-    if not args.no_reward_model and (args.reward_model or not args.reward_fn):
-        reward_model = _model_dir(args.reward_model, DEFAULT_REWARD_MODEL, "--reward-model", "reward", reward_ok=True)
     if args.no_reward_model and not args.reward_fn:
         raise ValueError("--no-reward-model needs --reward-fn: PPO needs a reward")
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # a bad one fails before any work
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     eval_fn = load_reward_fn(args.eval_fn) if args.eval_fn else (rule_score_batch if args.demo else None)
-    return reward_model, reward_fn, eval_fn
+    return reward_fn, eval_fn
+
+
+def reward_model_dir(args: argparse.Namespace) -> str | None:
+    """The reward model's directory: --reward-model, else out/reward unless --no-reward-model or a --reward-fn
+    alone."""
+    if args.no_reward_model or not (args.reward_model or not args.reward_fn):
+        return None
+    return _model_dir(args.reward_model, DEFAULT_REWARD_MODEL, "--reward-model", "reward", reward_ok=True)
 
 
 def _ptx(args: argparse.Namespace, seed: int):
@@ -97,10 +105,9 @@ def run_ppo(args: argparse.Namespace) -> int:
     """`hybrid-engine ppo`: train_ppo with the flags' settings, then the logs, the plot and the summary."""
     common.quiet_libraries()
     config = common.step_config(args, PPOConfig, "ppo", run_keys.PPO)
-    if args.critic is not None and config.algo != "ppo":
-        raise ValueError(f"--critic {args.critic}: {config.algo} has no critic (only --algo ppo trains one)")
-    reward_model, reward_fn, eval_fn = resolve_rewards(args)
+    reward_fn, eval_fn = check_reward_flags(args, config)
     args.model = _model_dir(args.model, DEFAULT_MODEL, "--model", "sft")
+    reward_model = reward_model_dir(args)
     ptx = [("--ptx-data", common.parse_data(d, "--ptx-data").path) for d in args.ptx_data or []]
     with common.claim(args, config.output_dir, *ptx, model=args.model, reward_model=reward_model, critic=args.critic,
                       reference=args.reference):  # one run in --output at a time

@@ -120,8 +120,8 @@ def step_configs(args: argparse.Namespace) -> dict:
     """{step: its config dataclass} from the config file (or the built-in default) and --set. The file's run
     settings (model, data, reward_fn, ...: run_keys.py) are set on `args` where their flags were not given."""
     path = args.config or DEFAULT_CONFIG
-    check_overrides(args.set)
     values = ConfigValues(apply_overrides(load_config_file(path), args.set), str(path))
+    check_overrides(args.set)
     values, settings = run_keys.split_run_keys(values, run_keys.TRAIN)
     run_keys.apply_run_keys(args, settings)
     out = {}
