@@ -325,7 +325,7 @@ def test_set_reads_values_as_yaml_into_sections_and_nested_tokens(tmp_path):
     args = build_parser().parse_args(["train", "--output", str(tmp_path), "--set", "ppo.tokens.max_prompt_len=8",
                                       "--set", "reward.max_steps=3", "--set", "seed=9"])
     configs = step_configs(args)
-    assert configs["ppo"].tokens.max_prompt_len == 8 and configs["sft"].tokens.max_prompt_len == 96  # train.yaml
+    assert configs["ppo"].tokens.max_prompt_len == 8 and configs["sft"].tokens.max_prompt_len == 256
     assert configs["reward"].max_steps == 3 and configs["ppo"].max_steps == 150  # the built-in default's
     assert {c.seed for c in configs.values()} == {9}
     assert configs["ppo"].output_dir == str(tmp_path / "ppo")
