@@ -43,8 +43,8 @@ def test_conflicting_or_malformed_flags_are_one_line_errors(argv, words, tmp_pat
 
 
 def test_set_keys_are_checked_alone_but_values_together():
-    """sft.max_seq_len=100 alone is below the default max_prompt_len (256); with train.yaml's 96 it is valid."""
-    args = build_parser().parse_args(["train", "--set", "sft.max_seq_len=100"])
+    """sft.max_seq_len=100 alone is below the default max_prompt_len (256); with sft.max_prompt_len=50 it is valid."""
+    args = build_parser().parse_args(["train", "--set", "sft.max_seq_len=100", "--set", "sft.max_prompt_len=50"])
     assert step_configs(args)["sft"].tokens.max_seq_len == 100
 
 
