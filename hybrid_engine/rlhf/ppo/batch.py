@@ -110,16 +110,6 @@ def call_reward_fn(fn: RewardFn, prompts: list[str], completions: list[str], ext
     return torch.tensor(values, dtype=torch.float64)
 
 
-def all_finite(*tensors: torch.Tensor | None) -> bool:
-    """Whether every given tensor is finite on every rank (all ranks get the same answer)."""
-    ok = all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
-    if torch.distributed.is_initialized():
-        flag = torch.tensor([0.0 if ok else 1.0])
-        torch.distributed.all_reduce(flag)
-        ok = float(flag) == 0.0
-    return ok
-
-
 # -- 3. targets ---------------------------------------------------------------------------------------------------
 
 
