@@ -18,7 +18,8 @@ from pathlib import Path
 import datasets
 import transformers
 
-from hybrid_engine.commands.config_args import add_config_args, build_config, load_config_file
+from hybrid_engine.commands.config_args import add_config_args, build_config, file_settings, load_config_file
+from hybrid_engine.commands.ds_lr import given_lrs, lr_from_ds_config
 from hybrid_engine.commands.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
 from hybrid_engine.rlhf.data import (
     FORMATS,
@@ -101,10 +102,14 @@ def quiet_libraries() -> None:
 
 
 def step_config(args: argparse.Namespace, config_cls: type, step: str):
-    """The step's config: explicit flags over the --config file over the defaults; output_dir from --output."""
+    """The step's config: explicit flags over the --config file over the defaults; output_dir from --output; the
+    learning rates the user did not give from --ds-config's optimizer (ds_lr.lr_from_ds_config)."""
     file_values = load_config_file(args.config) if args.config else {}
     config = build_config(config_cls, args, file_values, section=step)
-    return dataclasses.replace(config, output_dir=args.output or config.output_dir or DEFAULT_OUTPUT[step])
+    config = dataclasses.replace(config, output_dir=args.output or config.output_dir or DEFAULT_OUTPUT[step])
+    given = given_lrs(file_settings(config_cls, file_values, step, args.config or ""), f"from {args.config}")
+    given.update({name: "from the flag" for name in given_lrs(vars(args), "")})
+    return lr_from_ds_config(config, given, args.ds_config, step)
 
 
 class Once(argparse.Action):

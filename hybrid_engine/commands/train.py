@@ -26,7 +26,8 @@ import yaml
 
 from hybrid_engine._build import cpu_id, cpu_model
 from hybrid_engine.commands import common
-from hybrid_engine.commands.config_args import ConfigValues, build_config, load_config_file
+from hybrid_engine.commands.config_args import ConfigValues, build_config, file_settings, load_config_file
+from hybrid_engine.commands.ds_lr import given_lrs, lr_from_ds_config
 from hybrid_engine.commands.metrics import MetricsLog, plot_curves, read_metrics
 from hybrid_engine.commands.ppo import logprob_note, ppo_summary, resume_step
 from hybrid_engine.rlhf.checkpoint import checkpoints
@@ -101,13 +102,16 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 
 def step_configs(args: argparse.Namespace) -> dict:
-    """{step: its config dataclass} from the config file (or the built-in default) and --set."""
+    """{step: its config dataclass} from the config file (or the built-in default) and --set; the learning rates
+    neither gives from --ds-config's optimizer (ds_lr.lr_from_ds_config)."""
     path = args.config or DEFAULT_CONFIG
     values = ConfigValues(apply_overrides(load_config_file(path), args.set), str(path))
     out = {}
     for step, cls in (("sft", SFTConfig), ("reward", RewardConfig), ("ppo", PPOConfig)):
         config = build_config(cls, None, values, section=step, skip=("output_dir",))
-        out[step] = dataclasses.replace(config, output_dir=os.path.join(args.output, step))
+        config = dataclasses.replace(config, output_dir=os.path.join(args.output, step))
+        given = given_lrs(file_settings(cls, values, step, str(path), skip=("output_dir",)), f"from {path}")
+        out[step] = lr_from_ds_config(config, given, args.ds_config, step)
     return out
 
 

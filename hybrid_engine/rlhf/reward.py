@@ -315,7 +315,7 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
     config = config or RewardConfig()
     t_start = time.perf_counter()
     pad_id = pad_id_of(tokenizer)  # before any work
-    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm)
+    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm, config.lr)
     torch.manual_seed(config.seed)
     model = prepare_training(RewardModel.load(model_or_path), config)
     check_vocab(tokenizer, model.config.vocab_size)

@@ -145,7 +145,7 @@ def _engine(model, config: SFTConfig, ds_config, lora) -> HybridEngine:
                              "when building it, not to train_sft")
         prepare_training(model.module, config)
         return model
-    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm)
+    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm, config.lr)
     has_ds_optimizer = ds_config is not None and "optimizer" in ds_config
     optimizer = functools.partial(adamw, lr=config.lr, weight_decay=config.weight_decay)
     engine = HybridEngine(model, ds_config=ds_config, lora=lora, optimizer=None if has_ds_optimizer else optimizer,

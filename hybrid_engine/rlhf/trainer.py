@@ -48,10 +48,11 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return changed
 
 
-def training_ds_config(ds_config, batch_size: int, max_grad_norm: float | None) -> dict | None:
+def training_ds_config(ds_config, batch_size: int, max_grad_norm: float | None, lr: float | None = None) -> dict | None:
     """The DeepSpeed config a step trains under: `ds_config` (dict or JSON path) with its micro batch set to
-    batch_size and its gradient clipping to max_grad_norm. A ds_config that says otherwise, accumulates
-    gradients or brings its own scheduler (the step's config owns the schedule) is refused."""
+    batch_size, its gradient clipping to max_grad_norm and, when it brings an optimizer and `lr` is given, that
+    optimizer's lr to `lr` (optimizer_lr). A ds_config that says otherwise about the batch or the clipping,
+    accumulates gradients or brings its own scheduler (the step's config owns the schedule) is refused."""
     if ds_config is None:
         return None
     config = load_ds_config(ds_config)  # checks the file and the ZeRO stage, copies
@@ -67,6 +68,19 @@ def training_ds_config(ds_config, batch_size: int, max_grad_norm: float | None) 
         raise ValueError("ds_config['scheduler']: the learning-rate schedule is the step config's (lr, warmup_steps, "
                          "schedule); remove the scheduler")
     config.update(wanted)
+    return config if lr is None else optimizer_lr(config, lr)
+
+
+def optimizer_lr(ds_config: dict | None, lr: float) -> dict | None:
+    """A copy of `ds_config` (None for None) whose optimizer, when it brings one, has optimizer.params.lr = lr:
+    the step config's lr is the peak the schedule scales every step (loop.train_loop), so the optimizer DeepSpeed
+    builds starts from it too. The command line takes a ds_config's lr into the step config unless the lr is given
+    (commands/ds_lr.py)."""
+    if ds_config is None:
+        return None
+    config = json.loads(json.dumps(ds_config))
+    if "optimizer" in config:
+        config["optimizer"].setdefault("params", {})["lr"] = lr
     return config
 
 
