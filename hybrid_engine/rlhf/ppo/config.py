@@ -70,6 +70,10 @@ class PPOConfig(StepConfig):
     and not exact, so the old log-probs are then recomputed by a training forward."""
     reward_fn_weight: float = 1.0
     """The weight of the reward function's values in the score, when one is given beside the reward model."""
+    reward_timeout: float | None = 600.0
+    """Seconds the reward and eval functions may take on one batch before the call is given up: the step's update is
+    then skipped (nonfinite "skip", the function's values NaN) or the run stops with RewardTimeout ("stop"). The call
+    left running finishes in a background thread, its result discarded. None: no limit."""
     eval_max_new_tokens: int | None = None
     """The longest response of an evaluation rollout; None: max_new_tokens."""
     disable_dropout: bool = True
@@ -129,6 +133,8 @@ class PPOConfig(StepConfig):
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.kl_coef < 0 or self.ptx_coef < 0:
             raise ValueError(f"kl_coef and ptx_coef must be >= 0, got {self.kl_coef} and {self.ptx_coef}")
+        if self.reward_timeout is not None and not self.reward_timeout > 0:
+            raise ValueError(f"reward_timeout must be positive (seconds) or None, got {self.reward_timeout!r}")
         if self.ema_beta is not None and not 0 <= self.ema_beta <= 1:
             raise ValueError(f"ema_beta must be in [0, 1] or None, got {self.ema_beta!r}")
 
