@@ -175,7 +175,7 @@ def test_a_flag_beats_the_file_which_beats_the_default(tmp_path, suffix, values)
     assert config.lr == 0.2 and config.tokens.max_seq_len == 100  # flags
     assert config.max_steps == 7 and config.batch_size == 4 and config.tokens.max_prompt_len == 32  # file
     assert config.tokens.use_chat_template is False
-    assert config.epochs == 1 and config.seed == 1234 and config.tokens.over_long == "truncate"  # defaults
+    assert config.epochs is None and config.seed == 1234 and config.tokens.over_long == "truncate"  # defaults
     assert sft_config([], file).lr == 0.01
 
 

@@ -398,7 +398,8 @@ def test_a_reward_function_of_the_wrong_output_is_refused(data, rm, fn, match):
 
 
 def nan_on_call(n: int):
-    """A reward function whose n-th call scores one completion NaN."""
+    """A reward function whose n-th call scores one completion NaN (call 1 is the held-out evaluation before
+    training, call k + 1 is step k's)."""
     calls = []
 
     def fn(prompts, completions, **fields):
@@ -415,7 +416,7 @@ def test_a_nan_score_skips_its_step_and_trains_on(data, rm):
     actor = demo_actor()
     snapshots = []
     log = snapshot_after_each_step(actor, snapshots)
-    result = run(data, config(nonfinite="skip", ema_beta=0.5), rm, actor=actor, reward_fn=nan_on_call(2), log=log)
+    result = run(data, config(nonfinite="skip", ema_beta=0.5), rm, actor=actor, reward_fn=nan_on_call(3), log=log)
     assert result.steps == 3 and result.skipped == 1
     first, nan_step, third = result.history
     assert nan_step["skipped"] == 1 and math.isnan(nan_step["score"]) and "policy_loss" not in nan_step
@@ -427,15 +428,18 @@ def test_a_nan_score_skips_its_step_and_trains_on(data, rm):
 
 def test_a_nan_score_stops_the_run_when_asked(data, rm):
     with pytest.raises(NonFiniteError, match=r"PPO step 2: the scores or advantages hold NaN or inf"):
-        run(data, config(nonfinite="stop"), rm, reward_fn=nan_on_call(2))
+        run(data, config(nonfinite="stop"), rm, reward_fn=nan_on_call(3))
 
 
 def test_an_inf_score_of_a_group_algorithm_is_skipped(data):
-    def inf_fn(prompts, completions, **fields):
-        return [math.inf] + [1.0] * (len(completions) - 1)
+    calls = []
+
+    def inf_fn(prompts, completions, **fields):  # inf in step 1 (call 2; call 1 is the evaluation before training)
+        calls.append(1)
+        return [math.inf if len(calls) == 2 else 1.0] + [1.0] * (len(completions) - 1)
 
     result = run(data, config("grpo", max_steps=2), reward_fn=inf_fn)
-    assert result.skipped == 2 and all(r["skipped"] == 1 for r in result.history)
+    assert result.skipped == 1 and [r["skipped"] for r in result.history] == [1, 0]
 
 
 # -- the EMA and what a run saves ------------------------------------------------------------------------------------

@@ -300,7 +300,7 @@ def test_a_second_reward_or_eval_function_is_refused(command, flag, capsys):
     ("ppo.max_stepz=3", r"section 'ppo': unknown key 'max_stepz' \(did you mean 'max_steps'\?\)"),
     ("ppo.max_steps=abc", r"section 'ppo': 'max_steps' must be int or null, got str 'abc'"),
     ("sft.lr=fast", r"section 'sft': 'lr' must be float, got str 'fast'"),
-    ("sft.epochs=0", r"epochs must be a positive integer, got 0"),
+    ("sft.epochs=0", r"epochs must be a positive integer or None, got 0"),
     ("ppo.algo=dpo", r"algo must be one of \('ppo', 'grpo', 'rloo'\), got 'dpo'"),
     ("rewrd.lr=1", r"unknown key 'rewrd'"),
     ("ppo..lr=1", r"--set 'ppo..lr=1': expected STEP.KEY=VALUE"),

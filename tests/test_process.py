@@ -13,6 +13,9 @@ from hybrid_engine.commands import main as main_module
 from hybrid_engine.commands import process
 from hybrid_engine.commands.common import parse_data
 from hybrid_engine.commands.main import build_parser
+from hybrid_engine.rlhf.ppo import PPOConfig
+from hybrid_engine.rlhf.ppo.update import finite_or_skip
+from hybrid_engine.rlhf.reward_fn import call_with_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +61,11 @@ def test_what_counts_as_a_users_mistake(tmp_path):
 
     assert process.user_error_status(caught(lambda: parse_data("a.jsonl:x"))) == process.EXIT_USAGE
     assert process.user_error_status(caught(lambda: open(tmp_path / "missing"))) == process.EXIT_ERROR
+    # A run that met NaN (nonfinite='stop', or every update skipped) and a reward function that timed out: one line.
+    assert process.user_error_status(caught(lambda: finite_or_skip(False, "the scores", 3, PPOConfig(
+        nonfinite="stop")))) == process.EXIT_ERROR
+    timed_out = caught(lambda: call_with_timeout(lambda secs: time.sleep(secs), 0.01, {"secs": 0.5}))
+    assert process.user_error_status(timed_out) == process.EXIT_ERROR
     # Raised outside hybrid_engine (here the test's own code, as a user's --reward-fn would be): a traceback.
     assert process.user_error_status(caught(lambda: int("x"))) is None
     assert process.user_error_status(caught(lambda: [][1])) is None

@@ -21,7 +21,8 @@ import torch
 import transformers
 
 from hybrid_engine.commands import run_keys
-from hybrid_engine.commands.config_args import add_config_args, build_config, load_config_file
+from hybrid_engine.commands.config_args import add_config_args, build_config, file_settings, load_config_file
+from hybrid_engine.commands.ds_lr import given_lrs, lr_from_ds_config
 from hybrid_engine.commands.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
 from hybrid_engine.commands.noise import silence_known_noise
 from hybrid_engine.commands.outputs import OutputLock, claim_output
@@ -124,13 +125,18 @@ def quiet_libraries() -> None:
 
 
 def step_config(args: argparse.Namespace, config_cls: type, step: str, run: Iterable[str] = run_keys.STEP):
-    """The step's config: explicit flags over the --config file over the defaults; output_dir from --output. The
-    file's run settings (`run`: model, data, ...; run_keys.py) are set on `args` where their flags were not given."""
+    """The step's config: explicit flags over the --config file over the defaults; output_dir from --output; the
+    learning rates the user did not give from --ds-config's optimizer (ds_lr.lr_from_ds_config). The file's run
+    settings (`run`: model, data, ...; run_keys.py) are set on `args` where their flags were not given."""
     file_values = load_config_file(args.config) if args.config else {}
     file_values, settings = run_keys.split_run_keys(file_values, run)
     run_keys.apply_run_keys(args, settings)
     config = build_config(config_cls, args, file_values, section=step, also=run)
-    return dataclasses.replace(config, output_dir=args.output or config.output_dir or DEFAULT_OUTPUT[step])
+    config = dataclasses.replace(config, output_dir=args.output or config.output_dir or DEFAULT_OUTPUT[step])
+    given = given_lrs(file_settings(config_cls, file_values, step, args.config or "", also=run),
+                      f"from {args.config}")
+    given.update({name: "from the flag" for name in given_lrs(vars(args), "")})
+    return lr_from_ds_config(config, given, args.ds_config, step)
 
 
 class Once(argparse.Action):

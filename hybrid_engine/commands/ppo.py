@@ -169,6 +169,7 @@ def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
 
     totals = _phase_totals(result.history)
     rows = [("steps", f"{result.steps} ({result.skipped} updates skipped for NaN/inf)"),
+            ("stopped by", result.stop_reason),
             ("held-out reward-model score", held_out("reward")),
             ("held-out rule score", held_out("rule")),
             ("held-out reward-function score", held_out("reward_fn")),
@@ -180,7 +181,8 @@ def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
             ("time by phase", ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in totals.items())),
             ("wall time", f"{result.wall_s:.1f} s")]
     evals = evals_json(result.evals)
-    figures = {"steps": result.steps, "skipped": result.skipped, "before": evals[0][1], "after": evals[-1][1],
+    figures = {"steps": result.steps, "skipped": result.skipped, "stop_reason": result.stop_reason,
+               "before": evals[0][1], "after": evals[-1][1],
                "evals": evals, "history": result.history, "logprob_source": result.logprob_source,
                "wall_s": result.wall_s, **totals, "token_stats": dataclasses.asdict(result.token_stats)}
     return rows, figures

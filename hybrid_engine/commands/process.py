@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from hybrid_engine.rlhf.step_config import NonFiniteError
+
 PACKAGE = Path(__file__).resolve().parents[1]  # hybrid_engine/: the code whose checks say in one line what is wrong
 EXIT_USAGE = 2  # a value given is wrong: a flag, a config key or value, a data file's contents
 EXIT_ERROR = 1  # a file could not be read or written
@@ -53,8 +55,11 @@ def user_error_status(error: BaseException) -> int | None:
     """The exit status for an error that is a user's mistake; None for any other (a bug, shown with its traceback).
 
     A user's mistake: a ValueError from our own checks (each names the flag, file, row or setting and what was
-    expected), or an OSError about a file (it names the file)."""
+    expected), an OSError about a file (it names the file; a reward function's RewardTimeout is one too), or a
+    NonFiniteError (a run that met NaN or inf under nonfinite='stop', or skipped every update: it names the step)."""
     if isinstance(error, OSError) and (error.filename is not None or _raised_by_us(error)):
+        return EXIT_ERROR
+    if isinstance(error, NonFiniteError) and _raised_by_us(error):
         return EXIT_ERROR
     if isinstance(error, ValueError) and _raised_by_us(error):
         return EXIT_USAGE

@@ -54,7 +54,8 @@ def _run(args: argparse.Namespace, config: RewardConfig) -> int:
     def held_out(name: str) -> str:
         return before_after(getattr(before, name, None), getattr(after, name, None))
 
-    rows = [("steps", str(result.steps)),
+    rows = [("steps", f"{result.steps} ({result.skipped} updates skipped for NaN/inf)"),
+            ("stopped by", result.stop_reason),
             ("train loss", before_after(losses[0] if losses else None, losses[-1] if losses else None)),
             ("held-out accuracy", held_out("accuracy")),
             ("held-out chosen mean", held_out("chosen_mean")),
@@ -64,7 +65,8 @@ def _run(args: argparse.Namespace, config: RewardConfig) -> int:
             ("prompts truncated / dropped", f"{result.token_stats.prompts_truncated} / "
                                             f"{result.token_stats.prompts_dropped}")]
     evals = evals_json(result.evals)
-    figures = {"steps": result.steps, "losses": losses, "before": evals[0][1], "after": evals[-1][1], "evals": evals,
+    figures = {"steps": result.steps, "skipped": result.skipped, "stop_reason": result.stop_reason,
+               "losses": losses, "before": evals[0][1], "after": evals[-1][1], "evals": evals,
                "train_s": result.train_s, "wall_s": result.wall_s,
                "token_stats": dataclasses.asdict(result.token_stats)}
     report("reward", args, config, data, rows, figures)

@@ -53,13 +53,15 @@ def _run(args: argparse.Namespace, config: SFTConfig) -> int:
     result = train_sft(model, tokenizer, data, config, ds_config=args.ds_config, lora=lora,
                        progress=not args.no_progress, resume=args.resume)
     losses, stats = result.losses, result.token_stats
-    rows = [("steps", str(result.steps)),
+    rows = [("steps", f"{result.steps} ({result.skipped} updates skipped for NaN/inf)"),
+            ("stopped by", result.stop_reason),
             ("train loss", before_after(losses[0] if losses else None, losses[-1] if losses else None)),
             ("held-out perplexity", before_after(result.eval_perplexity_before, result.eval_perplexity_after, ".3f")),
             ("training tokens/s", f"{result.tokens_per_s:.0f} (per rank)"),
             ("wall time", f"{result.wall_s:.1f} s ({result.train_s:.1f} s training)"),
             ("prompts truncated / dropped", f"{stats.prompts_truncated} / {stats.prompts_dropped}")]
-    figures = {"steps": result.steps, "losses": losses, "eval_perplexity_before": result.eval_perplexity_before,
+    figures = {"steps": result.steps, "skipped": result.skipped, "stop_reason": result.stop_reason,
+               "losses": losses, "eval_perplexity_before": result.eval_perplexity_before,
                "eval_perplexity_after": result.eval_perplexity_after, "evals": result.evals,
                "train_tokens": result.train_tokens, "tokens_per_s": result.tokens_per_s, "train_s": result.train_s,
                "wall_s": result.wall_s, "token_stats": dataclasses.asdict(stats), "lora_r": args.lora_r}

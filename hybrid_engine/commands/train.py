@@ -28,6 +28,7 @@ import yaml
 from hybrid_engine._build import cpu_id, cpu_model
 from hybrid_engine.commands import common, run_keys
 from hybrid_engine.commands.config_args import ConfigValues, build_config, file_settings, load_config_file
+from hybrid_engine.commands.ds_lr import given_lrs, lr_from_ds_config
 from hybrid_engine.commands.metrics import MetricsLog, plot_curves, read_metrics
 from hybrid_engine.commands.ppo import logprob_note, ppo_summary, resume_step
 from hybrid_engine.rlhf.checkpoint import checkpoints
@@ -117,8 +118,9 @@ def check_overrides(overrides: list[str]) -> None:
 
 
 def step_configs(args: argparse.Namespace) -> dict:
-    """{step: its config dataclass} from the config file (or the built-in default) and --set. The file's run
-    settings (model, data, reward_fn, ...: run_keys.py) are set on `args` where their flags were not given."""
+    """{step: its config dataclass} from the config file (or the built-in default) and --set; the learning rates
+    neither gives from --ds-config's optimizer (ds_lr.lr_from_ds_config). The file's run settings (model, data,
+    reward_fn, ...: run_keys.py) are set on `args` where their flags were not given."""
     path = args.config or DEFAULT_CONFIG
     values = ConfigValues(apply_overrides(load_config_file(path), args.set), str(path))
     check_overrides(args.set)
@@ -127,7 +129,10 @@ def step_configs(args: argparse.Namespace) -> dict:
     out = {}
     for step, cls in STEP_CLASSES.items():
         config = build_config(cls, None, values, section=step, skip=("output_dir",), also=run_keys.TRAIN)
-        out[step] = dataclasses.replace(config, output_dir=os.path.join(args.output, step))
+        config = dataclasses.replace(config, output_dir=os.path.join(args.output, step))
+        given = given_lrs(file_settings(cls, values, step, str(path), skip=("output_dir",), also=run_keys.TRAIN),
+                          f"from {path}")
+        out[step] = lr_from_ds_config(config, given, args.ds_config, step)
     return out
 
 
@@ -188,8 +193,10 @@ def _resume_step(config, resume: bool) -> bool:
     return resume and bool(checkpoints(config.output_dir))
 
 
-SFT_FIELDS = ("eval_perplexity_before", "eval_perplexity_after", "evals", "losses", "steps", "wall_s")
-REWARD_FIELDS = ("before", "after", "accuracy_before", "accuracy_after", "evals", "losses", "steps", "wall_s")
+SFT_FIELDS = ("eval_perplexity_before", "eval_perplexity_after", "evals", "losses", "steps", "skipped", "stop_reason",
+              "wall_s")
+REWARD_FIELDS = ("before", "after", "accuracy_before", "accuracy_after", "evals", "losses", "steps", "skipped",
+                 "stop_reason", "wall_s")
 
 
 def run_step(args, config, step: str, fields: tuple[str, ...], train):
@@ -283,6 +290,11 @@ def summary_rows(sft, rm, ppo) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _stop(result) -> str:
+    """A step's stop reason (a step finished before stop reasons were recorded has none)."""
+    return getattr(result, "stop_reason", None) or "n/a"
+
+
 def machine() -> dict:
     """Where the run ran, for the summary."""
     return {"cpu": cpu_model(), "cpu_id": cpu_id(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -300,6 +312,8 @@ def summarize(args, configs: dict, sft, rm, ppo, wall_s: float, demo: bool) -> N
         print("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     times = {"sft": sft.wall_s, "reward": rm.wall_s, "ppo": ppo.wall_s}
     print(f"  wall time {wall_s:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")")
+    stops = {"sft": sft, "reward": rm, "ppo": ppo}
+    print("  stopped by: " + ", ".join(f"{k} {_stop(r)}" for k, r in stops.items()))
     note = logprob_note(ppo.history, ppo.logprob_source)
     print(f"  PPO old log-probs: {note}")
     goals = demo_goals(rm, ppo) if demo and ppo.before is not None else []
@@ -312,8 +326,9 @@ def summarize(args, configs: dict, sft, rm, ppo, wall_s: float, demo: bool) -> N
     summary = {"machine": machine(), "wall_s": wall_s, "step_wall_s": times, "ppo_logprobs": note,
                "table": [dict(zip(header, r)) for r in rows], "goals": [{"goal": t, "met": m} for t, m in goals],
                "configs": {k: config_dict(v) for k, v in configs.items()},
-               "sft": {"steps": sft.steps, "losses": sft.losses, "evals": sft.evals},
-               "reward": {"steps": rm.steps, "losses": rm.losses, "evals": evals_json(rm.evals)},
+               "sft": {"steps": sft.steps, "stop_reason": _stop(sft), "losses": sft.losses, "evals": sft.evals},
+               "reward": {"steps": rm.steps, "stop_reason": _stop(rm), "losses": rm.losses,
+                          "evals": evals_json(rm.evals)},
                "ppo": ppo_figures}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     saved = "train.png, " if plot else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
 
 
@@ -21,3 +22,13 @@ def is_main_rank() -> bool:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def all_finite(*tensors: torch.Tensor | None) -> bool:
+    """Whether every given tensor is finite on every rank (all ranks get the same answer)."""
+    ok = all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([0.0 if ok else 1.0])
+        dist.all_reduce(flag)
+        ok = float(flag) == 0.0
+    return ok

@@ -6,6 +6,7 @@ how it evaluates and what its checkpoint holds, it plugs in (Trainer)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hybrid_engine.rlhf.distributed import rank_and_world
-from hybrid_engine.rlhf.schedule import batch_order, lr_scale, set_lr, total_steps
+from hybrid_engine.rlhf.schedule import batch_order, lr_scale, set_lr, stop_reason, total_steps
 
 
 @dataclass
@@ -30,6 +31,8 @@ class LoopRecord:
     """Optimizer steps (PPO: rollout steps) taken."""
     train_s: float = 0.0
     """Seconds in the trainer's step calls."""
+    stop_reason: str = ""
+    """What ended the run (schedule.stop_reason): 'max_steps (40)' or 'epochs (1 epoch of 12 steps)'."""
 
 
 class RunState(Protocol):
@@ -69,13 +72,15 @@ def progress_bar(total: int, desc: str, enabled: bool):
 
 def train_loop(num_rows: int, config, trainer: Trainer, desc: str, progress: bool,
                resume: bool | str = False) -> LoopRecord:
-    """The epochs of one step's training over `num_rows` rows (`config` has the StepConfig fields): for each of
-    this rank's seeded batches (batch_order), the scheduled learning rates, then trainer.step; trainer.evaluate
+    """The epochs of one step's training over `num_rows` rows (`config` has the StepConfig fields; schedule.total_steps
+    says how many steps they make, cycling the rows when max_steps is given alone): for each of this rank's seeded
+    batches (batch_order), the scheduled learning rates, then trainer.step; trainer.evaluate
     before, every config.eval_every steps and after; trainer.state written every config.checkpoint_every steps.
     resume (True: the newest checkpoint under config.output_dir, or a folder) continues a run, to the bit."""
     rank, world = rank_and_world()
-    total = total_steps(len(batch_order(num_rows, config.batch_size, config.seed, 0, rank, world)), config)
-    if total < 1:
+    per_epoch = len(batch_order(num_rows, config.batch_size, config.seed, 0, rank, world))
+    total = total_steps(per_epoch, config)
+    if per_epoch < 1:
         raise ValueError(f"{num_rows} training rows make no batch of {config.batch_size} per rank on {world} ranks")
     record = LoopRecord()
     if resume:
@@ -87,7 +92,7 @@ def train_loop(num_rows: int, config, trainer: Trainer, desc: str, progress: boo
     if not record.evals:
         _evaluate(trainer, record, bar)
     seen = 0
-    for epoch in range(config.epochs):
+    for epoch in range(math.ceil(total / per_epoch)):  # max_steps alone: as many epochs as it takes
         for rows in batch_order(num_rows, config.batch_size, config.seed, epoch, rank, world):
             seen += 1
             if seen <= record.steps:  # run before the checkpoint this run resumed from
@@ -113,6 +118,7 @@ def train_loop(num_rows: int, config, trainer: Trainer, desc: str, progress: boo
                 trainer.state.save(record)
     _evaluate(trainer, record, bar)
     bar.close()
+    record.stop_reason = stop_reason(per_epoch, config)
     return record
 
 

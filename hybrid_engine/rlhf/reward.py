@@ -43,11 +43,13 @@ from hybrid_engine.rlhf.loop import Trainer, train_loop
 from hybrid_engine.rlhf.step_config import StepConfig
 from hybrid_engine.rlhf.tokens import TokenStats, collate_reward, tokenize_reward
 from hybrid_engine.rlhf.trainer import (
+    check_trained,
     check_vocab,
     eval_mode,
-    optimizer_step,
+    finite_step,
     pad_id_of,
     prepare_training,
+    skipped,
     training_ds_config,
 )
 
@@ -243,7 +245,8 @@ class RewardResult:
     """What a train_reward run did."""
 
     losses: list[float]
-    """The training loss (mean pairwise loss of the batch) of every optimizer step."""
+    """The training loss (mean pairwise loss of the batch) of every optimizer step; NaN or inf where the update was
+    skipped (config.nonfinite)."""
     before: RewardEval | None
     """Held-out figures before training; None when the eval split is empty."""
     after: RewardEval | None
@@ -260,6 +263,10 @@ class RewardResult:
     """What tokenizing the training pairs changed."""
     model: RewardModel = field(repr=False)
     """The trained reward model."""
+    skipped: int = 0
+    """Steps whose update was skipped for a NaN or inf loss (config.nonfinite "skip")."""
+    stop_reason: str = ""
+    """What ended the run: 'max_steps (N)' or 'epochs (...)' (loop.LoopRecord.stop_reason)."""
 
     @property
     def accuracy_before(self) -> float | None:
@@ -315,7 +322,7 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
     t_start = time.perf_counter()
     pad_id = pad_id_of(tokenizer)  # before any work
     checkpoint.check_output(config, resume)
-    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm)
+    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm, config.lr)
     torch.manual_seed(config.seed)
     model = prepare_training(RewardModel.load(model_or_path), config)
     check_vocab(tokenizer, model.config.vocab_size)
@@ -329,7 +336,7 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
 
     def train_step(rows: list[int], step: int) -> float:
         chosen, rejected = reward_batch(trainer.forward, collate_reward([train[i] for i in rows], pad_id))
-        return optimizer_step(trainer, model, pairwise_loss(chosen, rejected), config.max_grad_norm)
+        return finite_step(trainer, model, pairwise_loss(chosen, rejected), config, "reward", step + 1)
 
     def evaluate() -> RewardEval | None:
         with eval_mode(trainer):
@@ -345,8 +352,10 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
                                                   run=run))
     record = train_loop(len(train), config, hooks, "reward", progress, resume)
     trainer.train(False)
+    check_trained("reward", record.steps, skipped(record.history), config.output_dir)
     if config.output_dir is not None:
         checkpoint.save_final(config.output_dir, functools.partial(_save, model, tokenizer))
     return RewardResult(losses=record.history, before=record.evals[0][1], after=record.evals[-1][1],
                         evals=record.evals, steps=record.steps, train_s=record.train_s,
-                        wall_s=time.perf_counter() - t_start, token_stats=stats, model=model)
+                        wall_s=time.perf_counter() - t_start, token_stats=stats, model=model,
+                        skipped=skipped(record.history), stop_reason=record.stop_reason)

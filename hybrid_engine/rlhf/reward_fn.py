@@ -3,14 +3,26 @@
 The function is called once per rollout batch as fn(prompts=[...], completions=[...], **fields), where
 fields are the prompt rows' other columns (one list each, aligned with the completions), and returns one
 number per completion. `module` is an importable module (`my_pkg.rewards`) or a path to a .py file.
+
+call_with_timeout runs a function in the training process (a user's function may hold models and closures) in a
+daemon thread waited for up to a timeout: one that does not return in time raises RewardTimeout and is left running
+in the background (Python cannot stop a thread), its result discarded; being a daemon, it does not keep the process
+from exiting. Every rank calls it on its own share under torchrun.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import threading
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
+
+
+class RewardTimeout(TimeoutError):
+    """A reward or eval function did not return within its timeout (PPOConfig.reward_timeout)."""
 
 
 def _import(module: str, spec: str):
@@ -43,3 +55,29 @@ def load_reward_fn(spec: str | Callable) -> Callable:
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: {module} has no function {name!r}")
     return fn
+
+
+def call_with_timeout(fn: Callable, timeout: float | None, kwargs: dict):
+    """fn(**kwargs), with torch's grad mode of the caller, waited for up to `timeout` seconds (None: as long as it
+    takes); RewardTimeout when it has not returned by then (the call goes on in a daemon thread, its result
+    discarded). An exception of fn is raised here."""
+    if timeout is None:
+        return fn(**kwargs)
+    grad, box = torch.is_grad_enabled(), {}
+
+    def run() -> None:
+        try:
+            with torch.set_grad_enabled(grad):
+                box["value"] = fn(**kwargs)
+        except BaseException as e:  # raised again in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name=f"reward-fn {getattr(fn, '__name__', fn)!s:.40}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise RewardTimeout(f"{getattr(fn, '__qualname__', repr(fn))} did not return within {timeout:g} s "
+                            "(reward_timeout); it is left running in the background and its result discarded")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

@@ -50,7 +50,20 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def total_steps(batches_per_epoch: int, config) -> int:
-    """The optimizer steps of a run: every epoch's batches, or max_steps when that is fewer."""
-    steps = batches_per_epoch * config.epochs
+    """The optimizer steps of a run: max_steps when only it is given (the batches cycle over as many epochs as it
+    takes), every epoch's batches when only epochs is (None for both: one epoch), the fewer of the two when both
+    are."""
+    if config.epochs is None and config.max_steps is not None:
+        return config.max_steps
+    steps = batches_per_epoch * (config.epochs or 1)
     return steps if config.max_steps is None else min(steps, config.max_steps)
 
+
+def stop_reason(batches_per_epoch: int, config) -> str:
+    """Why a run of total_steps stops, in words: 'max_steps (40)', or 'epochs (1 epoch of 12 steps)' when the
+    epochs run out first (or no max_steps is given)."""
+    total = total_steps(batches_per_epoch, config)
+    if config.max_steps is not None and total == config.max_steps:
+        return f"max_steps ({config.max_steps})"
+    epochs = config.epochs or 1
+    return f"epochs ({epochs} epoch{'s' if epochs > 1 else ''} of {batches_per_epoch} steps)"

@@ -34,11 +34,13 @@ from hybrid_engine.rlhf.loop import Trainer, train_loop
 from hybrid_engine.rlhf.step_config import StepConfig
 from hybrid_engine.rlhf.tokens import IGNORE_INDEX, TokenStats, collate_sft, tokenize_sft
 from hybrid_engine.rlhf.trainer import (
+    check_trained,
     check_vocab,
     eval_mode,
-    optimizer_step,
+    finite_step,
     pad_id_of,
     prepare_training,
+    skipped,
     training_ds_config,
 )
 
@@ -58,7 +60,8 @@ class SFTResult:
     """What a train_sft run did."""
 
     losses: list[float]
-    """The training loss (token-mean response NLL of the batch) of every optimizer step."""
+    """The training loss (token-mean response NLL of the batch) of every optimizer step; NaN or inf where the
+    update was skipped (config.nonfinite)."""
     eval_perplexity_before: float | None
     """Held-out perplexity before training; None when the eval split is empty."""
     eval_perplexity_after: float | None
@@ -77,6 +80,10 @@ class SFTResult:
     """What tokenizing the training rows changed (truncated and dropped prompts, cut responses)."""
     engine: HybridEngine = field(repr=False)
     """The engine that trained: its module is the trained model, ready for generation or PPO."""
+    skipped: int = 0
+    """Steps whose update was skipped for a NaN or inf loss (config.nonfinite "skip")."""
+    stop_reason: str = ""
+    """What ended the run: 'max_steps (N)' or 'epochs (...)' (loop.LoopRecord.stop_reason)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -138,7 +145,7 @@ def _engine(model, config: SFTConfig, ds_config, lora) -> HybridEngine:
                              "when building it, not to train_sft")
         prepare_training(model.module, config)
         return model
-    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm)
+    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm, config.lr)
     has_ds_optimizer = ds_config is not None and "optimizer" in ds_config
     optimizer = functools.partial(adamw, lr=config.lr, weight_decay=config.weight_decay)
     engine = HybridEngine(model, ds_config=ds_config, lora=lora, optimizer=None if has_ds_optimizer else optimizer,
@@ -181,7 +188,7 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
         nonlocal tokens
         batch = collate_sft([train[i] for i in rows], pad_id)
         tokens += int(batch["attention_mask"].sum())
-        return optimizer_step(engine, engine.module, sft_loss(engine, batch), config.max_grad_norm)
+        return finite_step(engine, engine.module, sft_loss(engine, batch), config, "sft", step + 1)
 
     checkpoint.check_supported(config, engine.zero_stage, resume)
     run = None if not (config.checkpoint_every or resume) else {  # what a resume must match
@@ -193,9 +200,11 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
                       show_eval=lambda ppl: {"eval_ppl": f"{ppl:.3f}"},
                       state=checkpoint.TrainedState(config, [("model", engine.module, engine.optimizer)], run=run))
     record = train_loop(len(train), config, trainer, "sft", progress, resume)
+    check_trained("sft", record.steps, skipped(record.history), config.output_dir)
     if config.output_dir is not None:
         checkpoint.save_final(config.output_dir, functools.partial(_save, engine, tokenizer))
     return SFTResult(losses=record.history, eval_perplexity_before=record.evals[0][1],
                      eval_perplexity_after=record.evals[-1][1], evals=record.evals, steps=record.steps,
                      train_tokens=tokens, train_s=record.train_s, wall_s=time.perf_counter() - t_start,
-                     token_stats=stats, engine=engine)
+                     token_stats=stats, engine=engine, skipped=skipped(record.history),
+                     stop_reason=record.stop_reason)

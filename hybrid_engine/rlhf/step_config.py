@@ -4,7 +4,9 @@ their checks."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -12,16 +14,25 @@ from hybrid_engine.model.dtypes import dtype_name
 from hybrid_engine.rlhf.schedule import SCHEDULES
 from hybrid_engine.rlhf.tokens import TokenConfig
 
+NONFINITE = ("skip", "stop")
+
+
+class NonFiniteError(FloatingPointError):
+    """A step's loss (PPO: also its scores or targets) held NaN or inf and config.nonfinite is "stop", or every
+    update of a run was skipped for NaN or inf."""
+
 
 @dataclass
 class StepConfig:
     """The training settings steps 1 and 2 share (DeepSpeed-Chat's defaults unless said otherwise); each
     step's config adds its own fields and learning rate."""
 
-    epochs: int = 1
-    """Passes over the training examples (DeepSpeed-Chat's num_train_epochs)."""
+    epochs: int | None = None
+    """Passes over the training examples (DeepSpeed-Chat's num_train_epochs); None: 1, or, when max_steps is
+    given, as many as max_steps needs (the examples cycle). With both given, whichever is reached first stops the
+    run, and the result says which (LoopRecord.stop_reason)."""
     max_steps: int | None = None
-    """Stop after this many optimizer steps, even mid-epoch; None: all epochs."""
+    """Stop after this many optimizer steps, even mid-epoch; None: after the epochs."""
     batch_size: int = 16
     """Examples (SFT rows, reward pairs) per optimizer step on each rank (DeepSpeed-Chat's
     per_device_train_batch_size)."""
@@ -54,9 +65,17 @@ class StepConfig:
     training_kernels: bool = True
     """Run the training forward and backward through hybrid_engine's fused ops patched into the HF modules
     (RMSNorm, rotary embedding, the gated MLP's activation; Llama, Qwen2, Mistral); False: HF's own code."""
+    nonfinite: str = "skip"
+    """NaN or inf in a step's loss (PPO: also in its scores or targets): "skip" the update (counted in the result
+    and the summary) or "stop" the run with NonFiniteError. A run whose every update was skipped fails either way,
+    without saving its model."""
     keep_freed_memory: bool = True
     """Keep freed memory in the process for the next step instead of giving it back (hybrid_engine.allocator:
     no page faults on each step's large tensors; the resident size stays at its peak); False: malloc's default."""
+
+
+    INFINITE_OK: ClassVar[tuple[str, ...]] = ("max_grad_norm",)
+    """The float settings that may be inf (meaning no limit); every other one must be finite."""
 
     def __post_init__(self):
         check_common(self)
@@ -64,12 +83,15 @@ class StepConfig:
 
 def check_common(config) -> None:
     """The checks every step's config shares (its fields epochs, max_steps, batch_size, ...)."""
-    positive = {"epochs": config.epochs, "batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size}
+    check_finite(config)
+    positive = {"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size}
     for name, value in positive.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if config.max_steps is not None and (not isinstance(config.max_steps, int) or config.max_steps < 1):
-        raise ValueError(f"max_steps must be a positive integer or None, got {config.max_steps!r}")
+    for name in ("epochs", "max_steps"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
     if not isinstance(config.seed, int) or isinstance(config.seed, bool) or not 0 <= config.seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {config.seed!r}")
     if not isinstance(config.keep_checkpoints, int) or config.keep_checkpoints < 1:
@@ -86,6 +108,17 @@ def check_common(config) -> None:
         raise ValueError(f"max_grad_norm must be positive or None (no clipping), got {config.max_grad_norm!r}")
     if config.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    if config.nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be 'skip' or 'stop', got {config.nonfinite!r}")
+
+
+def check_finite(config) -> None:
+    """Refuses a NaN in any float setting of `config`, and inf in any but those of config.INFINITE_OK."""
+    allowed = getattr(config, "INFINITE_OK", ())
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value) and not (math.isinf(value) and f.name in allowed):
+            raise ValueError(f"{f.name} must be a finite number, got {value!r}")
 
 
 def _json_ready(pairs: list[tuple[str, object]]) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import torch
 from hybrid_engine.allocator import keep_freed_memory
 from hybrid_engine.engine.train_kernels import apply_training_kernels
 from hybrid_engine.engine.training import load_ds_config
+from hybrid_engine.rlhf.distributed import all_finite
+from hybrid_engine.rlhf.step_config import NonFiniteError
 
 
 def prepare_training(model: torch.nn.Module, config) -> torch.nn.Module:
@@ -45,10 +48,11 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return changed
 
 
-def training_ds_config(ds_config, batch_size: int, max_grad_norm: float | None) -> dict | None:
+def training_ds_config(ds_config, batch_size: int, max_grad_norm: float | None, lr: float | None = None) -> dict | None:
     """The DeepSpeed config a step trains under: `ds_config` (dict or JSON path) with its micro batch set to
-    batch_size and its gradient clipping to max_grad_norm. A ds_config that says otherwise, accumulates
-    gradients or brings its own scheduler (the step's config owns the schedule) is refused."""
+    batch_size, its gradient clipping to max_grad_norm and, when it brings an optimizer and `lr` is given, that
+    optimizer's lr to `lr` (optimizer_lr). A ds_config that says otherwise about the batch or the clipping,
+    accumulates gradients or brings its own scheduler (the step's config owns the schedule) is refused."""
     if ds_config is None:
         return None
     config = load_ds_config(ds_config)  # checks the file and the ZeRO stage, copies
@@ -64,6 +68,19 @@ def training_ds_config(ds_config, batch_size: int, max_grad_norm: float | None) 
         raise ValueError("ds_config['scheduler']: the learning-rate schedule is the step config's (lr, warmup_steps, "
                          "schedule); remove the scheduler")
     config.update(wanted)
+    return config if lr is None else optimizer_lr(config, lr)
+
+
+def optimizer_lr(ds_config: dict | None, lr: float) -> dict | None:
+    """A copy of `ds_config` (None for None) whose optimizer, when it brings one, has optimizer.params.lr = lr:
+    the step config's lr is the peak the schedule scales every step (loop.train_loop), so the optimizer DeepSpeed
+    builds starts from it too. The command line takes a ds_config's lr into the step config unless the lr is given
+    (commands/ds_lr.py)."""
+    if ds_config is None:
+        return None
+    config = json.loads(json.dumps(ds_config))
+    if "optimizer" in config:
+        config["optimizer"].setdefault("params", {})["lr"] = lr
     return config
 
 
@@ -88,7 +105,6 @@ def clip_gradients(module: torch.nn.Module, zero_stage: int | None, max_grad_nor
         torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_grad_norm)
 
 
-
 def optimizer_step(trainer, module: torch.nn.Module, loss: torch.Tensor, max_grad_norm: float | None) -> float:
     """Backward, clipping and an optimizer step on `loss`; its value. `trainer` is a HybridEngine or a trainer of
     engine.training (make_trainer), `module` the model it trains."""
@@ -96,6 +112,31 @@ def optimizer_step(trainer, module: torch.nn.Module, loss: torch.Tensor, max_gra
     clip_gradients(module, trainer.zero_stage, max_grad_norm)
     trainer.step()
     return loss.item()
+
+
+def finite_step(trainer, module: torch.nn.Module, loss: torch.Tensor, config, what: str, step: int) -> float:
+    """optimizer_step on `loss` when it is finite on every rank; otherwise nothing is stepped and NaN comes back
+    (config.nonfinite "skip", counted by skipped()), or NonFiniteError is raised ("stop"). `what` and `step` (1-based)
+    name the step in the error."""
+    if all_finite(loss.detach()):
+        return optimizer_step(trainer, module, loss, config.max_grad_norm)
+    if config.nonfinite == "stop":
+        raise NonFiniteError(f"{what} step {step}: the loss is {float(loss.detach())}; nothing was trained on it. Set "
+                             "nonfinite='skip' to skip such updates and go on")
+    return float("nan")
+
+
+def skipped(losses: list[float]) -> int:
+    """How many of a run's steps finite_step skipped: those whose loss is NaN or inf."""
+    return sum(not math.isfinite(loss) for loss in losses)
+
+
+def check_trained(what: str, steps: int, skipped_steps: int, output_dir: str | None) -> None:
+    """Refuses a run whose every update was skipped for NaN or inf: its model is not saved as if it trained."""
+    if steps and skipped_steps == steps:
+        where = f"; nothing was saved to {output_dir}" if output_dir is not None else ""
+        raise NonFiniteError(f"{what}: the update of every one of its {steps} steps was skipped for NaN or inf (does "
+                             f"the input model hold NaN or inf? is the learning rate too high?){where}")
 
 
 @contextlib.contextmanager

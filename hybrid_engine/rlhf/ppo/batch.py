@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 
@@ -17,6 +18,7 @@ import torch
 
 from hybrid_engine.generation.sampling import SamplingParams
 from hybrid_engine.rlhf import losses
+from hybrid_engine.rlhf.reward_fn import RewardTimeout, call_with_timeout
 
 
 @dataclass
@@ -98,9 +100,18 @@ def critic_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor,
 RewardFn = Callable[..., Sequence[float]]
 
 
-def call_reward_fn(fn: RewardFn, prompts: list[str], completions: list[str], extra: dict[str, list]) -> torch.Tensor:
-    """fp64 (B,): fn(prompts=..., completions=..., **extra) checked to be one number per completion."""
-    out = fn(prompts=prompts, completions=completions, **extra)
+def call_reward_fn(fn: RewardFn, prompts: list[str], completions: list[str], extra: dict[str, list],
+                   timeout: float | None = None, nonfinite: str = "stop") -> torch.Tensor:
+    """fp64 (B,): fn(prompts=..., completions=..., **extra) checked to be one number per completion. A call that
+    has not returned after `timeout` seconds raises RewardTimeout (nonfinite "stop") or, with a warning, gives NaN
+    for every completion ("skip"), so that the step's update is skipped as for any NaN score."""
+    try:
+        out = call_with_timeout(fn, timeout, dict(prompts=prompts, completions=completions, **extra))
+    except RewardTimeout as e:
+        if nonfinite == "stop":
+            raise
+        warnings.warn(f"{e}: its values are NaN for this batch (nonfinite='skip')", RuntimeWarning, stacklevel=2)
+        return torch.full((len(completions),), math.nan, dtype=torch.float64)
     try:
         values = [float(v) for v in out]
     except (TypeError, ValueError) as e:
@@ -108,16 +119,6 @@ def call_reward_fn(fn: RewardFn, prompts: list[str], completions: list[str], ext
     if len(values) != len(completions):
         raise ValueError(f"the reward function returned {len(values)} values for {len(completions)} completions")
     return torch.tensor(values, dtype=torch.float64)
-
-
-def all_finite(*tensors: torch.Tensor | None) -> bool:
-    """Whether every given tensor is finite on every rank (all ranks get the same answer)."""
-    ok = all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
-    if torch.distributed.is_initialized():
-        flag = torch.tensor([0.0 if ok else 1.0])
-        torch.distributed.all_reduce(flag)
-        ok = float(flag) == 0.0
-    return ok
 
 
 # -- 3. targets ---------------------------------------------------------------------------------------------------

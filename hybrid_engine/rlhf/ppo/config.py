@@ -1,5 +1,5 @@
 """The settings and results of RLHF step 3 (driver.py): PPOConfig, with DeepSpeed-Chat's step-3 defaults, the
-held-out figures PolicyEval, and the error a run stops with on NaN or inf."""
+held-out figures PolicyEval."""
 
 from __future__ import annotations
 
@@ -15,10 +15,6 @@ from hybrid_engine.generation.sampling import SamplingParams
 from hybrid_engine.rlhf.step_config import StepConfig, config_dict
 
 ALGOS = ("ppo", "grpo", "rloo")
-
-
-class NonFiniteError(FloatingPointError):
-    """A step's rewards, targets or losses held NaN or inf and config.nonfinite is "stop"."""
 
 
 @dataclass
@@ -74,10 +70,12 @@ class PPOConfig(StepConfig):
     and not exact, so the old log-probs are then recomputed by a training forward."""
     reward_fn_weight: float = 1.0
     """The weight of the reward function's values in the score, when one is given beside the reward model."""
+    reward_timeout: float | None = 600.0
+    """Seconds the reward and eval functions may take on one batch before the call is given up: the step's update is
+    then skipped (nonfinite "skip", the function's values NaN) or the run stops with RewardTimeout ("stop"). The call
+    left running finishes in a background thread, its result discarded. None: no limit."""
     eval_max_new_tokens: int | None = None
     """The longest response of an evaluation rollout; None: max_new_tokens."""
-    nonfinite: str = "skip"
-    """NaN or inf in a step's scores, targets or losses: "skip" the update (counted) or "stop" the run."""
     disable_dropout: bool = True
     """Set the dropout of the actor and the critic to 0 (as TRL does): their training forwards then compute the
     log-probs and values of what generation sampled, without noise. False keeps the models' own dropout."""
@@ -95,6 +93,8 @@ class PPOConfig(StepConfig):
     generation_kv_dtype: InitVar[str | None] = None
     """The earlier spelling of generation.kv_dtype (warns)."""
 
+    INFINITE_OK: ClassVar[tuple[str, ...]] = StepConfig.INFINITE_OK + ("clip_reward", "clip_range", "value_clip_range")
+    """The float settings that may be inf (no clipping); every other one must be finite."""
     RENAMED: ClassVar[dict[str, str]] = {"generation_weight_dtype": "weight_dtype", "generation_kv_dtype": "kv_dtype"}
     """Earlier flat names of settings, still read (with a warning) from flags and config files."""
 
@@ -128,10 +128,13 @@ class PPOConfig(StepConfig):
                      "kl_horizon"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.kl_coef < 0 or self.ptx_coef < 0:
             raise ValueError(f"kl_coef and ptx_coef must be >= 0, got {self.kl_coef} and {self.ptx_coef}")
-        if self.nonfinite not in ("skip", "stop"):
-            raise ValueError(f"nonfinite must be 'skip' or 'stop', got {self.nonfinite!r}")
+        if self.reward_timeout is not None and not self.reward_timeout > 0:
+            raise ValueError(f"reward_timeout must be positive (seconds) or None, got {self.reward_timeout!r}")
         if self.ema_beta is not None and not 0 <= self.ema_beta <= 1:
             raise ValueError(f"ema_beta must be in [0, 1] or None, got {self.ema_beta!r}")
 

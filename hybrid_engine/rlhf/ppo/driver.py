@@ -13,12 +13,14 @@ train_ppo runs the one training loop of the three trainers (loop.py) over ppo_st
 4. optimise: ppo_epochs passes over minibatches of train_batch_size, an actor step (and a critic step, and a PTX
    step when pre-training data is given) on each;
 5. after the step: the EMA of the actor, the KL controller.
-A step whose scores or targets hold NaN or inf is skipped and counted, or stops the run (config.nonfinite).
+A step whose scores or targets hold NaN or inf is skipped and counted, or stops the run (config.nonfinite); a run
+whose every update was skipped raises NonFiniteError and saves nothing.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from collections.abc import Callable
@@ -30,10 +32,9 @@ from hybrid_engine.engine import HybridEngine
 from hybrid_engine.engine.lora import base_model
 from hybrid_engine.rlhf import checkpoint
 from hybrid_engine.rlhf.data import StepData
-from hybrid_engine.rlhf.distributed import rank_and_world
+from hybrid_engine.rlhf.distributed import all_finite, rank_and_world
 from hybrid_engine.rlhf.loop import Trainer, train_loop
 from hybrid_engine.rlhf.losses import AdaptiveKLController, FixedKLController
-from hybrid_engine.rlhf.ppo import batch as xp
 from hybrid_engine.rlhf.ppo.config import PolicyEval, PPOConfig
 from hybrid_engine.rlhf.ppo.ema import ActorEMA
 from hybrid_engine.rlhf.ppo.evaluate import eval_record, evaluate_policy
@@ -43,7 +44,7 @@ from hybrid_engine.rlhf.ppo.state import PPORunState
 from hybrid_engine.rlhf.ppo.update import PTXBatches, finite_or_skip, optimise
 from hybrid_engine.rlhf.reward import RewardModel
 from hybrid_engine.rlhf.tokens import TokenStats
-from hybrid_engine.rlhf.trainer import check_vocab, pad_id_of
+from hybrid_engine.rlhf.trainer import check_trained, check_vocab, pad_id_of
 
 
 @dataclass
@@ -69,6 +70,8 @@ class PPOResult:
     actor: HybridEngine = field(repr=False)
     critic: RewardModel | None = field(repr=False, default=None)
     ema: ActorEMA | None = field(repr=False, default=None)
+    stop_reason: str = ""
+    """What ended the run: 'max_steps (N)' or 'epochs (...)' (loop.LoopRecord.stop_reason)."""
 
 
 @dataclass
@@ -126,6 +129,7 @@ def train_ppo(models: ModelSources | Models, tokenizer, data: StepData, config: 
         on_step=log, on_eval=None if log is None else functools.partial(_log_eval, log),
         state=PPORunState(run, defines))
     record = train_loop(len(train.examples), config, trainer, config.algo, progress, resume)
+    check_trained(config.algo, record.steps, sum(not _trained(r) for r in record.history), config.output_dir)
     if config.output_dir is not None:
         checkpoint.save_final(config.output_dir, functools.partial(_save, run))
     history = record.history
@@ -133,7 +137,7 @@ def train_ppo(models: ModelSources | Models, tokenizer, data: StepData, config: 
                      steps=record.steps, skipped=sum(r["skipped"] for r in history),
                      logprob_source=history[-1]["logprob_source"] if history else "",
                      wall_s=time.perf_counter() - t_start, token_stats=train.stats, actor=models.actor,
-                     critic=models.critic_model, ema=run.ema)
+                     critic=models.critic_model, ema=run.ema, stop_reason=record.stop_reason)
 
 
 def _defines(models: Models, data: StepData, ptx_data) -> dict:
@@ -156,7 +160,7 @@ def ppo_step(run: PPORun, prompts: Prompts, indices: list[int], step: int) -> di
     exp = targets(models, exp, config, kl_coef)  # 3. targets
     record.update(generate_s=ro.generate_s, experience_s=time.perf_counter() - t0, step=step + 1, kl_coef=kl_coef)
     t0 = time.perf_counter()
-    if finite_or_skip(xp.all_finite(exp.scores, exp.advantages, exp.returns), "the scores or advantages", step + 1,
+    if finite_or_skip(all_finite(exp.scores, exp.advantages, exp.returns), "the scores or advantages", step + 1,
                        config):
         record.update(optimise(models, exp, config, kl_coef, step + 1, run.ptx))  # 4. optimise
         if run.ema is not None:  # 5. after the step
@@ -166,6 +170,11 @@ def ppo_step(run: PPORun, prompts: Prompts, indices: list[int], step: int) -> di
         record.update(skipped=1)
     record["train_s"] = time.perf_counter() - t0
     return record
+
+
+def _trained(record: dict) -> bool:
+    """Whether a step's record shows an update that was not skipped (a finite mean loss)."""
+    return any(math.isfinite(record.get(k, math.nan)) for k in ("policy_loss", "value_loss", "ptx_loss"))
 
 
 def _log_eval(log: Callable[[int, dict], None], step: int, figures: PolicyEval | None) -> None:

@@ -17,7 +17,7 @@ from hybrid_engine.rlhf.ppo.config import PPOConfig
 from hybrid_engine.rlhf.reward import RewardModel
 from hybrid_engine.rlhf.reward_fn import load_reward_fn
 from hybrid_engine.rlhf.scoring import FrozenPolicy, FrozenRewardModel
-from hybrid_engine.rlhf.trainer import disable_dropout, prepare_training, training_ds_config
+from hybrid_engine.rlhf.trainer import disable_dropout, optimizer_lr, prepare_training, training_ds_config
 
 # -- the four models -------------------------------------------------------------------------------------------
 
@@ -122,7 +122,7 @@ def build_models(sources: ModelSources, config: PPOConfig) -> Models:
         critic_model = prepare_training(copy.deepcopy(RewardModel.load(source)), config)
         if config.disable_dropout:
             disable_dropout(critic_model)
-        critic_trainer = make_trainer(Critic(critic_model), copy.deepcopy(ds),
+        critic_trainer = make_trainer(Critic(critic_model), optimizer_lr(ds, config.critic_lr),
                                       None if has_ds_optimizer else _adamw(config.critic_lr, config.weight_decay))
         critic_trainer.train(True)
     if isinstance(actor, HybridEngine):
@@ -132,7 +132,7 @@ def build_models(sources: ModelSources, config: PPOConfig) -> Models:
                              f"{config.generation}: give the config the engine's settings (generation=engine.settings)"
                              " so that the old log-probs are recomputed where generation is not exact")
     else:
-        engine = HybridEngine(_load_lm(actor), ds_config=copy.deepcopy(ds), lora=lora,
+        engine = HybridEngine(_load_lm(actor), ds_config=optimizer_lr(ds, config.lr), lora=lora,
                               optimizer=None if has_ds_optimizer else _adamw(config.lr, config.weight_decay),
                               gradient_checkpointing=config.gradient_checkpointing,
                               generation=config.generation,

@@ -8,14 +8,15 @@ from collections.abc import Callable
 import torch
 
 from hybrid_engine.rlhf.data import StepData
-from hybrid_engine.rlhf.distributed import rank_and_world
+from hybrid_engine.rlhf.distributed import all_finite, rank_and_world
 from hybrid_engine.rlhf.losses import policy_loss, value_loss
 from hybrid_engine.rlhf.ppo import batch as xp
-from hybrid_engine.rlhf.ppo.config import NonFiniteError, PPOConfig
+from hybrid_engine.rlhf.ppo.config import PPOConfig
 from hybrid_engine.rlhf.ppo.experience import ratio_from_training_forward, training_precision
 from hybrid_engine.rlhf.ppo.models import Models
 from hybrid_engine.rlhf.schedule import batch_order
 from hybrid_engine.rlhf.sft import sft_loss
+from hybrid_engine.rlhf.step_config import NonFiniteError
 from hybrid_engine.rlhf.tokens import collate_sft, tokenize_sft
 from hybrid_engine.rlhf.trainer import optimizer_step
 
@@ -30,7 +31,7 @@ def finite_or_skip(ok: bool, what: str, step: int, config: PPOConfig) -> bool:
 def _step_on(trainer, module: torch.nn.Module, loss: torch.Tensor, config: PPOConfig) -> float | None:
     """Backward, clipping and an optimizer step on a loss that is finite on every rank; None (nothing stepped)
     otherwise. `trainer` is the HybridEngine or the critic's trainer, `module` what it trains."""
-    if not xp.all_finite(loss.detach()):
+    if not all_finite(loss.detach()):
         return None
     return optimizer_step(trainer, module, loss, config.max_grad_norm)
 
