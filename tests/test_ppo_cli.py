@@ -163,7 +163,7 @@ def test_ppo_writes_the_model_critic_metrics_plot_and_summary(sft_dir, rm_dir, c
     assert summary["before"]["rule"] == evals[0]["rule"] and summary["after"]["rule"] == evals[-1]["rule"]
 
 
-def test_grpo_on_a_rule_alone(sft_dir, prompts_file, cache, tmp_path):
+def test_grpo_on_a_rule_alone(sft_dir, prompts_file, cache, tmp_path, capsys):
     out = tmp_path / "grpo"
     assert main(["ppo", "--model", str(sft_dir), "--algo", "grpo", "--num-generations", "2", "--no-reward-model",
                  "--reward-fn", "hybrid_engine.rlhf.demo:rule_score_batch", "--eval-fn",
@@ -175,6 +175,9 @@ def test_grpo_on_a_rule_alone(sft_dir, prompts_file, cache, tmp_path):
     assert summary["config"]["algo"] == "grpo" and summary["train_rows"] == 32 and summary["eval_rows"] == 8
     assert summary["after"]["reward"] is None and 0 <= summary["after"]["rule"] <= 1
     assert all("value_loss" not in r and 0 <= r["fn_score"] <= 1 for r in summary["history"])
+    assert summary["after"]["reward_fn"] == pytest.approx(summary["after"]["rule"])  # the same function, held out
+    printed = capsys.readouterr().out
+    assert "held-out reward-function score" in printed and "held-out reward-model score" not in printed  # no n/a
 
 
 def test_a_reward_function_file_and_a_config_file(sft_dir, rm_dir, prompts_file, cache, tmp_path):

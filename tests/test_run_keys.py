@@ -27,13 +27,15 @@ def parsed(*argv: str):
 
 
 def test_a_step_reads_its_model_data_and_paths_from_the_file(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
     path = config_file(tmp_path, {"model": "m", "tokenizer": "t", "data": "a.jsonl", "data-split": "1,1,0",
-                                  "eval_fraction": 0, "cache_dir": "c", "ds_config": "ds.json", "lr": 0.01,
+                                  "eval_fraction": 0, "cache_dir": "c", "ds_config": str(ds), "lr": 0.01,
                                   "sft": {"max_steps": 3}})
     args = parsed("sft", "--config", path)
     config = step_config(args, SFTConfig, "sft")
     assert (args.model, args.tokenizer, args.data, args.data_split) == ("m", "t", ["a.jsonl"], "1,1,0")
-    assert (args.eval_fraction, args.cache_dir, args.ds_config) == (0.0, "c", "ds.json")
+    assert (args.eval_fraction, args.cache_dir, args.ds_config) == (0.0, "c", str(ds))
     assert isinstance(args.eval_fraction, float)
     assert config.lr == 0.01 and config.max_steps == 3  # the step's fields as before
 

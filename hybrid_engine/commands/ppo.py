@@ -167,12 +167,15 @@ def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
     def held_out(name: str, spec: str = ".3f") -> str:
         return common.before_after(getattr(before, name, None), getattr(after, name, None), spec)
 
+    def measured(name: str) -> bool:  # a score the run has (no reward model: no reward-model score)
+        return getattr(before, name, None) is not None or getattr(after, name, None) is not None
+
+    scores = [("held-out reward-model score", "reward"), ("held-out rule score", "rule"),
+              ("held-out reward-function score", "reward_fn")]
     totals = _phase_totals(result.history)
     rows = [("steps", f"{result.steps} ({result.skipped} updates skipped for NaN/inf)"),
             ("stopped by", result.stop_reason),
-            ("held-out reward-model score", held_out("reward")),
-            ("held-out rule score", held_out("rule")),
-            ("held-out reward-function score", held_out("reward_fn")),
+            *[(label, held_out(name)) for label, name in scores if measured(name)],
             ("held-out KL to reference", held_out("kl") + " nats per response"),
             ("held-out response length", held_out("response_len", ".1f") + " tokens"),
             ("old log-probs", logprob_note(result.history, result.logprob_source)),
