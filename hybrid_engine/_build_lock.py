@@ -63,18 +63,25 @@ def checkable(holder: Holder) -> bool:
     return holder.pid is not None and holder.host == socket.gethostname()
 
 
+def process_alive(pid) -> bool:
+    """Whether process `pid` of this host is running (os.kill(pid, 0); another user's counts as running)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def is_gone(holder: Holder, stale_after_s: float = STALE_AFTER_S) -> bool:
     """Whether the holder can no longer release its lock: a process of this host that has ended, or a lock that
     cannot be checked (no pid, another host) older than stale_after_s."""
     if not checkable(holder):
         return holder.age_s > stale_after_s
-    try:
-        os.kill(holder.pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    return not process_alive(holder.pid)
 
 
 @contextlib.contextmanager

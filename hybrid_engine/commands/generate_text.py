@@ -23,7 +23,8 @@ import torch
 from hybrid_engine.commands.chat import fit_conversation, load_chat_model, prompt_room, sampling_settings
 from hybrid_engine.generation import generate
 from hybrid_engine.model.spec import SUPPORTED
-from hybrid_engine.rlhf.data import FORMATS, load_file
+from hybrid_engine.rlhf.data import FORMATS, decode_text, load_file
+from hybrid_engine.rlhf.tokens import collate_ppo
 
 
 def add_text_args(gen: argparse.ArgumentParser) -> None:
@@ -61,23 +62,7 @@ def text_lines(path: Path) -> list[str]:
     """The non-blank lines of a UTF-8 text file, stripped; a one-line error naming the file and line otherwise."""
     if not path.is_file():
         raise ValueError(f"--prompts-file {path}: no such file")
-    lines = []
-    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
-        try:
-            line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
-        except UnicodeDecodeError:
-            raise ValueError(f"--prompts-file {path}, line {number}: not UTF-8 text") from None
-        if line:
-            lines.append(line)
-    return lines
-
-
-def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of token lists of different lengths, padded on the left."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
+    return [line.strip() for line in decode_text(path, path.read_bytes()).splitlines() if line.strip()]
 
 
 def complete(model, tokenizer, prompts: list[str], args: argparse.Namespace) -> tuple[list[str], int]:
@@ -89,7 +74,8 @@ def complete(model, tokenizer, prompts: list[str], args: argparse.Namespace) -> 
     for lo in range(0, len(prompts), args.batch):
         rows = [fit_conversation(tokenizer, [{"role": "user", "content": p}], room, args.chat_template)
                 for p in prompts[lo:lo + args.batch]]
-        ids, mask = left_padded(rows, pad_id)
+        batch = collate_ppo([{"input_ids": r} for r in rows], pad_id)  # left-padded, as PPO's prompts
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         if model.config.model_type in SUPPORTED:
             out = generate(model, ids, mask, sampling=sampling, weight_dtype=args.weight_dtype,
                            kv_dtype=args.kv_dtype)

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from hybrid_engine._build_lock import process_alive
 from hybrid_engine.rlhf.distributed import is_main_rank
 
 LOCK_FILE = ".hybrid-engine.lock"
@@ -62,18 +63,6 @@ def _read_lock(path: Path) -> dict:
         return {}
 
 
-def _alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _not_writable(output: str, e: OSError) -> ValueError:
     return ValueError(f"--output {output} is not writable ({e.strerror or e}): the trained model could not be saved "
                       "there; give another --output")
@@ -89,7 +78,7 @@ def _take_lock(folder: Path, output: str) -> None:
         except FileExistsError:
             held = _read_lock(lock)
             other_host = held.get("host", socket.gethostname()) != socket.gethostname()
-            if other_host or _alive(held.get("pid")):
+            if other_host or process_alive(held.get("pid")):
                 where = f" on {held['host']}" if other_host else ""
                 raise ValueError(f"--output {output} is in use by another run (pid {held.get('pid')}{where}): wait "
                                  f"for it to end or give another --output (if no run uses it, delete {lock})") from None

@@ -189,7 +189,9 @@ def content_cache(path: Path, cache_dir: str | None) -> str:
     return str(Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "by-content" / digest[:32])
 
 
-def _decode(path: Path, data: bytes) -> str:
+def decode_text(path: Path, data: bytes) -> str:
+    """`data` (the bytes of file `path`) as UTF-8 text; a one-line ValueError naming the file and line (row, for
+    JSON Lines) otherwise."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -201,7 +203,7 @@ def _decode(path: Path, data: bytes) -> str:
 
 def read_json_rows(path: Path) -> list[tuple[int, Any]]:
     """(row number, parsed row) of a JSON list (numbered by position) or JSON Lines file (by line)."""
-    text = _decode(path, path.read_bytes())
+    text = decode_text(path, path.read_bytes())
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
