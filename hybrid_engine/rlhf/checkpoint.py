@@ -210,10 +210,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, tensors: dict[str,
 
 def file_entry(path: Path) -> dict:
     """A manifest's record of one file: its size and SHA-256, read back from the disk."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
+        digest = hashlib.file_digest(f, "sha256")
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
@@ -412,53 +410,6 @@ RUN_PARTS = {"data": "training and held-out rows (--data, --data-split, --eval-f
              "reward_model": "reward model (--reward-model)", "reward_fn": "reward function (--reward-fn)",
              "eval_fn": "eval function (--eval-fn)", "ptx": "pre-training rows (--ptx-data)"}
 """What defines a run beside its config, recorded in its checkpoints as fingerprints and compared on resume."""
-
-
-def rows_fingerprint(*row_sets) -> str | None:
-    """SHA-256 of the rows (datasets.Dataset or lists of dicts), in order; None for no row sets."""
-    if all(rows is None for rows in row_sets):
-        return None
-    digest = hashlib.sha256()
-    for rows in row_sets:
-        digest.update(b"\x00rows")
-        if rows is None:
-            continue
-        if hasattr(rows, "with_format"):  # a datasets.Dataset: its selected rows, a batch of them at a time
-            for start in range(0, len(rows), 4096):
-                batch = rows.with_format("arrow")[start:start + 4096].to_pylist()
-                digest.update(json.dumps(batch, sort_keys=True, default=str).encode())
-        else:
-            digest.update(json.dumps(list(rows), sort_keys=True, default=str).encode())
-    return digest.hexdigest()
-
-
-@torch.no_grad()
-def weights_fingerprint(module: torch.nn.Module | None) -> str | None:
-    """A fingerprint of a model's weights as they are: every tensor's name, shape, dtype and an even sample of up
-    to 4096 of its values (two fine-tunes of one model differ everywhere), so a model of any size is cheap."""
-    if module is None:
-        return None
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float64)
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def function_fingerprint(fn) -> str | None:
-    """A reward or eval function by its name and source (a changed rule file is another function)."""
-    if fn is None:
-        return None
-    import inspect
-
-    name = getattr(fn, "__qualname__", type(fn).__qualname__)
-    try:
-        source = inspect.getsource(fn)
-    except (OSError, TypeError):
-        source = ""
-    return f"{name}:{hashlib.sha256(source.encode()).hexdigest()[:16]}"
 
 
 def check_same_run(saved: dict | None, now: dict) -> None:

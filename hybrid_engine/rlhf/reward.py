@@ -36,7 +36,7 @@ from hybrid_engine.engine.lora import lora_layers
 from hybrid_engine.engine.training import adamw, make_trainer
 from hybrid_engine.engine.zero import gathered, unique_params
 from hybrid_engine.model.spec import SUPPORTED
-from hybrid_engine.rlhf import checkpoint
+from hybrid_engine.rlhf import checkpoint, fingerprints
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.loop import Trainer, train_loop
@@ -344,7 +344,7 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
 
     checkpoint.check_supported(config, trainer.zero_stage, resume)
     run = None if not (config.checkpoint_every or resume) else {  # what a resume must match
-        "data": checkpoint.rows_fingerprint(data.train, data.eval), "model": checkpoint.weights_fingerprint(model)}
+        "data": fingerprints.rows_fingerprint(data.train, data.eval), "model": fingerprints.weights_fingerprint(model)}
     trainer.train(True)
     hooks = Trainer(step=train_step, evaluate=evaluate, optimizers=[(trainer.optimizer, config.lr)],
                     postfix=lambda loss: {"loss": f"{loss:.3f}"}, show_eval=lambda e: {"eval_acc": f"{e.accuracy:.3f}"},

@@ -27,7 +27,7 @@ from hybrid_engine.engine import HybridEngine
 from hybrid_engine.engine.logprobs import head_as_token_logprobs, positions
 from hybrid_engine.engine.lora import base_model
 from hybrid_engine.engine.training import adamw
-from hybrid_engine.rlhf import checkpoint
+from hybrid_engine.rlhf import checkpoint, fingerprints
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.loop import Trainer, train_loop
@@ -192,8 +192,8 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
 
     checkpoint.check_supported(config, engine.zero_stage, resume)
     run = None if not (config.checkpoint_every or resume) else {  # what a resume must match
-        "data": checkpoint.rows_fingerprint(data.train, data.eval),
-        "model": checkpoint.weights_fingerprint(engine.module)}
+        "data": fingerprints.rows_fingerprint(data.train, data.eval),
+        "model": fingerprints.weights_fingerprint(engine.module)}
     engine.train()
     trainer = Trainer(step=train_step, evaluate=lambda: perplexity(engine, held_out, pad_id, config.eval_batch_size),
                       optimizers=[(engine.optimizer, config.lr)], postfix=lambda loss: {"loss": f"{loss:.3f}"},

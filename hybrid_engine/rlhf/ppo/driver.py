@@ -30,7 +30,7 @@ import torch
 
 from hybrid_engine.engine import HybridEngine
 from hybrid_engine.engine.lora import base_model
-from hybrid_engine.rlhf import checkpoint
+from hybrid_engine.rlhf import checkpoint, fingerprints
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.distributed import all_finite, rank_and_world
 from hybrid_engine.rlhf.loop import Trainer, train_loop
@@ -142,13 +142,13 @@ def train_ppo(models: ModelSources | Models, tokenizer, data: StepData, config: 
 
 def _defines(models: Models, data: StepData, ptx_data) -> dict:
     """What a resume of this run must match beside its config (checkpoint.RUN_PARTS), taken before training."""
-    fp = checkpoint.weights_fingerprint
-    return {"data": checkpoint.rows_fingerprint(data.train, data.eval), "model": fp(models.actor.module),
+    fp = fingerprints.weights_fingerprint
+    return {"data": fingerprints.rows_fingerprint(data.train, data.eval), "model": fp(models.actor.module),
             "reference": fp(models.reference.model), "reward_model": fp(None if models.reward is None
                                                                          else models.reward.model),
-            "reward_fn": checkpoint.function_fingerprint(models.reward_fn),
-            "eval_fn": checkpoint.function_fingerprint(models.eval_fn),
-            "ptx": checkpoint.rows_fingerprint(ptx_data.train if isinstance(ptx_data, StepData) else ptx_data)}
+            "reward_fn": fingerprints.function_fingerprint(models.reward_fn),
+            "eval_fn": fingerprints.function_fingerprint(models.eval_fn),
+            "ptx": fingerprints.rows_fingerprint(ptx_data.train if isinstance(ptx_data, StepData) else ptx_data)}
 
 
 def ppo_step(run: PPORun, prompts: Prompts, indices: list[int], step: int) -> dict:
