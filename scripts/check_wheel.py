@@ -106,8 +106,9 @@ CHECKS = {"norm": check_norm, "rotary": check_rotary, "attention": check_attenti
 def main() -> None:
     check_location("hybrid_engine", importlib.util.find_spec("hybrid_engine").origin)  # before building anything
     start = time.perf_counter()
-    from hybrid_engine import _build, ops  # JIT-builds the ops on first use
+    from hybrid_engine import _build, ops
 
+    ops.load()  # JIT-builds the ops (importing hybrid_engine.ops builds nothing)
     print(f"check_wheel: ops loaded in {time.perf_counter() - start:.0f} s from the sources in {_build.CSRC} "
           f"(build directory {_build.build_directory()})")
     check_location("the C++ sources", _build.CPU_SOURCES[-1] if Path(_build.CPU_SOURCES[-1]).is_file() else None)

@@ -8,6 +8,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from hybrid_engine.ops import (
     decode_attention,
     decode_attention_reference,
+    kernels,
     prefill_attention,
     prefill_attention_reference,
     use_backend,
@@ -174,9 +175,9 @@ def test_triton_prefill_matches_reference(B, Hq, Hkv, D, T, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
     q, k_cache, v_cache, lens = make_decode(3, 4, 2, 64, 9, dtype)
-    torch.library.opcheck(torch.ops.hybrid_engine.decode_attention.default, (q, k_cache, v_cache, lens, 0.125))
+    torch.library.opcheck(kernels().decode_attention.default, (q, k_cache, v_cache, lens, 0.125))
     q, k, v, lens = make_prefill(3, 4, 2, 64, 9, dtype)
-    torch.library.opcheck(torch.ops.hybrid_engine.prefill_attention.default, (q, k, v, lens, 0.125))
+    torch.library.opcheck(kernels().prefill_attention.default, (q, k, v, lens, 0.125))
 
 
 def test_compiles_with_torch_compile():

@@ -5,6 +5,7 @@ import torch
 from models import CONFIGS, left_padded_prompts, tiny_model
 
 from hybrid_engine.model import InferenceTransformer, KVCache, extract_weights, spec_from_config
+from hybrid_engine.ops import kernels
 
 
 def prefilled(family: str, weight_dtype=None):
@@ -45,7 +46,7 @@ def test_opcheck():
     x = net.embed(tokens, cache.lengths)
     args = (x, net.flat_weights(), cache.k, cache.v, cache.lengths.clone(), net.cos, net.sin, s.num_heads,
             s.num_kv_heads, s.head_dim, True, 0, s.norm_eps, net.scales)
-    torch.library.opcheck(torch.ops.hybrid_engine.decode_step.default, args,
+    torch.library.opcheck(kernels().decode_step.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -53,6 +54,6 @@ def test_wrong_weight_count_names_the_argument():
     net, cache, tokens = prefilled("gpt2")
     s = net.spec
     with pytest.raises(RuntimeError, match="weights must hold 12 entries per layer"):
-        torch.ops.hybrid_engine.decode_step(net.embed(tokens, cache.lengths), net.flat_weights()[:-1], cache.k,
+        kernels().decode_step(net.embed(tokens, cache.lengths), net.flat_weights()[:-1], cache.k,
                                             cache.v, cache.lengths, None, None, s.num_heads, s.num_kv_heads,
                                             s.head_dim, False, 2, s.norm_eps, net.scales)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from helpers import TOLERANCES
 
-from hybrid_engine.ops import gae, gae_reference, use_backend
+from hybrid_engine.ops import gae, gae_reference, kernels, use_backend
 
 GAMMA, LAM = 0.99, 0.95
 
@@ -68,7 +68,7 @@ def test_triton_matches_reference(B, T):
 
 def test_opcheck():
     r, v, m = make_inputs(5, 7, torch.float32)
-    torch.library.opcheck(torch.ops.hybrid_engine.gae.default, (r, v, m, GAMMA, LAM))
+    torch.library.opcheck(kernels().gae.default, (r, v, m, GAMMA, LAM))
 
 
 def test_compiles_with_torch_compile():

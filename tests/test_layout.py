@@ -102,3 +102,17 @@ def test_nothing_below_the_package_face_imports_it():
     edges = graph()
     upward = sorted(name for name, deps in edges.items() if name != "hybrid_engine" and "hybrid_engine" in deps)
     assert upward == []
+
+
+def names_compiled_ops(tree: ast.Module) -> bool:
+    """Whether the module's code (not its docstrings) reaches torch.ops.hybrid_engine."""
+    return any(isinstance(node, ast.Attribute) and node.attr == "hybrid_engine" and ast.unparse(node.value) ==
+               "torch.ops" for node in ast.walk(tree))
+
+
+def test_only_the_ops_library_module_reaches_the_compiled_ops():
+    """Everything else calls ops._library.kernels(), which loads the ops first: a direct torch.ops.hybrid_engine
+    call would fail in a process that has not loaded them yet."""
+    assert names_compiled_ops(ast.parse("y = torch.ops.hybrid_engine.gae(1)"))
+    reaching = sorted(name for name, tree in modules().items() if names_compiled_ops(tree))
+    assert reaching == ["hybrid_engine.ops._library"]

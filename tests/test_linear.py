@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from helpers import TOLERANCES, assert_within_twice_torch
 
-from hybrid_engine.ops import decode_linear, decode_linear_reference, use_backend
+from hybrid_engine.ops import decode_linear, decode_linear_reference, kernels, use_backend
 
 # (N, K): K and N off every vector width (7, 123, 777), single outputs, the realistic K of a small model, and K
 # split into several passes (2048, 2051). M: single rows to past two 32-row tiles; bf16 weights with K % 32 == 0
@@ -100,8 +100,8 @@ def test_gradients(wdtype):
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 def test_opcheck(wdtype, with_bias):
     x, w, b = make_inputs(3, 17, 40, wdtype, torch.float32 if with_bias else None)
-    torch.library.opcheck(torch.ops.hybrid_engine.decode_linear.default, (x, w, b))
-    torch.library.opcheck(torch.ops.hybrid_engine.decode_linear.default, (x.requires_grad_(), w, b))
+    torch.library.opcheck(kernels().decode_linear.default, (x, w, b))
+    torch.library.opcheck(kernels().decode_linear.default, (x.requires_grad_(), w, b))
 
 
 def test_compiles_with_torch_compile():

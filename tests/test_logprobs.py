@@ -2,7 +2,7 @@ import pytest
 import torch
 from helpers import TOLERANCES, assert_within_twice_torch
 
-from hybrid_engine.ops import token_logprobs, token_logprobs_reference, use_backend
+from hybrid_engine.ops import kernels, token_logprobs, token_logprobs_reference, use_backend
 
 IGNORE = -100
 
@@ -147,11 +147,11 @@ def test_opcheck():
     hidden, weight, tokens = make_inputs(5, 37, 16, torch.float32)
     for with_entropy in (False, True):
         args = (hidden.clone().requires_grad_(), weight.clone().requires_grad_(), tokens, 0.7, with_entropy)
-        torch.library.opcheck(torch.ops.hybrid_engine.token_logprobs.default, args)
-    lp, ent, lse = torch.ops.hybrid_engine.token_logprobs(hidden, weight, tokens, 0.7, True)
+        torch.library.opcheck(kernels().token_logprobs.default, args)
+    lp, ent, lse = kernels().token_logprobs(hidden, weight, tokens, 0.7, True)
     for grad_entropy in (None, torch.randn(5)):
         args = (torch.randn(5), grad_entropy, hidden, weight, tokens, lse, ent, 0.7)
-        torch.library.opcheck(torch.ops.hybrid_engine.token_logprobs_backward.default, args)
+        torch.library.opcheck(kernels().token_logprobs_backward.default, args)
 
 
 def test_compiles_with_torch_compile():
@@ -223,15 +223,15 @@ def test_bad_input_names_the_argument(args, match):
 
 def test_backward_bad_input_names_the_argument():
     hidden, weight, tokens = make_inputs(4, 37, 16, torch.float32)
-    lp, ent, lse = torch.ops.hybrid_engine.token_logprobs(hidden, weight, tokens, 1.0, True)
+    lp, ent, lse = kernels().token_logprobs(hidden, weight, tokens, 1.0, True)
     with pytest.raises(RuntimeError, match="grad_logprobs must have shape"):
-        torch.ops.hybrid_engine.token_logprobs_backward(torch.randn(3), None, hidden, weight, tokens, lse, ent, 1.0)
+        kernels().token_logprobs_backward(torch.randn(3), None, hidden, weight, tokens, lse, ent, 1.0)
     with pytest.raises(RuntimeError, match="grad_entropy must have shape"):
-        torch.ops.hybrid_engine.token_logprobs_backward(
+        kernels().token_logprobs_backward(
             torch.randn(4), torch.randn(2), hidden, weight, tokens, lse, ent, 1.0
         )
     with pytest.raises(RuntimeError, match="lse must be Float"):
-        torch.ops.hybrid_engine.token_logprobs_backward(
+        kernels().token_logprobs_backward(
             torch.randn(4), None, hidden, weight, tokens, lse.double(), ent, 1.0
         )
 

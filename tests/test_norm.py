@@ -2,7 +2,7 @@ import pytest
 import torch
 from helpers import TOLERANCES, assert_within_twice_torch
 
-from hybrid_engine.ops import rms_norm, rms_norm_reference, use_backend
+from hybrid_engine.ops import kernels, rms_norm, rms_norm_reference, use_backend
 
 EPS = 1e-6
 # Row counts 1, 7, 123 and H of 1, odd sizes, head-dim-like sizes and a model width; 3-D inputs too.
@@ -123,7 +123,7 @@ def test_gradcheck():
 
 def test_opcheck():
     x, residual, weight = make_inputs((5, 7, 33), torch.float32)
-    ops = torch.ops.hybrid_engine
+    ops = kernels()
     torch.library.opcheck(ops.rms_norm.default, (x.requires_grad_(), weight.requires_grad_(), EPS))
     torch.library.opcheck(ops.rms_norm_residual.default, (x, residual.requires_grad_(), weight, EPS))
     out, rstd = ops.rms_norm(x.detach(), weight.detach(), EPS)
@@ -162,7 +162,7 @@ def test_bad_input_names_the_argument(x, residual, weight, match):
 
 def test_backward_bad_input_names_the_argument():
     x, weight = torch.randn(3, 8), torch.ones(8)
-    backward = torch.ops.hybrid_engine.rms_norm_backward
+    backward = kernels().rms_norm_backward
     with pytest.raises(RuntimeError, match="grad_out must have x's shape"):
         backward(torch.randn(3, 7), x, weight, torch.ones(3))
     with pytest.raises(RuntimeError, match="rstd must have shape"):

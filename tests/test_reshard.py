@@ -7,6 +7,7 @@ from hybrid_engine.ops import (
     gather_column_parallel,
     gather_qkv,
     gather_row_parallel,
+    kernels,
     reshard_gather,
     reshard_gather_reference,
     reshard_scatter,
@@ -163,10 +164,10 @@ def test_gather_gradient_accumulates_repeated_rows():
 
 def test_opcheck():
     src = torch.randn(9, 12, requires_grad=True)
-    torch.library.opcheck(torch.ops.hybrid_engine.reshard_gather.default, (src, 1, 12, [5, 0], [3, 2], 2, 7))
+    torch.library.opcheck(kernels().reshard_gather.default, (src, 1, 12, [5, 0], [3, 2], 2, 7))
     dst = torch.zeros(9, 12)
     shard = torch.randn(5, 7)
-    torch.library.opcheck(torch.ops.hybrid_engine.reshard_scatter.default, (dst, shard, 1, 12, [5, 0], [3, 2], 2))
+    torch.library.opcheck(kernels().reshard_scatter.default, (dst, shard, 1, 12, [5, 0], [3, 2], 2))
 
 
 def test_compiles_with_torch_compile():

@@ -4,7 +4,7 @@ from helpers import TOLERANCES, assert_within_twice_torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from hybrid_engine.ops import rotary_append_kv, rotary_append_kv_reference, rotary_tables, use_backend
+from hybrid_engine.ops import kernels, rotary_append_kv, rotary_append_kv_reference, rotary_tables, use_backend
 
 T_MAX = 160
 
@@ -200,10 +200,10 @@ def test_opcheck():
     qkv, k_cache, v_cache, positions, cos, sin = make_case(2, 5, 4, 2, 64, 64, torch.float32)
     q, k, v = (x.contiguous() for x in split(qkv, 4, 2, 64))
     torch.library.opcheck(
-        torch.ops.hybrid_engine.rotary_append_kv.default, (q, k, v, k_cache, v_cache, positions, cos, sin)
+        kernels().rotary_append_kv.default, (q, k, v, k_cache, v_cache, positions, cos, sin)
     )
     torch.library.opcheck(
-        torch.ops.hybrid_engine.rotary_append_kv.default, (q, k, v, k_cache, v_cache, positions, None, None)
+        kernels().rotary_append_kv.default, (q, k, v, k_cache, v_cache, positions, None, None)
     )
 
 

@@ -10,7 +10,7 @@ import shutil
 import torch
 
 from hybrid_engine import _build
-from hybrid_engine.ops import dispatch
+from hybrid_engine.ops import dispatch, load
 
 
 def add_env_command(subparsers) -> None:
@@ -48,7 +48,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         ("compile flags", " ".join(_build.extra_cflags())),
     ]
     try:
-        _build.load()
+        load()
         ops = torch._C._dispatch_get_all_op_names()
         names = sorted(n.split("::")[1] for n in ops if n.startswith("hybrid_engine::"))
         rows.append(("C++ ops", ", ".join(names)))

@@ -1,27 +1,25 @@
 """The Python face of every hybrid_engine kernel: the only caller of torch.ops.hybrid_engine.
 
-Importing this package loads the compiled ops (compiling them on first use) and registers their
-fake (meta) and autograd implementations. Each function runs on the backend chosen with
+Importing this package compiles and loads nothing: the compiled ops load (compiling on this machine's first use) at
+the first call that runs one, or at `load()`, which also registers their fake (meta) and autograd implementations
+(_library.py); `kernels()` is torch.ops.hybrid_engine, loaded. Each function runs on the backend chosen with
 `use_backend` ("kernels", "triton" or "reference"); `<op>_reference` is the pure-torch oracle.
 """
 
-from hybrid_engine._build import load as _load
-
-_load()
-
-from hybrid_engine.ops._backend import get_backend, use_backend  # noqa: E402
-from hybrid_engine.ops.attention import (  # noqa: E402
+from hybrid_engine.ops._backend import get_backend, use_backend
+from hybrid_engine.ops._library import kernels, load
+from hybrid_engine.ops.attention import (
     decode_attention,
     decode_attention_reference,
     prefill_attention,
     prefill_attention_reference,
 )
-from hybrid_engine.ops.decode_step import decode_step  # noqa: E402
-from hybrid_engine.ops.gae import gae, gae_reference  # noqa: E402
-from hybrid_engine.ops.linear import decode_linear, decode_linear_reference  # noqa: E402
-from hybrid_engine.ops.logprobs import token_logprobs, token_logprobs_reference  # noqa: E402
-from hybrid_engine.ops.norm import rms_norm, rms_norm_reference  # noqa: E402
-from hybrid_engine.ops.reshard import (  # noqa: E402
+from hybrid_engine.ops.decode_step import decode_step
+from hybrid_engine.ops.gae import gae, gae_reference
+from hybrid_engine.ops.linear import decode_linear, decode_linear_reference
+from hybrid_engine.ops.logprobs import token_logprobs, token_logprobs_reference
+from hybrid_engine.ops.norm import rms_norm, rms_norm_reference
+from hybrid_engine.ops.reshard import (
     gather_column_parallel,
     gather_qkv,
     gather_row_parallel,
@@ -42,8 +40,8 @@ from hybrid_engine.ops.reshard import (  # noqa: E402
     zero_unpartition,
     zero_unpartition_reference,
 )
-from hybrid_engine.ops.rotary import rotary_append_kv, rotary_append_kv_reference, rotary_tables  # noqa: E402
-from hybrid_engine.ops.training import (  # noqa: E402
+from hybrid_engine.ops.rotary import rotary_append_kv, rotary_append_kv_reference, rotary_tables
+from hybrid_engine.ops.training import (
     rotary_embed,
     rotary_embed_reference,
     silu_mul,
@@ -62,6 +60,8 @@ __all__ = [
     "gather_qkv",
     "gather_row_parallel",
     "get_backend",
+    "kernels",
+    "load",
     "prefill_attention",
     "prefill_attention_reference",
     "reshard_gather",

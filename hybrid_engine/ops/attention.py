@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from hybrid_engine.ops import _backend, dispatch
+from hybrid_engine.ops._library import fake, kernels
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -71,12 +72,12 @@ def prefill_attention_reference(
     return (probs @ _repeat_kv(v.float(), groups)).to(q.dtype)
 
 
-@torch.library.register_fake("hybrid_engine::decode_attention")
+@fake("hybrid_engine::decode_attention")
 def _decode_attention_fake(q, k_cache, v_cache, seq_lens, scale):
     return q.new_empty(q.shape)
 
 
-@torch.library.register_fake("hybrid_engine::prefill_attention")
+@fake("hybrid_engine::prefill_attention")
 def _prefill_attention_fake(q, k, v, seq_lens, scale):
     return q.new_empty(q.shape)
 
@@ -93,7 +94,7 @@ def decode_attention(
         from hybrid_engine.triton.attention import decode_attention as decode_attention_triton
 
         return decode_attention_triton(q, k_cache, v_cache, seq_lens, scale)
-    return torch.ops.hybrid_engine.decode_attention(q, k_cache, v_cache, seq_lens, float(scale))
+    return kernels().decode_attention(q, k_cache, v_cache, seq_lens, float(scale))
 
 
 def prefill_attention(
@@ -110,4 +111,4 @@ def prefill_attention(
         return prefill_attention_triton(q, k, v, seq_lens, scale)
     if q.device.type == "cpu":
         dispatch.ensure()  # bf16's route to torch's flash attention, measured on this machine (dispatch.py)
-    return torch.ops.hybrid_engine.prefill_attention(q, k, v, seq_lens, float(scale))
+    return kernels().prefill_attention(q, k, v, seq_lens, float(scale))

@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 
 from hybrid_engine.ops import dispatch
+from hybrid_engine.ops._library import fake, kernels
 
 ACTIVATIONS = {"silu": 0, "relu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "gelu": 3}
 
 
-@torch.library.register_fake("hybrid_engine::decode_step")
+@fake("hybrid_engine::decode_step")
 def _decode_step_fake(x, weights, k_cache, v_cache, lengths, cos, sin, num_heads, num_kv_heads, head_dim, rms_norm,
                       activation, eps, scales):
     return x.new_empty(x.shape[0], weights[-2].shape[0], dtype=torch.float32)
@@ -41,6 +42,6 @@ def decode_step(
     if activation not in ACTIVATIONS:
         raise ValueError(f"decode_step: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     dispatch.ensure()  # its linear layers follow decode_linear's measured routes
-    return torch.ops.hybrid_engine.decode_step(x, weights, k_cache, v_cache, lengths, cos, sin, num_heads,
+    return kernels().decode_step(x, weights, k_cache, v_cache, lengths, cos, sin, num_heads,
                                                num_kv_heads, head_dim, rms_norm, ACTIVATIONS[activation], eps,
                                                scales)

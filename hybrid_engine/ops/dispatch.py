@@ -35,6 +35,9 @@ from pathlib import Path
 
 import torch
 
+from hybrid_engine import _build
+from hybrid_engine.ops._library import kernels, load
+
 FORMAT = "hybrid_engine.calibration.v2"
 NEVER = 2**62
 """A row bound no batch reaches."""
@@ -70,16 +73,12 @@ def cache_path() -> Path:
     """HYBRID_ENGINE_CALIBRATION_FILE, or one file per thread count beside the build: a process with another
     count (torchrun ranks of one thread each beside a 2-thread process) keeps its own calibration instead of
     overwriting the other's, which each would then find foreign and measure again."""
-    from hybrid_engine import _build
-
     given = os.environ.get("HYBRID_ENGINE_CALIBRATION_FILE")
     return Path(given) if given else _build.build_directory() / f"calibration-{torch.get_num_threads()}threads.json"
 
 
 def machine_key() -> dict:
     """What a calibration is valid for."""
-    from hybrid_engine import _build
-
     flags = sorted(f for f in _build.cpu_flags() if f.startswith(("avx", "amx", "fma")))
     return {"cpu": _build.cpu_model(), "capability": _build.capability(), "flags": flags,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "build": _build.extension_name()}
@@ -100,16 +99,16 @@ def _best_s(fn: Callable[[], object], repeats: int = 5) -> float:
 
 
 def _force(routes: Routes) -> None:
-    torch.ops.hybrid_engine.set_decode_linear_routes(routes.fp32_torch_max_rows, routes.fp32_kernel_max_rows,
-                                                     routes.lowp_kernel_max_rows, routes.amx_min_rows)
-    torch.ops.hybrid_engine.set_prefill_sdpa_route(routes.prefill_sdpa_bf16)
+    kernels().set_decode_linear_routes(routes.fp32_torch_max_rows, routes.fp32_kernel_max_rows,
+                                       routes.lowp_kernel_max_rows, routes.amx_min_rows)
+    kernels().set_prefill_sdpa_route(routes.prefill_sdpa_bf16)
 
 
 KERNEL_ONLY = Routes(0, NEVER, NEVER, amx_min_rows=NEVER)  # the FMA kernel at every M
 
 
 def _linear_pass(weights: list[torch.Tensor], x: torch.Tensor) -> Callable[[], object]:
-    return lambda: [torch.ops.hybrid_engine.decode_linear(x, w, None) for w in weights]
+    return lambda: [kernels().decode_linear(x, w, None) for w in weights]
 
 
 def _race(weights: list[torch.Tensor], rows: int, widen: bool) -> tuple[float, float]:
@@ -158,7 +157,7 @@ def _race_prefill() -> tuple[float, float]:
     times = []
     for route in (0, 1):
         _force(replace(DEFAULT, prefill_sdpa_bf16=route))
-        times.append(_best_s(lambda: torch.ops.hybrid_engine.prefill_attention(q, k, v, lens, 0.125)))
+        times.append(_best_s(lambda: kernels().prefill_attention(q, k, v, lens, 0.125)))
     return times[0], times[1]
 
 
@@ -189,7 +188,7 @@ def measure() -> dict:
     lowp = [w.to(torch.bfloat16) for w in fp32]
     del fp32
     timings.update({f"bf16 M={m}": _race(lowp, m, True) for m in LOWP_ROWS})
-    has_amx = torch.ops.hybrid_engine.decode_linear_has_amx(K)
+    has_amx = kernels().decode_linear_has_amx(K)
     if has_amx:
         timings.update({f"bf16 M={m} fma/amx": _race_amx(lowp, m) for m in AMX_ROWS})
     del lowp
@@ -237,9 +236,7 @@ def _write_cache(path: Path, data: dict) -> None:
 def calibrate(force: bool = False) -> dict:
     """This process's calibration: the cache's when it fits this machine (unless `force`), else measured and
     cached; the routes are set. With HYBRID_ENGINE_CALIBRATE=0, the defaults, unmeasured."""
-    from hybrid_engine import _build
-
-    _build.load()
+    load()
     if os.environ.get("HYBRID_ENGINE_CALIBRATE", "1") == "0" and not force:
         data = {"format": FORMAT, "key": machine_key(), "routes": asdict(DEFAULT), "source": "defaults"}
     else:
@@ -256,15 +253,17 @@ def calibrate(force: bool = False) -> dict:
     return data
 
 
-def ensure() -> None:
-    """Calibrates once per process, before the first CPU decode_linear or decode_step call."""
+@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing, outside the graph
+def ensure() -> bool:
+    """Calibrates once per process, before the first CPU decode_linear or decode_step call. Returns True."""
     if _state["calibration"] is None:
         calibrate()
+    return True
 
 
 def current() -> Routes:
     """The routes in force now."""
-    return Routes(*torch.ops.hybrid_engine.decode_linear_routes(), torch.ops.hybrid_engine.prefill_sdpa_route())
+    return Routes(*kernels().decode_linear_routes(), kernels().prefill_sdpa_route())
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from hybrid_engine.ops import _backend
+from hybrid_engine.ops._library import fake, kernels
 
 
 def gae_reference(
@@ -30,7 +31,7 @@ def gae_reference(
     return advantages, (advantages + values) * mask
 
 
-@torch.library.register_fake("hybrid_engine::gae")
+@fake("hybrid_engine::gae")
 def _gae_fake(rewards, values, mask, gamma, lam):
     return rewards.new_empty(rewards.shape, dtype=torch.float32), rewards.new_empty(rewards.shape, dtype=torch.float32)
 
@@ -46,4 +47,4 @@ def gae(
         from hybrid_engine.triton.gae import gae as gae_triton
 
         return gae_triton(rewards, values, mask, gamma, lam)
-    return torch.ops.hybrid_engine.gae(rewards, values, mask, float(gamma), float(lam))
+    return kernels().gae(rewards, values, mask, float(gamma), float(lam))

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from hybrid_engine.ops import _backend, dispatch
+from hybrid_engine.ops._library import autograd, fake, kernels
 
 
 def decode_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,7 +43,7 @@ def decode_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return out if bias is None else out + bias.float()
 
 
-@torch.library.register_fake("hybrid_engine::decode_linear")
+@fake("hybrid_engine::decode_linear")
 def _decode_linear_fake(x, weight, bias):
     torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1])
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
@@ -62,7 +63,7 @@ def _backward(ctx, grad_out):
     return grad_x, grad_w, grad_b
 
 
-torch.library.register_autograd("hybrid_engine::decode_linear", _backward, setup_context=_setup_context)
+autograd("hybrid_engine::decode_linear", _backward, setup_context=_setup_context)
 
 
 # The Triton and CUDA kernels are written for decode's few rows; above this many, torch's GEMM.
@@ -80,4 +81,4 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return decode_linear_triton(x, weight, bias)
     if x.device.type == "cpu":
         dispatch.ensure()  # the hand-over rows to torch's GEMM, measured on this machine (dispatch.py)
-    return torch.ops.hybrid_engine.decode_linear(x, weight, bias)
+    return kernels().decode_linear(x, weight, bias)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from hybrid_engine.ops import _backend
+from hybrid_engine.ops._library import autograd, fake, kernels
 
 IGNORE_INDEX = -100
 
@@ -49,13 +50,13 @@ def token_logprobs_reference(
     return logprobs, -(logp.exp() * logp).sum(-1)
 
 
-@torch.library.register_fake("hybrid_engine::token_logprobs")
+@fake("hybrid_engine::token_logprobs")
 def _token_logprobs_fake(hidden, weight, tokens, temperature, with_entropy):
     n = hidden.shape[0]
     return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
 
 
-@torch.library.register_fake("hybrid_engine::token_logprobs_backward")
+@fake("hybrid_engine::token_logprobs_backward")
 def _token_logprobs_backward_fake(grad_logprobs, grad_entropy, hidden, weight, tokens, lse, entropy, temperature):
     return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
         weight, memory_format=torch.contiguous_format
@@ -75,7 +76,7 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     hidden, weight, tokens, lse, entropy = ctx.saved_tensors
     if grad_logprobs is None:
         grad_logprobs = lse.new_zeros(lse.shape)
-    grad_hidden, grad_weight = torch.ops.hybrid_engine.token_logprobs_backward(
+    grad_hidden, grad_weight = kernels().token_logprobs_backward(
         grad_logprobs,
         grad_entropy if ctx.with_entropy else None,
         hidden,
@@ -88,7 +89,7 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     return grad_hidden, grad_weight, None, None, None
 
 
-torch.library.register_autograd("hybrid_engine::token_logprobs", _backward, setup_context=_setup_context)
+autograd("hybrid_engine::token_logprobs", _backward, setup_context=_setup_context)
 
 
 class _TritonTokenLogprobs(torch.autograd.Function):
@@ -136,7 +137,7 @@ def token_logprobs(
     if backend == "triton":
         logprobs, entropy = _TritonTokenLogprobs.apply(hidden, weight, tokens, float(temperature), return_entropy)
     else:
-        logprobs, entropy, _ = torch.ops.hybrid_engine.token_logprobs(
+        logprobs, entropy, _ = kernels().token_logprobs(
             hidden, weight, tokens, float(temperature), return_entropy
         )
     return (logprobs, entropy) if return_entropy else logprobs

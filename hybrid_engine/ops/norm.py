@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from hybrid_engine.ops import _backend
+from hybrid_engine.ops._library import autograd, fake, kernels
 
 
 def rms_norm_reference(
@@ -26,17 +27,17 @@ def rms_norm_reference(
     return out if residual is None else (out, x)
 
 
-@torch.library.register_fake("hybrid_engine::rms_norm")
+@fake("hybrid_engine::rms_norm")
 def _rms_norm_fake(x, weight, eps):
     return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.register_fake("hybrid_engine::rms_norm_residual")
+@fake("hybrid_engine::rms_norm_residual")
 def _rms_norm_residual_fake(x, residual, weight, eps):
     return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.register_fake("hybrid_engine::rms_norm_backward")
+@fake("hybrid_engine::rms_norm_backward")
 def _rms_norm_backward_fake(grad_out, x, weight, rstd):
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
@@ -48,7 +49,7 @@ def _setup_rms_norm(ctx, inputs, output):
 
 def _rms_norm_backward(ctx, grad_out, grad_rstd):
     x, weight, rstd = ctx.saved_tensors
-    grad_x, grad_weight = torch.ops.hybrid_engine.rms_norm_backward(grad_out, x, weight, rstd)
+    grad_x, grad_weight = kernels().rms_norm_backward(grad_out, x, weight, rstd)
     return grad_x, grad_weight, None
 
 
@@ -59,15 +60,15 @@ def _setup_rms_norm_residual(ctx, inputs, output):
 
 def _rms_norm_residual_backward(ctx, grad_out, grad_new_residual, grad_rstd):
     new_residual, weight, rstd = ctx.saved_tensors
-    grad, grad_weight = torch.ops.hybrid_engine.rms_norm_backward(grad_out, new_residual, weight, rstd)
+    grad, grad_weight = kernels().rms_norm_backward(grad_out, new_residual, weight, rstd)
     if grad_new_residual is not None:
         grad.add_(grad_new_residual)  # in place: grad is ours, and a new [N, H] tensor costs its page faults
     # new_residual = x + residual: both inputs receive the same gradient.
     return grad, grad, grad_weight, None
 
 
-torch.library.register_autograd("hybrid_engine::rms_norm", _rms_norm_backward, setup_context=_setup_rms_norm)
-torch.library.register_autograd(
+autograd("hybrid_engine::rms_norm", _rms_norm_backward, setup_context=_setup_rms_norm)
+autograd(
     "hybrid_engine::rms_norm_residual", _rms_norm_residual_backward, setup_context=_setup_rms_norm_residual
 )
 
@@ -109,6 +110,6 @@ def rms_norm(
         out, new_residual = _TritonRMSNorm.apply(x, weight, float(eps), residual)
         return out if residual is None else (out, new_residual)
     if residual is None:
-        return torch.ops.hybrid_engine.rms_norm(x, weight, float(eps))[0]
-    out, new_residual, _ = torch.ops.hybrid_engine.rms_norm_residual(x, residual, weight, float(eps))
+        return kernels().rms_norm(x, weight, float(eps))[0]
+    out, new_residual, _ = kernels().rms_norm_residual(x, residual, weight, float(eps))
     return out, new_residual

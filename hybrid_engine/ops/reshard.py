@@ -41,6 +41,7 @@ from typing import NamedTuple
 import torch
 
 from hybrid_engine.ops import _backend
+from hybrid_engine.ops._library import autograd, fake, kernels
 
 # ---- the two ops: reference, fake, autograd, dispatch ----
 
@@ -157,12 +158,12 @@ def reshard_scatter_reference(
         block.copy_(rows)
 
 
-@torch.library.register_fake("hybrid_engine::reshard_gather")
+@fake("hybrid_engine::reshard_gather")
 def _reshard_gather_fake(src, offset, row_stride, row_starts, row_counts, col_start, col_count):
     return src.new_empty(sum(row_counts), col_count)
 
 
-@torch.library.register_fake("hybrid_engine::reshard_scatter")
+@fake("hybrid_engine::reshard_scatter")
 def _reshard_scatter_fake(dst, shard, offset, row_stride, row_starts, row_counts, col_start):
     return None
 
@@ -182,7 +183,7 @@ def _gather_backward(ctx, grad):
     return grad_src.view(ctx.src_shape), None, None, None, None, None, None
 
 
-torch.library.register_autograd("hybrid_engine::reshard_gather", _gather_backward, setup_context=_gather_setup_context)
+autograd("hybrid_engine::reshard_gather", _gather_backward, setup_context=_gather_setup_context)
 
 
 def reshard_gather(
@@ -205,7 +206,7 @@ def reshard_gather(
 
         _check_gather_args(src, *args)
         return gather_triton(src, *args)
-    return torch.ops.hybrid_engine.reshard_gather(src, *args)
+    return kernels().reshard_gather(src, *args)
 
 
 def reshard_scatter(
@@ -227,7 +228,7 @@ def reshard_scatter(
 
         _check_scatter_args(dst, shard, *args)
         return scatter_triton(dst, shard, *args)
-    torch.ops.hybrid_engine.reshard_scatter(dst, shard, *args)
+    kernels().reshard_scatter(dst, shard, *args)
 
 
 # ---- plans: where one TP rank's shard lives in the full weight viewed flat ----

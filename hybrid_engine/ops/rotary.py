@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from hybrid_engine.ops import _backend
+from hybrid_engine.ops._library import fake, kernels
 
 
 def rotary_tables(
@@ -58,7 +59,7 @@ def rotary_append_kv_reference(
     v_cache[b, :, p] = v[b, s].to(v_cache.dtype)
 
 
-@torch.library.register_fake("hybrid_engine::rotary_append_kv")
+@fake("hybrid_engine::rotary_append_kv")
 def _rotary_append_kv_fake(q, k, v, k_cache, v_cache, positions, cos, sin):
     return None
 
@@ -81,4 +82,4 @@ def rotary_append_kv(
         from hybrid_engine.triton.rotary import rotary_append_kv as rotary_append_kv_triton
 
         return rotary_append_kv_triton(q, k, v, k_cache, v_cache, positions, cos, sin)
-    torch.ops.hybrid_engine.rotary_append_kv(q, k, v, k_cache, v_cache, positions, cos, sin)
+    kernels().rotary_append_kv(q, k, v, k_cache, v_cache, positions, cos, sin)

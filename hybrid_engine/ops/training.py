@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from hybrid_engine.ops import _backend
+from hybrid_engine.ops._library import autograd, fake, kernels
 from hybrid_engine.ops.rotary import _rotate_half
 
 
@@ -35,17 +36,17 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
-@torch.library.register_fake("hybrid_engine::rotary_embed")
+@fake("hybrid_engine::rotary_embed")
 def _rotary_embed_fake(q, k, cos, sin, backward):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-@torch.library.register_fake("hybrid_engine::silu_mul")
+@fake("hybrid_engine::silu_mul")
 def _silu_mul_fake(gate, up):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.register_fake("hybrid_engine::silu_mul_backward")
+@fake("hybrid_engine::silu_mul_backward")
 def _silu_mul_backward_fake(grad, gate, up):
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
@@ -61,7 +62,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _rotary_backward(ctx, grad_q, grad_k):
     cos, sin = ctx.saved_tensors
-    gq, gk = torch.ops.hybrid_engine.rotary_embed(_rows(grad_q), _rows(grad_k), cos, sin, True)
+    gq, gk = kernels().rotary_embed(_rows(grad_q), _rows(grad_k), cos, sin, True)
     return gq, gk, None, None, None
 
 
@@ -71,11 +72,11 @@ def _setup_silu_mul(ctx, inputs, output):
 
 def _silu_mul_backward(ctx, grad):
     gate, up = ctx.saved_tensors
-    return torch.ops.hybrid_engine.silu_mul_backward(grad.to(gate.dtype), gate, up)
+    return kernels().silu_mul_backward(grad.to(gate.dtype), gate, up)
 
 
-torch.library.register_autograd("hybrid_engine::rotary_embed", _rotary_backward, setup_context=_setup_rotary)
-torch.library.register_autograd("hybrid_engine::silu_mul", _silu_mul_backward, setup_context=_setup_silu_mul)
+autograd("hybrid_engine::rotary_embed", _rotary_backward, setup_context=_setup_rotary)
+autograd("hybrid_engine::silu_mul", _silu_mul_backward, setup_context=_setup_silu_mul)
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -93,11 +94,11 @@ def rotary_embed(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     if not _kernel(q, k) or cos.device.type != "cpu":
         return rotary_embed_reference(q, k, cos, sin)
     cos, sin = cos.float().contiguous(), sin.float().contiguous()  # [B or 1, T, D]: small
-    return torch.ops.hybrid_engine.rotary_embed(_rows(q), _rows(k), cos, sin, False)
+    return kernels().rotary_embed(_rows(q), _rows(k), cos, sin, False)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, differentiable in both."""
     if not _kernel(gate, up):
         return silu_mul_reference(gate, up)
-    return torch.ops.hybrid_engine.silu_mul(gate, up)
+    return kernels().silu_mul(gate, up)
