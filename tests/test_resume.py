@@ -18,7 +18,7 @@ import torch
 from demo_models import demo_llama, demo_rows, save_demo_llama, tokenizer
 
 from hybrid_engine.rlhf import RewardConfig, RewardModel, SFTConfig, train_reward, train_sft
-from hybrid_engine.rlhf.checkpoint import checkpoints, load_checkpoint
+from hybrid_engine.rlhf.checkpoint import check_same_config, checkpoints, config_json, load_checkpoint
 from hybrid_engine.rlhf.ppo import ModelSources, PPOConfig, train_ppo
 
 
@@ -137,3 +137,15 @@ def test_ppo_killed_with_sigkill_resumes_to_the_bit(cache, tmp_path):
             assert a[key] == b[key], (a["step"], key)
     steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval" not in r]
     assert steps == list(range(1, 13))  # the killed run's records after its checkpoint were dropped
+
+
+def test_a_setting_newer_than_the_checkpoint_counts_as_same_at_its_default():
+    """A checkpoint written before min_lr_rate and decay_steps existed resumes while they keep their defaults (the
+    older run had those in effect), and is refused once one is set otherwise."""
+    config = SFTConfig(max_steps=3)
+    saved = {k: v for k, v in config_json(config).items() if k not in ("min_lr_rate", "decay_steps")}
+    check_same_config(saved, config)
+    with pytest.raises(ValueError, match=r"other settings \(min_lr_rate, schedule\)"):
+        check_same_config(saved, SFTConfig(max_steps=3, schedule="cosine_with_min_lr", min_lr_rate=0.1))
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        check_same_config({**saved, "lr": 1.0}, config)

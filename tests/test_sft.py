@@ -141,10 +141,49 @@ def test_batch_order_is_seeded_and_splits_each_global_batch_across_ranks():
     assert [len(b) for b in batch_order(9, 2, seed=0, epoch=0, rank=1, world=4)] == [2]  # 1 row left: dropped
 
 
-def test_learning_rate_schedules():
-    assert [lr_scale(s, 6, 2, "linear") for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
-    assert [lr_scale(s, 6, 2, "constant") for s in range(6)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+def hf_learning_rates(schedule: str, total: int, warmup: int, peak: float, **options) -> list[float]:
+    """The learning rate of each of `total` steps as transformers' scheduler sets it on a real optimizer, stepped
+    once per step: the reference."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=peak)
+    scheduler = transformers.get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total,
+                                           scheduler_specific_kwargs=options)
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize("schedule, options", [
+    ("linear", {}), ("cosine", {}), ("cosine_with_restarts", {}), ("constant_with_warmup", {}), ("inverse_sqrt", {}),
+    ("cosine_with_min_lr", {"min_lr_rate": 0.1}), ("cosine_warmup_with_min_lr", {"min_lr_rate": 0.1}),
+    ("warmup_stable_decay", {"min_lr_ratio": 0.1, "num_decay_steps": 4})])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_learning_rate_schedules_are_transformers(schedule, options, warmup):
+    total, peak = 11, 3e-4
+    ours = [peak * lr_scale(s, total, warmup, schedule, options.get("min_lr_rate", options.get("min_lr_ratio", 0.0)),
+                            options.get("num_decay_steps")) for s in reversed(range(total))][::-1]  # any order
+    torch.testing.assert_close(ours, hf_learning_rates(schedule, total, warmup, peak, **options), rtol=1e-12,
+                               atol=0)
+
+
+def test_the_defaults_schedule_is_unchanged():
+    """Linear without warmup, the default, as it was before the schedules came from transformers (the README's
+    figures depend on it)."""
     assert [lr_scale(s, 3, 0, "linear") for s in range(3)] == [1.0, 2 / 3, 1 / 3]
+    assert [lr_scale(s, 6, 0, "constant") for s in range(6)] == [1.0] * 6
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"schedule": "constant", "warmup_steps": 2}, "use 'constant_with_warmup'"),
+    ({"schedule": "warmup_stable_decay"}, "needs decay_steps"),
+    ({"schedule": "reduce_lr_on_plateau"}, "schedule must be one of"),
+    ({"min_lr_rate": 1.5}, "min_lr_rate must be in"),
+    ({"decay_steps": 0}, "decay_steps must be a positive integer")])
+def test_a_schedule_transformers_would_run_otherwise_is_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SFTConfig(**settings)
 
 
 def test_the_config_sets_deepspeeds_batch_and_clipping():
@@ -160,7 +199,7 @@ def test_the_config_sets_deepspeeds_batch_and_clipping():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(schedule="cosine"), "schedule"),
+    (dict(schedule="polynomial"), "schedule"),
     (dict(batch_size=0), "batch_size"),
     (dict(max_steps=0), "max_steps"),
     (dict(lr=0.0), "lr"),

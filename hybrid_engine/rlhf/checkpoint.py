@@ -393,8 +393,12 @@ step count, the learning-rate schedule following the new total from there."""
 
 
 def check_same_config(saved: dict, config) -> None:
+    """Refuses a checkpoint written with other settings than `config`'s, but for MAY_CHANGE's; a setting newer
+    than the checkpoint is the same when `config` leaves it at its default (which the older run had in effect)."""
     now = config_json(config)
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    defaults = config_json(type(config)())
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
+                     and not (k not in saved and now.get(k) == defaults.get(k)))
     for key in [k for k in changed if k in MAY_CHANGE]:
         note(f"resuming with {key} {now.get(key)} (the checkpoint's run had {saved.get(key)})")
     changed = [k for k in changed if k not in MAY_CHANGE]

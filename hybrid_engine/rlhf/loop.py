@@ -99,7 +99,8 @@ def train_loop(num_rows: int, config, trainer: Trainer, desc: str, progress: boo
                 continue
             if record.steps == total:
                 break
-            scale = lr_scale(record.steps, total, config.warmup_steps, config.schedule)
+            scale = lr_scale(record.steps, total, config.warmup_steps, config.schedule, config.min_lr_rate,
+                             config.decay_steps)
             for optimizer, peak in trainer.optimizers:
                 set_lr(optimizer, peak * scale)
             t0 = time.perf_counter()

@@ -3,10 +3,20 @@ and the learning rate's schedule over them."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 import torch
+from transformers import get_scheduler
 
-SCHEDULES = ("constant", "linear")
+SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "constant", "constant_with_warmup", "inverse_sqrt",
+             "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+"""transformers' learning-rate schedules (`get_scheduler`'s names) that are a function of the step alone, with its
+meanings (a warmup rises from 0 at step 0). Not reduce_lr_on_plateau or greedy, which follow a metric (a resumed run
+could not recompute them), nor polynomial, whose end is an absolute learning rate (one per optimizer: PPO has two)."""
+MIN_LR_SCHEDULES = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+"""The schedules that end at min_lr_rate * lr instead of 0."""
 
 
 def batch_order(num_rows: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
@@ -30,17 +40,41 @@ def batch_order(num_rows: int, batch_size: int, seed: int, epoch: int, rank: int
     return batches
 
 
-def lr_scale(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """The learning rate's multiplier at optimizer step `step` (0-based) of `total_steps`: a linear warmup
-    (step + 1) / warmup_steps over the first warmup_steps, then 1 ("constant") or a linear decay from 1
-    that reaches 1 / (total_steps - warmup_steps) at the last step ("linear")."""
+def lr_scale(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_rate: float = 0.0,
+             decay_steps: int | None = None) -> float:
+    """The learning rate's multiplier at optimizer step `step` (0-based) of `total_steps`: transformers' schedule
+    `schedule` (get_scheduler) with `warmup_steps` of warmup, read as a pure function of the step, so a resumed run
+    continues it exactly. min_lr_rate: where the MIN_LR_SCHEDULES end, as a fraction of lr; decay_steps: the final
+    decay of warmup_stable_decay."""
+    check_schedule(schedule, warmup_steps, decay_steps)
+    return _multiplier(schedule, total_steps, warmup_steps, min_lr_rate, decay_steps)(step)
+
+
+def check_schedule(schedule: str, warmup_steps: int, decay_steps: int | None) -> None:
+    """Refuses a schedule transformers would run otherwise than asked: an unknown name, a warmup for "constant" (which
+    has none: "constant_with_warmup" does), warmup_stable_decay without decay_steps."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    return max(total_steps - step, 1) / max(total_steps - warmup_steps, 1)
+    if schedule == "constant" and warmup_steps:
+        raise ValueError(f"schedule 'constant' has no warmup (transformers' meaning), got warmup_steps {warmup_steps}: "
+                         "use 'constant_with_warmup'")
+    if schedule == "warmup_stable_decay" and not decay_steps:
+        raise ValueError("schedule 'warmup_stable_decay' needs decay_steps (the steps of its final decay)")
+
+
+@functools.lru_cache(maxsize=32)
+def _multiplier(schedule: str, total_steps: int, warmup_steps: int, min_lr_rate: float,
+                decay_steps: int | None) -> Callable[[int], float]:
+    """transformers' multiplier function of the step (its LambdaLR's lr_lambda), built on a probe optimizer."""
+    options = {}
+    if schedule in MIN_LR_SCHEDULES:
+        options = {"min_lr_ratio": min_lr_rate} if schedule == "warmup_stable_decay" else {"min_lr_rate": min_lr_rate}
+    if schedule == "warmup_stable_decay":
+        options["num_decay_steps"] = decay_steps
+    probe = torch.optim.SGD([torch.zeros(1)], lr=1.0)
+    scheduler = get_scheduler(schedule, probe, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                              scheduler_specific_kwargs=options)
+    return scheduler.lr_lambdas[0]
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

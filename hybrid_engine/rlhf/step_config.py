@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 
 from hybrid_engine.model.dtypes import dtype_name
-from hybrid_engine.rlhf.schedule import SCHEDULES
+from hybrid_engine.rlhf.schedule import check_schedule
 from hybrid_engine.rlhf.tokens import TokenConfig
 
 NONFINITE = ("skip", "stop")
@@ -43,10 +43,15 @@ class StepConfig:
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay."""
     warmup_steps: int = 0
-    """Steps of linear warmup from lr / warmup_steps to lr."""
+    """Steps of warmup, rising from 0 at step 0 to lr (transformers' warmup; "constant" has none)."""
     schedule: str = "linear"
-    """After warmup: "constant", or "linear" decay towards 0 at the last step (DeepSpeed-Chat decays by
-    a cosine)."""
+    """The learning rate's schedule, by transformers' name (get_scheduler): "linear" decay towards 0 at the last
+    step, "cosine" (DeepSpeed-Chat's), "cosine_with_restarts", "constant", "constant_with_warmup", "inverse_sqrt",
+    "cosine_with_min_lr", "cosine_warmup_with_min_lr" or "warmup_stable_decay" (WSD)."""
+    min_lr_rate: float = 0.0
+    """Where cosine_with_min_lr, cosine_warmup_with_min_lr and warmup_stable_decay end, as a fraction of lr."""
+    decay_steps: int | None = None
+    """warmup_stable_decay's final decay, in steps (needed by it, unused by the others)."""
     max_grad_norm: float | None = 1.0
     """Clip the gradients' global L2 norm to this (DeepSpeed-Chat's gradient_clipping); None: no clipping."""
     eval_every: int = 0
@@ -106,8 +111,11 @@ def check_common(config) -> None:
         raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay!r}")
     if config.max_grad_norm is not None and not config.max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be positive or None (no clipping), got {config.max_grad_norm!r}")
-    if config.schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    if not 0 <= config.min_lr_rate <= 1:
+        raise ValueError(f"min_lr_rate must be in [0, 1], got {config.min_lr_rate!r}")
+    if config.decay_steps is not None and (not isinstance(config.decay_steps, int) or config.decay_steps < 1):
+        raise ValueError(f"decay_steps must be a positive integer or None, got {config.decay_steps!r}")
+    check_schedule(config.schedule, config.warmup_steps, config.decay_steps)
     if config.nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be 'skip' or 'stop', got {config.nonfinite!r}")
 
