@@ -50,5 +50,5 @@ def test_set_keys_are_checked_alone_but_values_together():
 
 @pytest.mark.parametrize("spec", [":f", "m:", "m:not a name", "m", 3])
 def test_a_malformed_reward_function_spec_is_refused(spec):
-    with pytest.raises(ValueError, match="'module:function' or 'file.py:function'"):
+    with pytest.raises(ValueError, match="'module:function', 'file.py:function' or 'package.module.function'"):
         load_reward_fn(spec)

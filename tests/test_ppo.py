@@ -367,8 +367,10 @@ def test_the_held_out_reward_function_score_is_reported_without_an_eval_function
 
 
 @pytest.mark.parametrize("spec, match", [
-    ("no_colon_here", r"given as 'module:function' or 'file.py:function', got 'no_colon_here'"),
-    (42, r"'module:function' or 'file.py:function', got 42"),
+    ("no_colon_here", r"given as 'module:function', 'file.py:function' or 'package.module.function', got "
+                      r"'no_colon_here'"),
+    (42, r"'module:function', 'file.py:function' or 'package.module.function', got 42"),
+    ("hybrid_engine.rlhf.demo.no_such_fn", r"hybrid_engine.rlhf.demo has no function 'no_such_fn'"),
     ("/nowhere/rules.py:score", r"no such file /nowhere/rules.py"),
     ("hybrid_engine.no_such_module:score", r"cannot import module 'hybrid_engine.no_such_module'"),
     ("hybrid_engine.rlhf.demo:no_such_fn", r"hybrid_engine.rlhf.demo has no function 'no_such_fn'"),
@@ -377,6 +379,11 @@ def test_the_held_out_reward_function_score_is_reported_without_an_eval_function
 def test_bad_reward_function_specs_are_clear_errors(spec, match):
     with pytest.raises(ValueError, match=match):
         load_reward_fn(spec)
+
+
+def test_trls_dotted_import_path_names_a_function():
+    assert load_reward_fn("hybrid_engine.rlhf.demo.rule_score_batch") is rule_score_batch
+    assert load_reward_fn("hybrid_engine.rlhf.demo:rule_score_batch") is rule_score_batch
 
 
 def test_a_bad_reward_function_spec_fails_before_training(data, rm):

@@ -20,7 +20,7 @@ import datasets
 import torch
 import transformers
 
-from hybrid_engine.commands import run_keys
+from hybrid_engine.commands import run_keys, trl_names
 from hybrid_engine.commands.config_args import add_config_args, build_config, file_settings, load_config_file
 from hybrid_engine.commands.ds_lr import given_lrs, lr_from_ds_config
 from hybrid_engine.commands.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
@@ -66,12 +66,14 @@ def add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: ty
     """The flags every training command shares (model, tokenizer, data, output, DeepSpeed, config file, progress),
     then one flag per field of the step's config."""
     io = parser.add_argument_group("model, data and output")
-    io.add_argument("--model", metavar="DIR", help=model_help or "a saved Hugging Face causal LM (save_pretrained)"
+    io.add_argument("--model", *trl_names.flags("model"), metavar="DIR",
+                    help=model_help or "a saved Hugging Face causal LM (save_pretrained)"
                     + (" or reward model" if step == "reward" else "") + "; default: a fresh demo model "
                     "(rlhf.demo.DEMO_MODEL) seeded by --seed")
     io.add_argument("--tokenizer", metavar="DIR", help="a saved tokenizer; default: the --model directory's "
                     "when it has one, else the demo tokenizer")
-    io.add_argument("--data", metavar="PATH[:WEIGHT]", action="append", help="a .json, .jsonl or .parquet data "
+    io.add_argument("--data", *trl_names.flags("data"), metavar="PATH[:WEIGHT]", action="append",
+                    help="a .json, .jsonl or .parquet data "
                     "file, optionally with its blend weight; repeat for several (weights for all or none). "
                     "Required, unless --demo")
     io.add_argument("--demo", action="store_true", help=f"train on the built-in demo task's {step}.jsonl "
@@ -82,7 +84,8 @@ def add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: ty
                     "for evaluation (default: 0.1)")
     io.add_argument("--cache-dir", metavar="DIR", help="where `datasets` caches the converted files (default: "
                     "its own cache)")
-    io.add_argument("--output", metavar="DIR", help="save the trained model, the tokenizer and summary.json here "
+    io.add_argument("--output", *trl_names.flags("output"), metavar="DIR",
+                    help="save the trained model, the tokenizer and summary.json here "
                     f"(default: output_dir from --config, else {DEFAULT_OUTPUT[step]}); a folder that holds an "
                     "earlier run is refused unless --resume or --overwrite, and one that another run is using is "
                     "refused")

@@ -21,7 +21,8 @@ and nested dataclasses. A float field also takes a string that float() reads, be
 (model/dtypes.py), so a name is checked once, against its setting's one allowed set.
 
 A config class may name settings it has renamed, `RENAMED = {old flat name: new flat name}`: the old flag and
-the old file key still work, with a warning.
+the old file key still work, with a warning. TRL's names (trl_names.py) work too, as flags and file keys, and every
+flag also takes its snake_case spelling (`--max_steps`), as TRL's commands do.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Any
 
 import torch
 
+from hybrid_engine.commands import trl_names
 from hybrid_engine.model.dtypes import dtype_name
 
 SECTIONS = ("sft", "reward", "ppo")
@@ -193,21 +195,44 @@ def _help(leaf: FlatField) -> str:
 
 def add_config_args(parser, cls: type, skip: Iterable[str] = ()) -> None:
     """One `--kebab-case` flag per leaf field of config dataclass `cls` on `parser` (a parser or an argument
-    group), but none for the names in `skip`. Given flags land under the field's name; absent ones are not in
-    the namespace at all."""
-    for leaf in flat_fields(cls, skip):
-        if leaf.kind is bool and not leaf.optional:
-            parser.add_argument(leaf.flag, dest=leaf.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=_help(leaf))
-        else:
-            metavar = _kind_name(leaf.kind).upper() + ("|none" if leaf.optional else "")
-            parser.add_argument(leaf.flag, dest=leaf.name, type=_parse_value(leaf), metavar=metavar,
-                                default=argparse.SUPPRESS, help=_help(leaf))
+    group), also spelt with TRL's name where it has one (`--lr, --learning_rate`), but none for the names in `skip`.
+    Hidden: each flag's snake_case spelling, the renamed settings' old flags, and TRL's settings that have no
+    meaning here (refused, saying why). Given flags land under the field's name; absent ones are not in the
+    namespace at all."""
     leaves = {leaf.name: leaf for leaf in flat_fields(cls, skip)}
+    trl = trl_names.aliases(leaves)
+    for leaf in leaves.values():
+        also = ["--" + name for name, ours in trl.items() if ours == leaf.name]
+        _add_flag(parser, leaf, [leaf.flag, *also], help=_help(leaf))
+        if "_" in leaf.name:
+            _add_flag(parser, leaf, ["--" + leaf.name], help=argparse.SUPPRESS)
     for old, new in renamed(cls).items():
         if new in leaves:  # hidden: --help shows the new flag only
             parser.add_argument("--" + old.replace("_", "-"), dest=new, type=_parse_value(leaves[new]),
                                 action=_RenamedFlag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for name in [*trl_names.FIXED, *trl_names.NO_MEANING]:
+        if name not in leaves:
+            parser.add_argument("--" + name, dest=f"trl_{name}", action=_TRLFlag, default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
+
+
+def _add_flag(parser, leaf: FlatField, flags: list[str], help: str) -> None:
+    if leaf.kind is bool and not leaf.optional:
+        parser.add_argument(*flags, dest=leaf.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                            help=help)
+    else:
+        metavar = _kind_name(leaf.kind).upper() + ("|none" if leaf.optional else "")
+        parser.add_argument(*flags, dest=leaf.name, type=_parse_value(leaf), metavar=metavar,
+                            default=argparse.SUPPRESS, help=help)
+
+
+class _TRLFlag(argparse.Action):
+    """A TRL flag with no meaning here: its value is taken where it is our fixed one, else refused saying why."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        why = trl_names.refusal(option_string[2:], values)
+        if why is not None:
+            raise argparse.ArgumentError(self, why)
 
 
 def renamed(cls: type) -> dict[str, str]:
@@ -320,24 +345,34 @@ def file_settings(cls: type, file_values: Mapping, section: str | None, source: 
     The other commands' sections are left for their commands. `also`: the command's other top-level keys (its
     run settings, taken out of file_values before), named when a key is unknown."""
     leaves, names = flat_fields(cls, skip), renamed(cls)
+    trl = trl_names.aliases(leaf.name for leaf in leaves)
     top = {k: v for k, v in file_values.items() if not (k in SECTIONS and isinstance(v, Mapping))}
-    out = _flatten(_renamed_keys(top, names, source), (), leaves, source, also)
+    out = _flatten(_file_keys(top, names, trl, source), (), leaves, source, also)
     if section is not None and isinstance(file_values.get(section), Mapping):
         where = f"{source}, section {section!r}"
-        out.update(_flatten(_renamed_keys(file_values[section], names, where), (), leaves, where))
+        out.update(_flatten(_file_keys(file_values[section], names, trl, where), (), leaves, where))
     return out
 
 
-def _renamed_keys(mapping: Mapping, names: dict[str, str], where: str) -> dict:
-    """`mapping` with the old names of renamed settings replaced by the new ones (warned)."""
+def _file_keys(mapping: Mapping, names: dict[str, str], trl: dict[str, str], where: str) -> dict:
+    """A mapping of a config file with every key under our name: renamed settings' old names (warned), TRL's names;
+    TRL's settings at our fixed value dropped, and those with no meaning here refused."""
+    mapping = trl_names.take_fixed(mapping, where)
+    return _renamed_keys(_renamed_keys(mapping, trl, where, warn=False), names, where)
+
+
+def _renamed_keys(mapping: Mapping, names: dict[str, str], where: str, warn: bool = True) -> dict:
+    """`mapping` with the keys in `names` replaced by their names here: a renamed setting's old name (warned), or
+    (warn False) another spelling of it, TRL's."""
     out = {}
     for key, value in mapping.items():
         name = str(key).replace("-", "_")
         if name in names:
             if names[name] in mapping or names[name].replace("_", "-") in mapping:
-                raise ValueError(f"{where}: {key!r} and {names[name]!r} are one setting (the old and the new name); "
-                                 "give it once")
-            _renamed_warning(str(key), names[name], where)
+                kind = "the old and the new name" if warn else "TRL's name and ours"
+                raise ValueError(f"{where}: {key!r} and {names[name]!r} are one setting ({kind}); give it once")
+            if warn:
+                _renamed_warning(str(key), names[name], where)
             key = names[name]
         out[key] = value
     return out

@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from hybrid_engine.commands import common, run_keys
+from hybrid_engine.commands import common, run_keys, trl_names
 from hybrid_engine.commands.metrics import MetricsLog, plot_curves, read_metrics
 from hybrid_engine.commands.model_dirs import check_model_dir
 from hybrid_engine.rlhf.checkpoint import newest_checkpoint, step_of
@@ -41,14 +41,16 @@ def add_ppo_command(subparsers) -> None:
     common.add_training_args(p, "ppo", PPOConfig, model_help="the SFT policy to train, a saved causal LM "
                                f"(default: {DEFAULT_MODEL}, what `hybrid-engine sft` writes)")
     models = p.add_argument_group("rewards and the other models")
-    models.add_argument("--reward-model", metavar="DIR", help="the frozen reward model that scores rollouts "
+    models.add_argument("--reward-model", *trl_names.flags("reward_model"), metavar="DIR",
+                        help="the frozen reward model that scores rollouts "
                         f"(default: {DEFAULT_REWARD_MODEL}, what `hybrid-engine reward` writes, unless --reward-fn "
                         "is given)")
     models.add_argument("--no-reward-model", action="store_true", help="score by --reward-fn alone")
     models.add_argument("--critic", metavar="DIR", help="where PPO's critic starts (default: the reward model)")
     models.add_argument("--reference", metavar="DIR", help="the frozen policy of the KL term (default: --model as "
                         "it was before training)")
-    models.add_argument("--reward-fn", metavar="MODULE:FUNCTION", action=common.Once, help="a rule-based reward, "
+    models.add_argument("--reward-fn", *trl_names.flags("reward_fn"), metavar="MODULE:FUNCTION", action=common.Once,
+                        help="a rule-based reward, "
                         "fn(prompts, completions, **row fields) -> one number each, added to the reward model's score "
                         "(times --reward-fn-weight); the row fields are every other column of the --data rows. "
                         "MODULE is importable or a .py file; given once")

@@ -7,6 +7,7 @@
     ppo:
       max_steps: 20
 
+TRL's names are read too: model_name_or_path, dataset_name, reward_funcs (a list of one function).
 Each is the value of the flag of the same name when that flag is not given: an explicit flag wins over the file.
 Paths are read as the flags' are, from the working directory. They are top-level keys only: a run has one model and
 one data set, whichever steps it runs (a run setting inside a step's section is refused, saying so).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterable, Mapping
 
+from hybrid_engine.commands import trl_names
 from hybrid_engine.commands.config_args import SECTIONS, ConfigValues
 
 KINDS: dict[str, type] = {
@@ -60,6 +62,10 @@ def split_run_keys(values: Mapping, keys: Iterable[str]) -> tuple[ConfigValues, 
     rest, run = {}, {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        if name in trl_names.RUN:  # TRL's name: ours
+            name, value = trl_names.RUN[name], _one_function(value, source) if name == "reward_funcs" else value
+            if name in run or name in values:
+                raise ValueError(f"{source}: {key!r} and {name!r} are one setting (TRL's name and ours); give it once")
         if name in keys:
             run[name] = _checked(name, value, source)
         elif name in KINDS:
@@ -68,6 +74,14 @@ def split_run_keys(values: Mapping, keys: Iterable[str]) -> tuple[ConfigValues, 
         else:
             rest[key] = value
     return ConfigValues(rest, source), run
+
+
+def _one_function(value, where: str):
+    """TRL's reward_funcs, a list: its one function (a run takes one)."""
+    if isinstance(value, list) and len(value) > 1:
+        raise ValueError(f"{where}: reward_funcs lists {len(value)} functions; a run takes one (write one that "
+                         "combines them), weighted against the reward model by reward_fn_weight")
+    return value[0] if isinstance(value, list) and value else value
 
 
 def apply_run_keys(args: argparse.Namespace, run: Mapping) -> None:

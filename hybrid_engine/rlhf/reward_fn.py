@@ -41,14 +41,18 @@ def _import(module: str, spec: str):
 
 
 def load_reward_fn(spec: str | Callable) -> Callable:
-    """The callable named by `spec` ("module:function" or "path/to/file.py:function"); a callable as is."""
+    """The callable named by `spec` ("module:function", "path/to/file.py:function", or TRL's dotted import path
+    "package.module.function"); a callable as is."""
     if callable(spec):
         return spec
-    if not isinstance(spec, str) or ":" not in spec:
-        raise ValueError(f"a reward function is given as 'module:function' or 'file.py:function', got {spec!r}")
-    module, _, name = spec.rpartition(":")
+    dotted = isinstance(spec, str) and ":" not in spec and "." in spec.strip(".") and not spec.endswith(".py")
+    if not isinstance(spec, str) or (":" not in spec and not dotted):
+        raise ValueError(f"a reward function is given as 'module:function', 'file.py:function' or "
+                         f"'package.module.function', got {spec!r}")
+    module, _, name = spec.rpartition("." if dotted else ":")
     if not module or not name.isidentifier():
-        raise ValueError(f"a reward function is given as 'module:function' or 'file.py:function', got {spec!r}: "
+        raise ValueError(f"a reward function is given as 'module:function', 'file.py:function' or "
+                         f"'package.module.function', got {spec!r}: "
                          + ("the module or file before ':' is missing" if not module else
                             f"{name!r} after ':' is not a function name"))
     fn = getattr(_import(module, spec), name, None)

@@ -1,0 +1,101 @@
+"""TRL's flag and config names (commands/trl_names.py): `--learning_rate`, a TRL GRPO YAML, `--model_name_or_path`
+work under our names; a TRL setting with no meaning here is refused saying why, at any value but our fixed one."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import trl
+import yaml
+from trl.scripts.grpo import GRPOScriptArguments
+
+from hybrid_engine.commands import trl_names
+from hybrid_engine.commands.common import step_config
+from hybrid_engine.commands.main import build_parser
+from hybrid_engine.rlhf.ppo import PPOConfig
+from hybrid_engine.rlhf.sft import SFTConfig
+
+LEGACY = {"max_prompt_length", "warmup_ratio"}
+"""TRL names of earlier releases (GRPOConfig's max_prompt_length, TrainingArguments' warmup_ratio), still read."""
+
+
+def parsed(*argv: str):
+    return build_parser().parse_args(list(argv))
+
+
+def config_file(tmp_path, values: dict) -> str:
+    path = tmp_path / "trl.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def trl_fields(*classes) -> set[str]:
+    return {f.name for cls in classes for f in dataclasses.fields(cls)}
+
+
+def test_every_name_taken_is_one_of_trls():
+    """The aliases are TRL's real names: fields of its configs (or of its scripts' ScriptArguments and
+    ModelConfig), not names made up here."""
+    step = trl_fields(trl.SFTConfig, trl.RewardConfig)
+    rl = trl_fields(trl.GRPOConfig, trl.RLOOConfig)
+    script = trl_fields(GRPOScriptArguments, trl.ModelConfig)
+    assert set(trl_names.STEP) <= step
+    assert set(trl_names.RL) - LEGACY <= rl
+    assert set(trl_names.RUN_FLAGS) <= script | rl
+    assert set(trl_names.FIXED) | set(trl_names.NO_MEANING) - LEGACY <= rl | step
+
+
+def test_trl_flags_set_our_settings():
+    args = parsed("ppo", "--learning_rate", "1e-5", "--per_device_train_batch_size", "8", "--max_completion_length",
+                  "32", "--beta", "0.04", "--epsilon", "0.3", "--num_iterations", "2", "--num_generations", "4",
+                  "--max_steps", "3", "--lr_scheduler_type", "cosine", "--bf16", "--model_name_or_path", "m",
+                  "--dataset_name", "d.jsonl", "--output_dir", "o", "--reward_funcs", "f.py:g",
+                  "--gradient_accumulation_steps", "1", "--algo", "grpo")
+    config = step_config(args, PPOConfig, "ppo")
+    ours = PPOConfig(lr=1e-5, train_batch_size=8, max_new_tokens=32, kl_coef=0.04, clip_range=0.3, ppo_epochs=2,
+                     num_generations=4, max_steps=3, schedule="cosine", bf16_autocast=True, algo="grpo",
+                     output_dir="o")
+    assert config == ours
+    assert (args.model, args.data, args.output, args.reward_fn) == ("m", ["d.jsonl"], "o", "f.py:g")
+    sft = step_config(parsed("sft", "--per_device_train_batch_size", "4", "--num_train_epochs", "2"), SFTConfig,
+                      "sft")
+    assert (sft.batch_size, sft.epochs) == (4, 2)  # the SFT step's batch is TRL's per-device batch
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gradient_accumulation_steps", "4"], "gradient_accumulation_steps 4 .TRL's.: there is no gradient"),
+    (["--report_to", "wandb"], "report_to .TRL's. has no meaning here"),
+    (["--generation_batch_size", "32"], "set batch_size, the prompts per rollout")])
+def test_a_trl_flag_without_a_meaning_is_refused_saying_why(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        parsed("ppo", *argv)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_trl_grpo_yaml_loads(tmp_path):
+    path = config_file(tmp_path, {
+        "model_name_or_path": "m", "dataset_name": "prompts.jsonl", "reward_funcs": ["rules.py:score"],
+        "output_dir": "out/grpo", "learning_rate": 1.0e-6, "per_device_train_batch_size": 16, "num_generations": 8,
+        "max_completion_length": 64, "beta": 0.0, "num_train_epochs": 1, "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": 5, "gradient_accumulation_steps": 1, "logging_steps": 1, "seed": 7, "save_steps": 50,
+        "ppo": {"algo": "grpo"}})
+    args = parsed("ppo", "--config", path)
+    config = step_config(args, PPOConfig, "ppo", ("model", "data", "reward_fn"))
+    assert config == PPOConfig(lr=1e-6, train_batch_size=16, num_generations=8, max_new_tokens=64, kl_coef=0.0,
+                               epochs=1, schedule="constant_with_warmup", warmup_steps=5, seed=7, checkpoint_every=50,
+                               algo="grpo", output_dir="out/grpo")
+    assert (args.model, args.data, args.reward_fn) == ("m", ["prompts.jsonl"], "rules.py:score")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps 2 .TRL's.: there is no gradient accumulation"),
+    ({"reward_weights": [1.0, 0.5]}, "reward_weights .TRL's. has no meaning here: a run takes one reward function"),
+    ({"lr": 1e-5, "learning_rate": 1e-5}, "'learning_rate' and 'lr' are one setting .TRL's name and ours."),
+    ({"reward_funcs": ["a.py:f", "b.py:g"]}, "reward_funcs lists 2 functions; a run takes one"),
+    ({"loss_type": "dapo"}, "unknown key 'loss_type'")])
+def test_a_trl_key_without_a_meaning_is_refused_by_name(tmp_path, values, message):
+    args = parsed("ppo", "--config", config_file(tmp_path, values))
+    with pytest.raises(ValueError, match=message):
+        step_config(args, PPOConfig, "ppo", ("model", "data", "reward_fn"))
