@@ -26,6 +26,7 @@ from hybrid_engine.rlhf import (
     value_loss,
     whiten,
 )
+from hybrid_engine.rlhf.losses import approx_kl, clip_fraction, token_mean
 
 # Our result (in the input dtype) against the fp64 loop, per input dtype.
 TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
@@ -95,6 +96,21 @@ def loop_policy_loss(lp, old, adv, mask, c):
                 total = total + max(-adv[b, t] * ratio, -adv[b, t] * clipped)
                 n += 1
     return total / n
+
+
+def loop_update_figures(lp, old, adv, mask, c):
+    """(clip fraction, approx KL) in fp64 floats: the share of response tokens where the clipped term of the policy
+    loss is the larger (TRL's pg_losses2 > pg_losses), and the mean of exp(d) - 1 - d over them, d = lp - old."""
+    clipped, kl, n = 0, 0.0, 0
+    for b in range(lp.shape[0]):
+        for t in range(lp.shape[1]):
+            if mask[b, t]:
+                d = float(lp[b, t]) - float(old[b, t])
+                ratio, a = math.exp(d), float(adv[b, t])
+                clipped += -a * min(max(ratio, 1 - c), 1 + c) > -a * ratio
+                kl += math.exp(d) - 1 - d
+                n += 1
+    return clipped / n, kl / n
 
 
 def loop_value_loss(v, old, ret, mask, c):
@@ -403,6 +419,40 @@ def test_defaults_are_deepspeed_chats():
     }
 
 
+# -- what an update did ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T", SHAPES)
+def test_clip_fraction_and_approx_kl_match_loop(B, T, dtype, seed):
+    d = make_batch(B, T, dtype, seed)
+    lp, old, adv, mask = d["logprobs"], d["old_logprobs"], d["advantages"], d["mask"]
+    clip_ref, kl_ref = loop_update_figures(lp.double(), old.double(), adv.double(), mask, CLIP)
+    # A share of the same tokens (one token more or less would be off by 1 / B T), rounded in the input dtype.
+    assert float(clip_fraction(lp, old, adv, mask.to(dtype), CLIP)) == pytest.approx(clip_ref, rel=1e-6)
+    torch.testing.assert_close(approx_kl(lp, old, mask).double(), torch.tensor(kl_ref, dtype=torch.float64),
+                               **TOL[dtype])
+    assert kl_ref >= 0 and ((B, T) == (1, 1) or 0 < clip_ref < 1)  # tokens are clipped in the larger batches
+
+
+def test_clip_fraction_counts_the_tokens_the_loss_clips():
+    ratio = torch.tensor([[1.5, 0.5, 1.1, 0.7, 1.5], [0.5, 1.0, GARBAGE, GARBAGE, GARBAGE]])
+    adv = torch.tensor([[1.0, -1.0, 1.0, 1.0, -1.0], [1.0, 5.0, 1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    old = torch.full_like(ratio, -1.0)
+    # Clipped: 1.5 with A > 0 and 0.5 with A < 0. Not: 1.1 and 1.0, inside the range, and 0.7 and 0.5 with A > 0
+    # and 1.5 with A < 0, which moved against their advantage (the loss keeps their unclipped term).
+    assert float(clip_fraction(old + ratio.log(), old, adv, mask, clip_range=0.2)) == pytest.approx(2 / 7, rel=1e-6)
+    assert float(approx_kl(old, old, mask)) == 0.0  # the same policy
+
+
+def test_token_mean_is_the_mean_over_the_response_tokens():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, GARBAGE, math.nan]], requires_grad=True)
+    out = token_mean(x, torch.tensor([[1, 1, 1], [1, 0, 0]]))
+    assert float(out) == 2.5 and not out.requires_grad
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 X, M = torch.randn(2, 3), torch.ones(2, 3)
@@ -445,6 +495,9 @@ def test_bad_input_names_the_argument(call, match):
         lambda m: kl_penalized_rewards(X, X, torch.randn(2), m),
         lambda m: advantages_and_returns(X, X, m),
         lambda m: whiten(X, m),
+        lambda m: clip_fraction(X, X, X, m),
+        lambda m: approx_kl(X, X, m),
+        lambda m: token_mean(X, m),
     ],
 )
 def test_all_zero_mask_is_refused(call):

@@ -6,6 +6,7 @@ The formulas themselves are tested in test_losses.py; these tests check what the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import datasets
@@ -166,6 +167,60 @@ def test_experience_shapes(data, rm, algo):
     assert figures["logprob_source"] == "generation" and figures["response_len"] == float(exp.mask.sum(1).mean())
 
 
+@pytest.mark.parametrize("algo, log_samples", [("grpo", 3), ("ppo", 0)])
+def test_the_response_figures_and_samples_of_a_rollout(data, rm, algo, log_samples):
+    exp, figures, _, _, cfg = experience(data, rm, algo, log_samples=log_samples)
+    eos, lengths, cut = tokenizer().eos_token_id, [], []
+    for row, mask in zip(exp.sequences[:, exp.start:].tolist(), exp.mask.tolist()):  # each response, token by token
+        tokens = [t for t, m in zip(row, mask) if m]
+        lengths.append(len(tokens))
+        cut.append(len(tokens) == cfg.max_new_tokens and tokens[-1] != eos)
+    assert figures["response_len_max"] == max(lengths) and figures["truncated_frac"] == sum(cut) / len(cut)
+    assert 0 < sum(cut) < len(cut) or algo == "ppo"  # the demo actor ends some of its 8 responses, not all
+    prompts = [data.train[i // cfg.num_generations]["prompt"] for i in range(log_samples)]
+    expected = [{"prompt": p, "completion": c, "score": float(s)}
+                for p, c, s in zip(prompts, exp.completions, exp.scores)]
+    assert figures.get("samples", []) == expected and ("samples" in figures) == (log_samples > 0)
+
+
+def test_truncated_responses_are_those_without_an_eos():
+    eos = 2  # also the padding here, as with tokenizers whose pad is their EOS
+    sequences = torch.tensor([[9, 9, 5, 6, 7, 8],  # 4 tokens, max_new_tokens, no EOS: cut off
+                              [0, 9, 5, 2, 2, 2],  # ended at its second token
+                              [9, 9, 5, 6, 7, 2],  # ended at the last token it could have
+                              [0, 9, 2, 2, 2, 2]])  # an EOS alone
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert xp.truncated(sequences, mask, 2, eos).tolist() == [True, False, False, False]
+
+
+@torch.no_grad()
+def hf_policy(model, exp: xp.Experience, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 (log-probs [B, R] of the response tokens, entropy [B, R]) of the HF model's temperature-scaled
+    distribution, from its full logits."""
+    ref = copy.deepcopy(model).double().eval()
+    mask = exp.attention_mask
+    logits = ref(input_ids=exp.sequences, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+    dist = torch.distributions.Categorical(logits=logits[:, exp.start - 1 : -1] / temperature)
+    return dist.log_prob(exp.sequences[:, exp.start:]), dist.entropy()
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_an_actor_updates_figures_are_its_policys_entropy_kl_and_clipping(data, rm, algo):
+    exp, _, models, _, cfg = experience(data, rm, algo, temperature=0.7)
+    logprobs, entropy = hf_policy(models.actor.module, exp, cfg.temperature)  # the policy before the update
+    delta = 0.5 * (torch.arange(exp.mask.numel()).view_as(exp.mask) % 3 - 1)  # log-ratios of 0, +-0.5: clipped or not
+    exp = dataclasses.replace(exp, old_logprobs=(logprobs + delta).float())
+    loss, figures = ppo_update.actor_update(models, exp, cfg, cfg.kl_coef)
+    m = exp.mask.bool()
+    d, adv = (logprobs - exp.old_logprobs.double())[m], exp.advantages.double()[m]
+    ratio = d.exp()
+    clipped = -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range) > -adv * ratio  # TRL's clipfrac
+    assert math.isfinite(loss) and set(figures) == set(ppo_update.POLICY_FIGURES)
+    assert figures["entropy"] == pytest.approx(float(entropy[m].mean()), abs=1e-5)
+    assert figures["approx_kl"] == pytest.approx(float((ratio - 1 - d).mean()), abs=1e-5)
+    assert figures["clip_frac"] == pytest.approx(float(clipped.double().mean()), rel=1e-6) and 0 < clipped.sum()
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_old_logprobs_from_generation_equal_a_recompute_and_ref_logprobs_the_sft_model(data, rm, temperature):
     exp, figures, models, pristine, cfg = experience(data, rm, "ppo", temperature=temperature)
@@ -296,6 +351,14 @@ def test_train_ppo_runs_three_steps(data, rm, captured, algo):
     assert 0 <= result.after.rule <= 1 and result.after.reward is not None and result.after.response_len >= 1
     assert [s for s, r in records if r.get("eval")] == [0, 2, 3]
     assert [r for _, r in records if not r.get("eval")] == result.history
+    linear = [1e-3, 1e-3 * 2 / 3, 1e-3 / 3]  # config's lr and critic_lr, 1e-3, decayed linearly over 3 steps
+    assert [r["lr"] for r in result.history] == pytest.approx(linear, rel=1e-12)
+    assert [r.get("critic_lr") for r in result.history] == (pytest.approx(linear, rel=1e-12) if algo == "ppo"
+                                                            else [None] * 3)
+    for r in result.history:  # each figure within its range; test_an_actor_updates_figures... checks the values
+        assert 0 < r["entropy"] <= math.log(len(tokenizer())) and r["approx_kl"] >= 0 and 0 <= r["clip_frac"] <= 1
+        assert 1 <= r["response_len"] <= r["response_len_max"] <= 8 and 0 <= r["truncated_frac"] <= 1
+        assert [sorted(s) for s in r["samples"]] == [["completion", "prompt", "score"]] * 2
 
 
 def test_bf16_generation_recomputes_the_old_logprobs(data, rm):
@@ -539,6 +602,7 @@ def test_a_lora_actor_trains(data, rm, tmp_path):
     (dict(temperature=0.0), r"temperature must be a finite number > 0, got 0.0"),
     (dict(clip_range=-0.2), r"clip_range must be positive"),
     (dict(batch_size=0), r"batch_size must be a positive integer"),
+    (dict(log_samples=-1), r"log_samples must be a non-negative integer, got -1"),
 ])
 def test_bad_settings_are_refused(fields, match):
     with pytest.raises(ValueError, match=match):

@@ -38,6 +38,7 @@ def test_sft_and_reward_resume_to_the_bit(step, cache, tmp_path):
     shutil.rmtree(Path(out) / "checkpoints" / "step-4")  # as if killed between steps 2 and 4
     resumed = _run_step(train, step, cache, out, resume=True)
     assert resumed.losses == whole.losses
+    assert resumed.lrs == whole.lrs and len(whole.lrs) == 6  # the steps before the resume included
     assert resumed.evals == whole.evals
     assert resumed.steps == whole.steps == 6
 

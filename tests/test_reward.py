@@ -137,6 +137,12 @@ def test_a_run_is_determined_by_its_seed(pairs):
     assert run(1) != run(2)
 
 
+def test_each_steps_learning_rate_is_the_schedules(pairs):
+    config = RewardConfig(max_steps=3, batch_size=8, lr=1e-3, schedule="linear")
+    assert train_reward(demo_llama(), tokenizer(), pairs, config, progress=False).lrs == pytest.approx(
+        [1e-3, 2e-3 / 3, 1e-3 / 3], rel=1e-12)  # linear decay over 3 steps
+
+
 def test_bad_inputs_fail_with_a_clear_error(pairs, tmp_path):
     no_pad = copy.deepcopy(tokenizer())
     no_pad.pad_token = None

@@ -11,6 +11,7 @@ import torch
 import transformers
 from demo_models import demo_llama, demo_rows, tokenizer
 
+from hybrid_engine.engine import HybridEngine
 from hybrid_engine.rlhf import SFTConfig, perplexity, sft_loss, train_sft
 from hybrid_engine.rlhf.schedule import batch_order, lr_scale
 from hybrid_engine.rlhf.sft import response_nll
@@ -139,6 +140,16 @@ def test_batch_order_is_seeded_and_splits_each_global_batch_across_ranks():
     seen = sum(ranks[0], []) + sum(ranks[1], [])
     assert sorted(seen) == list(range(11))
     assert [len(b) for b in batch_order(9, 2, seed=0, epoch=0, rank=1, world=4)] == [2]  # 1 row left: dropped
+
+
+def test_each_steps_learning_rate_is_the_schedules_and_the_optimizers(small):
+    engine = HybridEngine(demo_llama(), optimizer=lambda params: torch.optim.AdamW(params, lr=1.0))
+    stepped = []
+    engine.optimizer.register_step_pre_hook(lambda opt, args, kwargs: stepped.append(opt.param_groups[0]["lr"]))
+    config = SFTConfig(max_steps=4, batch_size=8, lr=1e-3, warmup_steps=2, schedule="linear")
+    result = train_sft(engine, tokenizer(), small, config, progress=False)
+    assert result.lrs == pytest.approx([0.0, 5e-4, 1e-3, 5e-4], rel=1e-12)  # warmup 0/2, 1/2, then 2/2, 1/2
+    assert stepped == result.lrs
 
 
 def hf_learning_rates(schedule: str, total: int, warmup: int, peak: float, **options) -> list[float]:

@@ -14,7 +14,9 @@ import torch
 from models import VOCAB, left_padded_prompts, tiny_model
 from test_engine import FAMILIES, engine
 from test_scoring import hf_logprobs, reward_model
+from torch.distributions import Categorical
 
+from hybrid_engine.engine.logprobs import positions
 from hybrid_engine.generation import generate_with
 from hybrid_engine.model.kv_cache import KVCache
 from hybrid_engine.model.prefix import shared_prefix_runs
@@ -51,13 +53,16 @@ def passes(eng) -> list[int]:
     return rows
 
 
-def logprobs_and_grads(eng, ids, mask, share: bool, precision=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def logprobs_and_grads(eng, ids, mask, share: bool, precision=None, entropy: bool = False):
+    """(the log-probs, or with `entropy` the pair (log-probs, entropy)), and the gradients of a loss on them."""
     eng.module.zero_grad()
     with precision or contextlib.nullcontext():
-        out = eng.token_logprobs(ids, mask, START, temperature=0.8, share_prefix=share)
-    weights = torch.linspace(-1, 1, out.numel()).view_as(out)  # a loss that weighs every position differently
-    (out * weights * mask[:, START:]).sum().backward()
-    return out.detach(), [p.grad.clone() for p in eng.module.parameters() if p.requires_grad]
+        out = eng.token_logprobs(ids, mask, START, temperature=0.8, share_prefix=share, return_entropy=entropy)
+    lp = out[0] if entropy else out
+    weights = torch.linspace(-1, 1, lp.numel()).view_as(lp)  # a loss that weighs every position differently
+    (lp * weights * mask[:, START:]).sum().backward()
+    grads = [p.grad.clone() for p in eng.module.parameters() if p.requires_grad]
+    return ((lp.detach(), out[1]) if entropy else lp.detach()), grads
 
 
 def test_runs_are_found_where_neighbours_share_the_prefix():
@@ -113,6 +118,24 @@ def test_gradient_checkpointing_falls_back_to_one_pass():
     torch.testing.assert_close(shared, one, atol=1e-5, rtol=0)
     for a, b in zip(shared_grads, one_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "one-pass"])
+def test_the_entropy_beside_the_logprobs_is_the_policys_and_changes_nothing(share):
+    eng = engine("llama-gqa")
+    ids, mask = grouped_rows(seed=7)
+    plain, plain_grads = logprobs_and_grads(eng, ids, mask, share)
+    rows = passes(eng)
+    (ours, entropy), grads = logprobs_and_grads(eng, ids, mask, share, entropy=True)
+    assert rows == ([3, 6] if share else [6])  # the same forwards, none more
+    assert torch.equal(ours, plain) and all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+    with torch.no_grad():
+        logits = copy.deepcopy(eng.module).double()(input_ids=ids, attention_mask=mask,
+                                                    position_ids=positions(mask)).logits
+    ref = Categorical(logits=logits[:, START - 1 : -1] / 0.8).entropy() * mask[:, START:]  # (B, R) fp64
+    assert entropy.shape == ours.shape and entropy.dtype == torch.float32 and not entropy.requires_grad
+    torch.testing.assert_close(entropy.double(), ref, atol=1e-5, rtol=0)
+    assert (entropy[mask[:, START:] == 0] == 0).all() and (entropy[mask[:, START:] == 1] > 0).all()
 
 
 # -- the inference path: prefill and scoring -------------------------------------------------------------------------

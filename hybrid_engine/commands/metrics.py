@@ -1,12 +1,13 @@
 """A run's per-step figures: metrics.jsonl (one JSON object a line, flushed as the run goes, so a crash
-loses nothing written), TensorBoard event files when the tensorboard package is installed, and a PNG plot
-of the curves at the end. Only rank 0 writes."""
+loses nothing written), TensorBoard event files when the tensorboard package is installed (the numbers as
+scalars, a PPO step's sample rollouts as text), and a PNG plot of the curves at the end. Only rank 0 writes."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import textwrap
 from pathlib import Path
 
 from hybrid_engine.rlhf.distributed import is_main_rank
@@ -56,12 +57,24 @@ class MetricsLog:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self._writer.add_scalar(f"{self.tag}/{key}", value, step)
+                elif key == "samples" and value:
+                    self._writer.add_text(f"{self.tag}/samples", samples_text(value), step)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def samples_text(samples: list[dict]) -> str:
+    """A step's sample rollouts ({prompt, completion, score} each) as TensorBoard markdown: the texts verbatim,
+    as indented code blocks."""
+    def block(text: str) -> str:
+        return textwrap.indent(text or "(empty)", "    ", lambda line: True)
+
+    return "\n\n".join(f"**{i}.** score {s['score']:.4g}, prompt:\n\n{block(s['prompt'])}\n\ncompletion:\n\n"
+                       f"{block(s['completion'])}" for i, s in enumerate(samples, 1))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

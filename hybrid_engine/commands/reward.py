@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace, config: RewardConfig) -> int:
                                             f"{result.token_stats.prompts_dropped}")]
     evals = evals_json(result.evals)
     figures = {"steps": result.steps, "skipped": result.skipped, "stop_reason": result.stop_reason,
-               "losses": losses, "before": evals[0][1], "after": evals[-1][1], "evals": evals,
+               "losses": losses, "lrs": result.lrs, "before": evals[0][1], "after": evals[-1][1], "evals": evals,
                "train_s": result.train_s, "wall_s": result.wall_s,
                "token_stats": dataclasses.asdict(result.token_stats)}
     report("reward", args, config, data, rows, figures)

@@ -61,7 +61,7 @@ def _run(args: argparse.Namespace, config: SFTConfig) -> int:
             ("wall time", f"{result.wall_s:.1f} s ({result.train_s:.1f} s training)"),
             ("prompts truncated / dropped", f"{stats.prompts_truncated} / {stats.prompts_dropped}")]
     figures = {"steps": result.steps, "skipped": result.skipped, "stop_reason": result.stop_reason,
-               "losses": losses, "eval_perplexity_before": result.eval_perplexity_before,
+               "losses": losses, "lrs": result.lrs, "eval_perplexity_before": result.eval_perplexity_before,
                "eval_perplexity_after": result.eval_perplexity_after, "evals": result.evals,
                "train_tokens": result.train_tokens, "tokens_per_s": result.tokens_per_s, "train_s": result.train_s,
                "wall_s": result.wall_s, "token_stats": dataclasses.asdict(stats), "lora_r": args.lora_r}

@@ -155,10 +155,11 @@ def train_data(args: argparse.Namespace, configs: dict) -> dict:
             for step in ("sft", "reward", "ppo")}
 
 
-def _log_losses(directory: str, tag: str, losses: list[float]) -> None:
+def _log_steps(directory: str, tag: str, result) -> None:
+    """An SFT or reward run's metrics.jsonl: each step's loss and learning rate."""
     log = MetricsLog(directory, tag)
-    for i, loss in enumerate(losses):
-        log.write(i + 1, {"loss": loss})
+    for i, (loss, lr) in enumerate(zip(result.losses, result.lrs, strict=True)):
+        log.write(i + 1, {"loss": loss, "lr": lr})
     log.close()
 
 
@@ -205,7 +206,7 @@ def run_step(args, config, step: str, fields: tuple[str, ...], train):
     if done is not None:
         return done
     result = train(_resume_step(config, args.resume))
-    _log_losses(config.output_dir, step, result.losses)
+    _log_steps(config.output_dir, step, result)
     _mark_done(config.output_dir, result, fields)
     return result
 

@@ -7,6 +7,12 @@ states instead of [B, T, V] logits: the head's forward is swapped for the durati
 Rows that share their prompt with their neighbours (GRPO's and RLOO's samples of one prompt) run it once: the
 prompt's columns once per run of such rows, their KV cache gathered to every row of the run, then each row's
 response on that cache (the same arithmetic as one pass, less the repeated prompts').
+
+With return_entropy, the entropy of the policy at every scored position comes out beside the log-probs, as an
+observation only: the head takes the hidden states its forward already has (no second model forward) and runs the
+fused op on the scored rows once more under no_grad, asking for the entropy (the op's blocks over the vocabulary
+never hold [N, V] logits). The training op's call is unchanged, so the log-probs and their gradients are the same
+to the bit; the price is one more LM-head GEMM over the response rows, without a backward.
 """
 
 from __future__ import annotations
@@ -36,9 +42,24 @@ def shifted_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, start
     return targets
 
 
+@torch.no_grad()
+def scored_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float
+                   ) -> torch.Tensor:
+    """fp32 [N]: the entropy of softmax(hidden @ weight.T / temperature) at each row whose target (of `targets` [N])
+    is not the ignore index, 0 at the others; hidden [N, H], weight [V, H]. Only the scored rows reach the op."""
+    rows = (targets != IGNORE_INDEX).nonzero().view(-1)
+    out = hidden.new_zeros(targets.shape[0], dtype=torch.float32)
+    if rows.numel():
+        _, entropy = ops.token_logprobs(hidden[rows], weight, targets[rows], temperature, return_entropy=True)
+        out[rows] = entropy.float()
+    return out
+
+
 @contextlib.contextmanager
-def head_as_token_logprobs(lm_head: torch.nn.Module, targets: torch.Tensor, temperature: float):
-    """While active, lm_head(hidden [B, T, H]) returns token_logprobs [B, T] of `targets` [B, T]."""
+def head_as_token_logprobs(lm_head: torch.nn.Module, targets: torch.Tensor, temperature: float,
+                           entropy: list | None = None):
+    """While active, lm_head(hidden [B, T, H]) returns token_logprobs [B, T] of `targets` [B, T]; with an `entropy`
+    list, each call also appends scored_entropy's [B, T] of the same hidden states (an observation, no gradient)."""
     if type(lm_head) is not torch.nn.Linear or lm_head.bias is not None:
         raise ValueError("token_logprobs needs a bias-free torch.nn.Linear LM head (LoRA on lm_head is not supported)")
 
@@ -48,6 +69,8 @@ def head_as_token_logprobs(lm_head: torch.nn.Module, targets: torch.Tensor, temp
         weight = lm_head.weight
         if flat.dtype != weight.dtype:  # autocast
             flat = flat.to(weight.dtype)
+        if entropy is not None:
+            entropy.append(scored_entropy(flat, weight, targets.reshape(-1), temperature).view(B, T))
         return ops.token_logprobs(flat, weight, targets.reshape(-1), temperature).view(B, T)
 
     lm_head.forward = forward
@@ -67,9 +90,18 @@ def head_skipped(lm_head: torch.nn.Module):
         del lm_head.forward
 
 
+Scored = tuple[torch.Tensor, torch.Tensor | None]
+"""(log-probs [B, R], their positions' entropy [B, R] or None): what the passes below return."""
+
+
+def _columns(logits: torch.Tensor, entropy: list | None, cols: slice) -> Scored:
+    """The head's output columns `cols`, and those of the entropy it recorded (None when not asked)."""
+    return logits[:, cols], None if entropy is None else entropy[-1][:, cols]
+
+
 def _shared_prefix_logprobs(forward: Callable, lm_head: torch.nn.Module, input_ids: torch.Tensor,
                             attention_mask: torch.Tensor, start: int, temperature: float,
-                            runs: torch.Tensor) -> torch.Tensor | None:
+                            runs: torch.Tensor, entropy: list | None = None) -> Scored | None:
     """token_logprobs' result in two passes: the first start - 1 columns once per run of rows sharing them, their
     KV cache gathered to every row of the run, then the rest of every row on that cache. The same arithmetic as
     one pass over all rows, less the repeated prefixes'; None where the model returned no cache."""
@@ -84,17 +116,19 @@ def _shared_prefix_logprobs(forward: Callable, lm_head: torch.nn.Module, input_i
         return None
     cache.batch_select_indices(runs)
     targets = shifted_targets(input_ids, attention_mask, start)[:, cut:]
-    with head_as_token_logprobs(lm_head, targets, temperature):
+    with head_as_token_logprobs(lm_head, targets, temperature, entropy):
         out = forward(input_ids=input_ids[:, cut:], attention_mask=attention_mask, position_ids=pos[:, cut:],
                       cache=cache, use_cache=True)
-    return out.logits[:, : T - start]
+    return _columns(out.logits, entropy, slice(0, T - start))
 
 
 def token_logprobs(
     forward: Callable, lm_head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
-    temperature: float = 1.0, share_prefix: bool = True,
-) -> torch.Tensor:
-    """fp32 [B, T - start]: log p(input_ids[:, t] | input_ids[:, :t]) for t >= start, 0 where the mask is 0.
+    temperature: float = 1.0, share_prefix: bool = True, return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [B, T - start]: log p(input_ids[:, t] | input_ids[:, :t]) for t >= start, 0 where the mask is 0; with
+    return_entropy, also the fp32 [B, T - start] entropy of the distribution each was drawn from (0 where the mask
+    is 0; no gradient).
 
     `forward(**kwargs)` runs the HF causal LM (the DeepSpeed engine, or the model itself); `lm_head` is that
     model's output projection. With `share_prefix`, neighbouring rows whose first start - 1 columns are the same
@@ -103,13 +137,15 @@ def token_logprobs(
     B, T = input_ids.shape
     if not 1 <= start < T:
         raise ValueError(f"start must be in [1, {T}) for input_ids of length {T}, got {start}")
+    entropy = [] if return_entropy else None
     runs = shared_prefix_runs(input_ids, attention_mask, start - 1) if share_prefix else None
+    out = None
     if runs is not None:
-        out = _shared_prefix_logprobs(forward, lm_head, input_ids, attention_mask, start, temperature, runs)
-        if out is not None:
-            return out
-    targets = shifted_targets(input_ids, attention_mask, start)
-    with head_as_token_logprobs(lm_head, targets, temperature):
-        out = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                      use_cache=False)
-    return out.logits[:, start - 1 : T - 1]
+        out = _shared_prefix_logprobs(forward, lm_head, input_ids, attention_mask, start, temperature, runs, entropy)
+    if out is None:
+        targets = shifted_targets(input_ids, attention_mask, start)
+        with head_as_token_logprobs(lm_head, targets, temperature, entropy):
+            logits = forward(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=positions(attention_mask), use_cache=False).logits
+        out = _columns(logits, entropy, slice(start - 1, T - 1))
+    return out if return_entropy else out[0]

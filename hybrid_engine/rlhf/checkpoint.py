@@ -382,7 +382,8 @@ def restore_training(trained: Trained, tensors: dict[str, torch.Tensor], optim_m
     restore_rng(tensors, generators)
 
 
-def config_json(config, ignored: tuple[str, ...] = ("checkpoint_every", "keep_checkpoints", "output_dir")) -> dict:
+def config_json(config, ignored: tuple[str, ...] = ("checkpoint_every", "keep_checkpoints", "output_dir",
+                                                   "log_samples")) -> dict:
     """A step config as JSON, without the fields that decide only what is written."""
     return {k: v for k, v in config_dict(config).items() if k not in ignored}
 

@@ -33,6 +33,9 @@ class LoopRecord:
     """Seconds in the trainer's step calls."""
     stop_reason: str = ""
     """What ended the run (schedule.stop_reason): 'max_steps (40)' or 'epochs (1 epoch of 12 steps)'."""
+    lrs: list[float] = field(default_factory=list)
+    """The learning rate the loop set on the first optimizer at every step (the schedule's, steps before a resume
+    included)."""
 
 
 class RunState(Protocol):
@@ -99,10 +102,8 @@ def train_loop(num_rows: int, config, trainer: Trainer, desc: str, progress: boo
                 continue
             if record.steps == total:
                 break
-            scale = lr_scale(record.steps, total, config.warmup_steps, config.schedule, config.min_lr_rate,
-                             config.decay_steps)
             for optimizer, peak in trainer.optimizers:
-                set_lr(optimizer, peak * scale)
+                set_lr(optimizer, scheduled_lr(peak, record.steps, total, config))
             t0 = time.perf_counter()
             item = trainer.step(rows, record.steps)
             record.train_s += time.perf_counter() - t0
@@ -120,7 +121,14 @@ def train_loop(num_rows: int, config, trainer: Trainer, desc: str, progress: boo
     _evaluate(trainer, record, bar)
     bar.close()
     record.stop_reason = stop_reason(per_epoch, config)
+    if trainer.optimizers:
+        record.lrs = [scheduled_lr(trainer.optimizers[0][1], i, total, config) for i in range(record.steps)]
     return record
+
+
+def scheduled_lr(peak: float, step: int, total: int, config) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `total`: `peak` scaled by config's schedule."""
+    return peak * lr_scale(step, total, config.warmup_steps, config.schedule, config.min_lr_rate, config.decay_steps)
 
 
 def _evaluate(trainer: Trainer, record: LoopRecord, bar) -> None:

@@ -259,6 +259,55 @@ def rloo_advantages(
     return (groups - baseline).reshape(-1)
 
 
+# -- what an actor update did: observations, never trained on -------------------------------------
+
+
+@torch.no_grad()
+def token_mean(
+    x: torch.Tensor,  # [B, T] a per-token figure (the policy's entropy, say)
+    mask: torch.Tensor,  # [B, T] 1 on response tokens
+) -> torch.Tensor:
+    """The pooled mean of `x` over the response tokens, a 0-d tensor without gradient."""
+    _check_2d("x", x)
+    return _pooled_mean(x, _response_mask(mask, "x", x))
+
+
+@torch.no_grad()
+def clip_fraction(
+    logprobs: torch.Tensor,  # [B, T] as policy_loss takes them
+    old_logprobs: torch.Tensor,  # [B, T]
+    advantages: torch.Tensor,  # [B, T]
+    mask: torch.Tensor,  # [B, T]
+    clip_range: float = 0.2,
+) -> torch.Tensor:
+    """The share of response tokens where policy_loss takes the clipped term, so that they add no gradient:
+    ratio > 1 + clip_range with a positive advantage, or ratio < 1 - clip_range with a negative one (TRL's
+    clipfrac: where the clipped term of the loss exceeds the unclipped); a 0-d tensor in [0, 1]."""
+    _check_2d("logprobs", logprobs)
+    _check_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs)
+    _check_same_shape("advantages", advantages, "logprobs", logprobs)
+    m = _response_mask(mask, "logprobs", logprobs)
+    ratio = torch.exp(torch.where(m, logprobs - old_logprobs, 0))
+    clipped = ((ratio > 1.0 + clip_range) & (advantages > 0)) | ((ratio < 1.0 - clip_range) & (advantages < 0))
+    return _pooled_mean(clipped.to(ratio.dtype), m)
+
+
+@torch.no_grad()
+def approx_kl(
+    logprobs: torch.Tensor,  # [B, T] the policy being trained
+    old_logprobs: torch.Tensor,  # [B, T] the policy that sampled the tokens
+    mask: torch.Tensor,  # [B, T]
+) -> torch.Tensor:
+    """KL(old || new) estimated on the sampled tokens: the pooled mean of the k3 estimator (ratio - 1) - log ratio,
+    log ratio = logprobs - old_logprobs (Schulman's "Approximating KL divergence": unbiased, and each term >= 0, 0
+    where the policies agree); a 0-d tensor."""
+    _check_2d("logprobs", logprobs)
+    _check_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs)
+    m = _response_mask(mask, "logprobs", logprobs)
+    log_ratio = torch.where(m, logprobs - old_logprobs, 0)
+    return _pooled_mean(torch.expm1(log_ratio) - log_ratio, m)
+
+
 # -- KL coefficient controllers ------------------------------------------------------------------
 
 

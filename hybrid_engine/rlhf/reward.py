@@ -267,6 +267,8 @@ class RewardResult:
     """Steps whose update was skipped for a NaN or inf loss (config.nonfinite "skip")."""
     stop_reason: str = ""
     """What ended the run: 'max_steps (N)' or 'epochs (...)' (loop.LoopRecord.stop_reason)."""
+    lrs: list[float] = field(default_factory=list)
+    """The learning rate of every optimizer step, as the schedule set it (loop.LoopRecord.lrs)."""
 
     @property
     def accuracy_before(self) -> float | None:
@@ -358,4 +360,4 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
     return RewardResult(losses=record.history, before=record.evals[0][1], after=record.evals[-1][1],
                         evals=record.evals, steps=record.steps, train_s=record.train_s,
                         wall_s=time.perf_counter() - t_start, token_stats=stats, model=model,
-                        skipped=skipped(record.history), stop_reason=record.stop_reason)
+                        skipped=skipped(record.history), stop_reason=record.stop_reason, lrs=record.lrs)

@@ -83,6 +83,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate the optimizer steps with now: its first parameter group's (set_lr sets them all alike)."""
+    return float(optimizer.param_groups[0]["lr"])
+
+
 def total_steps(batches_per_epoch: int, config) -> int:
     """The optimizer steps of a run: max_steps when only it is given (the batches cycle over as many epochs as it
     takes), every epoch's batches when only epochs is (None for both: one epoch), the fewer of the two when both

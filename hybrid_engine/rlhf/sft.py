@@ -84,6 +84,8 @@ class SFTResult:
     """Steps whose update was skipped for a NaN or inf loss (config.nonfinite "skip")."""
     stop_reason: str = ""
     """What ended the run: 'max_steps (N)' or 'epochs (...)' (loop.LoopRecord.stop_reason)."""
+    lrs: list[float] = field(default_factory=list)
+    """The learning rate of every optimizer step, as the schedule set it (loop.LoopRecord.lrs)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -207,4 +209,4 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
                      eval_perplexity_after=record.evals[-1][1], evals=record.evals, steps=record.steps,
                      train_tokens=tokens, train_s=record.train_s, wall_s=time.perf_counter() - t_start,
                      token_stats=stats, engine=engine, skipped=skipped(record.history),
-                     stop_reason=record.stop_reason)
+                     stop_reason=record.stop_reason, lrs=record.lrs)

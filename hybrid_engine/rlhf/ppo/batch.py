@@ -121,6 +121,19 @@ def call_reward_fn(fn: RewardFn, prompts: list[str], completions: list[str], ext
     return torch.tensor(values, dtype=torch.float64)
 
 
+def truncated(sequences: torch.Tensor, mask: torch.Tensor, start: int, eos_token_id: int) -> torch.Tensor:
+    """(B,) bool: the responses (sequences [B, P + R] from column `start`, `mask` [B, R]) that hold no EOS, so
+    generation cut them off at max_new_tokens."""
+    eos = (sequences[:, start:] == eos_token_id) & mask.bool()
+    return ~eos.any(1)
+
+
+def samples(prompts: list[str], completions: list[str], scores: torch.Tensor, n: int) -> list[dict]:
+    """The first `n` rollouts as {prompt, completion, score} (the texts decoded, the score a float)."""
+    return [{"prompt": p, "completion": c, "score": float(s)} for p, c, s in zip(prompts[:n], completions[:n],
+                                                                                scores[:n].tolist())]
+
+
 # -- 3. targets ---------------------------------------------------------------------------------------------------
 
 

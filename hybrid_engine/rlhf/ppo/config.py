@@ -88,6 +88,9 @@ class PPOConfig(StepConfig):
     a forward of the same precision (ratio_from_training_forward), not from generation, and the frozen reference and
     reward model score through their HF forwards under the same autocast (rlhf/scoring.py), as TRL scores its
     reference."""
+    log_samples: int = 2
+    """The first this many rollouts of each step (prompt, completion and score, decoded) go into its metrics record
+    under "samples", and to TensorBoard as text; 0: none."""
     generation_weight_dtype: InitVar[str | None] = None
     """The earlier spelling of generation.weight_dtype (warns)."""
     generation_kv_dtype: InitVar[str | None] = None
@@ -117,6 +120,8 @@ class PPOConfig(StepConfig):
         if self.algo != "ppo" and self.num_generations < 2:
             raise ValueError(f"{self.algo} compares samples of one prompt: num_generations must be >= 2, "
                              f"got {self.num_generations}")
+        if not isinstance(self.log_samples, int) or self.log_samples < 0:
+            raise ValueError(f"log_samples must be a non-negative integer, got {self.log_samples!r}")
         for name in ("train_batch_size", "ppo_epochs", "num_generations"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

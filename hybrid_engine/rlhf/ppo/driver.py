@@ -43,6 +43,7 @@ from hybrid_engine.rlhf.ppo.models import Models, ModelSources, build_models
 from hybrid_engine.rlhf.ppo.state import PPORunState
 from hybrid_engine.rlhf.ppo.update import PTXBatches, finite_or_skip, optimise
 from hybrid_engine.rlhf.reward import RewardModel
+from hybrid_engine.rlhf.schedule import current_lr
 from hybrid_engine.rlhf.tokens import TokenStats
 from hybrid_engine.rlhf.trainer import check_trained, check_vocab, pad_id_of
 
@@ -158,7 +159,10 @@ def ppo_step(run: PPORun, prompts: Prompts, indices: list[int], step: int) -> di
     t0 = time.perf_counter()
     exp, record = score(models, ro, prompts, indices, run.tokenizer, config, check=step == 0)  # 2. score
     exp = targets(models, exp, config, kl_coef)  # 3. targets
-    record.update(generate_s=ro.generate_s, experience_s=time.perf_counter() - t0, step=step + 1, kl_coef=kl_coef)
+    record.update(generate_s=ro.generate_s, experience_s=time.perf_counter() - t0, step=step + 1, kl_coef=kl_coef,
+                  lr=current_lr(models.actor.optimizer))
+    if models.critic is not None:
+        record["critic_lr"] = current_lr(models.critic.optimizer)
     t0 = time.perf_counter()
     if finite_or_skip(all_finite(exp.scores, exp.advantages, exp.returns), "the scores or advantages", step + 1,
                        config):

@@ -115,7 +115,8 @@ def generate(models: Models, batch: Prompts, indices: list[int], tokenizer, conf
 def score(models: Models, ro: xp.Rollout, batch: Prompts, indices: list[int], tokenizer, config: PPOConfig,
           check: bool = False) -> tuple[xp.Experience, dict]:
     """Phase 2: the old log-probs (`check`: see old_logprobs), the reference's, and the sequences' scores; the
-    experience without targets yet, and its figures (the scores' means, the KL to the reference, the length)."""
+    experience without targets yet, and its figures (the scores' means, the KL to the reference, the responses'
+    mean and longest length and the share cut off at max_new_tokens, and config.log_samples of the rollouts)."""
     old, source = old_logprobs(models, ro, config, check)
     ref = models.reference.token_logprobs(ro.sequences, ro.attention_mask, ro.start, config.temperature)
     completions = tokenizer.batch_decode(ro.sequences[:, ro.start:], skip_special_tokens=True)
@@ -125,7 +126,12 @@ def score(models: Models, ro: xp.Rollout, batch: Prompts, indices: list[int], to
     exp = xp.Experience(sequences=ro.sequences, attention_mask=ro.attention_mask, start=ro.start, mask=ro.mask,
                         old_logprobs=old, ref_logprobs=ref, scores=scores, advantages=torch.zeros_like(ro.mask),
                         completions=completions)
-    figures.update(score=xp.mean(scores), kl=xp.mean(exp.kl), response_len=float(ro.mask.sum(1).mean()))
+    lengths = ro.mask.sum(1)  # (B,)
+    figures.update(score=xp.mean(scores), kl=xp.mean(exp.kl), response_len=float(lengths.mean()),
+                   response_len_max=int(lengths.max()),
+                   truncated_frac=xp.mean(xp.truncated(ro.sequences, ro.mask, ro.start, tokenizer.eos_token_id)))
+    if config.log_samples:
+        figures["samples"] = xp.samples(prompts, completions, scores, config.log_samples)
     return exp, figures
 
 

@@ -9,7 +9,7 @@ import torch
 
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.distributed import all_finite, rank_and_world
-from hybrid_engine.rlhf.losses import policy_loss, value_loss
+from hybrid_engine.rlhf.losses import approx_kl, clip_fraction, policy_loss, token_mean, value_loss
 from hybrid_engine.rlhf.ppo import batch as xp
 from hybrid_engine.rlhf.ppo.config import PPOConfig
 from hybrid_engine.rlhf.ppo.experience import ratio_from_training_forward, training_precision
@@ -36,16 +36,41 @@ def _step_on(trainer, module: torch.nn.Module, loss: torch.Tensor, config: PPOCo
     return optimizer_step(trainer, module, loss, config.max_grad_norm)
 
 
-def actor_update(models: Models, mb: xp.Experience, config: PPOConfig, kl_coef: float) -> float | None:
-    """One actor step on a minibatch (the clipped policy loss, plus GRPO's KL term); None when not finite."""
+def actor_update(models: Models, mb: xp.Experience, config: PPOConfig, kl_coef: float
+                 ) -> tuple[float | None, dict[str, float]]:
+    """One actor step on a minibatch (the clipped policy loss, plus GRPO's KL term): its loss (None when not finite)
+    and policy_figures of its forward."""
     engine = models.actor
     with training_precision(config):
-        logprobs = engine.token_logprobs(mb.sequences, mb.attention_mask, mb.start, config.temperature)
+        logprobs, entropy = engine.token_logprobs(mb.sequences, mb.attention_mask, mb.start, config.temperature,
+                                                  return_entropy=True)
     old = logprobs.detach() if ratio_from_training_forward(config) else mb.old_logprobs
     loss = policy_loss(logprobs, old, mb.advantages, mb.mask, config.clip_range)
     if config.algo == "grpo" and kl_coef > 0:
         loss = loss + kl_coef * xp.group_kl_loss(logprobs, mb.ref_logprobs, mb.mask)
-    return _step_on(engine, engine.module, loss, config)
+    figures = policy_figures(logprobs.detach(), old, entropy, mb, config)
+    return _step_on(engine, engine.module, loss, config), figures
+
+
+POLICY_FIGURES = ("entropy", "approx_kl", "clip_frac")
+"""The keys of policy_figures, each averaged over a step's actor updates in its record."""
+
+
+def policy_figures(logprobs: torch.Tensor, old: torch.Tensor, entropy: torch.Tensor, mb: xp.Experience,
+                   config: PPOConfig) -> dict[str, float]:
+    """What an actor forward shows of the policy before its step (observations, no gradient): the mean entropy of
+    its distribution at the response tokens, the approximate KL from the ratio's old policy, and the share of
+    tokens whose ratio the loss clipped."""
+    return {"entropy": float(token_mean(entropy, mb.mask)), "approx_kl": float(approx_kl(logprobs, old, mb.mask)),
+            "clip_frac": float(clip_fraction(logprobs, old, mb.advantages, mb.mask, config.clip_range))}
+
+
+def _kept(update: tuple[float | None, dict], observed: list[dict]) -> float | None:
+    """An actor update's loss; its figures go to `observed` when it stepped."""
+    loss, figures = update
+    if loss is not None:
+        observed.append(figures)
+    return loss
 
 
 def critic_update(models: Models, mb: xp.Experience, config: PPOConfig) -> float | None:
@@ -66,13 +91,14 @@ def ptx_update(models: Models, batch: dict, config: PPOConfig) -> float | None:
 
 def optimise(models: Models, exp: xp.Experience, config: PPOConfig, kl_coef: float, step: int,
              ptx_batch: Callable[[], dict] | None) -> dict:
-    """Phase 4: ppo_epochs passes over minibatches of the rollout batch; the mean losses and skips."""
+    """Phase 4: ppo_epochs passes over minibatches of the rollout batch; the mean losses, the skips and the mean
+    policy_figures of the actor updates that stepped."""
     B = exp.sequences.shape[0]
-    actor_losses, critic_losses, ptx_losses, skipped = [], [], [], 0
+    actor_losses, critic_losses, ptx_losses, skipped, observed = [], [], [], 0, []
     for _ in range(config.ppo_epochs):
         for lo in range(0, B, config.train_batch_size):
             mb = exp.select(range(lo, min(lo + config.train_batch_size, B)))
-            updates = [("actor", actor_losses, lambda: actor_update(models, mb, config, kl_coef))]
+            updates = [("actor", actor_losses, lambda: _kept(actor_update(models, mb, config, kl_coef), observed))]
             if models.critic is not None:
                 updates.append(("critic", critic_losses, lambda: critic_update(models, mb, config)))
             if ptx_batch is not None and config.ptx_coef > 0:
@@ -83,7 +109,8 @@ def optimise(models: Models, exp: xp.Experience, config: PPOConfig, kl_coef: flo
                     record.append(loss)
                 else:
                     skipped += 1
-    figures = {"policy_loss": _mean(actor_losses), "skipped": skipped}
+    figures = {"policy_loss": _mean(actor_losses), "skipped": skipped,
+               **{k: _mean([o[k] for o in observed]) for k in POLICY_FIGURES}}
     if models.critic is not None:
         figures["value_loss"] = _mean(critic_losses)
     if ptx_losses:
