@@ -243,8 +243,8 @@ def test_unreadable_files_are_one_line_errors_naming_the_file(tmp_path, cache):
 
     wrong = write_rows(tmp_path / "wrong.parquet", [{"question": "q", "reply": "r"}] * 3)
     assert one_line_error(load_file, wrong, "sft", cache) == (
-        f"{wrong}: no 'prompt' or 'response' column; the sft step reads prompt and response (or prompt and "
-        "chosen), the file has 'question', 'reply'")
+        f"{wrong}: no 'prompt' or 'response' column; the sft step reads prompt and completion (or response, or "
+        "chosen), or messages, the file has 'question', 'reply'")
     assert "no 'rejected' column; the reward step reads prompt, chosen and rejected" in one_line_error(
         load_file, write_rows(tmp_path / "half.jsonl", [{"prompt": "p", "chosen": "c"}] * 2), "reward", cache)
 

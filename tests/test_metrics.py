@@ -61,6 +61,12 @@ def test_samples_text_shows_each_prompt_and_completion_verbatim():
     assert "    tell me about paris" in blocks[1] and blocks[1].endswith("completion:\n\n    (empty)")
 
 
+def test_a_conversational_prompt_shows_one_line_a_message():
+    sample = {"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a fox?"}],
+              "completion": "quick", "score": 1.0}
+    assert "    system: be brief\n    user: a fox?\n\ncompletion:\n\n    quick" in samples_text([sample])
+
+
 def test_sft_and_reward_records_hold_the_loss_and_the_learning_rate(tmp_path):
     result = SimpleNamespace(losses=[2.5, math.nan, 1.5], lrs=[1e-3, 2e-3 / 3, 1e-3 / 3])
     _log_steps(str(tmp_path), "sft", result)

@@ -232,7 +232,8 @@ def test_ppo_without_data_or_demo_is_refused_before_any_model_loads(sft_dir, rm_
     out = tmp_path / "o"
     with pytest.raises(ValueError) as e:
         main(["ppo", "--model", str(sft_dir), "--reward-model", str(rm_dir), *TINY, "--output", str(out)])
-    assert str(e.value) == "no data: give --data FILE (ppo rows: prompt), or --demo for the built-in demo task"
+    assert str(e.value) == ("no data: give --data FILE (ppo rows: prompt, messages, or chosen and rejected that start "
+                            "with their prompt), or --demo for the built-in demo task")
     assert not out.exists()
 
 
@@ -288,7 +289,8 @@ def test_a_second_reward_or_eval_function_is_refused(command, flag, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, flag, "a.py:one", flag, "b.py:two"])
     assert e.value.code == 2
-    assert (f"error: argument {flag}: given twice (a.py:one and b.py:two); one function per run: write one that "
+    named = f"{flag}/--reward_funcs" if (command, flag) == ("ppo", "--reward-fn") else flag  # and TRL's name
+    assert (f"error: argument {named}: given twice (a.py:one and b.py:two); one function per run: write one that "
             "combines the rules") in capsys.readouterr().err
     args = build_parser().parse_args([command, flag, "a.py:one"])
     assert getattr(args, flag[2:].replace("-", "_")) == "a.py:one"

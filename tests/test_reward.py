@@ -178,4 +178,4 @@ def test_bad_inputs_fail_with_a_clear_error(pairs, tmp_path):
     with pytest.raises(ValueError, match="input_ids"):
         model.score(ids[0], mask[0])
     with pytest.raises(ValueError, match="schedule"):
-        RewardConfig(schedule="cosine")
+        RewardConfig(schedule="polynomial")

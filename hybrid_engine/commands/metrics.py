@@ -69,8 +69,10 @@ class MetricsLog:
 
 def samples_text(samples: list[dict]) -> str:
     """A step's sample rollouts ({prompt, completion, score} each) as TensorBoard markdown: the texts verbatim,
-    as indented code blocks."""
-    def block(text: str) -> str:
+    as indented code blocks (a conversational prompt one 'role: content' line a message)."""
+    def block(text: str | list[dict]) -> str:
+        if isinstance(text, list):  # a conversational prompt: its messages
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in text)
         return textwrap.indent(text or "(empty)", "    ", lambda line: True)
 
     return "\n\n".join(f"**{i}.** score {s['score']:.4g}, prompt:\n\n{block(s['prompt'])}\n\ncompletion:\n\n"

@@ -4,9 +4,13 @@ A data set is one local file: JSON (a list of objects), JSON Lines or parquet, r
 `datasets` library from disk only (`Dataset.from_json` / `Dataset.from_parquet`: no hub, no network).
 Each step reads the fields it needs:
 
-    sft     prompt, response     (or prompt, chosen: a preference file feeds SFT with its chosen side)
+    sft     prompt, response     (or prompt, completion; or prompt, chosen: a preference file feeds SFT its chosen side)
     reward  prompt, chosen, rejected
     ppo     prompt               (from any of the three kinds of file)
+
+TRL's formats are read too (formats.py): conversational texts (lists of messages), `messages` rows, and
+preference rows whose prompt is the shared start of chosen and rejected; a conversational prompt stays a list of
+messages (MESSAGES) for the chat template.
 
 Every row of every file is checked before any training starts: a missing (or null) field, an empty
 text or a value that is not a string raises a ValueError that names the file, the row (1-based as
@@ -46,14 +50,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets.exceptions import DatasetGenerationError
 
+from hybrid_engine.rlhf import formats
+
 STEPS = ("sft", "reward", "ppo")
 FIELDS = {"sft": ("prompt", "response"), "reward": ("prompt", "chosen", "rejected"), "ppo": ("prompt",)}
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-READS = {"sft": "prompt and response (or prompt and chosen)", "reward": "prompt, chosen and rejected",
-         "ppo": "prompt"}
-"""What each step reads, in words, for the error messages."""
+READS = {"sft": "prompt and completion (or response, or chosen), or messages",
+         "reward": "prompt, chosen and rejected, or chosen and rejected that start with their prompt",
+         "ppo": "prompt, messages, or chosen and rejected that start with their prompt"}
+"""What each step reads, in words, for the error messages (each text a string or TRL's list of messages)."""
 WHOLE_FILE = {"sft": "1,0,0", "reward": "0,1,0", "ppo": "0,0,1"}
 """The data_split that gives a file wholly to one step."""
+MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+"""The type of a conversational prompt's column: TRL's list of messages."""
 RESERVED = ("prompts", "completions")
 """The reward function's own arguments, which a PPO file's columns cannot be named."""
 
@@ -137,6 +146,8 @@ def step_fields(step: str, columns: Sequence[str]) -> tuple[str, ...]:
     """The file's fields that `step` reads, in the order of FIELDS[step]."""
     if step not in FIELDS:
         raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+    if step == "sft" and "response" not in columns and "completion" in columns:
+        return ("prompt", "completion")
     if step == "sft" and "response" not in columns and "chosen" in columns:
         return ("prompt", "chosen")
     return FIELDS[step]
@@ -262,6 +273,8 @@ def _read_json(path: Path, step: str, cache_dir: str | None) -> tuple[datasets.D
     if not rows:
         raise ValueError(f"{path}: the file has no rows")
     columns = list(dict.fromkeys(k for _, row in rows if isinstance(row, dict) for k in row))
+    if _needs_conversion(path, rows, columns, step):
+        return _converted(path, rows, step)
     fields = step_fields(step, columns)
     if all(isinstance(row, dict) for _, row in rows):
         check_columns(path, step, fields, columns)
@@ -288,6 +301,9 @@ def _read_parquet(path: Path, step: str, cache_dir: str | None) -> tuple[dataset
         raise ValueError(f"{path}: not a parquet file ({str(e).splitlines()[0]})") from None
     if num_rows == 0:
         raise ValueError(f"{path}: the file has no rows")
+    if _needs_conversion(path, None, names, step):
+        ds = datasets.Dataset.from_parquet(str(path), cache_dir=content_cache(path, cache_dir))
+        return _converted(path, list(enumerate(ds.to_list(), start=1)), step)
     fields = step_fields(step, names)
     check_columns(path, step, fields, names)
     extras = [c for c in names if c not in fields] if step == "ppo" else []
@@ -297,6 +313,27 @@ def _read_parquet(path: Path, step: str, cache_dir: str | None) -> tuple[dataset
     rows = [(i + 1, {f: columns[f][i] for f in fields}) for i in range(len(ds))]
     validate_rows(path, rows, fields)
     return ds, fields
+
+
+def _needs_conversion(path: Path, rows: Sequence[tuple[int, Any]] | None, columns: Sequence[str], step: str) -> bool:
+    """Whether the file is in one of TRL's formats beyond plain strings (formats.py); its first row tells, for a
+    parquet file (rows None) its schema."""
+    if rows is None:
+        schema = pq.read_schema(path)
+        first = {name: [] if pa.types.is_list(schema.field(name).type) else "" for name in columns}
+    else:
+        first = next((row for _, row in rows if isinstance(row, dict)), {})
+    return formats.needs_conversion(columns, first, step)
+
+
+def _converted(path: Path, rows: Sequence[tuple[int, Any]], step: str) -> tuple[datasets.Dataset, tuple[str, ...]]:
+    """A file in one of TRL's formats, converted row by row into the step's columns (formats.convert)."""
+    converted = formats.convert(path, rows, step)
+    keep = list(dict.fromkeys(k for _, row in converted for k in row))
+    if step == "ppo" and (clash := [c for c in keep if c in RESERVED]):
+        raise ValueError(f"{path}: a column may not be named {clash[0]!r}: the reward function takes its other "
+                         f"columns as keyword arguments beside {' and '.join(RESERVED)}; rename it")
+    return _from_rows(path, converted, keep), FIELDS[step]
 
 
 def load_file(path: str | Path, step: str, cache_dir: str | None = None) -> datasets.Dataset:
@@ -316,7 +353,24 @@ def load_file(path: str | Path, step: str, cache_dir: str | None = None) -> data
     if renames:
         ds = ds.rename_columns(renames)
     features = {f: datasets.Value("string") for f in FIELDS[step]}
+    if not isinstance(ds.features["prompt"], datasets.Value):  # a conversational prompt: a list of messages
+        features["prompt"] = MESSAGES
     return ds.cast(datasets.Features({**features, **{c: ds.features[c] for c in extras}}))
+
+
+def same_prompt_kind(files: Sequence[datasets.Dataset]) -> list[datasets.Dataset]:
+    """Files whose prompts are all strings or all conversational, so that they blend: beside a conversational file,
+    a string prompt becomes the one user message the chat template would have made of it (tokens.format_prompt)."""
+    if all(isinstance(ds.features["prompt"], datasets.Value) for ds in files) or not any(
+            isinstance(ds.features["prompt"], datasets.Value) for ds in files):
+        return list(files)
+    out = []
+    for ds in files:
+        if isinstance(ds.features["prompt"], datasets.Value):
+            features = datasets.Features({**ds.features, "prompt": MESSAGES})
+            ds = ds.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]}, features=features)
+        out.append(ds)
+    return out
 
 
 def align_columns(parts: Sequence[datasets.Dataset], paths: Sequence[str]) -> list[datasets.Dataset]:
@@ -425,7 +479,7 @@ def load_step_data(config: DataConfig, step: str) -> StepData:
     weights = [spec.weight for spec in config.datasets]
     if any(w is None for w in weights) and any(w is not None for w in weights):
         raise ValueError("give every data set a weight, or none")
-    files = [load_file(spec.path, step, config.cache_dir) for spec in config.datasets]  # all checked first
+    files = same_prompt_kind([load_file(spec.path, step, config.cache_dir) for spec in config.datasets])
     if step == "ppo" and len(files) > 1:
         files = align_columns(files, [spec.path for spec in config.datasets])
     trains, evals, reports = [], [], []

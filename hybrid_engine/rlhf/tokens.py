@@ -2,8 +2,9 @@
 
 A prompt is formatted once, the same way for every step: through the tokenizer's chat template as
 one user message with the generation prompt (when the tokenizer has a template and the config asks
-for it), else as the raw text with the tokenizer's own special tokens. A response is its tokens
-plus EOS, appended to the prompt's tokens, so the boundary between the two is exact.
+for it), else as the raw text with the tokenizer's own special tokens. A conversational prompt (a list
+of messages, formats.py) goes through the chat template whole, its system turns and history kept.
+A response is its tokens plus EOS, appended to the prompt's tokens, so the boundary between the two is exact.
 
 Lengths are bounded, and every change is counted in TokenStats so the trainer can log it:
 - a prompt longer than `max_prompt_len` is truncated on the left (its end, next to the response, is
@@ -64,15 +65,20 @@ def _column(rows, name: str) -> list[str]:
     return list(rows[name]) if hasattr(rows, "column_names") else [row[name] for row in rows]
 
 
-def format_prompt(tokenizer, prompt: str, use_chat_template: bool = True) -> str:
+def format_prompt(tokenizer, prompt: str | list[dict], use_chat_template: bool = True) -> str:
     """The text the model sees before its response."""
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}]
+    templated = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    if isinstance(prompt, list) and not templated:
+        raise ValueError("a conversational prompt (a list of messages) is rendered by the tokenizer's chat template: "
+                         + ("use_chat_template is off" if not use_chat_template else "this tokenizer has none"))
+    if templated:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return prompt
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], use_chat_template: bool = True) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: Sequence[str | list[dict]], use_chat_template: bool = True
+                   ) -> list[list[int]]:
     """Each prompt's tokens, formatted by `format_prompt`, not yet bounded."""
     templated = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
     texts = [format_prompt(tokenizer, p, use_chat_template) for p in prompts]
