@@ -73,9 +73,9 @@ def add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: ty
     io.add_argument("--tokenizer", metavar="DIR", help="a saved tokenizer; default: the --model directory's "
                     "when it has one, else the demo tokenizer")
     io.add_argument("--data", *trl_names.flags("data"), metavar="PATH[:WEIGHT]", action="append",
-                    help="a .json, .jsonl or .parquet data "
-                    "file, optionally with its blend weight; repeat for several (weights for all or none). "
-                    "Required, unless --demo")
+                    help="a .json, .jsonl or .parquet data file, optionally with its blend weight, or a data set "
+                    "as NAME[:CONFIG][@SPLIT] (a datasets name or folder); repeat for several (weights for all or "
+                    "none). Required, unless --demo")
     io.add_argument("--demo", action="store_true", help=f"train on the built-in demo task's {step}.jsonl "
                     "(hybrid_engine/data/demo) instead of --data")
     io.add_argument("--data-split", metavar="A,B,C", help="each data file's shares for sft, reward and ppo, of "

@@ -1,7 +1,8 @@
 """The rows of the three RLHF steps: load, validate, split across the steps, hold out, blend.
 
 A data set is one local file: JSON (a list of objects), JSON Lines or parquet, read through the
-`datasets` library from disk only (`Dataset.from_json` / `Dataset.from_parquet`: no hub, no network).
+`datasets` library from disk only (`Dataset.from_json` / `Dataset.from_parquet`: no hub, no network); or a data set's
+name or folder, `name[:config][@split]` (named_data.py: `datasets.load_dataset`, from its cache when offline).
 Each step reads the fields it needs:
 
     sft     prompt, response     (or prompt, completion; or prompt, chosen: a preference file feeds SFT its chosen side)
@@ -50,7 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets.exceptions import DatasetGenerationError
 
-from hybrid_engine.rlhf import formats
+from hybrid_engine.rlhf import formats, named_data
 
 STEPS = ("sft", "reward", "ppo")
 FIELDS = {"sft": ("prompt", "response"), "reward": ("prompt", "chosen", "rejected"), "ppo": ("prompt",)}
@@ -178,7 +179,7 @@ def validate_rows(path: str | Path, rows: Sequence[tuple[int, Any]], fields: Seq
         raise ValueError("bad rows:\n" + "\n".join(problems[:5]) + more)
 
 
-def check_columns(path: Path, step: str, fields: Sequence[str], columns: Sequence[str]) -> None:
+def check_columns(path: str | Path, step: str, fields: Sequence[str], columns: Sequence[str]) -> None:
     """A one-line ValueError when the file has no column for a field `step` reads."""
     missing = [f for f in fields if f not in columns]
     if missing:
@@ -326,7 +327,8 @@ def _needs_conversion(path: Path, rows: Sequence[tuple[int, Any]] | None, column
     return formats.needs_conversion(columns, first, step)
 
 
-def _converted(path: Path, rows: Sequence[tuple[int, Any]], step: str) -> tuple[datasets.Dataset, tuple[str, ...]]:
+def _converted(path: str | Path, rows: Sequence[tuple[int, Any]], step: str
+               ) -> tuple[datasets.Dataset, tuple[str, ...]]:
     """A file in one of TRL's formats, converted row by row into the step's columns (formats.convert)."""
     converted = formats.convert(path, rows, step)
     keep = list(dict.fromkeys(k for _, row in converted for k in row))
@@ -336,17 +338,33 @@ def _converted(path: Path, rows: Sequence[tuple[int, Any]], step: str) -> tuple[
     return _from_rows(path, converted, keep), FIELDS[step]
 
 
+def _read_named(text: str, step: str, cache_dir: str | None) -> tuple[datasets.Dataset, tuple[str, ...]]:
+    """A data set by name or folder (named_data.py), checked as a file's rows are (numbered from 1 in its split)."""
+    ds, where = named_data.load_named(text, cache_dir), f"data set {text}"
+    rows = list(enumerate(ds.to_list(), start=1))
+    if _needs_conversion(Path(text), rows, ds.column_names, step):
+        return _converted(where, rows, step)
+    fields = step_fields(step, ds.column_names)
+    check_columns(where, step, fields, ds.column_names)
+    validate_rows(where, rows, fields)
+    return ds, fields
+
+
 def load_file(path: str | Path, step: str, cache_dir: str | None = None) -> datasets.Dataset:
-    """Every row of one file, validated for `step`, as columns FIELDS[step] (all strings); for PPO, then every
-    other column of the file, as the file types it."""
+    """Every row of one file (or data set: named_data.py), validated for `step`, as columns FIELDS[step] (all
+    strings, the prompt perhaps a list of messages); for PPO, then every other column of the file, as the file
+    types it."""
     path = Path(path)
     kind = FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise ValueError(f"{path}: unknown data file type {path.suffix!r}; use one of {sorted(FORMATS)}")
-    if not path.is_file():
+    if kind is None and named_data.is_name(str(path)):
+        ds, fields = _read_named(str(path), step, cache_dir)
+    elif kind is None:
+        raise ValueError(f"{path}: unknown data file type {path.suffix!r}; use one of {sorted(FORMATS)}, or a data "
+                         "set's name or folder")
+    elif not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
-    reader = _read_json if kind == "json" else _read_parquet
-    ds, fields = reader(path, step, cache_dir)
+    else:
+        ds, fields = (_read_json if kind == "json" else _read_parquet)(path, step, cache_dir)
     extras = [c for c in ds.column_names if c not in fields] if step == "ppo" else []
     ds = ds.select_columns([*fields, *extras])
     renames = {f: canonical for f, canonical in zip(fields, FIELDS[step]) if f != canonical}

@@ -142,7 +142,7 @@ def _row(row: Any, step: str, where: str) -> dict:
                                  for name in ("chosen", "rejected")}}
 
 
-def convert(path: Path, rows: Sequence[tuple[int, Any]], step: str) -> list[tuple[int, dict]]:
-    """Every (row number, row) of file `path` in the step's columns; a ValueError naming the file, row and field of
-    the first bad row."""
+def convert(path: str | Path, rows: Sequence[tuple[int, Any]], step: str) -> list[tuple[int, dict]]:
+    """Every (row number, row) of file `path` (or a data set's name) in the step's columns; a ValueError naming the
+    file, row and field of the first bad row."""
     return [(number, _row(row, step, f"{path}, row {number}")) for number, row in rows]
