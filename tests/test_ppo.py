@@ -677,8 +677,8 @@ def test_missing_models_are_clear_errors(data, rm):
 
 def test_a_reward_model_without_a_trained_head_is_refused(data, tmp_path):
     plain = tmp_path / "plain"
-    demo_actor().save_pretrained(plain)  # an SFT model: no value_head.safetensors
-    with pytest.raises(ValueError, match="holds no reward model: value_head.safetensors is missing"):
+    demo_actor().save_pretrained(plain)  # an SFT model: no value_head.safetensors, no classifier head
+    with pytest.raises(ValueError, match="holds no reward model: neither value_head.safetensors nor a sequence cl"):
         run(data, config(max_steps=1), rm=str(plain))
     with pytest.raises(ValueError, match="a plain model has no trained value head"):
         run(data, config(max_steps=1), rm=demo_actor())

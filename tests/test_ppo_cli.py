@@ -361,7 +361,8 @@ def test_a_shortened_default_run_raises_the_held_out_rule_score(tmp_path, cache)
     assert len(summary["goals"]) == 3 and "accuracy" in accuracy["goal"] and accuracy["met"]  # >= 0.9 (0.993)
     for step in ("sft", "reward", "ppo"):
         assert (out / step / "config.json").is_file(), step
-    assert (out / "ppo" / "critic" / "value_head.safetensors").is_file()
+    critic_config = json.loads((out / "ppo" / "critic" / "config.json").read_text())
+    assert critic_config["architectures"] == ["LlamaForSequenceClassification"]
     assert (out / "train.png").read_bytes()[:8] == PNG
 
 

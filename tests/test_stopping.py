@@ -130,7 +130,7 @@ def test_the_reward_step_on_a_nan_model_fails_from_the_command_line(pairs, tmp_p
     with pytest.raises(NonFiniteError, match=r"reward: the update of every one of its 2 steps was skipped"):
         main(["reward", "--model", str(model_dir), "--demo", "--max-steps", "2", "--output", str(tmp_path / "rm"),
               "--cache-dir", cache, "--no-progress"])
-    assert not (tmp_path / "rm" / "value_head.safetensors").exists()
+    assert not (tmp_path / "rm" / "model.safetensors").exists()
     result = train_reward(demo_llama(), tokenizer(), pairs, RewardConfig(max_steps=2, batch_size=8), progress=False)
     assert result.skipped == 0 and result.stop_reason == "max_steps (2)"
 

@@ -12,7 +12,8 @@ Each step reads top to bottom (train_step):
    policy loss and one of the critic on the clipped value loss, each after clipping its gradient norm.
 
 The critic is a causal LM's body with a linear value head, read from a folder as hybrid_engine's RewardModel saves
-it (the body, and value_head.safetensors beside it), so that both PPOs start from the same critic. With bf16, the
+it (a sequence classifier with one label, its head's bias in config.score_bias), so that both PPOs start from the
+same critic. With bf16, the
 training forwards of phase 4 run under torch.autocast("cpu", torch.bfloat16) (fp32 weights, optimizer and losses),
 as transformers' Trainer with bf16=True; generation and the forwards of phase 2 stay fp32.
 
@@ -33,7 +34,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import load_file
 
 
 @dataclass
@@ -81,10 +81,12 @@ class ValueModel(torch.nn.Module):
 
     def __init__(self, directory: str | Path):
         super().__init__()
-        self.body = transformers.AutoModel.from_pretrained(directory, dtype=torch.float32)
-        state = load_file(Path(directory) / "value_head.safetensors")
-        self.head = torch.nn.Linear(state["weight"].shape[1], 1)
-        self.head.load_state_dict(state)
+        classifier = transformers.AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32)
+        self.body = classifier.base_model
+        self.head = torch.nn.Linear(classifier.score.in_features, 1)
+        with torch.no_grad():  # score has no bias: hybrid_engine keeps its value head's in config.score_bias
+            self.head.weight.copy_(classifier.score.weight)
+            self.head.bias.fill_(getattr(classifier.config, "score_bias", 0.0))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.body(input_ids=input_ids, attention_mask=attention_mask,

@@ -11,7 +11,7 @@ from pathlib import Path
 import tokenizers
 import transformers
 
-from hybrid_engine.rlhf.reward import HEAD_FILE
+from hybrid_engine.rlhf.reward_format import is_reward_model_dir
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
 """Any of these in a directory means a tokenizer was saved there."""
@@ -21,15 +21,15 @@ SAMPLE = ("what is 3 plus 4", "The quick brown fox jumps over the lazy dog.", "H
 
 def check_model_dir(directory: str, flag: str = "--model", reward_ok: bool = False) -> Path:
     """`directory` as a Path once it is known to hold a saved Hugging Face model (its config.json); a reward
-    model (value_head.safetensors beside the body) only when reward_ok."""
+    model (a sequence classifier, or value_head.safetensors beside the body) only when reward_ok."""
     path = Path(directory)
     if not path.is_dir():
         raise ValueError(f"{flag} {directory}: no such directory")
     if not (path / "config.json").is_file():
         raise ValueError(f"{flag} {directory}: not a saved Hugging Face model (no config.json); give a directory "
                          "written by save_pretrained")
-    if not reward_ok and (path / HEAD_FILE).is_file():
-        raise ValueError(f"{flag} {directory}: holds a reward model ({HEAD_FILE}), not a causal LM")
+    if not reward_ok and is_reward_model_dir(path):
+        raise ValueError(f"{flag} {directory}: holds a reward model (a sequence classifier), not a causal LM")
     return path
 
 

@@ -162,6 +162,10 @@ def logprob_note(history: list[dict], source: str) -> str:
             f"{check['step']}; skipping it saved {check['recompute_s']:.2f} s per step)")
 
 
+RM_OWN_TOKENIZER = "its own tokenizer's: each rollout decoded and re-encoded for it"
+"""The summary's note when the reward model's tokenizer differs from the policy's."""
+
+
 def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
     """The summary table's rows and summary.json's figures of a PPOResult."""
     before, after = result.before, result.after
@@ -181,6 +185,7 @@ def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
             ("held-out KL to reference", held_out("kl") + " nats per response"),
             ("held-out response length", held_out("response_len", ".1f") + " tokens"),
             ("old log-probs", logprob_note(result.history, result.logprob_source)),
+            *([("reward-model tokens", RM_OWN_TOKENIZER)] if result.rm_own_tokenizer else []),
             ("prompts truncated / dropped", f"{result.token_stats.prompts_truncated} / "
                                             f"{result.token_stats.prompts_dropped}"),
             ("time by phase", ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in totals.items())),

@@ -6,9 +6,11 @@ reward is the head's value at its last non-pad token (the last position where at
 right padding, left padding and a left-padded prompt followed by a response that ended early all read
 the right token); the pairwise loss is -log sigmoid(r_chosen - r_rejected), its batch mean.
 
-It is saved as Hugging Face loads it: the body with save_pretrained (config.json and model.safetensors,
-which transformers.AutoModel.from_pretrained reads on its own) and the head beside it in
-value_head.safetensors. RewardModel.from_pretrained reads both; nothing is pickled. Later steps use it as
+It is saved as a Hugging Face sequence classifier with one label (XForSequenceClassification, the head as
+`score`), which transformers.AutoModelForSequenceClassification, TRL and OpenRLHF load; RewardModel.from_pretrained
+reads that, any such classifier (TRL's RewardTrainer's output), and the older body + value_head.safetensors folders
+(reward_format.py says what is written, what is read and where transformers' scores could differ from ours);
+nothing is pickled. Later steps use it as
     - the frozen reward model that scores PPO rollouts: `score(input_ids, attention_mask) -> [B]`;
     - the critic's initialisation: `values(input_ids, attention_mask) -> [B, T]`, differentiable.
 
@@ -29,7 +31,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from safetensors.torch import load_file, save_file
 
 from hybrid_engine.engine.logprobs import positions
 from hybrid_engine.engine.lora import lora_layers
@@ -40,6 +41,15 @@ from hybrid_engine.rlhf import checkpoint, fingerprints
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.loop import Trainer, train_loop
+from hybrid_engine.rlhf.reward_format import (
+    CLASSIFIER,
+    check_family,
+    classifier_of,
+    classifier_parts,
+    hidden_size,
+    is_reward_model_dir,
+    load_parts,
+)
 from hybrid_engine.rlhf.step_config import StepConfig
 from hybrid_engine.rlhf.tokens import TokenStats, collate_reward, tokenize_reward
 from hybrid_engine.rlhf.trainer import (
@@ -52,10 +62,6 @@ from hybrid_engine.rlhf.trainer import (
     skipped,
     training_ds_config,
 )
-
-HEAD_FILE = "value_head.safetensors"
-"""The value head's file beside the body's config.json and model.safetensors."""
-_FORMAT = "hybrid_engine.reward_model.v1"
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -91,11 +97,6 @@ def _check_body(body) -> None:
     if body.base_model is not body:
         raise ValueError(f"a reward model's body is a base model, got the causal LM {type(body).__name__}: pass its "
                          "body (model.base_model), or use RewardModel.from_model(model)")
-
-
-def hidden_size(config) -> int:
-    """The width of the body's final hidden states (OPT's word_embed_proj_dim when it projects out)."""
-    return getattr(config, "word_embed_proj_dim", None) or config.hidden_size
 
 
 class RewardModel(torch.nn.Module):
@@ -136,46 +137,43 @@ class RewardModel(torch.nn.Module):
         return cls(model.base_model)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> RewardModel:
-        """The reward model save_pretrained wrote to `directory` (the body and value_head.safetensors)."""
-        directory = Path(directory)
-        head_path = directory / HEAD_FILE
-        if not head_path.is_file():
-            raise ValueError(f"{directory} holds no reward model: {HEAD_FILE} is missing (train one with "
-                             "`hybrid-engine reward`; a plain model would score with an untrained head)")
-        _check_body_config(directory)
-        body = transformers.AutoModel.from_pretrained(directory)
-        state = load_file(head_path)
-        if set(state) != {"weight", "bias"}:
-            raise ValueError(f"{head_path}: expected tensors 'weight' and 'bias', got {sorted(state)}")
-        head = torch.nn.Linear(state["weight"].shape[1], 1, dtype=state["weight"].dtype)
-        head.load_state_dict(state)
-        return cls(body, head.to(body.device))
+    def from_pretrained(cls, name: str | os.PathLike) -> RewardModel:
+        """The reward model saved at `name`, a folder or a local Hugging Face cache name: a sequence classifier with
+        one label (save_pretrained's form, TRL's RewardTrainer's) or an older body + value_head.safetensors folder."""
+        return cls(*load_parts(name))
+
+    @classmethod
+    def from_classifier(cls, model: transformers.PreTrainedModel) -> RewardModel:
+        """A reward model on an XForSequenceClassification with one label: its body (shared) and its score (copied,
+        with config.score_bias as the bias)."""
+        return cls(*classifier_parts(model))
 
     @classmethod
     def load(cls, model_or_path) -> RewardModel:
-        """A RewardModel itself; a reward model's directory; a causal LM's (or body's) directory with a new
-        head; or an HF model (its body, shared)."""
+        """A RewardModel itself; a reward model's directory (either saved form); a causal LM's (or body's) directory
+        with a new head; a sequence classifier with one label (its body shared, its score copied); or an HF model (its
+        body, shared, with a new head)."""
         if isinstance(model_or_path, RewardModel):
             return model_or_path
+        if type(model_or_path).__name__.endswith(CLASSIFIER):
+            return cls.from_classifier(model_or_path)
         if isinstance(model_or_path, (str, os.PathLike)):
             directory = Path(model_or_path)
-            if (directory / HEAD_FILE).is_file():
+            if is_reward_model_dir(directory):
                 return cls.from_pretrained(directory)
             _check_body_config(directory)
             return cls(transformers.AutoModel.from_pretrained(directory))
         return cls.from_model(model_or_path)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """The body with save_pretrained and the head as value_head.safetensors, from any ZeRO stage (every
-        rank must call this under DeepSpeed; rank 0 writes)."""
+    def save_pretrained(self, directory: str | os.PathLike, pad_token_id: int | None = None) -> None:
+        """The model as an XForSequenceClassification with one label (reward_format.py), config.pad_token_id
+        `pad_token_id` (None: the body's), from any ZeRO stage (every rank must call this under DeepSpeed; rank 0
+        writes)."""
         rank, _ = rank_and_world()
         with gathered(unique_params([self])):
             if rank == 0:
                 os.makedirs(directory, exist_ok=True)
-                self.body.save_pretrained(directory)
-                head = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
-                save_file(head, os.path.join(directory, HEAD_FILE), metadata={"format": "pt", "kind": _FORMAT})
+                classifier_of(self.body, self.value_head, pad_token_id).save_pretrained(directory)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
 
@@ -209,10 +207,7 @@ def _check_body_config(directory: Path) -> None:
     """Refuses a directory that is not a saved HF model of a supported family, before loading any weights."""
     if not (directory / "config.json").is_file():
         raise ValueError(f"{directory} is not a saved Hugging Face model (no config.json)")
-    model_type = transformers.AutoConfig.from_pretrained(directory).model_type
-    if model_type not in SUPPORTED:
-        raise ValueError(f"reward models support model_type {', '.join(sorted(SUPPORTED))}; {directory} holds "
-                         f"{model_type!r}")
+    check_family(transformers.AutoConfig.from_pretrained(directory), directory)
 
 
 # -- training -------------------------------------------------------------------------------------------------
@@ -305,7 +300,7 @@ def evaluate_reward(forward, examples: Sequence[dict], pad_id: int, batch_size: 
 
 
 def _save(model: RewardModel, tokenizer, directory) -> None:
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, pad_token_id=tokenizer.pad_token_id)
     if rank_and_world()[0] == 0:
         tokenizer.save_pretrained(directory)
 

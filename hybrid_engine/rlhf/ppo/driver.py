@@ -42,6 +42,7 @@ from hybrid_engine.rlhf.ppo.experience import Prompts, generate, score, targets
 from hybrid_engine.rlhf.ppo.models import Models, ModelSources, build_models
 from hybrid_engine.rlhf.ppo.state import PPORunState
 from hybrid_engine.rlhf.ppo.update import PTXBatches, finite_or_skip, optimise
+from hybrid_engine.rlhf.retokenize import RetokenizedRewardModel
 from hybrid_engine.rlhf.reward import RewardModel
 from hybrid_engine.rlhf.schedule import current_lr
 from hybrid_engine.rlhf.tokens import TokenStats
@@ -73,6 +74,8 @@ class PPOResult:
     ema: ActorEMA | None = field(repr=False, default=None)
     stop_reason: str = ""
     """What ended the run: 'max_steps (N)' or 'epochs (...)' (loop.LoopRecord.stop_reason)."""
+    rm_own_tokenizer: bool = False
+    """Whether the reward model scored with its own tokenizer (the rollouts decoded and re-encoded for it)."""
 
 
 @dataclass
@@ -110,7 +113,7 @@ def train_ppo(models: ModelSources | Models, tokenizer, data: StepData, config: 
         raise ValueError("the tokenizer has no EOS token: a response could never end")
     checkpoint.check_output(config, resume)
     torch.manual_seed(config.seed)
-    models = models if isinstance(models, Models) else build_models(models, config)
+    models = models if isinstance(models, Models) else build_models(models, config, tokenizer)
     check_vocab(tokenizer, base_model(models.actor.module).config.vocab_size)
     train, held_out = Prompts.of(data.train, tokenizer, config), Prompts.of(data.eval, tokenizer, config)
     if not train.examples:
@@ -138,7 +141,8 @@ def train_ppo(models: ModelSources | Models, tokenizer, data: StepData, config: 
                      steps=record.steps, skipped=sum(r["skipped"] for r in history),
                      logprob_source=history[-1]["logprob_source"] if history else "",
                      wall_s=time.perf_counter() - t_start, token_stats=train.stats, actor=models.actor,
-                     critic=models.critic_model, ema=run.ema, stop_reason=record.stop_reason)
+                     critic=models.critic_model, ema=run.ema, stop_reason=record.stop_reason,
+                     rm_own_tokenizer=isinstance(models.reward, RetokenizedRewardModel))
 
 
 def _defines(models: Models, data: StepData, ptx_data) -> dict:

@@ -14,8 +14,10 @@ import transformers
 from hybrid_engine.engine import HybridEngine
 from hybrid_engine.engine.training import adamw, make_trainer
 from hybrid_engine.rlhf.ppo.config import PPOConfig
+from hybrid_engine.rlhf.retokenize import RetokenizedRewardModel, for_policy, saved_tokenizer
 from hybrid_engine.rlhf.reward import RewardModel
 from hybrid_engine.rlhf.reward_fn import load_reward_fn
+from hybrid_engine.rlhf.reward_format import CLASSIFIER
 from hybrid_engine.rlhf.scoring import FrozenPolicy, FrozenRewardModel
 from hybrid_engine.rlhf.trainer import disable_dropout, optimizer_lr, prepare_training, training_ds_config
 
@@ -50,13 +52,16 @@ def _reference(actor, reference, autocast_dtype: torch.dtype | None) -> FrozenPo
 
 
 def _trained_reward_model(reward_model) -> RewardModel:
-    """A RewardModel, or one saved with its value head; anything else would score with a random head."""
+    """A RewardModel, a sequence classifier with one label, or either saved (reward_format.py); anything else would
+    score with a random head."""
     if isinstance(reward_model, RewardModel):
         return reward_model
+    if type(reward_model).__name__.endswith(CLASSIFIER):
+        return RewardModel.from_classifier(reward_model)
     if isinstance(reward_model, torch.nn.Module):
-        raise ValueError(f"reward_model must be a RewardModel or its directory, got {type(reward_model).__name__}: "
-                         "a plain model has no trained value head")
-    return RewardModel.from_pretrained(reward_model)  # refuses a directory without value_head.safetensors
+        raise ValueError(f"reward_model must be a RewardModel, a sequence classifier or its folder, got "
+                         f"{type(reward_model).__name__}: a plain model has no trained value head")
+    return RewardModel.from_pretrained(reward_model)  # refuses a folder without a trained head
 
 
 def _adamw(lr: float, weight_decay: float) -> Callable:
@@ -70,9 +75,11 @@ class ModelSources:
     actor: Any
     """The SFT policy to train: an HF causal LM (trained in place), its directory, or a HybridEngine."""
     reward_model: Any = None
-    """The frozen reward model that scores the rollouts: a RewardModel or its directory; None: reward_fn alone."""
+    """The frozen reward model that scores the rollouts: a RewardModel, an HF sequence classifier with one label, or
+    either's folder or local cache name (reward_format.py); None: reward_fn alone."""
     critic: Any = None
-    """Where PPO's critic starts (a RewardModel or its directory); None: from the reward model."""
+    """Where PPO's critic starts (the reward model's forms, or a causal LM with a new head); None: from the reward
+    model."""
     reference: Any = None
     """The frozen policy of the KL term (an HF causal LM or its directory); None: a copy of the actor before training
     (which must then not be a HybridEngine)."""
@@ -86,6 +93,9 @@ class ModelSources:
     """A DeepSpeed config (dict or JSON path) the actor and critic train under; None: torch AdamW in one process."""
     lora: Any = None
     """A peft.LoraConfig for the actor; None: every weight trains."""
+    reward_tokenizer: Any = None
+    """The reward model's tokenizer; None: the one saved beside the reward model, else the policy's. One with another
+    vocabulary than the policy's scores re-encoded rollouts (retokenize.py)."""
 
 
 @dataclass
@@ -94,15 +104,25 @@ class Models:
 
     actor: HybridEngine
     reference: FrozenPolicy
-    reward: FrozenRewardModel | None
+    reward: FrozenRewardModel | RetokenizedRewardModel | None
     critic: object | None  # the critic's trainer (make_trainer), PPO only
     critic_model: RewardModel | None
     reward_fn: Callable | None
     eval_fn: Callable | None = None
 
 
-def build_models(sources: ModelSources, config: PPOConfig) -> Models:
-    """The actor engine, the frozen reference and reward model, and (PPO) the critic's trainer."""
+def _frozen_reward_model(sources: ModelSources, scoring_dtype, tokenizer):
+    """The frozen reward model, scoring through its own tokenizer where that differs from the policy's `tokenizer`."""
+    frozen = FrozenRewardModel(copy.deepcopy(_trained_reward_model(sources.reward_model)), autocast_dtype=scoring_dtype)
+    own = sources.reward_tokenizer
+    if own is None and not isinstance(sources.reward_model, torch.nn.Module):
+        own = saved_tokenizer(sources.reward_model)
+    return for_policy(frozen, own, tokenizer)
+
+
+def build_models(sources: ModelSources, config: PPOConfig, tokenizer=None) -> Models:
+    """The actor engine, the frozen reference and reward model, and (PPO) the critic's trainer. `tokenizer`, the
+    policy's: where the reward model's own differs, the reward model scores re-encoded rollouts."""
     actor, reward_model, critic, reward_fn = sources.actor, sources.reward_model, sources.critic, sources.reward_fn
     ds_config, lora = sources.ds_config, sources.lora
     if reward_model is None and reward_fn is None:
@@ -111,8 +131,7 @@ def build_models(sources: ModelSources, config: PPOConfig) -> Models:
     has_ds_optimizer = ds is not None and "optimizer" in ds
     scoring_dtype = torch.bfloat16 if config.bf16_autocast else None  # the frozen models score as training runs
     frozen_ref = _reference(actor, sources.reference, scoring_dtype)
-    frozen_rm = None if reward_model is None else FrozenRewardModel(
-        copy.deepcopy(_trained_reward_model(reward_model)), autocast_dtype=scoring_dtype)
+    frozen_rm = None if reward_model is None else _frozen_reward_model(sources, scoring_dtype, tokenizer)
     critic_model = critic_trainer = None
     if config.algo == "ppo":
         source = critic if critic is not None else reward_model
