@@ -128,3 +128,14 @@ def test_inference_on_a_patched_model_is_hf_exactly():
     with torch.no_grad():
         assert torch.equal(got, model(input_ids=ids).logits)
         assert torch.equal(greedy, model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0))
+
+
+def test_a_loaded_model_keeps_its_patches_across_train_and_eval():
+    """transformers 5 kernelizes what from_pretrained loads (its Hub `kernels` integration, on by default where the
+    package is installed) and kernelizes again at each train()/eval() switch, which used to put HF's RMSNorm
+    forward back over the patched one, silently."""
+    model = apply_training_kernels(tiny_model("llama-gqa"))  # loaded by from_pretrained
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    for mode in (True, False, True):
+        model.train(mode)
+        assert all("forward" in vars(m) for m in norms), f"after train({mode})"

@@ -77,6 +77,7 @@ def apply_training_kernels(model: torch.nn.Module) -> torch.nn.Module:
     """Patches the training kernels into `model` (an HF causal LM, a PEFT model, a DeepSpeed engine's module or
     anything holding one, such as a RewardModel); returns the same model. Modules of other families are left
     as they are. Applying twice changes nothing."""
+    _no_hub_kernels(model)
     for module in model.modules():
         family = _family(module)
         if family is None:
@@ -88,6 +89,15 @@ def apply_training_kernels(model: torch.nn.Module) -> torch.nn.Module:
         if family not in _ORIGINAL_ROTARY:
             _install_rotary(family)
     return model
+
+
+def _no_hub_kernels(model: torch.nn.Module) -> None:
+    """Turns off transformers' Hub kernels (its `kernels` integration, on by default for what from_pretrained loads
+    when the package is installed): it kernelizes the model again at each train()/eval() switch, which would put
+    transformers' forward methods back over the patched ones, silently."""
+    for module in model.modules():
+        if getattr(module, "use_kernels", False) and callable(getattr(module, "reset_kernels", None)):
+            module.reset_kernels()
 
 
 def _install_rotary(family: str) -> None:
