@@ -1,44 +1,53 @@
-"""Every Python block of the README and of docs/ runs as printed, on a fresh process in an empty folder: the blocks
-are what a new user copies first."""
+"""Every code block of the README and of docs/ is checked: the blocks are what a new user copies first. Python blocks
+run as printed here, on a fresh process in an empty folder; bash blocks in test_docs_bash.py, YAML config files in
+test_docs_yaml.py. A bash block that cannot run in a test carries a marker with the reason (doc_blocks.py), and is
+checked another way."""
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from doc_blocks import blocks, by_code, pythonpath
 
-ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+CHECKED = {"python": "run here", "bash": "test_docs_bash.py", "yaml": "test_docs_yaml.py",
+           "text": "not code: a diagram or a listing"}
+"""Each kind of block the pages may hold, and what checks it."""
+MAX_NOT_RUN = 5
+"""The README's set-up, main job, test and other-commands blocks and the benchmark commands; raise it only for a block
+that truly cannot run in a test."""
 
-
-def python_blocks() -> list:
-    blocks = []
-    for page in PAGES:
-        text = page.read_text(encoding="utf-8")
-        for match in BLOCK.finditer(text):
-            line = text.count("\n", 0, match.start()) + 1
-            blocks.append(pytest.param(page, line, match.group(1), id=f"{page.relative_to(ROOT)}:{line}"))
-    return blocks
-
-
-BLOCKS = python_blocks()
+PYTHON = by_code(blocks("python"))
+"""Each Python block by its code, with where it is printed."""
 
 
 def test_the_pages_have_python_blocks():
-    assert len(BLOCKS) >= 8  # the README's four examples and the docs' own: a broken pattern would find none
+    assert len(PYTHON) >= 6 and sum(map(len, PYTHON.values())) >= 8  # the README's four examples and the docs' own
+
+
+def test_every_block_is_of_a_kind_a_test_checks():
+    found = {b.where: b.lang for b in blocks()}
+    assert len(found) >= 15, found
+    unchecked = {where: lang for where, lang in found.items() if lang not in CHECKED}
+    assert not unchecked, f"blocks no test checks (give a known language, {sorted(CHECKED)}): {unchecked}"
+
+
+def test_few_blocks_are_not_run_and_each_says_why():
+    not_run = [b for b in blocks() if b.not_run is not None]
+    assert 0 < len(not_run) <= MAX_NOT_RUN, [b.where for b in not_run]
+    for block in not_run:
+        assert block.lang == "bash", f"{block.where}: only a bash block may be left unrun"
+        assert len(block.not_run.split()) >= 3, f"{block.where}: the marker gives no reason"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page, line, code", BLOCKS)
-def test_a_python_block_runs_as_printed(tmp_path, page, line, code):
+@pytest.mark.parametrize("code", list(PYTHON), ids=[" = ".join(where) for where in PYTHON.values()])
+def test_a_python_block_runs_as_printed(tmp_path, code):
     script = tmp_path / "block.py"
     script.write_text(code, encoding="utf-8")
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": pythonpath(), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env,
                           timeout=600)
-    assert proc.returncode == 0, f"{page.name} line {line}:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"{PYTHON[code]}:\n{proc.stderr[-4000:]}"

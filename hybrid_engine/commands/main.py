@@ -4,6 +4,7 @@
     generate  fast generation and its speed against transformers (generate.py)
     bench     benchmark reports (bench.py, report/)
     sft, reward, ppo, train, chat   the RLHF steps (sft.py, reward.py, ppo.py, train.py, chat.py)
+    demo-files  example inputs of every kind, from the demo task (demo_files.py)
 
 This package reads flags and config files, prints summaries and tables, draws plots and writes logs; it calls the
 library (hybrid_engine.rlhf, .generation, .engine) and nothing in the library imports it. How the command ends as a
@@ -17,6 +18,7 @@ import sys
 
 from hybrid_engine.commands.bench import add_bench_commands
 from hybrid_engine.commands.chat import add_chat_command
+from hybrid_engine.commands.demo_files import add_demo_files_command
 from hybrid_engine.commands.ds_optimizer import announce_optimizer_build
 from hybrid_engine.commands.env import add_env_command
 from hybrid_engine.commands.generate import add_generate_command
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ppo_command(sub)
     add_train_command(sub)
     add_chat_command(sub)
+    add_demo_files_command(sub)
     add_debug_flags(sub)
     return parser
 

@@ -1,0 +1,51 @@
+"""Every YAML block of the docs is a config file the commands accept: written to a file and read as `--config FILE`
+is read (config_args.load_config_file, run_keys, the step's config), by each command whose run settings include the
+file's; each must change the command's settings, and its run settings (model, data, ...) must reach the run."""
+
+from __future__ import annotations
+
+import pytest
+from doc_blocks import blocks
+
+from hybrid_engine.commands import run_keys
+from hybrid_engine.commands.common import step_config
+from hybrid_engine.commands.config_args import load_config_file
+from hybrid_engine.commands.main import build_parser
+from hybrid_engine.commands.train import step_configs
+from hybrid_engine.rlhf import PPOConfig, RewardConfig, SFTConfig
+from hybrid_engine.rlhf.step_config import config_dict
+
+READERS = {"sft": (SFTConfig, run_keys.STEP), "reward": (RewardConfig, run_keys.STEP),
+           "ppo": (PPOConfig, run_keys.PPO), "train": (None, run_keys.TRAIN)}
+"""Each command that takes --config: its config class (train: one per step) and the run settings it reads, as the
+command itself calls step_config or step_configs."""
+
+YAML = [pytest.param(b, id=b.where) for b in blocks("yaml")]
+
+
+def settings(command: str, argv: list[str]) -> list[dict]:
+    """The command's step configs, as dicts, for its flags `argv`; and the parsed flags."""
+    args = build_parser().parse_args([command, *argv])
+    cls, run = READERS[command]
+    configs = step_configs(args).values() if command == "train" else [step_config(args, cls, command, run)]
+    return [config_dict(c) for c in configs], args
+
+
+def test_the_docs_have_config_blocks():
+    assert len(YAML) >= 2
+
+
+@pytest.mark.parametrize("block", YAML)
+def test_a_yaml_block_is_a_config_the_commands_accept(tmp_path, block):
+    path = tmp_path / "config.yaml"
+    path.write_text(block.code, encoding="utf-8")
+    values = load_config_file(path)
+    run = {str(k).replace("-", "_"): v for k, v in values.items() if str(k).replace("-", "_") in run_keys.KINDS}
+    readers = [command for command, (_, keys) in READERS.items() if set(run) <= set(keys)]
+    assert readers, f"{block.where}: no command reads every run setting of {sorted(run)}"
+    for command in readers:
+        configs, args = settings(command, ["--config", str(path)])
+        defaults, _ = settings(command, [])
+        assert configs != defaults, f"{block.where}: changes nothing of `hybrid-engine {command}`"
+        for key, value in run.items():
+            assert getattr(args, key) in (value, [value]), f"{block.where}: {key} does not reach {command}"
