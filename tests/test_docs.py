@@ -12,8 +12,10 @@ import sys
 import pytest
 from doc_blocks import blocks, by_code, pythonpath
 
+from hybrid_engine.rlhf.data import STEPS, load_file
+
 CHECKED = {"python": "run here", "bash": "test_docs_bash.py", "yaml": "test_docs_yaml.py",
-           "text": "not code: a diagram or a listing"}
+           "jsonl": "read here as data rows", "text": "not code: a diagram or a listing"}
 """Each kind of block the pages may hold, and what checks it."""
 MAX_NOT_RUN = 5
 """The README's set-up, main job, test and other-commands blocks and the benchmark commands; raise it only for a block
@@ -40,6 +42,21 @@ def test_few_blocks_are_not_run_and_each_says_why():
     for block in not_run:
         assert block.lang == "bash", f"{block.where}: only a bash block may be left unrun"
         assert len(block.not_run.split()) >= 3, f"{block.where}: the marker gives no reason"
+
+
+@pytest.mark.parametrize("block", [pytest.param(b, id=b.where) for b in blocks("jsonl")])
+def test_each_row_of_a_jsonl_block_is_read_by_a_step(tmp_path, block):
+    """A data example is rows some step reads (rlhf/data.py, formats.py); PPO reads a prompt from every kind."""
+    for number, line in enumerate(block.code.splitlines(), start=1):
+        path = tmp_path / f"row{number}.jsonl"
+        path.write_text(line + "\n", encoding="utf-8")
+        read = []
+        for step in STEPS:
+            try:
+                read.append(len(load_file(path, step, cache_dir=str(tmp_path / "cache"))) == 1 and step)
+            except ValueError:
+                pass
+        assert "ppo" in read and len([s for s in read if s]) >= 2, f"{block.where}, row {number}: read by {read}"
 
 
 @pytest.mark.slow

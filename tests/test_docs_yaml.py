@@ -1,13 +1,16 @@
 """Every YAML block of the docs is a config file the commands accept: written to a file and read as `--config FILE`
 is read (config_args.load_config_file, run_keys, the step's config), by each command whose run settings include the
-file's; each must change the command's settings, and its run settings (model, data, ...) must reach the run."""
+file's (or by the one its first line names, `# hybrid-engine ppo --config FILE`); each must change the command's
+settings, and its run settings (model, data, ...) must reach the run."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 from doc_blocks import blocks
 
-from hybrid_engine.commands import run_keys
+from hybrid_engine.commands import run_keys, trl_names
 from hybrid_engine.commands.common import step_config
 from hybrid_engine.commands.config_args import load_config_file
 from hybrid_engine.commands.main import build_parser
@@ -40,8 +43,12 @@ def test_a_yaml_block_is_a_config_the_commands_accept(tmp_path, block):
     path = tmp_path / "config.yaml"
     path.write_text(block.code, encoding="utf-8")
     values = load_config_file(path)
-    run = {str(k).replace("-", "_"): v for k, v in values.items() if str(k).replace("-", "_") in run_keys.KINDS}
-    readers = [command for command, (_, keys) in READERS.items() if set(run) <= set(keys)]
+    names = {str(k).replace("-", "_"): v for k, v in values.items()}
+    names = {trl_names.RUN.get(k, k): v[0] if k == "reward_funcs" else v for k, v in names.items()}  # TRL's names
+    run = {k: v for k, v in names.items() if k in run_keys.KINDS}
+    named = re.match(r"#\s*hybrid-engine (\w+)", block.code)  # a first line naming its command: that one alone
+    readers = [command for command, (_, keys) in READERS.items() if set(run) <= set(keys)
+               and (named is None or command == named.group(1))]
     assert readers, f"{block.where}: no command reads every run setting of {sorted(run)}"
     for command in readers:
         configs, args = settings(command, ["--config", str(path)])
