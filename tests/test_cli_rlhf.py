@@ -379,7 +379,8 @@ def test_bad_command_input_is_a_clear_error(model_dir, small_data, cache, tmp_pa
         main(["reward", "--model", str(tmp_path / "empty"), "--demo", *base])
     with pytest.raises(FileNotFoundError, match="missing.jsonl: no such data file"):
         main(["sft", "--model", str(model_dir), "--data", str(tmp_path / "missing.jsonl"), *base])
-    with pytest.raises(ValueError, match=r"c\.json: unknown key 'lrate' \(did you mean 'lr'\?\)"):
+    closest = r"c\.json: unknown key 'lrate' \(did you mean 'min_lr_rate'\?\); valid keys: .* lr,"  # lr listed
+    with pytest.raises(ValueError, match=closest):
         main(["sft", "--config", str(write(tmp_path / "c.json", {"lrate": 1})), *base])
     with pytest.raises(ValueError, match="--lora-r must be 0"):
         main(["sft", "--lora-r", "-1", *base])
