@@ -147,3 +147,30 @@ def test_sft_and_grpo_train_on_a_conversational_file(conversational):
                        tok, load_step_data(conversational, "ppo"), config, progress=False)
     assert len(result.history) == 2
     assert all(p[0] == SYSTEM and p[1]["role"] == "user" for p in seen)  # the reward function gets the messages
+
+
+def test_a_trl_reward_function_gets_messages_completion_ids_and_may_be_async(conversational):
+    """TRL's GRPOTrainer contract: conversational completions as one assistant message, completion_ids (the
+    response tokens through EOS, no padding), an `async def` function awaited; a function without **kwargs is not
+    given completion_ids."""
+    calls = []
+
+    async def trl_style(prompts, completions, completion_ids, **kwargs):
+        calls.append((prompts, completions, completion_ids))
+        return [float(len(ids)) for ids in completion_ids]
+
+    tok = tokenizer()
+    config = PPOConfig(algo="grpo", max_steps=1, batch_size=2, train_batch_size=4, num_generations=2,
+                       max_new_tokens=4, lr=1e-3)
+    result = train_ppo(ModelSources(actor=demo_llama(), reward_fn=trl_style), tok,
+                       load_step_data(conversational, "ppo"), config, progress=False)
+    prompts, completions, ids = calls[1]  # calls[0] is the held-out evaluation before training
+    assert all(p[0] == SYSTEM for p in prompts) and len(ids) == len(completions) == 4
+    for completion, row in zip(completions, ids):
+        assert completion == [assistant(tok.decode(row, skip_special_tokens=True))]
+        assert 1 <= len(row) <= 4 and tok.pad_token_id not in row[:-1]
+    assert result.history[0]["fn_score"] == pytest.approx(sum(map(len, ids)) / 4)
+    plain = []
+    train_ppo(ModelSources(actor=demo_llama(), reward_fn=lambda prompts, completions: plain.append(1) or [0.0] *
+                           len(completions)), tok, load_step_data(conversational, "ppo"), config, progress=False)
+    assert plain  # called without completion_ids, which it does not take

@@ -1,8 +1,10 @@
 """Rule-based rewards given as `module:function` (TRL's reward_funcs convention for plain functions).
 
-The function is called once per rollout batch as fn(prompts=[...], completions=[...], **fields), where
-fields are the prompt rows' other columns (one list each, aligned with the completions), and returns one
-number per completion. `module` is an importable module (`my_pkg.rewards`) or a path to a .py file.
+The function is called once per rollout batch as fn(prompts=[...], completions=[...], completion_ids=[...],
+**fields), where fields are the prompt rows' other columns (one list each, aligned with the completions), and returns
+one number per completion; conversational prompts (lists of messages) come with completions as one assistant message
+each, and an `async def` function is awaited: the arguments of TRL's GRPOTrainer. `module` is an importable module
+(`my_pkg.rewards`) or a path to a .py file.
 
 call_with_timeout runs a function in the training process (a user's function may hold models and closures) in a
 daemon thread waited for up to a timeout: one that does not return in time raises RewardTimeout and is left running
@@ -12,8 +14,11 @@ from exiting. Every rank calls it on its own share under torchrun.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import importlib
 import importlib.util
+import inspect
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -61,10 +66,26 @@ def load_reward_fn(spec: str | Callable) -> Callable:
     return fn
 
 
+def takes(fn: Callable, name: str) -> bool:
+    """Whether fn accepts a keyword argument `name` (by that name, or through **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: assume it does
+        return True
+    return any(p.kind is p.VAR_KEYWORD or (p.name == name and p.kind is not p.POSITIONAL_ONLY) for p in params)
+
+
+def _run_async(fn: Callable, **kwargs):
+    return asyncio.run(fn(**kwargs))
+
+
 def call_with_timeout(fn: Callable, timeout: float | None, kwargs: dict):
-    """fn(**kwargs), with torch's grad mode of the caller, waited for up to `timeout` seconds (None: as long as it
-    takes); RewardTimeout when it has not returned by then (the call goes on in a daemon thread, its result
-    discarded). An exception of fn is raised here."""
+    """fn(**kwargs) (an `async def` fn run to its end on an event loop of its own), with torch's grad mode of the
+    caller, waited for up to `timeout` seconds (None: as long as it takes); RewardTimeout when it has not returned by
+    then (the call goes on in a daemon thread, its result discarded). An exception of fn is raised here."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    if inspect.iscoroutinefunction(fn):
+        fn = functools.partial(_run_async, fn)
     if timeout is None:
         return fn(**kwargs)
     grad, box = torch.is_grad_enabled(), {}
@@ -76,11 +97,11 @@ def call_with_timeout(fn: Callable, timeout: float | None, kwargs: dict):
         except BaseException as e:  # raised again in the caller's thread
             box["error"] = e
 
-    thread = threading.Thread(target=run, name=f"reward-fn {getattr(fn, '__name__', fn)!s:.40}", daemon=True)
+    thread = threading.Thread(target=run, name=f"reward-fn {name:.40}", daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        raise RewardTimeout(f"{getattr(fn, '__qualname__', repr(fn))} did not return within {timeout:g} s "
+        raise RewardTimeout(f"{name} did not return within {timeout:g} s "
                             "(reward_timeout); it is left running in the background and its result discarded")
     if "error" in box:
         raise box["error"]

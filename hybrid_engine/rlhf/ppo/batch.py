@@ -18,7 +18,7 @@ import torch
 
 from hybrid_engine.generation.sampling import SamplingParams
 from hybrid_engine.rlhf import losses
-from hybrid_engine.rlhf.reward_fn import RewardTimeout, call_with_timeout
+from hybrid_engine.rlhf.reward_fn import RewardTimeout, call_with_timeout, takes
 
 
 @dataclass
@@ -100,13 +100,28 @@ def critic_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor,
 RewardFn = Callable[..., Sequence[float]]
 
 
-def call_reward_fn(fn: RewardFn, prompts: list[str], completions: list[str], extra: dict[str, list],
-                   timeout: float | None = None, nonfinite: str = "stop") -> torch.Tensor:
-    """fp64 (B,): fn(prompts=..., completions=..., **extra) checked to be one number per completion. A call that
-    has not returned after `timeout` seconds raises RewardTimeout (nonfinite "stop") or, with a warning, gives NaN
-    for every completion ("skip"), so that the step's update is skipped as for any NaN score."""
+def completion_ids(responses: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Each response's token ids (responses [B, R], mask [B, R]): its tokens up to and with its EOS, no padding, as
+    TRL's reward functions receive them."""
+    return [row[keep.bool()].tolist() for row, keep in zip(responses, mask)]
+
+
+def call_reward_fn(fn: RewardFn, prompts: list, completions: list[str], extra: dict[str, list],
+                   timeout: float | None = None, nonfinite: str = "stop",
+                   ids: list[list[int]] | None = None) -> torch.Tensor:
+    """fp64 (B,): fn(prompts=..., completions=..., completion_ids=..., **extra) checked to be one number per
+    completion, with TRL's arguments: completion_ids (the completions' tokens, when `ids` is given and fn takes them:
+    a **kwargs or a parameter of that name), and each
+    completion as one assistant message, [{"role": "assistant", "content": text}], when the prompts are
+    conversational (lists of messages). A call that has not returned after `timeout` seconds raises RewardTimeout
+    (nonfinite "stop") or, with a warning, gives NaN for every completion ("skip"), so that the step's update is
+    skipped as for any NaN score."""
+    if prompts and isinstance(prompts[0], list):
+        completions = [[{"role": "assistant", "content": c}] for c in completions]
+    ids = None if ids is None or not takes(fn, "completion_ids") else {"completion_ids": ids}
+    given = dict(prompts=prompts, completions=completions, **(ids or {}), **extra)
     try:
-        out = call_with_timeout(fn, timeout, dict(prompts=prompts, completions=completions, **extra))
+        out = call_with_timeout(fn, timeout, given)
     except RewardTimeout as e:
         if nonfinite == "stop":
             raise

@@ -44,7 +44,8 @@ def evaluate_policy(models: Models, held_out: Prompts, tokenizer, config: PPOCon
             for measure, values in ((models.reward_fn, fn), (eval_fn, rule)):
                 if measure is not None:
                     values.append(xp.call_reward_fn(measure, prompts, completions, extra, config.reward_timeout,
-                                                    config.nonfinite))
+                                                    config.nonfinite,
+                                                    xp.completion_ids(out.sequences[:, start:], out.response_mask)))
     return PolicyEval(reward=_mean(rm), rule=_mean(rule), kl=xp.mean(torch.cat(kl)),
                       response_len=xp.mean(torch.cat(lengths)), reward_fn=_mean(fn))
 

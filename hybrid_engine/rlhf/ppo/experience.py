@@ -96,7 +96,8 @@ def sequence_scores(models: Models, ro: xp.Rollout, prompts: list[str], completi
         parts.append(rm)
         figures["rm_score"] = xp.mean(rm)
     if models.reward_fn is not None:
-        fn = xp.call_reward_fn(models.reward_fn, prompts, completions, extra, config.reward_timeout, config.nonfinite)
+        fn = xp.call_reward_fn(models.reward_fn, prompts, completions, extra, config.reward_timeout, config.nonfinite,
+                               xp.completion_ids(ro.sequences[:, ro.start:], ro.mask))
         parts.append(config.reward_fn_weight * fn)
         figures["fn_score"] = xp.mean(fn)
     return torch.stack(parts).sum(0).float(), figures
