@@ -261,7 +261,8 @@ def measure(prompts, completions, answer, level):
 
 def test_reward_and_eval_functions_receive_every_column_of_the_rows(sft_dir, cache, tmp_path):
     """A row {"prompt": ..., "answer": 7, "level": ...} reaches --reward-fn and --eval-fn with answer=[..., 7, ...]
-    (an int, as in the file) and level=[...], each aligned with its prompt."""
+    (an int, as in the file) and level=[...], each aligned with its prompt; completion_ids only a function that
+    takes them."""
     lines = (DEMO_DIR / "ppo.jsonl").read_text().splitlines()[:24]
     rows = [{**json.loads(line), "answer": i, "level": ["easy", "hard"][i % 2]} for i, line in enumerate(lines)]
     data = tmp_path / "answers.jsonl"
@@ -275,7 +276,9 @@ def test_reward_and_eval_functions_receive_every_column_of_the_rows(sft_dir, cac
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     by_prompt = {r["prompt"]: r for r in rows}
     assert {c["fn"] for c in calls} == {"score", "measure"}
-    for call in calls:
+    for call in calls:  # score's **fields also take TRL's completion_ids; measure, without **, is not given them
+        ids = call["fields"].pop("completion_ids", None)
+        assert (ids is None) == (call["fn"] == "measure") and (ids is None or len(ids) == len(call["prompts"]))
         assert set(call["fields"]) == {"answer", "level"}, call["fn"]
         assert call["fields"]["answer"] == [by_prompt[p]["answer"] for p in call["prompts"]]
         assert call["fields"]["level"] == [by_prompt[p]["level"] for p in call["prompts"]]
