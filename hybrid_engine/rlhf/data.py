@@ -186,7 +186,13 @@ def check_columns(path: str | Path, step: str, fields: Sequence[str], columns: S
         have = ", ".join(repr(c) for c in columns) or "none"
         raise ValueError(f"{path}: no {' or '.join(repr(f) for f in missing)} column; the {step} step reads "
                          f"{READS[step]}, the file has {have}")
-    if step == "ppo" and (clash := [c for c in columns if c in RESERVED]):
+    if step == "ppo":
+        check_reserved(path, columns)
+
+
+def check_reserved(path: str | Path, columns: Sequence[str]) -> None:
+    """A one-line ValueError when a PPO file has a column named as one of the reward function's own arguments."""
+    if clash := [c for c in columns if c in RESERVED]:
         raise ValueError(f"{path}: a column may not be named {clash[0]!r}: the reward function takes its other "
                          f"columns as keyword arguments beside {' and '.join(RESERVED)}; rename it")
 
@@ -332,9 +338,8 @@ def _converted(path: str | Path, rows: Sequence[tuple[int, Any]], step: str
     """A file in one of TRL's formats, converted row by row into the step's columns (formats.convert)."""
     converted = formats.convert(path, rows, step)
     keep = list(dict.fromkeys(k for _, row in converted for k in row))
-    if step == "ppo" and (clash := [c for c in keep if c in RESERVED]):
-        raise ValueError(f"{path}: a column may not be named {clash[0]!r}: the reward function takes its other "
-                         f"columns as keyword arguments beside {' and '.join(RESERVED)}; rename it")
+    if step == "ppo":
+        check_reserved(path, keep)
     return _from_rows(path, converted, keep), FIELDS[step]
 
 
@@ -379,12 +384,12 @@ def load_file(path: str | Path, step: str, cache_dir: str | None = None) -> data
 def same_prompt_kind(files: Sequence[datasets.Dataset]) -> list[datasets.Dataset]:
     """Files whose prompts are all strings or all conversational, so that they blend: beside a conversational file,
     a string prompt becomes the one user message the chat template would have made of it (tokens.format_prompt)."""
-    if all(isinstance(ds.features["prompt"], datasets.Value) for ds in files) or not any(
-            isinstance(ds.features["prompt"], datasets.Value) for ds in files):
+    strings = [isinstance(ds.features["prompt"], datasets.Value) for ds in files]
+    if all(strings) or not any(strings):
         return list(files)
     out = []
-    for ds in files:
-        if isinstance(ds.features["prompt"], datasets.Value):
+    for ds, string in zip(files, strings):
+        if string:
             features = datasets.Features({**ds.features, "prompt": MESSAGES})
             ds = ds.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]}, features=features)
         out.append(ds)
