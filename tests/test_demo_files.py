@@ -45,6 +45,8 @@ def test_the_rules_file_is_a_reward_function_of_the_demo_preference(written):
     score = load_reward_fn(f"{written / 'my_rules.py'}:score")
     assert score(prompts=["a", "b", "c"], completions=["a lovely warm day", "a gloomy day", "a lovely gloomy day"],
                  answer=[1, 2, 3]) == [1.0, 0.0, 0.5]
+    brevity = load_reward_fn(f"{written / 'my_rules.py'}:brevity")
+    assert brevity(prompts=["a", "b"], completions=["a lovely day", " "], answer=[1, 2]) == [1 / 3, None]
 
 
 def test_it_names_each_entry_and_the_flag_that_reads_it(tmp_path, capsys):

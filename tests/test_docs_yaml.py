@@ -44,7 +44,7 @@ def test_a_yaml_block_is_a_config_the_commands_accept(tmp_path, block):
     path.write_text(block.code, encoding="utf-8")
     values = load_config_file(path)
     names = {str(k).replace("-", "_"): v for k, v in values.items()}
-    names = {trl_names.RUN.get(k, k): v[0] if k == "reward_funcs" else v for k, v in names.items()}  # TRL's names
+    names = {trl_names.RUN.get(k, k): v for k, v in names.items()}  # TRL's names
     run = {k: v for k, v in names.items() if k in run_keys.KINDS}
     named = re.match(r"#\s*hybrid-engine (\w+)", block.code)  # a first line naming its command: that one alone
     readers = [command for command, (_, keys) in READERS.items() if set(run) <= set(keys)

@@ -455,9 +455,12 @@ def test_a_bad_reward_function_spec_fails_before_training(data, rm):
 
 
 @pytest.mark.parametrize("fn, match", [
-    (lambda prompts, completions, **f: [1.0], r"returned 1 values for 6 completions"),  # the 6 held-out ones, first
-    (lambda prompts, completions, **f: None, r"must return one number per completion, got None"),
-    (lambda prompts, completions, **f: ["high"] * len(completions), r"one number per completion"),
+    (lambda prompts, completions, **f: [1.0], r"<lambda>: returned 1 values for 6 completions"),  # the 6 held-out
+    (lambda prompts, completions, **f: None, r"<lambda>: must return a list of one number \(or None\) per "
+     r"completion, got NoneType None"),
+    (lambda prompts, completions, **f: ["high"] * len(completions), r"<lambda>: completion 0 \(prompt '.*'\) got "
+     r"str 'high', not a number or None"),
+    (lambda prompts, completions, **f: ["0.5"] * len(completions), r"got str '0.5', not a number"),
 ])
 def test_a_reward_function_of_the_wrong_output_is_refused(data, rm, fn, match):
     with pytest.raises(ValueError, match=match):
@@ -490,6 +493,7 @@ def test_a_nan_score_skips_its_step_and_trains_on(data, rm):
     assert result.steps == 3 and result.skipped == 1
     first, nan_step, third = result.history
     assert nan_step["skipped"] == 1 and math.isnan(nan_step["score"]) and "policy_loss" not in nan_step
+    assert nan_step["skip_reason"].startswith("the scores (reward function fn returned nan for completion 1 (prompt")
     assert first["skipped"] == third["skipped"] == 0 and math.isfinite(third["policy_loss"])
     assert same_weights(snapshots[1], snapshots[0])  # the skipped step changed nothing
     assert not same_weights(snapshots[2], snapshots[1])  # the next one trained
@@ -497,7 +501,8 @@ def test_a_nan_score_skips_its_step_and_trains_on(data, rm):
 
 
 def test_a_nan_score_stops_the_run_when_asked(data, rm):
-    with pytest.raises(NonFiniteError, match=r"PPO step 2: the scores or advantages hold NaN or inf"):
+    with pytest.raises(NonFiniteError, match=r"PPO step 2: the scores \(reward function fn returned nan for "
+                       r"completion 1 \(prompt '.+'\)\) hold NaN or inf"):
         run(data, config(nonfinite="stop"), rm, reward_fn=nan_on_call(3))
 
 

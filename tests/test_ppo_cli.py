@@ -158,7 +158,7 @@ def test_ppo_writes_the_model_critic_metrics_plot_and_summary(sft_dir, rm_dir, c
     assert len(summary["history"]) == 2 and summary["logprob_source"] == "generation"
     assert summary["config"]["batch_size"] == 4 and summary["config"]["max_new_tokens"] == 8
     assert summary["config"]["algo"] == "ppo" and summary["eval_rows"] == 200  # the demo's held-out prompts
-    assert set(summary["after"]) == {"reward", "rule", "kl", "response_len", "reward_fn"}
+    assert set(summary["after"]) == {"reward", "rule", "kl", "response_len", "reward_fn", "reward_fns"}
     assert summary["after"]["reward_fn"] is None  # no --reward-fn
     assert summary["before"]["rule"] == evals[0]["rule"] and summary["after"]["rule"] == evals[-1]["rule"]
 
@@ -244,8 +244,9 @@ LOG = {log!r}
 
 
 def _record(name, prompts, completions, fields):
+    trl = {{k: type(fields.pop(k)).__name__ for k in ("trainer_state", "log_metric", "log_extra") if k in fields}}
     with open(LOG, "a") as f:
-        f.write(json.dumps({{"fn": name, "prompts": prompts, "fields": fields}}) + "\\n")
+        f.write(json.dumps({{"fn": name, "prompts": prompts, "fields": fields, "trl": trl}}) + "\\n")
 
 
 def score(prompts, completions, **fields):
@@ -276,9 +277,11 @@ def test_reward_and_eval_functions_receive_every_column_of_the_rows(sft_dir, cac
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     by_prompt = {r["prompt"]: r for r in rows}
     assert {c["fn"] for c in calls} == {"score", "measure"}
-    for call in calls:  # score's **fields also take TRL's completion_ids; measure, without **, is not given them
-        ids = call["fields"].pop("completion_ids", None)
+    for call in calls:  # score's **fields also take TRL's completion_ids, trainer_state, log_metric and log_extra;
+        ids = call["fields"].pop("completion_ids", None)  # measure, without **, is not given them
         assert (ids is None) == (call["fn"] == "measure") and (ids is None or len(ids) == len(call["prompts"]))
+        assert call["trl"] == ({} if call["fn"] == "measure" else
+                               {"trainer_state": "TrainerState", "log_metric": "method", "log_extra": "method"})
         assert set(call["fields"]) == {"answer", "level"}, call["fn"]
         assert call["fields"]["answer"] == [by_prompt[p]["answer"] for p in call["prompts"]]
         assert call["fields"]["level"] == [by_prompt[p]["level"] for p in call["prompts"]]
@@ -287,16 +290,15 @@ def test_reward_and_eval_functions_receive_every_column_of_the_rows(sft_dir, cac
 
 
 @pytest.mark.parametrize("command", ["ppo", "train"])
-@pytest.mark.parametrize("flag", ["--reward-fn", "--eval-fn"])
-def test_a_second_reward_or_eval_function_is_refused(command, flag, capsys):
+def test_a_second_eval_function_is_refused_and_reward_functions_add_up(command, capsys):
     with pytest.raises(SystemExit) as e:
-        main([command, flag, "a.py:one", flag, "b.py:two"])
+        main([command, "--eval-fn", "a.py:one", "--eval-fn", "b.py:two"])
     assert e.value.code == 2
-    named = f"{flag}/--reward_funcs" if (command, flag) == ("ppo", "--reward-fn") else flag  # and TRL's name
-    assert (f"error: argument {named}: given twice (a.py:one and b.py:two); one function per run: write one that "
-            "combines the rules") in capsys.readouterr().err
-    args = build_parser().parse_args([command, flag, "a.py:one"])
-    assert getattr(args, flag[2:].replace("-", "_")) == "a.py:one"
+    assert ("error: argument --eval-fn: given twice (a.py:one and b.py:two); a run has one eval function: write one "
+            "that combines the measures") in capsys.readouterr().err
+    assert build_parser().parse_args([command, "--eval-fn", "a.py:one"]).eval_fn == "a.py:one"
+    args = build_parser().parse_args([command, "--reward-fn", "a.py:one", "--reward-fn", "b.py:two", "c.py:three"])
+    assert args.reward_fn == ["a.py:one", "b.py:two", "c.py:three"]  # repeated, or several after one flag (TRL)
 
 
 # -- train --set ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from demo_models import demo_llama, demo_rows, tokenizer
 from hybrid_engine.commands.main import build_parser
 from hybrid_engine.rlhf.distributed import all_finite
 from hybrid_engine.rlhf.ppo import ModelSources, PPOConfig, train_ppo
-from hybrid_engine.rlhf.ppo.batch import call_reward_fn
+from hybrid_engine.rlhf.ppo.rewards import RewardFunctions, call_functions
 from hybrid_engine.rlhf.reward_fn import RewardTimeout, call_with_timeout
 
 RELEASE = threading.Event()
@@ -51,8 +51,10 @@ def test_a_call_that_hangs_is_given_up_after_the_timeout():
 
 def test_skip_turns_a_timed_out_batch_into_nan_scores():
     with pytest.warns(RuntimeWarning, match=r"its values are NaN for this batch"):
-        values = call_reward_fn(hang, ["p", "q"], ["a", "b"], {}, timeout=0.2, nonfinite="skip")
-    assert values.dtype == torch.float64 and values.shape == (2,) and values.isnan().all()
+        scores = call_functions(RewardFunctions.load(hang), ["p", "q"], ["a", "b"], {}, timeout=0.2, nonfinite="skip")
+    # NaN as numbers the function gave (not None, "does not apply"): the step's update is skipped
+    assert scores.values.dtype == torch.float64 and scores.values.shape == (2, 1) and scores.values.isnan().all()
+    assert scores.applies.all() and scores.combined.isnan().all()
 
 
 def test_reward_timeout_is_a_flag_and_a_checked_setting():
@@ -98,7 +100,7 @@ def test_ppo_stops_when_asked(cache):
 def _rank(rank: int, path: str, out) -> None:
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
     fn = hang if rank == 1 else (lambda prompts, completions: [1.0] * len(completions))
-    values = call_reward_fn(fn, ["p"], ["a"], {}, timeout=0.5, nonfinite="skip")
+    values = call_functions(RewardFunctions.load(fn), ["p"], ["a"], {}, timeout=0.5, nonfinite="skip").combined
     out.put((rank, all_finite(values)))  # a collective: both ranks reach it, and agree to skip
     dist.destroy_process_group()
 

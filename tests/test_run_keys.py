@@ -52,7 +52,7 @@ def test_ppo_reads_its_reward_model_and_functions(tmp_path):
                                   "no_reward_model": True, "critic": "c", "reference": "r", "ptx_data": "p.jsonl"})
     args = parsed("ppo", "--config", path)
     step_config(args, PPOConfig, "ppo", run_keys.PPO)
-    assert (args.reward_model, args.reward_fn, args.eval_fn) == ("rm", "rules.py:score", "rules.py:exact")
+    assert (args.reward_model, args.reward_fn, args.eval_fn) == ("rm", ["rules.py:score"], "rules.py:exact")
     assert args.no_reward_model is True and (args.critic, args.reference, args.ptx_data) == ("c", "r", ["p.jsonl"])
 
 
@@ -61,7 +61,7 @@ def test_train_reads_its_run_settings_over_the_packaged_sections(tmp_path):
                                   "ppo": {"max_steps": 4}})
     args = parsed("train", "--config", path, "--set", "eval_fn=r.py:g")
     configs = step_configs(args)
-    assert (args.data, args.data_split, args.reward_fn, args.eval_fn) == (["x.jsonl"], "1,1,1", "r.py:f", "r.py:g")
+    assert (args.data, args.data_split, args.reward_fn, args.eval_fn) == (["x.jsonl"], "1,1,1", ["r.py:f"], "r.py:g")
     assert configs["ppo"].max_steps == 4
 
 

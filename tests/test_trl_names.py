@@ -58,7 +58,7 @@ def test_trl_flags_set_our_settings():
                      num_generations=4, max_steps=3, schedule="cosine", bf16_autocast=True, algo="grpo",
                      output_dir="o")
     assert config == ours
-    assert (args.model, args.data, args.output, args.reward_fn) == ("m", ["d.jsonl"], "o", "f.py:g")
+    assert (args.model, args.data, args.output, args.reward_fn) == ("m", ["d.jsonl"], "o", ["f.py:g"])
     sft = step_config(parsed("sft", "--per_device_train_batch_size", "4", "--num_train_epochs", "2"), SFTConfig,
                       "sft")
     assert (sft.batch_size, sft.epochs) == (4, 2)  # the SFT step's batch is TRL's per-device batch
@@ -76,7 +76,8 @@ def test_a_trl_flag_without_a_meaning_is_refused_saying_why(capsys, argv, messag
 
 def test_a_trl_grpo_yaml_loads(tmp_path):
     path = config_file(tmp_path, {
-        "model_name_or_path": "m", "dataset_name": "prompts.jsonl", "reward_funcs": ["rules.py:score"],
+        "model_name_or_path": "m", "dataset_name": "prompts.jsonl",
+        "reward_funcs": ["rules.py:score", "rules.py:brevity"], "reward_weights": [1.0, 0.5],
         "output_dir": "out/grpo", "learning_rate": 1.0e-6, "per_device_train_batch_size": 16, "num_generations": 8,
         "max_completion_length": 64, "beta": 0.0, "num_train_epochs": 1, "lr_scheduler_type": "constant_with_warmup",
         "warmup_steps": 5, "gradient_accumulation_steps": 1, "logging_steps": 1, "seed": 7, "save_steps": 50,
@@ -85,15 +86,15 @@ def test_a_trl_grpo_yaml_loads(tmp_path):
     config = step_config(args, PPOConfig, "ppo", ("model", "data", "reward_fn"))
     assert config == PPOConfig(lr=1e-6, train_batch_size=16, num_generations=8, max_new_tokens=64, kl_coef=0.0,
                                epochs=1, schedule="constant_with_warmup", warmup_steps=5, seed=7, checkpoint_every=50,
-                               algo="grpo", output_dir="out/grpo")
-    assert (args.model, args.data, args.reward_fn) == ("m", ["prompts.jsonl"], "rules.py:score")
+                               algo="grpo", output_dir="out/grpo", reward_weights=(1.0, 0.5))
+    assert (args.model, args.data, args.reward_fn) == ("m", ["prompts.jsonl"], ["rules.py:score", "rules.py:brevity"])
 
 
 @pytest.mark.parametrize("values, message", [
     ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps 2 .TRL's.: there is no gradient accumulation"),
-    ({"reward_weights": [1.0, 0.5]}, "reward_weights .TRL's. has no meaning here: a run takes one reward function"),
+    ({"reward_weights": 0.5}, r"'reward_weights' must be a list of float or null, got float 0.5"),
     ({"lr": 1e-5, "learning_rate": 1e-5}, "'learning_rate' and 'lr' are one setting .TRL's name and ours."),
-    ({"reward_funcs": ["a.py:f", "b.py:g"]}, "reward_funcs lists 2 functions; a run takes one"),
+    ({"reward_funcs": ["a.py:f", 3]}, r"'reward_fn' must be a function or a list of functions, got \['a.py:f', 3\]"),
     ({"loss_type": "dapo"}, "unknown key 'loss_type'")])
 def test_a_trl_key_without_a_meaning_is_refused_by_name(tmp_path, values, message):
     args = parsed("ppo", "--config", config_file(tmp_path, values))

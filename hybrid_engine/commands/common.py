@@ -148,8 +148,8 @@ class Once(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         first = getattr(namespace, self.dest, None)
         if first is not None:
-            raise argparse.ArgumentError(self, f"given twice ({first} and {values}); one function per run: write "
-                                         "one that combines the rules")
+            raise argparse.ArgumentError(self, f"given twice ({first} and {values}); a run has one eval function: "
+                                         "write one that combines the measures")
         setattr(namespace, self.dest, values)
 
 

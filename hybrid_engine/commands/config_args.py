@@ -15,10 +15,11 @@ A config file is a mapping, either flat or with one section per command:
     reward:
       lr: 1.0e-5
 
-Types are int, float, str, bool, torch.dtype, `X | None` (the flag takes the literal `none`; the file takes null)
-and nested dataclasses. A float field also takes a string that float() reads, because YAML 1.1 reads `1e-3`
-(no dot) as a string. A torch.dtype field takes a dtype's name ("bf16"), which the dataclass itself parses
-(model/dtypes.py), so a name is checked once, against its setting's one allowed set.
+Types are int, float, str, bool, torch.dtype, `tuple[X, ...]` of one of those (the flag takes one or more values,
+the file a list), `X | None` (the flag takes the literal `none`; the file takes null) and nested dataclasses. A
+float field also takes a string that float() reads, because YAML 1.1 reads `1e-3` (no dot) as a string. A
+torch.dtype field takes a dtype's name ("bf16"), which the dataclass itself parses (model/dtypes.py), so a name is
+checked once, against its setting's one allowed set.
 
 A config class may name settings it has renamed, `RENAMED = {old flat name: new flat name}`: the old flag and
 the old file key still work, with a warning. TRL's names (trl_names.py) work too, as flags and file keys, and every
@@ -68,6 +69,8 @@ class FlatField:
     """The dataclass default."""
     doc: str
     """The field's attribute docstring ("" when it has none)."""
+    many: bool = False
+    """The type is `tuple[kind, ...]`: the flag takes one or more values, the file a list."""
 
     @property
     def flag(self) -> str:
@@ -76,6 +79,7 @@ class FlatField:
     @property
     def type_name(self) -> str:
         name = "a dtype name such as 'bf16'" if self.kind is torch.dtype else self.kind.__name__
+        name = f"a list of {name}" if self.many else name
         return name + (" or null" if self.optional else "")
 
 
@@ -129,6 +133,12 @@ def _unpack(hint: Any, where: str) -> tuple[Any, bool]:
     return hint, False
 
 
+def _item(hint: Any) -> Any:
+    """X of `tuple[X, ...]`; None for any other type."""
+    args = typing.get_args(hint)
+    return args[0] if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis else None
+
+
 def _default(field: dataclasses.Field) -> Any:
     if field.default is not dataclasses.MISSING:
         return field.default
@@ -148,8 +158,10 @@ def flat_fields(cls: type, skip: Iterable[str] = (), prefix: tuple[str, ...] = (
         kind, optional = _unpack(hints[f.name], f"{cls.__name__}.{f.name}")
         if dataclasses.is_dataclass(kind) and not optional:
             out += flat_fields(kind, skip, prefix + (f.name,))
-        elif kind in SCALARS:
-            out.append(FlatField(f.name, prefix + (f.name,), kind, optional, _default(f), docs[f.name]))
+        elif kind in SCALARS or _item(kind) in SCALARS:
+            many = _item(kind) is not None
+            out.append(FlatField(f.name, prefix + (f.name,), _item(kind) if many else kind, optional, _default(f),
+                                 docs[f.name], many))
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported field type {hints[f.name]}")
     seen: dict[str, FlatField] = {}
@@ -188,7 +200,13 @@ def _parse_bool(text: str) -> bool:
 
 
 def _help(leaf: FlatField) -> str:
-    default = "none" if leaf.default is None else dtype_name(leaf.default) if leaf.kind is torch.dtype else leaf.default
+    default = leaf.default
+    if default is None:
+        default = "none"
+    elif leaf.many:
+        default = " ".join(map(str, default))
+    elif leaf.kind is torch.dtype:
+        default = dtype_name(default)
     text = f"{leaf.doc} (default: {default})" if leaf.doc else f"(default: {default})"
     return text.replace("%", "%%")
 
@@ -220,10 +238,22 @@ def _add_flag(parser, leaf: FlatField, flags: list[str], help: str) -> None:
     if leaf.kind is bool and not leaf.optional:
         parser.add_argument(*flags, dest=leaf.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                             help=help)
+    elif leaf.many:
+        parser.add_argument(*flags, dest=leaf.name, type=_parse_value(leaf), nargs="+", action=_Values,
+                            metavar=_kind_name(leaf.kind).upper(), default=argparse.SUPPRESS, help=help)
     else:
         metavar = _kind_name(leaf.kind).upper() + ("|none" if leaf.optional else "")
         parser.add_argument(*flags, dest=leaf.name, type=_parse_value(leaf), metavar=metavar,
                             default=argparse.SUPPRESS, help=help)
+
+
+class _Values(argparse.Action):
+    """A list flag's values as a tuple; `none` alone (an optional field) is None."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if None in values and len(values) > 1:
+            raise argparse.ArgumentError(self, "'none' stands alone: no list, or a list of values")
+        setattr(namespace, self.dest, None if None in values else tuple(values))
 
 
 class _TRLFlag(argparse.Action):
@@ -289,9 +319,15 @@ def load_config_file(path) -> ConfigValues:
 
 
 def _check_value(leaf: FlatField, value: Any, where: str) -> Any:
-    """A file's value for `leaf`, type-checked (an int for a float field becomes a float)."""
+    """A file's value for `leaf`, type-checked (an int for a float field becomes a float; a list field's value is a
+    list, each item checked)."""
     if value is None and leaf.optional:
         return None
+    if leaf.many:
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{where} must be {leaf.type_name}, got {type(value).__name__} {value!r}")
+        item = dataclasses.replace(leaf, many=False, optional=False)
+        return tuple(_check_value(item, v, f"{where}, item {i}") for i, v in enumerate(value))
     ok = isinstance(value, leaf.kind) and not (leaf.kind is not bool and isinstance(value, bool))
     if leaf.kind is torch.dtype:
         ok = isinstance(value, str)  # a name, parsed by the config dataclass

@@ -5,7 +5,7 @@ task into a folder, to read, copy and train on.
 
 model/ is a fresh demo model (rlhf.demo.DEMO_MODEL, random weights) saved with save_pretrained beside the demo
 tokenizer; rows.jsonl, pairs.jsonl and prompts.jsonl are the first --rows rows of the demo's sft, reward and ppo
-files (the rows `sft`, `reward` and `ppo` read); my_rules.py is a reward function of the --reward-fn form.
+files (the rows `sft`, `reward` and `ppo` read); my_rules.py holds two reward functions of the --reward-fn form.
 """
 
 from __future__ import annotations
@@ -18,22 +18,28 @@ from hybrid_engine.rlhf.demo import DEMO_DIR, demo_model, demo_tokenizer
 
 DATA_FILES = {"rows.jsonl": "sft", "pairs.jsonl": "reward", "prompts.jsonl": "ppo"}
 """Each example data file and the demo file (of the step that reads it) whose first rows it holds."""
-RULES = '''"""A reward function for `--reward-fn my_rules.py:score` (or `--eval-fn`). It is called once per rollout
-batch with the prompts, their completions and the prompt rows' other columns (one list each) as keyword arguments,
-and returns one number per completion. This one scores the demo task's hidden preference: the share of a
-completion's sentiment words that are positive."""
+RULES = '''"""Reward functions for `--reward-fn my_rules.py:score` (or `--eval-fn`), of TRL's GRPOTrainer form: called
+once per rollout batch with the prompts, their completions and the prompt rows' other columns (one list each) as
+keyword arguments, each returns one number per completion, or None where it does not apply. `score` scores the demo
+task's hidden preference: the share of a completion's sentiment words that are positive. `brevity` prefers short
+answers and does not apply to an empty one; give both with weights:
+`--reward-fn my_rules.py:score my_rules.py:brevity --reward-weights 1.0 0.5`."""
 
 from hybrid_engine.rlhf.demo import rule_score
 
 
 def score(prompts, completions, **fields):
     return [rule_score(prompt, completion) for prompt, completion in zip(prompts, completions)]
+
+
+def brevity(completions, **fields):
+    return [1.0 / len(c.split()) if c.split() else None for c in completions]
 '''
 WHAT = {"model/": "a fresh demo model (random weights) and its tokenizer: --model {}",
         "rows.jsonl": "{n} (prompt, response) rows: hybrid-engine sft --data {}",
         "pairs.jsonl": "{n} (prompt, chosen, rejected) rows: hybrid-engine reward --data {}",
         "prompts.jsonl": "{n} (prompt) rows: hybrid-engine ppo --data {}",
-        "my_rules.py": "a reward function: hybrid-engine ppo --reward-fn {}:score"}
+        "my_rules.py": "reward functions: hybrid-engine ppo --reward-fn {0}:score {0}:brevity"}
 """What each written entry is and the flag that reads it, for the command's report."""
 
 

@@ -4,8 +4,8 @@
     hybrid-engine ppo --algo grpo --num-generations 4 --reward-fn my_rules.py:score --data prompts.jsonl
     hybrid-engine ppo --model out/sft --reward-model out/reward --demo    # the built-in demo task's prompts
 
-Each --data file is PPO's alone unless --data-split gives it a share; every column of its rows reaches --reward-fn
-and --eval-fn as a keyword argument.
+Each --data file is PPO's alone unless --data-split gives it a share; every column of its rows reaches each --reward-fn
+and the --eval-fn as a keyword argument.
 
 Writes to the output directory: the trained actor (save_pretrained, with its tokenizer), critic/ (PPO),
 ema/ (with --ema-beta), metrics.jsonl (one record per step and per evaluation), tensorboard/, ppo.png (the
@@ -27,6 +27,7 @@ from hybrid_engine.rlhf.demo import rule_score_batch
 from hybrid_engine.rlhf.distributed import is_main_rank
 from hybrid_engine.rlhf.loop import evals_json
 from hybrid_engine.rlhf.ppo import ModelSources, PPOConfig, train_ppo
+from hybrid_engine.rlhf.ppo.rewards import RewardFunctions
 from hybrid_engine.rlhf.reward_fn import load_reward_fn
 
 DEFAULT_MODEL = "out/sft"
@@ -49,11 +50,12 @@ def add_ppo_command(subparsers) -> None:
     models.add_argument("--critic", metavar="DIR", help="where PPO's critic starts (default: the reward model)")
     models.add_argument("--reference", metavar="DIR", help="the frozen policy of the KL term (default: --model as "
                         "it was before training)")
-    models.add_argument("--reward-fn", *trl_names.flags("reward_fn"), metavar="MODULE:FUNCTION", action=common.Once,
-                        help="a rule-based reward, "
-                        "fn(prompts, completions, **row fields) -> one number each, added to the reward model's score "
-                        "(times --reward-fn-weight); the row fields are every other column of the --data rows. "
-                        "MODULE is importable or a .py file; given once")
+    models.add_argument("--reward-fn", *trl_names.flags("reward_fn"), metavar="MODULE:FUNCTION", action="extend",
+                        nargs="+", help="a rule-based reward, fn(prompts, completions, **row fields) -> one number "
+                        "(or None: does not apply) each, TRL's reward function; the row fields are every other column "
+                        "of the --data rows. MODULE is importable or a .py file (or give package.module.function). "
+                        "Give or repeat several, weighted by --reward-weights; their weighted sum is added to the "
+                        "reward model's score (times --reward-fn-weight)")
     models.add_argument("--eval-fn", metavar="MODULE:FUNCTION", action=common.Once, help="a held-out measure of the "
                         "same form, reported and plotted, never trained on (default with --demo: its rule_score); "
                         "given once")
@@ -70,18 +72,27 @@ def _model_dir(given: str | None, default: str, flag: str, step: str, reward_ok:
     return str(check_model_dir(given or default, flag, reward_ok=reward_ok))
 
 
-def check_reward_flags(args: argparse.Namespace, config: PPOConfig) -> tuple[object | None, object | None]:
-    """The flags about rewards checked together, before any directory is looked at: (the reward function or None,
-    the eval function or None), both loaded (their files run) so that a bad one fails before any work."""
+def check_reward_flags(args: argparse.Namespace, config: PPOConfig) -> tuple[list | None, object | None]:
+    """The flags about rewards checked together, before any directory is looked at: (the reward functions or None,
+    the eval function or None), all loaded (their files run) so that a bad one fails before any work."""
     if args.critic is not None and config.algo != "ppo":
         raise ValueError(f"--critic {args.critic}: {config.algo} has no critic (only --algo ppo trains one)")
     if args.no_reward_model and args.reward_model:
         raise ValueError(f"--reward-model {args.reward_model} and --no-reward-model exclude each other: give one")
     if args.no_reward_model and not args.reward_fn:
         raise ValueError("--no-reward-model needs --reward-fn: PPO needs a reward")
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    reward_fns = reward_functions(args.reward_fn, config)
     eval_fn = load_reward_fn(args.eval_fn) if args.eval_fn else (rule_score_batch if args.demo else None)
-    return reward_fn, eval_fn
+    return reward_fns, eval_fn
+
+
+def reward_functions(specs: list[str] | None, config: PPOConfig) -> list | None:
+    """The --reward-fn functions loaded (their files run), checked against --reward-weights; None for none."""
+    if not specs and config.reward_weights is not None:
+        raise ValueError(f"--reward-weights {' '.join(map(str, config.reward_weights))}: there is no --reward-fn "
+                         "to weight")
+    loaded = RewardFunctions.load(specs, config.reward_weights)
+    return None if loaded is None else list(loaded.fns)
 
 
 def reward_model_dir(args: argparse.Namespace) -> str | None:
@@ -166,6 +177,12 @@ RM_OWN_TOKENIZER = "its own tokenizer's: each rollout decoded and re-encoded for
 """The summary's note when the reward model's tokenizer differs from the policy's."""
 
 
+def _function_rows(before, after) -> list[tuple[str, str]]:
+    """With several reward functions, each one's held-out mean before and after."""
+    b, a = (getattr(e, "reward_fns", None) or {} for e in (before, after))
+    return [(f"  reward function {name}", common.before_after(b.get(name), a.get(name), ".3f")) for name in a or b]
+
+
 def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
     """The summary table's rows and summary.json's figures of a PPOResult."""
     before, after = result.before, result.after
@@ -182,6 +199,7 @@ def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
     rows = [("steps", f"{result.steps} ({result.skipped} updates skipped for NaN/inf)"),
             ("stopped by", result.stop_reason),
             *[(label, held_out(name)) for label, name in scores if measured(name)],
+            *_function_rows(before, after),
             ("held-out KL to reference", held_out("kl") + " nats per response"),
             ("held-out response length", held_out("response_len", ".1f") + " tokens"),
             ("old log-probs", logprob_note(result.history, result.logprob_source)),

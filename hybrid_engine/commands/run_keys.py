@@ -3,11 +3,12 @@
     model: out/sft                       # the flags' names, snake_case or kebab-case, at the top level
     data: [rows.jsonl, more.jsonl:0.5]   # a path, or a list of them (PATH[:WEIGHT], as --data takes)
     reward_model: out/reward
-    reward_fn: my_rules.py:score
+    reward_fn: [my_rules.py:score, my_rules.py:brevity]   # one function, or a list
     ppo:
+      reward_weights: [1.0, 0.5]
       max_steps: 20
 
-TRL's names are read too: model_name_or_path, dataset_name, reward_funcs (a list of one function).
+TRL's names are read too: model_name_or_path, dataset_name, reward_funcs, reward_model_name_or_path.
 Each is the value of the flag of the same name when that flag is not given: an explicit flag wins over the file.
 Paths are read as the flags' are, from the working directory. They are top-level keys only: a run has one model and
 one data set, whichever steps it runs (a run setting inside a step's section is refused, saying so).
@@ -24,7 +25,7 @@ from hybrid_engine.commands.config_args import SECTIONS, ConfigValues
 KINDS: dict[str, type] = {
     "model": str, "tokenizer": str, "data": list, "demo": bool, "data_split": str, "eval_fraction": float,
     "cache_dir": str, "ds_config": str, "reward_model": str, "no_reward_model": bool, "critic": str,
-    "reference": str, "reward_fn": str, "eval_fn": str, "ptx_data": list,
+    "reference": str, "reward_fn": list, "eval_fn": str, "ptx_data": list,
 }
 """Every run setting a config file may hold, with its type (list: one string or a list of strings)."""
 STEP = ("model", "tokenizer", "data", "demo", "data_split", "eval_fraction", "cache_dir", "ds_config")
@@ -40,7 +41,8 @@ def _checked(key: str, value, where: str):
     if kind is list:
         value = [value] if isinstance(value, str) else value
         if not (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
-            raise ValueError(f"{where}: {key!r} must be a path or a list of paths, got {value!r}")
+            what = "a function or a list of functions" if key == "reward_fn" else "a path or a list of paths"
+            raise ValueError(f"{where}: {key!r} must be {what}, got {value!r}")
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -63,7 +65,7 @@ def split_run_keys(values: Mapping, keys: Iterable[str]) -> tuple[ConfigValues, 
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name in trl_names.RUN:  # TRL's name: ours
-            name, value = trl_names.RUN[name], _one_function(value, source) if name == "reward_funcs" else value
+            name = trl_names.RUN[name]
             if name in run or name in values:
                 raise ValueError(f"{source}: {key!r} and {name!r} are one setting (TRL's name and ours); give it once")
         if name in keys:
@@ -74,14 +76,6 @@ def split_run_keys(values: Mapping, keys: Iterable[str]) -> tuple[ConfigValues, 
         else:
             rest[key] = value
     return ConfigValues(rest, source), run
-
-
-def _one_function(value, where: str):
-    """TRL's reward_funcs, a list: its one function (a run takes one)."""
-    if isinstance(value, list) and len(value) > 1:
-        raise ValueError(f"{where}: reward_funcs lists {len(value)} functions; a run takes one (write one that "
-                         "combines them), weighted against the reward model by reward_fn_weight")
-    return value[0] if isinstance(value, list) and value else value
 
 
 def apply_run_keys(args: argparse.Namespace, run: Mapping) -> None:

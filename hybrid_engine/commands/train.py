@@ -30,7 +30,7 @@ from hybrid_engine.commands import common, run_keys
 from hybrid_engine.commands.config_args import ConfigValues, build_config, file_settings, load_config_file
 from hybrid_engine.commands.ds_lr import given_lrs, lr_from_ds_config
 from hybrid_engine.commands.metrics import MetricsLog, plot_curves, read_metrics
-from hybrid_engine.commands.ppo import logprob_note, ppo_summary, resume_step
+from hybrid_engine.commands.ppo import logprob_note, ppo_summary, resume_step, reward_functions
 from hybrid_engine.rlhf.checkpoint import checkpoints
 from hybrid_engine.rlhf.demo import DEMO_DIR, rule_score_batch
 from hybrid_engine.rlhf.distributed import is_main_rank
@@ -70,8 +70,9 @@ def add_train_command(subparsers) -> None:
                    "(default: 2,4,4)")
     p.add_argument("--eval-fraction", type=float, metavar="F", help="the held-out fraction of each step's rows")
     p.add_argument("--cache-dir", metavar="DIR", help="where `datasets` caches the converted files")
-    p.add_argument("--reward-fn", metavar="MODULE:FUNCTION", action=common.Once, help="a rule-based reward added "
-                   "to the reward model's score in PPO; it receives every column of the rows; given once")
+    p.add_argument("--reward-fn", metavar="MODULE:FUNCTION", action="extend", nargs="+", help="a rule-based reward "
+                   "added to the reward model's score in PPO; it receives every column of the rows (as `hybrid-engine "
+                   "ppo --reward-fn`); give or repeat several, weighted by the ppo step's reward_weights")
     p.add_argument("--eval-fn", metavar="MODULE:FUNCTION", action=common.Once, help="a held-out measure for PPO "
                    "(default on the demo data: its rule_score); given once")
     p.add_argument("--ds-config", metavar="FILE", help="a DeepSpeed JSON config every step trains under (run with "
@@ -225,7 +226,7 @@ def _run(args: argparse.Namespace, configs: dict, t_start: float) -> int:
     sft_cfg, rm_cfg, ppo_cfg = configs["sft"], configs["reward"], configs["ppo"]
     demo = uses_demo(args)
     eval_fn = load_reward_fn(args.eval_fn) if args.eval_fn else (rule_score_batch if demo else None)
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # both fail here, not after two steps
+    reward_fn = reward_functions(args.reward_fn, ppo_cfg)  # both fail here, not after two steps
     data = train_data(args, configs)
     model, tokenizer = common.model_and_tokenizer(_step_args(args, model=args.model), sft_cfg.seed, data=data["sft"])
     common.preflight(configs, data, tokenizer, model, args.ds_config)  # every step's checks before the first step

@@ -37,7 +37,6 @@ FIXED = {
 """TRL settings whose value is fixed here: (the value we run with, accepted; why another is refused)."""
 NO_MEANING = {
     "generation_batch_size": "set batch_size, the prompts per rollout (TRL's generation_batch_size / num_generations)",
-    "reward_weights": "a run takes one reward function, weighted against the reward model by reward_fn_weight",
     "use_vllm": "generation runs on the hybrid engine itself",
     "report_to": "the run writes metrics.jsonl and TensorBoard events",
     "warmup_ratio": "give warmup_steps as a number of steps",

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hybrid_engine.rlhf.distributed import rank_and_world
-from hybrid_engine.rlhf.schedule import batch_order, lr_scale, set_lr, stop_reason, total_steps
+from hybrid_engine.rlhf.schedule import batch_order, lr_scale, run_length, set_lr, stop_reason
 
 
 @dataclass
@@ -81,8 +81,7 @@ def train_loop(num_rows: int, config, trainer: Trainer, desc: str, progress: boo
     before, every config.eval_every steps and after; trainer.state written every config.checkpoint_every steps.
     resume (True: the newest checkpoint under config.output_dir, or a folder) continues a run, to the bit."""
     rank, world = rank_and_world()
-    per_epoch = len(batch_order(num_rows, config.batch_size, config.seed, 0, rank, world))
-    total = total_steps(per_epoch, config)
+    per_epoch, total = run_length(num_rows, config)
     if per_epoch < 1:
         raise ValueError(f"{num_rows} training rows make no batch of {config.batch_size} per rank on {world} ranks")
     record = LoopRecord()

@@ -233,13 +233,20 @@ def grpo_advantages(
     default multi_objective_aggregation "sum_then_normalize"): groups are consecutive runs of
     num_generations samples, std is the unbiased (n - 1) standard deviation (TRL's `nanstd`) and
     eps = 1e-4 is added to the std, not under the root. With num_generations == 1 the advantages
-    are 0, as in TRL. Scores must be finite (TRL's NaN-for-unscorable path is not reproduced).
+    are 0, as in TRL. A NaN score (unscorable: no reward applies) is left out of its group's mean
+    and std, and its advantage is 0, as TRL's; so is that of a group's only scorable sample when
+    scaled (its std is undefined).
     """
     groups = _check_groups(scores, num_generations)  # [P, k]
-    centred = groups - groups.mean(dim=1, keepdim=True)  # [P, k]
+    if not groups.isnan().any():
+        centred = groups - groups.mean(dim=1, keepdim=True)  # [P, k]
+        if scale and num_generations > 1:
+            centred = centred / (groups.std(dim=1, keepdim=True, correction=1) + eps)
+        return centred.reshape(-1)
+    centred = groups - groups.nanmean(dim=1, keepdim=True)
     if scale and num_generations > 1:
-        centred = centred / (groups.std(dim=1, keepdim=True, correction=1) + eps)
-    return centred.reshape(-1)
+        centred = centred / (_nanstd(groups) + eps)
+    return _nan_to_zero(centred.reshape(-1))
 
 
 def rloo_advantages(
@@ -251,12 +258,31 @@ def rloo_advantages(
     As TRL 1.16's RLOOTrainer: baseline = (group sum - s_i) / (k - 1) over consecutive groups of
     k = num_generations (older TRL grouped as [k, num_prompts]); 0 when k == 1, as in TRL. Its
     optional `normalize_advantages` and the KL term it folds into the scores are the trainer's.
+    A NaN score (unscorable) is left out: the baseline is the mean of the other scorable samples,
+    and an unscorable sample, or a group's only scorable one, gets advantage 0, as TRL's.
     """
     groups = _check_groups(scores, num_generations)  # [P, k]
     if num_generations == 1:
         return torch.zeros_like(scores)
-    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (num_generations - 1)  # [P, k]
-    return (groups - baseline).reshape(-1)
+    if not groups.isnan().any():
+        baseline = (groups.sum(dim=1, keepdim=True) - groups) / (num_generations - 1)  # [P, k]
+        return (groups - baseline).reshape(-1)
+    count = (~groups.isnan()).sum(dim=1, keepdim=True)  # [P, 1] scorable samples
+    baseline = (groups.nansum(dim=1, keepdim=True) - groups) / (count - 1)
+    return _nan_to_zero((groups - baseline).reshape(-1))
+
+
+def _nanstd(groups: torch.Tensor) -> torch.Tensor:
+    """[P, 1]: each row's unbiased standard deviation over its non-NaN values (NaN with fewer than two), TRL's
+    nanstd."""
+    count = (~groups.isnan()).sum(dim=1, keepdim=True)
+    squares = ((groups - groups.nanmean(dim=1, keepdim=True)) ** 2).nansum(dim=1, keepdim=True)
+    return (squares / (count - 1)).sqrt()
+
+
+def _nan_to_zero(x: torch.Tensor) -> torch.Tensor:
+    """NaN made 0 (inf kept: an infinite score stays a step's non-finite target)."""
+    return torch.where(x.isnan(), 0.0, x)
 
 
 # -- what an actor update did: observations, never trained on -------------------------------------

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from transformers import get_scheduler
 
+from hybrid_engine.rlhf.distributed import rank_and_world
+
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "constant", "constant_with_warmup", "inverse_sqrt",
              "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 """transformers' learning-rate schedules (`get_scheduler`'s names) that are a function of the step alone, with its
@@ -86,6 +88,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     """The learning rate the optimizer steps with now: its first parameter group's (set_lr sets them all alike)."""
     return float(optimizer.param_groups[0]["lr"])
+
+
+def run_length(num_rows: int, config) -> tuple[int, int]:
+    """(this rank's batches of one epoch over `num_rows` rows, the run's steps: total_steps)."""
+    rank, world = rank_and_world()
+    per_epoch = len(batch_order(num_rows, config.batch_size, config.seed, 0, rank, world))
+    return per_epoch, total_steps(per_epoch, config)
 
 
 def total_steps(batches_per_epoch: int, config) -> int:

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from hybrid_engine.generation.sampling import SamplingParams
 from hybrid_engine.rlhf import losses
-from hybrid_engine.rlhf.reward_fn import RewardTimeout, call_with_timeout, takes
 
 
 @dataclass
@@ -31,12 +29,18 @@ class Experience:
     mask: torch.Tensor  # (B, R) fp32, 1 on response tokens
     old_logprobs: torch.Tensor  # (B, R) the actor's at generation time
     ref_logprobs: torch.Tensor  # (B, R) the frozen reference's
-    scores: torch.Tensor  # (B,) the sequence reward (reward model and/or reward function)
+    scores: torch.Tensor  # (B,) the sequence reward (reward model and/or reward functions); NaN where unscorable
     advantages: torch.Tensor  # (B, R)
     old_values: torch.Tensor | None = None  # (B, R) the critic's (PPO only)
     returns: torch.Tensor | None = None  # (B, R) the critic's targets (PPO only)
     rewards: torch.Tensor | None = None  # (B, R) KL-penalised per-token rewards (PPO only)
     completions: list[str] = field(default_factory=list)
+    scorable: torch.Tensor | None = None  # (B,) bool: False where no reward applies (GRPO, RLOO); None: every row
+    unscored: str = ""  # why a score is not finite, in words (a reward function's bad value), for the skip or stop
+
+    def scored(self) -> torch.Tensor:
+        """The scores of the scorable rows."""
+        return self.scores if self.scorable is None else self.scores[self.scorable]
 
     @property
     def kl(self) -> torch.Tensor:
@@ -97,43 +101,10 @@ def critic_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor,
     return values[:, start - 1 : -1].float()
 
 
-RewardFn = Callable[..., Sequence[float]]
-
-
 def completion_ids(responses: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     """Each response's token ids (responses [B, R], mask [B, R]): its tokens up to and with its EOS, no padding, as
     TRL's reward functions receive them."""
     return [row[keep.bool()].tolist() for row, keep in zip(responses, mask)]
-
-
-def call_reward_fn(fn: RewardFn, prompts: list, completions: list[str], extra: dict[str, list],
-                   timeout: float | None = None, nonfinite: str = "stop",
-                   ids: list[list[int]] | None = None) -> torch.Tensor:
-    """fp64 (B,): fn(prompts=..., completions=..., completion_ids=..., **extra) checked to be one number per
-    completion, with TRL's arguments: completion_ids (the completions' tokens, when `ids` is given and fn takes them:
-    a **kwargs or a parameter of that name), and each
-    completion as one assistant message, [{"role": "assistant", "content": text}], when the prompts are
-    conversational (lists of messages). A call that has not returned after `timeout` seconds raises RewardTimeout
-    (nonfinite "stop") or, with a warning, gives NaN for every completion ("skip"), so that the step's update is
-    skipped as for any NaN score."""
-    if prompts and isinstance(prompts[0], list):
-        completions = [[{"role": "assistant", "content": c}] for c in completions]
-    ids = None if ids is None or not takes(fn, "completion_ids") else {"completion_ids": ids}
-    given = dict(prompts=prompts, completions=completions, **(ids or {}), **extra)
-    try:
-        out = call_with_timeout(fn, timeout, given)
-    except RewardTimeout as e:
-        if nonfinite == "stop":
-            raise
-        warnings.warn(f"{e}: its values are NaN for this batch (nonfinite='skip')", RuntimeWarning, stacklevel=2)
-        return torch.full((len(completions),), math.nan, dtype=torch.float64)
-    try:
-        values = [float(v) for v in out]
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"the reward function must return one number per completion, got {out!r:.200}") from e
-    if len(values) != len(completions):
-        raise ValueError(f"the reward function returned {len(values)} values for {len(completions)} completions")
-    return torch.tensor(values, dtype=torch.float64)
 
 
 def truncated(sequences: torch.Tensor, mask: torch.Tensor, start: int, eos_token_id: int) -> torch.Tensor:
@@ -143,10 +114,16 @@ def truncated(sequences: torch.Tensor, mask: torch.Tensor, start: int, eos_token
     return ~eos.any(1)
 
 
-def samples(prompts: list[str], completions: list[str], scores: torch.Tensor, n: int) -> list[dict]:
-    """The first `n` rollouts as {prompt, completion, score} (the texts decoded, the score a float)."""
-    return [{"prompt": p, "completion": c, "score": float(s)} for p, c, s in zip(prompts[:n], completions[:n],
-                                                                                scores[:n].tolist())]
+def samples(prompts: list[str], completions: list[str], scores: torch.Tensor, n: int,
+            extra: dict[str, list] | None = None) -> list[dict]:
+    """The first `n` rollouts as {prompt, completion, score} (the texts decoded, the score a float), with the
+    `extra` columns a reward function logged (TRL's log_extra), one value per rollout."""
+    out = [{"prompt": p, "completion": c, "score": float(s)} for p, c, s in zip(prompts[:n], completions[:n],
+                                                                               scores[:n].tolist())]
+    for column, values in (extra or {}).items():
+        for sample, value in zip(out, values):
+            sample.setdefault(column, value)
+    return out
 
 
 # -- 3. targets ---------------------------------------------------------------------------------------------------
@@ -167,7 +144,8 @@ def group_targets(exp: Experience, algo: str, num_generations: int, kl_coef: flo
                   ) -> Experience:
     """GRPO or RLOO: one advantage per sequence from its group of num_generations samples, on every response
     token. RLOO folds the KL into the scores first (score - kl_coef * KL, as TRL's RLOOTrainer); GRPO keeps it
-    as a loss term (group_kl_loss)."""
+    as a loss term (group_kl_loss). An unscorable sequence (NaN score) gets advantage 0 and stays out of its
+    group's baseline and of the whitening, as in TRL."""
     scores = exp.scores.double()
     if algo == "rloo":
         scores = scores - kl_coef * exp.kl.double()
@@ -175,8 +153,9 @@ def group_targets(exp: Experience, algo: str, num_generations: int, kl_coef: flo
     else:
         per_sequence = losses.grpo_advantages(scores, num_generations)
     advantages = per_sequence.float()[:, None] * exp.mask  # (B, R)
-    if whiten_advantages and int(exp.mask.sum()) >= 2:
-        advantages = losses.whiten(advantages, exp.mask)
+    scored = exp.mask if exp.scorable is None else exp.mask * exp.scorable[:, None]
+    if whiten_advantages and int(scored.sum()) >= 2:
+        advantages = losses.whiten(advantages, scored)
     return replace(exp, advantages=advantages)
 
 

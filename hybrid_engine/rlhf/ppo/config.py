@@ -4,6 +4,7 @@ held-out figures PolicyEval."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import InitVar, dataclass, field
 from typing import ClassVar
@@ -69,7 +70,10 @@ class PPOConfig(StepConfig):
     """How the actor generates (the engine's own settings): weight_dtype and kv_dtype other than fp32 are faster
     and not exact, so the old log-probs are then recomputed by a training forward."""
     reward_fn_weight: float = 1.0
-    """The weight of the reward function's values in the score, when one is given beside the reward model."""
+    """The weight of the reward functions' weighted sum in the score, beside the reward model's."""
+    reward_weights: tuple[float, ...] | None = None
+    """One weight per reward function (TRL's reward_weights): their score is the sum of weight x value over the
+    functions that apply to a completion; None: 1 each."""
     reward_timeout: float | None = 600.0
     """Seconds the reward and eval functions may take on one batch before the call is given up: the step's update is
     then skipped (nonfinite "skip", the function's values NaN) or the run stops with RewardTimeout ("stop"). The call
@@ -138,6 +142,8 @@ class PPOConfig(StepConfig):
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.kl_coef < 0 or self.ptx_coef < 0:
             raise ValueError(f"kl_coef and ptx_coef must be >= 0, got {self.kl_coef} and {self.ptx_coef}")
+        if self.reward_weights is not None:
+            self.reward_weights = _weights(self.reward_weights)
         if self.reward_timeout is not None and not self.reward_timeout > 0:
             raise ValueError(f"reward_timeout must be positive (seconds) or None, got {self.reward_timeout!r}")
         if self.ema_beta is not None and not 0 <= self.ema_beta <= 1:
@@ -158,6 +164,18 @@ class PPOConfig(StepConfig):
         weights or KV cache, or training under bf16 autocast)."""
         exact = self.generation.weight_dtype is None and self.generation.kv_dtype == torch.float32
         return not exact or self.bf16_autocast
+
+
+def _weights(given) -> tuple[float, ...]:
+    """reward_weights as a tuple of finite floats (from a list or tuple, or one number for one function)."""
+    values = [given] if _number(given) else given
+    if not (isinstance(values, (list, tuple)) and values and all(_number(w) and math.isfinite(w) for w in values)):
+        raise ValueError(f"reward_weights must be a list of finite numbers, one per reward function, got {given!r}")
+    return tuple(float(w) for w in values)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def saved_config(saved: dict) -> dict:
@@ -184,7 +202,9 @@ class PolicyEval:
     response_len: float
     """The mean response length in tokens."""
     reward_fn: float | None = None
-    """The mean of the reward function (the one the run trains on, unweighted); None without one. Without a reward
-    model, this is the held-out reward."""
+    """The mean of the reward functions' weighted sum (unweighted for one function) over the completions some
+    function applies to; None without one. Without a reward model, this is the held-out reward."""
+    reward_fns: dict[str, float] | None = None
+    """With several reward functions, each one's mean over the completions it applies to."""
 
 

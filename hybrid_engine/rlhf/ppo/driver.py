@@ -35,6 +35,7 @@ from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.distributed import all_finite, rank_and_world
 from hybrid_engine.rlhf.loop import Trainer, train_loop
 from hybrid_engine.rlhf.losses import AdaptiveKLController, FixedKLController
+from hybrid_engine.rlhf.ppo import rewards
 from hybrid_engine.rlhf.ppo.config import PolicyEval, PPOConfig
 from hybrid_engine.rlhf.ppo.ema import ActorEMA
 from hybrid_engine.rlhf.ppo.evaluate import eval_record, evaluate_policy
@@ -44,7 +45,7 @@ from hybrid_engine.rlhf.ppo.state import PPORunState
 from hybrid_engine.rlhf.ppo.update import PTXBatches, finite_or_skip, optimise
 from hybrid_engine.rlhf.retokenize import RetokenizedRewardModel
 from hybrid_engine.rlhf.reward import RewardModel
-from hybrid_engine.rlhf.schedule import current_lr
+from hybrid_engine.rlhf.schedule import current_lr, run_length
 from hybrid_engine.rlhf.tokens import TokenStats
 from hybrid_engine.rlhf.trainer import check_trained, check_vocab, pad_id_of
 
@@ -89,6 +90,14 @@ class PPORun:
     kl_ctl: AdaptiveKLController | FixedKLController
     ema: ActorEMA | None
     ptx: PTXBatches | None
+    length: tuple[int, int] = (0, 0)
+    """(the steps of one epoch on this rank, the run's steps): schedule.run_length."""
+    steps_done: int = 0
+    """The steps finished so far (what the reward functions' trainer_state says)."""
+
+    def trainer_state(self):
+        """The TrainerState the reward and eval functions are given (TRL's trainer_state)."""
+        return rewards.trainer_state(self.steps_done, self.length[1], self.length[0])
 
 
 def train_ppo(models: ModelSources | Models, tokenizer, data: StepData, config: PPOConfig | None = None, *,
@@ -120,13 +129,14 @@ def train_ppo(models: ModelSources | Models, tokenizer, data: StepData, config: 
         raise ValueError("no PPO prompts left after tokenization (data.train is empty or every prompt was dropped)")
     run = PPORun(models=models, tokenizer=tokenizer, config=config, kl_ctl=_kl_controller(config),
                  ema=None if config.ema_beta is None else ActorEMA(models.actor.module, config.ema_beta),
-                 ptx=None if ptx_data is None else PTXBatches(ptx_data, tokenizer, config))
+                 ptx=None if ptx_data is None else PTXBatches(ptx_data, tokenizer, config),
+                 length=run_length(len(train.examples), config))
     checkpoint.check_supported(config, models.actor.zero_stage, resume)
     defines = None if not (config.checkpoint_every or resume) else _defines(models, data, ptx_data)
     models.actor.train()
     trainer = Trainer(
         step=lambda rows, step: ppo_step(run, train, rows, step),
-        evaluate=lambda: evaluate_policy(models, held_out, tokenizer, config, models.eval_fn),
+        evaluate=lambda: evaluate_policy(models, held_out, tokenizer, config, models.eval_fn, run.trainer_state()),
         optimizers=[(models.actor.optimizer, config.lr)]
         + ([] if models.critic is None else [(models.critic.optimizer, config.critic_lr)]),
         postfix=lambda record: {"score": f"{record['score']:.3f}", "kl": f"{record['kl']:.2f}"},
@@ -151,33 +161,48 @@ def _defines(models: Models, data: StepData, ptx_data) -> dict:
     return {"data": fingerprints.rows_fingerprint(data.train, data.eval), "model": fp(models.actor.module),
             "reference": fp(models.reference.model), "reward_model": fp(None if models.reward is None
                                                                          else models.reward.model),
-            "reward_fn": fingerprints.function_fingerprint(models.reward_fn),
+            "reward_fn": _functions_fingerprint(models),
             "eval_fn": fingerprints.function_fingerprint(models.eval_fn),
             "ptx": fingerprints.rows_fingerprint(ptx_data.train if isinstance(ptx_data, StepData) else ptx_data)}
+
+
+def _functions_fingerprint(models: Models) -> str | list[str] | None:
+    """The reward functions' fingerprints: one function's alone (as checkpoints of one function hold it)."""
+    if models.reward_fns is None:
+        return None
+    prints = [fingerprints.function_fingerprint(fn) for fn in models.reward_fns.fns]
+    return prints[0] if len(prints) == 1 else prints
 
 
 def ppo_step(run: PPORun, prompts: Prompts, indices: list[int], step: int) -> dict:
     """One rollout step over the prompts `indices` (the step's 0-based index `step`), phases 1-5; its record."""
     models, config, kl_coef = run.models, run.config, run.kl_ctl.value
+    run.steps_done = step
     ro = generate(models, prompts, indices, run.tokenizer, config)  # 1. generate
     t0 = time.perf_counter()
-    exp, record = score(models, ro, prompts, indices, run.tokenizer, config, check=step == 0)  # 2. score
+    exp, record = score(models, ro, prompts, indices, run.tokenizer, config, check=step == 0,
+                        state=run.trainer_state())  # 2. score
     exp = targets(models, exp, config, kl_coef)  # 3. targets
     record.update(generate_s=ro.generate_s, experience_s=time.perf_counter() - t0, step=step + 1, kl_coef=kl_coef,
                   lr=current_lr(models.actor.optimizer))
     if models.critic is not None:
         record["critic_lr"] = current_lr(models.critic.optimizer)
     t0 = time.perf_counter()
-    if finite_or_skip(all_finite(exp.scores, exp.advantages, exp.returns), "the scores or advantages", step + 1,
-                       config):
+    if finite_or_skip(all_finite(exp.scored(), exp.advantages, exp.returns), _what(exp), step + 1, config):
         record.update(optimise(models, exp, config, kl_coef, step + 1, run.ptx))  # 4. optimise
         if run.ema is not None:  # 5. after the step
             run.ema.update()
         run.kl_ctl.update(record["kl"], exp.sequences.shape[0])
     else:
-        record.update(skipped=1)
+        record.update(skipped=1, skip_reason=_what(exp))
+    run.steps_done = step + 1
     record["train_s"] = time.perf_counter() - t0
     return record
+
+
+def _what(exp) -> str:
+    """What a step's non-finite scores or targets came from, in words."""
+    return f"the scores ({exp.unscored})" if exp.unscored else "the scores or advantages"
 
 
 def _trained(record: dict) -> bool:

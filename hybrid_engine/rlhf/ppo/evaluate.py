@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from hybrid_engine.rlhf.ppo import batch as xp
+from hybrid_engine.rlhf.ppo import rewards
 from hybrid_engine.rlhf.ppo.config import PolicyEval, PPOConfig
 from hybrid_engine.rlhf.ppo.experience import Prompts
 from hybrid_engine.rlhf.ppo.models import Models
@@ -18,13 +19,15 @@ EvalFn = Callable[..., "list[float]"]
 
 @torch.no_grad()
 def evaluate_policy(models: Models, held_out: Prompts, tokenizer, config: PPOConfig,
-                    eval_fn: EvalFn | None) -> PolicyEval | None:
+                    eval_fn: EvalFn | None, state=None) -> PolicyEval | None:
     """One sampled response per held-out prompt, from a generator seeded afresh (the same draws at every
-    evaluation, and the training stream untouched); every rank evaluates the whole split."""
+    evaluation, and the training stream untouched); every rank evaluates the whole split. `state`: the TrainerState
+    the reward and eval functions may read."""
     n = len(held_out.examples)
     if n == 0:
         return None
-    rm, fn, rule, kl, lengths = [], [], [], [], []
+    measures = {"reward": models.reward_fns, "rule": rewards.RewardFunctions.load(eval_fn)}
+    rm, kl, lengths, scored = [], [], [], {k: [] for k, m in measures.items() if m is not None}
     max_new = config.eval_max_new_tokens or config.max_new_tokens
     for lo in range(0, n, config.eval_batch_size):
         indices = list(range(lo, min(lo + config.eval_batch_size, n)))
@@ -38,20 +41,27 @@ def evaluate_policy(models: Models, held_out: Prompts, tokenizer, config: PPOCon
         lengths.append(out.response_mask.sum(1).double())
         if models.reward is not None:
             rm.append(models.reward.score(out.sequences, seq_mask, start).double())
-        if eval_fn is not None or models.reward_fn is not None:
+        if scored:
             prompts, extra = held_out.fields(indices, 1)
             completions = tokenizer.batch_decode(out.sequences[:, start:], skip_special_tokens=True)
-            for measure, values in ((models.reward_fn, fn), (eval_fn, rule)):
-                if measure is not None:
-                    values.append(xp.call_reward_fn(measure, prompts, completions, extra, config.reward_timeout,
-                                                    config.nonfinite,
-                                                    xp.completion_ids(out.sequences[:, start:], out.response_mask)))
-    return PolicyEval(reward=_mean(rm), rule=_mean(rule), kl=xp.mean(torch.cat(kl)),
-                      response_len=xp.mean(torch.cat(lengths)), reward_fn=_mean(fn))
+            ids_list = xp.completion_ids(out.sequences[:, start:], out.response_mask)
+            for key in scored:
+                scored[key].append(rewards.call_functions(measures[key], prompts, completions, extra, ids_list, state,
+                                                          config.reward_timeout, config.nonfinite))
+    fn, rule = (rewards.FunctionScores.cat(scored[k]) if k in scored else None for k in ("reward", "rule"))
+    return PolicyEval(reward=_mean(rm), rule=None if rule is None else _scored_mean(rule),
+                      kl=xp.mean(torch.cat(kl)), response_len=xp.mean(torch.cat(lengths)),
+                      reward_fn=None if fn is None else _scored_mean(fn),
+                      reward_fns=fn.means() if fn is not None and len(fn.names) > 1 else None)
 
 
 def _mean(parts: list[torch.Tensor]) -> float | None:
     return xp.mean(torch.cat(parts)) if parts else None
+
+
+def _scored_mean(scores: rewards.FunctionScores) -> float:
+    """The mean of the weighted sum over the completions some function applies to."""
+    return xp.mean(scores.combined[scores.scorable])
 
 
 def eval_record(figures: PolicyEval) -> dict:
@@ -63,5 +73,7 @@ def eval_record(figures: PolicyEval) -> dict:
         record["rule"] = figures.rule
     if figures.reward_fn is not None:
         record["eval_reward_fn"] = figures.reward_fn
+    for name, value in (figures.reward_fns or {}).items():
+        record[f"eval_reward_fn/{name}"] = value
     return record
 

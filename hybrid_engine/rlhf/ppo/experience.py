@@ -13,6 +13,7 @@ import torch
 
 from hybrid_engine.engine import HybridEngine
 from hybrid_engine.rlhf.ppo import batch as xp
+from hybrid_engine.rlhf.ppo import rewards
 from hybrid_engine.rlhf.ppo.config import PPOConfig
 from hybrid_engine.rlhf.ppo.models import Models
 from hybrid_engine.rlhf.tokens import TokenStats, collate_ppo, tokenize_ppo
@@ -86,21 +87,46 @@ def old_logprobs(models: Models, ro: xp.Rollout, config: PPOConfig, check: bool)
     return ro.logprobs, figures
 
 
+@dataclass
+class Scores:
+    """A batch's sequence scores and what they came from."""
+
+    scores: torch.Tensor  # (B,) fp32: the reward model's plus reward_fn_weight x the functions'; NaN where unscorable
+    scorable: torch.Tensor | None  # (B,) bool: some reward applies; None: every row (a reward model scores all)
+    figures: dict
+    unscored: str = ""  # a reward function's value that is not finite, in words
+    log: rewards.StepLog | None = None  # what the functions logged (log_metric, log_extra)
+
+
 @torch.no_grad()
-def sequence_scores(models: Models, ro: xp.Rollout, prompts: list[str], completions: list[str], extra: dict,
-                    config: PPOConfig) -> tuple[torch.Tensor, dict]:
-    """(B,) scores: the reward model's, plus reward_fn_weight times the reward function's; and their means."""
+def sequence_scores(models: Models, ro: xp.Rollout, prompts: list, completions: list[str], extra: dict,
+                    config: PPOConfig, state=None) -> Scores:
+    """The reward model's score plus reward_fn_weight times the reward functions' weighted sum (rewards.py), their
+    means (fn_score: the functions' part; fn_score/NAME: each function over the completions it applies to) and what
+    the functions logged. `state`: the TrainerState the functions may read."""
     parts, figures = [], {}
     if models.reward is not None:
         rm = models.reward.score(ro.sequences, ro.attention_mask, ro.start).double()
         parts.append(rm)
         figures["rm_score"] = xp.mean(rm)
-    if models.reward_fn is not None:
-        fn = xp.call_reward_fn(models.reward_fn, prompts, completions, extra, config.reward_timeout, config.nonfinite,
-                               xp.completion_ids(ro.sequences[:, ro.start:], ro.mask))
-        parts.append(config.reward_fn_weight * fn)
-        figures["fn_score"] = xp.mean(fn)
-    return torch.stack(parts).sum(0).float(), figures
+    if models.reward_fns is None:
+        return Scores(torch.stack(parts).sum(0).float(), None, figures)
+    fns = rewards.call_functions(models.reward_fns, prompts, completions, extra,
+                                 xp.completion_ids(ro.sequences[:, ro.start:], ro.mask), state, config.reward_timeout,
+                                 config.nonfinite)
+    combined = fns.combined  # beside a reward model, a row no function applies to adds nothing
+    parts.append(config.reward_fn_weight * (torch.where(fns.scorable, combined, 0.0) if parts else combined))
+    figures["fn_score"] = xp.mean(combined[fns.scorable])
+    if len(fns.names) > 1:
+        figures.update({f"fn_score/{name}": value for name, value in fns.means().items()})
+    scorable = None if models.reward is not None else fns.scorable
+    if scorable is not None:
+        figures["unscorable"] = int((~scorable).sum())
+    unscored = rewards.first_bad(fns, prompts)
+    if config.algo == "ppo" and scorable is not None:  # PPO's critic needs a score for every rollout
+        unscored = unscored or rewards.first_unscorable(fns, prompts)
+        scorable = None
+    return Scores(torch.stack(parts).sum(0).float(), scorable, figures, unscored or "", fns.log)
 
 
 @torch.no_grad()
@@ -114,26 +140,41 @@ def generate(models: Models, batch: Prompts, indices: list[int], tokenizer, conf
 
 @torch.no_grad()
 def score(models: Models, ro: xp.Rollout, batch: Prompts, indices: list[int], tokenizer, config: PPOConfig,
-          check: bool = False) -> tuple[xp.Experience, dict]:
-    """Phase 2: the old log-probs (`check`: see old_logprobs), the reference's, and the sequences' scores; the
-    experience without targets yet, and its figures (the scores' means, the KL to the reference, the responses'
-    mean and longest length and the share cut off at max_new_tokens, and config.log_samples of the rollouts)."""
+          check: bool = False, state=None) -> tuple[xp.Experience, dict]:
+    """Phase 2: the old log-probs (`check`: see old_logprobs), the reference's, and the sequences' scores (`state`:
+    the TrainerState the reward functions may read); the experience without targets yet, and its figures (the
+    scores' means over the scorable rows, the KL to the reference, the responses' mean and longest length and the
+    share cut off at max_new_tokens, config.log_samples of the rollouts, and what the reward functions logged)."""
     old, source = old_logprobs(models, ro, config, check)
     ref = models.reference.token_logprobs(ro.sequences, ro.attention_mask, ro.start, config.temperature)
     completions = tokenizer.batch_decode(ro.sequences[:, ro.start:], skip_special_tokens=True)
     prompts, extra = batch.fields(indices, config.num_generations)
-    scores, figures = sequence_scores(models, ro, prompts, completions, extra, config)
-    figures.update(source)
+    scored = sequence_scores(models, ro, prompts, completions, extra, config, state)
+    figures = {**scored.figures, **source}
     exp = xp.Experience(sequences=ro.sequences, attention_mask=ro.attention_mask, start=ro.start, mask=ro.mask,
-                        old_logprobs=old, ref_logprobs=ref, scores=scores, advantages=torch.zeros_like(ro.mask),
-                        completions=completions)
+                        old_logprobs=old, ref_logprobs=ref, scores=scored.scores,
+                        advantages=torch.zeros_like(ro.mask), completions=completions, scorable=scored.scorable,
+                        unscored=scored.unscored)
     lengths = ro.mask.sum(1)  # (B,)
-    figures.update(score=xp.mean(scores), kl=xp.mean(exp.kl), response_len=float(lengths.mean()),
+    figures.update(score=xp.mean(exp.scored()), kl=xp.mean(exp.kl), response_len=float(lengths.mean()),
                    response_len_max=int(lengths.max()),
                    truncated_frac=xp.mean(xp.truncated(ro.sequences, ro.mask, ro.start, tokenizer.eos_token_id)))
     if config.log_samples:
-        figures["samples"] = xp.samples(prompts, completions, scores, config.log_samples)
+        figures["samples"] = xp.samples(prompts, completions, scored.scores, config.log_samples,
+                                        scored.log.extra if scored.log else None)
+    if scored.log is not None:
+        figures.update(logged_metrics(scored.log.means(), figures))
     return exp, figures
+
+
+def logged_metrics(metrics: dict[str, float], figures: dict, prefix: str = "") -> dict[str, float]:
+    """The reward functions' log_metric means under their names (with `prefix`), refused in one line where a name
+    is one of the record's own figures."""
+    out = {prefix + name: value for name, value in metrics.items()}
+    if clash := sorted(set(out) & set(figures)):
+        raise ValueError(f"a reward function logged the metric {clash[0]!r} with log_metric, a name the step's own "
+                         f"record uses ({', '.join(sorted(figures))}): give it another name")
+    return out
 
 
 @torch.no_grad()

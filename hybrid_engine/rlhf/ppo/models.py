@@ -14,6 +14,7 @@ import transformers
 from hybrid_engine.engine import HybridEngine
 from hybrid_engine.engine.training import adamw, make_trainer
 from hybrid_engine.rlhf.ppo.config import PPOConfig
+from hybrid_engine.rlhf.ppo.rewards import RewardFunctions
 from hybrid_engine.rlhf.retokenize import RetokenizedRewardModel, for_policy, saved_tokenizer
 from hybrid_engine.rlhf.reward import RewardModel
 from hybrid_engine.rlhf.reward_fn import load_reward_fn
@@ -84,8 +85,9 @@ class ModelSources:
     """The frozen policy of the KL term (an HF causal LM or its directory); None: a copy of the actor before training
     (which must then not be a HybridEngine)."""
     reward_fn: Any = None
-    """A rule, "module:function" or a callable fn(prompts, completions, **row fields) -> one number each, added to the
-    reward model's score (times config.reward_fn_weight), or used alone."""
+    """A reward function ("module:function", "file.py:function", a dotted path or a callable fn(prompts, completions,
+    **row fields) -> one number or None each: rewards.py), or a list of them weighted by config.reward_weights; their
+    weighted sum is added to the reward model's score (times config.reward_fn_weight), or used alone."""
     eval_fn: Any = None
     """A held-out measure of the same form that no model trains on (the demo's rule_score); reported, never trained
     on."""
@@ -107,7 +109,7 @@ class Models:
     reward: FrozenRewardModel | RetokenizedRewardModel | None
     critic: object | None  # the critic's trainer (make_trainer), PPO only
     critic_model: RewardModel | None
-    reward_fn: Callable | None
+    reward_fns: RewardFunctions | None
     eval_fn: Callable | None = None
 
 
@@ -125,7 +127,8 @@ def build_models(sources: ModelSources, config: PPOConfig, tokenizer=None) -> Mo
     policy's: where the reward model's own differs, the reward model scores re-encoded rollouts."""
     actor, reward_model, critic, reward_fn = sources.actor, sources.reward_model, sources.critic, sources.reward_fn
     ds_config, lora = sources.ds_config, sources.lora
-    if reward_model is None and reward_fn is None:
+    reward_fns = RewardFunctions.load(reward_fn, config.reward_weights)
+    if reward_model is None and reward_fns is None:
         raise ValueError("PPO needs a reward: give a reward model, a reward function, or both")
     ds = training_ds_config(ds_config, config.train_batch_size, config.max_grad_norm)
     has_ds_optimizer = ds is not None and "optimizer" in ds
@@ -160,7 +163,7 @@ def build_models(sources: ModelSources, config: PPOConfig, tokenizer=None) -> Mo
     if config.disable_dropout:
         disable_dropout(engine.module)
     return Models(actor=engine, reference=frozen_ref, reward=frozen_rm, critic=critic_trainer,
-                  critic_model=critic_model, reward_fn=None if reward_fn is None else load_reward_fn(reward_fn),
+                  critic_model=critic_model, reward_fns=reward_fns,
                   eval_fn=None if sources.eval_fn is None else load_reward_fn(sources.eval_fn))
 
 
