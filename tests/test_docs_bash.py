@@ -1,7 +1,7 @@
 """Every bash block of the README and of docs/ runs as printed, with bash in a fresh empty folder where `hybrid-engine`
 is this checkout's command, and leaves the outputs it names. A block marked not run (doc_blocks.py) has each line
-checked instead: a `hybrid-engine` line parses, a `pytest` line collects benchmarks, and any other is a command CI
-(.ci/run) runs, as printed but for pip's -q."""
+checked instead: a `hybrid-engine` line parses, a `pytest` line collects benchmarks, an `accelerate launch` line parses
+by accelerate's flags and ours, and any other is a command CI (.ci/run) runs, as printed but for pip's -q."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from accelerate.commands.launch import launch_command_parser
 from doc_blocks import ROOT, blocks, by_code, commands, pythonpath
 
 from hybrid_engine.commands.main import build_parser
@@ -83,10 +84,31 @@ def test_a_hybrid_engine_line_not_run_parses(where, line):
         pytest.fail(f"{where}: `{line}` is refused by the command's flags")
 
 
+def is_accelerate_launch(line: str) -> bool:
+    return words(line)[:2] == ["accelerate", "launch"]
+
+
+@pytest.mark.parametrize("where, line", [pytest.param(w, line, id=w) for w, line in NOT_RUN
+                                         if is_accelerate_launch(line)])
+def test_an_accelerate_launch_line_not_run_parses_and_names_a_config_of_the_docs(where, line):
+    """accelerate's parser takes its flags, ours the command after `-m hybrid_engine.commands`, and its
+    --config_file is the file an accelerate config block of the docs is saved as (test_docs_yaml.py)."""
+    try:
+        launched = launch_command_parser().parse_args(words(line)[2:])
+        build_parser().parse_args(launched.training_script_args)
+    except SystemExit:
+        pytest.fail(f"{where}: `{line}` is refused by accelerate launch's flags or the command's")
+    assert launched.module and launched.training_script == "hybrid_engine.commands", where
+    configs = [b.code for b in blocks("yaml") if b.code.startswith(f"# accelerate launch --config_file "
+                                                                   f"{launched.config_file}\n")]
+    assert configs, f"{where}: no accelerate config block of the docs is {launched.config_file}"
+
+
 def test_every_other_line_not_run_is_what_ci_runs():
     ci = {line.strip().replace("pip install -q ", "pip install ") for line in (ROOT / ".ci" / "run").read_text()
           .splitlines()}
-    others = [(where, line) for where, line in NOT_RUN if words(line)[0] not in ("hybrid-engine", "pytest")]
+    others = [(where, line) for where, line in NOT_RUN if words(line)[0] not in ("hybrid-engine", "pytest")
+              and not is_accelerate_launch(line)]
     assert len(others) >= 2, others  # the README's set-up and test commands
     for where, line in others:
         assert line in ci, f"{where}: `{line}` is neither run by CI (.ci/run) nor checked otherwise"

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,8 +22,10 @@ import torch
 import transformers
 
 from hybrid_engine.commands import run_keys, trl_names
+from hybrid_engine.commands.accelerate_env import launch_ds_config
 from hybrid_engine.commands.config_args import add_config_args, build_config, file_settings, load_config_file
 from hybrid_engine.commands.ds_lr import given_lrs, lr_from_ds_config
+from hybrid_engine.commands.ds_optimizer import announce_optimizer_build
 from hybrid_engine.commands.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
 from hybrid_engine.commands.noise import silence_known_noise
 from hybrid_engine.commands.outputs import OutputLock, claim_output
@@ -93,7 +96,8 @@ def add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: ty
                     "(its model, checkpoints and logs), and start a new run there")
     io.add_argument("--ds-config", metavar="FILE", help="a DeepSpeed JSON config to train under (ZeRO 0-3; run "
                     "with torchrun or deepspeed); its micro batch and clipping come from --batch-size and "
-                    "--max-grad-norm. Default: torch AdamW (fused) in one process")
+                    "--max-grad-norm. Default: under accelerate launch, its config's DeepSpeed settings; else "
+                    "torch AdamW (fused) in one process")
     io.add_argument("--config", metavar="FILE", help=f"a YAML or JSON file of {config_cls.__name__} settings, "
                     f"flat or under a '{step}:' section; flags override it")
     io.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
@@ -112,6 +116,7 @@ def claim(args: argparse.Namespace, output: str, *extra: tuple[str, str | None],
     given = [*extra, *((f"--{k.replace('_', '-')}", v) for k, v in inputs.items())]
     given += [(flag, getattr(args, flag[2:].replace("-", "_"), None)) for flag in ("--tokenizer", "--config",
                                                                                   "--ds-config")]
+    given = [(flag, path) for flag, path in given if not isinstance(path, dict)]  # accelerate launch's ds_config
     given += [("--data", parse_data(text).path) for text in getattr(args, "data", None) or []]
     return claim_output(output, resume=args.resume, overwrite=args.overwrite, inputs=given)
 
@@ -130,16 +135,31 @@ def quiet_libraries() -> None:
 def step_config(args: argparse.Namespace, config_cls: type, step: str, run: Iterable[str] = run_keys.STEP):
     """The step's config: explicit flags over the --config file over the defaults; output_dir from --output; the
     learning rates the user did not give from --ds-config's optimizer (ds_lr.lr_from_ds_config). The file's run
-    settings (`run`: model, data, ...; run_keys.py) are set on `args` where their flags were not given."""
+    settings (`run`: model, data, ...; run_keys.py) are set on `args` where their flags were not given, and
+    args.ds_config, when neither gives one, to accelerate launch's DeepSpeed settings (apply_launcher_ds_config)."""
     file_values = load_config_file(args.config) if args.config else {}
     file_values, settings = run_keys.split_run_keys(file_values, run)
+    given_as = "--ds-config" if args.ds_config is not None else f"ds_config of {args.config}"
     run_keys.apply_run_keys(args, settings)
+    apply_launcher_ds_config(args, given_as)
     config = build_config(config_cls, args, file_values, section=step, also=run)
     config = dataclasses.replace(config, output_dir=args.output or config.output_dir or DEFAULT_OUTPUT[step])
     given = given_lrs(file_settings(config_cls, file_values, step, args.config or "", also=run),
                       f"from {args.config}")
     given.update({name: "from the flag" for name in given_lrs(vars(args), "")})
     return lr_from_ds_config(config, given, args.ds_config, step)
+
+
+def apply_launcher_ds_config(args: argparse.Namespace, given_as: str) -> None:
+    """args.ds_config as accelerate_env.launch_ds_config chooses it: the one given (named `given_as` in the note
+    when accelerate launch gave DeepSpeed settings too), else accelerate launch's, else None; the line about it on
+    the first rank (a note on stderr), and the op DeepSpeed will compile for a config file's optimizer."""
+    given = args.ds_config
+    args.ds_config, line = launch_ds_config(given, given_as, os.environ)
+    if line and is_main_rank():
+        print(line, file=sys.stderr if line.startswith("note:") else sys.stdout, flush=True)
+    if given is None and isinstance(args.ds_config, str):
+        announce_optimizer_build(args.ds_config)
 
 
 class Once(argparse.Action):

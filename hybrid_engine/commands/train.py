@@ -121,12 +121,15 @@ def check_overrides(overrides: list[str]) -> None:
 def step_configs(args: argparse.Namespace) -> dict:
     """{step: its config dataclass} from the config file (or the built-in default) and --set; the learning rates
     neither gives from --ds-config's optimizer (ds_lr.lr_from_ds_config). The file's run settings (model, data,
-    reward_fn, ...: run_keys.py) are set on `args` where their flags were not given."""
+    reward_fn, ...: run_keys.py) are set on `args` where their flags were not given, and args.ds_config, when
+    neither gives one, to accelerate launch's DeepSpeed settings (common.apply_launcher_ds_config)."""
     path = args.config or DEFAULT_CONFIG
     values = ConfigValues(apply_overrides(load_config_file(path), args.set), str(path))
     check_overrides(args.set)
     values, settings = run_keys.split_run_keys(values, run_keys.TRAIN)
+    given_as = "--ds-config" if args.ds_config is not None else f"ds_config of {path}"
     run_keys.apply_run_keys(args, settings)
+    common.apply_launcher_ds_config(args, given_as)
     out = {}
     for step, cls in STEP_CLASSES.items():
         config = build_config(cls, None, values, section=step, skip=("output_dir",), also=run_keys.TRAIN)
