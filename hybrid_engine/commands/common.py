@@ -70,11 +70,12 @@ def add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: ty
     then one flag per field of the step's config."""
     io = parser.add_argument_group("model, data and output")
     io.add_argument("--model", *trl_names.flags("model"), metavar="DIR",
-                    help=model_help or "a saved Hugging Face causal LM (save_pretrained)"
+                    help=model_help or "a saved Hugging Face causal LM (save_pretrained), or a Hugging Face name in "
+                    "the local cache"
                     + (" or reward model" if step == "reward" else "") + "; default: a fresh demo model "
                     "(rlhf.demo.DEMO_MODEL) seeded by --seed")
-    io.add_argument("--tokenizer", metavar="DIR", help="a saved tokenizer; default: the --model directory's "
-                    "when it has one, else the demo tokenizer")
+    io.add_argument("--tokenizer", metavar="DIR", help="a saved tokenizer (a folder or a Hugging Face name); "
+                    "default: the --model directory's when it has one, else the demo tokenizer")
     io.add_argument("--data", *trl_names.flags("data"), metavar="PATH[:WEIGHT]", action="append",
                     help="a .json, .jsonl or .parquet data file, optionally with its blend weight, or a data set "
                     "as NAME[:CONFIG][@SPLIT] (a datasets name or folder); repeat for several (weights for all or "

@@ -11,6 +11,7 @@ from pathlib import Path
 import tokenizers
 import transformers
 
+from hybrid_engine.commands.hub_names import local_path
 from hybrid_engine.rlhf.reward_format import is_reward_model_dir
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
@@ -20,9 +21,10 @@ SAMPLE = ("what is 3 plus 4", "The quick brown fox jumps over the lazy dog.", "H
 
 
 def check_model_dir(directory: str, flag: str = "--model", reward_ok: bool = False) -> Path:
-    """`directory` as a Path once it is known to hold a saved Hugging Face model (its config.json); a reward
-    model (a sequence classifier, or value_head.safetensors beside the body) only when reward_ok."""
-    path = Path(directory)
+    """`directory` (or the cached snapshot of the Hugging Face model it names: hub_names.py) as a Path once it is
+    known to hold a saved Hugging Face model (its config.json); a reward model (a sequence classifier, or
+    value_head.safetensors beside the body) only when reward_ok."""
+    path = local_path(directory, flag)
     if not path.is_dir():
         raise ValueError(f"{flag} {directory}: no such directory")
     if not (path / "config.json").is_file():
@@ -34,13 +36,18 @@ def check_model_dir(directory: str, flag: str = "--model", reward_ok: bool = Fal
 
 
 def has_tokenizer(directory: str | os.PathLike | None) -> bool:
-    """Whether `directory` holds a saved tokenizer."""
-    return directory is not None and any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+    """Whether `directory` (a folder, or a Hugging Face name resolved by hub_names.py) holds a saved tokenizer."""
+    if directory is None:
+        return False
+    path = local_path(str(directory), "--model")
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(directory: str | os.PathLike, flag: str = "--tokenizer", sample: Sequence[str] = ()):
     """transformers.AutoTokenizer from a local directory; a clear error when it holds none. The tokenizer is checked
-    against the directory's own tokenizer.json on `sample` (a few texts of the data) and SAMPLE (round_trip)."""
+    against the directory's own tokenizer.json on `sample` (a few texts of the data) and SAMPLE (round_trip).
+    A Hugging Face name is its snapshot in the local cache (hub_names.py)."""
+    directory = local_path(str(directory), flag)
     if not Path(directory).is_dir():
         raise ValueError(f"{flag} {directory}: no such directory")
     if not has_tokenizer(directory):

@@ -40,12 +40,13 @@ def add_ppo_command(subparsers) -> None:
                               "step 3), or critic-free with --algo grpo or rloo; by default from out/sft and "
                               "out/reward, on the prompts of --data (or of the demo task with --demo).")
     common.add_training_args(p, "ppo", PPOConfig, model_help="the SFT policy to train, a saved causal LM "
-                               f"(default: {DEFAULT_MODEL}, what `hybrid-engine sft` writes)")
+                               f"(default: {DEFAULT_MODEL}, what `hybrid-engine sft` writes), or a Hugging Face name "
+                               "in the local cache")
     models = p.add_argument_group("rewards and the other models")
     models.add_argument("--reward-model", *trl_names.flags("reward_model"), metavar="DIR",
-                        help="the frozen reward model that scores rollouts "
-                        f"(default: {DEFAULT_REWARD_MODEL}, what `hybrid-engine reward` writes, unless --reward-fn "
-                        "is given)")
+                        help="the frozen reward model that scores rollouts, a folder or a Hugging Face name of a "
+                        f"sequence classifier (default: {DEFAULT_REWARD_MODEL}, what `hybrid-engine reward` writes, "
+                        "unless --reward-fn is given)")
     models.add_argument("--no-reward-model", action="store_true", help="score by --reward-fn alone")
     models.add_argument("--critic", metavar="DIR", help="where PPO's critic starts (default: the reward model)")
     models.add_argument("--reference", metavar="DIR", help="the frozen policy of the KL term (default: --model as "
@@ -121,6 +122,9 @@ def run_ppo(args: argparse.Namespace) -> int:
     reward_fn, eval_fn = check_reward_flags(args, config)
     args.model = _model_dir(args.model, DEFAULT_MODEL, "--model", "sft")
     reward_model = reward_model_dir(args)
+    for flag in ("critic", "reference"):  # a folder, or a Hugging Face name's cached snapshot
+        if getattr(args, flag) is not None:
+            setattr(args, flag, str(check_model_dir(getattr(args, flag), f"--{flag}", reward_ok=flag == "critic")))
     ptx = [("--ptx-data", common.parse_data(d, "--ptx-data").path) for d in args.ptx_data or []]
     with common.claim(args, config.output_dir, *ptx, model=args.model, reward_model=reward_model, critic=args.critic,
                       reference=args.reference):  # one run in --output at a time
