@@ -179,6 +179,16 @@ def test_learning_rate_schedules_are_transformers(schedule, options, warmup):
                                atol=0)
 
 
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5])
+def test_a_fractional_warmup_is_transformers_share_of_the_run(ratio):
+    """warmup_steps below 1 is a fraction of the run's steps, as transformers 5's TrainingArguments reads it."""
+    total, peak = 11, 3e-4
+    args = transformers.TrainingArguments(output_dir="unused", warmup_steps=ratio, report_to="none")
+    ours = [peak * lr_scale(s, total, SFTConfig(warmup_steps=ratio).warmup_steps, "cosine") for s in range(total)]
+    torch.testing.assert_close(ours, hf_learning_rates("cosine", total, args.get_warmup_steps(total), peak),
+                               rtol=1e-12, atol=0)
+
+
 def test_the_defaults_schedule_is_unchanged():
     """Linear without warmup, the default, as it was before the schedules came from transformers (the README's
     figures depend on it)."""
@@ -191,7 +201,9 @@ def test_the_defaults_schedule_is_unchanged():
     ({"schedule": "warmup_stable_decay"}, "needs decay_steps"),
     ({"schedule": "reduce_lr_on_plateau"}, "schedule must be one of"),
     ({"min_lr_rate": 1.5}, "min_lr_rate must be in"),
-    ({"decay_steps": 0}, "decay_steps must be a positive integer")])
+    ({"decay_steps": 0}, "decay_steps must be a positive integer"),
+    ({"warmup_steps": 2.5}, r"warmup_steps must be a whole number of steps, or a fraction in \[0, 1\)"),
+    ({"warmup_steps": -1}, "warmup_steps must be")])
 def test_a_schedule_transformers_would_run_otherwise_is_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         SFTConfig(**settings)

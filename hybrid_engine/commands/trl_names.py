@@ -39,7 +39,7 @@ NO_MEANING = {
     "generation_batch_size": "set batch_size, the prompts per rollout (TRL's generation_batch_size / num_generations)",
     "use_vllm": "generation runs on the hybrid engine itself",
     "report_to": "the run writes metrics.jsonl and TensorBoard events",
-    "warmup_ratio": "give warmup_steps as a number of steps",
+    "warmup_ratio": "give warmup_steps: a number of steps, or a fraction below 1 of the run's steps (transformers 5)",
     "gradient_checkpointing_kwargs": "gradient_checkpointing takes no options here",
     "lr_scheduler_kwargs": "give min_lr_rate and decay_steps",
 }

@@ -4,6 +4,7 @@ and the learning rate's schedule over them."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -42,14 +43,20 @@ def batch_order(num_rows: int, batch_size: int, seed: int, epoch: int, rank: int
     return batches
 
 
-def lr_scale(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_rate: float = 0.0,
+def lr_scale(step: int, total_steps: int, warmup_steps: float, schedule: str, min_lr_rate: float = 0.0,
              decay_steps: int | None = None) -> float:
     """The learning rate's multiplier at optimizer step `step` (0-based) of `total_steps`: transformers' schedule
     `schedule` (get_scheduler) with `warmup_steps` of warmup, read as a pure function of the step, so a resumed run
     continues it exactly. min_lr_rate: where the MIN_LR_SCHEDULES end, as a fraction of lr; decay_steps: the final
     decay of warmup_stable_decay."""
     check_schedule(schedule, warmup_steps, decay_steps)
-    return _multiplier(schedule, total_steps, warmup_steps, min_lr_rate, decay_steps)(step)
+    return _multiplier(schedule, total_steps, warmup_count(warmup_steps, total_steps), min_lr_rate, decay_steps)(step)
+
+
+def warmup_count(warmup_steps: float, total_steps: int) -> int:
+    """The warmup's steps: warmup_steps itself, or, below 1, that fraction of total_steps rounded up (transformers'
+    TrainingArguments.get_warmup_steps)."""
+    return int(warmup_steps) if warmup_steps >= 1 else math.ceil(total_steps * warmup_steps)
 
 
 def check_schedule(schedule: str, warmup_steps: int, decay_steps: int | None) -> None:

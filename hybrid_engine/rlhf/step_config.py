@@ -42,8 +42,9 @@ class StepConfig:
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay."""
-    warmup_steps: int = 0
-    """Steps of warmup, rising from 0 at step 0 to lr (transformers' warmup; "constant" has none)."""
+    warmup_steps: float = 0
+    """Steps of warmup, rising from 0 at step 0 to lr (transformers' warmup; "constant" has none); a number below 1 is
+    a fraction of the run's steps, rounded up (transformers 5's warmup_steps, TRL's warmup_ratio)."""
     schedule: str = "linear"
     """The learning rate's schedule, by transformers' name (get_scheduler): "linear" decay towards 0 at the last
     step, "cosine" (DeepSpeed-Chat's), "cosine_with_restarts", "constant", "constant_with_warmup", "inverse_sqrt",
@@ -101,7 +102,8 @@ def check_common(config) -> None:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {config.seed!r}")
     if not isinstance(config.keep_checkpoints, int) or config.keep_checkpoints < 1:
         raise ValueError(f"keep_checkpoints must be a positive integer, got {config.keep_checkpoints!r}")
-    for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+    config.warmup_steps = _warmup(config.warmup_steps)
+    for name in ("eval_every", "checkpoint_every"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -127,6 +129,15 @@ def check_finite(config) -> None:
         value = getattr(config, f.name)
         if isinstance(value, float) and not math.isfinite(value) and not (math.isinf(value) and f.name in allowed):
             raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+
+
+def _warmup(value) -> int | float:
+    """warmup_steps checked: a whole number of steps (as an int), or a fraction in [0, 1) of the run's steps."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    if not ok or (value >= 1 and value != int(value)):
+        raise ValueError(f"warmup_steps must be a whole number of steps, or a fraction in [0, 1) of the run's steps, "
+                         f"got {value!r}")
+    return int(value) if value >= 1 or value == 0 else float(value)
 
 
 def _json_ready(pairs: list[tuple[str, object]]) -> dict:
