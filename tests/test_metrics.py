@@ -1,6 +1,6 @@
 """A run's metrics (commands/metrics.py): metrics.jsonl holds every record as written, numbers and the rest alike;
 TensorBoard gets the numbers as scalars and a PPO step's sample rollouts as text; the plot reads the numbers only.
-SFT's and the reward model's per-step records (commands/train.py) hold the loss and the learning rate."""
+SFT's and the reward model's per-step records (log_losses) hold the loss and the learning rate."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from hybrid_engine.commands.metrics import MetricsLog, plot_curves, read_metrics, samples_text
-from hybrid_engine.commands.train import _log_steps
+from hybrid_engine.commands.metrics import MetricsLog, log_losses, plot_curves, read_metrics
+from hybrid_engine.commands.trackers import samples_text
 
 SAMPLES = [{"prompt": "describe a fox\nbriefly", "completion": "a quick *red* fox", "score": 0.25},
            {"prompt": "tell me about paris", "completion": "", "score": -1.5}]
@@ -69,7 +69,7 @@ def test_a_conversational_prompt_shows_one_line_a_message():
 
 def test_sft_and_reward_records_hold_the_loss_and_the_learning_rate(tmp_path):
     result = SimpleNamespace(losses=[2.5, math.nan, 1.5], lrs=[1e-3, 2e-3 / 3, 1e-3 / 3])
-    _log_steps(str(tmp_path), "sft", result)
+    log_losses(str(tmp_path), "sft", result)
     assert read_metrics(tmp_path / "metrics.jsonl")[1:] == [
         {"tag": "sft", "step": 2, "loss": pytest.approx(math.nan, nan_ok=True), "lr": 2e-3 / 3},
         {"tag": "sft", "step": 3, "loss": 1.5, "lr": 1e-3 / 3}]

@@ -82,8 +82,9 @@ def test_a_folder_holding_a_run_is_refused_unless_overwrite_which_clears_it(mode
     out = tmp_path / "out"
     assert main(_sft_command(model_dir, sft_file, cache, out)) == 0
     assert not (out / LOCK_FILE).exists()  # released at the end
-    for name in ("critic", "tensorboard"):  # what a PPO run leaves beside its model
-        (out / name).mkdir()
+    for name in ("critic", "tensorboard"):  # what a PPO run leaves beside its model (sft writes tensorboard/ too)
+        (out / name).mkdir(exist_ok=True)
+        (out / name / "old").write_text("an earlier run's\n")
     (out / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match=r"^--output .* already holds a run \(.*\): pass --overwrite to replace it, "
                                          r"or --resume to continue it$"):
@@ -93,7 +94,8 @@ def test_a_folder_holding_a_run_is_refused_unless_overwrite_which_clears_it(mode
     assert f"note: --overwrite: cleared {out}" in capsys.readouterr().err
     names = {p.name for p in out.iterdir()}
     assert "config.json" in names and "summary.json" in names
-    assert not names & {"critic", "tensorboard", "metrics.jsonl", LOCK_FILE, FINAL_TMP}
+    assert not names & {"critic", LOCK_FILE, FINAL_TMP}
+    assert not (out / "tensorboard" / "old").exists() and (out / "metrics.jsonl").read_text() != "{}\n"  # the new run's
     with pytest.raises(ValueError, match="--resume and --overwrite exclude each other"):
         main(_sft_command(model_dir, sft_file, cache, out, "--overwrite", "--resume"))
 

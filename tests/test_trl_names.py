@@ -66,7 +66,7 @@ def test_trl_flags_set_our_settings():
 
 @pytest.mark.parametrize("argv, message", [
     (["--gradient_accumulation_steps", "4"], "gradient_accumulation_steps 4 .TRL's.: there is no gradient"),
-    (["--report_to", "wandb"], "report_to .TRL's. has no meaning here"),
+    (["--use_vllm", "true"], "use_vllm .TRL's. has no meaning here: generation runs on the hybrid engine"),
     (["--generation_batch_size", "32"], "set batch_size, the prompts per rollout")])
 def test_a_trl_flag_without_a_meaning_is_refused_saying_why(capsys, argv, message):
     with pytest.raises(SystemExit):

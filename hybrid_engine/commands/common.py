@@ -21,7 +21,7 @@ import datasets
 import torch
 import transformers
 
-from hybrid_engine.commands import run_keys, trl_names
+from hybrid_engine.commands import run_keys, trackers, trl_names
 from hybrid_engine.commands.accelerate_env import launch_ds_config
 from hybrid_engine.commands.config_args import add_config_args, build_config, file_settings, load_config_file
 from hybrid_engine.commands.ds_lr import given_lrs, lr_from_ds_config
@@ -105,6 +105,7 @@ def add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: ty
     io.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint under "
                     "--output (written with --checkpoint-every), with the same settings; the result is the same, to "
                     "the bit, as a run that never stopped")
+    trackers.add_report_args(parser.add_argument_group("trackers (metrics.jsonl is always written)"))
     settings = parser.add_argument_group(f"{config_cls.__name__} settings (also keys of --config)")
     add_config_args(settings, config_cls, skip=("output_dir",))
 

@@ -1,15 +1,17 @@
-"""A run's per-step figures: metrics.jsonl (one JSON object a line, flushed as the run goes, so a crash
-loses nothing written), TensorBoard event files when the tensorboard package is installed (the numbers as
-scalars, a PPO step's sample rollouts as text), and a PNG plot of the curves at the end. Only rank 0 writes."""
+"""A run's per-step figures: metrics.jsonl (one JSON object a line, flushed as the run goes, so a crash loses nothing
+written), the trackers --report-to names (trackers.py; by default TensorBoard event files when the tensorboard
+package is installed: the numbers as scalars, a PPO step's sample rollouts as text), and a PNG plot of the curves at
+the end. Only rank 0 writes."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 
+from hybrid_engine.commands.trackers import Reporting, close_sinks, is_number, open_sinks
 from hybrid_engine.rlhf.distributed import is_main_rank
 
 PLOTTED = (("score", "reward (training score)"), ("rule", "rule score (held out)"),
@@ -19,17 +21,22 @@ PLOTTED = (("score", "reward (training score)"), ("rule", "rule score (held out)
 
 
 class MetricsLog:
-    """Writes step records under `directory`: metrics.jsonl and tensorboard/ (rank 0 only)."""
+    """Writes step records under `directory`: metrics.jsonl and the trackers' records (rank 0 only). Used as a
+    context manager, or closed by close(): the trackers' runs are ended as failed when the block raised."""
 
-    def __init__(self, directory: str | os.PathLike, tag: str, resume_step: int | None = None):
+    def __init__(self, directory: str | os.PathLike, tag: str, resume_step: int | None = None,
+                 report: Reporting | None = None, config: Mapping | None = None):
         """resume_step: a run resumed from the checkpoint of that step; the records a killed run wrote after it
-        are dropped (the resumed run writes them again). None: a new run, which starts a new file. Nothing is
-        created until the first record (a run that fails its checks leaves no files)."""
+        are dropped (the resumed run writes them again). None: a new run, which starts a new file. report: the
+        trackers (default: TensorBoard when installed); config: the step's settings (step_config.config_dict),
+        given to each tracker once. Nothing is created until the first record (a run that fails its checks leaves
+        no files)."""
         self.tag = tag
         self.enabled = is_main_rank()
         self.directory = Path(directory)
         self.resume_step = resume_step
-        self._file = self._writer = None
+        self.report, self.config = report or Reporting(), config
+        self._file, self._sinks = None, None
 
     def _open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -39,12 +46,7 @@ class MetricsLog:
         self._file = open(path, "w", encoding="utf-8")
         for record in kept:
             self._file.write(json.dumps(record) + "\n")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional: the JSONL and the plot still hold everything
-            return
-        purge = None if step is None else step + 1  # drops the killed run's later events
-        self._writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=purge)
+        self._file.flush()
 
     def write(self, step: int, record: dict) -> None:
         if not self.enabled:
@@ -52,31 +54,34 @@ class MetricsLog:
         if self._file is None:
             self._open()
         self._file.write(json.dumps({"tag": self.tag, "step": step, **record}) + "\n")
-        self._file.flush()
-        if self._writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self._writer.add_scalar(f"{self.tag}/{key}", value, step)
-                elif key == "samples" and value:
-                    self._writer.add_text(f"{self.tag}/samples", samples_text(value), step)
+        self._file.flush()  # before the trackers: what they fail on is kept here
+        if self._sinks is None:  # opened at the first record, after it is safe in the file
+            self._sinks = open_sinks(self.report, self.directory, self.tag, self.resume_step, self.config)
+        scalars = {f"{self.tag}/{key}": value for key, value in record.items() if is_number(value) and key != "step"}
+        samples = record.get("samples") or None
+        for sink in self._sinks:
+            sink.log(step, scalars, samples)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self._file is not None:
             self._file.close()
-        if self._writer is not None:
-            self._writer.close()
+        sinks, self._sinks = self._sinks or [], []
+        close_sinks(sinks, failed)
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.close(failed=kind is not None)
 
 
-def samples_text(samples: list[dict]) -> str:
-    """A step's sample rollouts ({prompt, completion, score} each) as TensorBoard markdown: the texts verbatim,
-    as indented code blocks (a conversational prompt one 'role: content' line a message)."""
-    def block(text: str | list[dict]) -> str:
-        if isinstance(text, list):  # a conversational prompt: its messages
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in text)
-        return textwrap.indent(text or "(empty)", "    ", lambda line: True)
-
-    return "\n\n".join(f"**{i}.** score {s['score']:.4g}, prompt:\n\n{block(s['prompt'])}\n\ncompletion:\n\n"
-                       f"{block(s['completion'])}" for i, s in enumerate(samples, 1))
+def log_losses(directory: str | os.PathLike, tag: str, result, report: Reporting | None = None,
+               config: Mapping | None = None) -> None:
+    """An SFT or reward run's metrics.jsonl (and trackers), written when the step has finished: each step's loss and
+    learning rate."""
+    with MetricsLog(directory, tag, report=report, config=config) as log:
+        for i, (loss, lr) in enumerate(zip(result.losses, result.lrs, strict=True)):
+            log.write(i + 1, {"loss": loss, "lr": lr})
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

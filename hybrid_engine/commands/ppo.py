@@ -8,8 +8,8 @@ Each --data file is PPO's alone unless --data-split gives it a share; every colu
 and the --eval-fn as a keyword argument.
 
 Writes to the output directory: the trained actor (save_pretrained, with its tokenizer), critic/ (PPO),
-ema/ (with --ema-beta), metrics.jsonl (one record per step and per evaluation), tensorboard/, ppo.png (the
-curves) and summary.json.
+ema/ (with --ema-beta), metrics.jsonl (one record per step and per evaluation), ppo.png (the curves), summary.json,
+and what --report-to's trackers write: tensorboard/ by default, wandb/ or mlruns/ (trackers.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from hybrid_engine.commands import common, run_keys, trl_names
+from hybrid_engine.commands import common, run_keys, trackers, trl_names
 from hybrid_engine.commands.metrics import MetricsLog, plot_curves, read_metrics
 from hybrid_engine.commands.model_dirs import check_model_dir
 from hybrid_engine.rlhf.checkpoint import newest_checkpoint, step_of
@@ -29,6 +29,7 @@ from hybrid_engine.rlhf.loop import evals_json
 from hybrid_engine.rlhf.ppo import ModelSources, PPOConfig, train_ppo
 from hybrid_engine.rlhf.ppo.rewards import RewardFunctions
 from hybrid_engine.rlhf.reward_fn import load_reward_fn
+from hybrid_engine.rlhf.step_config import config_dict
 
 DEFAULT_MODEL = "out/sft"
 DEFAULT_REWARD_MODEL = "out/reward"
@@ -119,6 +120,7 @@ def run_ppo(args: argparse.Namespace) -> int:
     """`hybrid-engine ppo`: train_ppo with the flags' settings, then the logs, the plot and the summary."""
     common.quiet_libraries()
     config = common.step_config(args, PPOConfig, "ppo", run_keys.PPO)
+    report = trackers.reporting(args, config.output_dir)
     reward_fn, eval_fn = check_reward_flags(args, config)
     args.model = _model_dir(args.model, DEFAULT_MODEL, "--model", "sft")
     reward_model = reward_model_dir(args)
@@ -128,25 +130,24 @@ def run_ppo(args: argparse.Namespace) -> int:
     ptx = [("--ptx-data", common.parse_data(d, "--ptx-data").path) for d in args.ptx_data or []]
     with common.claim(args, config.output_dir, *ptx, model=args.model, reward_model=reward_model, critic=args.critic,
                       reference=args.reference):  # one run in --output at a time
-        return _run(args, config, reward_model, reward_fn, eval_fn)
+        return _run(args, config, report, reward_model, reward_fn, eval_fn)
 
 
-def _run(args: argparse.Namespace, config: PPOConfig, reward_model, reward_fn, eval_fn) -> int:
+def _run(args: argparse.Namespace, config: PPOConfig, report: trackers.Reporting, reward_model, reward_fn,
+         eval_fn) -> int:
     data = common.step_data(args, "ppo", config.seed)  # every row checked before the models load
     ptx_data = _ptx(args, config.seed)
     model, tokenizer = common.model_and_tokenizer(args, config.seed, data=data)
     others = [(flag, d) for flag, d in (("--reward-model", reward_model), ("--critic", args.critic),
                                         ("--reference", args.reference)) if d is not None]
     common.preflight({"ppo": config}, {"ppo": data}, tokenizer, model, args.ds_config, others)  # before any work
-    log = MetricsLog(config.output_dir, "ppo", resume_step=resume_step(config.output_dir) if args.resume else None)
-    try:
+    resume = resume_step(config.output_dir) if args.resume else None
+    with MetricsLog(config.output_dir, "ppo", resume, report, config_dict(config)) as log:
         sources = ModelSources(actor=model, reward_model=reward_model, critic=args.critic, reference=args.reference,
                                reward_fn=reward_fn, eval_fn=eval_fn, ds_config=args.ds_config,
                                lora=common.lora_config(args))
         result = train_ppo(sources, tokenizer, data, config, ptx_data=ptx_data,
                            progress=not args.no_progress, log=log.write, resume=args.resume)
-    finally:
-        log.close()
     rows, figures = ppo_summary(result)
     if is_main_rank():
         plot_curves(read_metrics(Path(config.output_dir) / "metrics.jsonl"), Path(config.output_dir) / "ppo.png",

@@ -4,6 +4,8 @@
     hybrid-engine reward --model DIR --data pairs.jsonl --output out/reward
 
 Each --data file is the reward step's alone unless --data-split gives it a share (`train` splits its files 2,4,4).
+Writes to the output directory: the model and its tokenizer, summary.json, metrics.jsonl (each step's loss and
+learning rate, written when training ends) and what --report-to's trackers write (tensorboard/ by default).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from hybrid_engine.commands import trackers
 from hybrid_engine.commands.common import (
     add_training_args,
     before_after,
@@ -22,8 +25,10 @@ from hybrid_engine.commands.common import (
     step_config,
     step_data,
 )
+from hybrid_engine.commands.metrics import log_losses
 from hybrid_engine.rlhf.loop import evals_json
 from hybrid_engine.rlhf.reward import RewardConfig, train_reward
+from hybrid_engine.rlhf.step_config import config_dict
 
 
 def add_reward_command(subparsers) -> None:
@@ -39,11 +44,12 @@ def run_reward(args: argparse.Namespace) -> int:
     """`hybrid-engine reward`: train_reward with the flags' settings, then the summary."""
     quiet_libraries()
     config = step_config(args, RewardConfig, "reward")
+    reporting = trackers.reporting(args, config.output_dir)
     with claim(args, config.output_dir, model=args.model):  # one run in --output at a time
-        return _run(args, config)
+        return _run(args, config, reporting)
 
 
-def _run(args: argparse.Namespace, config: RewardConfig) -> int:
+def _run(args: argparse.Namespace, config: RewardConfig, reporting: trackers.Reporting) -> int:
     data = step_data(args, "reward", config.seed)  # every row checked before the model loads
     model, tokenizer = model_and_tokenizer(args, config.seed, reward_ok=True, data=data)
     preflight({"reward": config}, {"reward": data}, tokenizer, model, args.ds_config)  # before any work
@@ -69,6 +75,7 @@ def _run(args: argparse.Namespace, config: RewardConfig) -> int:
                "losses": losses, "lrs": result.lrs, "before": evals[0][1], "after": evals[-1][1], "evals": evals,
                "train_s": result.train_s, "wall_s": result.wall_s,
                "token_stats": dataclasses.asdict(result.token_stats)}
+    log_losses(config.output_dir, "reward", result, reporting, config_dict(config))  # metrics.jsonl, the trackers
     report("reward", args, config, data, rows, figures)
     return 0
 

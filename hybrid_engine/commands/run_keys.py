@@ -4,11 +4,13 @@
     data: [rows.jsonl, more.jsonl:0.5]   # a path, or a list of them (PATH[:WEIGHT], as --data takes)
     reward_model: out/reward
     reward_fn: [my_rules.py:score, my_rules.py:brevity]   # one function, or a list
+    report_to: [tensorboard, wandb]      # the trackers (--report-to); a name or a list of them
     ppo:
       reward_weights: [1.0, 0.5]
       max_steps: 20
 
-TRL's names are read too: model_name_or_path, dataset_name, reward_funcs, reward_model_name_or_path.
+TRL's names are read too: model_name_or_path, dataset_name, reward_funcs, reward_model_name_or_path; report_to
+and run_name are TRL's names and ours.
 Each is the value of the flag of the same name when that flag is not given: an explicit flag wins over the file.
 Paths are read as the flags' are, from the working directory. They are top-level keys only: a run has one model and
 one data set, whichever steps it runs (a run setting inside a step's section is refused, saying so).
@@ -25,10 +27,13 @@ from hybrid_engine.commands.config_args import SECTIONS, ConfigValues
 KINDS: dict[str, type] = {
     "model": str, "tokenizer": str, "data": list, "demo": bool, "data_split": str, "eval_fraction": float,
     "cache_dir": str, "ds_config": str, "reward_model": str, "no_reward_model": bool, "critic": str,
-    "reference": str, "reward_fn": list, "eval_fn": str, "ptx_data": list,
+    "reference": str, "reward_fn": list, "eval_fn": str, "ptx_data": list, "report_to": list, "run_name": str,
 }
 """Every run setting a config file may hold, with its type (list: one string or a list of strings)."""
-STEP = ("model", "tokenizer", "data", "demo", "data_split", "eval_fraction", "cache_dir", "ds_config")
+LIST_KINDS = {"reward_fn": "a function or a list of functions", "report_to": "a tracker name or a list of them"}
+"""What the list settings that are not paths hold, for the error on a bad one."""
+STEP = ("model", "tokenizer", "data", "demo", "data_split", "eval_fraction", "cache_dir", "ds_config", "report_to",
+        "run_name")
 """The run settings of `hybrid-engine sft` and `reward`."""
 PPO = STEP + ("reward_model", "no_reward_model", "critic", "reference", "reward_fn", "eval_fn", "ptx_data")
 """The run settings of `hybrid-engine ppo`."""
@@ -40,8 +45,10 @@ def _checked(key: str, value, where: str):
     kind = KINDS[key]
     if kind is list:
         value = [value] if isinstance(value, str) else value
+        if key == "report_to" and value == []:  # TRL's spelling of no tracker
+            return ["none"]
         if not (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
-            what = "a function or a list of functions" if key == "reward_fn" else "a path or a list of paths"
+            what = LIST_KINDS.get(key, "a path or a list of paths")
             raise ValueError(f"{where}: {key!r} must be {what}, got {value!r}")
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):

@@ -4,6 +4,8 @@
     hybrid-engine sft --model DIR --data rows.jsonl --output out/sft
 
 Each --data file is SFT's alone unless --data-split gives it a share (`train` splits its files 2,4,4).
+Writes to the output directory: the model and its tokenizer, summary.json, metrics.jsonl (each step's loss and
+learning rate, written when training ends) and what --report-to's trackers write (tensorboard/ by default).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from hybrid_engine.commands import trackers
 from hybrid_engine.commands.common import (
     add_lora_args,
     add_training_args,
@@ -24,7 +27,9 @@ from hybrid_engine.commands.common import (
     step_config,
     step_data,
 )
+from hybrid_engine.commands.metrics import log_losses
 from hybrid_engine.rlhf.sft import SFTConfig, train_sft
+from hybrid_engine.rlhf.step_config import config_dict
 
 
 def add_sft_command(subparsers) -> None:
@@ -41,11 +46,12 @@ def run_sft(args: argparse.Namespace) -> int:
     """`hybrid-engine sft`: train_sft with the flags' settings, then the summary."""
     quiet_libraries()
     config = step_config(args, SFTConfig, "sft")
+    reporting = trackers.reporting(args, config.output_dir)
     with claim(args, config.output_dir, model=args.model):  # one run in --output at a time
-        return _run(args, config)
+        return _run(args, config, reporting)
 
 
-def _run(args: argparse.Namespace, config: SFTConfig) -> int:
+def _run(args: argparse.Namespace, config: SFTConfig, reporting: trackers.Reporting) -> int:
     lora = lora_config(args)
     data = step_data(args, "sft", config.seed)  # every row checked before the model loads
     model, tokenizer = model_and_tokenizer(args, config.seed, data=data)
@@ -65,6 +71,7 @@ def _run(args: argparse.Namespace, config: SFTConfig) -> int:
                "eval_perplexity_after": result.eval_perplexity_after, "evals": result.evals,
                "train_tokens": result.train_tokens, "tokens_per_s": result.tokens_per_s, "train_s": result.train_s,
                "wall_s": result.wall_s, "token_stats": dataclasses.asdict(stats), "lora_r": args.lora_r}
+    log_losses(config.output_dir, "sft", result, reporting, config_dict(config))  # metrics.jsonl, the trackers
     report("sft", args, config, data, rows, figures)
     return 0
 

@@ -4,9 +4,10 @@
     hybrid-engine train --config my.yaml --data rows.jsonl --output out/run1   # each file split 2,4,4
     hybrid-engine train --set ppo.max_steps=20 --set sft.epochs=1
 
-The output directory gets sft/ (step 1's model), reward/ (step 2's), ppo/ (the final policy, its critic,
-metrics.jsonl and tensorboard/), train.png (the PPO curves) and summary.json. A second run into a folder that holds
-one is refused: --resume continues it, --overwrite replaces it. On the built-in demo task the
+The output directory gets sft/ (step 1's model), reward/ (step 2's), ppo/ (the final policy, its critic),
+train.png (the PPO curves) and summary.json; each step's folder has its metrics.jsonl and, by default, tensorboard/
+(--report-to: wandb/ or mlruns/ go in the output directory, one tracker run a step; trackers.py). A second run into a
+folder that holds one is refused: --resume continues it, --overwrite replaces it. On the built-in demo task the
 summary also checks the default run's goals: a reward model of >= 90% held-out accuracy, and a held-out rule
 score raised at least halfway to its maximum with the KL to the reference below DEMO_KL_BOUND.
 """
@@ -26,10 +27,10 @@ import torch
 import yaml
 
 from hybrid_engine._build import cpu_id, cpu_model
-from hybrid_engine.commands import common, run_keys
+from hybrid_engine.commands import common, run_keys, trackers
 from hybrid_engine.commands.config_args import ConfigValues, build_config, file_settings, load_config_file
 from hybrid_engine.commands.ds_lr import given_lrs, lr_from_ds_config
-from hybrid_engine.commands.metrics import MetricsLog, plot_curves, read_metrics
+from hybrid_engine.commands.metrics import MetricsLog, log_losses, plot_curves, read_metrics
 from hybrid_engine.commands.ppo import logprob_note, ppo_summary, resume_step, reward_functions
 from hybrid_engine.rlhf.checkpoint import checkpoints
 from hybrid_engine.rlhf.demo import DEMO_DIR, rule_score_batch
@@ -85,6 +86,7 @@ def add_train_command(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue a stopped run in --output: finished steps are "
                    "not run again, the step that was running resumes from its newest checkpoint (checkpoint_every "
                    "in the config)")
+    trackers.add_report_args(p.add_argument_group("trackers (each step's metrics.jsonl is always written)"))
     p.set_defaults(func=run_train)
 
 
@@ -159,14 +161,6 @@ def train_data(args: argparse.Namespace, configs: dict) -> dict:
             for step in ("sft", "reward", "ppo")}
 
 
-def _log_steps(directory: str, tag: str, result) -> None:
-    """An SFT or reward run's metrics.jsonl: each step's loss and learning rate."""
-    log = MetricsLog(directory, tag)
-    for i, (loss, lr) in enumerate(zip(result.losses, result.lrs, strict=True)):
-        log.write(i + 1, {"loss": loss, "lr": lr})
-    log.close()
-
-
 DONE_FILE = "step_result.json"
 """Written into a step's folder when the step has finished: what the summary needs of it."""
 
@@ -204,13 +198,14 @@ REWARD_FIELDS = ("before", "after", "accuracy_before", "accuracy_after", "evals"
                  "stop_reason", "wall_s")
 
 
-def run_step(args, config, step: str, fields: tuple[str, ...], train):
-    """A finished step's saved result (train --resume), or `train(resume)`'s, logged and marked done."""
+def run_step(args, config, step: str, fields: tuple[str, ...], reporting: trackers.Reporting, train):
+    """A finished step's saved result (train --resume), or `train(resume)`'s, logged (metrics.jsonl and the trackers)
+    and marked done."""
     done = _finished(config.output_dir, args.resume)
     if done is not None:
         return done
     result = train(_resume_step(config, args.resume))
-    _log_steps(config.output_dir, step, result)
+    log_losses(config.output_dir, step, result, reporting.for_step(step), config_dict(config))
     _mark_done(config.output_dir, result, fields)
     return result
 
@@ -220,11 +215,12 @@ def run_train(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     common.quiet_libraries()
     configs = step_configs(args)  # every setting is checked before any step starts
+    reporting = trackers.reporting(args, args.output)
     with common.claim(args, args.output, model=args.model):  # one run in --output at a time
-        return _run(args, configs, t_start)
+        return _run(args, configs, reporting, t_start)
 
 
-def _run(args: argparse.Namespace, configs: dict, t_start: float) -> int:
+def _run(args: argparse.Namespace, configs: dict, reporting: trackers.Reporting, t_start: float) -> int:
     progress = not args.no_progress
     sft_cfg, rm_cfg, ppo_cfg = configs["sft"], configs["reward"], configs["ppo"]
     demo = uses_demo(args)
@@ -234,25 +230,24 @@ def _run(args: argparse.Namespace, configs: dict, t_start: float) -> int:
     model, tokenizer = common.model_and_tokenizer(_step_args(args, model=args.model), sft_cfg.seed, data=data["sft"])
     common.preflight(configs, data, tokenizer, model, args.ds_config)  # every step's checks before the first step
     _banner("1/3 sft")
-    sft = run_step(args, sft_cfg, "sft", SFT_FIELDS, lambda resume: train_sft(
+    sft = run_step(args, sft_cfg, "sft", SFT_FIELDS, reporting, lambda resume: train_sft(
         model, tokenizer, data["sft"], sft_cfg, ds_config=args.ds_config, progress=progress, resume=resume))
     model = sft.engine = None  # the step saved its model; the next steps load it from sft_cfg.output_dir
     _banner("2/3 reward")
-    rm = run_step(args, rm_cfg, "reward", REWARD_FIELDS, lambda resume: train_reward(
+    rm = run_step(args, rm_cfg, "reward", REWARD_FIELDS, reporting, lambda resume: train_reward(
         sft_cfg.output_dir, tokenizer, data["reward"], rm_cfg, ds_config=args.ds_config, progress=progress,
         resume=resume))
     rm.model = None
     _banner("3/3 ppo")
     resume = _resume_step(ppo_cfg, args.resume)
-    log = MetricsLog(ppo_cfg.output_dir, "ppo", resume_step=resume_step(ppo_cfg.output_dir) if resume else None)
-    try:
+    since = resume_step(ppo_cfg.output_dir) if resume else None
+    with MetricsLog(ppo_cfg.output_dir, "ppo", since, reporting.for_step("ppo"), config_dict(ppo_cfg)) as log:
         sources = ModelSources(actor=sft_cfg.output_dir, reward_model=rm_cfg.output_dir, reward_fn=reward_fn,
                                eval_fn=eval_fn, ds_config=args.ds_config)
         ppo = train_ppo(sources, tokenizer, data["ppo"], ppo_cfg, progress=progress, log=log.write, resume=resume)
-    finally:
-        log.close()
     wall = time.perf_counter() - t_start
-    summarize(args, configs, sft, rm, ppo, wall, demo=demo and eval_fn is rule_score_batch)
+    summarize(args, configs, sft, rm, ppo, wall, demo=demo and eval_fn is rule_score_batch,
+              tensorboard="tensorboard" in reporting.to)
     return 0
 
 
@@ -306,7 +301,7 @@ def machine() -> dict:
             "torch": torch.__version__}
 
 
-def summarize(args, configs: dict, sft, rm, ppo, wall_s: float, demo: bool) -> None:
+def summarize(args, configs: dict, sft, rm, ppo, wall_s: float, demo: bool, tensorboard: bool = True) -> None:
     """Prints the table (and the demo's goals), writes summary.json and train.png; rank 0 only."""
     if not is_main_rank():
         return
@@ -338,5 +333,5 @@ def summarize(args, configs: dict, sft, rm, ppo, wall_s: float, demo: bool) -> N
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     saved = "train.png, " if plot else ""
     print(f"  saved to {out}: sft/, reward/, ppo/ (the final policy), {saved}summary.json")
-    if shutil.which("tensorboard"):
+    if tensorboard and shutil.which("tensorboard"):
         print(f"  tensorboard --logdir {out}/ppo/tensorboard")

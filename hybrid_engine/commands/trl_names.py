@@ -7,6 +7,7 @@ saying why, never ignored.
     max_completion_length: 64      # = max_new_tokens
     beta: 0.04                     # = kl_coef
     gradient_accumulation_steps: 1 # our fixed behaviour: accepted; 2 is refused (no gradient accumulation yet)
+    report_to: [wandb, tensorboard] # = report_to (--report-to, trackers.py), as is run_name: TRL's names are ours
 """
 
 from __future__ import annotations
@@ -32,13 +33,12 @@ generation_batch_size divided by num_generations)."""
 FIXED = {
     "gradient_accumulation_steps": (1, "there is no gradient accumulation yet: raise the batch size"),
     "steps_per_generation": (1, "each rollout is trained on at once: set batch_size (prompts per rollout) instead"),
-    "logging_steps": (1, "every step is logged (metrics.jsonl, TensorBoard)"),
+    "logging_steps": (1, "every step is logged (metrics.jsonl and the --report-to trackers)"),
 }
 """TRL settings whose value is fixed here: (the value we run with, accepted; why another is refused)."""
 NO_MEANING = {
     "generation_batch_size": "set batch_size, the prompts per rollout (TRL's generation_batch_size / num_generations)",
     "use_vllm": "generation runs on the hybrid engine itself",
-    "report_to": "the run writes metrics.jsonl and TensorBoard events",
     "warmup_ratio": "give warmup_steps: a number of steps, or a fraction below 1 of the run's steps (transformers 5)",
     "gradient_checkpointing_kwargs": "gradient_checkpointing takes no options here",
     "lr_scheduler_kwargs": "give min_lr_rate and decay_steps",
