@@ -188,9 +188,12 @@ def test_a_column_of_two_types_reaches_ppo_as_the_file_holds_it(tmp_path, cache,
                             "the reward function receives must hold one type")
 
 
-def test_a_ppo_column_named_like_a_reward_function_argument_is_refused(tmp_path, cache):
-    path = write_rows(tmp_path / "clash.jsonl", [{"prompt": "a", "completions": "x"}])
-    with pytest.raises(ValueError, match=r"clash\.jsonl: a column may not be named 'completions'"):
+@pytest.mark.parametrize("name", ["completions", "completion_ids", "trainer_state", "log_metric"])
+def test_a_ppo_column_named_like_a_reward_function_argument_is_refused(tmp_path, cache, name):
+    path = write_rows(tmp_path / "clash.jsonl", [{"prompt": "a", name: "x"}])
+    with pytest.raises(ValueError, match=rf"clash\.jsonl: a column may not be named '{name}': the reward function "
+                       r"takes its other columns as keyword arguments beside prompts, completions, completion_ids, "
+                       r"trainer_state, log_metric, log_extra; rename it"):
         load_file(path, "ppo", cache)
 
 

@@ -64,7 +64,9 @@ WHOLE_FILE = {"sft": "1,0,0", "reward": "0,1,0", "ppo": "0,0,1"}
 """The data_split that gives a file wholly to one step."""
 MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 """The type of a conversational prompt's column: TRL's list of messages."""
-RESERVED = ("prompts", "completions")
+REWARD_EXTRAS = ("completion_ids", "trainer_state", "log_metric", "log_extra")
+"""TRL's keyword arguments of a reward function beyond prompts, completions and the row's columns."""
+RESERVED = ("prompts", "completions", *REWARD_EXTRAS)
 """The reward function's own arguments, which a PPO file's columns cannot be named."""
 
 
@@ -194,7 +196,7 @@ def check_reserved(path: str | Path, columns: Sequence[str]) -> None:
     """A one-line ValueError when a PPO file has a column named as one of the reward function's own arguments."""
     if clash := [c for c in columns if c in RESERVED]:
         raise ValueError(f"{path}: a column may not be named {clash[0]!r}: the reward function takes its other "
-                         f"columns as keyword arguments beside {' and '.join(RESERVED)}; rename it")
+                         f"columns as keyword arguments beside {', '.join(RESERVED)}; rename it")
 
 
 def content_cache(path: Path, cache_dir: str | None) -> str:

@@ -24,10 +24,8 @@ from numbers import Real
 import torch
 from transformers import TrainerState
 
+from hybrid_engine.rlhf.data import REWARD_EXTRAS
 from hybrid_engine.rlhf.reward_fn import RewardTimeout, call_with_timeout, load_reward_fn, takes
-
-TRL_EXTRAS = ("completion_ids", "trainer_state", "log_metric", "log_extra")
-"""TRL's keyword arguments beyond prompts, completions and the row columns, given to a function that takes them."""
 
 
 @dataclass(frozen=True)
@@ -136,8 +134,7 @@ def call_functions(funcs: RewardFunctions, prompts: list, completions: list[str]
     if prompts and isinstance(prompts[0], list):  # conversational: each completion one assistant message
         completions = [[{"role": "assistant", "content": c}] for c in completions]
     log = StepLog()
-    offered = {"completion_ids": ids, "trainer_state": state, "log_metric": log.log_metric,
-               "log_extra": log.log_extra}
+    offered = dict(zip(REWARD_EXTRAS, (ids, state, log.log_metric, log.log_extra)))
     columns = []
     for fn, name in zip(funcs.fns, funcs.names):
         extras = {k: v for k, v in offered.items() if v is not None and takes(fn, k)}
