@@ -82,6 +82,14 @@ class InferenceTransformer:
         qkv = qkv.view(B, S, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
         return qkv.split([s.num_heads, s.num_kv_heads, s.num_kv_heads], dim=2)
 
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor, layer: Layer):
+        """q [B, S, Hq, D], k [B, S, Hkv, D] as RoPE takes them: Qwen3 normalises each head over D (new tensors),
+        the other families use the projection's views as they are."""
+        if layer.q_norm is None:
+            return q, k
+        eps = self.spec.norm_eps
+        return ops.rms_norm(q, layer.q_norm.weight, eps), ops.rms_norm(k, layer.k_norm.weight, eps)
+
     def logits(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         h = self.norm(x, self.w.final_norm, residual)[0]
         return linear(h, self.w.lm_head)
@@ -96,6 +104,7 @@ class InferenceTransformer:
         for i, layer in enumerate(self.w.layers):
             h, residual = self.norm(x, layer.attn_norm, residual)
             q, k, v = self.split_qkv(linear(h, layer.qkv), B, S)
+            q, k = self.norm_qk(q, k, layer)
             kc, vc = cache.k[i, :B], cache.v[i, :B]
             ops.rotary_append_kv(q, k, v, kc, vc, positions, self.cos, self.sin)
             a = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kc, vc, self.scales[i])
@@ -180,12 +189,13 @@ class InferenceTransformer:
 
     # ---- decode ----
     def flat_weights(self) -> list[torch.Tensor | None]:
-        """The weights in decode_step's order: 12 per layer, then final norm and LM head."""
+        """The weights in decode_step's order: 14 per layer, then final norm and LM head."""
         if self._flat is None:
             flat: list[torch.Tensor | None] = []
             for layer in self.w.layers:
                 for part in (layer.attn_norm, layer.qkv, layer.o, layer.mlp_norm, layer.up, layer.down):
                     flat += [part.weight, part.bias]
+                flat += [None if n is None else n.weight for n in (layer.q_norm, layer.k_norm)]
             self._flat = flat + [self.w.final_norm.weight, self.w.final_norm.bias, self.w.lm_head.weight,
                                  self.w.lm_head.bias]
         return self._flat
@@ -203,7 +213,7 @@ class InferenceTransformer:
         x = self.embed(tokens, cache.lengths[:B])
         return ops.decode_step(x, self.flat_weights(), cache.k, cache.v, cache.lengths[:B], self.cos, self.sin,
                                s.num_heads, s.num_kv_heads, s.head_dim, s.norm == "rms", s.activation, s.norm_eps,
-                               self.scales)
+                               self.scales, s.qk_norm)
 
     @torch.no_grad()
     def decode_python(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -217,6 +227,7 @@ class InferenceTransformer:
         for i, layer in enumerate(self.w.layers):
             h, residual = self.norm(x, layer.attn_norm, residual)
             q, k, v = self.split_qkv(linear(h, layer.qkv), B, 1)
+            q, k = self.norm_qk(q, k, layer)
             kc, vc = cache.k[i, :B], cache.v[i, :B]
             ops.rotary_append_kv(q, k, v, kc, vc, positions, self.cos, self.sin)
             a = ops.decode_attention(q.view(B, s.num_heads, s.head_dim), kc, vc, lengths, self.scales[i])

@@ -40,6 +40,8 @@ class Layer:
     mlp_norm: Norm
     up: Linear  # Llama: fused gate|up [2 I, H]; OPT/GPT-2: fc1 [I, H]
     down: Linear  # [H, I]
+    q_norm: Norm | None = None  # Qwen3: RMSNorm weight [D], applied per head to q before RoPE
+    k_norm: Norm | None = None  # Qwen3: the same for k
 
 
 @dataclass
@@ -171,6 +173,8 @@ def layer_weights(b: WeightBuilder, spec: ModelSpec, layer: torch.nn.Module) -> 
             mlp_norm=b.norm(layer.post_attention_layernorm),
             up=b.linear(mlp.gate_proj, mlp.up_proj),
             down=b.linear(mlp.down_proj),
+            q_norm=b.norm(attn.q_norm) if spec.qk_norm else None,
+            k_norm=b.norm(attn.k_norm) if spec.qk_norm else None,
         )
     if spec.family == "opt":
         attn = layer.self_attn

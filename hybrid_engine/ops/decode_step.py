@@ -14,11 +14,12 @@ from hybrid_engine.ops import dispatch
 from hybrid_engine.ops._library import fake, kernels
 
 ACTIVATIONS = {"silu": 0, "relu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "gelu": 3}
+QK_NORMS = {None: 0, "head": 1}  # ModelSpec.qk_norm -> the op's qk_norm
 
 
 @fake("hybrid_engine::decode_step")
 def _decode_step_fake(x, weights, k_cache, v_cache, lengths, cos, sin, num_heads, num_kv_heads, head_dim, rms_norm,
-                      activation, eps, scales):
+                      activation, eps, scales, qk_norm=0):
     return x.new_empty(x.shape[0], weights[-2].shape[0], dtype=torch.float32)
 
 
@@ -37,11 +38,15 @@ def decode_step(
     activation: str,
     eps: float,
     scales: list[float],
+    qk_norm: str | None = None,
 ) -> torch.Tensor:
-    """Logits fp32 [B, V] for embedded tokens x fp32 [B, H]; appends to the caches and increments lengths."""
+    """Logits fp32 [B, V] for embedded tokens x fp32 [B, H]; appends to the caches and increments lengths.
+    qk_norm "head": each layer's q_norm/k_norm weights [D] (slots 12, 13) normalise q and k per head before RoPE."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"decode_step: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if qk_norm not in QK_NORMS:
+        raise ValueError(f"decode_step: qk_norm must be one of {list(QK_NORMS)}, got {qk_norm!r}")
     dispatch.ensure()  # its linear layers follow decode_linear's measured routes
     return kernels().decode_step(x, weights, k_cache, v_cache, lengths, cos, sin, num_heads,
                                                num_kv_heads, head_dim, rms_norm, ACTIVATIONS[activation], eps,
-                                               scales)
+                                               scales, QK_NORMS[qk_norm])

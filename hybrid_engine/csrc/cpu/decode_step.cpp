@@ -11,8 +11,13 @@ namespace hybrid_engine {
 namespace {
 
 // Slots per layer in the flat weight list, in this order (undefined where a model has none).
-enum Slot { kAttnNormW, kAttnNormB, kQkvW, kQkvB, kOW, kOB, kMlpNormW, kMlpNormB, kUpW, kUpB, kDownW, kDownB, kSlots };
+enum Slot {
+  kAttnNormW, kAttnNormB, kQkvW, kQkvB, kOW, kOB, kMlpNormW, kMlpNormB, kUpW, kUpB, kDownW, kDownB,
+  kQNormW, kKNormW,  // Qwen3's per-head q/k RMSNorm weights [D]
+  kSlots
+};
 enum Activation { kSiluGated = 0, kRelu = 1, kGeluTanh = 2, kGelu = 3 };
+enum QkNorm { kNoQkNorm = 0, kPerHead = 1 };
 
 std::optional<at::Tensor> opt(const c10::List<std::optional<at::Tensor>>& w, int64_t i) {
   std::optional<at::Tensor> t = w.get(i);
@@ -31,7 +36,7 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
                            const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& lengths,
                            const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, bool rms_norm,
-                           int64_t activation, double eps, at::ArrayRef<double> scales) {
+                           int64_t activation, double eps, at::ArrayRef<double> scales, int64_t qk_norm) {
   CHECK_DIM(x, 2, "[B, H]");
   CHECK_DTYPE(x, at::kFloat);
   CHECK_DIM(k_cache, 5, "[L, B_max, Hkv, T_max, D]");
@@ -46,6 +51,7 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
            "k_cache must be [L, >= ", B, ", ", num_kv_heads, ", T_max, ", head_dim, "], got ", shape_str(k_cache));
   HE_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", shape_str(k_cache));
   HE_CHECK(activation >= kSiluGated && activation <= kGelu, "activation must be 0..3, got ", activation);
+  HE_CHECK(qk_norm == kNoQkNorm || qk_norm == kPerHead, "qk_norm must be 0 or 1, got ", qk_norm);
 
   const int64_t H = x.size(1);
   // Norm of `in` (plus residual when given): returns {normed, new residual}.
@@ -71,7 +77,11 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
     const int64_t base = i * kSlots;
     auto [h, res] = norm(hidden, residual, req(weights, base + kAttnNormW), opt(weights, base + kAttnNormB));
     const at::Tensor qkv = linear(h, base, kQkvW).view({B, 1, num_heads + 2 * num_kv_heads, head_dim});
-    const at::Tensor q = qkv.narrow(2, 0, num_heads), k = qkv.narrow(2, num_heads, num_kv_heads);
+    at::Tensor q = qkv.narrow(2, 0, num_heads), k = qkv.narrow(2, num_heads, num_kv_heads);
+    if (qk_norm == kPerHead) {  // [B, 1, heads, D] rows of D: new contiguous q and k
+      q = std::get<0>(rms_norm_cpu(q, req(weights, base + kQNormW), eps));
+      k = std::get<0>(rms_norm_cpu(k, req(weights, base + kKNormW), eps));
+    }
     const at::Tensor v = qkv.narrow(2, num_heads + num_kv_heads, num_kv_heads);
     const at::Tensor kc = k_cache.select(0, i).narrow(0, 0, B), vc = v_cache.select(0, i).narrow(0, 0, B);
     rotary_append_kv_cpu(q, k, v, kc, vc, positions, cos, sin);
