@@ -41,13 +41,13 @@ def test_step_on_a_prefix_of_the_batch():
     assert cache.lengths.tolist() == [6, 2, 9]
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen3"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2"])
 def test_opcheck(family):
     net, cache, tokens = prefilled(family)
     s = net.spec
     x = net.embed(tokens, cache.lengths)
     args = (x, net.flat_weights(), cache.k, cache.v, cache.lengths.clone(), net.cos, net.sin, s.num_heads,
-            s.num_kv_heads, s.head_dim, True, 0, s.norm_eps, net.scales, QK_NORMS[s.qk_norm])
+            s.num_kv_heads, s.head_dim, True, 0, s.norm_eps, net.scales, QK_NORMS[s.qk_norm], s.post_norm)
     torch.library.opcheck(kernels().decode_step.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -6,11 +6,13 @@ from dataclasses import dataclass
 
 from hybrid_engine.ops.decode_step import ACTIVATIONS as DECODE_ACTIVATIONS
 
-# model_type -> family. Qwen2, Mistral and Qwen3 are Llama-shaped (Qwen2 adds q/k/v biases, Qwen3 a q/k RMSNorm
-# per head before RoPE).
-SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "qwen3": "llama", "opt": "opt", "gpt2": "gpt2"}
+# model_type -> family. Qwen2, Mistral, Qwen3 and OLMo 2 are Llama-shaped (Qwen2 adds q/k/v biases, Qwen3 a q/k
+# RMSNorm per head before RoPE, OLMo 2 a q/k RMSNorm over the whole projection and norms after each sublayer).
+SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "qwen3": "llama", "olmo2": "llama", "opt": "opt",
+             "gpt2": "gpt2"}
 # model_type -> qk_norm: where a family normalises q and k before RoPE.
-QK_NORM = {"qwen3": "head"}
+QK_NORM = {"qwen3": "head", "olmo2": "proj"}
+POST_NORM = {"olmo2"}  # RMSNorm on each sublayer's output before the residual add, none before the sublayer
 # RoPE types whose frequencies do not depend on the sequence length: the tables built once from the model's
 # rotary_emb.inv_freq are then HF's at every position. "dynamic" and "longrope" change them with the length.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -36,7 +38,9 @@ class ModelSpec:
     position_offset: int = 0  # OPT's learned positions start at index 2
     sliding_window: int | None = None  # Mistral: attention span; longer sequences are rejected
     inverse_layer_scale: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx
-    qk_norm: str | None = None  # "head": RMSNorm of q and k over head_dim, per head, before RoPE (Qwen3)
+    qk_norm: str | None = None  # RMSNorm of q and k before RoPE: "head" per head over head_dim (Qwen3), "proj" over
+    # the whole q and k projections (OLMo 2)
+    post_norm: bool = False  # OLMo 2: each block's norms act on its sublayers' outputs, before the residual add
 
     @property
     def qkv_rows(self) -> int:
@@ -75,7 +79,7 @@ def _spec_from_config(config) -> ModelSpec:
         raise ValueError(
             f"hybrid_engine generation does not support model_type {model_type!r}; supported: "
             f"{', '.join(sorted(SUPPORTED))} (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, "
-            "Qwen3ForCausalLM, OPTForCausalLM, GPT2LMHeadModel)"
+            "Qwen3ForCausalLM, Olmo2ForCausalLM, OPTForCausalLM, GPT2LMHeadModel)"
         )
     family = SUPPORTED[model_type]
     if family == "llama":
@@ -101,6 +105,7 @@ def _spec_from_config(config) -> ModelSpec:
             rotary=True,
             sliding_window=window,
             qk_norm=QK_NORM.get(model_type),
+            post_norm=model_type in POST_NORM,
         )
     if family == "opt":
         if not config.do_layer_norm_before or config.word_embed_proj_dim != config.hidden_size:
