@@ -32,7 +32,7 @@ from hybrid_engine.model import InferenceTransformer, KVCache, extract_weights, 
 from hybrid_engine.model.presets import preset_model
 
 PROMPT = 64
-MODELS = os.environ.get("BENCH_GENERATE_MODELS", "llama-20m,llama-125m").split(",")
+MODELS = os.environ.get("BENCH_GENERATE_MODELS", "llama-20m,llama-125m,qwen3-125m").split(",")
 BATCHES = [1, 4, 16, 32]
 NEW_TOKENS = [64, 256]
 PROVIDERS = ["hf-fp32", "hf-bf16", "ours-fp32", "ours-bf16"]

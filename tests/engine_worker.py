@@ -22,6 +22,8 @@ import hybrid_engine  # noqa: E402
 from hybrid_engine.engine import HybridEngine  # noqa: E402
 
 STEPS, NEW = 2, 8
+FAMILIES = ["llama-gqa", "qwen3", "olmo2"]  # every configuration runs the first; the others a ZeRO-3 subset
+TP_FAMILIES = ["qwen3"]  # and a TP one (OLMo 2's q/k norm over the whole projection refuses TP)
 EOS = dict(eos_token_id=2, pad_token_id=0)  # the tiny Llama's own eos
 
 
@@ -42,9 +44,9 @@ def lora_config():
                            init_lora_weights=False)
 
 
-def engine(stage: int, lora: bool, offload: bool = False, **generation) -> HybridEngine:
+def engine(stage: int, lora: bool, offload: bool = False, family: str = "llama-gqa", **generation) -> HybridEngine:
     torch.manual_seed(0)  # the same adapters on every rank
-    model = copy.deepcopy(tiny_model("llama-gqa"))
+    model = copy.deepcopy(tiny_model(family))
     optimizer = None if offload else (lambda p: torch.optim.AdamW(p, lr=1e-2))
     return HybridEngine(model, ds_config=ds_config(stage, offload), lora=lora_config() if lora else None,
                         optimizer=optimizer, generation=generation or None)
@@ -90,9 +92,9 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
-def check(stage: int, lora: bool, gather: str, offload: bool = False) -> dict:
+def check(stage: int, lora: bool, gather: str, offload: bool = False, family: str = "llama-gqa") -> dict:
     ids, mask = prompts()
-    a = engine(stage, lora, offload, gather=gather)
+    a = engine(stage, lora, offload, family, gather=gather)
     losses_a = train(a, range(STEPS))
     before = live_tensor_bytes()
     with a.generation_mode():
@@ -101,7 +103,7 @@ def check(stage: int, lora: bool, gather: str, offload: bool = False) -> dict:
     after = live_tensor_bytes()
     switch = a.stats.as_dict()
     losses_a += train(a, range(STEPS, 2 * STEPS))
-    b = engine(stage, lora, offload, gather=gather)
+    b = engine(stage, lora, offload, family, gather=gather)
     losses_b = train(b, range(2 * STEPS))
 
     # An eos id that certainly fires mid-batch: the token row 0 generates third.
@@ -169,17 +171,18 @@ def shared_prefix_training(stage: int, lora: bool, share: bool) -> list[float]:
     return losses
 
 
-def check_tp(lora: bool, gather: str) -> dict:
+def check_tp(lora: bool, gather: str, family: str = "llama-gqa") -> dict:
     ids, mask = prompts()
-    one = engine(3, lora).generate(ids, mask, max_new_tokens=NEW, **EOS)
-    tp = engine(3, lora, inference_tp_size=2, gather=gather)
+    one = engine(3, lora, family=family).generate(ids, mask, max_new_tokens=NEW, **EOS)
+    tp = engine(3, lora, family=family, inference_tp_size=2, gather=gather)
     two = tp.generate(ids, mask, max_new_tokens=NEW, **EOS)
     diff = float((one.logprobs - two.logprobs).abs().max())
     return dict(equal=torch.equal(one.sequences, two.sequences), logprob_diff=diff, switch=tp.stats.as_dict())
 
 
 def main(out_dir: str) -> None:
-    tiny_model("llama-gqa")  # saved and reloaded per process before torch.distributed starts (HF saves on rank 0 only)
+    for family in FAMILIES:  # saved and reloaded per process before torch.distributed starts (HF saves on rank 0 only)
+        tiny_model(family)
     hybrid_engine.engine.training.init_distributed()
     results = {}
     for stage in (0, 2, 3):
@@ -193,12 +196,18 @@ def main(out_dir: str) -> None:
         for lora in (False, True):
             results[f"zero{stage}-{'lora' if lora else 'full'}-shared-prefix-training"] = dict(
                 shared=shared_prefix_training(stage, lora, True), one_pass=shared_prefix_training(stage, lora, False))
+    # The other families: ZeRO-3 with layer-by-layer gathering (full) and whole-model gathering (LoRA).
+    for family in FAMILIES[1:]:
+        results[f"{family}-zero3-full-layer"] = check(3, False, "layer", family=family)
+        results[f"{family}-zero3-lora-all"] = check(3, True, "all", family=family)
     if dist.get_world_size() == 1:  # offload needs DeepSpeed's CPU Adam (built on first use)
         results["zero3-offload-full-all"] = check(3, False, "all", offload=True)
     if dist.get_world_size() == 2:
         for lora in (False, True):
             for gather in ("all", "layer"):
                 results[f"tp2-{'lora' if lora else 'full'}-{gather}"] = check_tp(lora, gather)
+        for family in TP_FAMILIES:
+            results[f"{family}-tp2-lora-layer"] = check_tp(True, "layer", family)
     with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f, indent=1)
 

@@ -49,6 +49,34 @@ CONFIGS = {
         tie_word_embeddings=False,
         use_sliding_window=False,
     ),
+    # Qwen3: head_dim (24) independent of hidden / heads (64 / 4), GQA, tied embeddings as on its small sizes.
+    "qwen3": lambda: transformers.Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+    ),
+    # OLMo 2: norms after each sublayer (no pre-norm), q/k RMSNorm over the whole projections.
+    "olmo2": lambda: transformers.Olmo2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
     "opt": lambda: transformers.OPTConfig(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -66,12 +94,26 @@ CONFIGS = {
 }
 
 
+# Families whose RMSNorm weights (q/k norms included) HF initialises to ones: randomised, so that a norm read from
+# the wrong module (q's for k's, OLMo 2's post-attention for its post-feedforward, or none at all) changes the answer.
+RANDOM_NORMS = {"qwen3", "olmo2"}
+
+
+@torch.no_grad()
+def _randomise_norms(model: torch.nn.Module) -> None:
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.uniform_(0.5, 1.5)
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random model of `name`, round-tripped through save_pretrained/from_pretrained."""
     torch.manual_seed(seed)
     config = CONFIGS[name]()
     model = transformers.AutoModelForCausalLM.from_config(config)
+    if name in RANDOM_NORMS:
+        _randomise_norms(model)
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         loaded = transformers.AutoModelForCausalLM.from_pretrained(d)

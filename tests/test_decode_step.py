@@ -6,6 +6,7 @@ from models import CONFIGS, left_padded_prompts, tiny_model
 
 from hybrid_engine.model import InferenceTransformer, KVCache, extract_weights, spec_from_config
 from hybrid_engine.ops import kernels
+from hybrid_engine.ops.decode_step import QK_NORMS
 
 
 def prefilled(family: str, weight_dtype=None):
@@ -40,12 +41,13 @@ def test_step_on_a_prefix_of_the_batch():
     assert cache.lengths.tolist() == [6, 2, 9]
 
 
-def test_opcheck():
-    net, cache, tokens = prefilled("llama-gqa")
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2"])
+def test_opcheck(family):
+    net, cache, tokens = prefilled(family)
     s = net.spec
     x = net.embed(tokens, cache.lengths)
     args = (x, net.flat_weights(), cache.k, cache.v, cache.lengths.clone(), net.cos, net.sin, s.num_heads,
-            s.num_kv_heads, s.head_dim, True, 0, s.norm_eps, net.scales)
+            s.num_kv_heads, s.head_dim, True, 0, s.norm_eps, net.scales, QK_NORMS[s.qk_norm], s.post_norm)
     torch.library.opcheck(kernels().decode_step.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -53,7 +55,17 @@ def test_opcheck():
 def test_wrong_weight_count_names_the_argument():
     net, cache, tokens = prefilled("gpt2")
     s = net.spec
-    with pytest.raises(RuntimeError, match="weights must hold 12 entries per layer"):
+    with pytest.raises(RuntimeError, match="weights must hold 14 entries per layer"):
         kernels().decode_step(net.embed(tokens, cache.lengths), net.flat_weights()[:-1], cache.k,
                                             cache.v, cache.lengths, None, None, s.num_heads, s.num_kv_heads,
                                             s.head_dim, False, 2, s.norm_eps, net.scales)
+
+
+def test_missing_qk_norm_weight_names_the_slot():
+    net, cache, tokens = prefilled("qwen3")
+    s = net.spec
+    weights = list(net.flat_weights())
+    weights[12] = None  # layer 0's q norm
+    with pytest.raises(RuntimeError, match=r"weights\[12\] is required but missing"):
+        kernels().decode_step(net.embed(tokens, cache.lengths), weights, cache.k, cache.v, cache.lengths, net.cos,
+                              net.sin, s.num_heads, s.num_kv_heads, s.head_dim, True, 0, s.norm_eps, net.scales, 1)

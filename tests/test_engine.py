@@ -17,7 +17,9 @@ from hybrid_engine import HybridEngine
 
 EOS = dict(eos_token_id=2, pad_token_id=0)
 LORA_TARGETS = {"llama-gqa": ["q_proj", "v_proj", "down_proj"], "llama-tied-mha": ["k_proj", "gate_proj"],
-                "qwen2": ["q_proj", "v_proj"], "opt": ["q_proj", "fc1"], "gpt2": ["c_attn", "c_fc"]}
+                "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "k_proj", "down_proj"],
+                "olmo2": ["k_proj", "o_proj", "up_proj"], "opt": ["q_proj", "fc1"],
+                "gpt2": ["c_attn", "c_fc"]}
 
 
 def lora(name: str) -> peft.LoraConfig:
@@ -98,8 +100,9 @@ def test_engine_generate_takes_non_contiguous_prompts():
 
 
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
-def test_training_after_generation_is_bit_identical(use_lora):
-    a, b = engine("llama-gqa", use_lora), engine("llama-gqa", use_lora)
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen3", "olmo2"])
+def test_training_after_generation_is_bit_identical(name, use_lora):
+    a, b = engine(name, use_lora), engine(name, use_lora)
     losses = train(a, range(2))
     a.generate(*PROMPTS, max_new_tokens=6, do_sample=True, temperature=0.9, top_p=0.9)
     assert losses + train(a, range(2, 4)) == train(b, range(4))
@@ -293,3 +296,13 @@ def test_tp_size_that_does_not_fit_is_refused(name, tp, world, match):
 
     with pytest.raises(ValueError, match=f"inference_tp_size={tp} does not divide the .*{match}"):
         GenerationSettings(inference_tp_size=tp).check(spec_from_config(tiny_model(name).config), world_size=world)
+
+
+def test_tp_is_refused_for_a_qk_norm_over_the_whole_projection():
+    from hybrid_engine.engine import GenerationSettings
+    from hybrid_engine.model.spec import spec_from_config
+
+    spec = spec_from_config(tiny_model("olmo2").config)
+    with pytest.raises(ValueError, match="inference_tp_size=2: .* q/k norm over the whole projection"):
+        GenerationSettings(inference_tp_size=2).check(spec, world_size=2)
+    GenerationSettings(inference_tp_size=2).check(spec_from_config(tiny_model("qwen3").config), world_size=2)

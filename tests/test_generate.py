@@ -139,7 +139,7 @@ def test_non_contiguous_prompts_generate_as_their_values(family):
         assert torch.equal(ours.sequences, expected.sequences) and torch.equal(ours.logprobs, expected.logprobs)
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2", "opt", "gpt2"])
 def test_bf16_weights_match_hf_on_rounded_weights(family):
     model = tiny_model(family)
     rounded = transformers.AutoModelForCausalLM.from_config(model.config).eval()
@@ -263,7 +263,7 @@ def test_unsupported_architecture_lists_the_supported_ones():
         is_decoder=True,
     )
     model = transformers.BertLMHeadModel(config)
-    with pytest.raises(ValueError, match="supported: gpt2, llama, mistral, opt, qwen2"):
+    with pytest.raises(ValueError, match="supported: gpt2, llama, mistral, olmo2, opt, qwen2, qwen3"):
         hybrid_engine.generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
 
 
@@ -271,4 +271,45 @@ def test_unsupported_activation_is_a_clear_error():
     model = tiny_model("gpt2")
     config = model.config.__class__(**{**model.config.to_dict(), "activation_function": "quick_gelu"})
     with pytest.raises(ValueError, match="activation_function 'quick_gelu' is not supported"):
+        hybrid_engine.model.spec_from_config(config)
+
+
+def test_qwen3_spec_reads_head_dim_and_the_per_head_qk_norm():
+    spec = hybrid_engine.model.spec_from_config(tiny_model("qwen3").config)
+    assert (spec.family, spec.head_dim, spec.hidden_size // spec.num_heads, spec.qk_norm) == ("llama", 24, 16, "head")
+    assert hybrid_engine.model.spec_from_config(CONFIGS["llama-gqa"]()).qk_norm is None
+
+
+def test_olmo2_spec_reads_the_post_norm_and_the_projection_qk_norm():
+    spec = hybrid_engine.model.spec_from_config(tiny_model("olmo2").config)
+    assert (spec.family, spec.qk_norm, spec.post_norm) == ("llama", "proj", True)
+    assert not hybrid_engine.model.spec_from_config(tiny_model("qwen3").config).post_norm
+
+
+def rope_model(family: str, rope: dict) -> torch.nn.Module:
+    config = CONFIGS[family]()
+    config.rope_parameters = {"rope_theta": 10000.0, **rope}
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2"])
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0},
+                                  {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}],
+                         ids=["linear", "yarn"])
+def test_a_length_independent_rope_scaling_generates_as_hf(family, rope):
+    model = rope_model(family, rope)
+    ids, mask = left_padded_prompts(LENGTHS)
+    ours = hybrid_engine.generate(model, ids, mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours.sequences, hf_greedy(model, ids, mask, 12))
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2", "qwen3", "olmo2"])
+def test_a_rope_whose_frequencies_change_with_length_is_refused_naming_the_field(family):
+    config = CONFIGS[family]()
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match=r"rope_parameters.rope_type 'dynamic' is not supported"):
+        hybrid_engine.model.spec_from_config(config)
+    config.rope_parameters = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    with pytest.raises(ValueError, match=r"rope_parameters per layer type \(full_attention\)"):
         hybrid_engine.model.spec_from_config(config)

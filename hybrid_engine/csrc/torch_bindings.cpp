@@ -70,14 +70,16 @@ TORCH_LIBRARY(hybrid_engine, m) {
   m.def("set_prefill_sdpa_route(int route) -> ()", &hybrid_engine::set_prefill_sdpa_route);
   m.def("prefill_sdpa_route() -> int", &hybrid_engine::prefill_sdpa_route);
   // One decode step of a whole decoder-only model (CPU; GPUs replay the Python loop in a CUDA graph).
-  // x fp32 [B, H] (embedded tokens), weights: 12 per layer (attn norm w/b, qkv w/b, o w/b, mlp norm
-  // w/b, up w/b, down w/b) then final norm w/b and LM head w/b, None where absent; caches
-  // [L, B_max, Hkv, T_max, D]; lengths int32 [B] (incremented) -> logits fp32 [B, V].
+  // x fp32 [B, H] (embedded tokens), weights: 14 per layer (attn norm w/b, qkv w/b, o w/b, mlp norm
+  // w/b, up w/b, down w/b, q norm w, k norm w) then final norm w/b and LM head w/b, None where absent;
+  // caches [L, B_max, Hkv, T_max, D]; lengths int32 [B] (incremented) -> logits fp32 [B, V].
   // activation: 0 silu-gated (fused gate|up), 1 relu, 2 gelu (tanh), 3 gelu.
+  // qk_norm: 0 none, 1 RMSNorm of q and k per head over D before RoPE (Qwen3), 2 over the whole projection
+  // (OLMo 2). post_norm: the attention and MLP norms act on the sublayers' outputs (OLMo 2).
   m.def(
       "decode_step(Tensor x, Tensor?[] weights, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, "
       "Tensor? cos, Tensor? sin, int num_heads, int num_kv_heads, int head_dim, bool rms_norm, int activation, "
-      "float eps, float[] scales) -> Tensor");
+      "float eps, float[] scales, int qk_norm=0, bool post_norm=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hybrid_engine, CPU, m) {

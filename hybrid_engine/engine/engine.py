@@ -59,7 +59,7 @@ def _rank() -> int:
 
 
 class HybridEngine:
-    """An HF causal LM (Llama/Qwen2/Mistral, OPT, GPT-2) in training mode, with a generation mode.
+    """An HF causal LM (Llama/Qwen2/Qwen3/OLMo 2/Mistral, OPT, GPT-2) in training mode, with a generation mode.
 
     ds_config: a DeepSpeed config (dict or JSON path), ZeRO stage 0-3; None trains in one process with
     `optimizer` (a torch optimizer, a callable(params), or None for AdamW lr 1e-5). lora: a

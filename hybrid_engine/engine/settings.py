@@ -61,3 +61,6 @@ class GenerationSettings:
                             ("intermediate size", spec.intermediate_size)):
                 if n % tp:
                     raise ValueError(f"generation.inference_tp_size={tp} does not divide the model's {name} ({n})")
+            if spec.qk_norm == "proj":  # its mean of squares spans every head: a shard alone cannot compute it
+                raise ValueError(f"generation.inference_tp_size={tp}: tensor-parallel generation does not support "
+                                 "a q/k norm over the whole projection (OLMo 2's); use inference_tp_size=1")

@@ -78,8 +78,10 @@ def _gated_up(lin: Linear, tp: int, r: int) -> Linear:
 def shard_layer(layer: Layer, spec: ModelSpec, tp: int, r: int) -> Layer:
     """Rank r's part of one block, every weight a new tensor made by the reshard ops."""
     up = _gated_up(layer.up, tp, r) if spec.activation == "silu" else _column(layer.up, tp, r)
+    # Qwen3's q/k norms act on each head over head_dim alone: every rank keeps the whole [D] weight.
     return Layer(attn_norm=layer.attn_norm, qkv=_qkv(layer.qkv, spec, tp, r), o=_row(layer.o, tp, r),
-                 mlp_norm=layer.mlp_norm, up=up, down=_row(layer.down, tp, r))
+                 mlp_norm=layer.mlp_norm, up=up, down=_row(layer.down, tp, r), q_norm=layer.q_norm,
+                 k_norm=layer.k_norm)
 
 
 def gather_prompts(tp: TPGroup, input_ids: torch.Tensor, attention_mask: torch.Tensor):

@@ -1,8 +1,10 @@
 """The training forward and backward through hybrid_engine's fused ops, patched into Hugging Face modules (the
 way Liger-Kernel's apply_* functions do), with one switch to turn them off.
 
-apply_training_kernels(model) patches, for the Llama, Qwen2 and Mistral families:
-- every RMSNorm module's forward -> ops.rms_norm (forward and backward kernels; HF's semantics);
+apply_training_kernels(model) patches, for the Llama, Qwen2, Mistral, Qwen3 and OLMo 2 families:
+- every RMSNorm module's forward -> ops.rms_norm (forward and backward kernels; HF's semantics), the q_norm/k_norm
+  included (Qwen3's over rows of head_dim, OLMo 2's over the whole projection; OLMo 2's norm multiplies by the
+  weight in fp32 before rounding, which is what the kernels compute);
 - every gated MLP with hidden_act "silu" -> down_proj(ops.silu_mul(gate_proj(x), up_proj(x)));
 - the family's apply_rotary_pos_emb -> ops.rotary_embed where q or k requires grad. That function is
   module-level in transformers, so this part is process-wide for the family until unapply_training_kernels: an
@@ -25,7 +27,7 @@ import torch
 from hybrid_engine.ops import rms_norm
 from hybrid_engine.ops.training import KERNEL_DTYPES, rotary_embed, silu_mul
 
-FAMILIES = ("llama", "qwen2", "mistral")
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "olmo2")
 _ORIGINAL_ROTARY: dict[str, object] = {}
 
 

@@ -14,21 +14,25 @@ PRESETS = {
     # A few hundred thousand parameters, for smoke runs.
     "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, tie_word_embeddings=True, vocab_size=1024),
+    # ~120M parameters, Qwen3's shape at a small size: head_dim 128 (not 768 / 12), per-head q/k norm, tied.
+    "qwen3-125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4, head_dim=128, tie_word_embeddings=True),
 }
 
 
-def preset_config(name: str) -> transformers.LlamaConfig:
-    """The LlamaConfig of a built-in preset (vocabulary 32000 unless the preset says otherwise)."""
+def preset_config(name: str) -> transformers.PretrainedConfig:
+    """The config of a built-in preset: a Qwen3Config for the qwen3-* ones, else a LlamaConfig (vocabulary 32000
+    unless the preset says otherwise)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; built-in presets: {', '.join(PRESETS)}")
     kw = dict(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5)
     kw.update(PRESETS[name])
-    return transformers.LlamaConfig(**kw)
+    return (transformers.Qwen3Config if name.startswith("qwen3") else transformers.LlamaConfig)(**kw)
 
 
 def preset_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A randomly initialised LlamaForCausalLM of a preset, in eval mode."""
+    """A randomly initialised causal LM of a preset (LlamaForCausalLM, Qwen3ForCausalLM), in eval mode."""
     import torch
 
     torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(preset_config(name)).eval()
+    return transformers.AutoModelForCausalLM.from_config(preset_config(name)).eval()

@@ -6,8 +6,16 @@ from dataclasses import dataclass
 
 from hybrid_engine.ops.decode_step import ACTIVATIONS as DECODE_ACTIVATIONS
 
-# model_type -> family. Qwen2 and Mistral are Llama-shaped (Qwen2 adds q/k/v biases).
-SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "opt": "opt", "gpt2": "gpt2"}
+# model_type -> family. Qwen2, Mistral, Qwen3 and OLMo 2 are Llama-shaped (Qwen2 adds q/k/v biases, Qwen3 a q/k
+# RMSNorm per head before RoPE, OLMo 2 a q/k RMSNorm over the whole projection and norms after each sublayer).
+SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "qwen3": "llama", "olmo2": "llama", "opt": "opt",
+             "gpt2": "gpt2"}
+# model_type -> qk_norm: where a family normalises q and k before RoPE.
+QK_NORM = {"qwen3": "head", "olmo2": "proj"}
+POST_NORM = {"olmo2"}  # RMSNorm on each sublayer's output before the residual add, none before the sublayer
+# RoPE types whose frequencies do not depend on the sequence length: the tables built once from the model's
+# rotary_emb.inv_freq are then HF's at every position. "dynamic" and "longrope" change them with the length.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,9 @@ class ModelSpec:
     position_offset: int = 0  # OPT's learned positions start at index 2
     sliding_window: int | None = None  # Mistral: attention span; longer sequences are rejected
     inverse_layer_scale: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx
+    qk_norm: str | None = None  # RMSNorm of q and k before RoPE: "head" per head over head_dim (Qwen3), "proj" over
+    # the whole q and k projections (OLMo 2)
+    post_norm: bool = False  # OLMo 2: each block's norms act on its sublayers' outputs, before the residual add
 
     @property
     def qkv_rows(self) -> int:
@@ -51,13 +62,24 @@ def spec_from_config(config) -> ModelSpec:
     return spec
 
 
+def _check_rope(config, model_type: str) -> None:
+    """Refuses a RoPE whose frequencies the cos/sin tables (built once, from rotary_emb.inv_freq) cannot hold."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if any(isinstance(value, dict) for value in params.values()):
+        raise ValueError(f"{model_type}: rope_parameters per layer type ({', '.join(params)}) are not supported")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise ValueError(f"{model_type}: rope_parameters.rope_type {rope_type!r} is not supported (its frequencies "
+                         f"change with the sequence length or per layer); supported: {', '.join(STATIC_ROPE_TYPES)}")
+
+
 def _spec_from_config(config) -> ModelSpec:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED:
         raise ValueError(
             f"hybrid_engine generation does not support model_type {model_type!r}; supported: "
             f"{', '.join(sorted(SUPPORTED))} (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, "
-            "OPTForCausalLM, GPT2LMHeadModel)"
+            "Qwen3ForCausalLM, Olmo2ForCausalLM, OPTForCausalLM, GPT2LMHeadModel)"
         )
     family = SUPPORTED[model_type]
     if family == "llama":
@@ -66,6 +88,7 @@ def _spec_from_config(config) -> ModelSpec:
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"{model_type}: only hidden_act='silu' is supported, got {config.hidden_act!r}")
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        _check_rope(config, model_type)
         return ModelSpec(
             family=family,
             vocab_size=config.vocab_size,
@@ -81,6 +104,8 @@ def _spec_from_config(config) -> ModelSpec:
             activation="silu",
             rotary=True,
             sliding_window=window,
+            qk_norm=QK_NORM.get(model_type),
+            post_norm=model_type in POST_NORM,
         )
     if family == "opt":
         if not config.do_layer_norm_before or config.word_embed_proj_dim != config.hidden_size:

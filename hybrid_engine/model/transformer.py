@@ -52,6 +52,18 @@ class InferenceTransformer:
             return F.layer_norm(x, x.shape[-1:], n.weight, n.bias, self.spec.norm_eps), x
         return F.layer_norm(x, x.shape[-1:], n.weight, n.bias, self.spec.norm_eps)
 
+    def enter(self, x: torch.Tensor, residual: torch.Tensor, n: Norm):
+        """(a sublayer's input, the new residual stream) from the last sublayer's output x and the stream: the norm of
+        x + residual (pre-norm), or x + residual itself (post-norm: x was normed on its way out, `leave`)."""
+        if not self.spec.post_norm:
+            return self.norm(x, n, residual)
+        residual = x + residual
+        return residual, residual
+
+    def leave(self, x: torch.Tensor, n: Norm) -> torch.Tensor:
+        """A sublayer's output as it joins the residual stream: normed by n under post-norm (OLMo 2), else as it is."""
+        return ops.rms_norm(x, n.weight, self.spec.norm_eps) if self.spec.post_norm else x
+
     def mlp(self, x: torch.Tensor, layer: Layer) -> torch.Tensor:
         h = linear(x, layer.up)
         if self.spec.activation == "silu":
@@ -82,6 +94,19 @@ class InferenceTransformer:
         qkv = qkv.view(B, S, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
         return qkv.split([s.num_heads, s.num_kv_heads, s.num_kv_heads], dim=2)
 
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor, layer: Layer):
+        """q [B, S, Hq, D], k [B, S, Hkv, D] as RoPE takes them: Qwen3 normalises each head over D, OLMo 2 the whole
+        projection over heads * D (new tensors); the other families use the projection's views as they are."""
+        if layer.q_norm is None:
+            return q, k
+        eps = self.spec.norm_eps
+        if self.spec.qk_norm == "head":
+            return ops.rms_norm(q, layer.q_norm.weight, eps), ops.rms_norm(k, layer.k_norm.weight, eps)
+        B, S, Hq, D = q.shape
+        q = ops.rms_norm(q.reshape(B, S, Hq * D), layer.q_norm.weight, eps).view(B, S, Hq, D)
+        k = ops.rms_norm(k.reshape(B, S, -1), layer.k_norm.weight, eps).view(B, S, -1, D)
+        return q, k
+
     def logits(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         h = self.norm(x, self.w.final_norm, residual)[0]
         return linear(h, self.w.lm_head)
@@ -94,14 +119,15 @@ class InferenceTransformer:
         s = self.spec
         residual = torch.zeros_like(x)
         for i, layer in enumerate(self.w.layers):
-            h, residual = self.norm(x, layer.attn_norm, residual)
+            h, residual = self.enter(x, residual, layer.attn_norm)
             q, k, v = self.split_qkv(linear(h, layer.qkv), B, S)
+            q, k = self.norm_qk(q, k, layer)
             kc, vc = cache.k[i, :B], cache.v[i, :B]
             ops.rotary_append_kv(q, k, v, kc, vc, positions, self.cos, self.sin)
             a = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kc, vc, self.scales[i])
             x = self.reduce(linear(a.transpose(1, 2).reshape(B * S, s.num_heads * s.head_dim), layer.o))
-            h, residual = self.norm(x, layer.mlp_norm, residual)
-            x = self.mlp(h, layer)
+            h, residual = self.enter(self.leave(x, layer.attn_norm), residual, layer.mlp_norm)
+            x = self.leave(self.mlp(h, layer), layer.mlp_norm)
         return x, residual
 
     def blocks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache):
@@ -180,12 +206,13 @@ class InferenceTransformer:
 
     # ---- decode ----
     def flat_weights(self) -> list[torch.Tensor | None]:
-        """The weights in decode_step's order: 12 per layer, then final norm and LM head."""
+        """The weights in decode_step's order: 14 per layer, then final norm and LM head."""
         if self._flat is None:
             flat: list[torch.Tensor | None] = []
             for layer in self.w.layers:
                 for part in (layer.attn_norm, layer.qkv, layer.o, layer.mlp_norm, layer.up, layer.down):
                     flat += [part.weight, part.bias]
+                flat += [None if n is None else n.weight for n in (layer.q_norm, layer.k_norm)]
             self._flat = flat + [self.w.final_norm.weight, self.w.final_norm.bias, self.w.lm_head.weight,
                                  self.w.lm_head.bias]
         return self._flat
@@ -203,7 +230,7 @@ class InferenceTransformer:
         x = self.embed(tokens, cache.lengths[:B])
         return ops.decode_step(x, self.flat_weights(), cache.k, cache.v, cache.lengths[:B], self.cos, self.sin,
                                s.num_heads, s.num_kv_heads, s.head_dim, s.norm == "rms", s.activation, s.norm_eps,
-                               self.scales)
+                               self.scales, s.qk_norm, s.post_norm)
 
     @torch.no_grad()
     def decode_python(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -215,13 +242,14 @@ class InferenceTransformer:
         residual = torch.zeros_like(x)
         lengths = cache.lengths[:B] + 1
         for i, layer in enumerate(self.w.layers):
-            h, residual = self.norm(x, layer.attn_norm, residual)
+            h, residual = self.enter(x, residual, layer.attn_norm)
             q, k, v = self.split_qkv(linear(h, layer.qkv), B, 1)
+            q, k = self.norm_qk(q, k, layer)
             kc, vc = cache.k[i, :B], cache.v[i, :B]
             ops.rotary_append_kv(q, k, v, kc, vc, positions, self.cos, self.sin)
-            a = ops.decode_attention(q.view(B, s.num_heads, s.head_dim), kc, vc, lengths, self.scales[i])
+            a = ops.decode_attention(q.reshape(B, s.num_heads, s.head_dim), kc, vc, lengths, self.scales[i])
             x = self.reduce(linear(a.view(B, s.num_heads * s.head_dim), layer.o))
-            h, residual = self.norm(x, layer.mlp_norm, residual)
-            x = self.mlp(h, layer)
+            h, residual = self.enter(self.leave(x, layer.attn_norm), residual, layer.mlp_norm)
+            x = self.leave(self.mlp(h, layer), layer.mlp_norm)
         cache.lengths[:B] = lengths
         return self.logits(x, residual)

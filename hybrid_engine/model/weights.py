@@ -34,12 +34,14 @@ class Norm:
 
 @dataclass
 class Layer:
-    attn_norm: Norm
+    attn_norm: Norm  # before the attention; with spec.post_norm (OLMo 2) on its output, before the residual add
     qkv: Linear  # [(Hq + 2 Hkv) * D, H]
     o: Linear  # [H, Hq * D]
-    mlp_norm: Norm
+    mlp_norm: Norm  # before the MLP; with spec.post_norm on its output
     up: Linear  # Llama: fused gate|up [2 I, H]; OPT/GPT-2: fc1 [I, H]
     down: Linear  # [H, I]
+    q_norm: Norm | None = None  # RMSNorm weight of q before RoPE: Qwen3 [D] per head, OLMo 2 [Hq * D]
+    k_norm: Norm | None = None  # the same for k: Qwen3 [D], OLMo 2 [Hkv * D]
 
 
 @dataclass
@@ -164,13 +166,18 @@ def layer_weights(b: WeightBuilder, spec: ModelSpec, layer: torch.nn.Module) -> 
     """One block's generation weights."""
     if spec.family == "llama":
         attn, mlp = layer.self_attn, layer.mlp
+        # OLMo 2 (post_norm): post_attention_layernorm acts on the attention's output, post_feedforward_ on the MLP's.
+        attn_norm, mlp_norm = ((layer.post_attention_layernorm, layer.post_feedforward_layernorm) if spec.post_norm
+                               else (layer.input_layernorm, layer.post_attention_layernorm))
         return Layer(
-            attn_norm=b.norm(layer.input_layernorm),
+            attn_norm=b.norm(attn_norm),
             qkv=b.linear(attn.q_proj, attn.k_proj, attn.v_proj),
             o=b.linear(attn.o_proj),
-            mlp_norm=b.norm(layer.post_attention_layernorm),
+            mlp_norm=b.norm(mlp_norm),
             up=b.linear(mlp.gate_proj, mlp.up_proj),
             down=b.linear(mlp.down_proj),
+            q_norm=b.norm(attn.q_norm) if spec.qk_norm else None,
+            k_norm=b.norm(attn.k_norm) if spec.qk_norm else None,
         )
     if spec.family == "opt":
         attn = layer.self_attn

@@ -11,8 +11,13 @@ namespace hybrid_engine {
 namespace {
 
 // Slots per layer in the flat weight list, in this order (undefined where a model has none).
-enum Slot { kAttnNormW, kAttnNormB, kQkvW, kQkvB, kOW, kOB, kMlpNormW, kMlpNormB, kUpW, kUpB, kDownW, kDownB, kSlots };
+enum Slot {
+  kAttnNormW, kAttnNormB, kQkvW, kQkvB, kOW, kOB, kMlpNormW, kMlpNormB, kUpW, kUpB, kDownW, kDownB,
+  kQNormW, kKNormW,  // the q/k RMSNorm weights: Qwen3 [D] per head, OLMo 2 [heads * D]
+  kSlots
+};
 enum Activation { kSiluGated = 0, kRelu = 1, kGeluTanh = 2, kGelu = 3 };
+enum QkNorm { kNoQkNorm = 0, kPerHead = 1, kProjection = 2 };
 
 std::optional<at::Tensor> opt(const c10::List<std::optional<at::Tensor>>& w, int64_t i) {
   std::optional<at::Tensor> t = w.get(i);
@@ -31,7 +36,8 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
                            const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& lengths,
                            const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, bool rms_norm,
-                           int64_t activation, double eps, at::ArrayRef<double> scales) {
+                           int64_t activation, double eps, at::ArrayRef<double> scales, int64_t qk_norm,
+                           bool post_norm) {
   CHECK_DIM(x, 2, "[B, H]");
   CHECK_DTYPE(x, at::kFloat);
   CHECK_DIM(k_cache, 5, "[L, B_max, Hkv, T_max, D]");
@@ -46,6 +52,8 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
            "k_cache must be [L, >= ", B, ", ", num_kv_heads, ", T_max, ", head_dim, "], got ", shape_str(k_cache));
   HE_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", shape_str(k_cache));
   HE_CHECK(activation >= kSiluGated && activation <= kGelu, "activation must be 0..3, got ", activation);
+  HE_CHECK(qk_norm >= kNoQkNorm && qk_norm <= kProjection, "qk_norm must be 0..2, got ", qk_norm);
+  HE_CHECK(!post_norm || rms_norm, "post_norm needs rms_norm");
 
   const int64_t H = x.size(1);
   // Norm of `in` (plus residual when given): returns {normed, new residual}.
@@ -59,6 +67,23 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
     const at::Tensor sum = residual ? in + *residual : in;
     return {at::layer_norm(sum, {H}, w, b, eps), sum};
   };
+  // A sublayer's input from the last sublayer's output and the residual stream: {input, new residual}. Pre-norm:
+  // the norm of their sum; post-norm (OLMo 2): the sum itself, the output having been normed by `leave`.
+  auto enter = [&](const at::Tensor& in, const std::optional<at::Tensor>& residual, int64_t base,
+                   int64_t slot) -> std::pair<at::Tensor, at::Tensor> {
+    if (!post_norm) return norm(in, residual, req(weights, base + slot), opt(weights, base + slot + 1));
+    const at::Tensor sum = residual ? in + *residual : in;
+    return {sum, sum};
+  };
+  auto leave = [&](const at::Tensor& out, int64_t base, int64_t slot) {
+    return post_norm ? std::get<0>(rms_norm_cpu(out, req(weights, base + slot), eps)) : out;
+  };
+  // q [B, 1, heads, D] normed before RoPE: per head (rows of D) or over the whole projection (rows of heads * D).
+  auto norm_qk = [&](const at::Tensor& t, int64_t base, int64_t slot) {
+    const at::Tensor& w = req(weights, base + slot);
+    if (qk_norm == kPerHead) return std::get<0>(rms_norm_cpu(t, w, eps));
+    return std::get<0>(rms_norm_cpu(t.reshape({B, -1}), w, eps)).view(t.sizes());
+  };
   auto linear = [&](const at::Tensor& in, int64_t base, int64_t slot) {
     return decode_linear_cpu(in, req(weights, base + slot), opt(weights, base + slot + 1));
   };
@@ -69,15 +94,19 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
   std::optional<at::Tensor> residual;
   for (int64_t i = 0; i < L; ++i) {
     const int64_t base = i * kSlots;
-    auto [h, res] = norm(hidden, residual, req(weights, base + kAttnNormW), opt(weights, base + kAttnNormB));
+    auto [h, res] = enter(hidden, residual, base, kAttnNormW);
     const at::Tensor qkv = linear(h, base, kQkvW).view({B, 1, num_heads + 2 * num_kv_heads, head_dim});
-    const at::Tensor q = qkv.narrow(2, 0, num_heads), k = qkv.narrow(2, num_heads, num_kv_heads);
+    at::Tensor q = qkv.narrow(2, 0, num_heads), k = qkv.narrow(2, num_heads, num_kv_heads);
+    if (qk_norm != kNoQkNorm) {  // new contiguous q and k
+      q = norm_qk(q, base, kQNormW);
+      k = norm_qk(k, base, kKNormW);
+    }
     const at::Tensor v = qkv.narrow(2, num_heads + num_kv_heads, num_kv_heads);
     const at::Tensor kc = k_cache.select(0, i).narrow(0, 0, B), vc = v_cache.select(0, i).narrow(0, 0, B);
     rotary_append_kv_cpu(q, k, v, kc, vc, positions, cos, sin);
     const at::Tensor a = decode_attention_cpu(q.view({B, num_heads, head_dim}), kc, vc, seq_lens, scales[i]);
     const at::Tensor o = linear(a.view({B, num_heads * head_dim}), base, kOW);
-    auto [h2, res2] = norm(o, res, req(weights, base + kMlpNormW), opt(weights, base + kMlpNormB));
+    auto [h2, res2] = enter(leave(o, base, kAttnNormW), res, base, kMlpNormW);
     at::Tensor up = linear(h2, base, kUpW);
     if (activation == kSiluGated) {
       const int64_t I = up.size(1) / 2;
@@ -87,7 +116,7 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
     } else {
       up = at::gelu(up, activation == kGeluTanh ? "tanh" : "none");
     }
-    hidden = linear(up, base, kDownW);
+    hidden = leave(linear(up, base, kDownW), base, kMlpNormW);
     residual = res2;
   }
   const int64_t base = L * kSlots;
