@@ -52,3 +52,10 @@ def test_set_keys_are_checked_alone_but_values_together():
 def test_a_malformed_reward_function_spec_is_refused(spec):
     with pytest.raises(ValueError, match="'module:function', 'file.py:function' or 'package.module.function'"):
         load_reward_fn(spec)
+
+
+@pytest.mark.parametrize("spec", ["org/reward-model", "Skywork/Skywork-Reward-V2-Llama-3.1-8B", "out/reward"])
+def test_a_model_name_given_as_a_reward_function_is_refused_saying_where_it_goes(spec):
+    with pytest.raises(ValueError, match=r"reads as a model's name or folder, not a function .* give it as the reward "
+                       r"model \(--reward-model\)"):
+        load_reward_fn(spec)

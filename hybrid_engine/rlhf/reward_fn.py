@@ -50,6 +50,9 @@ def load_reward_fn(spec: str | Callable) -> Callable:
     "package.module.function"); a callable as is."""
     if callable(spec):
         return spec
+    if isinstance(spec, str) and "/" in spec and ":" not in spec and not spec.endswith(".py"):
+        raise ValueError(f"reward function {spec!r} reads as a model's name or folder, not a function (TRL's "
+                         "reward_funcs may name a reward model): give it as the reward model (--reward-model)")
     dotted = isinstance(spec, str) and ":" not in spec and "." in spec.strip(".") and not spec.endswith(".py")
     if not isinstance(spec, str) or (":" not in spec and not dotted):
         raise ValueError(f"a reward function is given as 'module:function', 'file.py:function' or "
