@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hybrid_engine.model.exactness import check_rope
 from hybrid_engine.ops.decode_step import ACTIVATIONS as DECODE_ACTIVATIONS
 
 # model_type -> family. Qwen2 and Mistral are Llama-shaped (Qwen2 adds q/k/v biases).
@@ -44,6 +45,8 @@ class ModelSpec:
 def spec_from_config(config) -> ModelSpec:
     """The ModelSpec of a Hugging Face causal-LM config; a clear error for anything unsupported."""
     spec = _spec_from_config(config)
+    if spec.rotary:
+        check_rope(config)  # a RoPE type it cannot honour exactly: the HF path, not a different answer
     supported = [name for name in DECODE_ACTIVATIONS if name != "silu"]  # silu: Llama's gated MLP only
     if spec.family != "llama" and spec.activation not in supported:
         raise ValueError(f"{spec.family}: activation_function {spec.activation!r} is not supported; supported: "
