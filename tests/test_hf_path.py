@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import peft
 import pytest
@@ -25,7 +30,7 @@ from hybrid_engine.engine.logprobs import positions
 from hybrid_engine.engine.patch import FallbackWarning, apply_hybrid_engine
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.rlhf import RewardModel
-from hybrid_engine.rlhf.demo import rule_score_batch
+from hybrid_engine.rlhf.demo import DEMO_DIR, rule_score_batch
 from hybrid_engine.rlhf.ppo import ModelSources, PPOConfig, train_ppo
 from hybrid_engine.rlhf.scoring import FrozenPolicy, FrozenRewardModel
 
@@ -176,19 +181,46 @@ def test_grpo_trains_a_family_without_a_fast_path(cache):
 
 @pytest.mark.slow
 def test_the_sft_reward_and_ppo_commands_on_families_without_a_fast_path(cache, tmp_path, capsys):
-    tiny = ["--batch-size", "4", "--max-steps", "2", "--no-progress", "--demo", "--cache-dir", cache]
+    data = {}
+    for step in ("sft", "reward", "ppo"):  # the demo's first 16 rows of each step, 4 held out
+        data[step] = tmp_path / f"{step}.jsonl"
+        data[step].write_text("\n".join((DEMO_DIR / f"{step}.jsonl").read_text().splitlines()[:16]) + "\n")
+    tiny = ["--batch-size", "4", "--max-steps", "2", "--no-progress", "--eval-fraction", "0.25", "--cache-dir", cache]
     base = save_family_model("gpt_neox", tmp_path / "base")
-    assert main(["sft", "--model", str(base), *tiny, "--output", str(tmp_path / "sft")]) == 0
-    assert main(["reward", "--model", str(save_family_model("stablelm", tmp_path / "rm-base")), *tiny,
+    assert main(["sft", "--model", str(base), "--data", str(data["sft"]), *tiny,
+                 "--output", str(tmp_path / "sft")]) == 0
+    rm_base = save_family_model("stablelm", tmp_path / "rm-base")
+    assert main(["reward", "--model", str(rm_base), "--data", str(data["reward"]), *tiny,
                  "--output", str(tmp_path / "rm")]) == 0
     saved = transformers.AutoConfig.from_pretrained(tmp_path / "rm")
     assert saved.architectures == ["StableLmForSequenceClassification"]
     capsys.readouterr()
     out = tmp_path / "ppo"
-    assert main(["ppo", "--model", str(tmp_path / "sft"), "--reward-model", str(tmp_path / "rm"), *tiny,
-                 "--train-batch-size", "4", "--max-new-tokens", "6", "--output", str(out)]) == 0
+    assert main(["ppo", "--model", str(tmp_path / "sft"), "--reward-model", str(tmp_path / "rm"), "--data",
+                 str(data["ppo"]), *tiny, "--train-batch-size", "4", "--max-new-tokens", "6",
+                 "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     line = next(line for line in printed.splitlines() if "generation path" in line)
     assert "hf (transformers' generate on the gathered, LoRA-fused actor" in line and "'gpt_neox'" in line
     summary = json.loads((out / "summary.json").read_text())
     assert summary["generation_path"] == "hf" and summary["steps"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_with_lora_gathers_once_and_generates_through_hf(tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(Path(__file__).with_name("hf_zero3_worker.py")), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    for rank in range(2):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["stats"]["path"] == "hf" and r["stats"]["gather_bytes"] > 0 and r["stats"]["fuse_bytes"] > 0
+        assert r["trained_forwards"] == 0  # no ZeRO-3 hook or peft layer ran per token
+        assert r["parity"]["max"] <= ATOL and r["engine_equals_hf"]
+        assert r["losses_with_generation"] == r["losses_without"]
+    assert any(json.loads((tmp_path / f"rank{rank}.json").read_text())["eos_fired"] for rank in range(2))
