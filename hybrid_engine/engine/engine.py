@@ -87,6 +87,7 @@ class HybridEngine:
         ds_config = None if ds_config is None else load_ds_config(ds_config)
         model = _load(model)
         config = base_model(model).config
+        _logprobs.check_plain_logits(config)
         self.hf_reason = fast_path_reason(config)  # None: the fast path serves this model exactly
         self.spec = None if self.hf_reason else spec_from_config(config)
         if ds_config is not None:

@@ -160,10 +160,11 @@ def _seed() -> int:
 class HybridGenerate:
     """The `generate` that apply_hybrid_engine installs on a model.
 
-    __wrapped__: the model's original generate (every fallback calls it). generator: the sampler's own
-    torch.Generator, seeded once at patch time from torch's global RNG (+ the data-parallel rank); sampling
-    never touches the global RNG. calls / fallbacks: how many calls took each path; stats: the SwitchStats of
-    the last fast call."""
+    __wrapped__: the model's original generate (every fallback but the HF path's calls it). generator: the fast
+    path's sampler, seeded once at patch time from torch's global RNG (+ the data-parallel rank); the fast path
+    never touches the global RNG (HF's generate, on either fallback, samples from it). calls / fallbacks: how many
+    calls took the fast path / HF's generate; stats: the SwitchStats of the last call that gathered (stats.path:
+    "fast", or "hf" for the HF path on the gathered, LoRA-fused weights)."""
 
     def __init__(self, model: torch.nn.Module, original, settings: GenerationSettings, spec: ModelSpec | None,
                  unsupported: str | None):
