@@ -16,8 +16,8 @@ import torch
 import transformers
 
 from hybrid_engine.commands.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
+from hybrid_engine.engine.hf_path import fast_path_reason, warn_hf_path
 from hybrid_engine.generation import SamplingParams, generate
-from hybrid_engine.model.spec import SUPPORTED
 from hybrid_engine.rlhf.preflight import max_positions
 from hybrid_engine.rlhf.tokens import TokenConfig, TokenStats, fit_prompt, format_prompt
 
@@ -58,7 +58,15 @@ def load_chat_model(model_dir: str, tokenizer_dir: str | None = None):
         raise ValueError(f"--model {model_dir}: no tokenizer saved there; give --tokenizer DIR")
     tokenizer = load_tokenizer(tokenizer_dir or model_dir, flag="--tokenizer" if tokenizer_dir else "--model")
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    reason = fast_path_reason(model.config)
+    if reason is not None:
+        warn_hf_path(model.config, reason, stacklevel=2)
     return model, tokenizer
+
+
+def fast_path(model) -> bool:
+    """Whether hybrid_engine.generate serves `model` (else HF's generate does: load_chat_model warned why)."""
+    return fast_path_reason(model.config) is None
 
 
 def prompt_room(model, max_new_tokens: int) -> int | None:
@@ -109,7 +117,7 @@ def responder(model, tokenizer, args: argparse.Namespace) -> Callable[[list[dict
     def respond(messages: list[dict[str, str]]) -> str:
         ids = fit_conversation(tokenizer, messages, room, args.chat_template)
         input_ids = torch.tensor([ids])
-        if model.config.model_type in SUPPORTED:
+        if fast_path(model):
             out = generate(model, input_ids, sampling=sampling)
             new = out.sequences[0, len(ids):][out.response_mask[0].bool()]
         else:

@@ -20,9 +20,14 @@ from pathlib import Path
 
 import torch
 
-from hybrid_engine.commands.chat import fit_conversation, load_chat_model, prompt_room, sampling_settings
+from hybrid_engine.commands.chat import (
+    fast_path,
+    fit_conversation,
+    load_chat_model,
+    prompt_room,
+    sampling_settings,
+)
 from hybrid_engine.generation import generate
-from hybrid_engine.model.spec import SUPPORTED
 from hybrid_engine.rlhf.data import FORMATS, decode_text, load_file
 from hybrid_engine.rlhf.tokens import collate_ppo
 
@@ -76,7 +81,7 @@ def complete(model, tokenizer, prompts: list[str], args: argparse.Namespace) -> 
                 for p in prompts[lo:lo + args.batch]]
         batch = collate_ppo([{"input_ids": r} for r in rows], pad_id)  # left-padded, as PPO's prompts
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        if model.config.model_type in SUPPORTED:
+        if fast_path(model):
             out = generate(model, ids, mask, sampling=sampling, weight_dtype=args.weight_dtype,
                            kv_dtype=args.kv_dtype)
             new = [seq[ids.shape[1]:][keep.bool()] for seq, keep in zip(out.sequences, out.response_mask)]

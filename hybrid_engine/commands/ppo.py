@@ -182,6 +182,14 @@ RM_OWN_TOKENIZER = "its own tokenizer's: each rollout decoded and re-encoded for
 """The summary's note when the reward model's tokenizer differs from the policy's."""
 
 
+def generation_note(result) -> str:
+    """The summary's line on which path generated the rollouts."""
+    if getattr(result, "generation_path", "fast") == "fast":
+        return "fast (hybrid_engine's inference transformer)"
+    reason = getattr(getattr(result, "actor", None), "hf_reason", None)
+    return "hf (transformers' generate on the gathered, LoRA-fused actor" + (f": {reason})" if reason else ")")
+
+
 def _function_rows(before, after) -> list[tuple[str, str]]:
     """With several reward functions, each one's held-out mean before and after."""
     b, a = (getattr(e, "reward_fns", None) or {} for e in (before, after))
@@ -207,6 +215,7 @@ def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
             *_function_rows(before, after),
             ("held-out KL to reference", held_out("kl") + " nats per response"),
             ("held-out response length", held_out("response_len", ".1f") + " tokens"),
+            ("generation path", generation_note(result)),
             ("old log-probs", logprob_note(result.history, result.logprob_source)),
             *([("reward-model tokens", RM_OWN_TOKENIZER)] if result.rm_own_tokenizer else []),
             ("prompts truncated / dropped", f"{result.token_stats.prompts_truncated} / "
@@ -217,5 +226,6 @@ def ppo_summary(result) -> tuple[list[tuple[str, str]], dict]:
     figures = {"steps": result.steps, "skipped": result.skipped, "stop_reason": result.stop_reason,
                "before": evals[0][1], "after": evals[-1][1],
                "evals": evals, "history": result.history, "logprob_source": result.logprob_source,
+               "generation_path": getattr(result, "generation_path", "fast"),
                "wall_s": result.wall_s, **totals, "token_stats": dataclasses.asdict(result.token_stats)}
     return rows, figures

@@ -31,7 +31,7 @@ from hybrid_engine.commands import common, run_keys, trackers
 from hybrid_engine.commands.config_args import ConfigValues, build_config, file_settings, load_config_file
 from hybrid_engine.commands.ds_lr import given_lrs, lr_from_ds_config
 from hybrid_engine.commands.metrics import MetricsLog, log_losses, plot_curves, read_metrics
-from hybrid_engine.commands.ppo import logprob_note, ppo_summary, resume_step, reward_functions
+from hybrid_engine.commands.ppo import generation_note, logprob_note, ppo_summary, resume_step, reward_functions
 from hybrid_engine.rlhf.checkpoint import checkpoints
 from hybrid_engine.rlhf.demo import DEMO_DIR, rule_score_batch
 from hybrid_engine.rlhf.distributed import is_main_rank
@@ -316,6 +316,7 @@ def summarize(args, configs: dict, sft, rm, ppo, wall_s: float, demo: bool, tens
     print("  stopped by: " + ", ".join(f"{k} {_stop(r)}" for k, r in stops.items()))
     note = logprob_note(ppo.history, ppo.logprob_source)
     print(f"  PPO old log-probs: {note}")
+    print(f"  PPO generation path: {generation_note(ppo)}")
     goals = demo_goals(rm, ppo) if demo and ppo.before is not None else []
     for text, met in goals:
         print(f"  goal {'met' if met else 'MISSED'}: {text}")
@@ -324,6 +325,7 @@ def summarize(args, configs: dict, sft, rm, ppo, wall_s: float, demo: bool, tens
     _, ppo_figures = ppo_summary(ppo)
     header = ("step", "figure", "before", "after")
     summary = {"machine": machine(), "wall_s": wall_s, "step_wall_s": times, "ppo_logprobs": note,
+               "ppo_generation_path": ppo_figures["generation_path"],
                "table": [dict(zip(header, r)) for r in rows], "goals": [{"goal": t, "met": m} for t, m in goals],
                "configs": {k: config_dict(v) for k, v in configs.items()},
                "sft": {"steps": sft.steps, "stop_reason": _stop(sft), "losses": sft.losses, "evals": sft.evals},

@@ -14,6 +14,15 @@ import torch.distributed as dist
 import transformers
 
 from hybrid_engine.engine import logprobs as _logprobs
+from hybrid_engine.engine.hf_path import (
+    FAST,
+    HF,
+    check_settings,
+    fast_path_reason,
+    hf_generation_model,
+    vocab_size,
+    warn_hf_path,
+)
 from hybrid_engine.engine.lora import base_model, wrap_lora
 from hybrid_engine.engine.mode import generation_weights
 from hybrid_engine.engine.save import merged_model
@@ -24,6 +33,7 @@ from hybrid_engine.engine.training import init_distributed, load_ds_config, make
 from hybrid_engine.engine.zero import gathered, unique_params
 from hybrid_engine.generation import GenerationOutput, SamplingParams, generate_with
 from hybrid_engine.generation.checks import check_prompts
+from hybrid_engine.generation.hf_generate import hf_generate
 from hybrid_engine.generation.sampling import model_token_ids
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
@@ -59,7 +69,9 @@ def _rank() -> int:
 
 
 class HybridEngine:
-    """An HF causal LM (Llama/Qwen2/Qwen3/OLMo 2/Mistral, OPT, GPT-2) in training mode, with a generation mode.
+    """An HF decoder-only causal LM in training mode, with a generation mode: the fast path for the families
+    model/spec.py serves (Llama/Qwen2/Qwen3/OLMo 2/Mistral, OPT, GPT-2), transformers' generate on the gathered,
+    LoRA-fused model for any other (engine/hf_path.py; one HFPathWarning names the family and why).
 
     ds_config: a DeepSpeed config (dict or JSON path), ZeRO stage 0-3; None trains in one process with
     `optimizer` (a torch optimizer, a callable(params), or None for AdamW lr 1e-5). lora: a
@@ -74,22 +86,36 @@ class HybridEngine:
         self.settings = GenerationSettings.parse(generation)
         ds_config = None if ds_config is None else load_ds_config(ds_config)
         model = _load(model)
-        self.spec = spec_from_config(base_model(model).config)  # unsupported architectures fail here
+        config = base_model(model).config
+        _logprobs.check_plain_logits(config)
+        self.hf_reason = fast_path_reason(config)  # None: the fast path serves this model exactly
+        self.spec = None if self.hf_reason else spec_from_config(config)
         if ds_config is not None:
             init_distributed()
         world = dist.get_world_size() if dist.is_initialized() else 1
-        self.settings.check(self.spec, world_size=world)
+        if self.spec is None:
+            check_settings(self.settings, config, self.hf_reason)
+            warn_hf_path(config, self.hf_reason)
+        else:
+            self.settings.check(self.spec, world_size=world)
+        self._vocab = vocab_size(base_model(model)) if self.spec is None else self.spec.vocab_size
         if lora is not None:
             model = wrap_lora(model, lora)
         if gradient_checkpointing:
             _enable_checkpointing(base_model(model))
-        fuse_projection_storage(base_model(model), self.spec)  # q|k|v and gate|up read as views
+        if self.spec is not None:
+            fuse_projection_storage(base_model(model), self.spec)  # q|k|v and gate|up read as views
         self._trainer = make_trainer(model, ds_config, optimizer)
         self.tp = make_tp_group(self.settings.inference_tp_size)
         group = _rank() // self.settings.inference_tp_size  # a TP group samples as one
         self._rng = torch.Generator().manual_seed(seed + group)
         self.stats = SwitchStats()
-        self._net: InferenceTransformer | None = None
+        self._net: InferenceTransformer | transformers.PreTrainedModel | None = None
+
+    @property
+    def generation_path(self) -> str:
+        """Which path generates: "fast" (the inference transformer) or "hf" (transformers' generate)."""
+        return FAST if self.spec is not None else HF
 
     # ---- training mode: DeepSpeed's verbs ----
     @property
@@ -155,6 +181,15 @@ class HybridEngine:
             return
         stats = SwitchStats(train_step_s=self.stats.train_step_s)
         self.stats = stats
+        if self.spec is None:
+            with hf_generation_model(base_model(self.module), self.settings, stats) as plain:
+                self._net = plain
+                del plain
+                try:
+                    yield self
+                finally:
+                    self._net = None
+            return
         spec = self.spec if self.tp is None else local_spec(self.spec, self.tp.size)
         reduce = None if self.tp is None else self.tp.all_reduce
         with generation_weights(base_model(self.module), self.spec, self.settings, self.tp, stats) as weights:
@@ -171,17 +206,19 @@ class HybridEngine:
         the engine's current weights, its KV cache in settings.kv_dtype. The eos and pad ids the call does not give
         are the module's generation_config's, as in Hugging Face's generate. Samples from the engine's own generator
         unless a seed or a generator is given."""
-        defaults = model_token_ids(base_model(self.module), self.spec.vocab_size)
+        defaults = model_token_ids(base_model(self.module), self._vocab)
         params = SamplingParams.of(sampling, overrides, defaults)
-        check_prompts(input_ids, attention_mask, self.spec.vocab_size)  # before any collective
-        params.check_vocab(self.spec.vocab_size)
+        check_prompts(input_ids, attention_mask, self._vocab)  # before any collective
+        params.check_vocab(self._vocab)
         input_ids = input_ids.contiguous()  # a transposed or sliced view is gathered (tensor parallel) as its values
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.contiguous()
         if params.seed is None and params.generator is None:
             params = dataclasses.replace(params, generator=self._rng)
         with self.generation_mode():
             t0 = time.perf_counter()
-            if self.tp is None:
+            if self.spec is None:
+                out = hf_generate(self._net, input_ids, attention_mask, params)
+            elif self.tp is None:
                 out = generate_with(self._net, input_ids, attention_mask, params, kv_dtype=self.settings.kv_dtype)
             else:
                 out = self._generate_tp(input_ids, attention_mask, params)

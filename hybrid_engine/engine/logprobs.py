@@ -26,6 +26,20 @@ from hybrid_engine import ops
 from hybrid_engine.model.prefix import run_firsts, shared_prefix_runs
 from hybrid_engine.ops.logprobs import IGNORE_INDEX
 
+LOGIT_TRANSFORMS = ("logits_scaling", "logit_scale", "final_logit_softcapping")
+"""Config fields of families whose causal LM transforms the logits after the LM head (Granite divides, Cohere
+multiplies, Gemma 2 soft-caps): token_logprobs reads the head alone, so it would not apply them."""
+
+
+def check_plain_logits(config) -> None:
+    """Refuses a model whose logits are not its LM head's output, naming the field (token_logprobs would give
+    other log-probs than its forward)."""
+    for name in LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value is not None and value != 1:
+            raise ValueError(f"model_type {getattr(config, 'model_type', None)!r}: {name}={value} transforms the "
+                             "logits after the LM head, which the engine's token_logprobs does not apply")
+
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids of left-padded (and right-padded) rows: 0 at each row's first real token."""

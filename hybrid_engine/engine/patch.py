@@ -4,8 +4,11 @@ engine's `.module`, ZeRO-3 partitioned or not) served by hybrid_engine's fast ge
 Each call resolves its arguments the way transformers does (hf_args.py). What the fast path computes exactly
 - greedy or sampled decoding with temperature / top-k / top-p, eos and pad ids, max_new_tokens or max_length,
 sequences or a GenerateDecoderOnlyOutput - it serves: gather (ZeRO-3), fuse LoRA, generate, release, all
-inside one `generation_weights` context. Everything else runs the model's original `generate`, with one
-FallbackWarning per reason per model naming the reason.
+inside one `generation_weights` context. A family without a fast path (or a config it cannot honour exactly) runs
+transformers' generate with the call's own arguments on a plain model that reads the gathered, LoRA-fused weights
+(engine/hf_path.py: no ZeRO-3 hook fires per token), unless the model's dropout is active or its adapters are not
+plain LoRA. Everything else runs the model's original `generate`. Either way one FallbackWarning per reason per
+model names the reason.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from hybrid_engine.engine.hf_args import Fallback, Request, resolve
+from hybrid_engine.engine.hf_path import hf_generation_model
 from hybrid_engine.engine.lora import base_model
 from hybrid_engine.engine.mode import generation_weights
 from hybrid_engine.engine.settings import GenerationSettings
@@ -28,6 +32,9 @@ from hybrid_engine.engine.zero import is_partitioned
 from hybrid_engine.generation import GenerationOutput, generate_with
 from hybrid_engine.model.spec import ModelSpec, spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
+
+ARCHITECTURE = "architecture"
+"""The Fallback key of a model the fast path does not serve (spec_from_config's error)."""
 
 
 class FallbackWarning(UserWarning):
@@ -153,10 +160,11 @@ def _seed() -> int:
 class HybridGenerate:
     """The `generate` that apply_hybrid_engine installs on a model.
 
-    __wrapped__: the model's original generate (every fallback calls it). generator: the sampler's own
-    torch.Generator, seeded once at patch time from torch's global RNG (+ the data-parallel rank); sampling
-    never touches the global RNG. calls / fallbacks: how many calls took each path; stats: the SwitchStats of
-    the last fast call."""
+    __wrapped__: the model's original generate (every fallback but the HF path's calls it). generator: the fast
+    path's sampler, seeded once at patch time from torch's global RNG (+ the data-parallel rank); the fast path
+    never touches the global RNG (HF's generate, on either fallback, samples from it). calls / fallbacks: how many
+    calls took the fast path / HF's generate; stats: the SwitchStats of the last call that gathered (stats.path:
+    "fast", or "hf" for the HF path on the gathered, LoRA-fused weights)."""
 
     def __init__(self, model: torch.nn.Module, original, settings: GenerationSettings, spec: ModelSpec | None,
                  unsupported: str | None):
@@ -172,6 +180,8 @@ class HybridGenerate:
         hf = base_model(self.model)
         plan = _agreed(self._plan(hf, args, kwargs), hf)
         if isinstance(plan, Fallback):
+            if plan.key == ARCHITECTURE and not (_dropout_active(self.model) or _adapter_reason(self.model, hf)):
+                return self._serve_hf(hf, plan, args, kwargs)
             return self._fallback(plan, args, kwargs)
         return self._serve(hf, plan)
 
@@ -179,7 +189,7 @@ class HybridGenerate:
         """The call resolved for the fast path, or why it is HF's (bad input raises ValueError)."""
         try:
             if self.unsupported is not None:
-                raise Fallback(self.unsupported, "architecture")
+                raise Fallback(self.unsupported, ARCHITECTURE)
             reason = model_reason(self.model, hf)
             if reason is not None:
                 raise Fallback(reason)
@@ -187,13 +197,30 @@ class HybridGenerate:
         except Fallback as f:
             return f
 
-    def _fallback(self, why: Fallback, args: tuple, kwargs: dict):
+    def _warn(self, why: Fallback, what: str) -> None:
         if why.key not in self._warned:
             self._warned.add(why.key)
-            warnings.warn(f"hybrid_engine runs Hugging Face's own generate for this call: {why}", FallbackWarning,
-                          stacklevel=3)
+            warnings.warn(f"hybrid_engine runs Hugging Face's own generate{what} for this call: {why}",
+                          FallbackWarning, stacklevel=4)
+
+    def _fallback(self, why: Fallback, args: tuple, kwargs: dict):
+        self._warn(why, "")
         self.fallbacks += 1
         return self.__wrapped__(*args, **kwargs)
+
+    @torch.no_grad()
+    def _serve_hf(self, hf: torch.nn.Module, why: Fallback, args: tuple, kwargs: dict):
+        """HF's generate with the call's arguments, on the plain model over the gathered, LoRA-fused weights."""
+        self._warn(why, " on the gathered, LoRA-fused weights")
+        stats = SwitchStats()
+        with hf_generation_model(hf, self.settings, stats) as plain:
+            t0 = time.perf_counter()
+            out = plain.generate(*args, **kwargs)
+            stats.generate_s = time.perf_counter() - t0
+            del plain
+        self.stats = stats
+        self.fallbacks += 1
+        return out
 
     @torch.no_grad()
     def _serve(self, hf: torch.nn.Module, r: Request):

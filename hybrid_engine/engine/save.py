@@ -8,7 +8,7 @@ import transformers
 from hybrid_engine.engine.lora import FusedWeights
 
 
-def _value(trained: torch.nn.Module, name: str, fuse: FusedWeights) -> torch.Tensor:
+def trained_value(trained: torch.nn.Module, name: str, fuse: FusedWeights) -> torch.Tensor:
     """The trained value of parameter or buffer `name` of the plain model, with LoRA deltas merged."""
     path, attr = name.rsplit(".", 1) if "." in name else ("", name)
     module = trained.get_submodule(path)
@@ -28,6 +28,6 @@ def merged_model(trained: torch.nn.Module) -> transformers.PreTrainedModel:
     plain.to_empty(device="cpu")
     fuse = FusedWeights()
     for name, t in [*plain.named_parameters(), *plain.named_buffers()]:
-        t.copy_(_value(trained, name, fuse))
+        t.copy_(trained_value(trained, name, fuse))
     plain.generation_config = trained.generation_config
     return plain.eval()

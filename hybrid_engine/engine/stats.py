@@ -24,6 +24,7 @@ class SwitchStats:
     release_s: float = 0.0  # generation weights and KV cache freed, ZeRO-3 partitions restored
     train_step_s: float = 0.0  # the last engine.step()
     logprob_mismatch: dict | None = None  # engine.logprob_mismatch(): {"mean", "max"} vs training log-probs
+    path: str = "fast"  # which path generated: "fast" (the inference transformer) or "hf" (transformers' generate)
 
     @property
     def switch_s(self) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hybrid_engine.model.exactness import check_rope
 from hybrid_engine.ops.decode_step import ACTIVATIONS as DECODE_ACTIVATIONS
 
 # model_type -> family. Qwen2, Mistral, Qwen3 and OLMo 2 are Llama-shaped (Qwen2 adds q/k/v biases, Qwen3 a q/k
@@ -13,9 +14,6 @@ SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "qwen3": "l
 # model_type -> qk_norm: where a family normalises q and k before RoPE.
 QK_NORM = {"qwen3": "head", "olmo2": "proj"}
 POST_NORM = {"olmo2"}  # RMSNorm on each sublayer's output before the residual add, none before the sublayer
-# RoPE types whose frequencies do not depend on the sequence length: the tables built once from the model's
-# rotary_emb.inv_freq are then HF's at every position. "dynamic" and "longrope" change them with the length.
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -55,22 +53,13 @@ class ModelSpec:
 def spec_from_config(config) -> ModelSpec:
     """The ModelSpec of a Hugging Face causal-LM config; a clear error for anything unsupported."""
     spec = _spec_from_config(config)
+    if spec.rotary:
+        check_rope(config)  # a RoPE type it cannot honour exactly: the HF path, not a different answer
     supported = [name for name in DECODE_ACTIVATIONS if name != "silu"]  # silu: Llama's gated MLP only
     if spec.family != "llama" and spec.activation not in supported:
         raise ValueError(f"{spec.family}: activation_function {spec.activation!r} is not supported; supported: "
                          f"{', '.join(supported)}")
     return spec
-
-
-def _check_rope(config, model_type: str) -> None:
-    """Refuses a RoPE whose frequencies the cos/sin tables (built once, from rotary_emb.inv_freq) cannot hold."""
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if any(isinstance(value, dict) for value in params.values()):
-        raise ValueError(f"{model_type}: rope_parameters per layer type ({', '.join(params)}) are not supported")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise ValueError(f"{model_type}: rope_parameters.rope_type {rope_type!r} is not supported (its frequencies "
-                         f"change with the sequence length or per layer); supported: {', '.join(STATIC_ROPE_TYPES)}")
 
 
 def _spec_from_config(config) -> ModelSpec:
@@ -88,7 +77,6 @@ def _spec_from_config(config) -> ModelSpec:
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"{model_type}: only hidden_act='silu' is supported, got {config.hidden_act!r}")
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-        _check_rope(config, model_type)
         return ModelSpec(
             family=family,
             vocab_size=config.vocab_size,

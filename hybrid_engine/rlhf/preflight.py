@@ -18,7 +18,7 @@ import os
 from collections.abc import Sequence
 
 from hybrid_engine.engine.training import load_ds_config
-from hybrid_engine.model.spec import SUPPORTED, spec_from_config
+from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.tokens import tokenize_ppo, tokenize_reward, tokenize_sft
 from hybrid_engine.rlhf.trainer import check_vocab, training_ds_config
@@ -29,8 +29,10 @@ POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length"
 
 def max_positions(model_config) -> int | None:
     """The most tokens (prompt and response) a model of this config takes; None when the config does not say."""
-    if getattr(model_config, "model_type", None) in SUPPORTED:
+    try:
         return spec_from_config(model_config).max_positions
+    except ValueError:  # a family the fast path does not read: its config says
+        pass
     for name in POSITION_KEYS:
         if isinstance(getattr(model_config, name, None), int):
             return getattr(model_config, name)

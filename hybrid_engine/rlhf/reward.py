@@ -1,10 +1,10 @@
 """Step 2 of the RLHF pipeline: a reward model trained on (prompt, chosen, rejected) pairs.
 
-The reward model is a causal LM's body (its `base_model`: LlamaModel, Qwen2Model, MistralModel,
-OPTModel, GPT2Model) with a scalar value head, nn.Linear(H, 1), on its final hidden states. A sequence's
-reward is the head's value at its last non-pad token (the last position where attention_mask is 1, so
-right padding, left padding and a left-padded prompt followed by a response that ended early all read
-the right token); the pairwise loss is -log sigmoid(r_chosen - r_rejected), its batch mean.
+The reward model is a causal LM's body (its `base_model`: LlamaModel, Qwen2Model, GPT2Model, GPTNeoXModel, ...:
+any decoder-only family transformers has a sequence classifier for) with a scalar value head, nn.Linear(H, 1), on
+its final hidden states. A sequence's reward is the head's value at its last non-pad token (the last position where
+attention_mask is 1, so right padding, left padding and a left-padded prompt followed by a response that ended early
+all read the right token); the pairwise loss is -log sigmoid(r_chosen - r_rejected), its batch mean.
 
 It is saved as a Hugging Face sequence classifier with one label (XForSequenceClassification, the head as
 `score`), which transformers.AutoModelForSequenceClassification, TRL and OpenRLHF load; RewardModel.from_pretrained
@@ -36,7 +36,6 @@ from hybrid_engine.engine.logprobs import positions
 from hybrid_engine.engine.lora import lora_layers
 from hybrid_engine.engine.training import adamw, make_trainer
 from hybrid_engine.engine.zero import gathered, unique_params
-from hybrid_engine.model.spec import SUPPORTED
 from hybrid_engine.rlhf import checkpoint, fingerprints
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.distributed import rank_and_world
@@ -90,10 +89,7 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None
 def _check_body(body) -> None:
     if not isinstance(body, transformers.PreTrainedModel):
         raise ValueError(f"a reward model needs a Hugging Face model, got {type(body).__name__}")
-    model_type = getattr(body.config, "model_type", None)
-    if model_type not in SUPPORTED:
-        raise ValueError(f"reward models support model_type {', '.join(sorted(SUPPORTED))}; got {model_type!r} "
-                         f"({type(body).__name__})")
+    check_family(body.config, type(body).__name__)
     if body.base_model is not body:
         raise ValueError(f"a reward model's body is a base model, got the causal LM {type(body).__name__}: pass its "
                          "body (model.base_model), or use RewardModel.from_model(model)")

@@ -18,7 +18,8 @@ Read: that form; any local folder or local Hugging Face cache name of an AutoMod
 num_labels 1 (e.g. RewardTrainer's output; no score_bias: bias 0); and the older form, the body's save_pretrained
 with value_head.safetensors ('weight' [1, H] and 'bias' [1]) beside it. Refused, with the model's name: more than
 one label, a classifier whose head weights are missing (transformers would draw them at random), a causal LM's or
-body's folder (no head at all), a family outside model.spec.SUPPORTED.
+body's folder (no head at all), a family transformers has no sequence classifier for (the saved form). Any other
+decoder-only family is a reward model; the PPO step scores those through their HF forward (rlhf/scoring.py).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import load_file
-
-from hybrid_engine.model.spec import SUPPORTED
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
 
 HEAD_FILE = "value_head.safetensors"
 """The older form's value head, beside the body's config.json and model.safetensors."""
@@ -61,10 +64,16 @@ def hidden_size(config) -> int:
 
 
 def check_family(config, name) -> None:
-    """Refuses a model outside model.spec.SUPPORTED, naming it."""
-    if config.model_type not in SUPPORTED:
-        raise ValueError(f"reward models support model_type {', '.join(sorted(SUPPORTED))}; {name} holds "
-                         f"{config.model_type!r}")
+    """Refuses a model that is no decoder-only family (an encoder such as BERT, which transformers also builds as a
+    masked LM, or an encoder-decoder), or whose family transformers has no sequence classifier for (a reward model
+    is saved as one), naming it."""
+    model_type = config.model_type
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{name} holds model_type {model_type!r}, which is no decoder-only causal LM: a reward "
+                         "model's body is one (Llama, Qwen2, GPT-2, GPT-NeoX, ...)")
+    if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise ValueError(f"{name} holds model_type {config.model_type!r}, which has no sequence classifier in "
+                         "transformers (AutoModelForSequenceClassification): a reward model is saved as one")
 
 
 def _config(name) -> transformers.PretrainedConfig:

@@ -8,13 +8,15 @@ its value head at each sequence's last token. Both equal the HF forward within t
 
 With an autocast dtype (PPOConfig.bf16_autocast) both score through their HF forward under autocast instead,
 the precision the training forwards run in (as TRL scores its reference under bf16): on a CPU with bf16 units
-that forward is ~3x faster than the fp32 inference path.
+that forward is ~3x faster than the fp32 inference path. A family the inference path does not serve
+(spec_from_config refuses it: see engine/hf_path.py) scores through its HF forward too, in its own precision.
 
 Each rank holds a full copy of both frozen models (they are not partitioned by ZeRO).
 """
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import torch
@@ -37,9 +39,17 @@ def _check_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, start: in
         raise ValueError(f"start must be in [1, {input_ids.shape[1]}), got {start}")
 
 
-def _autocast(dtype: torch.dtype, device: torch.device):
-    """torch.autocast to `dtype` on `device`'s type."""
-    return torch.autocast(device.type, dtype=dtype)
+def _autocast(dtype: torch.dtype | None, device: torch.device):
+    """torch.autocast to `dtype` on `device`'s type; None: no autocast."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def _spec(config):
+    """The inference path's ModelSpec of `config`, or None when it does not serve that model exactly (HF forward)."""
+    try:
+        return spec_from_config(config)
+    except ValueError:
+        return None
 
 
 def _inference_net(model, spec, weight_dtype: torch.dtype | None) -> InferenceTransformer:
@@ -53,7 +63,7 @@ def _inference_net(model, spec, weight_dtype: torch.dtype | None) -> InferenceTr
 
 class FrozenPolicy:
     """A frozen causal LM (the PPO reference) that reads the log-probs of given tokens: through the inference
-    path, or with `autocast_dtype` through its HF forward under autocast."""
+    path, or with `autocast_dtype` (or for a family the inference path does not serve) through its HF forward."""
 
     def __init__(self, model: torch.nn.Module, weight_dtype: torch.dtype | None = None,
                  autocast_dtype: torch.dtype | None = None):
@@ -61,9 +71,9 @@ class FrozenPolicy:
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model.eval()
-        self.spec = spec_from_config(model.config)
+        self.spec = _spec(model.config)
         self.autocast_dtype = autocast_dtype
-        self.net = None if autocast_dtype else _inference_net(model, self.spec, weight_dtype)
+        self.net = None if autocast_dtype or self.spec is None else _inference_net(model, self.spec, weight_dtype)
 
     @torch.no_grad()
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
@@ -94,7 +104,8 @@ def _as_causal_lm(body: torch.nn.Module, head: torch.nn.Linear, family: str) -> 
 
 class FrozenRewardModel:
     """A frozen RewardModel that scores whole sequences (prompt and response) at their last token: through the
-    inference path, or with `autocast_dtype` through its HF forward under autocast."""
+    inference path, or with `autocast_dtype` (or for a family the inference path does not serve) through its HF
+    forward."""
 
     def __init__(self, model: RewardModel, weight_dtype: torch.dtype | None = None,
                  autocast_dtype: torch.dtype | None = None):
@@ -103,10 +114,12 @@ class FrozenRewardModel:
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model.eval()
-        self.spec = spec_from_config(model.config)
+        self.spec = _spec(model.config)
         self.autocast_dtype = autocast_dtype
-        lm = _as_causal_lm(model.body, model.value_head, self.spec.family)
-        self.net = None if autocast_dtype else _inference_net(lm, self.spec, weight_dtype)
+        self.net = None
+        if not autocast_dtype and self.spec is not None:
+            lm = _as_causal_lm(model.body, model.value_head, self.spec.family)
+            self.net = _inference_net(lm, self.spec, weight_dtype)
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 1) -> torch.Tensor:

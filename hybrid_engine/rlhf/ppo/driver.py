@@ -77,6 +77,9 @@ class PPOResult:
     """What ended the run: 'max_steps (N)' or 'epochs (...)' (loop.LoopRecord.stop_reason)."""
     rm_own_tokenizer: bool = False
     """Whether the reward model scored with its own tokenizer (the rollouts decoded and re-encoded for it)."""
+    generation_path: str = "fast"
+    """Which path generated the rollouts: "fast" (the inference transformer) or "hf" (transformers' generate on the
+    gathered, LoRA-fused actor, for a family without a fast path: actor.hf_reason says why)."""
 
 
 @dataclass
@@ -152,7 +155,8 @@ def train_ppo(models: ModelSources | Models, tokenizer, data: StepData, config: 
                      logprob_source=history[-1]["logprob_source"] if history else "",
                      wall_s=time.perf_counter() - t_start, token_stats=train.stats, actor=models.actor,
                      critic=models.critic_model, ema=run.ema, stop_reason=record.stop_reason,
-                     rm_own_tokenizer=isinstance(models.reward, RetokenizedRewardModel))
+                     rm_own_tokenizer=isinstance(models.reward, RetokenizedRewardModel),
+                     generation_path=models.actor.generation_path)
 
 
 def _defines(models: Models, data: StepData, ptx_data) -> dict:

@@ -1,0 +1,45 @@
+"""Tiny random models of decoder-only families without a fast path (GPT-NeoX, StableLM), over the demo tokenizer's
+vocabulary, saved with save_pretrained and loaded back (nothing comes from a hub): what the HF-path tests run."""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+import transformers
+from demo_models import tokenizer
+
+
+def _ids() -> dict:
+    tok = tokenizer()
+    return dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, max_position_embeddings=128, initializer_range=0.2,
+                tie_word_embeddings=False)
+
+
+# Partial rotary embeddings in both: a detail the fast path's Llama family does not have.
+CONFIGS = {
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                   num_attention_heads=4, rotary_pct=0.5, **_ids()),
+    "stablelm": lambda: transformers.StableLmConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2,
+                                                    partial_rotary_factor=0.25, **_ids()),
+}
+FAMILIES = list(CONFIGS)
+LORA_TARGETS = {"gpt_neox": ["query_key_value", "dense_4h_to_h"], "stablelm": ["q_proj", "v_proj", "down_proj"]}
+
+
+def family_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A fresh tiny random causal LM of family `name`, round-tripped through save_pretrained/from_pretrained."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name]())
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        return transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+
+
+def save_family_model(name: str, directory, seed: int = 0):
+    """family_model(name, seed) and the demo tokenizer saved to `directory` (what `hybrid-engine sft` reads)."""
+    family_model(name, seed).save_pretrained(directory)
+    tokenizer().save_pretrained(directory)
+    return directory
