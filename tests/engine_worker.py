@@ -22,8 +22,8 @@ import hybrid_engine  # noqa: E402
 from hybrid_engine.engine import HybridEngine  # noqa: E402
 
 STEPS, NEW = 2, 8
-FAMILIES = ["llama-gqa", "qwen3", "olmo2"]  # every configuration runs the first; the others a ZeRO-3 subset
-TP_FAMILIES = ["qwen3"]  # and a TP one (OLMo 2's q/k norm over the whole projection refuses TP)
+FAMILIES = ["llama-gqa", "qwen3", "olmo2", "smollm3"]  # every configuration runs the first; the others a ZeRO-3 subset
+TP_FAMILIES = ["qwen3", "smollm3"]  # and a TP subset (OLMo 2's q/k norm over the whole projection refuses TP)
 EOS = dict(eos_token_id=2, pad_token_id=0)  # the tiny Llama's own eos
 
 

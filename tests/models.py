@@ -77,6 +77,22 @@ CONFIGS = {
         eos_token_id=2,
         pad_token_id=0,
     ),
+    # SmolLM3: no_rope_layer_interval 2 makes layer 1 of 3 a NoPE layer (no_rope_layers [1, 0, 1]); GQA, tied.
+    "smollm3": lambda: transformers.SmolLM3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        no_rope_layer_interval=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
     "opt": lambda: transformers.OPTConfig(
         vocab_size=VOCAB,
         hidden_size=64,

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -41,13 +42,14 @@ def test_step_on_a_prefix_of_the_batch():
     assert cache.lengths.tolist() == [6, 2, 9]
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2", "smollm3"])
 def test_opcheck(family):
     net, cache, tokens = prefilled(family)
     s = net.spec
     x = net.embed(tokens, cache.lengths)
     args = (x, net.flat_weights(), cache.k, cache.v, cache.lengths.clone(), net.cos, net.sin, s.num_heads,
-            s.num_kv_heads, s.head_dim, True, 0, s.norm_eps, net.scales, QK_NORMS[s.qk_norm], s.post_norm)
+            s.num_kv_heads, s.head_dim, True, 0, s.norm_eps, net.scales, QK_NORMS[s.qk_norm], s.post_norm,
+            list(s.nope_layers))
     torch.library.opcheck(kernels().decode_step.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -69,3 +71,27 @@ def test_missing_qk_norm_weight_names_the_slot():
     with pytest.raises(RuntimeError, match=r"weights\[12\] is required but missing"):
         kernels().decode_step(net.embed(tokens, cache.lengths), weights, cache.k, cache.v, cache.lengths, net.cos,
                               net.sin, s.num_heads, s.num_kv_heads, s.head_dim, True, 0, s.norm_eps, net.scales, 1)
+
+
+def test_nope_layer_out_of_range_is_named():
+    net, cache, tokens = prefilled("smollm3")
+    s = net.spec
+    with pytest.raises(RuntimeError, match=r"nope_layers must name layers in \[0, 3\), got 3"):
+        kernels().decode_step(net.embed(tokens, cache.lengths), net.flat_weights(), cache.k, cache.v, cache.lengths,
+                              net.cos, net.sin, s.num_heads, s.num_kv_heads, s.head_dim, True, 0, s.norm_eps,
+                              net.scales, 0, False, [3])
+
+
+def test_nope_layer_caches_k_unrotated():
+    """SmolLM3's layer 1 appends k as projected; its RoPE layers 0 and 2 rotate it (positions > 0 differ)."""
+    net, cache, tokens = prefilled("smollm3")
+    s, i = net.spec, 1
+    assert s.nope_layers == (i,)
+    cache_py, cache_rot = copy.deepcopy(cache), copy.deepcopy(cache)
+    net.decode(tokens, cache)
+    rotated = InferenceTransformer(dataclasses.replace(s, nope_layers=()), net.w)
+    rotated.decode_python(tokens, cache_rot)
+    net.decode_python(tokens, cache_py)
+    torch.testing.assert_close(cache.k, cache_py.k, atol=1e-5, rtol=1e-5)
+    rows = torch.arange(3), cache.lengths.long() - 1  # the k each row just appended
+    assert not torch.allclose(cache.k[i][rows[0], :, rows[1]], cache_rot.k[i][rows[0], :, rows[1]])

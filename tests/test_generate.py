@@ -139,7 +139,7 @@ def test_non_contiguous_prompts_generate_as_their_values(family):
         assert torch.equal(ours.sequences, expected.sequences) and torch.equal(ours.logprobs, expected.logprobs)
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2", "smollm3", "opt", "gpt2"])
 def test_bf16_weights_match_hf_on_rounded_weights(family):
     model = tiny_model(family)
     rounded = transformers.AutoModelForCausalLM.from_config(model.config).eval()
@@ -263,7 +263,7 @@ def test_unsupported_architecture_lists_the_supported_ones():
         is_decoder=True,
     )
     model = transformers.BertLMHeadModel(config)
-    with pytest.raises(ValueError, match="supported: gpt2, llama, mistral, olmo2, opt, qwen2, qwen3"):
+    with pytest.raises(ValueError, match="supported: gpt2, llama, mistral, olmo2, opt, qwen2, qwen3, smollm3"):
         hybrid_engine.generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
 
 
@@ -286,6 +286,25 @@ def test_olmo2_spec_reads_the_post_norm_and_the_projection_qk_norm():
     assert not hybrid_engine.model.spec_from_config(tiny_model("qwen3").config).post_norm
 
 
+def test_smollm3_spec_reads_its_nope_layers():
+    spec = hybrid_engine.model.spec_from_config(tiny_model("smollm3").config)
+    assert (spec.family, spec.nope_layers, spec.sliding_window) == ("llama", (1,), None)
+    config = CONFIGS["smollm3"]()
+    config.no_rope_layers = [1, 0]  # one flag short of the three layers
+    with pytest.raises(ValueError, match=r"no_rope_layers must hold a 0 or 1 per layer \(3\)"):
+        hybrid_engine.model.spec_from_config(config)
+
+
+def test_a_model_whose_layers_all_skip_rope_generates_as_hf():
+    config = CONFIGS["smollm3"]()
+    config.no_rope_layers = [0, 0, 0]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids, mask = left_padded_prompts(LENGTHS)
+    ours = hybrid_engine.generate(model, ids, mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours.sequences, hf_greedy(model, ids, mask, 12))
+
+
 def rope_model(family: str, rope: dict) -> torch.nn.Module:
     config = CONFIGS[family]()
     config.rope_parameters = {"rope_theta": 10000.0, **rope}
@@ -293,7 +312,7 @@ def rope_model(family: str, rope: dict) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2", "smollm3"])
 @pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0},
                                   {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}],
                          ids=["linear", "yarn"])
@@ -304,7 +323,7 @@ def test_a_length_independent_rope_scaling_generates_as_hf(family, rope):
     assert torch.equal(ours.sequences, hf_greedy(model, ids, mask, 12))
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen2", "qwen3", "olmo2"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2", "qwen3", "olmo2", "smollm3"])
 def test_a_rope_whose_frequencies_change_with_length_is_refused_naming_the_field(family):
     config = CONFIGS[family]()
     config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}

@@ -76,10 +76,11 @@ TORCH_LIBRARY(hybrid_engine, m) {
   // activation: 0 silu-gated (fused gate|up), 1 relu, 2 gelu (tanh), 3 gelu.
   // qk_norm: 0 none, 1 RMSNorm of q and k per head over D before RoPE (Qwen3), 2 over the whole projection
   // (OLMo 2). post_norm: the attention and MLP norms act on the sublayers' outputs (OLMo 2).
+  // nope_layers: the layers whose q and k take no RoPE, k and v appended as they are (SmolLM3's NoPE layers).
   m.def(
       "decode_step(Tensor x, Tensor?[] weights, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, "
       "Tensor? cos, Tensor? sin, int num_heads, int num_kv_heads, int head_dim, bool rms_norm, int activation, "
-      "float eps, float[] scales, int qk_norm=0, bool post_norm=False) -> Tensor");
+      "float eps, float[] scales, int qk_norm=0, bool post_norm=False, int[] nope_layers=[]) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hybrid_engine, CPU, m) {

@@ -1,7 +1,7 @@
 """The training forward and backward through hybrid_engine's fused ops, patched into Hugging Face modules (the
 way Liger-Kernel's apply_* functions do), with one switch to turn them off.
 
-apply_training_kernels(model) patches, for the Llama, Qwen2, Mistral, Qwen3 and OLMo 2 families:
+apply_training_kernels(model) patches, for the Llama, Qwen2, Mistral, Qwen3, OLMo 2 and SmolLM3 families:
 - every RMSNorm module's forward -> ops.rms_norm (forward and backward kernels; HF's semantics), the q_norm/k_norm
   included (Qwen3's over rows of head_dim, OLMo 2's over the whole projection; OLMo 2's norm multiplies by the
   weight in fp32 before rounding, which is what the kernels compute);
@@ -27,7 +27,7 @@ import torch
 from hybrid_engine.ops import rms_norm
 from hybrid_engine.ops.training import KERNEL_DTYPES, rotary_embed, silu_mul
 
-FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "olmo2")
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "olmo2", "smollm3")
 _ORIGINAL_ROTARY: dict[str, object] = {}
 
 

@@ -8,9 +8,10 @@ from hybrid_engine.model.exactness import check_rope
 from hybrid_engine.ops.decode_step import ACTIVATIONS as DECODE_ACTIVATIONS
 
 # model_type -> family. Qwen2, Mistral, Qwen3 and OLMo 2 are Llama-shaped (Qwen2 adds q/k/v biases, Qwen3 a q/k
-# RMSNorm per head before RoPE, OLMo 2 a q/k RMSNorm over the whole projection and norms after each sublayer).
-SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "qwen3": "llama", "olmo2": "llama", "opt": "opt",
-             "gpt2": "gpt2"}
+# RMSNorm per head before RoPE, OLMo 2 a q/k RMSNorm over the whole projection and norms after each sublayer, SmolLM3
+# layers without RoPE where its no_rope_layers says 0).
+SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "qwen3": "llama", "olmo2": "llama",
+             "smollm3": "llama", "opt": "opt", "gpt2": "gpt2"}
 # model_type -> qk_norm: where a family normalises q and k before RoPE.
 QK_NORM = {"qwen3": "head", "olmo2": "proj"}
 POST_NORM = {"olmo2"}  # RMSNorm on each sublayer's output before the residual add, none before the sublayer
@@ -39,6 +40,7 @@ class ModelSpec:
     qk_norm: str | None = None  # RMSNorm of q and k before RoPE: "head" per head over head_dim (Qwen3), "proj" over
     # the whole q and k projections (OLMo 2)
     post_norm: bool = False  # OLMo 2: each block's norms act on its sublayers' outputs, before the residual add
+    nope_layers: tuple[int, ...] = ()  # SmolLM3: the layers whose q and k take no RoPE (NoPE)
 
     @property
     def qkv_rows(self) -> int:
@@ -62,13 +64,22 @@ def spec_from_config(config) -> ModelSpec:
     return spec
 
 
+def nope_layers(config) -> tuple[int, ...]:
+    """SmolLM3's layers without RoPE: where no_rope_layers (one entry per layer, 1 = RoPE) holds 0."""
+    flags = list(config.no_rope_layers)
+    if len(flags) != config.num_hidden_layers or any(f not in (0, 1) for f in flags):
+        raise ValueError(f"smollm3: no_rope_layers must hold a 0 or 1 per layer ({config.num_hidden_layers}), "
+                         f"got {flags}")
+    return tuple(i for i, f in enumerate(flags) if not f)
+
+
 def _spec_from_config(config) -> ModelSpec:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED:
         raise ValueError(
             f"hybrid_engine generation does not support model_type {model_type!r}; supported: "
             f"{', '.join(sorted(SUPPORTED))} (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, "
-            "Qwen3ForCausalLM, Olmo2ForCausalLM, OPTForCausalLM, GPT2LMHeadModel)"
+            "Qwen3ForCausalLM, Olmo2ForCausalLM, SmolLM3ForCausalLM, OPTForCausalLM, GPT2LMHeadModel)"
         )
     family = SUPPORTED[model_type]
     if family == "llama":
@@ -77,6 +88,8 @@ def _spec_from_config(config) -> ModelSpec:
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"{model_type}: only hidden_act='silu' is supported, got {config.hidden_act!r}")
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        if model_type == "smollm3" and "sliding_attention" not in (config.layer_types or []):
+            window = None  # its window acts on the layer types that say so: none here
         return ModelSpec(
             family=family,
             vocab_size=config.vocab_size,
@@ -94,6 +107,7 @@ def _spec_from_config(config) -> ModelSpec:
             sliding_window=window,
             qk_norm=QK_NORM.get(model_type),
             post_norm=model_type in POST_NORM,
+            nope_layers=nope_layers(config) if model_type == "smollm3" else (),
         )
     if family == "opt":
         if not config.do_layer_norm_before or config.word_embed_proj_dim != config.hidden_size:

@@ -94,6 +94,13 @@ class InferenceTransformer:
         qkv = qkv.view(B, S, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
         return qkv.split([s.num_heads, s.num_kv_heads, s.num_kv_heads], dim=2)
 
+    def rope(self, i: int):
+        """Layer i's cos, sin tables; None, None for a layer without RoPE (SmolLM3's NoPE layers, OPT, GPT-2): its k
+        and v are appended to the cache as they are."""
+        if i in self.spec.nope_layers:
+            return None, None
+        return self.cos, self.sin
+
     def norm_qk(self, q: torch.Tensor, k: torch.Tensor, layer: Layer):
         """q [B, S, Hq, D], k [B, S, Hkv, D] as RoPE takes them: Qwen3 normalises each head over D, OLMo 2 the whole
         projection over heads * D (new tensors); the other families use the projection's views as they are."""
@@ -123,7 +130,7 @@ class InferenceTransformer:
             q, k, v = self.split_qkv(linear(h, layer.qkv), B, S)
             q, k = self.norm_qk(q, k, layer)
             kc, vc = cache.k[i, :B], cache.v[i, :B]
-            ops.rotary_append_kv(q, k, v, kc, vc, positions, self.cos, self.sin)
+            ops.rotary_append_kv(q, k, v, kc, vc, positions, *self.rope(i))
             a = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kc, vc, self.scales[i])
             x = self.reduce(linear(a.transpose(1, 2).reshape(B * S, s.num_heads * s.head_dim), layer.o))
             h, residual = self.enter(self.leave(x, layer.attn_norm), residual, layer.mlp_norm)
@@ -230,7 +237,7 @@ class InferenceTransformer:
         x = self.embed(tokens, cache.lengths[:B])
         return ops.decode_step(x, self.flat_weights(), cache.k, cache.v, cache.lengths[:B], self.cos, self.sin,
                                s.num_heads, s.num_kv_heads, s.head_dim, s.norm == "rms", s.activation, s.norm_eps,
-                               self.scales, s.qk_norm, s.post_norm)
+                               self.scales, s.qk_norm, s.post_norm, list(s.nope_layers))
 
     @torch.no_grad()
     def decode_python(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -246,7 +253,7 @@ class InferenceTransformer:
             q, k, v = self.split_qkv(linear(h, layer.qkv), B, 1)
             q, k = self.norm_qk(q, k, layer)
             kc, vc = cache.k[i, :B], cache.v[i, :B]
-            ops.rotary_append_kv(q, k, v, kc, vc, positions, self.cos, self.sin)
+            ops.rotary_append_kv(q, k, v, kc, vc, positions, *self.rope(i))
             a = ops.decode_attention(q.reshape(B, s.num_heads, s.head_dim), kc, vc, lengths, self.scales[i])
             x = self.reduce(linear(a.view(B, s.num_heads * s.head_dim), layer.o))
             h, residual = self.enter(self.leave(x, layer.attn_norm), residual, layer.mlp_norm)

@@ -19,7 +19,7 @@ QK_NORMS = {None: 0, "head": 1, "proj": 2}  # ModelSpec.qk_norm -> the op's qk_n
 
 @fake("hybrid_engine::decode_step")
 def _decode_step_fake(x, weights, k_cache, v_cache, lengths, cos, sin, num_heads, num_kv_heads, head_dim, rms_norm,
-                      activation, eps, scales, qk_norm=0, post_norm=False):
+                      activation, eps, scales, qk_norm=0, post_norm=False, nope_layers=()):
     return x.new_empty(x.shape[0], weights[-2].shape[0], dtype=torch.float32)
 
 
@@ -40,11 +40,13 @@ def decode_step(
     scales: list[float],
     qk_norm: str | None = None,
     post_norm: bool = False,
+    nope_layers: list[int] | None = None,
 ) -> torch.Tensor:
     """Logits fp32 [B, V] for embedded tokens x fp32 [B, H]; appends to the caches and increments lengths.
     qk_norm: each layer's q_norm/k_norm weights (slots 12, 13) normalise q and k before RoPE, "head" per head over D
     (weights [D]), "proj" over the whole projection (weights [Hq D], [Hkv D]). post_norm: the attention and MLP
-    norms (slots 0, 6) act on the sublayers' outputs before the residual add (OLMo 2), not on their inputs."""
+    norms (slots 0, 6) act on the sublayers' outputs before the residual add (OLMo 2), not on their inputs.
+    nope_layers: the layers whose q and k take no RoPE (SmolLM3's NoPE layers): their k, v are appended as they are."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"decode_step: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if qk_norm not in QK_NORMS:
@@ -52,4 +54,4 @@ def decode_step(
     dispatch.ensure()  # its linear layers follow decode_linear's measured routes
     return kernels().decode_step(x, weights, k_cache, v_cache, lengths, cos, sin, num_heads,
                                                num_kv_heads, head_dim, rms_norm, ACTIVATIONS[activation], eps,
-                                               scales, QK_NORMS[qk_norm], post_norm)
+                                               scales, QK_NORMS[qk_norm], post_norm, list(nope_layers or []))

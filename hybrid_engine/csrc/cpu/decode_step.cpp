@@ -5,6 +5,8 @@
 #include "hybrid_engine/checks.h"
 #include "hybrid_engine/ops.h"
 
+#include <vector>
+
 #define HE_OP "decode_step"
 
 namespace hybrid_engine {
@@ -37,7 +39,7 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
                            const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, bool rms_norm,
                            int64_t activation, double eps, at::ArrayRef<double> scales, int64_t qk_norm,
-                           bool post_norm) {
+                           bool post_norm, at::IntArrayRef nope_layers) {
   CHECK_DIM(x, 2, "[B, H]");
   CHECK_DTYPE(x, at::kFloat);
   CHECK_DIM(k_cache, 5, "[L, B_max, Hkv, T_max, D]");
@@ -54,6 +56,12 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
   HE_CHECK(activation >= kSiluGated && activation <= kGelu, "activation must be 0..3, got ", activation);
   HE_CHECK(qk_norm >= kNoQkNorm && qk_norm <= kProjection, "qk_norm must be 0..2, got ", qk_norm);
   HE_CHECK(!post_norm || rms_norm, "post_norm needs rms_norm");
+  std::vector<bool> rope(L, true);  // false: a NoPE layer (SmolLM3), whose k and v are appended unrotated
+  for (const int64_t i : nope_layers) {
+    HE_CHECK(i >= 0 && i < L, "nope_layers must name layers in [0, ", L, "), got ", i);
+    rope[i] = false;
+  }
+  const std::optional<at::Tensor> none;
 
   const int64_t H = x.size(1);
   // Norm of `in` (plus residual when given): returns {normed, new residual}.
@@ -103,7 +111,7 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
     }
     const at::Tensor v = qkv.narrow(2, num_heads + num_kv_heads, num_kv_heads);
     const at::Tensor kc = k_cache.select(0, i).narrow(0, 0, B), vc = v_cache.select(0, i).narrow(0, 0, B);
-    rotary_append_kv_cpu(q, k, v, kc, vc, positions, cos, sin);
+    rotary_append_kv_cpu(q, k, v, kc, vc, positions, rope[i] ? cos : none, rope[i] ? sin : none);
     const at::Tensor a = decode_attention_cpu(q.view({B, num_heads, head_dim}), kc, vc, seq_lens, scales[i]);
     const at::Tensor o = linear(a.view({B, num_heads * head_dim}), base, kOW);
     auto [h2, res2] = enter(leave(o, base, kAttnNormW), res, base, kMlpNormW);
