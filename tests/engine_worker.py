@@ -22,8 +22,9 @@ import hybrid_engine  # noqa: E402
 from hybrid_engine.engine import HybridEngine  # noqa: E402
 
 STEPS, NEW = 2, 8
-FAMILIES = ["llama-gqa", "qwen3", "olmo2", "smollm3"]  # every configuration runs the first; the others a ZeRO-3 subset
-TP_FAMILIES = ["qwen3", "smollm3"]  # and a TP subset (OLMo 2's q/k norm over the whole projection refuses TP)
+# every configuration runs the first family; the others a ZeRO-3 subset
+FAMILIES = ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3"]
+TP_FAMILIES = ["qwen3", "smollm3", "phi3"]  # and a TP subset (OLMo 2's q/k norm over the whole projection refuses TP)
 EOS = dict(eos_token_id=2, pad_token_id=0)  # the tiny Llama's own eos
 
 
@@ -39,16 +40,16 @@ def ds_config(stage: int, offload: bool = False) -> dict:
     return config
 
 
-def lora_config():
-    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
-                           init_lora_weights=False)
+def lora_config(family: str = "llama-gqa"):
+    targets = ["qkv_proj", "down_proj"] if family == "phi3" else ["q_proj", "v_proj", "down_proj"]  # Phi-3: fused
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
 
 
 def engine(stage: int, lora: bool, offload: bool = False, family: str = "llama-gqa", **generation) -> HybridEngine:
     torch.manual_seed(0)  # the same adapters on every rank
     model = copy.deepcopy(tiny_model(family))
     optimizer = None if offload else (lambda p: torch.optim.AdamW(p, lr=1e-2))
-    return HybridEngine(model, ds_config=ds_config(stage, offload), lora=lora_config() if lora else None,
+    return HybridEngine(model, ds_config=ds_config(stage, offload), lora=lora_config(family) if lora else None,
                         optimizer=optimizer, generation=generation or None)
 
 

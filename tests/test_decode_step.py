@@ -42,7 +42,7 @@ def test_step_on_a_prefix_of_the_batch():
     assert cache.lengths.tolist() == [6, 2, 9]
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2", "smollm3"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3"])
 def test_opcheck(family):
     net, cache, tokens = prefilled(family)
     s = net.spec

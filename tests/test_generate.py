@@ -139,7 +139,7 @@ def test_non_contiguous_prompts_generate_as_their_values(family):
         assert torch.equal(ours.sequences, expected.sequences) and torch.equal(ours.logprobs, expected.logprobs)
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2", "smollm3", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3", "opt", "gpt2"])
 def test_bf16_weights_match_hf_on_rounded_weights(family):
     model = tiny_model(family)
     rounded = transformers.AutoModelForCausalLM.from_config(model.config).eval()
@@ -169,9 +169,11 @@ def test_logprobs_match_hf_log_softmax(family, temperature):
     torch.testing.assert_close(out.logprobs, expected, atol=1e-5, rtol=1e-5)
 
 
-KV_BF16_MAX_NATS = 0.05
+KV_BF16_MAX_NATS = 0.07
 """The documented bound on |log p| difference per token of a bf16 KV cache from fp32 (generate's kv_dtype), over
-24 sampled tokens of each test model; measured 0.012-0.038 (max) and 0.003-0.007 (mean) on them."""
+24 sampled tokens of each test model; measured 0.012-0.038 (max) and 0.003-0.007 (mean) on the first ones, 0.060
+(max) and 0.007 (mean) on the tiny Phi-3 (0.023-0.060 over init seeds 0-2; 0.024-0.035 with full rotary), which
+is why the bound moved from 0.05 to 0.07. The fp32 cache stays within 1e-5 on every model."""
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -263,7 +265,7 @@ def test_unsupported_architecture_lists_the_supported_ones():
         is_decoder=True,
     )
     model = transformers.BertLMHeadModel(config)
-    with pytest.raises(ValueError, match="supported: gpt2, llama, mistral, olmo2, opt, qwen2, qwen3, smollm3"):
+    with pytest.raises(ValueError, match="supported: gpt2, llama, mistral, olmo2, opt, phi3, qwen2, qwen3, smollm3"):
         hybrid_engine.generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
 
 
@@ -305,6 +307,27 @@ def test_a_model_whose_layers_all_skip_rope_generates_as_hf():
     assert torch.equal(ours.sequences, hf_greedy(model, ids, mask, 12))
 
 
+def test_phi3_spec_reads_the_fused_projections_and_a_partial_rotary_as_views():
+    model = tiny_model("phi3")
+    spec = hybrid_engine.model.spec_from_config(model.config)
+    assert (spec.family, spec.fused_projections, spec.head_dim) == ("llama", True, 16)
+    w = hybrid_engine.model.extract_weights(model, spec).layers[0]
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert w.qkv.weight.data_ptr() == attn.qkv_proj.weight.data_ptr()  # views, not copies
+    assert w.up.weight.data_ptr() == mlp.gate_up_proj.weight.data_ptr()
+    assert model.model.rotary_emb.inv_freq.numel() == 6  # RoPE on 12 of 16 dims (partial_rotary_factor 0.75)
+
+
+def test_phi3_longrope_is_refused_naming_the_field():
+    factors = [1.0] * 6  # rotary dims / 2
+    config = transformers.Phi3Config(**{**CONFIGS["phi3"]().to_dict(), "max_position_embeddings": 256,
+                                        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                            "partial_rotary_factor": 0.75, "short_factor": factors,
+                                                            "long_factor": factors}})
+    with pytest.raises(ValueError, match=r"phi3: rope_parameters\['rope_type'\]='longrope' is not computed"):
+        hybrid_engine.model.spec_from_config(config)
+
+
 def rope_model(family: str, rope: dict) -> torch.nn.Module:
     config = CONFIGS[family]()
     config.rope_parameters = {"rope_theta": 10000.0, **rope}
@@ -323,7 +346,7 @@ def test_a_length_independent_rope_scaling_generates_as_hf(family, rope):
     assert torch.equal(ours.sequences, hf_greedy(model, ids, mask, 12))
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen2", "qwen3", "olmo2", "smollm3"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2", "qwen3", "olmo2", "smollm3", "phi3"])
 def test_a_rope_whose_frequencies_change_with_length_is_refused_naming_the_field(family):
     config = CONFIGS[family]()
     config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}

@@ -94,7 +94,7 @@ def lm_loss_and_grads(model, ids, autocast: bool):
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen2", "qwen3", "olmo2", "smollm3"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2", "qwen3", "olmo2", "smollm3", "phi3"])
 def test_patched_model_trains_like_the_unpatched_one(family, autocast):
     model = tiny_model(family).train()
     modeling = importlib.import_module(type(model).__module__)

@@ -1,13 +1,15 @@
 """The training forward and backward through hybrid_engine's fused ops, patched into Hugging Face modules (the
 way Liger-Kernel's apply_* functions do), with one switch to turn them off.
 
-apply_training_kernels(model) patches, for the Llama, Qwen2, Mistral, Qwen3, OLMo 2 and SmolLM3 families:
+apply_training_kernels(model) patches, for the Llama, Qwen2, Mistral, Qwen3, OLMo 2, SmolLM3 and Phi-3 families:
 - every RMSNorm module's forward -> ops.rms_norm (forward and backward kernels; HF's semantics), the q_norm/k_norm
   included (Qwen3's over rows of head_dim, OLMo 2's over the whole projection; OLMo 2's norm multiplies by the
   weight in fp32 before rounding, which is what the kernels compute);
-- every gated MLP with hidden_act "silu" -> down_proj(ops.silu_mul(gate_proj(x), up_proj(x)));
+- every gated MLP with hidden_act "silu" -> down_proj(ops.silu_mul(gate_proj(x), up_proj(x))) (Phi-3's fused
+  gate_up_proj MLP keeps HF's forward);
 - the family's apply_rotary_pos_emb -> ops.rotary_embed where q or k requires grad. That function is
-  module-level in transformers, so this part is process-wide for the family until unapply_training_kernels: an
+  module-level in transformers, so this part is process-wide for the family until unapply_training_kernels (a
+  partial rotary, cos narrower than head_dim as in Phi-4-mini, keeps HF's function): an
   unpatched model of the family that trains gets it too (it computes the same within the ops' tolerances);
   inference (generate, no_grad forwards) always runs HF's own.
 The policy loss already reads token_logprobs (never [B, T, V] logits) and the critic its value head on the
@@ -27,7 +29,7 @@ import torch
 from hybrid_engine.ops import rms_norm
 from hybrid_engine.ops.training import KERNEL_DTYPES, rotary_embed, silu_mul
 
-FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "olmo2", "smollm3")
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "olmo2", "smollm3", "phi3")
 _ORIGINAL_ROTARY: dict[str, object] = {}
 
 
@@ -52,7 +54,9 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 def _rotary_for(original):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         # Only a differentiable forward takes the kernel: inference (HF generate, no_grad scoring) stays HF's.
-        if unsqueeze_dim != 1 or q.dim() != 4 or not (q.requires_grad or k.requires_grad) or not _takes(q):
+        # ops.rotary_embed rotates whole heads: a partial rotary (cos narrower than q's head_dim) stays HF's.
+        whole = unsqueeze_dim == 1 and q.dim() == 4 and cos.shape[-1] == q.shape[-1]
+        if not whole or not (q.requires_grad or k.requires_grad) or not _takes(q):
             return original(q, k, cos, sin, unsqueeze_dim)
         return rotary_embed(q, k, cos, sin)
 

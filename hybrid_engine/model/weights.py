@@ -162,6 +162,13 @@ def top_modules(model: torch.nn.Module, spec: ModelSpec) -> list[torch.nn.Module
     return [tr.wte, tr.wpe, tr.ln_f, model.lm_head]
 
 
+def _llama_projections(spec: ModelSpec, attn: torch.nn.Module, mlp: torch.nn.Module):
+    """The modules of a Llama-shaped block's q|k|v and gate|up: one fused module each (Phi-3) or three and two."""
+    if spec.fused_projections:
+        return (attn.qkv_proj,), (mlp.gate_up_proj,)
+    return (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
+
+
 def layer_weights(b: WeightBuilder, spec: ModelSpec, layer: torch.nn.Module) -> Layer:
     """One block's generation weights."""
     if spec.family == "llama":
@@ -169,12 +176,13 @@ def layer_weights(b: WeightBuilder, spec: ModelSpec, layer: torch.nn.Module) -> 
         # OLMo 2 (post_norm): post_attention_layernorm acts on the attention's output, post_feedforward_ on the MLP's.
         attn_norm, mlp_norm = ((layer.post_attention_layernorm, layer.post_feedforward_layernorm) if spec.post_norm
                                else (layer.input_layernorm, layer.post_attention_layernorm))
+        qkv, gate_up = _llama_projections(spec, attn, mlp)
         return Layer(
             attn_norm=b.norm(attn_norm),
-            qkv=b.linear(attn.q_proj, attn.k_proj, attn.v_proj),
+            qkv=b.linear(*qkv),
             o=b.linear(attn.o_proj),
             mlp_norm=b.norm(mlp_norm),
-            up=b.linear(mlp.gate_proj, mlp.up_proj),
+            up=b.linear(*gate_up),
             down=b.linear(mlp.down_proj),
             q_norm=b.norm(attn.q_norm) if spec.qk_norm else None,
             k_norm=b.norm(attn.k_norm) if spec.qk_norm else None,
@@ -243,8 +251,7 @@ def extract_weights(model: torch.nn.Module, spec: ModelSpec, weight_dtype: torch
 def _fused_groups(spec: ModelSpec, layer: torch.nn.Module) -> list[tuple[torch.nn.Module, ...]]:
     """The projections of one block that generation reads as one fused matrix (untransposed ones only)."""
     if spec.family == "llama":
-        attn, mlp = layer.self_attn, layer.mlp
-        return [(attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)]
+        return [group for group in _llama_projections(spec, layer.self_attn, layer.mlp) if len(group) > 1]
     if spec.family == "opt":
         attn = layer.self_attn
         return [(attn.q_proj, attn.k_proj, attn.v_proj)]

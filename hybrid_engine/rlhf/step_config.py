@@ -71,7 +71,7 @@ class StepConfig:
     training_kernels: bool = True
     """Run the training forward and backward through hybrid_engine's fused ops patched into the HF modules
     (RMSNorm, rotary embedding, the gated MLP's activation; Llama, Qwen2, Mistral, Qwen3, OLMo 2,
-    SmolLM3); False: HF's own code."""
+    SmolLM3, Phi-3); False: HF's own code."""
     nonfinite: str = "skip"
     """NaN or inf in a step's loss (PPO: also in its scores or targets): "skip" the update (counted in the result
     and the summary) or "stop" the run with NonFiniteError. A run whose every update was skipped fails either way,
