@@ -72,6 +72,8 @@ def main(out_dir: str) -> None:
                   eos_fired=bool((out.response_mask == 0).any()))
     with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(result, f, indent=1)
+    dist.barrier()  # every rank done before the group goes: a rank exiting with gloo's threads alive aborts
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
