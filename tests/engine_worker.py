@@ -5,7 +5,6 @@ tests/test_engine_distributed.py asserts on it."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -16,7 +15,8 @@ import torch.distributed as dist
 import transformers
 
 sys.path.insert(0, os.path.dirname(__file__))
-from models import VOCAB, left_padded_prompts, tiny_model  # noqa: E402
+from models import VOCAB, left_padded_prompts, tiny_model, train_steps  # noqa: E402
+from worker_exit import write_and_leave  # noqa: E402
 
 import hybrid_engine  # noqa: E402
 from hybrid_engine.engine import HybridEngine  # noqa: E402
@@ -59,14 +59,7 @@ def batch(step: int):
 
 
 def train(eng: HybridEngine, steps: range) -> list[float]:
-    losses = []
-    for step in steps:
-        ids, mask, labels = batch(step)
-        loss = eng(input_ids=ids, attention_mask=mask, labels=labels).loss
-        eng.backward(loss)
-        eng.step()
-        losses.append(loss.item())
-    return losses
+    return train_steps(eng, (batch(step)[:2] for step in steps))
 
 
 def prompts():
@@ -210,10 +203,7 @@ def main(out_dir: str) -> None:
                 results[f"tp2-{'lora' if lora else 'full'}-{gather}"] = check_tp(lora, gather)
         for family in TP_FAMILIES:
             results[f"{family}-tp2-lora-layer"] = check_tp(True, "layer", family)
-    with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    dist.barrier()  # every rank done before the group goes: a rank exiting with gloo's threads alive aborts
-    dist.destroy_process_group()
+    write_and_leave(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), results)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ path). Each rank writes what it measured to OUT/rank<r>.json; tests/test_hf_path
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 import warnings
@@ -16,7 +15,9 @@ import transformers
 sys.path.insert(0, os.path.dirname(__file__))
 from engine_worker import ds_config, prompts, shared_tmpdir  # noqa: E402
 from hf_families import family_model  # noqa: E402
+from models import train_steps  # noqa: E402
 from test_hf_path import lora  # noqa: E402
+from worker_exit import write_and_leave  # noqa: E402
 
 import hybrid_engine  # noqa: E402
 from hybrid_engine.engine import HybridEngine  # noqa: E402
@@ -34,15 +35,8 @@ def engine(base: transformers.PreTrainedModel) -> HybridEngine:
 
 
 def train(eng: HybridEngine, steps: range) -> list[float]:
-    losses = []
-    for step in steps:
-        ids, mask = prompts()
-        ids = ids.roll(step, 1) * mask  # a different batch each step, still left-padded
-        loss = eng(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
-        eng.backward(loss)
-        eng.step()
-        losses.append(loss.item())
-    return losses
+    ids, mask = prompts()
+    return train_steps(eng, ((ids.roll(step, 1) * mask, mask) for step in steps))  # a new left-padded batch a step
 
 
 def main(out_dir: str) -> None:
@@ -70,10 +64,7 @@ def main(out_dir: str) -> None:
     result = dict(losses_with_generation=losses_a, losses_without=losses_b, parity=parity, stats=stats,
                   trained_forwards=len(calls), engine_equals_hf=torch.equal(again.sequences, hf),
                   eos_fired=bool((out.response_mask == 0).any()))
-    with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    dist.barrier()  # every rank done before the group goes: a rank exiting with gloo's threads alive aborts
-    dist.destroy_process_group()
+    write_and_leave(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), result)
 
 
 if __name__ == "__main__":

@@ -163,3 +163,20 @@ def left_padded_prompts(lengths: list[int], pad_id: int = 0, seed: int = 0) -> t
         ids[i, T - n :] = torch.randint(2, VOCAB, (n,), generator=g)
         mask[i, T - n :] = 1
     return ids, mask
+
+
+def train_steps(engine, batches) -> list[float]:
+    """One optimizer step of `engine` (a HybridEngine) on each left-padded (input_ids, attention_mask) batch, its
+    tokens as the labels: the losses."""
+    losses = []
+    for ids, mask in batches:
+        loss = engine(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def train(engine, steps: range) -> list[float]:
+    """train_steps on the prompts of lengths 7, 4, 6 seeded by each step."""
+    return train_steps(engine, (left_padded_prompts([7, 4, 6], seed=step) for step in steps))

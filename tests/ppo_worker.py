@@ -8,7 +8,6 @@ then reload what rank 0 saved. Each rank writes what it measured to OUT/<mode>-r
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import asdict
@@ -19,6 +18,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(__file__))
 from demo_models import demo_llama, demo_rows, tokenizer  # noqa: E402
+from worker_exit import write_and_leave  # noqa: E402
 
 from hybrid_engine.engine.training import init_distributed  # noqa: E402
 from hybrid_engine.generation import generate  # noqa: E402
@@ -84,12 +84,7 @@ def main(out: str, mode: str) -> None:
         results["ppo-zero3"] = run("ppo-zero3", "ppo", 3, out, data, ema_beta=0.9)
         results["grpo-zero3"] = run("grpo-zero3", "grpo", 3, out, data)
         results["grpo-tp2-zero3"] = run("grpo-tp2-zero3", "grpo", 3, out, data, generation={"inference_tp_size": 2})
-    with open(os.path.join(out, f"{mode}-rank{rank}.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    # Leave together: a rank that exits while the other still works (rank 0's reloads) can abort in the process
-    # group's teardown.
-    dist.barrier()
-    dist.destroy_process_group()
+    write_and_leave(os.path.join(out, f"{mode}-rank{rank}.json"), results)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ tests/test_rlhf_distributed.py asserts on it."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import asdict
@@ -14,6 +13,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(__file__))
 from demo_models import demo_llama, demo_rows, tokenizer  # noqa: E402
+from worker_exit import write_and_leave  # noqa: E402
 
 from hybrid_engine.engine.training import init_distributed  # noqa: E402
 from hybrid_engine.rlhf import (  # noqa: E402
@@ -62,12 +62,7 @@ def main(out: str) -> None:
         pairs, _ = tokenize_reward(rm_rows.eval, tok, TokenConfig())
         results["rm"]["reloaded"] = asdict(evaluate_reward(RewardModel.from_pretrained(rm_dir).eval(), pairs,
                                                     tok.pad_token_id))
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    # Leave together: a rank that exits while the other still works (rank 0's reloads above) can abort in the
-    # process group's teardown ("terminate called without an active exception", seen once in CI).
-    dist.barrier()
-    dist.destroy_process_group()
+    write_and_leave(os.path.join(out, f"rank{rank}.json"), results)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 import transformers
-from models import VOCAB, left_padded_prompts, tiny_model
+from models import VOCAB, left_padded_prompts, tiny_model, train
 
 import hybrid_engine
 from hybrid_engine import HybridEngine
@@ -32,17 +32,6 @@ def engine(name: str, use_lora: bool = False, **kw) -> HybridEngine:
     torch.manual_seed(0)
     return HybridEngine(copy.deepcopy(tiny_model(name)), lora=lora(name) if use_lora else None,
                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), **kw)
-
-
-def train(eng: HybridEngine, steps: range) -> list[float]:
-    losses = []
-    for step in steps:
-        ids, mask = left_padded_prompts([7, 4, 6], seed=step)
-        loss = eng(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
-        eng.backward(loss)
-        eng.step()
-        losses.append(loss.item())
-    return losses
 
 
 PROMPTS = left_padded_prompts([5, 8, 3], seed=11)

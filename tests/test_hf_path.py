@@ -21,7 +21,7 @@ import torch
 import transformers
 from demo_models import demo_llama, demo_rows, tokenizer
 from hf_families import FAMILIES, LORA_TARGETS, family_model, save_family_model
-from models import left_padded_prompts
+from models import left_padded_prompts, train
 
 from hybrid_engine import HybridEngine
 from hybrid_engine.commands.main import main
@@ -49,17 +49,6 @@ def engine(name: str, use_lora: bool = False, **kw) -> HybridEngine:
         warnings.simplefilter("ignore", HFPathWarning)
         return HybridEngine(family_model(name), lora=lora(name) if use_lora else None,
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), **kw)
-
-
-def train(eng: HybridEngine, steps: range) -> list[float]:
-    losses = []
-    for step in steps:
-        ids, mask = left_padded_prompts([7, 4, 6], seed=step)
-        loss = eng(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
-        eng.backward(loss)
-        eng.step()
-        losses.append(loss.item())
-    return losses
 
 
 def eos_mid_batch(eng: HybridEngine) -> int:
