@@ -40,7 +40,7 @@ def test_a_cached_name_is_its_snapshot(hub_cache, tmp_path, monkeypatch):
     snapshot = save_demo_llama(cache_entry(hub_cache, "org/tiny-sft"))
     monkeypatch.chdir(tmp_path)
     assert check_model_dir("org/tiny-sft") == snapshot
-    assert has_tokenizer("org/tiny-sft") and load_tokenizer("org/tiny-sft").vocab == tokenizer().vocab
+    assert has_tokenizer(snapshot) and load_tokenizer("org/tiny-sft").vocab == tokenizer().vocab
     (tmp_path / "org" / "tiny-sft").mkdir(parents=True)  # a folder of that name here wins over the cache
     with pytest.raises(ValueError, match=r"--model org/tiny-sft: not a saved Hugging Face model \(no config.json\)"):
         check_model_dir("org/tiny-sft")

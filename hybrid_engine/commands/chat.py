@@ -56,7 +56,7 @@ def load_chat_model(model_dir: str, tokenizer_dir: str | None = None):
     path = check_model_dir(model_dir)
     if tokenizer_dir is None and not has_tokenizer(path):
         raise ValueError(f"--model {model_dir}: no tokenizer saved there; give --tokenizer DIR")
-    tokenizer = load_tokenizer(tokenizer_dir or model_dir, flag="--tokenizer" if tokenizer_dir else "--model")
+    tokenizer = load_tokenizer(tokenizer_dir or path, flag="--tokenizer" if tokenizer_dir else "--model")
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     reason = fast_path_reason(model.config)
     if reason is not None:

@@ -246,8 +246,8 @@ def model_and_tokenizer(args: argparse.Namespace, seed: int, reward_ok: bool = F
     sample = sample_texts(data) if data is not None else ()
     if args.tokenizer:
         return model, load_tokenizer(args.tokenizer, sample=sample)
-    if has_tokenizer(args.model):
-        return model, load_tokenizer(args.model, flag="--model", sample=sample)
+    if args.model and has_tokenizer(model):  # the model's folder (a Hub name's cached snapshot)
+        return model, load_tokenizer(model, flag="--model", sample=sample)
     if args.model and is_main_rank():
         print(f"note: {args.model} has no tokenizer; using the demo tokenizer (give --tokenizer DIR otherwise)",
               file=sys.stderr)

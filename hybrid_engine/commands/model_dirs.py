@@ -36,11 +36,8 @@ def check_model_dir(directory: str, flag: str = "--model", reward_ok: bool = Fal
 
 
 def has_tokenizer(directory: str | os.PathLike | None) -> bool:
-    """Whether `directory` (a folder, or a Hugging Face name resolved by hub_names.py) holds a saved tokenizer."""
-    if directory is None:
-        return False
-    path = local_path(str(directory), "--model")
-    return any((path / name).is_file() for name in TOKENIZER_FILES)
+    """Whether the folder `directory` holds a saved tokenizer."""
+    return directory is not None and any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(directory: str | os.PathLike, flag: str = "--tokenizer", sample: Sequence[str] = ()):
