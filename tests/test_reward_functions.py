@@ -151,8 +151,10 @@ def test_rows_no_function_applies_to_train_grpo_but_stop_ppo_without_a_reward_mo
     def odd_only(completions, **kwargs):
         return [float(len(c)) if i % 2 else None for i, c in enumerate(completions)]
 
-    result = train_ppo(ModelSources(actor=demo_llama(), reward_fn=[odd_only, never]), tokenizer(), prompts_data(),
-                       grpo(), progress=False)
+    with pytest.warns(RuntimeWarning, match=r"no reward function applies to completion 0 \(prompt '.+'\): each "
+                      r"returned None: such completions get advantage 0 and stay out of their group's baseline"):
+        result = train_ppo(ModelSources(actor=demo_llama(), reward_fn=[odd_only, never]), tokenizer(),
+                           prompts_data(), grpo(), progress=False)
     for record in result.history:  # unscorable samples get advantage 0 and the step trains
         assert record["skipped"] == 0 and math.isfinite(record["policy_loss"]) and record["unscorable"] == 2
         assert record["score"] == pytest.approx(record["fn_score/odd_only"])  # the mean over the scorable ones

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -120,13 +121,17 @@ def sequence_scores(models: Models, ro: xp.Rollout, prompts: list, completions: 
     if len(fns.names) > 1:
         figures.update({f"fn_score/{name}": value for name, value in fns.means().items()})
     scorable = None if models.reward is not None else fns.scorable
+    unscored = rewards.first_bad(fns, prompts) or ""
     if scorable is not None:
         figures["unscorable"] = int((~scorable).sum())
-    unscored = rewards.first_bad(fns, prompts)
-    if config.algo == "ppo" and scorable is not None:  # PPO's critic needs a score for every rollout
-        unscored = unscored or rewards.first_unscorable(fns, prompts)
-        scorable = None
-    return Scores(torch.stack(parts).sum(0).float(), scorable, figures, unscored or "", fns.log)
+        missing = rewards.first_unscorable(fns, prompts)
+        if missing and config.algo == "ppo":  # PPO's critic needs a score for every rollout
+            unscored = unscored or missing + ", and PPO has no reward model to score it"
+        elif missing:
+            warnings.warn(f"{missing}: such completions get advantage 0 and stay out of their group's baseline, as "
+                          "in TRL (each step's record counts them: 'unscorable')", RuntimeWarning, stacklevel=2)
+    scorable = None if config.algo == "ppo" else scorable
+    return Scores(torch.stack(parts).sum(0).float(), scorable, figures, unscored, fns.log)
 
 
 @torch.no_grad()

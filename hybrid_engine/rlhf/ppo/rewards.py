@@ -200,5 +200,4 @@ def first_unscorable(scores: FunctionScores, prompts: list) -> str | None:
     if scores.scorable.all():
         return None
     i = int((~scores.scorable).nonzero()[0])
-    return (f"no reward function applies to completion {i} (prompt {_short(prompts[i])}): each returned None, and "
-            "PPO has no reward model to score it")
+    return f"no reward function applies to completion {i} (prompt {_short(prompts[i])}): each returned None"
