@@ -118,9 +118,10 @@ def check_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
 
 
 def check_fits(spec: ModelSpec, prompt_length: int, max_new_tokens: int) -> None:
-    """The longest prompt plus max_new_tokens fits the model's positions (and sliding window)."""
+    """The longest prompt plus max_new_tokens fits the model's positions (and sliding window); dynamic NTK RoPE
+    rescales beyond them, as in HF."""
     longest = prompt_length + max_new_tokens
-    if longest > spec.max_positions:
+    if longest > spec.max_positions and spec.dynamic_rope != "dynamic":
         raise ValueError(
             f"a prompt of {prompt_length} tokens plus max_new_tokens={max_new_tokens} needs "
             f"{longest} positions; the model has {spec.max_positions}. Shorten the prompt or "

@@ -131,7 +131,14 @@ def generate_with(
             new, active = _retire(finished, new, cache, slot_seq, active)
         if active == 0 or step == max_new_tokens - 1:
             break
-        logits = net.decode(new, cache)
+        # HF's finished rows run on as padding: its length, which picks the RoPE tables, counts them.
+        seq_len = prompt_length + step + 1
+        if input_ids.shape[1] + step + 1 == (spec.rerun_width or 0) + 1:
+            sequences = torch.cat([input_ids, tokens[:, : step + 1]], dim=1)[slot_seq[:active]]
+            rows_mask = torch.cat([attention_mask, torch.ones_like(tokens[:, : step + 1])], dim=1)[slot_seq[:active]]
+            logits = net.prefill(sequences, rows_mask, cache, seq_len)  # Phi-3's HF generate reruns at this width
+        else:
+            logits = net.decode(new, cache, seq_len)
     del cache
     sequences = torch.cat([input_ids, tokens[:, :steps]], dim=1)
     return GenerationOutput(sequences=sequences, logprobs=logprobs[:, :steps], response_mask=mask[:, :steps])

@@ -5,21 +5,46 @@ from __future__ import annotations
 
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 """RoPE types whose frequencies and attention scaling are fixed when the model is built: the fast path reads them
-from the HF model's rotary module (inv_freq, attention_scaling). Dynamic ones ("dynamic", "longrope") change with
-the sequence length; any other is unknown to it."""
+from the HF model's rotary module (inv_freq, attention_scaling)."""
+DYNAMIC_ROPE = ("longrope", "dynamic")
+"""RoPE types whose frequencies change with the length of each forward call: the fast path picks its tables per call
+as HF's rotary module does (model/rope.py). Any other type is unknown to it."""
+
+
+def _rope_parameters(config) -> dict:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope if isinstance(rope, dict) else {}
+
+
+def _rope_type(rope: dict) -> str:
+    return str(rope.get("rope_type", rope.get("type", "default")))
+
+
+def dynamic_rope(config) -> str | None:
+    """The config's RoPE type when it is one of DYNAMIC_ROPE, else None."""
+    rope_type = _rope_type(_rope_parameters(config))
+    return rope_type if rope_type in DYNAMIC_ROPE else None
+
+
+def longrope_rerun_width(config) -> int | None:
+    """Phi-3's original_max_position_embeddings under LongRoPE: the width past which its HF generate reruns the
+    whole sequences without a cache (Phi3ForCausalLM.prepare_inputs_for_generation), so that every cached key is
+    rotated with the long factors. For a static RoPE that rerun gives the same values up to rounding: None."""
+    if getattr(config, "model_type", None) != "phi3" or dynamic_rope(config) != "longrope":
+        return None
+    return int(config.original_max_position_embeddings)
 
 
 def check_rope(config) -> None:
-    """Refuses, naming the field, a RoPE the fast path does not compute exactly: a type outside STATIC_ROPE, or
-    parameters per layer type (transformers 5's nested rope_parameters: one cos/sin table serves every layer here)."""
+    """Refuses, naming the field, a RoPE the fast path does not compute exactly: a type outside STATIC_ROPE and
+    DYNAMIC_ROPE, or parameters per layer type (transformers 5's nested rope_parameters: one cos/sin table serves
+    every layer here)."""
     model_type = getattr(config, "model_type", None)
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(rope, dict):
-        return
+    rope = _rope_parameters(config)
     if any(isinstance(value, dict) for value in rope.values()):
         raise ValueError(f"{model_type}: rope_parameters per layer type ({', '.join(rope)}) are not computed by the "
                          "fast path (one RoPE table serves every layer)")
-    rope_type = str(rope.get("rope_type", rope.get("type", "default")))
-    if rope_type not in STATIC_ROPE:
+    rope_type = _rope_type(rope)
+    if rope_type not in STATIC_ROPE + DYNAMIC_ROPE:
         raise ValueError(f"{model_type}: rope_parameters['rope_type']={rope_type!r} is not computed by the fast path "
-                         f"(it serves {', '.join(STATIC_ROPE)}: their frequencies do not change with the length)")
+                         f"(it serves {', '.join(STATIC_ROPE + DYNAMIC_ROPE)})")

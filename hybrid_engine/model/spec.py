@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hybrid_engine.model.exactness import check_rope
+from hybrid_engine.model.exactness import check_rope, dynamic_rope, longrope_rerun_width
 from hybrid_engine.ops.decode_step import ACTIVATIONS as DECODE_ACTIVATIONS
 
 # model_type -> family. Qwen2, Mistral, Qwen3 and OLMo 2 are Llama-shaped (Qwen2 adds q/k/v biases, Qwen3 a q/k
@@ -44,6 +44,10 @@ class ModelSpec:
     post_norm: bool = False  # OLMo 2: each block's norms act on its sublayers' outputs, before the residual add
     nope_layers: tuple[int, ...] = ()  # SmolLM3: the layers whose q and k take no RoPE (NoPE)
     fused_projections: bool = False  # Phi-3: the HF modules hold q|k|v and gate|up fused (qkv_proj, gate_up_proj)
+    dynamic_rope: str | None = None  # "longrope" | "dynamic": RoPE tables chosen per forward call (model/rope.py);
+    # "dynamic" (NTK) has no length limit: it rescales past max_positions
+    rerun_width: int | None = None  # Phi-3 under LongRoPE: HF's generate drops its cache and reruns the sequences
+    # in one forward when their width (padding included) first exceeds this (original_max_position_embeddings)
 
     @property
     def qkv_rows(self) -> int:
@@ -113,6 +117,8 @@ def _spec_from_config(config) -> ModelSpec:
             post_norm=model_type in POST_NORM,
             nope_layers=nope_layers(config) if model_type == "smollm3" else (),
             fused_projections=model_type in FUSED_PROJECTIONS,
+            dynamic_rope=dynamic_rope(config),
+            rerun_width=longrope_rerun_width(config),
         )
     if family == "opt":
         if not config.do_layer_norm_before or config.word_embed_proj_dim != config.hidden_size:

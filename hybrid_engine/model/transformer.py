@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hybrid_engine import ops
 from hybrid_engine.model.kv_cache import KVCache
 from hybrid_engine.model.prefix import run_firsts, shared_prefix_runs
+from hybrid_engine.model.rope import RopeTables
 from hybrid_engine.model.spec import ModelSpec
 from hybrid_engine.model.weights import Layer, Linear, Norm, Weights
 
@@ -35,10 +36,10 @@ class InferenceTransformer:
         self.spec = spec
         self.w = weights
         self.all_reduce = all_reduce
-        self.cos = self.sin = None
+        self.cos = self.sin = self.tables = None
         if spec.rotary:
-            cos, sin = ops.rotary_tables(weights.inv_freq, spec.max_positions, weights.attention_scaling)
-            self.cos, self.sin = cos.contiguous(), sin.contiguous()
+            self.tables = RopeTables(weights.inv_freq, weights.attention_scaling, spec.max_positions, weights.rotary)
+            self.cos, self.sin = self.tables.static
         self.scales = [spec.attention_scale(i) for i in range(spec.num_layers)]
         self._flat: list[torch.Tensor | None] | None = None
 
@@ -93,6 +94,12 @@ class InferenceTransformer:
         s = self.spec
         qkv = qkv.view(B, S, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
         return qkv.split([s.num_heads, s.num_kv_heads, s.num_kv_heads], dim=2)
+
+    def use_length(self, seq_len: int, size: int = 0) -> None:
+        """Takes the RoPE tables of a forward call that HF sees as seq_len long (max position id + 1 over the batch),
+        with at least `size` rows: they change with it under a dynamic RoPE type (model/rope.py)."""
+        if self.tables is not None:
+            self.cos, self.sin = self.tables.at(seq_len, size)
 
     def rope(self, i: int):
         """Layer i's cos, sin tables; None, None for a layer without RoPE (SmolLM3's NoPE layers, OPT, GPT-2): its k
@@ -172,9 +179,12 @@ class InferenceTransformer:
         return out
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache,
+                seq_len: int | None = None) -> torch.Tensor:
         """Runs left-padded prompts [B, T] through the model, fills the cache, returns last logits [B, V]. A row
-        that repeats the row before it (GRPO's samples of one prompt) is run once and the cache copied to it."""
+        that repeats the row before it (GRPO's samples of one prompt) is run once and the cache copied to it.
+        seq_len: the length HF's forward sees (see decode); by default the longest row's."""
+        self.use_length(int(attention_mask.sum(1).max()) if seq_len is None else seq_len)
         runs = shared_prefix_runs(input_ids, attention_mask, input_ids.shape[1])
         if runs is None:
             return self._prefill_rows(input_ids, attention_mask, cache)
@@ -199,6 +209,7 @@ class InferenceTransformer:
         first `cut` columns with their neighbours run them once (a prompt and its samples), when every row has
         begun by then."""
         B, T = input_ids.shape
+        self.use_length(int(attention_mask.sum(1).max()), T)  # as a training forward with positions(attention_mask)
         started = (attention_mask.long().cumsum(1) > 0).long()  # (B, T): from each row's first token on
         cache = KVCache.allocate(self.spec, B, T)
         runs = shared_prefix_runs(input_ids, attention_mask, cut) if cut and bool(started[:, cut - 1].all()) else None
@@ -225,11 +236,15 @@ class InferenceTransformer:
         return self._flat
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: KVCache, seq_len: int | None = None) -> torch.Tensor:
         """One step for the first len(tokens) cache slots: tokens [B] -> logits [B, V]; appends to the cache.
+        seq_len: the length HF's forward sees in this step (the longest row, finished ones included); by default
+        the longest slot's.
 
         On the CPU with the compiled kernels the layer loop runs in C++ (ops.decode_step); otherwise
         it runs here in Python (decode_python, which is also its reference)."""
+        if self.spec.dynamic_rope:
+            self.use_length(int(cache.lengths[: tokens.shape[0]].max()) + 1 if seq_len is None else seq_len)
         if tokens.device.type != "cpu" or ops.get_backend() != "kernels" or self.all_reduce is not None:
             return self.decode_python(tokens, cache)
         s = self.spec

@@ -53,6 +53,7 @@ class Weights:
     pos_embed: torch.Tensor | None = None  # [P, H] learned positions (OPT, GPT-2)
     inv_freq: torch.Tensor | None = None  # [D/2] rotary frequencies (Llama)
     attention_scaling: float = 1.0
+    rotary: torch.nn.Module | None = None  # HF's rotary module when spec.dynamic_rope: its state picks the tables
     copied_bytes: int = field(default=0)
 
 
@@ -219,6 +220,7 @@ def model_weights(b: WeightBuilder, spec: ModelSpec, model: torch.nn.Module, lay
             lm_head=b.linear(model.lm_head),
             inv_freq=rotary.inv_freq.detach().float(),
             attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+            rotary=rotary if spec.dynamic_rope else None,
         )
     elif spec.family == "opt":
         dec = model.model.decoder
