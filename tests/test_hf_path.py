@@ -23,6 +23,7 @@ from demo_models import demo_llama, demo_rows, tokenizer
 from hf_families import FAMILIES, LORA_TARGETS, family_model, save_family_model
 from models import left_padded_prompts, train
 
+import hybrid_engine
 from hybrid_engine import HybridEngine
 from hybrid_engine.commands.main import main
 from hybrid_engine.engine.hf_path import HFPathWarning
@@ -121,17 +122,44 @@ def test_logits_transformed_after_the_lm_head_are_refused_by_name():
 
 def test_a_rope_type_the_fast_path_does_not_compute_takes_the_hf_path():
     model = demo_llama()
-    model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
-    model = transformers.LlamaForCausalLM(model.config).eval()  # its rotary module built for dynamic RoPE
-    with pytest.raises(ValueError, match=r"rope_parameters\['rope_type'\]='dynamic'"):
+    model.config.rope_parameters = {"rope_type": "proportional", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    model = transformers.LlamaForCausalLM(model.config).eval()  # its rotary module built for proportional RoPE
+    with pytest.raises(ValueError, match=r"rope_parameters\['rope_type'\]='proportional'"):
         spec_from_config(model.config)
     ids, mask = PROMPTS
     expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with pytest.warns(HFPathWarning, match=r"model_type 'llama'.*rope_type'\]='dynamic'"):
+    with pytest.warns(HFPathWarning, match=r"model_type 'llama'.*rope_type'\]='proportional'"):
         eng = HybridEngine(copy.deepcopy(model))
     out = eng.generate(ids, mask, max_new_tokens=6, pad_token_id=0)
     assert torch.equal(out.sequences, expected) and eng.stats.path == "hf"
     assert spec_from_config(demo_llama().config).family == "llama"  # default RoPE: the fast path
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_hybrid_engine_generate_takes_the_hf_path_with_a_warning(name):
+    model = family_model(name)
+    ids, mask = PROMPTS
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+    eos = int(free[1, T + 2])  # row 1 stops at its third token
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with pytest.warns(HFPathWarning, match=f"model_type '{name}' generates through Hugging Face's generate"):
+        out = hybrid_engine.generate(model, ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
+    assert isinstance(out, hybrid_engine.GenerationOutput) and torch.equal(out.sequences, expected.sequences)
+    assert out.response_mask[1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    ref = torch.stack(expected.logits, 1).log_softmax(-1).gather(-1, expected.sequences[:, T:, None])[..., 0]
+    assert (out.logprobs - ref * out.response_mask).abs().max() < ATOL
+    with pytest.raises(ValueError, match=f"weight_dtype=torch.bfloat16 needs the fast path; model_type '{name}'"):
+        hybrid_engine.generate(model, ids, mask, max_new_tokens=2, weight_dtype="bf16")
+
+
+def test_the_generate_command_benchmarks_a_family_without_a_fast_path(tmp_path, capsys):
+    save_family_model("gpt_neox", tmp_path)
+    with pytest.warns(HFPathWarning, match="'gpt_neox'"):
+        assert main(["generate", "--model", str(tmp_path), "--batch", "2", "--prompt-len", "5", "--max-new-tokens",
+                     "4", "--compare-hf"]) == 0
+    assert "greedy sequences identical to transformers: True" in capsys.readouterr().out
 
 
 def test_apply_hybrid_engine_runs_hf_generate_on_the_fused_weights():

@@ -13,7 +13,6 @@ a time, a bf16 KV cache - are refused (check_settings); weight_dtype bf16 genera
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -26,29 +25,13 @@ from hybrid_engine.engine.plain import plain_view
 from hybrid_engine.engine.settings import GenerationSettings
 from hybrid_engine.engine.stats import SwitchStats, timed
 from hybrid_engine.engine.zero import gathered, unique_params
-from hybrid_engine.model.spec import spec_from_config
+from hybrid_engine.generation.hf_generate import HFPathWarning, fast_path_reason, vocab_size, warn_hf_path
+
+__all__ = ["FAST", "HF", "HFPathWarning", "check_settings", "fast_path_reason", "hf_generation_model", "vocab_size",
+           "warn_hf_path"]
 
 FAST, HF = "fast", "hf"
 """The values of SwitchStats.path: which path generated."""
-
-
-class HFPathWarning(UserWarning):
-    """A model generates through Hugging Face's generate (no fast path for it); the message names the family and
-    why."""
-
-
-def fast_path_reason(config) -> str | None:
-    """Why the fast path cannot serve a model of `config` exactly (spec_from_config's error), or None."""
-    try:
-        spec_from_config(config)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def warn_hf_path(config, reason: str, stacklevel: int = 3) -> None:
-    warnings.warn(f"model_type {getattr(config, 'model_type', None)!r} generates through Hugging Face's generate "
-                  f"(slower: no fused kernels, its own decode loop): {reason}", HFPathWarning, stacklevel=stacklevel)
 
 
 def check_settings(settings: GenerationSettings, config, reason: str) -> None:
@@ -61,12 +44,6 @@ def check_settings(settings: GenerationSettings, config, reason: str) -> None:
         if hit:
             raise ValueError(f"{name} needs the fast path; model_type {family!r} generates through Hugging Face's "
                              f"generate ({reason})")
-
-
-def vocab_size(model: transformers.PreTrainedModel) -> int:
-    """The rows of the model's LM head (what it can generate)."""
-    head = model.get_output_embeddings()
-    return head.weight.shape[0] if head is not None else model.config.vocab_size
 
 
 @contextmanager

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from hybrid_engine.generation.checks import check_finite_logits, check_fits, check_model, check_prompts
+from hybrid_engine.generation.hf_generate import fast_path_reason, generate_on_hf_path
+from hybrid_engine.generation.output import GenerationOutput
 from hybrid_engine.generation.sampling import SamplingParams, model_token_ids, next_tokens
 from hybrid_engine.model.dtypes import parse_kv_dtype, parse_weight_dtype
 from hybrid_engine.model.kv_cache import KVCache
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
 from hybrid_engine.model.weights import extract_weights
-
-
-@dataclass
-class GenerationOutput:
-    sequences: torch.Tensor  # int64 [B, T + n]: prompt (as given) + generated, pad_token_id after eos
-    logprobs: torch.Tensor  # fp32 [B, n]: log-prob of each generated token, 0 where masked out
-    response_mask: torch.Tensor  # int64 [B, n]: 1 for generated tokens (eos included), 0 after
 
 
 def _retire(finished: torch.Tensor, new: torch.Tensor, cache: KVCache, slot_seq: torch.Tensor,
@@ -73,6 +66,10 @@ def generate(
     the meta device, is refused the same way.
     """
     check_model(model)
+    reason = fast_path_reason(model.config)
+    if reason is not None:
+        return generate_on_hf_path(model, input_ids, attention_mask, sampling, reason, weight_dtype, kv_dtype,
+                                   overrides)
     spec = spec_from_config(model.config)
     params = SamplingParams.of(sampling, overrides, model_token_ids(model, spec.vocab_size))
     weights, kv = parse_weight_dtype(weight_dtype), parse_kv_dtype(kv_dtype)

@@ -1,7 +1,8 @@
 """The HF path: Hugging Face's own `generate` under SamplingParams' semantics, returning a GenerationOutput.
 
-For a decoder-only family without a fast path (model.spec.spec_from_config refuses it), the hybrid engine runs
-transformers' generate on a plain model (engine/plain.py) and reads the same output the fast path gives: the
+For a decoder-only family without a fast path (model.spec.spec_from_config refuses it), hybrid_engine.generate runs
+transformers' generate on the model itself and the hybrid engine on a plain model (engine/plain.py), each warning
+once with an HFPathWarning that names the family and why; both read the same output the fast path gives: the
 sequences (prompt as given, then the new tokens, pad_token_id after each row's eos), the response mask (1 up to and
 including the eos) and each new token's log-prob under the temperature-scaled distribution, from the raw logits
 (`output_logits`), before top-k / top-p, as next_tokens computes them.
@@ -15,13 +16,41 @@ left as it was (training after generation continues exactly as without it).
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from transformers import GenerationConfig
 
-from hybrid_engine.generation.checks import check_finite_logits
-from hybrid_engine.generation.generate import GenerationOutput
-from hybrid_engine.generation.sampling import SamplingParams
+from hybrid_engine.generation.checks import check_finite_logits, check_prompts
+from hybrid_engine.generation.output import GenerationOutput
+from hybrid_engine.generation.sampling import SamplingParams, model_token_ids
+from hybrid_engine.model.dtypes import parse_kv_dtype, parse_weight_dtype
+from hybrid_engine.model.spec import spec_from_config
+
+
+class HFPathWarning(UserWarning):
+    """A model generates through Hugging Face's generate (no fast path for it); the message names the family and
+    why."""
+
+
+def fast_path_reason(config) -> str | None:
+    """Why the fast path cannot serve a model of `config` exactly (spec_from_config's error), or None."""
+    try:
+        spec_from_config(config)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def warn_hf_path(config, reason: str, stacklevel: int = 3) -> None:
+    warnings.warn(f"model_type {getattr(config, 'model_type', None)!r} generates through Hugging Face's generate "
+                  f"(slower: no fused kernels, its own decode loop): {reason}", HFPathWarning, stacklevel=stacklevel)
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    """The rows of the model's LM head (what it can generate)."""
+    head = model.get_output_embeddings()
+    return head.weight.shape[0] if head is not None else model.config.vocab_size
 
 
 def hf_generation_config(params: SamplingParams) -> GenerationConfig:
@@ -86,3 +115,23 @@ def hf_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask:
     logprobs = torch.log_softmax(logits / params.temperature, -1).gather(2, new[..., None])[..., 0]
     logprobs = torch.where(mask.bool(), logprobs, 0.0)
     return GenerationOutput(sequences=out.sequences, logprobs=logprobs, response_mask=mask)
+
+
+def generate_on_hf_path(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        sampling: SamplingParams | None, reason: str, weight_dtype, kv_dtype,
+                        overrides: dict) -> GenerationOutput:
+    """hybrid_engine.generate for a model the fast path refuses (`reason`): HF's generate on the model itself under
+    the same arguments and checks, after an HFPathWarning. The dtypes that shape the fast path's weights and cache
+    are refused unless fp32 (HF computes in the model's own dtype)."""
+    for name, dtype in (("weight_dtype", parse_weight_dtype(weight_dtype)), ("kv_dtype", parse_kv_dtype(kv_dtype))):
+        if dtype not in (None, torch.float32):
+            raise ValueError(f"{name}={dtype} needs the fast path; model_type "
+                             f"{getattr(model.config, 'model_type', None)!r} generates through Hugging Face's "
+                             f"generate ({reason})")
+    vocab = vocab_size(model)
+    params = SamplingParams.of(sampling, overrides, model_token_ids(model, vocab))
+    params.check_vocab(vocab)
+    check_prompts(input_ids, attention_mask, vocab)
+    warn_hf_path(model.config, reason, stacklevel=5)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    return hf_generate(model, input_ids, mask, params)
