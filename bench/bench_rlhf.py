@@ -76,6 +76,13 @@ REPRESENTATIVE = [("grpo", "fp32", "single", "ours"), ("grpo", "fp32", "single",
                   ("ppo", "fp32", "single", "ours"), ("ppo", "fp32", "single", "hf")]
 """The cases of a run without --sweeps: ours against the baseline of GRPO and of PPO, fp32, one process."""
 ROUNDS = 2
+FAMILY = os.environ.get("BENCH_RLHF_FAMILY", "llama")
+"""The model family of every case (rlhf_worker.py --family): llama, or qwen3 for a Qwen3 of the same sizes (q/k RMSNorm
+per head), as in rlhf_qwen3.json:
+
+    BENCH_RLHF_FAMILY=qwen3 pytest bench/bench_rlhf.py --benchmark-only \
+        -k "grpo-fp32-single-ours] or grpo-fp32-single-trl]" --benchmark-json=bench/results/rlhf_qwen3.json
+"""
 SIZES = {"10M": (384, 6), "50M": (512, 16), "125M": (768, 18)}
 """The scaling runs' model sizes: (hidden, layers) of the demo Llama over the demo tokenizer's 246 tokens."""
 PAIRS = {"grpo": ["ours", "trl"], "rloo": ["ours", "trl"], "ppo": ["ours", "hf"]}
@@ -165,7 +172,8 @@ def _port() -> int:
 
 
 def _run_case(algo: str, precision: str, setup: str, provider: str, out: Path, extra: tuple = ()) -> dict:
-    args = [str(WORKER), provider, algo, str(out), "--beta", str(BETA[algo]), *SETUPS[setup], *extra]
+    args = [str(WORKER), provider, algo, str(out), "--beta", str(BETA[algo]), "--family", FAMILY, *SETUPS[setup],
+            *extra]
     if precision == "bf16":
         args.append("--bf16")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}

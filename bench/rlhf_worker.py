@@ -18,11 +18,11 @@ With --zero3 the run is one rank of a torchrun world (gloo, one thread per rank)
 and critic under DeepSpeed ZeRO-3, each rank taking its share of every step's prompts, and --lora puts peft LoRA
 (r 16 on q_proj and v_proj) on the actor. Rank 0 writes OUT.json; its peak memory is the ranks' sum.
 
-Every side starts from the same randomly initialised Llama made from a config over the demo tokenizer, saved and
-loaded back, and is rewarded by the demo's rule_score (no reward model on either side, so both optimise the same
-function); PPO's critic starts on both sides from the same folder: the actor's body with a
-value head drawn after torch.manual_seed(seed). fp32 (or, with --bf16, bf16 autocast for training on both
-sides), temperature 1, no top-k/top-p. Every side renders the prompts in the demo tokenizer's chat template and
+Every side starts from the same randomly initialised Llama (--family qwen3: a Qwen3 of the same sizes) made from a
+config over the demo tokenizer, saved and loaded back, and is rewarded by the demo's rule_score (no reward model on
+either side, so both optimise the same function); PPO's critic starts on both sides from the same folder: the actor's
+body with a value head drawn after torch.manual_seed(seed). fp32 (or, with --bf16, bf16 autocast for training on
+both sides), temperature 1, no top-k/top-p. Every side renders the prompts in the demo tokenizer's chat template and
 takes the same prompts at each step (step_prompts).
 """
 
@@ -40,21 +40,26 @@ from pathlib import Path
 import torch
 import transformers
 
+FAMILIES = {"llama": (transformers.LlamaConfig, {}), "qwen3": (transformers.Qwen3Config, {"use_sliding_window": False})}
+"""--family: the config class of the model every side starts from, and what it adds to the common settings (Qwen3:
+q/k RMSNorm per head, the same sizes)."""
 
-def build_model(directory: Path, hidden: int, layers: int, seed: int) -> tuple[int, dict]:
-    """Save the demo Llama to `directory`; its parameter count and its shape for the roofline's phase_work
-    (hybrid_engine.benchmarks.rlhf_roofline; the critic: the body's matmuls and a value head instead of the LM
-    head)."""
+
+def build_model(directory: Path, hidden: int, layers: int, seed: int, family: str = "llama") -> tuple[int, dict]:
+    """Save the demo model of `family` (FAMILIES) to `directory`; its parameter count and its shape for the roofline's
+    phase_work (hybrid_engine.benchmarks.rlhf_roofline; the critic: the body's matmuls and a value head instead of
+    the LM head)."""
     from hybrid_engine.rlhf.demo import demo_tokenizer
 
     tok = demo_tokenizer()
-    config = transformers.LlamaConfig(
+    config_cls, extra = FAMILIES[family]
+    config = config_cls(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
         num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 64, 1),
-        max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        head_dim=min(hidden, 64), max_position_embeddings=1024, tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **extra)
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     matmuls = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -233,6 +238,7 @@ def main() -> None:
     p.add_argument("provider", choices=["ours", "ours-reference", "trl", "trl-patched", "hf", "deepspeed"])
     p.add_argument("algo", choices=["grpo", "rloo", "ppo"])
     p.add_argument("out", type=Path)
+    p.add_argument("--family", choices=list(FAMILIES), default="llama", help="the model's family, every side")
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--steps", type=int, default=6)
@@ -260,7 +266,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:  # alive for the whole run: TRL's RLOO reloads the model from it
         model_dir = Path(tmp) / "model"
-        params, shape = build_model(model_dir, args.hidden, args.layers, seed=args.seed)
+        params, shape = build_model(model_dir, args.hidden, args.layers, seed=args.seed, family=args.family)
         shape["prompt_tokens"] = mean_prompt_tokens(args.prompts * args.steps)
         critic_dir = None
         if args.algo == "ppo":

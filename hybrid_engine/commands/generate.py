@@ -13,7 +13,7 @@ import transformers
 from hybrid_engine.commands.generate_text import add_text_args, run_text, wants_text
 from hybrid_engine.generation import SamplingParams, generate
 from hybrid_engine.model.dtypes import KV_DTYPES, WEIGHT_DTYPES, dtype_name
-from hybrid_engine.model.presets import preset_model
+from hybrid_engine.model.presets import PRESETS, preset_model
 
 
 def add_generate_command(subparsers) -> None:
@@ -26,8 +26,8 @@ def add_generate_command(subparsers) -> None:
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--model", help="a directory written by save_pretrained (Llama/Qwen2/Qwen3/OLMo 2/SmolLM3/"
                      "Phi-3/Mistral, OPT, GPT-2)")
-    src.add_argument("--preset", default="llama-20m", help="a built-in random-weight model: llama-tiny, "
-                     "llama-20m, llama-125m or qwen3-125m (used when --model is not given)")
+    src.add_argument("--preset", default="llama-20m", help=f"a built-in random-weight model: {', '.join(PRESETS)} "
+                     "(used when --model is not given)")
     gen.add_argument("--batch", type=int, default=8, help="number of prompts generated together")
     gen.add_argument("--prompt-len", type=int, default=64, help="tokens per (random) prompt")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")

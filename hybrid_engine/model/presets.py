@@ -17,21 +17,39 @@ PRESETS = {
     # ~120M parameters, Qwen3's shape at a small size: head_dim 128 (not 768 / 12), per-head q/k norm, tied.
     "qwen3-125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                        num_key_value_heads=4, head_dim=128, tie_word_embeddings=True),
+    # ~125M parameters each, the same size class with each family's own shape. OLMo 2: an RMSNorm after each
+    # sublayer and q/k RMSNorm over the whole projections, full multi-head attention (12/12) and untied embeddings as
+    # in OLMo 2 1B/7B.
+    "olmo2-125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=12, tie_word_embeddings=False),
+    # SmolLM3: no RoPE on every 4th layer (NoPE: layers 3, 7, 11), GQA, tied, as SmolLM3-3B.
+    "smollm3-125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                         num_key_value_heads=4, no_rope_layer_interval=4, tie_word_embeddings=True),
+    # Phi-3 / Phi-4-mini: fused qkv_proj and gate_up_proj, RoPE on the first 3/4 of each head (Phi-4-mini's
+    # partial_rotary_factor 0.75), GQA, tied as Phi-4-mini.
+    "phi3-125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                      num_key_value_heads=4, tie_word_embeddings=True, original_max_position_embeddings=2048,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}),
 }
+
+CONFIGS = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config, "olmo2": transformers.Olmo2Config,
+           "smollm3": transformers.SmolLM3Config, "phi3": transformers.Phi3Config}
+"""A preset's config class, by the family before its first "-"."""
 
 
 def preset_config(name: str) -> transformers.PretrainedConfig:
-    """The config of a built-in preset: a Qwen3Config for the qwen3-* ones, else a LlamaConfig (vocabulary 32000
-    unless the preset says otherwise)."""
+    """The config of a built-in preset, of its family's class (CONFIGS): vocabulary 32000 unless the preset says
+    otherwise, and the special ids 1 (bos), 2 (eos), 0 (pad) whatever the class's defaults."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; built-in presets: {', '.join(PRESETS)}")
-    kw = dict(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5)
+    kw = dict(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+              pad_token_id=0)
     kw.update(PRESETS[name])
-    return (transformers.Qwen3Config if name.startswith("qwen3") else transformers.LlamaConfig)(**kw)
+    return CONFIGS[name.split("-")[0]](**kw)
 
 
 def preset_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A randomly initialised causal LM of a preset (LlamaForCausalLM, Qwen3ForCausalLM), in eval mode."""
+    """A randomly initialised causal LM of a preset (LlamaForCausalLM, Qwen3ForCausalLM, ...), in eval mode."""
     import torch
 
     torch.manual_seed(seed)

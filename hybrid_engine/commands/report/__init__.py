@@ -10,6 +10,7 @@ docs/benchmarks.md.
 |---|---|---|---|
 | kernels.json | pytest bench/ (the kernel suites) | kernels (+ _headline) | |
 | generation.json | bench/bench_generate.py | generation (+ _headline) | generation_tokens_per_s, decode_position |
+| generation_families.json | BENCH_GENERATE_MODELS=olmo2-125m,... bench/bench_generate.py | generation_families | |
 | train_step.json | bench/bench_train.py | train_step | |
 | engine.json | bench/bench_engine.py | engine (+ _headline) | |
 | rlhf.json | bench/bench_rlhf.py | rlhf (+ _headline) | rlhf_phases |
@@ -18,6 +19,7 @@ docs/benchmarks.md.
 | rlhf_scaling.json | bench/bench_rlhf.py -k scaling | rlhf_scaling | rlhf_scaling |
 | rlhf_batch.json | bench/bench_rlhf.py -k batch | rlhf_batch | rlhf_batch |
 | rlhf_curves.json | bench/bench_rlhf.py -k curve | rlhf_curves | rlhf_curves |
+| rlhf_qwen3.json | BENCH_RLHF_FAMILY=qwen3 bench/bench_rlhf.py -k grpo | rlhf_qwen3 | |
 | train_summary.json | hybrid-engine train (its summary.json) | train | |
 """
 
@@ -33,6 +35,7 @@ from hybrid_engine.commands.report import engine, rlhf, tables, train
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "kernels": ("kernels", tables.table),
     "generation": ("generation", tables.table),
+    "generation_families": ("generation_families", tables.table),
     "train_step": ("train_step", tables.table),
     "engine": ("engine", engine.tables),
     "rlhf": ("rlhf", rlhf.table),
@@ -41,6 +44,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "rlhf_scaling": ("rlhf_scaling", rlhf.scaling_table),
     "rlhf_batch": ("rlhf_batch", rlhf.batch_table),
     "rlhf_curves": ("rlhf_curves", rlhf.curves_table),
+    "rlhf_qwen3": ("rlhf_qwen3", rlhf.table),
     "train_summary": ("train", train.table),
 }
 """JSON file stem -> (marker, table function): the full table."""
@@ -57,6 +61,7 @@ README = "README.md"
 PAGES: dict[str, str] = {
     "kernels": "benchmarks.md",
     "generation": "benchmarks.md",
+    "generation_families": "benchmarks.md",
     "train_step": "benchmarks.md",
     "engine": "benchmarks.md",
     "rlhf": "benchmarks.md",
@@ -65,6 +70,7 @@ PAGES: dict[str, str] = {
     "rlhf_scaling": "benchmarks.md",
     "rlhf_batch": "benchmarks.md",
     "rlhf_curves": "benchmarks.md",
+    "rlhf_qwen3": "benchmarks.md",
     "train": README,
     "kernels_headline": README,
     "generation_headline": README,
