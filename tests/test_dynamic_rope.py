@@ -117,3 +117,12 @@ def test_logprobs_match_a_training_forward(name):
         ref = hf_logprobs(model, ids, mask, START, 1.0)
         assert (ours.double() - ref).abs().max() < ATOL, (name, seed)
 
+
+
+@pytest.mark.parametrize("name", ["phi3-longrope", "llama-dynamic"])
+def test_the_engine_generates_on_the_fast_path_as_hf(name):
+    model = rope_model(name)
+    ids, mask = left_padded_prompts([5, 1, 7, 3])
+    engine = hybrid_engine.HybridEngine(copy.deepcopy(model), optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    out = engine.generate(ids, mask, max_new_tokens=10, eos_token_id=None, pad_token_id=0)
+    assert engine.stats.path == "fast" and torch.equal(out.sequences, hf_greedy(copy.deepcopy(model), ids, mask, 10))
