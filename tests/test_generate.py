@@ -7,6 +7,7 @@ from models import CONFIGS, VOCAB, left_padded_prompts, tiny_model
 
 import hybrid_engine
 from hybrid_engine.generation import SamplingParams
+from hybrid_engine.generation.hf_generate import HFPathWarning
 from hybrid_engine.generation.sampling import SamplingConfig, filter_logits
 
 FAMILIES = list(CONFIGS)
@@ -255,7 +256,7 @@ def test_right_padding_is_a_clear_error():
         hybrid_engine.generate(model, ids, mask.flip(1), max_new_tokens=2)
 
 
-def test_unsupported_architecture_lists_the_supported_ones():
+def test_an_unsupported_architecture_takes_the_hf_path_naming_the_supported_ones():
     config = transformers.BertConfig(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -264,9 +265,15 @@ def test_unsupported_architecture_lists_the_supported_ones():
         intermediate_size=37,
         is_decoder=True,
     )
-    model = transformers.BertLMHeadModel(config)
-    with pytest.raises(ValueError, match="supported: gpt2, llama, mistral, olmo2, opt, phi3, qwen2, qwen3, smollm3"):
-        hybrid_engine.generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
+    model = transformers.BertLMHeadModel(config).eval()
+    supported = "supported: gpt2, llama, mistral, olmo2, opt, phi3, qwen2, qwen3, smollm3"
+    with pytest.raises(ValueError, match=supported):
+        hybrid_engine.model.spec_from_config(config)
+    ids = torch.ones(1, 3, dtype=torch.long)
+    with pytest.warns(HFPathWarning, match=f"model_type 'bert' generates through Hugging Face's generate.*{supported}"):
+        out = hybrid_engine.generate(model, ids, max_new_tokens=2, eos_token_id=None, pad_token_id=0)
+    expected = model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(out.sequences, expected)
 
 
 def test_unsupported_activation_is_a_clear_error():
