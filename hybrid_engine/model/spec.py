@@ -40,7 +40,8 @@ class ModelSpec:
     # ("relu", "gelu_new", ...)
     rotary: bool  # rotary embeddings (Llama) or learned absolute positions (OPT, GPT-2)
     position_offset: int = 0  # OPT's learned positions start at index 2
-    sliding_window: int | None = None  # Mistral: attention span; longer sequences are rejected
+    sliding_window: int | None = None  # Mistral, Gemma 3 (its sliding layers): attention span; longer sequences are
+    # rejected
     inverse_layer_scale: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx
     qk_norm: str | None = None  # RMSNorm of q and k before RoPE: "head" per head over head_dim (Qwen3), "proj" over
     # the whole q and k projections (OLMo 2)
