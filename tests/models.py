@@ -110,6 +110,11 @@ CONFIGS = {
         eos_token_id=2,
         pad_token_id=0,
     ),
+    # Gemma 3 (text): sliding and global layers with their own RoPE bases (low, so that positions tell), head_dim 24
+    # apart from hidden / heads (48 / 4) and query_pre_attn_scalar apart from both, sqrt(48) as the embedding scale
+    # (not a round number), GQA, tied, norms before and after each sublayer. The window spans every test's sequences.
+    "gemma3": lambda: gemma3_config(),
+    "gemma3-softcap": lambda: gemma3_config(final_logit_softcapping=4.0),
     "opt": lambda: transformers.OPTConfig(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -127,16 +132,31 @@ CONFIGS = {
 }
 
 
-# Families whose RMSNorm weights (q/k norms included) HF initialises to ones: randomised, so that a norm read from
-# the wrong module (q's for k's, OLMo 2's post-attention for its post-feedforward, or none at all) changes the answer.
-RANDOM_NORMS = {"qwen3", "olmo2"}
+def gemma3_config(**overrides) -> transformers.Gemma3TextConfig:
+    kw = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20, max_position_embeddings=128,
+              sliding_window=GEMMA3_WINDOW, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+              rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}},
+              initializer_range=0.2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return transformers.Gemma3TextConfig(**{**kw, **overrides})
+
+
+GEMMA3_WINDOW = 64
+
+
+# Families whose RMSNorm weights (q/k norms included) HF initialises to ones (Gemma's to zeros: it multiplies by
+# 1 + w): randomised, so that a norm read from the wrong module (q's for k's, OLMo 2's post-attention for its
+# post-feedforward, or none at all) changes the answer.
+RANDOM_NORMS = {"qwen3", "olmo2", "gemma3", "gemma3-softcap"}
 
 
 @torch.no_grad()
 def _randomise_norms(model: torch.nn.Module) -> None:
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
-            param.uniform_(0.5, 1.5)
+        if name.endswith("norm.weight"):  # Gemma's norms multiply by 1 + w: 0.5 to 1.5 either way
+            low = -0.5 if isinstance(model.config, transformers.Gemma3TextConfig) else 0.5
+            param.uniform_(low, low + 1.0)
 
 
 @functools.lru_cache(maxsize=None)

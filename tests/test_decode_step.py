@@ -7,7 +7,7 @@ from models import CONFIGS, left_padded_prompts, tiny_model
 
 from hybrid_engine.model import InferenceTransformer, KVCache, extract_weights, spec_from_config
 from hybrid_engine.ops import kernels
-from hybrid_engine.ops.decode_step import QK_NORMS
+from hybrid_engine.ops.decode_step import ACTIVATIONS, QK_NORMS
 
 
 def prefilled(family: str, weight_dtype=None):
@@ -42,14 +42,14 @@ def test_step_on_a_prefix_of_the_batch():
     assert cache.lengths.tolist() == [6, 2, 9]
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3", "gemma3"])
 def test_opcheck(family):
     net, cache, tokens = prefilled(family)
     s = net.spec
     x = net.embed(tokens, cache.lengths)
     args = (x, net.flat_weights(), cache.k, cache.v, cache.lengths.clone(), net.cos, net.sin, s.num_heads,
-            s.num_kv_heads, s.head_dim, True, 0, s.norm_eps, net.scales, QK_NORMS[s.qk_norm], s.post_norm,
-            list(s.nope_layers))
+            s.num_kv_heads, s.head_dim, True, ACTIVATIONS[s.activation], s.norm_eps, net.scales, QK_NORMS[s.qk_norm],
+            s.post_norm, list(s.nope_layers), net.local_cos, net.local_sin, list(s.local_rope_layers))
     torch.library.opcheck(kernels().decode_step.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -57,7 +57,7 @@ def test_opcheck(family):
 def test_wrong_weight_count_names_the_argument():
     net, cache, tokens = prefilled("gpt2")
     s = net.spec
-    with pytest.raises(RuntimeError, match="weights must hold 14 entries per layer"):
+    with pytest.raises(RuntimeError, match="weights must hold 16 entries per layer"):
         kernels().decode_step(net.embed(tokens, cache.lengths), net.flat_weights()[:-1], cache.k,
                                             cache.v, cache.lengths, None, None, s.num_heads, s.num_kv_heads,
                                             s.head_dim, False, 2, s.norm_eps, net.scales)
@@ -95,3 +95,29 @@ def test_nope_layer_caches_k_unrotated():
     torch.testing.assert_close(cache.k, cache_py.k, atol=1e-5, rtol=1e-5)
     rows = torch.arange(3), cache.lengths.long() - 1  # the k each row just appended
     assert not torch.allclose(cache.k[i][rows[0], :, rows[1]], cache_rot.k[i][rows[0], :, rows[1]])
+
+
+def test_local_layers_out_of_range_or_without_tables_are_named():
+    net, cache, tokens = prefilled("gemma3")
+    s = net.spec
+    args = (net.embed(tokens, cache.lengths), net.flat_weights(), cache.k, cache.v, cache.lengths, net.cos, net.sin,
+            s.num_heads, s.num_kv_heads, s.head_dim, True, 4, s.norm_eps, net.scales, 1, False, [])
+    with pytest.raises(RuntimeError, match=r"local_layers must name layers in \[0, 3\), got 3"):
+        kernels().decode_step(*args, net.local_cos, net.local_sin, [3])
+    with pytest.raises(RuntimeError, match="local_layers need local_cos and local_sin"):
+        kernels().decode_step(*args, None, None, [0])
+
+
+def test_local_layers_rotate_k_with_their_own_table():
+    """Gemma 3's sliding layers 0 and 2 rotate k with the local RoPE base (layer 0's k, the first to differ, is not
+    that of the global base)."""
+    net, cache, tokens = prefilled("gemma3")
+    s = net.spec
+    assert s.local_rope_layers == (0, 2)
+    cache_py, cache_global = copy.deepcopy(cache), copy.deepcopy(cache)
+    net.decode(tokens, cache)
+    net.decode_python(tokens, cache_py)
+    InferenceTransformer(dataclasses.replace(s, local_rope_layers=()), net.w).decode_python(tokens, cache_global)
+    torch.testing.assert_close(cache.k, cache_py.k, atol=1e-5, rtol=1e-5)
+    rows = torch.arange(3), cache.lengths.long() - 1  # the k each row just appended
+    assert not torch.allclose(cache.k[0][rows[0], :, rows[1]], cache_global.k[0][rows[0], :, rows[1]])

@@ -19,7 +19,7 @@ EOS = dict(eos_token_id=2, pad_token_id=0)
 LORA_TARGETS = {"llama-gqa": ["q_proj", "v_proj", "down_proj"], "llama-tied-mha": ["k_proj", "gate_proj"],
                 "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "k_proj", "down_proj"],
                 "olmo2": ["k_proj", "o_proj", "up_proj"], "smollm3": ["q_proj", "k_proj", "gate_proj"],
-                "phi3": ["qkv_proj", "gate_up_proj"],
+                "phi3": ["qkv_proj", "gate_up_proj"], "gemma3": ["q_proj", "k_proj", "gate_proj"],
                 "opt": ["q_proj", "fc1"], "gpt2": ["c_attn", "c_fc"]}
 
 
@@ -90,7 +90,7 @@ def test_engine_generate_takes_non_contiguous_prompts():
 
 
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("name", ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3", "gemma3"])
 def test_training_after_generation_is_bit_identical(name, use_lora):
     a, b = engine(name, use_lora), engine(name, use_lora)
     losses = train(a, range(2))

@@ -140,7 +140,7 @@ def test_non_contiguous_prompts_generate_as_their_values(family):
         assert torch.equal(ours.sequences, expected.sequences) and torch.equal(ours.logprobs, expected.logprobs)
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3", "gemma3", "opt", "gpt2"])
 def test_bf16_weights_match_hf_on_rounded_weights(family):
     model = tiny_model(family)
     rounded = transformers.AutoModelForCausalLM.from_config(model.config).eval()
@@ -266,7 +266,7 @@ def test_an_unsupported_architecture_takes_the_hf_path_naming_the_supported_ones
         is_decoder=True,
     )
     model = transformers.BertLMHeadModel(config).eval()
-    supported = "supported: gpt2, llama, mistral, olmo2, opt, phi3, qwen2, qwen3, smollm3"
+    supported = "supported: gemma3_text, gpt2, llama, mistral, olmo2, opt, phi3, qwen2, qwen3, smollm3"
     with pytest.raises(ValueError, match=supported):
         hybrid_engine.model.spec_from_config(config)
     ids = torch.ones(1, 3, dtype=torch.long)

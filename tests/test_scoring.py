@@ -20,7 +20,7 @@ from hybrid_engine.model.weights import extract_weights
 from hybrid_engine.rlhf.reward import RewardModel
 from hybrid_engine.rlhf.scoring import FrozenPolicy, FrozenRewardModel
 
-FAMILIES = ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3", "opt", "gpt2"]
+FAMILIES = ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3", "gemma3", "opt", "gpt2"]
 ATOL = 1e-5  # fp32 kernels against an fp64 reference
 START = 5  # the prompt width P of every row below: responses begin at column 5
 

@@ -73,14 +73,17 @@ TORCH_LIBRARY(hybrid_engine, m) {
   // x fp32 [B, H] (embedded tokens), weights: 14 per layer (attn norm w/b, qkv w/b, o w/b, mlp norm
   // w/b, up w/b, down w/b, q norm w, k norm w) then final norm w/b and LM head w/b, None where absent;
   // caches [L, B_max, Hkv, T_max, D]; lengths int32 [B] (incremented) -> logits fp32 [B, V].
-  // activation: 0 silu-gated (fused gate|up), 1 relu, 2 gelu (tanh), 3 gelu.
+  // activation: 0 silu-gated (fused gate|up), 1 relu, 2 gelu (tanh), 3 gelu, 4 gelu (tanh)-gated (Gemma 3).
   // qk_norm: 0 none, 1 RMSNorm of q and k per head over D before RoPE (Qwen3), 2 over the whole projection
   // (OLMo 2). post_norm: the attention and MLP norms act on the sublayers' outputs (OLMo 2).
   // nope_layers: the layers whose q and k take no RoPE, k and v appended as they are (SmolLM3's NoPE layers).
+  // local_layers take their RoPE from local_cos, local_sin (Gemma 3's sliding layers); weights slots 14, 15 are
+  // norms of the attention's and MLP's outputs where a block has norms on both sides (Gemma 3), else undefined.
   m.def(
       "decode_step(Tensor x, Tensor?[] weights, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, "
       "Tensor? cos, Tensor? sin, int num_heads, int num_kv_heads, int head_dim, bool rms_norm, int activation, "
-      "float eps, float[] scales, int qk_norm=0, bool post_norm=False, int[] nope_layers=[]) -> Tensor");
+      "float eps, float[] scales, int qk_norm=0, bool post_norm=False, int[] nope_layers=[], Tensor? local_cos=None, "
+      "Tensor? local_sin=None, int[] local_layers=[]) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hybrid_engine, CPU, m) {

@@ -70,8 +70,8 @@ def _rank() -> int:
 
 class HybridEngine:
     """An HF decoder-only causal LM in training mode, with a generation mode: the fast path for the families
-    model/spec.py serves (Llama/Qwen2/Qwen3/OLMo 2/SmolLM3/Phi-3/Mistral, OPT, GPT-2), transformers' generate on
-    the gathered, LoRA-fused model for any other (engine/hf_path.py; one HFPathWarning names the family and why).
+    model/spec.py serves (Llama/Qwen2/Qwen3/OLMo 2/SmolLM3/Phi-3/Gemma 3/Mistral, OPT, GPT-2), transformers' generate
+    on the gathered, LoRA-fused model for any other (engine/hf_path.py; one HFPathWarning names the family and why).
 
     ds_config: a DeepSpeed config (dict or JSON path), ZeRO stage 0-3; None trains in one process with
     `optimizer` (a torch optimizer, a callable(params), or None for AdamW lr 1e-5). lora: a

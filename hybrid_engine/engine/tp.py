@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hybrid_engine import ops
 from hybrid_engine.model.spec import ModelSpec
 from hybrid_engine.model.weights import Layer, Linear
+from hybrid_engine.ops.decode_step import GATED
 
 
 @dataclasses.dataclass
@@ -77,11 +78,12 @@ def _gated_up(lin: Linear, tp: int, r: int) -> Linear:
 
 def shard_layer(layer: Layer, spec: ModelSpec, tp: int, r: int) -> Layer:
     """Rank r's part of one block, every weight a new tensor made by the reshard ops."""
-    up = _gated_up(layer.up, tp, r) if spec.activation == "silu" else _column(layer.up, tp, r)
-    # Qwen3's q/k norms act on each head over head_dim alone: every rank keeps the whole [D] weight.
+    up = _gated_up(layer.up, tp, r) if spec.activation in GATED else _column(layer.up, tp, r)
+    # Qwen3's and Gemma 3's q/k norms act on each head over head_dim alone: every rank keeps the whole [D] weight;
+    # Gemma 3's output norms act after the all-reduce, on whole rows.
     return Layer(attn_norm=layer.attn_norm, qkv=_qkv(layer.qkv, spec, tp, r), o=_row(layer.o, tp, r),
                  mlp_norm=layer.mlp_norm, up=up, down=_row(layer.down, tp, r), q_norm=layer.q_norm,
-                 k_norm=layer.k_norm)
+                 k_norm=layer.k_norm, attn_out_norm=layer.attn_out_norm, mlp_out_norm=layer.mlp_out_norm)
 
 
 def gather_prompts(tp: TPGroup, input_ids: torch.Tensor, attention_mask: torch.Tensor):

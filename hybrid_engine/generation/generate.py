@@ -41,8 +41,8 @@ def generate(
     kv_dtype: torch.dtype | str = torch.float32,
     **overrides,
 ) -> GenerationOutput:
-    """Generates up to max_new_tokens per prompt from an HF causal LM (Llama/Qwen2/Qwen3/OLMo 2/SmolLM3/Phi-3/Mistral,
-    OPT, GPT-2).
+    """Generates up to max_new_tokens per prompt from an HF causal LM (Llama/Qwen2/Qwen3/OLMo 2/SmolLM3/Phi-3/Gemma 3/
+    Mistral, OPT, GPT-2).
 
     The sampling settings are a SamplingParams, or its fields as keyword arguments over it (max_new_tokens=32,
     do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id, pad_token_id, seed, generator), as

@@ -35,16 +35,30 @@ def longrope_rerun_width(config) -> int | None:
     return int(config.original_max_position_embeddings)
 
 
+ROPE_PER_LAYER_TYPE = {"gemma3_text": ("full_attention", "sliding_attention")}
+"""Families whose nested rope_parameters (one dict per layer type) the fast path serves, a cos/sin table per type."""
+
+
 def check_rope(config) -> None:
     """Refuses, naming the field, a RoPE the fast path does not compute exactly: a type outside STATIC_ROPE and
-    DYNAMIC_ROPE, or parameters per layer type (transformers 5's nested rope_parameters: one cos/sin table serves
-    every layer here)."""
+    DYNAMIC_ROPE, or parameters per layer type (transformers 5's nested rope_parameters) outside ROPE_PER_LAYER_TYPE's
+    families, whose types must be static."""
     model_type = getattr(config, "model_type", None)
     rope = _rope_parameters(config)
     if any(isinstance(value, dict) for value in rope.values()):
-        raise ValueError(f"{model_type}: rope_parameters per layer type ({', '.join(rope)}) are not computed by the "
-                         "fast path (one RoPE table serves every layer)")
+        served = ROPE_PER_LAYER_TYPE.get(model_type, ())
+        if not served or any(name not in served for name in rope):
+            raise ValueError(f"{model_type}: rope_parameters per layer type ({', '.join(rope)}) are not computed by "
+                             "the fast path (one RoPE table serves every layer)")
+        for params in rope.values():
+            check_rope_type(model_type, params or {}, STATIC_ROPE)
+        return
+    check_rope_type(model_type, rope, STATIC_ROPE + DYNAMIC_ROPE)
+
+
+def check_rope_type(model_type: str | None, rope: dict, served: tuple[str, ...]) -> None:
+    """Refuses a rope_type outside `served` by name."""
     rope_type = _rope_type(rope)
-    if rope_type not in STATIC_ROPE + DYNAMIC_ROPE:
+    if rope_type not in served:
         raise ValueError(f"{model_type}: rope_parameters['rope_type']={rope_type!r} is not computed by the fast path "
-                         f"(it serves {', '.join(STATIC_ROPE + DYNAMIC_ROPE)})")
+                         f"(it serves {', '.join(served)})")

@@ -30,10 +30,17 @@ PRESETS = {
     "phi3-125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                       num_key_value_heads=4, tie_word_embeddings=True, original_max_position_embeddings=2048,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}),
+    # ~126M parameters, Gemma 3 270M/1B's shape at a small size: head_dim 256 with 4 query heads and 1 KV head, a norm
+    # on each side of every sublayer, gated GELU-tanh, 5 sliding-window layers (window 512, RoPE base 10k) to 1
+    # global (base 1M), tied.
+    "gemma3-125m": dict(hidden_size=768, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+                        rms_norm_eps=1e-6, tie_word_embeddings=True),
 }
 
 CONFIGS = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config, "olmo2": transformers.Olmo2Config,
-           "smollm3": transformers.SmolLM3Config, "phi3": transformers.Phi3Config}
+           "smollm3": transformers.SmolLM3Config, "phi3": transformers.Phi3Config,
+           "gemma3": transformers.Gemma3TextConfig}
 """A preset's config class, by the family before its first "-"."""
 
 
@@ -49,7 +56,8 @@ def preset_config(name: str) -> transformers.PretrainedConfig:
 
 
 def preset_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A randomly initialised causal LM of a preset (LlamaForCausalLM, Qwen3ForCausalLM, ...), in eval mode."""
+    """A randomly initialised causal LM of a preset (LlamaForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, ...), in
+    eval mode."""
     import torch
 
     torch.manual_seed(seed)

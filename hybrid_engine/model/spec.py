@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from hybrid_engine.model.exactness import check_rope, dynamic_rope, longrope_rerun_width
 from hybrid_engine.ops.decode_step import ACTIVATIONS as DECODE_ACTIVATIONS
+from hybrid_engine.ops.decode_step import GATED
 
 # model_type -> family. Qwen2, Mistral, Qwen3 and OLMo 2 are Llama-shaped (Qwen2 adds q/k/v biases, Qwen3 a q/k
 # RMSNorm per head before RoPE, OLMo 2 a q/k RMSNorm over the whole projection and norms after each sublayer, SmolLM3
 # layers without RoPE where its no_rope_layers says 0, Phi-3 fused qkv_proj and gate_up_proj and RoPE on the first
-# partial_rotary_factor of each head).
+# partial_rotary_factor of each head, Gemma 3 the differences gemma_fields reads).
 SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "qwen3": "llama", "olmo2": "llama",
-             "smollm3": "llama", "phi3": "llama", "opt": "opt", "gpt2": "gpt2"}
+             "smollm3": "llama", "phi3": "llama", "gemma3_text": "llama", "opt": "opt", "gpt2": "gpt2"}
 FUSED_PROJECTIONS = {"phi3"}  # q|k|v in one qkv_proj, gate|up in one gate_up_proj: read as the views they are
 # model_type -> qk_norm: where a family normalises q and k before RoPE.
-QK_NORM = {"qwen3": "head", "olmo2": "proj"}
+QK_NORM = {"qwen3": "head", "olmo2": "proj", "gemma3_text": "head"}
 POST_NORM = {"olmo2"}  # RMSNorm on each sublayer's output before the residual add, none before the sublayer
 
 
@@ -34,10 +36,12 @@ class ModelSpec:
     max_positions: int
     norm: str  # "rms" (Llama) or "layer" (OPT, GPT-2)
     norm_eps: float
-    activation: str  # "silu" gated (Llama) or the FFN activation of OPT/GPT-2 ("relu", "gelu_new", ...)
+    activation: str  # gated: "silu" (Llama), "gelu_pytorch_tanh_gated" (Gemma 3); else the FFN activation of OPT/GPT-2
+    # ("relu", "gelu_new", ...)
     rotary: bool  # rotary embeddings (Llama) or learned absolute positions (OPT, GPT-2)
     position_offset: int = 0  # OPT's learned positions start at index 2
-    sliding_window: int | None = None  # Mistral: attention span; longer sequences are rejected
+    sliding_window: int | None = None  # Mistral, Gemma 3 (its sliding layers): attention span; longer sequences are
+    # rejected
     inverse_layer_scale: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx
     qk_norm: str | None = None  # RMSNorm of q and k before RoPE: "head" per head over head_dim (Qwen3), "proj" over
     # the whole q and k projections (OLMo 2)
@@ -48,6 +52,10 @@ class ModelSpec:
     # "dynamic" (NTK) has no length limit: it rescales past max_positions
     rerun_width: int | None = None  # Phi-3 under LongRoPE: HF's generate drops its cache and reruns the sequences
     # in one forward when their width (padding included) first exceeds this (original_max_position_embeddings)
+    sandwich_norm: bool = False  # Gemma 3: a norm before and another after each sublayer (Layer.attn_out_norm, ...)
+    scale: float | None = None  # Gemma 3: the attention scale query_pre_attn_scalar**-0.5 instead of head_dim**-0.5
+    local_rope_layers: tuple[int, ...] = ()  # Gemma 3: the sliding-window layers, whose RoPE has its own base
+    final_softcap: float | None = None  # Gemma 3: logits -> tanh(logits / cap) * cap (final_logit_softcapping)
 
     @property
     def qkv_rows(self) -> int:
@@ -55,7 +63,7 @@ class ModelSpec:
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
 
     def attention_scale(self, layer: int) -> float:
-        scale = self.head_dim**-0.5
+        scale = self.head_dim**-0.5 if self.scale is None else self.scale
         return scale / (layer + 1) if self.inverse_layer_scale else scale
 
 
@@ -64,7 +72,7 @@ def spec_from_config(config) -> ModelSpec:
     spec = _spec_from_config(config)
     if spec.rotary:
         check_rope(config)  # a RoPE type it cannot honour exactly: the HF path, not a different answer
-    supported = [name for name in DECODE_ACTIVATIONS if name != "silu"]  # silu: Llama's gated MLP only
+    supported = [name for name in DECODE_ACTIVATIONS if name not in GATED]  # the gated ones: Llama's and Gemma's MLP
     if spec.family != "llama" and spec.activation not in supported:
         raise ValueError(f"{spec.family}: activation_function {spec.activation!r} is not supported; supported: "
                          f"{', '.join(supported)}")
@@ -80,25 +88,41 @@ def nope_layers(config) -> tuple[int, ...]:
     return tuple(i for i, f in enumerate(flags) if not f)
 
 
+def gemma_fields(config) -> dict:
+    """The ModelSpec fields in which Gemma 3 (gemma3_text) differs from Llama; refuses by name what the fast path does
+    not compute (attention logit soft-capping, bidirectional attention, an activation other than GELU-tanh)."""
+    if config.hidden_activation != "gelu_pytorch_tanh":
+        raise ValueError(f"gemma3_text: hidden_activation {config.hidden_activation!r} is not supported; supported: "
+                         "gelu_pytorch_tanh")
+    if config.attn_logit_softcapping is not None:
+        raise ValueError(f"gemma3_text: attn_logit_softcapping={config.attn_logit_softcapping} is not computed by the "
+                         "fast path (its attention kernels do not soft-cap scores)")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("gemma3_text: use_bidirectional_attention=True is not supported (the fast path is causal)")
+    return dict(activation="gelu_pytorch_tanh_gated", sandwich_norm=True, scale=config.query_pre_attn_scalar**-0.5,
+                local_rope_layers=tuple(i for i, t in enumerate(config.layer_types) if t == "sliding_attention"),
+                final_softcap=config.final_logit_softcapping)
+
+
 def _spec_from_config(config) -> ModelSpec:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED:
         raise ValueError(
             f"hybrid_engine generation does not support model_type {model_type!r}; supported: "
             f"{', '.join(sorted(SUPPORTED))} (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, "
-            "Qwen3ForCausalLM, Olmo2ForCausalLM, SmolLM3ForCausalLM, Phi3ForCausalLM, OPTForCausalLM, "
-            "GPT2LMHeadModel)"
+            "Qwen3ForCausalLM, Olmo2ForCausalLM, SmolLM3ForCausalLM, Phi3ForCausalLM, Gemma3ForCausalLM, "
+            "OPTForCausalLM, GPT2LMHeadModel)"
         )
     family = SUPPORTED[model_type]
     if family == "llama":
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        if getattr(config, "hidden_act", "silu") != "silu":
+        if model_type != "gemma3_text" and getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"{model_type}: only hidden_act='silu' is supported, got {config.hidden_act!r}")
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-        if model_type == "smollm3" and "sliding_attention" not in (config.layer_types or []):
+        if model_type in ("smollm3", "gemma3_text") and "sliding_attention" not in (config.layer_types or []):
             window = None  # its window acts on the layer types that say so: none here
-        return ModelSpec(
+        spec = ModelSpec(
             family=family,
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
@@ -120,6 +144,7 @@ def _spec_from_config(config) -> ModelSpec:
             dynamic_rope=dynamic_rope(config),
             rerun_width=longrope_rerun_width(config),
         )
+        return dataclasses.replace(spec, **gemma_fields(config)) if model_type == "gemma3_text" else spec
     if family == "opt":
         if not config.do_layer_norm_before or config.word_embed_proj_dim != config.hidden_size:
             raise ValueError(

@@ -25,6 +25,19 @@ def linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
     return ops.decode_linear(x, lin.weight, lin.bias)
 
 
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma's final logit soft-capping, tanh(logits / cap) * cap, in HF's order of operations; None: as they are."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def local_rope_tables(spec: ModelSpec, weights: Weights):
+    """(cos, sin) of the layers with a RoPE of their own (Gemma 3's sliding layers), or (None, None)."""
+    if not spec.local_rope_layers:
+        return None, None
+    cos, sin = ops.rotary_tables(weights.local_inv_freq, spec.max_positions, weights.local_attention_scaling)
+    return cos.contiguous(), sin.contiguous()
+
+
 class InferenceTransformer:
     """Prefill and decode for one ModelSpec and its Weights.
 
@@ -40,6 +53,7 @@ class InferenceTransformer:
         if spec.rotary:
             self.tables = RopeTables(weights.inv_freq, weights.attention_scaling, spec.max_positions, weights.rotary)
             self.cos, self.sin = self.tables.static
+        self.local_cos, self.local_sin = local_rope_tables(spec, weights)
         self.scales = [spec.attention_scale(i) for i in range(spec.num_layers)]
         self._flat: list[torch.Tensor | None] | None = None
 
@@ -61,15 +75,21 @@ class InferenceTransformer:
         residual = x + residual
         return residual, residual
 
-    def leave(self, x: torch.Tensor, n: Norm) -> torch.Tensor:
-        """A sublayer's output as it joins the residual stream: normed by n under post-norm (OLMo 2), else as it is."""
-        return ops.rms_norm(x, n.weight, self.spec.norm_eps) if self.spec.post_norm else x
+    def leave(self, x: torch.Tensor, n: Norm, out: Norm | None = None) -> torch.Tensor:
+        """A sublayer's output as it joins the residual stream: normed by n under post-norm (OLMo 2), by `out` where
+        the block has a norm on each side of the sublayer (Gemma 3), else as it is."""
+        if self.spec.post_norm:
+            return ops.rms_norm(x, n.weight, self.spec.norm_eps)
+        return x if out is None else ops.rms_norm(x, out.weight, self.spec.norm_eps)
 
     def mlp(self, x: torch.Tensor, layer: Layer) -> torch.Tensor:
         h = linear(x, layer.up)
         if self.spec.activation == "silu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.spec.activation == "gelu_pytorch_tanh_gated":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.gelu(gate, approximate="tanh") * up
         elif self.spec.activation == "relu":
             h = F.relu(h)
         elif self.spec.activation in ("gelu_new", "gelu_pytorch_tanh"):
@@ -84,7 +104,8 @@ class InferenceTransformer:
         return x if self.all_reduce is None else self.all_reduce(x)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.w.embed[tokens].float()
+        x = self.w.embed[tokens]
+        x = (x if self.w.embed_scale is None else x * self.w.embed_scale).float()  # Gemma: scaled in the table's dtype
         if self.w.pos_embed is not None:
             x = x + self.w.pos_embed[positions.clamp(min=0) + self.spec.position_offset].float()
         return x
@@ -106,6 +127,8 @@ class InferenceTransformer:
         and v are appended to the cache as they are."""
         if i in self.spec.nope_layers:
             return None, None
+        if i in self.spec.local_rope_layers:
+            return self.local_cos, self.local_sin
         return self.cos, self.sin
 
     def norm_qk(self, q: torch.Tensor, k: torch.Tensor, layer: Layer):
@@ -123,7 +146,7 @@ class InferenceTransformer:
 
     def logits(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         h = self.norm(x, self.w.final_norm, residual)[0]
-        return linear(h, self.w.lm_head)
+        return softcap(linear(h, self.w.lm_head), self.spec.final_softcap)
 
     # ---- prefill ----
     def run_blocks(self, x: torch.Tensor, B: int, S: int, positions: torch.Tensor, cache: KVCache, attend):
@@ -140,8 +163,9 @@ class InferenceTransformer:
             ops.rotary_append_kv(q, k, v, kc, vc, positions, *self.rope(i))
             a = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kc, vc, self.scales[i])
             x = self.reduce(linear(a.transpose(1, 2).reshape(B * S, s.num_heads * s.head_dim), layer.o))
-            h, residual = self.enter(self.leave(x, layer.attn_norm), residual, layer.mlp_norm)
-            x = self.leave(self.mlp(h, layer), layer.mlp_norm)
+            h, residual = self.enter(self.leave(x, layer.attn_norm, layer.attn_out_norm), residual,
+                                     layer.mlp_norm)
+            x = self.leave(self.mlp(h, layer), layer.mlp_norm, layer.mlp_out_norm)
         return x, residual
 
     def blocks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache):
@@ -209,6 +233,9 @@ class InferenceTransformer:
         first `cut` columns with their neighbours run them once (a prompt and its samples), when every row has
         begun by then."""
         B, T = input_ids.shape
+        if self.spec.sliding_window is not None and T > self.spec.sliding_window:
+            raise ValueError(f"rows of {T} tokens exceed the model's sliding_window={self.spec.sliding_window}, "
+                             "which the inference path does not apply")
         self.use_length(int(attention_mask.sum(1).max()), T)  # as a training forward with positions(attention_mask)
         started = (attention_mask.long().cumsum(1) > 0).long()  # (B, T): from each row's first token on
         cache = KVCache.allocate(self.spec, B, T)
@@ -224,13 +251,14 @@ class InferenceTransformer:
 
     # ---- decode ----
     def flat_weights(self) -> list[torch.Tensor | None]:
-        """The weights in decode_step's order: 14 per layer, then final norm and LM head."""
+        """The weights in decode_step's order: 16 per layer, then final norm and LM head."""
         if self._flat is None:
             flat: list[torch.Tensor | None] = []
             for layer in self.w.layers:
                 for part in (layer.attn_norm, layer.qkv, layer.o, layer.mlp_norm, layer.up, layer.down):
                     flat += [part.weight, part.bias]
-                flat += [None if n is None else n.weight for n in (layer.q_norm, layer.k_norm)]
+                flat += [None if n is None else n.weight
+                         for n in (layer.q_norm, layer.k_norm, layer.attn_out_norm, layer.mlp_out_norm)]
             self._flat = flat + [self.w.final_norm.weight, self.w.final_norm.bias, self.w.lm_head.weight,
                                  self.w.lm_head.bias]
         return self._flat
@@ -250,9 +278,11 @@ class InferenceTransformer:
         s = self.spec
         B = tokens.shape[0]
         x = self.embed(tokens, cache.lengths[:B])
-        return ops.decode_step(x, self.flat_weights(), cache.k, cache.v, cache.lengths[:B], self.cos, self.sin,
-                               s.num_heads, s.num_kv_heads, s.head_dim, s.norm == "rms", s.activation, s.norm_eps,
-                               self.scales, s.qk_norm, s.post_norm, list(s.nope_layers))
+        logits = ops.decode_step(x, self.flat_weights(), cache.k, cache.v, cache.lengths[:B], self.cos, self.sin,
+                                 s.num_heads, s.num_kv_heads, s.head_dim, s.norm == "rms", s.activation, s.norm_eps,
+                                 self.scales, s.qk_norm, s.post_norm, list(s.nope_layers), self.local_cos,
+                                 self.local_sin, list(s.local_rope_layers))
+        return softcap(logits, s.final_softcap)
 
     @torch.no_grad()
     def decode_python(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -271,7 +301,8 @@ class InferenceTransformer:
             ops.rotary_append_kv(q, k, v, kc, vc, positions, *self.rope(i))
             a = ops.decode_attention(q.reshape(B, s.num_heads, s.head_dim), kc, vc, lengths, self.scales[i])
             x = self.reduce(linear(a.view(B, s.num_heads * s.head_dim), layer.o))
-            h, residual = self.enter(self.leave(x, layer.attn_norm), residual, layer.mlp_norm)
-            x = self.leave(self.mlp(h, layer), layer.mlp_norm)
+            h, residual = self.enter(self.leave(x, layer.attn_norm, layer.attn_out_norm), residual,
+                                     layer.mlp_norm)
+            x = self.leave(self.mlp(h, layer), layer.mlp_norm, layer.mlp_out_norm)
         cache.lengths[:B] = lengths
         return self.logits(x, residual)

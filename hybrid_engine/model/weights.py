@@ -42,6 +42,8 @@ class Layer:
     down: Linear  # [H, I]
     q_norm: Norm | None = None  # RMSNorm weight of q before RoPE: Qwen3 [D] per head, OLMo 2 [Hq * D]
     k_norm: Norm | None = None  # the same for k: Qwen3 [D], OLMo 2 [Hkv * D]
+    attn_out_norm: Norm | None = None  # Gemma 3: the norm of the attention's output, besides attn_norm before it
+    mlp_out_norm: Norm | None = None  # Gemma 3: the norm of the MLP's output, besides mlp_norm before it
 
 
 @dataclass
@@ -55,6 +57,9 @@ class Weights:
     attention_scaling: float = 1.0
     rotary: torch.nn.Module | None = None  # HF's rotary module when spec.dynamic_rope: its state picks the tables
     copied_bytes: int = field(default=0)
+    embed_scale: float | None = None  # Gemma 3: looked-up rows times sqrt(H) rounded to the table's dtype, in it
+    local_inv_freq: torch.Tensor | None = None  # Gemma 3: the RoPE frequencies of the sliding layers (their own base)
+    local_attention_scaling: float = 1.0
 
 
 WeightFn = Callable[[torch.nn.Module], torch.Tensor]
@@ -170,8 +175,64 @@ def _llama_projections(spec: ModelSpec, attn: torch.nn.Module, mlp: torch.nn.Mod
     return (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
 
 
+def gemma_norm(b: WeightBuilder, module: torch.nn.Module) -> Norm:
+    """A Gemma RMSNorm, which multiplies by (1 + weight) in fp32: 1 + the fp32 weight (rounded through weight_dtype
+    first), the same fp32 sum HF computes on every call, so the folded norm is exact."""
+    return Norm(b.vector(module.weight) + 1.0)
+
+
+def gemma_layer_weights(b: WeightBuilder, spec: ModelSpec, layer: torch.nn.Module) -> Layer:
+    """One Gemma 3 block: a norm before and after each sublayer, per-head q/k norms, all of the (1 + weight) kind."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, gate_up = _llama_projections(spec, attn, mlp)
+    return Layer(
+        attn_norm=gemma_norm(b, layer.input_layernorm),
+        qkv=b.linear(*qkv),
+        o=b.linear(attn.o_proj),
+        mlp_norm=gemma_norm(b, layer.pre_feedforward_layernorm),
+        up=b.linear(*gate_up),
+        down=b.linear(mlp.down_proj),
+        q_norm=gemma_norm(b, attn.q_norm),
+        k_norm=gemma_norm(b, attn.k_norm),
+        attn_out_norm=gemma_norm(b, layer.post_attention_layernorm),
+        mlp_out_norm=gemma_norm(b, layer.post_feedforward_layernorm),
+    )
+
+
+def gemma_rope(rotary: torch.nn.Module, layer_type: str) -> tuple[torch.Tensor | None, float]:
+    """(inv_freq, attention_scaling) of one layer type of Gemma 3's rotary module; (None, 1.0) for a type no layer has
+    (HF builds tables only for the types in layer_types)."""
+    inv_freq = getattr(rotary, f"{layer_type}_inv_freq", None)
+    if inv_freq is None:
+        return None, 1.0
+    return inv_freq.detach().float(), float(getattr(rotary, f"{layer_type}_attention_scaling"))
+
+
+def gemma_model_weights(b: WeightBuilder, model: torch.nn.Module, layers: list[Layer]) -> Weights:
+    """A Gemma 3 model's weights around its blocks: the scaled embedding, a RoPE table per layer type (the sliding
+    layers' is the local one; a model of sliding layers alone has no other, and theirs serves as both)."""
+    inner = model.model
+    embed = b.table(inner.embed_tokens.weight)
+    scale = torch.tensor(inner.embed_tokens.scalar_embed_scale, dtype=torch.float32).to(embed.dtype)
+    local, local_scaling = gemma_rope(inner.rotary_emb, "sliding_attention")
+    inv_freq, scaling = gemma_rope(inner.rotary_emb, "full_attention")
+    return Weights(
+        embed=embed,
+        layers=layers,
+        final_norm=gemma_norm(b, inner.norm),
+        lm_head=b.linear(model.lm_head),
+        inv_freq=local if inv_freq is None else inv_freq,
+        attention_scaling=local_scaling if inv_freq is None else scaling,
+        embed_scale=float(scale),
+        local_inv_freq=local,
+        local_attention_scaling=local_scaling,
+    )
+
+
 def layer_weights(b: WeightBuilder, spec: ModelSpec, layer: torch.nn.Module) -> Layer:
     """One block's generation weights."""
+    if spec.sandwich_norm:
+        return gemma_layer_weights(b, spec, layer)
     if spec.family == "llama":
         attn, mlp = layer.self_attn, layer.mlp
         # OLMo 2 (post_norm): post_attention_layernorm acts on the attention's output, post_feedforward_ on the MLP's.
@@ -210,7 +271,9 @@ def layer_weights(b: WeightBuilder, spec: ModelSpec, layer: torch.nn.Module) -> 
 
 def model_weights(b: WeightBuilder, spec: ModelSpec, model: torch.nn.Module, layers: list[Layer]) -> Weights:
     """The whole model's generation weights around already-built `layers`."""
-    if spec.family == "llama":
+    if spec.sandwich_norm:
+        weights = gemma_model_weights(b, model, layers)
+    elif spec.family == "llama":
         inner = model.model
         rotary = inner.rotary_emb
         weights = Weights(

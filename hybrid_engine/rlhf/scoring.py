@@ -52,6 +52,12 @@ def _spec(config):
         return None
 
 
+def _beyond_window(spec, input_ids: torch.Tensor) -> bool:
+    """Whether rows are longer than the model's sliding window (Gemma 3, Mistral), which the inference path does not
+    apply: such rows score through the HF forward, which does."""
+    return spec is not None and spec.sliding_window is not None and input_ids.shape[1] > spec.sliding_window
+
+
 def _inference_net(model, spec, weight_dtype: torch.dtype | None) -> InferenceTransformer:
     """The inference path over a frozen model's weights. With fp32 weights, each block's q, k, v (and gate, up)
     are first laid end to end in one buffer (fuse_projection_storage), so that the path reads them fused as views
@@ -68,6 +74,7 @@ class FrozenPolicy:
     def __init__(self, model: torch.nn.Module, weight_dtype: torch.dtype | None = None,
                  autocast_dtype: torch.dtype | None = None):
         model = base_model(model)
+        training_logprobs.check_plain_logits(model.config)  # token_logprobs reads the LM head alone, either path
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model.eval()
@@ -81,7 +88,7 @@ class FrozenPolicy:
         """fp32 [B, T - start]: log p(input_ids[:, t] | input_ids[:, :t]) for t >= start, 0 where the mask is
         0; HybridEngine.token_logprobs' contract, on the frozen weights."""
         _check_rows(input_ids, attention_mask, start)
-        if self.net is None:
+        if self.net is None or _beyond_window(self.spec, input_ids):
             with _autocast(self.autocast_dtype, input_ids.device):
                 return training_logprobs.token_logprobs(self.model, self.model.get_output_embeddings(), input_ids,
                                                         attention_mask, start, temperature)
@@ -127,7 +134,7 @@ class FrozenRewardModel:
         (RewardModel.score's contract). `start`, where the responses begin (token_logprobs' argument): neighbouring
         rows that share their first start - 1 columns (a prompt and its samples) run them once."""
         _check_rows(input_ids, attention_mask, start)
-        if self.net is None:
+        if self.net is None or _beyond_window(self.spec, input_ids):
             with _autocast(self.autocast_dtype, input_ids.device):
                 return self.model.score(input_ids, attention_mask)
         index = last_token_index(attention_mask)  # (B,)

@@ -16,9 +16,10 @@ namespace {
 enum Slot {
   kAttnNormW, kAttnNormB, kQkvW, kQkvB, kOW, kOB, kMlpNormW, kMlpNormB, kUpW, kUpB, kDownW, kDownB,
   kQNormW, kKNormW,  // the q/k RMSNorm weights: Qwen3 [D] per head, OLMo 2 [heads * D]
+  kAttnOutNormW, kMlpOutNormW,  // Gemma 3: norms of the sublayers' outputs, besides the pre-norms of slots 0 and 6
   kSlots
 };
-enum Activation { kSiluGated = 0, kRelu = 1, kGeluTanh = 2, kGelu = 3 };
+enum Activation { kSiluGated = 0, kRelu = 1, kGeluTanh = 2, kGelu = 3, kGeluTanhGated = 4 };
 enum QkNorm { kNoQkNorm = 0, kPerHead = 1, kProjection = 2 };
 
 std::optional<at::Tensor> opt(const c10::List<std::optional<at::Tensor>>& w, int64_t i) {
@@ -39,7 +40,8 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
                            const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, bool rms_norm,
                            int64_t activation, double eps, at::ArrayRef<double> scales, int64_t qk_norm,
-                           bool post_norm, at::IntArrayRef nope_layers) {
+                           bool post_norm, at::IntArrayRef nope_layers, const std::optional<at::Tensor>& local_cos,
+                           const std::optional<at::Tensor>& local_sin, at::IntArrayRef local_layers) {
   CHECK_DIM(x, 2, "[B, H]");
   CHECK_DTYPE(x, at::kFloat);
   CHECK_DIM(k_cache, 5, "[L, B_max, Hkv, T_max, D]");
@@ -53,13 +55,19 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
   HE_CHECK(k_cache.size(1) >= B && k_cache.size(2) == num_kv_heads && k_cache.size(4) == head_dim,
            "k_cache must be [L, >= ", B, ", ", num_kv_heads, ", T_max, ", head_dim, "], got ", shape_str(k_cache));
   HE_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", shape_str(k_cache));
-  HE_CHECK(activation >= kSiluGated && activation <= kGelu, "activation must be 0..3, got ", activation);
+  HE_CHECK(activation >= kSiluGated && activation <= kGeluTanhGated, "activation must be 0..4, got ", activation);
   HE_CHECK(qk_norm >= kNoQkNorm && qk_norm <= kProjection, "qk_norm must be 0..2, got ", qk_norm);
   HE_CHECK(!post_norm || rms_norm, "post_norm needs rms_norm");
   std::vector<bool> rope(L, true);  // false: a NoPE layer (SmolLM3), whose k and v are appended unrotated
   for (const int64_t i : nope_layers) {
     HE_CHECK(i >= 0 && i < L, "nope_layers must name layers in [0, ", L, "), got ", i);
     rope[i] = false;
+  }
+  std::vector<bool> local(L, false);  // true: RoPE from local_cos, local_sin (Gemma 3's sliding layers)
+  for (const int64_t i : local_layers) {
+    HE_CHECK(i >= 0 && i < L, "local_layers must name layers in [0, ", L, "), got ", i);
+    HE_CHECK(local_cos.has_value() && local_sin.has_value(), "local_layers need local_cos and local_sin");
+    local[i] = true;
   }
   const std::optional<at::Tensor> none;
 
@@ -83,8 +91,12 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
     const at::Tensor sum = residual ? in + *residual : in;
     return {sum, sum};
   };
-  auto leave = [&](const at::Tensor& out, int64_t base, int64_t slot) {
-    return post_norm ? std::get<0>(rms_norm_cpu(out, req(weights, base + slot), eps)) : out;
+  // A sublayer's output as it joins the residual stream: normed by its pre-norm's slot under post-norm (OLMo 2), by
+  // its output norm's slot where the block has one (Gemma 3), else as it is.
+  auto leave = [&](const at::Tensor& out, int64_t base, int64_t slot, int64_t out_slot) {
+    if (post_norm) return std::get<0>(rms_norm_cpu(out, req(weights, base + slot), eps));
+    const auto w = opt(weights, base + out_slot);
+    return w ? std::get<0>(rms_norm_cpu(out, *w, eps)) : out;
   };
   // q [B, 1, heads, D] normed before RoPE: per head (rows of D) or over the whole projection (rows of heads * D).
   auto norm_qk = [&](const at::Tensor& t, int64_t base, int64_t slot) {
@@ -111,20 +123,23 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
     }
     const at::Tensor v = qkv.narrow(2, num_heads + num_kv_heads, num_kv_heads);
     const at::Tensor kc = k_cache.select(0, i).narrow(0, 0, B), vc = v_cache.select(0, i).narrow(0, 0, B);
-    rotary_append_kv_cpu(q, k, v, kc, vc, positions, rope[i] ? cos : none, rope[i] ? sin : none);
+    const std::optional<at::Tensor>& c = local[i] ? local_cos : cos;
+    const std::optional<at::Tensor>& s = local[i] ? local_sin : sin;
+    rotary_append_kv_cpu(q, k, v, kc, vc, positions, rope[i] ? c : none, rope[i] ? s : none);
     const at::Tensor a = decode_attention_cpu(q.view({B, num_heads, head_dim}), kc, vc, seq_lens, scales[i]);
     const at::Tensor o = linear(a.view({B, num_heads * head_dim}), base, kOW);
-    auto [h2, res2] = enter(leave(o, base, kAttnNormW), res, base, kMlpNormW);
+    auto [h2, res2] = enter(leave(o, base, kAttnNormW, kAttnOutNormW), res, base, kMlpNormW);
     at::Tensor up = linear(h2, base, kUpW);
-    if (activation == kSiluGated) {
+    if (activation == kSiluGated || activation == kGeluTanhGated) {
       const int64_t I = up.size(1) / 2;
-      up = at::silu(up.narrow(1, 0, I)).mul_(up.narrow(1, I, I));
+      const at::Tensor gate = up.narrow(1, 0, I);
+      up = (activation == kSiluGated ? at::silu(gate) : at::gelu(gate, "tanh")).mul_(up.narrow(1, I, I));
     } else if (activation == kRelu) {
       up.relu_();
     } else {
       up = at::gelu(up, activation == kGeluTanh ? "tanh" : "none");
     }
-    hidden = leave(linear(up, base, kDownW), base, kMlpNormW);
+    hidden = leave(linear(up, base, kDownW), base, kMlpNormW, kMlpOutNormW);
     residual = res2;
   }
   const int64_t base = L * kSlots;

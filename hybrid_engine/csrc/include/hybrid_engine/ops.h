@@ -80,7 +80,8 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
                            const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, bool rms_norm,
                            int64_t activation, double eps, at::ArrayRef<double> scales, int64_t qk_norm,
-                           bool post_norm, at::IntArrayRef nope_layers);
+                           bool post_norm, at::IntArrayRef nope_layers, const std::optional<at::Tensor>& local_cos,
+                           const std::optional<at::Tensor>& local_sin, at::IntArrayRef local_layers);
 
 #ifdef HYBRID_ENGINE_CUDA
 // ---- CUDA host functions (hybrid_engine/csrc/cuda/bindings.cpp), same contracts as the CPU ones ----
