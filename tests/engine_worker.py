@@ -23,7 +23,7 @@ from hybrid_engine.engine import HybridEngine  # noqa: E402
 
 STEPS, NEW = 2, 8
 # every configuration runs the first family; the others a ZeRO-3 subset
-FAMILIES = ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3"]
+FAMILIES = ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3", "qwen3-moe", "mixtral"]
 TP_FAMILIES = ["qwen3", "smollm3", "phi3"]  # and a TP subset (OLMo 2's q/k norm over the whole projection refuses TP)
 EOS = dict(eos_token_id=2, pad_token_id=0)  # the tiny Llama's own eos
 

@@ -5,17 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hybrid_engine.model.exactness import check_rope
+from hybrid_engine.model.moe_config import moe_fields
 from hybrid_engine.ops.decode_step import ACTIVATIONS as DECODE_ACTIVATIONS
 
 # model_type -> family. Qwen2, Mistral, Qwen3 and OLMo 2 are Llama-shaped (Qwen2 adds q/k/v biases, Qwen3 a q/k
 # RMSNorm per head before RoPE, OLMo 2 a q/k RMSNorm over the whole projection and norms after each sublayer, SmolLM3
 # layers without RoPE where its no_rope_layers says 0, Phi-3 fused qkv_proj and gate_up_proj and RoPE on the first
-# partial_rotary_factor of each head).
+# partial_rotary_factor of each head). Qwen3-MoE and Mixtral are Qwen3 and Mistral with Mixture-of-Experts MLPs
+# (moe_config.py).
 SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "qwen3": "llama", "olmo2": "llama",
-             "smollm3": "llama", "phi3": "llama", "opt": "opt", "gpt2": "gpt2"}
+             "smollm3": "llama", "phi3": "llama", "qwen3_moe": "llama", "mixtral": "llama", "opt": "opt",
+             "gpt2": "gpt2"}
 FUSED_PROJECTIONS = {"phi3"}  # q|k|v in one qkv_proj, gate|up in one gate_up_proj: read as the views they are
 # model_type -> qk_norm: where a family normalises q and k before RoPE.
-QK_NORM = {"qwen3": "head", "olmo2": "proj"}
+QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmo2": "proj"}
 POST_NORM = {"olmo2"}  # RMSNorm on each sublayer's output before the residual add, none before the sublayer
 
 
@@ -44,6 +47,14 @@ class ModelSpec:
     post_norm: bool = False  # OLMo 2: each block's norms act on its sublayers' outputs, before the residual add
     nope_layers: tuple[int, ...] = ()  # SmolLM3: the layers whose q and k take no RoPE (NoPE)
     fused_projections: bool = False  # Phi-3: the HF modules hold q|k|v and gate|up fused (qkv_proj, gate_up_proj)
+    # Mixture of Experts (Qwen3-MoE, Mixtral): the layers in moe_layers route each token to experts_per_token of
+    # num_experts gated MLPs of moe_intermediate_size (softmax over all experts, top-k, renormalised to sum 1 when
+    # norm_topk_prob); the other layers have the dense MLP of intermediate_size.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[int, ...] = ()
 
     @property
     def qkv_rows(self) -> int:
@@ -82,8 +93,8 @@ def _spec_from_config(config) -> ModelSpec:
         raise ValueError(
             f"hybrid_engine generation does not support model_type {model_type!r}; supported: "
             f"{', '.join(sorted(SUPPORTED))} (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, "
-            "Qwen3ForCausalLM, Olmo2ForCausalLM, SmolLM3ForCausalLM, Phi3ForCausalLM, OPTForCausalLM, "
-            "GPT2LMHeadModel)"
+            "Qwen3ForCausalLM, Olmo2ForCausalLM, SmolLM3ForCausalLM, Phi3ForCausalLM, Qwen3MoeForCausalLM, "
+            "MixtralForCausalLM, OPTForCausalLM, GPT2LMHeadModel)"
         )
     family = SUPPORTED[model_type]
     if family == "llama":
@@ -113,6 +124,7 @@ def _spec_from_config(config) -> ModelSpec:
             post_norm=model_type in POST_NORM,
             nope_layers=nope_layers(config) if model_type == "smollm3" else (),
             fused_projections=model_type in FUSED_PROJECTIONS,
+            **moe_fields(config),
         )
     if family == "opt":
         if not config.do_layer_norm_before or config.word_embed_proj_dim != config.hidden_size:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from hybrid_engine import ops
 from hybrid_engine.model.kv_cache import KVCache
+from hybrid_engine.model.moe import moe_mlp
 from hybrid_engine.model.prefix import run_firsts, shared_prefix_runs
 from hybrid_engine.model.spec import ModelSpec
 from hybrid_engine.model.weights import Layer, Linear, Norm, Weights
@@ -65,6 +66,8 @@ class InferenceTransformer:
         return ops.rms_norm(x, n.weight, self.spec.norm_eps) if self.spec.post_norm else x
 
     def mlp(self, x: torch.Tensor, layer: Layer) -> torch.Tensor:
+        if layer.experts is not None:
+            return self.reduce(moe_mlp(x, layer.experts, self.spec))
         h = linear(x, layer.up)
         if self.spec.activation == "silu":
             gate, up = h.chunk(2, dim=-1)
@@ -228,9 +231,11 @@ class InferenceTransformer:
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One step for the first len(tokens) cache slots: tokens [B] -> logits [B, V]; appends to the cache.
 
-        On the CPU with the compiled kernels the layer loop runs in C++ (ops.decode_step); otherwise
-        it runs here in Python (decode_python, which is also its reference)."""
-        if tokens.device.type != "cpu" or ops.get_backend() != "kernels" or self.all_reduce is not None:
+        On the CPU with the compiled kernels the layer loop runs in C++ (ops.decode_step); otherwise, and for a
+        Mixture-of-Experts model (its expert MLPs run ops.moe_experts), it runs here in Python (decode_python,
+        which is also decode_step's reference)."""
+        python_loop = self.all_reduce is not None or bool(self.spec.moe_layers)
+        if tokens.device.type != "cpu" or ops.get_backend() != "kernels" or python_loop:
             return self.decode_python(tokens, cache)
         s = self.spec
         B = tokens.shape[0]
