@@ -41,7 +41,9 @@ def ds_config(stage: int, offload: bool = False) -> dict:
 
 
 def lora_config(family: str = "llama-gqa"):
-    targets = ["qkv_proj", "down_proj"] if family == "phi3" else ["q_proj", "v_proj", "down_proj"]  # Phi-3: fused
+    # Phi-3: fused projections; Mixtral: no down_proj module (its experts are 3-D parameters)
+    targets = {"phi3": ["qkv_proj", "down_proj"], "mixtral": ["q_proj", "v_proj", "o_proj"]}.get(
+        family, ["q_proj", "v_proj", "down_proj"])
     return peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
 
 

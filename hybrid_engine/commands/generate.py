@@ -25,9 +25,9 @@ def add_generate_command(subparsers) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--model", help="a directory written by save_pretrained (Llama/Qwen2/Qwen3/OLMo 2/SmolLM3/"
-                     "Phi-3/Mistral, OPT, GPT-2)")
+                     "Phi-3/Mistral/Qwen3-MoE/Mixtral, OPT, GPT-2)")
     src.add_argument("--preset", default="llama-20m", help="a built-in random-weight model: llama-tiny, "
-                     "llama-20m, llama-125m or qwen3-125m (used when --model is not given)")
+                     "llama-20m, llama-125m, qwen3-125m or qwen3-moe-120m (used when --model is not given)")
     gen.add_argument("--batch", type=int, default=8, help="number of prompts generated together")
     gen.add_argument("--prompt-len", type=int, default=64, help="tokens per (random) prompt")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")

@@ -10,6 +10,7 @@ docs/benchmarks.md.
 |---|---|---|---|
 | kernels.json | pytest bench/ (the kernel suites) | kernels (+ _headline) | |
 | generation.json | bench/bench_generate.py | generation (+ _headline) | generation_tokens_per_s, decode_position |
+| generation_moe.json | bench/bench_moe.py | generation_moe | |
 | train_step.json | bench/bench_train.py | train_step | |
 | engine.json | bench/bench_engine.py | engine (+ _headline) | |
 | rlhf.json | bench/bench_rlhf.py | rlhf (+ _headline) | rlhf_phases |
@@ -33,6 +34,7 @@ from hybrid_engine.commands.report import engine, rlhf, tables, train
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "kernels": ("kernels", tables.table),
     "generation": ("generation", tables.table),
+    "generation_moe": ("generation_moe", tables.table),
     "train_step": ("train_step", tables.table),
     "engine": ("engine", engine.tables),
     "rlhf": ("rlhf", rlhf.table),
@@ -57,6 +59,7 @@ README = "README.md"
 PAGES: dict[str, str] = {
     "kernels": "benchmarks.md",
     "generation": "benchmarks.md",
+    "generation_moe": "benchmarks.md",
     "train_step": "benchmarks.md",
     "engine": "benchmarks.md",
     "rlhf": "benchmarks.md",
