@@ -267,7 +267,8 @@ def test_unsupported_architecture_lists_the_supported_ones():
         is_decoder=True,
     )
     model = transformers.BertLMHeadModel(config)
-    with pytest.raises(ValueError, match="supported: gpt2, llama, mistral, olmo2, opt, phi3, qwen2, qwen3, smollm3"):
+    supported = "gpt2, llama, mistral, mixtral, olmo2, opt, phi3, qwen2, qwen3, qwen3_moe, smollm3"
+    with pytest.raises(ValueError, match=f"supported: {supported}"):
         hybrid_engine.generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
 
 
