@@ -8,6 +8,7 @@ import torch
 import transformers
 from models import CONFIGS, tiny_model
 
+from hybrid_engine.engine.hf_path import fast_path_reason
 from hybrid_engine.model import spec_from_config
 from hybrid_engine.model.moe import route
 from hybrid_engine.ops import kernels, moe_experts, moe_experts_reference, use_backend
@@ -122,6 +123,7 @@ def test_a_routing_detail_it_cannot_honour_is_refused_naming_the_field(family, f
     setattr(config, field, value)
     with pytest.raises(ValueError, match=field):
         spec_from_config(config)
+    assert field in fast_path_reason(config)  # the engine takes the HF path, its warning naming the field
 
 
 @pytest.mark.gpu
