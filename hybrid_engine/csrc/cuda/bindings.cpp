@@ -545,7 +545,9 @@ at::Tensor moe_experts_cuda(const at::Tensor& x, const at::Tensor& expert_ids, c
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2, k = expert_ids.size(1);
   const auto flat = expert_ids.reshape({-1});
-  const auto order = std::get<1>(flat.sort(/*stable=*/true));  // assignments by ascending expert
+  // assignments by ascending expert (stable: tokens in order within one); std::optional: a plain bool would pick
+  // the sort(dim, descending) overload
+  const auto order = std::get<1>(flat.sort(std::optional<bool>(true), /*dim=*/0));
   const auto offsets = at::pad(at::cumsum(at::bincount(flat, {}, E), 0), {1, 0});
   const auto token = order.div(k, "floor");
   const auto h = grouped_linear(x.index_select(0, token).contiguous(), offsets, gate_up.contiguous());  // [A, 2I]
