@@ -1,4 +1,4 @@
-"""Tiny random Llamas over the demo tokenizer's vocabulary, and small slices of the demo data, for the
+"""Tiny random Llamas (and a Mixtral) over the demo tokenizer's vocabulary, and small slices of the demo data, for the
 SFT and reward-model tests (nothing comes from a hub)."""
 
 from __future__ import annotations
@@ -27,6 +27,18 @@ def demo_llama(seed: int = 0, hidden: int = 64, layers: int = 2) -> transformers
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).eval()
+
+
+def demo_mixtral(seed: int = 0) -> transformers.MixtralForCausalLM:
+    """A fresh random Mixtral (hidden 64, 2 layers of 4 experts, 2 per token) over the demo tokenizer's vocabulary."""
+    tok = tokenizer()
+    config = transformers.MixtralConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return transformers.MixtralForCausalLM(config).eval()
 
 
 def save_demo_llama(directory, seed: int = 0):

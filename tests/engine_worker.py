@@ -23,8 +23,8 @@ from hybrid_engine.engine import HybridEngine  # noqa: E402
 
 STEPS, NEW = 2, 8
 # every configuration runs the first family; the others a ZeRO-3 subset
-FAMILIES = ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3", "gemma3"]
-# and a TP subset (OLMo 2's q/k norm over the whole projection refuses TP)
+FAMILIES = ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3", "gemma3", "qwen3-moe", "mixtral"]
+# and a TP subset (OLMo 2's q/k norm over the whole projection refuses TP, MoE's experts are not sharded)
 TP_FAMILIES = ["qwen3", "smollm3", "phi3", "gemma3"]
 EOS = dict(eos_token_id=2, pad_token_id=0)  # the tiny Llama's own eos
 
@@ -42,7 +42,9 @@ def ds_config(stage: int, offload: bool = False) -> dict:
 
 
 def lora_config(family: str = "llama-gqa"):
-    targets = ["qkv_proj", "down_proj"] if family == "phi3" else ["q_proj", "v_proj", "down_proj"]  # Phi-3: fused
+    # Phi-3: fused projections; Mixtral: no down_proj module (its experts are 3-D parameters)
+    targets = {"phi3": ["qkv_proj", "down_proj"], "mixtral": ["q_proj", "v_proj", "o_proj"]}.get(
+        family, ["q_proj", "v_proj", "down_proj"])
     return peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
 
 

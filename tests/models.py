@@ -115,6 +115,39 @@ CONFIGS = {
     # (not a round number), GQA, tied, norms before and after each sublayer. The window spans every test's sequences.
     "gemma3": lambda: gemma3_config(),
     "gemma3-softcap": lambda: gemma3_config(final_logit_softcapping=4.0),
+    # Qwen3-MoE: 8 experts, top-2 without renormalising (norm_topk_prob False), layer 1 of 3 dense (mlp_only_layers)
+    # with its own intermediate size; Qwen3's per-head q/k norm.
+    "qwen3-moe": lambda: transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        mlp_only_layers=[1],
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    ),
+    # Mixtral: 4 experts, top-2 renormalised, every layer sparse.
+    "mixtral": lambda: transformers.MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=48,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    ),
     "opt": lambda: transformers.OPTConfig(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -148,7 +181,10 @@ GEMMA3_WINDOW = 64
 # Families whose RMSNorm weights (q/k norms included) HF initialises to ones (Gemma's to zeros: it multiplies by
 # 1 + w): randomised, so that a norm read from the wrong module (q's for k's, OLMo 2's post-attention for its
 # post-feedforward, or none at all) changes the answer.
-RANDOM_NORMS = {"qwen3", "olmo2", "gemma3", "gemma3-softcap"}
+RANDOM_NORMS = {"qwen3", "qwen3-moe", "olmo2", "gemma3", "gemma3-softcap"}
+
+
+MOE = ("qwen3-moe", "mixtral")  # the Mixture-of-Experts families
 
 
 @torch.no_grad()

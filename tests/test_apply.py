@@ -14,7 +14,7 @@ import hybrid_engine
 from hybrid_engine import apply_hybrid_engine
 from hybrid_engine.engine.patch import FallbackWarning, HybridGenerate, unapply_hybrid_engine
 
-FAMILIES = ["llama-gqa", "qwen2", "qwen3", "olmo2", "smollm3", "phi3", "gemma3", "opt", "gpt2"]
+FAMILIES = ["llama-gqa", "qwen2", "qwen3", "olmo2", "smollm3", "phi3", "gemma3", "qwen3-moe", "mixtral", "opt", "gpt2"]
 LENGTHS = [5, 1, 9, 3, 7]
 
 

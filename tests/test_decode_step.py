@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 import torch
-from models import CONFIGS, left_padded_prompts, tiny_model
+from models import CONFIGS, MOE, left_padded_prompts, tiny_model
 
 from hybrid_engine.model import InferenceTransformer, KVCache, extract_weights, spec_from_config
 from hybrid_engine.ops import kernels
@@ -21,7 +21,7 @@ def prefilled(family: str, weight_dtype=None):
 
 
 @pytest.mark.parametrize("weight_dtype", [None, torch.bfloat16])
-@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("family", [f for f in CONFIGS if f not in MOE])  # MoE models decode in the Python loop
 def test_cpp_step_matches_python_loop(family, weight_dtype):
     net, cache, tokens = prefilled(family, weight_dtype)
     cache_py = copy.deepcopy(cache)

@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 import transformers
-from models import VOCAB, left_padded_prompts, tiny_model, train
+from models import MOE, VOCAB, left_padded_prompts, tiny_model, train
 
 import hybrid_engine
 from hybrid_engine import HybridEngine
@@ -20,6 +20,8 @@ LORA_TARGETS = {"llama-gqa": ["q_proj", "v_proj", "down_proj"], "llama-tied-mha"
                 "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "k_proj", "down_proj"],
                 "olmo2": ["k_proj", "o_proj", "up_proj"], "smollm3": ["q_proj", "k_proj", "gate_proj"],
                 "phi3": ["qkv_proj", "gate_up_proj"], "gemma3": ["q_proj", "k_proj", "gate_proj"],
+                "qwen3-moe": ["q_proj", "k_proj", "down_proj"],
+                "mixtral": ["q_proj", "o_proj"],
                 "opt": ["q_proj", "fc1"], "gpt2": ["c_attn", "c_fc"]}
 
 
@@ -289,3 +291,12 @@ def test_tp_is_refused_for_a_qk_norm_over_the_whole_projection():
     with pytest.raises(ValueError, match="inference_tp_size=2: .* q/k norm over the whole projection"):
         GenerationSettings(inference_tp_size=2).check(spec, world_size=2)
     GenerationSettings(inference_tp_size=2).check(spec_from_config(tiny_model("qwen3").config), world_size=2)
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_tp_is_refused_for_a_mixture_of_experts_model(name):
+    from hybrid_engine.engine import GenerationSettings
+    from hybrid_engine.model.spec import spec_from_config
+
+    with pytest.raises(ValueError, match="inference_tp_size=2: .* Mixture-of-Experts"):
+        GenerationSettings(inference_tp_size=2).check(spec_from_config(tiny_model(name).config), world_size=2)

@@ -18,8 +18,9 @@ pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).with_name("engine_worker.py")
 CONFIGS = ["zero0-full-all", "zero0-lora-all", "zero2-full-all", "zero2-lora-all", "zero3-full-all",
            "zero3-full-layer", "zero3-lora-all", "zero3-lora-layer", "qwen3-zero3-lora-layer", "olmo2-zero3-lora-layer",
-           "smollm3-zero3-lora-layer", "phi3-zero3-lora-layer", "gemma3-zero3-lora-layer"]
-"""The Llama's configurations run in both launches; the other families' (the last five) in the two-process one."""
+           "smollm3-zero3-lora-layer", "phi3-zero3-lora-layer", "gemma3-zero3-lora-layer", "qwen3-moe-zero3-lora-layer",
+           "mixtral-zero3-lora-layer"]
+"""The Llama's configurations run in both launches; the other families' (the last seven) in the two-process one."""
 OFFLOAD = "zero3-offload-full-all"  # optimizer and parameters offloaded to the CPU; one process
 TP_CONFIGS = ["tp2-full-all", "tp2-full-layer", "tp2-lora-all", "tp2-lora-layer", "qwen3-tp2-lora-layer",
               "smollm3-tp2-lora-layer", "phi3-tp2-lora-layer", "gemma3-tp2-lora-layer"]

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import transformers
-from models import CONFIGS, VOCAB, left_padded_prompts, tiny_model
+from models import CONFIGS, MOE, VOCAB, left_padded_prompts, tiny_model
 
 import hybrid_engine
 from hybrid_engine.generation import SamplingParams
@@ -140,7 +140,7 @@ def test_non_contiguous_prompts_generate_as_their_values(family):
         assert torch.equal(ours.sequences, expected.sequences) and torch.equal(ours.logprobs, expected.logprobs)
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3", "gemma3", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3", "gemma3", "opt", "gpt2", *MOE])
 def test_bf16_weights_match_hf_on_rounded_weights(family):
     model = tiny_model(family)
     rounded = transformers.AutoModelForCausalLM.from_config(model.config).eval()
@@ -174,7 +174,9 @@ KV_BF16_MAX_NATS = 0.07
 """The documented bound on |log p| difference per token of a bf16 KV cache from fp32 (generate's kv_dtype), over
 24 sampled tokens of each test model; measured 0.012-0.038 (max) and 0.003-0.007 (mean) on the first ones, 0.060
 (max) and 0.007 (mean) on the tiny Phi-3 (0.023-0.060 over init seeds 0-2; 0.024-0.035 with full rotary), which
-is why the bound moved from 0.05 to 0.07. The fp32 cache stays within 1e-5 on every model."""
+is why the bound moved from 0.05 to 0.07. The fp32 cache stays within 1e-5 on every model. A Mixture-of-Experts
+model keeps it on nine tokens in ten, not on every one: where the rounding moves a hidden state across a router's
+tie, that token takes another expert, a jump of up to 0.31 nats seen on the tiny Mixtral."""
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -187,7 +189,7 @@ def test_bf16_kv_cache_logprobs_within_documented_bound(family):
     logits = hf_logits(model, out.sequences, mask, out.response_mask)[:, T - 1 : -1]
     expected = torch.log_softmax(logits, -1).gather(2, out.sequences[:, T:, None])[..., 0] * out.response_mask
     diff = (out.logprobs - expected).abs()[out.response_mask.bool()]
-    assert diff.max() <= KV_BF16_MAX_NATS
+    assert (diff.quantile(0.9) if family in MOE else diff.max()) <= KV_BF16_MAX_NATS
     assert 0 < diff.mean() <= KV_BF16_MAX_NATS / 5  # rounded (not an fp32 cache in disguise), and small on average
 
 
@@ -266,7 +268,9 @@ def test_an_unsupported_architecture_takes_the_hf_path_naming_the_supported_ones
         is_decoder=True,
     )
     model = transformers.BertLMHeadModel(config).eval()
-    supported = "supported: gemma3_text, gpt2, llama, mistral, olmo2, opt, phi3, qwen2, qwen3, smollm3"
+    supported = (
+        "supported: gemma3_text, gpt2, llama, mistral, mixtral, olmo2, opt, phi3, qwen2, qwen3, qwen3_moe, smollm3"
+    )
     with pytest.raises(ValueError, match=supported):
         hybrid_engine.model.spec_from_config(config)
     ids = torch.ones(1, 3, dtype=torch.long)

@@ -14,7 +14,7 @@ import peft
 import pytest
 import torch
 import transformers
-from demo_models import demo_llama, demo_rows, tokenizer
+from demo_models import demo_llama, demo_mixtral, demo_rows, tokenizer
 
 from hybrid_engine.engine.logprobs import positions
 from hybrid_engine.engine.settings import GenerationSettings
@@ -707,3 +707,11 @@ def test_the_on_policy_ratio_is_exactly_one_at_the_first_update(data, rm, monkey
                         or real(lp, old, *a, **k))
     run(data, config(max_steps=1, generation={"weight_dtype": "bf16"}), rm=rm)
     assert seen == [True]
+
+
+def test_a_mixture_of_experts_actor_reports_its_router_loss_and_a_dense_one_does_not(data, rm):
+    """GRPO on a tiny Mixtral: each step's record holds the router's load-balancing loss of the actor's forwards (HF's,
+    observed and not added to the policy loss)."""
+    moe = run(data, config("grpo", max_steps=2), rm, actor=demo_mixtral())
+    assert all(r["router_aux_loss"] > 0 and math.isfinite(r["policy_loss"]) for r in moe.history if not r.get("eval"))
+    assert "router_aux_loss" not in run(data, config("grpo", max_steps=1), rm).history[0]

@@ -20,7 +20,7 @@ from hybrid_engine.model.weights import extract_weights
 from hybrid_engine.rlhf.reward import RewardModel
 from hybrid_engine.rlhf.scoring import FrozenPolicy, FrozenRewardModel
 
-FAMILIES = ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3", "gemma3", "opt", "gpt2"]
+FAMILIES = ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3", "gemma3", "qwen3-moe", "mixtral", "opt", "gpt2"]
 ATOL = 1e-5  # fp32 kernels against an fp64 reference
 START = 5  # the prompt width P of every row below: responses begin at column 5
 
@@ -43,12 +43,22 @@ def padded_rows(layout: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
+def fp64_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """An fp64 copy of `module` (an HF model or a reward model around one); MoE models run HF's plain loop over the
+    experts, since its default grouped_mm takes no fp64."""
+    ref = copy.deepcopy(module).double()
+    for m in ref.modules():
+        if hasattr(m, "set_experts_implementation") and getattr(m.config, "_experts_implementation", None):
+            m.set_experts_implementation("eager")
+    return ref
+
+
 @torch.no_grad()
 def hf_logprobs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, start: int,
                 temperature: float) -> torch.Tensor:
     """fp64 [B, T - start]: the HF model's log_softmax(logits / temperature) at the token of each response
     position (position ids counted from each row's first token), 0 where the mask is 0."""
-    ref = copy.deepcopy(model).double().eval()
+    ref = fp64_copy(model).eval()
     logits = ref(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
     logp = (logits / temperature).log_softmax(-1)  # (B, T, V)
     T = ids.shape[1]
@@ -94,7 +104,7 @@ def test_frozen_reward_model_scores_equal_reward_model_score(family, layout):
     rm = reward_model(family)
     ids, mask = padded_rows(layout, seed=2)
     ref = rm.score(ids, mask)  # the reward model's own HF forward, fp32
-    ref64 = copy.deepcopy(rm).double().score(ids, mask)
+    ref64 = fp64_copy(rm).score(ids, mask)
     frozen = FrozenRewardModel(copy.deepcopy(rm))
     ours = frozen.score(ids, mask)
     assert ours.dtype == torch.float32 and ours.shape == (4,)
@@ -155,7 +165,7 @@ def test_under_autocast_the_frozen_models_score_through_their_hf_forward_in_bf16
                                                                  else rm.value_head.bias.float())
     scores = frozen.score(ids, mask)
     assert scores.dtype == torch.float32 and (scores - value).abs().max() < 0.02  # the head under autocast: bf16
-    assert (scores.double() - copy.deepcopy(rm).double().score(ids, mask)).abs().max() < 0.1
+    assert (scores.double() - fp64_copy(rm).score(ids, mask)).abs().max() < 0.1
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -25,7 +25,7 @@ def add_generate_command(subparsers) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--model", help="a directory written by save_pretrained (Llama/Qwen2/Qwen3/OLMo 2/SmolLM3/"
-                     "Phi-3/Gemma 3/Mistral, OPT, GPT-2)")
+                     "Phi-3/Gemma 3/Mistral/Qwen3-MoE/Mixtral, OPT, GPT-2)")
     src.add_argument("--preset", default="llama-20m", help=f"a built-in random-weight model: {', '.join(PRESETS)} "
                      "(used when --model is not given)")
     gen.add_argument("--batch", type=int, default=8, help="number of prompts generated together")

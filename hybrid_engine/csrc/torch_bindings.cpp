@@ -60,6 +60,11 @@ TORCH_LIBRARY(hybrid_engine, m) {
       "int[] row_counts, int col_start) -> ()");
   // x fp32 [M, K] (M small), weight fp32/bf16 [N, K], bias [N] -> fp32 [M, N]; fp32 accumulation.
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // The expert MLPs of a Mixture-of-Experts layer: x fp32 [M, H], expert_ids int64 [M, k], routing_weights
+  // fp32 [M, k], gate_up [E, 2I, H] (gate rows, then up rows), down [E, H, I] -> fp32 [M, H], the sum over each
+  // token's experts e (ascending) of weight * down[e] @ (silu(gate[e] @ x) * up[e] @ x); each selected expert's
+  // weights are read once for all its tokens.
+  m.def("moe_experts(Tensor x, Tensor expert_ids, Tensor routing_weights, Tensor gate_up, Tensor down) -> Tensor");
   // The CPU dispatch choices, process-wide, set by the calibration (hybrid_engine/ops/dispatch.py):
   // decode_linear's hand-over rows to torch's GEMM and to the AMX tiles, and bf16 prefill's SDPA route.
   m.def("set_decode_linear_routes(int fp32_torch_max_rows, int fp32_kernel_max_rows, int lowp_kernel_max_rows, "
@@ -103,6 +108,7 @@ TORCH_LIBRARY_IMPL(hybrid_engine, CPU, m) {
   m.impl("reshard_scatter", &hybrid_engine::reshard_scatter_cpu);
   m.impl("decode_linear", &hybrid_engine::decode_linear_cpu);
   m.impl("decode_step", &hybrid_engine::decode_step_cpu);
+  m.impl("moe_experts", &hybrid_engine::moe_experts_cpu);
 }
 
 #ifdef HYBRID_ENGINE_CUDA
@@ -119,5 +125,6 @@ TORCH_LIBRARY_IMPL(hybrid_engine, CUDA, m) {
   m.impl("reshard_gather", &hybrid_engine::reshard_gather_cuda);
   m.impl("reshard_scatter", &hybrid_engine::reshard_scatter_cuda);
   m.impl("decode_linear", &hybrid_engine::decode_linear_cuda);
+  m.impl("moe_experts", &hybrid_engine::moe_experts_cuda);
 }
 #endif

@@ -82,7 +82,19 @@ class FusedWeights:
         base = getattr(module, "get_base_layer", None)
         if base is None or not isinstance(module, _lora_layer_type()):
             return module.weight
-        weight = base().weight.detach()
+        return self._fuse(module, base().weight.detach())
+
+    def param(self, module: torch.nn.Module, name: str) -> torch.Tensor:
+        """Parameter `name` of `module` (a MoE block's experts) with the deltas of the peft ParamWrapper that adapts it
+        (peft nests one wrapper per adapted parameter), or as it is where none does."""
+        while hasattr(module, "base_layer") and getattr(module, "parameter_name", None) != name:
+            module = module.base_layer
+        if not hasattr(module, "base_layer"):
+            return getattr(module, name)
+        return self._fuse(module, module.get_param().detach())
+
+    def _fuse(self, module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """weight + the LoRA layer's active adapters' deltas, a new tensor (weight itself when merged or disabled)."""
         if module.merged or module.disable_adapters:
             return weight
         t0 = time.perf_counter()

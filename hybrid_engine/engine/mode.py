@@ -64,7 +64,8 @@ def generation_weights(model: torch.nn.Module, spec: ModelSpec, settings: Genera
     # In "layer" mode each ZeRO-3 block's gathered storage is released right after it is read: keep
     # copies (tensor-parallel shards are copies anyway). Unpartitioned parameters are read as views.
     partitioned = any(is_partitioned(p) for p in model.parameters())
-    b = WeightBuilder(settings.weight_dtype, fuse, copy=settings.gather == "layer" and tp is None and partitioned)
+    b = WeightBuilder(settings.weight_dtype, fuse, copy=settings.gather == "layer" and tp is None and partitioned,
+                      param_fn=fuse.param)
     with ExitStack() as stack, torch.no_grad():
         if settings.gather == "all":
             _gather(stack, unique_params([model]), stats)

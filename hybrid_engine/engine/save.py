@@ -13,9 +13,8 @@ def trained_value(trained: torch.nn.Module, name: str, fuse: FusedWeights) -> to
     path, attr = name.rsplit(".", 1) if "." in name else ("", name)
     module = trained.get_submodule(path)
     if hasattr(module, "get_base_layer"):  # a peft layer
-        if attr == "weight":
-            return fuse(module)
-        module = module.get_base_layer()
+        # a module's weight, or a parameter peft adapts in place (a MoE block's experts, its ParamWrapper)
+        return fuse(module) if attr == "weight" else fuse.param(module, attr)
     return getattr(module, attr)
 
 

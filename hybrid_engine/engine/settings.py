@@ -64,3 +64,6 @@ class GenerationSettings:
             if spec.qk_norm == "proj":  # its mean of squares spans every head: a shard alone cannot compute it
                 raise ValueError(f"generation.inference_tp_size={tp}: tensor-parallel generation does not support "
                                  "a q/k norm over the whole projection (OLMo 2's); use inference_tp_size=1")
+            if spec.moe_layers:  # its experts are not sharded (expert parallelism is not built)
+                raise ValueError(f"generation.inference_tp_size={tp}: tensor-parallel generation does not support "
+                                 "Mixture-of-Experts models (Qwen3-MoE, Mixtral); use inference_tp_size=1")

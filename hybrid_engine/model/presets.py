@@ -36,12 +36,17 @@ PRESETS = {
     "gemma3-125m": dict(hidden_size=768, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=4,
                         num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
                         rms_norm_eps=1e-6, tie_word_embeddings=True),
+    # ~120M parameters (~480 MB fp32), Qwen3-MoE's shape: 8 experts of width 1024 per layer, 2 per token, so the
+    # experts hold 100M of the parameters and a token reads a quarter of them (~46M active parameters).
+    "qwen3-moe-120m": dict(hidden_size=512, intermediate_size=2048, moe_intermediate_size=1024, num_experts=8,
+                           num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=8, num_attention_heads=8,
+                           num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
 }
 
 CONFIGS = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config, "olmo2": transformers.Olmo2Config,
            "smollm3": transformers.SmolLM3Config, "phi3": transformers.Phi3Config,
-           "gemma3": transformers.Gemma3TextConfig}
-"""A preset's config class, by the family before its first "-"."""
+           "gemma3": transformers.Gemma3TextConfig, "qwen3-moe": transformers.Qwen3MoeConfig}
+"""A preset's config class, by the longest family name its name starts with (then a "-")."""
 
 
 def preset_config(name: str) -> transformers.PretrainedConfig:
@@ -52,11 +57,11 @@ def preset_config(name: str) -> transformers.PretrainedConfig:
     kw = dict(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
               pad_token_id=0)
     kw.update(PRESETS[name])
-    return CONFIGS[name.split("-")[0]](**kw)
+    return CONFIGS[max((family for family in CONFIGS if name.startswith(family + "-")), key=len)](**kw)
 
 
 def preset_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A randomly initialised causal LM of a preset (LlamaForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, ...), in
+    """A randomly initialised causal LM of a preset (LlamaForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, ...), in
     eval mode."""
     import torch
 

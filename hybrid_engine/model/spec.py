@@ -6,18 +6,21 @@ import dataclasses
 from dataclasses import dataclass
 
 from hybrid_engine.model.exactness import check_rope, dynamic_rope, longrope_rerun_width
+from hybrid_engine.model.moe_config import moe_fields
 from hybrid_engine.ops.decode_step import ACTIVATIONS as DECODE_ACTIVATIONS
 from hybrid_engine.ops.decode_step import GATED
 
 # model_type -> family. Qwen2, Mistral, Qwen3 and OLMo 2 are Llama-shaped (Qwen2 adds q/k/v biases, Qwen3 a q/k
 # RMSNorm per head before RoPE, OLMo 2 a q/k RMSNorm over the whole projection and norms after each sublayer, SmolLM3
 # layers without RoPE where its no_rope_layers says 0, Phi-3 fused qkv_proj and gate_up_proj and RoPE on the first
-# partial_rotary_factor of each head, Gemma 3 the differences gemma_fields reads).
+# partial_rotary_factor of each head, Gemma 3 the differences gemma_fields reads). Qwen3-MoE and Mixtral are Qwen3 and
+# Mistral with Mixture-of-Experts MLPs (moe_config.py).
 SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "qwen3": "llama", "olmo2": "llama",
-             "smollm3": "llama", "phi3": "llama", "gemma3_text": "llama", "opt": "opt", "gpt2": "gpt2"}
+             "smollm3": "llama", "phi3": "llama", "gemma3_text": "llama", "qwen3_moe": "llama", "mixtral": "llama",
+             "opt": "opt", "gpt2": "gpt2"}
 FUSED_PROJECTIONS = {"phi3"}  # q|k|v in one qkv_proj, gate|up in one gate_up_proj: read as the views they are
 # model_type -> qk_norm: where a family normalises q and k before RoPE.
-QK_NORM = {"qwen3": "head", "olmo2": "proj", "gemma3_text": "head"}
+QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmo2": "proj", "gemma3_text": "head"}
 POST_NORM = {"olmo2"}  # RMSNorm on each sublayer's output before the residual add, none before the sublayer
 
 
@@ -56,6 +59,14 @@ class ModelSpec:
     scale: float | None = None  # Gemma 3: the attention scale query_pre_attn_scalar**-0.5 instead of head_dim**-0.5
     local_rope_layers: tuple[int, ...] = ()  # Gemma 3: the sliding-window layers, whose RoPE has its own base
     final_softcap: float | None = None  # Gemma 3: logits -> tanh(logits / cap) * cap (final_logit_softcapping)
+    # Mixture of Experts (Qwen3-MoE, Mixtral): the layers in moe_layers route each token to experts_per_token of
+    # num_experts gated MLPs of moe_intermediate_size (softmax over all experts, top-k, renormalised to sum 1 when
+    # norm_topk_prob); the other layers have the dense MLP of intermediate_size.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[int, ...] = ()
 
     @property
     def qkv_rows(self) -> int:
@@ -111,7 +122,7 @@ def _spec_from_config(config) -> ModelSpec:
             f"hybrid_engine generation does not support model_type {model_type!r}; supported: "
             f"{', '.join(sorted(SUPPORTED))} (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, "
             "Qwen3ForCausalLM, Olmo2ForCausalLM, SmolLM3ForCausalLM, Phi3ForCausalLM, Gemma3ForCausalLM, "
-            "OPTForCausalLM, GPT2LMHeadModel)"
+            "Qwen3MoeForCausalLM, MixtralForCausalLM, OPTForCausalLM, GPT2LMHeadModel)"
         )
     family = SUPPORTED[model_type]
     if family == "llama":
@@ -143,6 +154,7 @@ def _spec_from_config(config) -> ModelSpec:
             fused_projections=model_type in FUSED_PROJECTIONS,
             dynamic_rope=dynamic_rope(config),
             rerun_width=longrope_rerun_width(config),
+            **moe_fields(config),
         )
         return dataclasses.replace(spec, **gemma_fields(config)) if model_type == "gemma3_text" else spec
     if family == "opt":

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from hybrid_engine import ops
 from hybrid_engine.model.kv_cache import KVCache
+from hybrid_engine.model.moe import moe_mlp
 from hybrid_engine.model.prefix import run_firsts, shared_prefix_runs
 from hybrid_engine.model.rope import RopeTables
 from hybrid_engine.model.spec import ModelSpec
@@ -83,6 +84,8 @@ class InferenceTransformer:
         return x if out is None else ops.rms_norm(x, out.weight, self.spec.norm_eps)
 
     def mlp(self, x: torch.Tensor, layer: Layer) -> torch.Tensor:
+        if layer.experts is not None:
+            return self.reduce(moe_mlp(x, layer.experts, self.spec))
         h = linear(x, layer.up)
         if self.spec.activation == "silu":
             gate, up = h.chunk(2, dim=-1)
@@ -269,11 +272,13 @@ class InferenceTransformer:
         seq_len: the length HF's forward sees in this step (the longest row, finished ones included); by default
         the longest slot's.
 
-        On the CPU with the compiled kernels the layer loop runs in C++ (ops.decode_step); otherwise
-        it runs here in Python (decode_python, which is also its reference)."""
+        On the CPU with the compiled kernels the layer loop runs in C++ (ops.decode_step); otherwise, and for a
+        Mixture-of-Experts model (its expert MLPs run ops.moe_experts), it runs here in Python (decode_python,
+        which is also decode_step's reference)."""
         if self.spec.dynamic_rope:
             self.use_length(int(cache.lengths[: tokens.shape[0]].max()) + 1 if seq_len is None else seq_len)
-        if tokens.device.type != "cpu" or ops.get_backend() != "kernels" or self.all_reduce is not None:
+        python_loop = self.all_reduce is not None or bool(self.spec.moe_layers)
+        if tokens.device.type != "cpu" or ops.get_backend() != "kernels" or python_loop:
             return self.decode_python(tokens, cache)
         s = self.spec
         B = tokens.shape[0]

@@ -33,17 +33,27 @@ class Norm:
 
 
 @dataclass
+class Experts:
+    """A Mixture-of-Experts MLP (Qwen3-MoE, Mixtral): views of the HF module's fused 3-D expert parameters."""
+
+    router: torch.Tensor  # [E, H] fp32: router logits = x @ router.T
+    gate_up: torch.Tensor  # [E, 2I, H]: each expert's gate rows, then its up rows
+    down: torch.Tensor  # [E, H, I]
+
+
+@dataclass
 class Layer:
     attn_norm: Norm  # before the attention; with spec.post_norm (OLMo 2) on its output, before the residual add
     qkv: Linear  # [(Hq + 2 Hkv) * D, H]
     o: Linear  # [H, Hq * D]
     mlp_norm: Norm  # before the MLP; with spec.post_norm on its output
-    up: Linear  # Llama: fused gate|up [2 I, H]; OPT/GPT-2: fc1 [I, H]
-    down: Linear  # [H, I]
+    up: Linear | None  # Llama: fused gate|up [2 I, H]; OPT/GPT-2: fc1 [I, H]; None in a MoE layer
+    down: Linear | None  # [H, I]
     q_norm: Norm | None = None  # RMSNorm weight of q before RoPE: Qwen3 [D] per head, OLMo 2 [Hq * D]
     k_norm: Norm | None = None  # the same for k: Qwen3 [D], OLMo 2 [Hkv * D]
     attn_out_norm: Norm | None = None  # Gemma 3: the norm of the attention's output, besides attn_norm before it
     mlp_out_norm: Norm | None = None  # Gemma 3: the norm of the MLP's output, besides mlp_norm before it
+    experts: Experts | None = None  # a MoE layer's router and experts (up and down are None there)
 
 
 @dataclass
@@ -63,6 +73,7 @@ class Weights:
 
 
 WeightFn = Callable[[torch.nn.Module], torch.Tensor]
+ParamFn = Callable[[torch.nn.Module, str], torch.Tensor]
 
 
 def _adjacent_rows(ws: list[torch.Tensor]) -> torch.Tensor | None:
@@ -84,20 +95,30 @@ def _module_weight(module: torch.nn.Module) -> torch.Tensor:
     return module.weight
 
 
+def _module_param(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """Parameter `name` of `module`, inside any wrappers that hold the module as base_layer (peft's)."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return getattr(module, name)
+
+
 class WeightBuilder:
     """Makes matmul weights in the generation dtype and counts the bytes copied.
 
     weight_fn(module) returns the weight a projection module computes with (default `module.weight`;
-    the hybrid engine passes one that adds LoRA deltas). copy=True copies every tensor, so that the
-    result holds no reference to the module's storage (needed when that storage is released right
-    after, as with ZeRO-3 layer-by-layer gathering).
+    the hybrid engine passes one that adds LoRA deltas); param_fn(module, name) the same for a parameter that is not
+    a module's weight (a MoE block's 3-D expert parameters, which peft adapts with target_parameters). copy=True
+    copies every tensor, so that the result holds no reference to the module's storage (needed when that storage
+    is released right after, as with ZeRO-3 layer-by-layer gathering).
     """
 
-    def __init__(self, weight_dtype: torch.dtype | None, weight_fn: WeightFn | None = None, copy: bool = False):
+    def __init__(self, weight_dtype: torch.dtype | None, weight_fn: WeightFn | None = None, copy: bool = False,
+                 param_fn: ParamFn | None = None):
         if weight_dtype not in (None, torch.bfloat16, torch.float32):
             raise ValueError(f"weight_dtype must be None, torch.float32 or torch.bfloat16, got {weight_dtype}")
         self.weight_dtype = weight_dtype
         self.weight_fn = weight_fn or _module_weight
+        self.param_fn = param_fn or _module_param
         self.copy = copy
         self.copied_bytes = 0
 
@@ -143,6 +164,12 @@ class WeightBuilder:
         """An embedding table: looked up row by row, so a view unless weight_dtype or copy asks for a copy."""
         return self._out(t, copied=False)
 
+    def experts(self, moe: torch.nn.Module) -> Experts:
+        """A sparse MoE block's router (an fp32 copy, tiny) and its experts' fused 3-D parameters (views, or copies
+        where the dtype or `copy` asks)."""
+        gate_up, down = (self.param_fn(moe.experts, name).detach() for name in ("gate_up_proj", "down_proj"))
+        return Experts(self.vector(moe.gate.weight), self._out(gate_up, copied=False), self._out(down, copied=False))
+
     def norm(self, module: torch.nn.Module) -> Norm:
         bias = getattr(module, "bias", None)
         return Norm(self.vector(module.weight), None if bias is None else self.vector(bias))
@@ -169,10 +196,17 @@ def top_modules(model: torch.nn.Module, spec: ModelSpec) -> list[torch.nn.Module
 
 
 def _llama_projections(spec: ModelSpec, attn: torch.nn.Module, mlp: torch.nn.Module):
-    """The modules of a Llama-shaped block's q|k|v and gate|up: one fused module each (Phi-3) or three and two."""
+    """The modules of a Llama-shaped block's q|k|v and gate|up: one fused module each (Phi-3) or three and two; no
+    gate|up modules in a MoE block (its experts are 3-D parameters)."""
     if spec.fused_projections:
         return (attn.qkv_proj,), (mlp.gate_up_proj,)
-    return (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
+    gate_up = () if is_moe(mlp) else (mlp.gate_proj, mlp.up_proj)
+    return (attn.q_proj, attn.k_proj, attn.v_proj), gate_up
+
+
+def is_moe(mlp: torch.nn.Module) -> bool:
+    """Whether a block's MLP module is a sparse MoE block (a router `gate` and fused `experts`)."""
+    return hasattr(mlp, "experts")
 
 
 def gemma_norm(b: WeightBuilder, module: torch.nn.Module) -> Norm:
@@ -239,15 +273,17 @@ def layer_weights(b: WeightBuilder, spec: ModelSpec, layer: torch.nn.Module) -> 
         attn_norm, mlp_norm = ((layer.post_attention_layernorm, layer.post_feedforward_layernorm) if spec.post_norm
                                else (layer.input_layernorm, layer.post_attention_layernorm))
         qkv, gate_up = _llama_projections(spec, attn, mlp)
+        moe = is_moe(mlp)
         return Layer(
             attn_norm=b.norm(attn_norm),
             qkv=b.linear(*qkv),
             o=b.linear(attn.o_proj),
             mlp_norm=b.norm(mlp_norm),
-            up=b.linear(*gate_up),
-            down=b.linear(mlp.down_proj),
+            up=None if moe else b.linear(*gate_up),
+            down=None if moe else b.linear(mlp.down_proj),
             q_norm=b.norm(attn.q_norm) if spec.qk_norm else None,
             k_norm=b.norm(attn.k_norm) if spec.qk_norm else None,
+            experts=b.experts(mlp) if moe else None,
         )
     if spec.family == "opt":
         attn = layer.self_attn

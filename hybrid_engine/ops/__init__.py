@@ -18,6 +18,7 @@ from hybrid_engine.ops.decode_step import decode_step
 from hybrid_engine.ops.gae import gae, gae_reference
 from hybrid_engine.ops.linear import decode_linear, decode_linear_reference
 from hybrid_engine.ops.logprobs import token_logprobs, token_logprobs_reference
+from hybrid_engine.ops.moe import moe_experts, moe_experts_reference
 from hybrid_engine.ops.norm import rms_norm, rms_norm_reference
 from hybrid_engine.ops.reshard import (
     gather_column_parallel,
@@ -68,6 +69,8 @@ __all__ = [
     "reshard_gather_reference",
     "reshard_scatter",
     "reshard_scatter_reference",
+    "moe_experts",
+    "moe_experts_reference",
     "rms_norm",
     "rms_norm_reference",
     "rotary_append_kv",

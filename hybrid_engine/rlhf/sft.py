@@ -26,6 +26,7 @@ import torch
 from hybrid_engine.engine import HybridEngine
 from hybrid_engine.engine.logprobs import head_as_token_logprobs, positions
 from hybrid_engine.engine.lora import base_model
+from hybrid_engine.engine.router_loss import router_aux_loss
 from hybrid_engine.engine.training import adamw
 from hybrid_engine.rlhf import checkpoint, fingerprints
 from hybrid_engine.rlhf.data import StepData
@@ -86,6 +87,9 @@ class SFTResult:
     """What ended the run: 'max_steps (N)' or 'epochs (...)' (loop.LoopRecord.stop_reason)."""
     lrs: list[float] = field(default_factory=list)
     """The learning rate of every optimizer step, as the schedule set it (loop.LoopRecord.lrs)."""
+    router_aux_losses: list[float] = field(default_factory=list)
+    """A Mixture-of-Experts model's router load-balancing loss (HF's, with output_router_logits) of every step's
+    forward, observed and not added to the loss; empty for a dense model."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -184,13 +188,16 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
     held_out, _ = tokenize_sft(data.eval, tokenizer, config.tokens)
     if not train:
         raise ValueError("no training rows left after tokenization (data.train is empty or every prompt was dropped)")
-    tokens = 0
+    tokens, aux_losses = 0, []
 
     def train_step(rows: list[int], step: int) -> float:
         nonlocal tokens
         batch = collate_sft([train[i] for i in rows], pad_id)
         tokens += int(batch["attention_mask"].sum())
-        return finite_step(engine, engine.module, sft_loss(engine, batch), config, "sft", step + 1)
+        with router_aux_loss(engine.module) as aux:
+            loss = sft_loss(engine, batch)
+        aux_losses.extend(aux)
+        return finite_step(engine, engine.module, loss, config, "sft", step + 1)
 
     checkpoint.check_supported(config, engine.zero_stage, resume)
     run = None if not (config.checkpoint_every or resume) else {  # what a resume must match
@@ -209,4 +216,4 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
                      eval_perplexity_after=record.evals[-1][1], evals=record.evals, steps=record.steps,
                      train_tokens=tokens, train_s=record.train_s, wall_s=time.perf_counter() - t_start,
                      token_stats=stats, engine=engine, skipped=skipped(record.history),
-                     stop_reason=record.stop_reason, lrs=record.lrs)
+                     stop_reason=record.stop_reason, lrs=record.lrs, router_aux_losses=aux_losses)

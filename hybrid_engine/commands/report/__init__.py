@@ -11,6 +11,7 @@ docs/benchmarks.md.
 | kernels.json | pytest bench/ (the kernel suites) | kernels (+ _headline) | |
 | generation.json | bench/bench_generate.py | generation (+ _headline) | generation_tokens_per_s, decode_position |
 | generation_families.json | BENCH_GENERATE_MODELS=olmo2-125m,... bench/bench_generate.py | generation_families | |
+| generation_moe.json | bench/bench_moe.py | generation_moe | |
 | train_step.json | bench/bench_train.py | train_step | |
 | engine.json | bench/bench_engine.py | engine (+ _headline) | |
 | rlhf.json | bench/bench_rlhf.py | rlhf (+ _headline) | rlhf_phases |
@@ -36,6 +37,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "kernels": ("kernels", tables.table),
     "generation": ("generation", tables.table),
     "generation_families": ("generation_families", tables.table),
+    "generation_moe": ("generation_moe", tables.table),
     "train_step": ("train_step", tables.table),
     "engine": ("engine", engine.tables),
     "rlhf": ("rlhf", rlhf.table),
@@ -62,6 +64,7 @@ PAGES: dict[str, str] = {
     "kernels": "benchmarks.md",
     "generation": "benchmarks.md",
     "generation_families": "benchmarks.md",
+    "generation_moe": "benchmarks.md",
     "train_step": "benchmarks.md",
     "engine": "benchmarks.md",
     "rlhf": "benchmarks.md",

@@ -12,6 +12,7 @@
 #include "hybrid_engine/cuda/norm.h"
 #include "hybrid_engine/cuda/linear.h"
 #include "hybrid_engine/cuda/logprobs.h"
+#include "hybrid_engine/cuda/moe.h"
 // (one include per op family's launcher header, in the order of the sections below)
 #include "hybrid_engine/ops.h"
 
@@ -520,5 +521,42 @@ at::Tensor decode_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
 }
 #undef HE_OP
 // ---- end linear ----
+
+// ---- moe ----
+#define HE_OP "moe_experts"
+namespace {
+// out fp32 [A, N]: rows of x sorted by expert (offsets [E + 1]) times their expert's w [E, N, K].
+at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w) {
+  const auto dtype = w.scalar_type() == at::kFloat      ? cuda::WeightDtype::kFloat32
+                     : w.scalar_type() == at::kBFloat16 ? cuda::WeightDtype::kBFloat16
+                                                        : cuda::WeightDtype::kFloat16;
+  auto out = at::empty({x.size(0), w.size(1)}, x.options());
+  HE_CUDA_CHECK(cuda::grouped_linear(x.data_ptr<float>(), offsets.data_ptr<int64_t>(), w.data_ptr(), dtype,
+                                     out.data_ptr<float>(), w.size(0), x.size(0), w.size(1), w.size(2),
+                                     stream_of(x)));
+  return out;
+}
+}  // namespace
+
+at::Tensor moe_experts_cuda(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& routing_weights,
+                            const at::Tensor& gate_up, const at::Tensor& down) {
+  check_moe_experts_args(x, expert_ids, routing_weights, gate_up, down);
+  CHECK_CUDA(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2, k = expert_ids.size(1);
+  const auto flat = expert_ids.reshape({-1});
+  // assignments by ascending expert (stable: tokens in order within one); std::optional: a plain bool would pick
+  // the sort(dim, descending) overload
+  const auto order = std::get<1>(flat.sort(std::optional<bool>(true), /*dim=*/0));
+  const auto offsets = at::pad(at::cumsum(at::bincount(flat, {}, E), 0), {1, 0});
+  const auto token = order.div(k, "floor");
+  const auto h = grouped_linear(x.index_select(0, token).contiguous(), offsets, gate_up.contiguous());  // [A, 2I]
+  const auto act = (at::silu(h.narrow(1, 0, I)) * h.narrow(1, I, I)).contiguous();
+  const auto y = grouped_linear(act, offsets, down.contiguous());  // [A, H]
+  const auto w = routing_weights.to(at::kFloat).reshape({-1}).index_select(0, order).unsqueeze(1);
+  return at::zeros_like(x).index_add_(0, token, y * w);
+}
+#undef HE_OP
+// ---- end moe ----
 
 }  // namespace hybrid_engine

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from hybrid_engine.engine.router_loss import router_aux_loss
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.distributed import all_finite, rank_and_world
 from hybrid_engine.rlhf.losses import approx_kl, clip_fraction, policy_loss, token_mean, value_loss
@@ -39,9 +40,10 @@ def _step_on(trainer, module: torch.nn.Module, loss: torch.Tensor, config: PPOCo
 def actor_update(models: Models, mb: xp.Experience, config: PPOConfig, kl_coef: float
                  ) -> tuple[float | None, dict[str, float]]:
     """One actor step on a minibatch (the clipped policy loss, plus GRPO's KL term): its loss (None when not finite)
-    and policy_figures of its forward."""
+    and policy_figures of its forward (with a Mixture-of-Experts actor, its router's load-balancing loss as
+    `router_aux_loss`: observed, not added to the loss)."""
     engine = models.actor
-    with training_precision(config):
+    with training_precision(config), router_aux_loss(engine.module) as aux:
         logprobs, entropy = engine.token_logprobs(mb.sequences, mb.attention_mask, mb.start, config.temperature,
                                                   return_entropy=True)
     old = logprobs.detach() if ratio_from_training_forward(config) else mb.old_logprobs
@@ -49,6 +51,7 @@ def actor_update(models: Models, mb: xp.Experience, config: PPOConfig, kl_coef: 
     if config.algo == "grpo" and kl_coef > 0:
         loss = loss + kl_coef * xp.group_kl_loss(logprobs, mb.ref_logprobs, mb.mask)
     figures = policy_figures(logprobs.detach(), old, entropy, mb, config)
+    figures.update({"router_aux_loss": aux[0]} if aux else {})
     return _step_on(engine, engine.module, loss, config), figures
 
 
@@ -111,6 +114,8 @@ def optimise(models: Models, exp: xp.Experience, config: PPOConfig, kl_coef: flo
                     skipped += 1
     figures = {"policy_loss": _mean(actor_losses), "skipped": skipped,
                **{k: _mean([o[k] for o in observed]) for k in POLICY_FIGURES}}
+    if any("router_aux_loss" in o for o in observed):  # a Mixture-of-Experts actor
+        figures["router_aux_loss"] = _mean([o["router_aux_loss"] for o in observed])
     if models.critic is not None:
         figures["value_loss"] = _mean(critic_losses)
     if ptx_losses:

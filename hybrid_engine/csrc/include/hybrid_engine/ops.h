@@ -74,6 +74,13 @@ std::vector<int64_t> decode_linear_routes();
 // Whether this build and CPU run bf16 weights with K elements per row on AMX tiles (linear_amx.cpp).
 bool decode_linear_has_amx(int64_t K);
 
+// ---- moe (hybrid_engine/csrc/cpu/moe.cpp) ----
+at::Tensor moe_experts_cpu(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& routing_weights,
+                           const at::Tensor& gate_up, const at::Tensor& down);
+// The argument checks both devices share (then each checks x's device type).
+void check_moe_experts_args(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& routing_weights,
+                            const at::Tensor& gate_up, const at::Tensor& down);
+
 // ---- decode_step (hybrid_engine/csrc/cpu/decode_step.cpp): a whole model's decode step, CPU only ----
 at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& weights,
                            const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& lengths,
@@ -112,6 +119,8 @@ at::Tensor reshard_gather_cuda(const at::Tensor& src, int64_t offset, int64_t ro
 void reshard_scatter_cuda(const at::Tensor& dst, const at::Tensor& shard, int64_t offset, int64_t row_stride,
                           at::IntArrayRef row_starts, at::IntArrayRef row_counts, int64_t col_start);
 at::Tensor decode_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+at::Tensor moe_experts_cuda(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& routing_weights,
+                            const at::Tensor& gate_up, const at::Tensor& down);
 #endif
 
 }  // namespace hybrid_engine
