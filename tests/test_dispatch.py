@@ -9,11 +9,14 @@ import json
 import os
 import subprocess
 import sys
+import warnings
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 from helpers import TOLERANCES
 
+from hybrid_engine.commands.env import calibration_rows
 from hybrid_engine.ops import dispatch
 from hybrid_engine.ops.attention import prefill_attention, prefill_attention_reference
 from hybrid_engine.ops.linear import decode_linear, decode_linear_reference
@@ -57,14 +60,23 @@ def small(monkeypatch, tmp_path):
     monkeypatch.setattr(dispatch, "WEIGHTS", 2)
     monkeypatch.setenv("HYBRID_ENGINE_CALIBRATION_FILE", str(tmp_path / "calibration.json"))
     monkeypatch.delenv("HYBRID_ENGINE_CALIBRATE", raising=False)
-    dispatch.ensure()
+    with warnings.catch_warnings():  # this process's own calibration, under load or not
+        warnings.simplefilter("ignore")
+        dispatch.ensure()
     before, state = dispatch.current(), dict(dispatch._state)
     yield tmp_path / "calibration.json"
     dispatch._force(before)
     dispatch._state.update(state)
 
 
-def test_a_damaged_or_foreign_cache_is_ignored_and_measured_again(small):
+@pytest.fixture
+def any_load(monkeypatch):
+    """No calibration judged taken under load: the real measurements of these tests run on a busy machine too."""
+    monkeypatch.setattr(dispatch, "FAR_BELOW", 0.0)
+    monkeypatch.setattr(dispatch, "MIN_CPU_SHARE", 0.0)
+
+
+def test_a_damaged_or_foreign_cache_is_ignored_and_measured_again(small, any_load):
     small.write_text("{not json")
     with pytest.warns(UserWarning, match="unreadable calibration cache, ignored"):
         assert dispatch.calibrate()["source"] == "measured now"
@@ -88,6 +100,7 @@ def test_calibrate_0_keeps_the_defaults(small, monkeypatch):
 SCRIPT = """
 import hybrid_engine.ops.dispatch as d
 d.K, d.WEIGHTS = 128, 2
+d.FAR_BELOW = d.MIN_CPU_SHARE = 0.0  # never judged under load (the machine may be busy)
 print(d.calibrate()["source"])
 """
 
@@ -129,3 +142,111 @@ def test_each_thread_count_keeps_a_cache_of_its_own(monkeypatch):
     assert all(p.parent == _build.build_directory() for p in paths)
     monkeypatch.setenv("HYBRID_ENGINE_CALIBRATION_FILE", "/some/where.json")
     assert str(dispatch.cache_path()) == "/some/where.json"
+
+
+# -- robust calibration: interleaved races, best of the rounds, no final cache under load -----------------------
+
+
+def test_races_interleave_the_sides_and_keep_the_best_of_each(monkeypatch):
+    """A recording fake timer: one warm-up each, then A B A B ...; the fastest timed run of each side is kept."""
+    now, order = [0.0], []
+    runs = {"A": [9.0, 5.0, 3.0, 4.0, 6.0, 8.0], "B": [0.5, 2.0, 7.0, 1.0, 9.0, 2.5]}  # warm-up first
+
+    def side(name):
+        def run():
+            order.append(name)
+            now[0] += runs[name].pop(0)
+        return run
+
+    monkeypatch.setattr(dispatch, "clock", lambda: now[0])
+    assert dispatch._interleaved_best([side("A"), side("B")], rounds=5) == [3.0, 1.0]  # B's faster warm-up not kept
+    assert order == ["A", "B"] * 6
+
+
+def test_each_race_and_the_roofline_go_through_the_interleaved_timer(monkeypatch, small):
+    calls = []
+
+    def fake(fns, rounds=5):
+        calls.append(len(fns))
+        for fn in fns:
+            fn()
+        return [2.0, 1.0]
+
+    monkeypatch.setattr(dispatch, "_interleaved_best", fake)
+    weights = [torch.randn(dispatch.K, dispatch.K) for _ in range(2)]
+    assert dispatch._race(weights, 3, widen=False) == (2.0, 1.0)
+    assert dispatch._race([w.bfloat16() for w in weights], 3, widen=True) == (2.0, 1.0)
+    assert dispatch._race_prefill() == (2.0, 1.0)
+    rates = dispatch.roofline()
+    assert rates["read_GBps"] == round(2**28 / 2.0 / 1e9, 1) and rates["matmul_GFLOPps"] == round(2 * 2**30 / 1e9, 1)
+    assert calls == [2, 2, 2, 2]
+
+
+def _fake_measurements(monkeypatch, *runs):
+    """dispatch.measure() returns these (read GB/s, matmul GFLOP/s, CPU share) in turn, each with routes of its own
+    (fp32_kernel_max_rows = 100 + its index); a measurement past the last fails the test."""
+    pending = list(enumerate(runs))
+
+    def measure():
+        assert pending, "measured when the cache should have been read"
+        i, (read, matmul, share) = pending.pop(0)
+        return {"format": dispatch.FORMAT, "key": dispatch.machine_key(), "amx": False, "cpu_share": share,
+                "routes": asdict(replace(dispatch.DEFAULT, fp32_kernel_max_rows=100 + i)),
+                "roofline": {"read_GBps": read, "matmul_GFLOPps": matmul}, "timings_ms": {}}
+
+    monkeypatch.setattr(dispatch, "measure", measure)
+    return pending
+
+
+def test_a_calibration_under_load_is_used_but_measured_again_next_run(small, monkeypatch):
+    pending = _fake_measurements(monkeypatch, (28.0, 165.0, 0.2), (28.0, 53.8, 0.9), (27.0, 160.0, 0.9))
+    with pytest.warns(UserWarning, match=r"under load \(it got 20% of \d+ threads' CPU time\)"):
+        first = dispatch.calibrate()  # a fresh machine: no best yet, the CPU share tells
+    assert dispatch.current().fp32_kernel_max_rows == 100  # used by this process
+    assert json.loads(small.read_text())["provisional"] is True
+    with pytest.warns(UserWarning, match=r"under load \(matmul 53.8 GFLOP/s vs best 165.0\)"):
+        second = dispatch.calibrate()  # measured again: the roofline is far below the best kept
+    assert first["source"].startswith("calibration taken under load") and "measured again next run" in second["source"]
+    cached = json.loads(small.read_text())
+    assert cached["provisional"] is True and cached["best_roofline"] == {"read_GBps": 28.0, "matmul_GFLOPps": 165.0}
+    assert dispatch.calibrate()["source"] == "measured now"  # 27 of 28 GB/s: quiet, cached as final
+    assert dispatch.calibrate()["source"].startswith("cached") and not pending
+    assert dispatch.current().fp32_kernel_max_rows == 102
+    assert json.loads(small.read_text())["provisional"] is False
+
+
+def test_a_forced_calibration_is_cached_under_load(small, monkeypatch):
+    _fake_measurements(monkeypatch, (28.0, 165.0, 0.9), (16.9, 53.8, 0.9))
+    assert dispatch.calibrate()["source"] == "measured now"
+    forced = dispatch.calibrate(force=True)
+    assert forced["source"] == "measured now under load (matmul 53.8 GFLOP/s vs best 165.0), cached as forced"
+    assert dispatch.calibrate()["source"].startswith("cached")
+    cached = json.loads(small.read_text())
+    assert cached["provisional"] is False and cached["routes"]["fp32_kernel_max_rows"] == 101
+    assert cached["roofline"]["read_GBps"] == 16.9 and cached["best_roofline"]["read_GBps"] == 28.0
+
+
+def test_the_load_rule():
+    best = {"read_GBps": 28.0, "matmul_GFLOPps": 165.0}
+
+    def run(read, matmul, share):
+        return {"roofline": {"read_GBps": read, "matmul_GFLOPps": matmul}, "cpu_share": share}
+
+    assert dispatch.under_load(run(14.0, 82.5, 0.5), best) is None  # half the best and half the CPU: still fine
+    assert dispatch.under_load(run(13.9, 165.0, 1.0), best) == "read 13.9 GB/s vs best 28.0"
+    assert dispatch.under_load(run(28.0, 53.8, 1.0), best) == "matmul 53.8 GFLOP/s vs best 165.0"
+    assert dispatch.under_load(run(1.0, 1.0, 0.9), None) is None  # no best known: only the CPU share can tell
+    assert dispatch.under_load(run(28.0, 165.0, 0.49), best).startswith("it got 49% of")
+
+
+def test_env_says_a_calibration_was_taken_under_load(small, monkeypatch):
+    _fake_measurements(monkeypatch, (28.0, 165.0, 0.9), (16.9, 53.8, 0.9), (16.9, 53.8, 0.9))
+    dispatch.calibrate()
+    small.write_text(small.read_text().replace('"provisional": false', '"provisional": true'))  # re-measured
+    with pytest.warns(UserWarning, match="under load"):
+        rows = dict(calibration_rows(force=False))
+    assert rows["calibration"] == ("calibration taken under load (matmul 53.8 GFLOP/s vs best 165.0): used by this "
+                                   "process only, measured again next run")
+    assert rows["best on this machine"] == "read 28.0 GB/s, fp32 matmul 165.0 GFLOP/s"
+    assert rows["CPU share while measuring"].startswith("90% of")
+    assert dict(calibration_rows(force=True))["calibration"].endswith("cached as forced")

@@ -17,7 +17,8 @@ def add_env_command(subparsers) -> None:
     env = subparsers.add_parser("env", help="report the build environment, whether the C++ ops load, the measured "
                                 "roofline and the dispatch choices made on this machine")
     env.add_argument("--calibrate", action="store_true", help="measure the dispatch choices again (a few seconds) "
-                     "instead of reading them from the cache beside the build")
+                     "instead of reading them from the cache beside the build, and cache them even if the machine "
+                     "looks busy")
     env.set_defaults(func=cmd_env)
 
 
@@ -70,9 +71,12 @@ def calibration_rows(force: bool) -> list[tuple[str, str]]:
     r = data["routes"]
     never = dispatch.NEVER
     rows = [("calibration", data["source"])]
-    if "roofline" in data:
-        rows.append(("measured roofline", f"read {data['roofline']['read_GBps']} GB/s, fp32 matmul "
-                                          f"{data['roofline']['matmul_GFLOPps']} GFLOP/s"))
+    for label, key in (("measured roofline", "roofline"), ("best on this machine", "best_roofline")):
+        if key in data:
+            rates = data[key]
+            rows.append((label, f"read {rates['read_GBps']} GB/s, fp32 matmul {rates['matmul_GFLOPps']} GFLOP/s"))
+    if "cpu_share" in data:
+        rows.append(("CPU share while measuring", f"{data['cpu_share']:.0%} of {data['key']['threads']} threads"))
     lowp = "never" if r["lowp_kernel_max_rows"] >= never else f"M > {r['lowp_kernel_max_rows']}"
     amx = "not measured" if "amx" not in data else "no AMX on this CPU" if not data["amx"] else (
         "never" if r["amx_min_rows"] >= never else f"M >= {r['amx_min_rows']}")

@@ -12,13 +12,19 @@ thread count (`calibration-2threads.json`), keyed on the CPU model, its flags, t
 the build. Later processes read the cache; a
 cache for another machine or a damaged one is ignored with a warning and measured again.
 
+Load on the machine skews the races, and a cached calibration stands for every later run, so each race times its
+sides in turn (A B A B ..., five rounds after a warm-up) and keeps the best run of each, and a calibration judged
+taken under load (under_load: its process got under half the CPU time its threads could use, or a roofline rate
+is under half the best measured on this machine, which the cache keeps) is used by the process that measured it
+but cached only as provisional: the next process measures again. A forced calibration is cached as final.
+
 Choices without a route, because one side won on every machine measured: fp32 prefill attention (our tiles,
 2.2x torch's SDPA on Sapphire Rapids, which computes every padded and future position), decode attention
 (ours, 1.4-67x the eager reference), and the instruction set, which is the build's (torch's CPU capability:
 AVX-512 or AVX2), not a per-call choice.
 
 HYBRID_ENGINE_CALIBRATE=0 skips the measurement and keeps the built-in defaults; HYBRID_ENGINE_CALIBRATION_FILE
-moves the cache. `hybrid-engine env` prints the choices, `hybrid-engine env --calibrate` measures again.
+moves the cache. `hybrid-engine env` prints the choices, `hybrid-engine env --calibrate` measures again (forced).
 Every route computes with fp32 products and sums: the choice changes speed, never the op's tolerance (tested).
 """
 
@@ -87,14 +93,21 @@ def machine_key() -> dict:
 # -- measuring ------------------------------------------------------------------------------------------------
 
 
-def _best_s(fn: Callable[[], object], repeats: int = 5) -> float:
-    """The fastest of `repeats` timed runs after a warm-up (the least disturbed by other work on the machine)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+clock = time.perf_counter  # every race's timer (a test records the order of the runs through it)
+
+
+def _interleaved_best(fns: list[Callable[[], object]], rounds: int = 5) -> list[float]:
+    """The fastest of `rounds` timed runs of each of `fns`, after a warm-up of each, taken in turn (A B A B ...):
+    a burst of other work on the machine slows one run of each side, not every run of one side, and the best
+    run of each is the least disturbed."""
+    for fn in fns:
         fn()
-        best = min(best, time.perf_counter() - t0)
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = clock()
+            fn()
+            best[i] = min(best[i], clock() - t0)
     return best
 
 
@@ -107,20 +120,24 @@ def _force(routes: Routes) -> None:
 KERNEL_ONLY = Routes(0, NEVER, NEVER, amx_min_rows=NEVER)  # the FMA kernel at every M
 
 
-def _linear_pass(weights: list[torch.Tensor], x: torch.Tensor) -> Callable[[], object]:
-    return lambda: [kernels().decode_linear(x, w, None) for w in weights]
+def _linear_pass(weights: list[torch.Tensor], x: torch.Tensor, routes: Routes | None) -> Callable[[], object]:
+    """One pass of `x` over every weight, on `routes` (set in the pass, where a race interleaves two routes) or on
+    the routes in force (None)."""
+    if routes is None:
+        return lambda: [kernels().decode_linear(x, w, None) for w in weights]
+    return lambda: (_force(routes), [kernels().decode_linear(x, w, None) for w in weights])
 
 
 def _race(weights: list[torch.Tensor], rows: int, widen: bool) -> tuple[float, float]:
     """(kernel s, torch s) for one pass of `rows` activation rows over every weight."""
     x = torch.randn(rows, K)
-    _force(KERNEL_ONLY)
-    ours = _best_s(_linear_pass(weights, x))
-    if widen:
-        theirs = _best_s(lambda: [torch.mm(x, w.to(torch.float32).t()) for w in weights])
-    else:
-        theirs = _best_s(lambda: [torch.mm(x, w.t()) for w in weights])
-    return ours, theirs
+
+    def theirs() -> list[torch.Tensor]:
+        return [torch.mm(x, (w.to(torch.float32) if widen else w).t()) for w in weights]
+
+    _force(KERNEL_ONLY)  # torch's side takes no route: none is set in the timed runs
+    ours, torch_s = _interleaved_best([_linear_pass(weights, x, None), theirs])
+    return ours, torch_s
 
 
 def _torch_prefix(rows: tuple[int, ...], times: dict[int, tuple[float, float]]) -> int:
@@ -142,10 +159,9 @@ def _kernel_max(rows: tuple[int, ...], times: dict[int, tuple[float, float]], fl
 def _race_amx(weights: list[torch.Tensor], rows: int) -> tuple[float, float]:
     """(FMA kernel s, AMX kernel s) for one pass of `rows` activation rows over every bf16 weight."""
     x = torch.randn(rows, K)
-    _force(KERNEL_ONLY)
-    fma = _best_s(_linear_pass(weights, x))
-    _force(replace(KERNEL_ONLY, amx_min_rows=1))
-    return fma, _best_s(_linear_pass(weights, x))
+    fma, amx = _interleaved_best([_linear_pass(weights, x, KERNEL_ONLY),
+                                  _linear_pass(weights, x, replace(KERNEL_ONLY, amx_min_rows=1))])
+    return fma, amx
 
 
 def _race_prefill() -> tuple[float, float]:
@@ -154,11 +170,13 @@ def _race_prefill() -> tuple[float, float]:
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(p["B"], h, p["T"], p["D"], generator=gen).bfloat16() for h in (p["Hq"], p["Hkv"], p["Hkv"]))
     lens = torch.full((p["B"],), p["T"])
-    times = []
-    for route in (0, 1):
-        _force(replace(DEFAULT, prefill_sdpa_bf16=route))
-        times.append(_best_s(lambda: kernels().prefill_attention(q, k, v, lens, 0.125)))
-    return times[0], times[1]
+
+    def on(route: int) -> Callable[[], object]:
+        return lambda: (_force(replace(DEFAULT, prefill_sdpa_bf16=route)),
+                        kernels().prefill_attention(q, k, v, lens, 0.125))
+
+    tiles, sdpa = _interleaved_best([on(0), on(1)])
+    return tiles, sdpa
 
 
 def _amx_min(rows: tuple[int, ...], times: dict[int, tuple[float, float]]) -> int:
@@ -174,14 +192,14 @@ def _amx_min(rows: tuple[int, ...], times: dict[int, tuple[float, float]]) -> in
 def roofline() -> dict:
     """The machine's read bandwidth (a sum() over 256 MiB) and fp32 matmul rate (1024^3), measured now."""
     big = torch.ones(64 * 1024 * 1024)
-    read_s = _best_s(big.sum, repeats=5)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    mm_s = _best_s(lambda: a @ b, repeats=5)
+    read_s, mm_s = _interleaved_best([big.sum, lambda: a @ b])
     return {"read_GBps": round(big.numel() * 4 / read_s / 1e9, 1), "matmul_GFLOPps": round(2 * 1024**3 / mm_s / 1e9, 1)}
 
 
 def measure() -> dict:
     """Times both sides of every hand-over and returns the calibration (routes, timings, roofline)."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     gen = torch.Generator().manual_seed(0)
     fp32 = [torch.randn(K, K, generator=gen) for _ in range(WEIGHTS)]
     timings = {f"fp32 M={m}": _race(fp32, m, False) for m in FEW_ROWS + MANY_ROWS}
@@ -201,9 +219,45 @@ def measure() -> dict:
     routes = Routes(fp32_torch_max_rows=few, fp32_kernel_max_rows=max(many, few),
                     lowp_kernel_max_rows=NEVER if lowp_max == LOWP_ROWS[-1] else lowp_max, amx_min_rows=amx,
                     prefill_sdpa_bf16=int(sdpa_s < tiles_s))
-    return {"format": FORMAT, "key": machine_key(), "routes": asdict(routes), "roofline": roofline(), "amx": has_amx,
-            "timings_ms": {k: [round(1e3 * t, 3) for t in v] for k, v in timings.items()},
+    rates = roofline()
+    share = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
+    return {"format": FORMAT, "key": machine_key(), "routes": asdict(routes), "roofline": rates, "amx": has_amx,
+            "cpu_share": round(share, 2), "timings_ms": {k: [round(1e3 * t, 3) for t in v] for k, v in timings.items()},
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+# -- under load? ------------------------------------------------------------------------------------------------
+
+FAR_BELOW = 0.5
+"""A roofline rate under this fraction of the best measured on the machine marks a calibration taken under load."""
+MIN_CPU_SHARE = 0.5
+"""A calibration whose process got less CPU time than this fraction of (wall time x threads) ran beside other work."""
+RATES = (("read_GBps", "read", "GB/s"), ("matmul_GFLOPps", "matmul", "GFLOP/s"))
+
+
+def kept_best(previous: dict | None) -> dict | None:
+    """The best roofline measured on this machine so far, as kept by `previous` (a cached calibration), or None."""
+    if previous is None:
+        return None
+    return previous.get("best_roofline", previous.get("roofline"))
+
+
+def best_roofline(previous: dict | None, now: dict) -> dict:
+    """The best of each roofline rate measured on this machine: `now` and the best `previous` kept."""
+    kept = kept_best(previous) or {}
+    return {name: max(now[name], kept.get(name, 0.0)) for name, _, _ in RATES}
+
+
+def under_load(data: dict, best: dict | None) -> str | None:
+    """Why the measurement `data` looks taken while other work ran on the machine, or None: its process got under
+    MIN_CPU_SHARE of the CPU its threads could use, or a roofline rate is under FAR_BELOW of the machine's best."""
+    share = data.get("cpu_share", 1.0)
+    if share < MIN_CPU_SHARE:
+        return f"it got {share:.0%} of {torch.get_num_threads()} threads' CPU time"
+    for name, label, unit in RATES:
+        if best and data["roofline"][name] < FAR_BELOW * best[name]:
+            return f"{label} {data['roofline'][name]} {unit} vs best {best[name]}"
+    return None
 
 
 # -- the cache --------------------------------------------------------------------------------------------------
@@ -233,21 +287,37 @@ def _write_cache(path: Path, data: dict) -> None:
     os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
 
 
+def _measured(path: Path, previous: dict | None, force: bool) -> dict:
+    """Measures, judges whether under load against `previous` (the cache found, or None) and caches: under load
+    and not `force`, marked provisional (measured again by the next process, the best roofline kept)."""
+    data = measure()
+    why = under_load(data, kept_best(previous))
+    data["best_roofline"] = best_roofline(previous, data["roofline"])
+    data["provisional"] = bool(why) and not force
+    _write_cache(path, data)
+    if why is None:
+        return {**data, "source": "measured now"}
+    if force:
+        return {**data, "source": f"measured now under load ({why}), cached as forced"}
+    note = f"calibration taken under load ({why}): used by this process only, measured again next run"
+    warnings.warn(f"{note}; `hybrid-engine env --calibrate` caches one anyway", stacklevel=3)
+    return {**data, "source": note}
+
+
 def calibrate(force: bool = False) -> dict:
-    """This process's calibration: the cache's when it fits this machine (unless `force`), else measured and
-    cached; the routes are set. With HYBRID_ENGINE_CALIBRATE=0, the defaults, unmeasured."""
+    """This process's calibration: the cache's when it fits this machine and was not taken under load (unless
+    `force`), else measured and cached (provisional when taken under load, see under_load; cached as final when
+    `force`); the routes are set. With HYBRID_ENGINE_CALIBRATE=0, the defaults, unmeasured."""
     load()
     if os.environ.get("HYBRID_ENGINE_CALIBRATE", "1") == "0" and not force:
         data = {"format": FORMAT, "key": machine_key(), "routes": asdict(DEFAULT), "source": "defaults"}
     else:
         path = cache_path()
-        data = None if force else _read_cache(path)
-        if data is None:
-            data = measure()
-            _write_cache(path, data)
-            data = {**data, "source": "measured now"}
+        cached = _read_cache(path)
+        if cached is None or cached.get("provisional") or force:
+            data = _measured(path, cached, force)
         else:
-            data = {**data, "source": f"cached ({path})"}
+            data = {**cached, "source": f"cached ({path})"}
     _force(Routes(**data["routes"]))
     _state["calibration"] = data
     return data
