@@ -28,6 +28,7 @@ from hybrid_engine.engine.logprobs import head_as_token_logprobs, positions
 from hybrid_engine.engine.lora import base_model
 from hybrid_engine.engine.training import adamw
 from hybrid_engine.rlhf import checkpoint, fingerprints
+from hybrid_engine.rlhf.accumulate import micro_batches
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.loop import Trainer, train_loop
@@ -117,6 +118,11 @@ def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     return -logprobs.sum(), (targets != IGNORE_INDEX).sum()
 
 
+def response_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many response tokens a collate_sft batch scores (sft_loss's token mean is over them)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The token-mean NLL of a collate_sft batch's response tokens (DeepSpeed-Chat's step-1 loss)."""
     nll, count = response_nll(model, batch)
@@ -147,7 +153,8 @@ def _engine(model, config: SFTConfig, ds_config, lora) -> HybridEngine:
                              "when building it, not to train_sft")
         prepare_training(model.module, config)
         return model
-    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm, config.lr)
+    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm, config.lr,
+                                   config.gradient_accumulation_steps)
     has_ds_optimizer = ds_config is not None and "optimizer" in ds_config
     optimizer = functools.partial(adamw, lr=config.lr, weight_decay=config.weight_decay)
     engine = HybridEngine(model, ds_config=ds_config, lora=lora, optimizer=None if has_ds_optimizer else optimizer,
@@ -188,9 +195,12 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
 
     def train_step(rows: list[int], step: int) -> float:
         nonlocal tokens
-        batch = collate_sft([train[i] for i in rows], pad_id)
-        tokens += int(batch["attention_mask"].sum())
-        return finite_step(engine, engine.module, sft_loss(engine, batch), config, "sft", step + 1)
+        batches = [collate_sft([train[i] for i in part], pad_id)
+                   for part in micro_batches(rows, config.gradient_accumulation_steps)]
+        tokens += sum(int(batch["attention_mask"].sum()) for batch in batches)
+        losses = [functools.partial(sft_loss, engine, batch) for batch in batches]
+        return finite_step(engine, engine.module, losses, [response_tokens(b) for b in batches], config, "sft",
+                           step + 1)
 
     checkpoint.check_supported(config, engine.zero_stage, resume)
     run = None if not (config.checkpoint_every or resume) else {  # what a resume must match
