@@ -80,9 +80,8 @@ def test_without_deepspeed_the_command_runs_as_under_torchrun(tmp_path, changes,
 
 
 @pytest.mark.parametrize("changes, error", [
-    ({"deepspeed_config": deepspeed(gradient_accumulation_steps=4)},
-     "accelerate launch's gradient_accumulation_steps '4': there is no gradient accumulation yet; set it to 1 and "
-     "raise the batch size"),
+    ({"deepspeed_config": deepspeed(gradient_accumulation_steps=0)},
+     "accelerate launch's gradient_accumulation_steps must be a positive integer or auto, got '0'"),
     ({"deepspeed_config": deepspeed(offload_optimizer_device="nvme")},
      "accelerate launch's offload_optimizer_device nvme is not supported (accelerate launch does not pass its nvme "
      "path): use cpu, or a deepspeed_config_file with the offload section and its nvme_path"),
@@ -157,3 +156,9 @@ def test_the_commands_train_under_accelerates_settings_and_say_so(tmp_path, monk
     assert args.ds_config == str(tmp_path / "z3.json")
     assert capsys.readouterr().err.startswith(f"note: ds_config of {tmp_path / 'run.yaml'} {tmp_path / 'z3.json'} "
                                               "wins over the DeepSpeed settings of accelerate launch (zero_stage=2,")
+
+
+def test_accelerates_gradient_accumulation_is_the_deepspeed_configs(tmp_path):
+    config, line = accelerate_ds_config(env_of(tmp_path, deepspeed_config=deepspeed(gradient_accumulation_steps=4)))
+    assert config == {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}
+    assert line == "ZeRO-2, gradient accumulation 4, no offload, mixed precision no"

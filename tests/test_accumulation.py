@@ -5,13 +5,17 @@ and bad settings."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from demo_models import demo_llama, demo_rows, tokenizer
 from test_ppo import config as ppo_config
 from test_ppo import demo_actor
 from test_ppo import run as run_ppo
+from test_trl_names import config_file, parsed
 
+from hybrid_engine.commands.common import step_config
 from hybrid_engine.engine.training import PlainTrainer
 from hybrid_engine.rlhf import RewardConfig, SFTConfig, reward, sft, train_reward, train_sft
 from hybrid_engine.rlhf.accumulate import accumulated_step, micro_batches
@@ -169,3 +173,21 @@ def test_deepspeed_gets_the_micro_batch_and_the_accumulation():
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 4
     with pytest.raises(ValueError, match="gradient_accumulation_steps.*is 1 but the config says 4"):
         training_ds_config({"gradient_accumulation_steps": 1}, 8, 1.0, accumulation=4)
+
+
+def test_the_commands_take_the_accumulation_of_the_deepspeed_config_unless_given(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 2}))
+    taken = step_config(parsed("sft", "--ds-config", str(ds), "--batch-size", "8"), SFTConfig, "sft")
+    assert taken.gradient_accumulation_steps == 2
+    given = step_config(parsed("sft", "--ds-config", str(ds), "--gradient-accumulation-steps", "4"), SFTConfig, "sft")
+    assert given.gradient_accumulation_steps == 4
+    with pytest.raises(ValueError, match=r"ds_config\['gradient_accumulation_steps'\] is 2 but the config says 4"):
+        training_ds_config(str(ds), given.batch_size, given.max_grad_norm, accumulation=4)
+
+
+def test_a_trl_yaml_with_accumulation_counts_trls_micro_batches(tmp_path):
+    path = config_file(tmp_path, {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                                  "num_generations": 2, "ppo": {"algo": "grpo"}})
+    config = step_config(parsed("ppo", "--config", path), PPOConfig, "ppo")
+    assert (config.train_batch_size, config.gradient_accumulation_steps) == (8, 2)

@@ -29,6 +29,7 @@ import yaml
 from hybrid_engine._build import cpu_id, cpu_model
 from hybrid_engine.commands import common, run_keys, trackers
 from hybrid_engine.commands.config_args import ConfigValues, build_config, file_settings, load_config_file
+from hybrid_engine.commands.ds_accumulation import accumulation_from_ds_config
 from hybrid_engine.commands.ds_lr import given_lrs, lr_from_ds_config
 from hybrid_engine.commands.metrics import MetricsLog, log_losses, plot_curves, read_metrics
 from hybrid_engine.commands.ppo import generation_note, logprob_note, ppo_summary, resume_step, reward_functions
@@ -122,7 +123,8 @@ def check_overrides(overrides: list[str]) -> None:
 
 def step_configs(args: argparse.Namespace) -> dict:
     """{step: its config dataclass} from the config file (or the built-in default) and --set; the learning rates
-    neither gives from --ds-config's optimizer (ds_lr.lr_from_ds_config). The file's run settings (model, data,
+    neither gives from --ds-config's optimizer (ds_lr.lr_from_ds_config), and its gradient_accumulation_steps
+    (ds_accumulation.py). The file's run settings (model, data,
     reward_fn, ...: run_keys.py) are set on `args` where their flags were not given, and args.ds_config, when
     neither gives one, to accelerate launch's DeepSpeed settings (common.apply_launcher_ds_config)."""
     path = args.config or DEFAULT_CONFIG
@@ -136,9 +138,9 @@ def step_configs(args: argparse.Namespace) -> dict:
     for step, cls in STEP_CLASSES.items():
         config = build_config(cls, None, values, section=step, skip=("output_dir",), also=run_keys.TRAIN)
         config = dataclasses.replace(config, output_dir=os.path.join(args.output, step))
-        given = given_lrs(file_settings(cls, values, step, str(path), skip=("output_dir",), also=run_keys.TRAIN),
-                          f"from {path}")
-        out[step] = lr_from_ds_config(config, given, args.ds_config, step)
+        in_file = file_settings(cls, values, step, str(path), skip=("output_dir",), also=run_keys.TRAIN)
+        config = accumulation_from_ds_config(config, in_file, args.ds_config)
+        out[step] = lr_from_ds_config(config, given_lrs(in_file, f"from {path}"), args.ds_config, step)
     return out
 
 
