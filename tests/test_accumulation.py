@@ -123,7 +123,7 @@ def test_sft_with_accumulation_equals_the_large_batch(sft_rows, plain_sgd):
 
 
 def test_reward_with_accumulation_equals_the_large_batch(cache, plain_sgd):
-    pairs = demo_rows("reward", 32, 8, cache)
+    pairs = demo_rows("reward", 24, 4, cache)
 
     def run(accumulation: int) -> RewardModel:
         config = RewardConfig(max_steps=3, batch_size=8, lr=1.0, gradient_accumulation_steps=accumulation)
@@ -139,7 +139,7 @@ def test_reward_with_accumulation_equals_the_large_batch(cache, plain_sgd):
 def test_ppo_and_grpo_with_accumulation_equal_the_large_batch(cache, algo, plain_sgd):
     """Two rollouts of 8 sequences (4 prompts; GRPO 2 samples each), one minibatch of 8 a rollout, in 1 or 4
     micro-batches: the same losses, figures and weights (actor and critic)."""
-    data, rm = demo_rows("ppo", 16, 6, cache), RewardModel.from_model(demo_llama(seed=1)).eval()
+    data, rm = demo_rows("ppo", 16, 2, cache), RewardModel.from_model(demo_llama(seed=1)).eval()
 
     def run(accumulation: int):
         cfg = ppo_config(algo, max_steps=2, train_batch_size=8, num_generations=2, lr=1.0, critic_lr=1.0,
