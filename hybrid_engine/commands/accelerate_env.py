@@ -4,8 +4,8 @@ accelerate sets for its processes, never by building an Accelerator.
 With `distributed_type: DEEPSPEED`, accelerate launch starts the processes through torchrun and passes its config's
 `deepspeed_config` block as ACCELERATE_* variables (accelerate/utils/launch.py, prepare_deepspeed_cmd_env). Here
 they become the DeepSpeed config dict the library takes, as accelerate's DeepSpeedPlugin builds it: zero_stage
-(default 2), offload_optimizer_device and offload_param_device (none or cpu), gradient_accumulation_steps (1; the
-steps' gradient_accumulation_steps unless given to them),
+(default 2), offload_optimizer_device and offload_param_device (none or cpu), gradient_accumulation_steps (1: the
+steps' own; another: theirs unless given to them),
 gradient_clipping, zero3_save_16bit_model and mixed_precision (no, bf16, fp16); or, with deepspeed_config_file, that
 file as it is. A setting the commands cannot honour is refused by name, never dropped. Under accelerate's other
 distributed types the command runs as under torchrun, without DeepSpeed.
@@ -134,8 +134,8 @@ def built_config(settings: Mapping[str, str]) -> tuple[dict, str]:
     accumulation = _accumulation(settings.get("gradient_accumulation_steps", "1"))
     zero: dict = {"stage": stage}
     config: dict = {"zero_optimization": zero}
-    if accumulation is not None:  # the steps take it (commands/ds_accumulation.py)
-        config["gradient_accumulation_steps"] = accumulation
+    if accumulation not in (None, 1):  # the steps take it unless given (commands/ds_accumulation.py); 1, the value
+        config["gradient_accumulation_steps"] = accumulation  # accelerate config writes, leaves the steps theirs
     offloaded = []
     if _offload("offload_optimizer_device", settings.get("offload_optimizer_device", "none"), stage, (1, 2, 3)):
         zero["offload_optimizer"] = {"device": "cpu"}

@@ -171,13 +171,14 @@ def _save(engine: HybridEngine, tokenizer, directory) -> None:
 
 def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None, ds_config=None, lora=None,
               progress: bool = True, resume: bool | str = False) -> SFTResult:
-    """Fine-tune `model` (an HF causal LM, a directory, or a HybridEngine) on data.train's (prompt, response)
-    rows, evaluating the held-out perplexity on data.eval before, every config.eval_every steps and after.
+    """Fine-tune `model` (an HF causal LM, a directory, or a HybridEngine) on data.train's (prompt, response) rows,
+    evaluating the held-out perplexity on data.eval before, every config.eval_every steps and after.
 
     ds_config: a DeepSpeed config (dict or JSON path) to train under (its micro batch and clipping come from
-    `config`); None: torch AdamW (fused) in one process. lora: a peft.LoraConfig. The model trains in place
-    (with LoRA, peft injects its layers into it); a HybridEngine keeps its own optimizer, whose learning rate
-    config.lr and the schedule then drive. Every rank must call this under DeepSpeed; rank 0 shows the
+    `config`); None: torch AdamW (fused) in one process. lora: a peft.LoraConfig. The model trains in place (with
+    LoRA, peft injects its layers into it); a HybridEngine keeps its own optimizer, whose learning rate config.lr
+    and the schedule then drive (under DeepSpeed, build it with a ds_config whose gradient_accumulation_steps and
+    micro batch are config's: training_ds_config). Every rank must call this under DeepSpeed; rank 0 shows the
     progress bar and writes config.output_dir. With config.checkpoint_every, checkpoints go to
     output_dir/checkpoints; resume (True: the newest there, or a folder) continues one, to the bit."""
     config = config or SFTConfig()
