@@ -16,6 +16,8 @@ from test_ppo import run as run_ppo
 from test_trl_names import config_file, parsed
 
 from hybrid_engine.commands.common import step_config
+from hybrid_engine.commands.main import build_parser
+from hybrid_engine.commands.train import step_configs
 from hybrid_engine.engine.training import PlainTrainer
 from hybrid_engine.rlhf import RewardConfig, SFTConfig, reward, sft, train_reward, train_sft
 from hybrid_engine.rlhf.accumulate import accumulated_step, micro_batches
@@ -191,3 +193,10 @@ def test_a_trl_yaml_with_accumulation_counts_trls_micro_batches(tmp_path):
                                   "num_generations": 2, "ppo": {"algo": "grpo"}})
     config = step_config(parsed("ppo", "--config", path), PPOConfig, "ppo")
     assert (config.train_batch_size, config.gradient_accumulation_steps) == (8, 2)
+
+
+def test_train_passes_the_accumulation_to_every_step_unless_a_step_sets_its_own():
+    args = build_parser().parse_args(["train", "--gradient-accumulation-steps", "2",
+                                      "--set", "reward.gradient_accumulation_steps=4"])
+    configs = step_configs(args)
+    assert {step: c.gradient_accumulation_steps for step, c in configs.items()} == {"sft": 2, "reward": 4, "ppo": 2}

@@ -79,6 +79,9 @@ def add_train_command(subparsers) -> None:
                    "(default on the demo data: its rule_score); given once")
     p.add_argument("--ds-config", metavar="FILE", help="a DeepSpeed JSON config every step trains under (run with "
                    "torchrun or deepspeed)")
+    p.add_argument("--gradient-accumulation-steps", type=int, metavar="N", help="micro-batches per optimizer step "
+                   "of every step (docs/rlhf.md#gradient-accumulation); a step's gradient_accumulation_steps in "
+                   "--config or --set wins")
     p.add_argument("--output", metavar="DIR", default="out/train", help="where the steps write (default: out/train); "
                    "a folder that holds an earlier run is refused unless --resume or --overwrite")
     p.add_argument("--overwrite", action="store_true", help="clear --output first when it holds an earlier run, and "
@@ -139,9 +142,19 @@ def step_configs(args: argparse.Namespace) -> dict:
         config = build_config(cls, None, values, section=step, skip=("output_dir",), also=run_keys.TRAIN)
         config = dataclasses.replace(config, output_dir=os.path.join(args.output, step))
         in_file = file_settings(cls, values, step, str(path), skip=("output_dir",), also=run_keys.TRAIN)
-        config = accumulation_from_ds_config(config, in_file, args.ds_config)
+        config = _accumulation(config, in_file, args)
         out[step] = lr_from_ds_config(config, given_lrs(in_file, f"from {path}"), args.ds_config, step)
     return out
+
+
+def _accumulation(config, in_file: dict, args: argparse.Namespace):
+    """A step's gradient_accumulation_steps: the config file's (or --set's), else --gradient-accumulation-steps,
+    else the DeepSpeed config's (ds_accumulation.py), else the default."""
+    flag = args.gradient_accumulation_steps
+    if flag is not None and "gradient_accumulation_steps" not in in_file:
+        config = dataclasses.replace(config, gradient_accumulation_steps=flag)
+        in_file = {**in_file, "gradient_accumulation_steps": flag}
+    return accumulation_from_ds_config(config, in_file, args.ds_config)
 
 
 def uses_demo(args: argparse.Namespace) -> bool:
