@@ -113,7 +113,7 @@ def test_sft_micro_batches_hold_different_token_counts(sft_rows):
 
 def test_sft_with_accumulation_equals_the_large_batch(sft_rows, plain_sgd):
     def run(accumulation: int):
-        config = SFTConfig(max_steps=3, batch_size=8, lr=1.0, gradient_accumulation_steps=accumulation)
+        config = SFTConfig(max_steps=2, batch_size=8, lr=1.0, gradient_accumulation_steps=accumulation)
         return train_sft(demo_llama(), tokenizer(), sft_rows, config, progress=False)
 
     big, small = run(1), run(4)
@@ -128,11 +128,11 @@ def test_reward_with_accumulation_equals_the_large_batch(cache, plain_sgd):
     pairs = demo_rows("reward", 24, 4, cache)
 
     def run(accumulation: int) -> RewardModel:
-        config = RewardConfig(max_steps=3, batch_size=8, lr=1.0, gradient_accumulation_steps=accumulation)
+        config = RewardConfig(max_steps=2, batch_size=8, lr=1.0, gradient_accumulation_steps=accumulation)
         return train_reward(demo_llama(), tokenizer(), pairs, config, progress=False)
 
     big, small = run(1), run(2)
-    assert len(set(big.losses)) == 3  # it trained
+    assert len(set(big.losses)) == 2  # it trained
     assert small.losses == pytest.approx(big.losses, rel=RTOL)
     assert_same_weights(big.model, small.model)
 
