@@ -2,7 +2,8 @@
 then reload what rank 0 saved. Each rank writes what it measured to OUT/<mode>-rank<r>.json.
 
     python -m torch.distributed.run --nproc_per_node 2 ppo_worker.py OUT ranks   # ppo ZeRO-2, ppo and grpo ZeRO-3,
-                                                                                  # grpo ZeRO-3 generating with TP 2
+                                                    # grpo ZeRO-3 generating with TP 2, ppo ZeRO-2 with SGD and
+                                                    # gradient accumulation 1 and 2
     python -m torch.distributed.run --nproc_per_node 1 ppo_worker.py OUT single  # plain torch, then ZeRO-3 alone
 """
 
@@ -25,6 +26,7 @@ from hybrid_engine.generation import generate  # noqa: E402
 from hybrid_engine.rlhf import RewardModel  # noqa: E402
 from hybrid_engine.rlhf.demo import rule_score_batch  # noqa: E402
 from hybrid_engine.rlhf.ppo import ModelSources, PPOConfig, train_ppo  # noqa: E402
+from hybrid_engine.rlhf.ppo import models as ppo_models  # noqa: E402
 from hybrid_engine.rlhf.ppo.experience import Prompts  # noqa: E402
 from hybrid_engine.rlhf.tokens import collate_ppo  # noqa: E402
 
@@ -37,18 +39,34 @@ def zero(stage: int) -> dict:
                                   "stage3_prefetch_bucket_size": 2**20}}
 
 
-def run(name: str, algo: str, stage: int | None, out: str, data, **fields) -> dict:
+def sgd(params, lr: float, weight_decay: float = 0.0) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr)
+
+
+def accumulation_run(n: int, out: str, data) -> dict:
+    """PPO under ZeRO-2 with SGD (linear in the gradient: test_accumulation.py says why not AdamW), each rank's
+    minibatch of 2 sequences in n micro-batches of different token counts."""
+    adamw, ppo_models.adamw = ppo_models.adamw, sgd
+    try:
+        return run(f"accumulation-{n}", "ppo", 2, out, data, ds={"zero_allow_untested_optimizer": True}, lr=1.0,
+                   critic_lr=1.0, gradient_accumulation_steps=n)
+    finally:
+        ppo_models.adamw = adamw
+
+
+def run(name: str, algo: str, stage: int | None, out: str, data, ds: dict | None = None, **fields) -> dict:
     """One train_ppo run of 2 steps (2 prompts per rank and step); what this rank saw, and on rank 0 what the
     saved actor (and critic, EMA) give when reloaded."""
     tok = tokenizer()
     rank = dist.get_rank() if dist.is_initialized() else 0
-    config = PPOConfig(algo=algo, max_steps=2, batch_size=2, train_batch_size=2, max_new_tokens=8, lr=1e-3,
-                       critic_lr=1e-3, num_generations=1 if algo == "ppo" else 2, eval_batch_size=4,
-                       output_dir=os.path.join(out, name), **fields)
+    settings = dict(algo=algo, max_steps=2, batch_size=2, train_batch_size=2, max_new_tokens=8, lr=1e-3,
+                    critic_lr=1e-3, num_generations=1 if algo == "ppo" else 2, eval_batch_size=4,
+                    output_dir=os.path.join(out, name))
+    config = PPOConfig(**{**settings, **fields})
     torch.manual_seed(11)
     rm = RewardModel.from_model(demo_llama(seed=1))
     sources = ModelSources(actor=demo_llama(), reward_model=rm, eval_fn=rule_score_batch,
-                           ds_config=None if stage is None else zero(stage))
+                           ds_config=None if stage is None else {**zero(stage), **(ds or {})})
     result = train_ppo(sources, tok, data, config, progress=False)
     prompts = collate_ppo(Prompts.of(data.eval, tok, config).examples, tok.pad_token_id)
     args = dict(max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -84,6 +102,7 @@ def main(out: str, mode: str) -> None:
         results["ppo-zero3"] = run("ppo-zero3", "ppo", 3, out, data, ema_beta=0.9)
         results["grpo-zero3"] = run("grpo-zero3", "grpo", 3, out, data)
         results["grpo-tp2-zero3"] = run("grpo-tp2-zero3", "grpo", 3, out, data, generation={"inference_tp_size": 2})
+        results["accumulation"] = {n: accumulation_run(n, out, data) for n in (1, 2)}
     write_and_leave(os.path.join(out, f"{mode}-rank{rank}.json"), results)
 
 

@@ -33,7 +33,7 @@ def deepspeed(**fields) -> dict:
 def test_zero2_of_an_accelerate_config_is_zero2(tmp_path):
     env = env_of(tmp_path)
     assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
-    assert accelerate_ds_config(env) == ({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 1},
+    assert accelerate_ds_config(env) == ({"zero_optimization": {"stage": 2}},
                                          ZERO2_LINE)
 
 
@@ -44,7 +44,7 @@ def test_zero3_with_offload_bf16_clipping_and_the_16bit_save(tmp_path):
     assert config == {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
                                             "offload_param": {"device": "cpu"},
                                             "stage3_gather_16bit_weights_on_model_save": True},
-                      "gradient_accumulation_steps": 1, "zero_force_ds_cpu_optimizer": False,
+                      "zero_force_ds_cpu_optimizer": False,
                       "bf16": {"enabled": True}, "gradient_clipping": 1.0}
     assert line == ("ZeRO-3, gradient accumulation 1, optimizer and parameters offloaded to the CPU, mixed precision "
                     "bf16, gradient clipping 1")
@@ -52,13 +52,13 @@ def test_zero3_with_offload_bf16_clipping_and_the_16bit_save(tmp_path):
 
 def test_fp16_and_the_launch_flags_override_the_file(tmp_path):
     config, line = accelerate_ds_config(env_of(tmp_path, "--zero_stage", "1", "--mixed_precision", "fp16"))
-    assert config == {"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 1, "fp16": {"enabled": True}}
+    assert config == {"zero_optimization": {"stage": 1}, "fp16": {"enabled": True}}
     assert line == "ZeRO-1, gradient accumulation 1, no offload, mixed precision fp16"
 
 
 def test_an_empty_deepspeed_block_is_accelerates_default_zero2():
     assert accelerate_ds_config({"ACCELERATE_USE_DEEPSPEED": "true"}) == (
-        {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 1}, ZERO2_LINE)
+        {"zero_optimization": {"stage": 2}}, ZERO2_LINE)
 
 
 def test_a_deepspeed_config_file_is_passed_as_it_is(tmp_path):
@@ -80,9 +80,8 @@ def test_without_deepspeed_the_command_runs_as_under_torchrun(tmp_path, changes,
 
 
 @pytest.mark.parametrize("changes, error", [
-    ({"deepspeed_config": deepspeed(gradient_accumulation_steps=4)},
-     "accelerate launch's gradient_accumulation_steps '4': there is no gradient accumulation yet; set it to 1 and "
-     "raise the batch size"),
+    ({"deepspeed_config": deepspeed(gradient_accumulation_steps=0)},
+     "accelerate launch's gradient_accumulation_steps must be a positive integer or auto, got '0'"),
     ({"deepspeed_config": deepspeed(offload_optimizer_device="nvme")},
      "accelerate launch's offload_optimizer_device nvme is not supported (accelerate launch does not pass its nvme "
      "path): use cpu, or a deepspeed_config_file with the offload section and its nvme_path"),
@@ -145,7 +144,7 @@ def test_the_commands_train_under_accelerates_settings_and_say_so(tmp_path, monk
         monkeypatch.setenv(name, value)
     args = build_parser().parse_args(["sft", "--demo"])
     step_config(args, SFTConfig, "sft")
-    assert args.ds_config == {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 1}
+    assert args.ds_config == {"zero_optimization": {"stage": 2}}
     assert capsys.readouterr().out == f"DeepSpeed settings from accelerate launch: {ZERO2_LINE}\n"
     args = build_parser().parse_args(["train", "--demo", "--output", str(tmp_path / "out")])
     step_configs(args)
@@ -157,3 +156,10 @@ def test_the_commands_train_under_accelerates_settings_and_say_so(tmp_path, monk
     assert args.ds_config == str(tmp_path / "z3.json")
     assert capsys.readouterr().err.startswith(f"note: ds_config of {tmp_path / 'run.yaml'} {tmp_path / 'z3.json'} "
                                               "wins over the DeepSpeed settings of accelerate launch (zero_stage=2,")
+
+
+def test_accelerates_gradient_accumulation_is_the_deepspeed_configs(tmp_path):
+    """Its default, 1 (written by accelerate config), leaves the steps their own; another is theirs unless given."""
+    config, line = accelerate_ds_config(env_of(tmp_path, deepspeed_config=deepspeed(gradient_accumulation_steps=4)))
+    assert config == {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}
+    assert line == "ZeRO-2, gradient accumulation 4, no offload, mixed precision no"

@@ -2,7 +2,8 @@
 EMA) and GRPO under ZeRO-3 in 2 processes (each rank generating alone, and both tensor-parallel), and PPO under
 ZeRO-3 in 1 process against plain torch. Every rank finishes, trains on its own prompts, reports the same held-out
 evaluation (each rank evaluates the whole split) and generates the same tokens; what rank 0 saved reloads in plain
-torch and generates them too. The worker is ppo_worker.py."""
+torch and generates them too. PPO under ZeRO-2 with gradient accumulation equals the large batch. The worker is
+ppo_worker.py."""
 
 from __future__ import annotations
 
@@ -112,3 +113,18 @@ def test_rank_0s_first_step_is_the_one_process_first_step(ranks, single):
     """Before any update the weights are the same, rank 0 takes the first slice of the global batch (the one
     process's batch) and samples from the same seed: its first step is the one process's first step."""
     assert close(ranks[0]["ppo-zero2"]["history"][0], single["plain"]["history"][0], rel=1e-4, abs_=1e-5)
+
+
+def test_ppo_with_accumulation_under_zero2_equals_the_large_batch(ranks):
+    """Each rank's minibatch of 2 sequences in 2 micro-batches against 1, SGD, fp32: the actor's and the critic's
+    losses within rel 1e-5 (test_accumulation.py's), the same held-out evaluation and greedy tokens."""
+    for rank in ranks:
+        big, small = rank["accumulation"]["1"], rank["accumulation"]["2"]
+        assert big["steps"] == small["steps"] == 2 and big["skipped"] == small["skipped"] == 0
+        for a, b in zip(big["history"], small["history"]):
+            assert close(a, b, rel=1e-5, abs_=1e-6), (a, b)
+        for (step, a), (same_step, b) in zip(big["evals"], small["evals"]):
+            numbers = [k for k, v in a.items() if isinstance(v, float)]
+            assert step == same_step and a.keys() == b.keys() and numbers
+            assert [b[k] for k in numbers] == pytest.approx([a[k] for k in numbers], rel=1e-5, abs=1e-6)
+        assert small["greedy"] == big["greedy"]

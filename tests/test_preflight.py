@@ -67,13 +67,18 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
 def test_deepspeed_batch_arithmetic(monkeypatch):
     data = rows("sft", prompt=["a"], response=["b"])
     ok = [("m", llama_config(512))]
-    with pytest.raises(ValueError, match=r"sft: ds_config's train_batch_size 7 != micro batch 4 \(batch_size\) x "
-                                         r"gradient accumulation 1 x world size 1; set it to 4"):
+    with pytest.raises(ValueError, match=r"sft: ds_config's train_batch_size 7 != micro batch 4 x gradient "
+                                         r"accumulation 1 \(batch_size 4\) x world size 1; set it to 4"):
         check_step("sft", SFTConfig(batch_size=4), data, tokenizer(), ok, {"train_batch_size": 7})
     monkeypatch.setenv("WORLD_SIZE", "2")
     check_step("sft", SFTConfig(batch_size=4), data, tokenizer(), ok, {"train_batch_size": 8})
-    with pytest.raises(ValueError, match="reward: ds_config.'gradient_accumulation_steps'. is 2"):
+    with pytest.raises(ValueError, match="reward: ds_config.'gradient_accumulation_steps'. is 2 but the config says 1"):
         check_step("reward", RewardConfig(batch_size=4), data, tokenizer(), ok, {"gradient_accumulation_steps": 2})
+    accumulated = SFTConfig(batch_size=4, gradient_accumulation_steps=2)  # micro batch 2 x 2 x 2 ranks
+    check_step("sft", accumulated, data, tokenizer(), ok, {"train_batch_size": 8, "gradient_accumulation_steps": 2,
+                                                           "train_micro_batch_size_per_gpu": 2})
+    with pytest.raises(ValueError, match=r"micro batch 2 x gradient accumulation 2 \(batch_size 4\) x world size 2"):
+        check_step("sft", accumulated, data, tokenizer(), ok, {"train_batch_size": 4})
 
 
 def test_train_fails_before_sft_when_ppo_would_not_fit(tmp_path, capsys):

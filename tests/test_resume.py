@@ -29,14 +29,14 @@ def _run_step(train, step: str, cache: str, out: str, resume=False, **config):
     return train(demo_llama(), tokenizer(), data, cls(**{**settings, **config}), progress=False, resume=resume)
 
 
-@pytest.mark.parametrize("step", ["sft", "reward"])
-def test_sft_and_reward_resume_to_the_bit(step, cache, tmp_path):
+@pytest.mark.parametrize("step, accumulation", [("sft", 1), ("reward", 1)])
+def test_sft_and_reward_resume_to_the_bit(step, accumulation, cache, tmp_path):
     train = train_sft if step == "sft" else train_reward
-    whole = _run_step(train, step, cache, str(tmp_path / "whole"))
+    whole = _run_step(train, step, cache, str(tmp_path / "whole"), gradient_accumulation_steps=accumulation)
     out = str(tmp_path / "stopped")
-    _run_step(train, step, cache, out)
+    _run_step(train, step, cache, out, gradient_accumulation_steps=accumulation)
     shutil.rmtree(Path(out) / "checkpoints" / "step-4")  # as if killed between steps 2 and 4
-    resumed = _run_step(train, step, cache, out, resume=True)
+    resumed = _run_step(train, step, cache, out, resume=True, gradient_accumulation_steps=accumulation)
     assert resumed.losses == whole.losses
     assert resumed.lrs == whole.lrs and len(whole.lrs) == 6  # the steps before the resume included
     assert resumed.evals == whole.evals
@@ -58,6 +58,8 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(cache, tmp_path):
     _run_step(train_sft, "sft", cache, str(tmp_path))
     with pytest.raises(ValueError, match=r"other settings \(lr\)"):
         _run_step(train_sft, "sft", cache, str(tmp_path), resume=True, lr=2e-3)
+    with pytest.raises(ValueError, match=r"other settings \(gradient_accumulation_steps\)"):  # not the same bits
+        _run_step(train_sft, "sft", cache, str(tmp_path), resume=True, gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match="no checkpoint to resume from"):
         _run_step(train_sft, "sft", cache, str(tmp_path / "empty"), resume=True)
 

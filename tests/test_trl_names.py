@@ -62,10 +62,15 @@ def test_trl_flags_set_our_settings():
     sft = step_config(parsed("sft", "--per_device_train_batch_size", "4", "--num_train_epochs", "2"), SFTConfig,
                       "sft")
     assert (sft.batch_size, sft.epochs) == (4, 2)  # the SFT step's batch is TRL's per-device batch
+    sft = step_config(parsed("sft", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "3"),
+                      SFTConfig, "sft")
+    assert (sft.batch_size, sft.gradient_accumulation_steps) == (12, 3)  # TRL's micro-batch: 3 make a step
+    ours = step_config(parsed("sft", "--batch-size", "4", "--gradient-accumulation-steps", "2"), SFTConfig, "sft")
+    assert (ours.batch_size, ours.gradient_accumulation_steps) == (4, 2)  # ours counts the optimizer step's rows
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--gradient_accumulation_steps", "4"], "gradient_accumulation_steps 4 .TRL's.: there is no gradient"),
+    (["--steps_per_generation", "4"], "steps_per_generation 4 .TRL's.: each rollout is trained on at once"),
     (["--use_vllm", "true"], "use_vllm .TRL's. has no meaning here: generation runs on the hybrid engine"),
     (["--generation_batch_size", "32"], "set batch_size, the prompts per rollout")])
 def test_a_trl_flag_without_a_meaning_is_refused_saying_why(capsys, argv, message):
@@ -91,7 +96,7 @@ def test_a_trl_grpo_yaml_loads(tmp_path):
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps 2 .TRL's.: there is no gradient accumulation"),
+    ({"gradient_accumulation_steps": 3}, "gradient_accumulation_steps 3 must divide train_batch_size 16"),
     ({"reward_weights": 0.5}, r"'reward_weights' must be a list of float or null, got float 0.5"),
     ({"lr": 1e-5, "learning_rate": 1e-5}, "'learning_rate' and 'lr' are one setting .TRL's name and ours."),
     ({"reward_funcs": ["a.py:f", 3]}, r"'reward_fn' must be a function or a list of functions, got \['a.py:f', 3\]"),

@@ -4,7 +4,8 @@ accelerate sets for its processes, never by building an Accelerator.
 With `distributed_type: DEEPSPEED`, accelerate launch starts the processes through torchrun and passes its config's
 `deepspeed_config` block as ACCELERATE_* variables (accelerate/utils/launch.py, prepare_deepspeed_cmd_env). Here
 they become the DeepSpeed config dict the library takes, as accelerate's DeepSpeedPlugin builds it: zero_stage
-(default 2), offload_optimizer_device and offload_param_device (none or cpu), gradient_accumulation_steps (1),
+(default 2), offload_optimizer_device and offload_param_device (none or cpu), gradient_accumulation_steps (1: the
+steps' own; another: theirs unless given to them),
 gradient_clipping, zero3_save_16bit_model and mixed_precision (no, bf16, fp16); or, with deepspeed_config_file, that
 file as it is. A setting the commands cannot honour is refused by name, never dropped. Under accelerate's other
 distributed types the command runs as under torchrun, without DeepSpeed.
@@ -86,10 +87,13 @@ def _precision(value: str) -> str:
     return precision
 
 
-def _accumulation(value: str) -> None:
-    if value.strip() not in ("1", "auto"):
-        raise ValueError(f"{WHERE} gradient_accumulation_steps {value!r}: there is no gradient accumulation yet; "
-                         "set it to 1 and raise the batch size")
+def _accumulation(value: str) -> int | None:
+    """accelerate's gradient_accumulation_steps as a number; None for "auto" (the step config's)."""
+    if value.strip() == "auto":
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"{WHERE} gradient_accumulation_steps must be a positive integer or auto, got {value!r}")
+    return int(value)
 
 
 def _clipping(value: str) -> float | None:
@@ -127,9 +131,11 @@ def config_file(settings: Mapping[str, str], env: Mapping[str, str]) -> str:
 def built_config(settings: Mapping[str, str]) -> tuple[dict, str]:
     """(the DeepSpeed config of accelerate's deepspeed_config fields, a short description of it)."""
     stage = _stage(settings.get("zero_stage", "2"))
-    _accumulation(settings.get("gradient_accumulation_steps", "1"))
+    accumulation = _accumulation(settings.get("gradient_accumulation_steps", "1"))
     zero: dict = {"stage": stage}
-    config: dict = {"zero_optimization": zero, "gradient_accumulation_steps": 1}
+    config: dict = {"zero_optimization": zero}
+    if accumulation not in (None, 1):  # the steps take it unless given (commands/ds_accumulation.py); 1, the value
+        config["gradient_accumulation_steps"] = accumulation  # accelerate config writes, leaves the steps theirs
     offloaded = []
     if _offload("offload_optimizer_device", settings.get("offload_optimizer_device", "none"), stage, (1, 2, 3)):
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -143,7 +149,7 @@ def built_config(settings: Mapping[str, str]) -> tuple[dict, str]:
     precision = _precision(settings.get("mixed_precision", "no"))
     if precision != "no":
         config[precision] = {"enabled": True}
-    parts = [f"ZeRO-{stage}", "gradient accumulation 1",
+    parts = [f"ZeRO-{stage}", f"gradient accumulation {accumulation or 'auto'}",
              f"{' and '.join(offloaded)} offloaded to the CPU" if offloaded else "no offload",
              f"mixed precision {precision}"]
     clip = _clipping(settings.get("gradient_clipping", "auto"))

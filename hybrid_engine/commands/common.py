@@ -24,6 +24,7 @@ import transformers
 from hybrid_engine.commands import run_keys, trackers, trl_names
 from hybrid_engine.commands.accelerate_env import launch_ds_config
 from hybrid_engine.commands.config_args import add_config_args, build_config, file_settings, load_config_file
+from hybrid_engine.commands.ds_accumulation import accumulation_from_ds_config
 from hybrid_engine.commands.ds_lr import given_lrs, lr_from_ds_config
 from hybrid_engine.commands.ds_optimizer import announce_optimizer_build
 from hybrid_engine.commands.model_dirs import check_model_dir, has_tokenizer, load_tokenizer
@@ -136,7 +137,8 @@ def quiet_libraries() -> None:
 
 def step_config(args: argparse.Namespace, config_cls: type, step: str, run: Iterable[str] = run_keys.STEP):
     """The step's config: explicit flags over the --config file over the defaults; output_dir from --output; the
-    learning rates the user did not give from --ds-config's optimizer (ds_lr.lr_from_ds_config). The file's run
+    learning rates the user did not give from --ds-config's optimizer (ds_lr.lr_from_ds_config), and its
+    gradient_accumulation_steps (ds_accumulation.py). The file's run
     settings (`run`: model, data, ...; run_keys.py) are set on `args` where their flags were not given, and
     args.ds_config, when neither gives one, to accelerate launch's DeepSpeed settings (apply_launcher_ds_config)."""
     file_values = load_config_file(args.config) if args.config else {}
@@ -146,9 +148,10 @@ def step_config(args: argparse.Namespace, config_cls: type, step: str, run: Iter
     apply_launcher_ds_config(args, given_as)
     config = build_config(config_cls, args, file_values, section=step, also=run)
     config = dataclasses.replace(config, output_dir=args.output or config.output_dir or DEFAULT_OUTPUT[step])
-    given = given_lrs(file_settings(config_cls, file_values, step, args.config or "", also=run),
-                      f"from {args.config}")
+    in_file = file_settings(config_cls, file_values, step, args.config or "", also=run)
+    given = given_lrs(in_file, f"from {args.config}")
     given.update({name: "from the flag" for name in given_lrs(vars(args), "")})
+    config = accumulation_from_ds_config(config, [*in_file, *vars(args)], args.ds_config)
     return lr_from_ds_config(config, given, args.ds_config, step)
 
 

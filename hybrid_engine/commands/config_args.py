@@ -220,10 +220,13 @@ def add_config_args(parser, cls: type, skip: Iterable[str] = ()) -> None:
     leaves = {leaf.name: leaf for leaf in flat_fields(cls, skip)}
     trl = trl_names.aliases(leaves)
     for leaf in leaves.values():
-        also = ["--" + name for name, ours in trl.items() if ours == leaf.name]
+        also = ["--" + name for name, ours in trl.items() if ours == leaf.name and name != trl_names.MICRO_BATCH]
         _add_flag(parser, leaf, [leaf.flag, *also], help=_help(leaf))
         if "_" in leaf.name:
             _add_flag(parser, leaf, ["--" + leaf.name], help=argparse.SUPPRESS)
+    if trl_names.MICRO_BATCH in trl:  # hidden: TRL's micro-batch, multiplied by the accumulation (build_config)
+        parser.add_argument("--" + trl_names.MICRO_BATCH, dest=trl[trl_names.MICRO_BATCH], type=int,
+                            action=_TRLMicroBatch, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     for old, new in renamed(cls).items():
         if new in leaves:  # hidden: --help shows the new flag only
             parser.add_argument("--" + old.replace("_", "-"), dest=new, type=_parse_value(leaves[new]),
@@ -263,6 +266,14 @@ class _TRLFlag(argparse.Action):
         why = trl_names.refusal(option_string[2:], values)
         if why is not None:
             raise argparse.ArgumentError(self, why)
+
+
+class _TRLMicroBatch(argparse.Action):
+    """TRL's --per_device_train_batch_size: our batch size, marked to be multiplied by gradient_accumulation_steps."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.trl_micro_batch = self.dest
 
 
 def renamed(cls: type) -> dict[str, str]:
@@ -393,7 +404,7 @@ def file_settings(cls: type, file_values: Mapping, section: str | None, source: 
 def _file_keys(mapping: Mapping, names: dict[str, str], trl: dict[str, str], where: str) -> dict:
     """A mapping of a config file with every key under our name: renamed settings' old names (warned), TRL's names;
     TRL's settings at our fixed value dropped, and those with no meaning here refused."""
-    mapping = trl_names.take_fixed(mapping, where)
+    mapping = trl_names.take_fixed(trl_names.micro_batch_keys(mapping), where)
     return _renamed_keys(_renamed_keys(mapping, trl, where, warn=False), names, where)
 
 
@@ -438,5 +449,8 @@ def build_config(cls: type, args: argparse.Namespace | None, file_values: Mappin
     settings = file_settings(cls, file_values or {}, section, source, skip, also)
     given = vars(args) if args is not None else {}
     settings.update({leaf.name: given[leaf.name] for leaf in leaves if leaf.name in given})
+    micro = given.get("trl_micro_batch")
+    if micro in settings:  # TRL's per_device_train_batch_size: a micro-batch
+        settings[micro] *= settings.get("gradient_accumulation_steps", 1)
     by_name = {leaf.name: leaf.path for leaf in leaves}
     return _instantiate(cls, {by_name[name]: value for name, value in settings.items()})

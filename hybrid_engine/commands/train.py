@@ -29,6 +29,7 @@ import yaml
 from hybrid_engine._build import cpu_id, cpu_model
 from hybrid_engine.commands import common, run_keys, trackers
 from hybrid_engine.commands.config_args import ConfigValues, build_config, file_settings, load_config_file
+from hybrid_engine.commands.ds_accumulation import accumulation_from_ds_config
 from hybrid_engine.commands.ds_lr import given_lrs, lr_from_ds_config
 from hybrid_engine.commands.metrics import MetricsLog, log_losses, plot_curves, read_metrics
 from hybrid_engine.commands.ppo import generation_note, logprob_note, ppo_summary, resume_step, reward_functions
@@ -78,6 +79,9 @@ def add_train_command(subparsers) -> None:
                    "(default on the demo data: its rule_score); given once")
     p.add_argument("--ds-config", metavar="FILE", help="a DeepSpeed JSON config every step trains under (run with "
                    "torchrun or deepspeed)")
+    p.add_argument("--gradient-accumulation-steps", type=int, metavar="N", help="micro-batches per optimizer step "
+                   "of every step (docs/rlhf.md#gradient-accumulation); a step's gradient_accumulation_steps in "
+                   "--config or --set wins")
     p.add_argument("--output", metavar="DIR", default="out/train", help="where the steps write (default: out/train); "
                    "a folder that holds an earlier run is refused unless --resume or --overwrite")
     p.add_argument("--overwrite", action="store_true", help="clear --output first when it holds an earlier run, and "
@@ -122,7 +126,8 @@ def check_overrides(overrides: list[str]) -> None:
 
 def step_configs(args: argparse.Namespace) -> dict:
     """{step: its config dataclass} from the config file (or the built-in default) and --set; the learning rates
-    neither gives from --ds-config's optimizer (ds_lr.lr_from_ds_config). The file's run settings (model, data,
+    neither gives from --ds-config's optimizer (ds_lr.lr_from_ds_config), and its gradient_accumulation_steps
+    (ds_accumulation.py). The file's run settings (model, data,
     reward_fn, ...: run_keys.py) are set on `args` where their flags were not given, and args.ds_config, when
     neither gives one, to accelerate launch's DeepSpeed settings (common.apply_launcher_ds_config)."""
     path = args.config or DEFAULT_CONFIG
@@ -136,10 +141,20 @@ def step_configs(args: argparse.Namespace) -> dict:
     for step, cls in STEP_CLASSES.items():
         config = build_config(cls, None, values, section=step, skip=("output_dir",), also=run_keys.TRAIN)
         config = dataclasses.replace(config, output_dir=os.path.join(args.output, step))
-        given = given_lrs(file_settings(cls, values, step, str(path), skip=("output_dir",), also=run_keys.TRAIN),
-                          f"from {path}")
-        out[step] = lr_from_ds_config(config, given, args.ds_config, step)
+        in_file = file_settings(cls, values, step, str(path), skip=("output_dir",), also=run_keys.TRAIN)
+        config = _accumulation(config, in_file, args)
+        out[step] = lr_from_ds_config(config, given_lrs(in_file, f"from {path}"), args.ds_config, step)
     return out
+
+
+def _accumulation(config, in_file: dict, args: argparse.Namespace):
+    """A step's gradient_accumulation_steps: the config file's (or --set's), else --gradient-accumulation-steps,
+    else the DeepSpeed config's (ds_accumulation.py), else the default."""
+    flag = args.gradient_accumulation_steps
+    if flag is not None and "gradient_accumulation_steps" not in in_file:
+        config = dataclasses.replace(config, gradient_accumulation_steps=flag)
+        in_file = {**in_file, "gradient_accumulation_steps": flag}
+    return accumulation_from_ds_config(config, in_file, args.ds_config)
 
 
 def uses_demo(args: argparse.Namespace) -> bool:

@@ -3,10 +3,11 @@ GRPOConfig or RLOOConfig keys) work where the name has a meaning here, under our
 saying why, never ignored.
 
     learning_rate: 1.0e-5          # = lr
-    per_device_train_batch_size: 8 # = batch_size (sft, reward); = train_batch_size (ppo: sequences per minibatch)
+    per_device_train_batch_size: 8 # x gradient_accumulation_steps = batch_size (sft, reward); = train_batch_size
+                                   # (ppo: sequences per minibatch): TRL's is the micro-batch, ours the optimizer's
     max_completion_length: 64      # = max_new_tokens
     beta: 0.04                     # = kl_coef
-    gradient_accumulation_steps: 1 # our fixed behaviour: accepted; 2 is refused (no gradient accumulation yet)
+    gradient_accumulation_steps: 2 # ours too: micro-batches per optimizer step
     report_to: [wandb, tensorboard] # = report_to (--report-to, trackers.py), as is run_name: TRL's names are ours
 """
 
@@ -31,7 +32,6 @@ completions per optimizer step: our train_batch_size; our batch_size counts prom
 generation_batch_size divided by num_generations)."""
 
 FIXED = {
-    "gradient_accumulation_steps": (1, "there is no gradient accumulation yet: raise the batch size"),
     "steps_per_generation": (1, "each rollout is trained on at once: set batch_size (prompts per rollout) instead"),
     "logging_steps": (1, "every step is logged (metrics.jsonl and the --report-to trackers)"),
 }
@@ -50,6 +50,22 @@ RUN = {"model_name_or_path": "model", "dataset_name": "data", "reward_funcs": "r
 """TRL's script arguments: our run settings (config file keys and flags)."""
 RUN_FLAGS = {**RUN, "output_dir": "output"}
 """TRL's names of our run flags: `--output_dir` is --output (in a config file, output_dir is ours too)."""
+
+
+MICRO_BATCH = "per_device_train_batch_size"
+"""TRL's micro-batch: its optimizer step takes gradient_accumulation_steps of them, where our batch_size (PPO:
+train_batch_size) counts the optimizer step's rows; given under TRL's name, it is multiplied (micro_batch_keys)."""
+
+
+def micro_batch_keys(mapping: Mapping) -> dict:
+    """`mapping` (a config file's keys) with TRL's per_device_train_batch_size times the gradient_accumulation_steps
+    given beside it, so that it counts the optimizer step's rows as our batch sizes do."""
+    out = dict(mapping)
+    accumulation = out.get("gradient_accumulation_steps", out.get("gradient-accumulation-steps", 1))
+    for key in (MICRO_BATCH, MICRO_BATCH.replace("_", "-")):
+        if key in out and isinstance(out[key], int) and isinstance(accumulation, int):
+            out[key] = out[key] * accumulation
+    return out
 
 
 def flags(ours: str) -> list[str]:

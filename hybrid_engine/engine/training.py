@@ -124,7 +124,9 @@ class DeepSpeedTrainer:
         return self.engine(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        """Backpropagates `loss` as it is: a caller accumulating gradients scales each micro-batch's loss itself
+        (rlhf/accumulate.py), so DeepSpeed does not divide it by gradient_accumulation_steps again."""
+        self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> None:
         self.engine.step()

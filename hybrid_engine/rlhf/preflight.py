@@ -7,9 +7,9 @@ first, so a setting that could only fail in PPO fails before SFT and the reward 
   model's positions, counted after tokenization and truncation as the trainers do them (the data is tokenized
   only when the configured bounds alone do not fit);
 - vocabulary: every id of the tokenizer is inside the model's vocabulary;
-- DeepSpeed's batch arithmetic: train_batch_size = micro batch x gradient accumulation x world size, with the micro
-  batch the step's (batch_size; PPO: train_batch_size) and no accumulation, and the rest of training_ds_config's
-  checks.
+- DeepSpeed's batch arithmetic: train_batch_size = micro batch x gradient accumulation x world size, with the
+  step's optimizer batch (batch_size; PPO: train_batch_size) = micro batch x its gradient_accumulation_steps, and
+  the rest of training_ds_config's checks.
 """
 
 from __future__ import annotations
@@ -71,22 +71,22 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_ds_batch(step: str, ds_config, micro_batch: int, max_grad_norm: float | None) -> None:
-    """training_ds_config's checks, and DeepSpeed's train_batch_size = micro x accumulation x world, before
-    DeepSpeed makes them at its initialize."""
+def check_ds_batch(step: str, ds_config, batch: int, max_grad_norm: float | None, accumulation: int = 1) -> None:
+    """training_ds_config's checks, and DeepSpeed's train_batch_size = micro x accumulation x world (the step's
+    optimizer batch `batch` on each rank is micro x accumulation), before DeepSpeed makes them at its initialize."""
     if ds_config is None:
         return
     try:
-        training_ds_config(ds_config, micro_batch, max_grad_norm)
+        training_ds_config(ds_config, batch, max_grad_norm, accumulation=accumulation)
         given = load_ds_config(ds_config).get("train_batch_size")
     except ValueError as e:
         raise ValueError(f"{step}: {e}") from None
     world = world_size()
-    if given is not None and given != micro_batch * world:
+    if given is not None and given != batch * world:
         name = "train_batch_size" if step == "ppo" else "batch_size"
-        raise ValueError(f"{step}: ds_config's train_batch_size {given} != micro batch {micro_batch} ({name}) x "
-                         f"gradient accumulation 1 x world size {world}; set it to {micro_batch * world} or "
-                         "leave it out")
+        raise ValueError(f"{step}: ds_config's train_batch_size {given} != micro batch {batch // accumulation} x "
+                         f"gradient accumulation {accumulation} ({name} {batch}) x world size {world}; set it to "
+                         f"{batch * world} or leave it out")
 
 
 def check_step(step: str, config, data: StepData, tokenizer, model_configs: Sequence[tuple[str, object]],
@@ -104,4 +104,4 @@ def check_step(step: str, config, data: StepData, tokenizer, model_configs: Sequ
         if positions is not None:
             check_positions(step, config, data, tokenizer, positions, where)
     check_ds_batch(step, ds_config, config.train_batch_size if step == "ppo" else config.batch_size,
-                   config.max_grad_norm)
+                   config.max_grad_norm, config.gradient_accumulation_steps)

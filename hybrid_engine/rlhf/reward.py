@@ -37,6 +37,7 @@ from hybrid_engine.engine.lora import lora_layers
 from hybrid_engine.engine.training import adamw, make_trainer
 from hybrid_engine.engine.zero import gathered, unique_params
 from hybrid_engine.rlhf import checkpoint, fingerprints
+from hybrid_engine.rlhf.accumulate import micro_batches
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.loop import Trainer, train_loop
@@ -279,6 +280,11 @@ def reward_batch(forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return rewards.chunk(2)
 
 
+def batch_loss(forward, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean pairwise loss of a collate_reward batch, differentiable."""
+    return pairwise_loss(*reward_batch(forward, batch))
+
+
 @torch.no_grad()
 def evaluate_reward(forward, examples: Sequence[dict], pad_id: int, batch_size: int = 32) -> RewardEval | None:
     """Accuracy, mean rewards and loss on tokenize_reward `examples`; None for no examples. `forward` is a
@@ -315,7 +321,8 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
     t_start = time.perf_counter()
     pad_id = pad_id_of(tokenizer)  # before any work
     checkpoint.check_output(config, resume)
-    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm, config.lr)
+    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm, config.lr,
+                                   config.gradient_accumulation_steps)
     torch.manual_seed(config.seed)
     model = prepare_training(RewardModel.load(model_or_path), config)
     check_vocab(tokenizer, model.config.vocab_size)
@@ -328,8 +335,11 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
     trainer = make_trainer(model, ds_config, None if ds_config is not None and "optimizer" in ds_config else optimizer)
 
     def train_step(rows: list[int], step: int) -> float:
-        chosen, rejected = reward_batch(trainer.forward, collate_reward([train[i] for i in rows], pad_id))
-        return finite_step(trainer, model, pairwise_loss(chosen, rejected), config, "reward", step + 1)
+        batches = [collate_reward([train[i] for i in part], pad_id)
+                   for part in micro_batches(rows, config.gradient_accumulation_steps)]
+        losses = [functools.partial(batch_loss, trainer.forward, batch) for batch in batches]
+        pairs = [len(batch["chosen_input_ids"]) for batch in batches]
+        return finite_step(trainer, model, losses, pairs, config, "reward", step + 1)
 
     def evaluate() -> RewardEval | None:
         with eval_mode(trainer):

@@ -29,6 +29,7 @@ from hybrid_engine.engine.lora import base_model
 from hybrid_engine.engine.router_loss import router_aux_loss
 from hybrid_engine.engine.training import adamw
 from hybrid_engine.rlhf import checkpoint, fingerprints
+from hybrid_engine.rlhf.accumulate import micro_batches
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.loop import Trainer, train_loop
@@ -121,6 +122,11 @@ def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     return -logprobs.sum(), (targets != IGNORE_INDEX).sum()
 
 
+def response_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many response tokens a collate_sft batch scores (sft_loss's token mean is over them)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The token-mean NLL of a collate_sft batch's response tokens (DeepSpeed-Chat's step-1 loss)."""
     nll, count = response_nll(model, batch)
@@ -151,7 +157,8 @@ def _engine(model, config: SFTConfig, ds_config, lora) -> HybridEngine:
                              "when building it, not to train_sft")
         prepare_training(model.module, config)
         return model
-    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm, config.lr)
+    ds_config = training_ds_config(ds_config, config.batch_size, config.max_grad_norm, config.lr,
+                                   config.gradient_accumulation_steps)
     has_ds_optimizer = ds_config is not None and "optimizer" in ds_config
     optimizer = functools.partial(adamw, lr=config.lr, weight_decay=config.weight_decay)
     engine = HybridEngine(model, ds_config=ds_config, lora=lora, optimizer=None if has_ds_optimizer else optimizer,
@@ -168,13 +175,14 @@ def _save(engine: HybridEngine, tokenizer, directory) -> None:
 
 def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None, ds_config=None, lora=None,
               progress: bool = True, resume: bool | str = False) -> SFTResult:
-    """Fine-tune `model` (an HF causal LM, a directory, or a HybridEngine) on data.train's (prompt, response)
-    rows, evaluating the held-out perplexity on data.eval before, every config.eval_every steps and after.
+    """Fine-tune `model` (an HF causal LM, a directory, or a HybridEngine) on data.train's (prompt, response) rows,
+    evaluating the held-out perplexity on data.eval before, every config.eval_every steps and after.
 
     ds_config: a DeepSpeed config (dict or JSON path) to train under (its micro batch and clipping come from
-    `config`); None: torch AdamW (fused) in one process. lora: a peft.LoraConfig. The model trains in place
-    (with LoRA, peft injects its layers into it); a HybridEngine keeps its own optimizer, whose learning rate
-    config.lr and the schedule then drive. Every rank must call this under DeepSpeed; rank 0 shows the
+    `config`); None: torch AdamW (fused) in one process. lora: a peft.LoraConfig. The model trains in place (with
+    LoRA, peft injects its layers into it); a HybridEngine keeps its own optimizer, whose learning rate config.lr
+    and the schedule then drive (under DeepSpeed, build it with a ds_config whose gradient_accumulation_steps and
+    micro batch are config's: training_ds_config). Every rank must call this under DeepSpeed; rank 0 shows the
     progress bar and writes config.output_dir. With config.checkpoint_every, checkpoints go to
     output_dir/checkpoints; resume (True: the newest there, or a folder) continues one, to the bit."""
     config = config or SFTConfig()
@@ -192,12 +200,22 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
 
     def train_step(rows: list[int], step: int) -> float:
         nonlocal tokens
-        batch = collate_sft([train[i] for i in rows], pad_id)
-        tokens += int(batch["attention_mask"].sum())
+        batches = [collate_sft([train[i] for i in part], pad_id)
+                   for part in micro_batches(rows, config.gradient_accumulation_steps)]
+        tokens += sum(int(batch["attention_mask"].sum()) for batch in batches)
+        observed: list[float] = []
+        losses = [functools.partial(observed_loss, batch, observed) for batch in batches]
+        loss = finite_step(engine, engine.module, losses, [response_tokens(b) for b in batches], config, "sft",
+                           step + 1)
+        aux_losses.extend([sum(observed) / len(observed)] if observed else [])
+        return loss
+
+    def observed_loss(batch: dict, observed: list[float]) -> torch.Tensor:
+        """sft_loss, with a Mixture-of-Experts model's router load-balancing loss of its forward added to `observed`."""
         with router_aux_loss(engine.module) as aux:
             loss = sft_loss(engine, batch)
-        aux_losses.extend(aux)
-        return finite_step(engine, engine.module, loss, config, "sft", step + 1)
+        observed.extend(aux)
+        return loss
 
     checkpoint.check_supported(config, engine.zero_stage, resume)
     run = None if not (config.checkpoint_every or resume) else {  # what a resume must match

@@ -36,6 +36,10 @@ class StepConfig:
     batch_size: int = 16
     """Examples (SFT rows, reward pairs) per optimizer step on each rank (DeepSpeed-Chat's
     per_device_train_batch_size)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step: each step's batch is cut into this many, backpropagated one after the other
+    (less memory, the same update: each micro-batch's mean loss is scaled by its share of the step's tokens or
+    pairs); it must divide the batch (batch_size; PPO: train_batch_size)."""
     eval_batch_size: int = 32
     """Examples per forward pass when evaluating."""
     lr: float = 1e-3
@@ -84,6 +88,9 @@ class StepConfig:
     INFINITE_OK: ClassVar[tuple[str, ...]] = ("max_grad_norm",)
     """The float settings that may be inf (meaning no limit); every other one must be finite."""
 
+    OPTIMIZER_BATCH: ClassVar[str] = "batch_size"
+    """The field that counts the rows of an optimizer step on each rank, which gradient_accumulation_steps divides."""
+
     def __post_init__(self):
         check_common(self)
 
@@ -119,8 +126,20 @@ def check_common(config) -> None:
     if config.decay_steps is not None and (not isinstance(config.decay_steps, int) or config.decay_steps < 1):
         raise ValueError(f"decay_steps must be a positive integer or None, got {config.decay_steps!r}")
     check_schedule(config.schedule, config.warmup_steps, config.decay_steps)
+    batch = config.OPTIMIZER_BATCH
+    check_accumulation(config.gradient_accumulation_steps, getattr(config, batch), batch)
     if config.nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be 'skip' or 'stop', got {config.nonfinite!r}")
+
+
+def check_accumulation(steps, batch, batch_name: str) -> None:
+    """Refuses an accumulation that is not a positive integer or does not divide the optimizer batch `batch` (checked
+    only when `batch` is a positive integer: its own check says what is wrong with it)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be a positive integer, got {steps!r}")
+    if isinstance(batch, int) and batch > 0 and batch % steps:
+        raise ValueError(f"gradient_accumulation_steps {steps} must divide {batch_name} {batch} (the rows of an "
+                         f"optimizer step on each rank, cut into {steps} micro-batches)")
 
 
 def check_finite(config) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from hybrid_engine.allocator import keep_freed_memory
 from hybrid_engine.engine.train_kernels import apply_training_kernels
 from hybrid_engine.engine.training import load_ds_config
-from hybrid_engine.rlhf.distributed import all_finite
+from hybrid_engine.rlhf.accumulate import accumulated_step
 from hybrid_engine.rlhf.step_config import NonFiniteError
 
 
@@ -48,22 +49,24 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return changed
 
 
-def training_ds_config(ds_config, batch_size: int, max_grad_norm: float | None, lr: float | None = None) -> dict | None:
+def training_ds_config(ds_config, batch_size: int, max_grad_norm: float | None, lr: float | None = None,
+                       accumulation: int = 1) -> dict | None:
     """The DeepSpeed config a step trains under: `ds_config` (dict or JSON path) with its micro batch set to
-    batch_size, its gradient clipping to max_grad_norm and, when it brings an optimizer and `lr` is given, that
-    optimizer's lr to `lr` (optimizer_lr). A ds_config that says otherwise about the batch or the clipping,
-    accumulates gradients or brings its own scheduler (the step's config owns the schedule) is refused."""
+    batch_size / accumulation, its gradient_accumulation_steps to `accumulation` (batch_size rows per optimizer step
+    on each rank, in that many micro-batches: accumulate.py), its gradient clipping to max_grad_norm and, when it
+    brings an optimizer and `lr` is given, that optimizer's lr to `lr` (optimizer_lr). A ds_config that says
+    otherwise about these or brings its own scheduler (the step's config owns the schedule) is refused."""
     if ds_config is None:
         return None
     config = load_ds_config(ds_config)  # checks the file and the ZeRO stage, copies
     given = ds_config if isinstance(ds_config, dict) else json.loads(Path(os.fspath(ds_config)).read_text())
     clip = 0.0 if max_grad_norm is None else float(max_grad_norm)
-    wanted = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
+    wanted = {"train_micro_batch_size_per_gpu": batch_size // accumulation, "gradient_accumulation_steps": accumulation,
               "gradient_clipping": clip}
     for key, value in wanted.items():
         if key in given and given[key] != value:
             raise ValueError(f"ds_config[{key!r}] is {given[key]!r} but the config says {value!r}: set it in the "
-                             "step's config (batch_size, max_grad_norm; no gradient accumulation) and leave it out")
+                             "step's config (batch_size, gradient_accumulation_steps, max_grad_norm) and leave it out")
     if "scheduler" in given:
         raise ValueError("ds_config['scheduler']: the learning-rate schedule is the step config's (lr, warmup_steps, "
                          "schedule); remove the scheduler")
@@ -98,32 +101,20 @@ def check_vocab(tokenizer, vocab_size: int) -> None:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab_size}")
 
 
-def clip_gradients(module: torch.nn.Module, zero_stage: int | None, max_grad_norm: float | None) -> None:
-    """Clips the global gradient norm of `module` in plain torch; DeepSpeed (zero_stage not None) clips inside
-    its own step, by its gradient_clipping."""
-    if max_grad_norm is not None and zero_stage is None:
-        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_grad_norm)
-
-
-def optimizer_step(trainer, module: torch.nn.Module, loss: torch.Tensor, max_grad_norm: float | None) -> float:
-    """Backward, clipping and an optimizer step on `loss`; its value. `trainer` is a HybridEngine or a trainer of
-    engine.training (make_trainer), `module` the model it trains."""
-    trainer.backward(loss)
-    clip_gradients(module, trainer.zero_stage, max_grad_norm)
-    trainer.step()
-    return loss.item()
-
-
-def finite_step(trainer, module: torch.nn.Module, loss: torch.Tensor, config, what: str, step: int) -> float:
-    """optimizer_step on `loss` when it is finite on every rank; otherwise nothing is stepped and NaN comes back
-    (config.nonfinite "skip", counted by skipped()), or NonFiniteError is raised ("stop"). `what` and `step` (1-based)
-    name the step in the error."""
-    if all_finite(loss.detach()):
-        return optimizer_step(trainer, module, loss, config.max_grad_norm)
+def finite_step(trainer, module: torch.nn.Module, losses: Sequence[Callable[[], torch.Tensor]],
+                weights: Sequence[float], config, what: str, step: int) -> float:
+    """accumulate.accumulated_step over a step's micro-batches (config.gradient_accumulation_steps of them) when
+    every micro-batch's loss is finite on every rank; otherwise nothing is stepped and NaN comes back
+    (config.nonfinite "skip", counted by skipped()), or NonFiniteError is raised ("stop"). `what` and `step`
+    (1-based) name the step in the error."""
+    loss = accumulated_step(trainer, module, losses, weights, config.gradient_accumulation_steps,
+                            config.max_grad_norm)
+    if math.isfinite(loss):
+        return loss
     if config.nonfinite == "stop":
-        raise NonFiniteError(f"{what} step {step}: the loss is {float(loss.detach())}; nothing was trained on it. Set "
+        raise NonFiniteError(f"{what} step {step}: the loss is {loss}; nothing was trained on it. Set "
                              "nonfinite='skip' to skip such updates and go on")
-    return float("nan")
+    return loss
 
 
 def skipped(losses: list[float]) -> int:

@@ -102,6 +102,8 @@ class PPOConfig(StepConfig):
 
     INFINITE_OK: ClassVar[tuple[str, ...]] = StepConfig.INFINITE_OK + ("clip_reward", "clip_range", "value_clip_range")
     """The float settings that may be inf (no clipping); every other one must be finite."""
+    OPTIMIZER_BATCH: ClassVar[str] = "train_batch_size"
+    """gradient_accumulation_steps cuts each optimisation minibatch (not the rollout) into micro-batches."""
     RENAMED: ClassVar[dict[str, str]] = {"generation_weight_dtype": "weight_dtype", "generation_kv_dtype": "kv_dtype"}
     """Earlier flat names of settings, still read (with a warning) from flags and config files."""
 

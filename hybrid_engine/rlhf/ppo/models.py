@@ -130,7 +130,8 @@ def build_models(sources: ModelSources, config: PPOConfig, tokenizer=None) -> Mo
     reward_fns = RewardFunctions.load(reward_fn, config.reward_weights)
     if reward_model is None and reward_fns is None:
         raise ValueError("PPO needs a reward: give a reward model, a reward function, or both")
-    ds = training_ds_config(ds_config, config.train_batch_size, config.max_grad_norm)
+    ds = training_ds_config(ds_config, config.train_batch_size, config.max_grad_norm,
+                            accumulation=config.gradient_accumulation_steps)
     has_ds_optimizer = ds is not None and "optimizer" in ds
     scoring_dtype = torch.bfloat16 if config.bf16_autocast else None  # the frozen models score as training runs
     frozen_ref = _reference(actor, sources.reference, scoring_dtype)

@@ -3,23 +3,25 @@ policy loss, plus GRPO's KL term) on each, a critic step (PPO) and a pre-trainin
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 
 import torch
 
 from hybrid_engine.engine.router_loss import router_aux_loss
+from hybrid_engine.rlhf.accumulate import accumulated_step, micro_batches
 from hybrid_engine.rlhf.data import StepData
-from hybrid_engine.rlhf.distributed import all_finite, rank_and_world
+from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.losses import approx_kl, clip_fraction, policy_loss, token_mean, value_loss
 from hybrid_engine.rlhf.ppo import batch as xp
 from hybrid_engine.rlhf.ppo.config import PPOConfig
 from hybrid_engine.rlhf.ppo.experience import ratio_from_training_forward, training_precision
 from hybrid_engine.rlhf.ppo.models import Models
 from hybrid_engine.rlhf.schedule import batch_order
-from hybrid_engine.rlhf.sft import sft_loss
+from hybrid_engine.rlhf.sft import response_tokens, sft_loss
 from hybrid_engine.rlhf.step_config import NonFiniteError
 from hybrid_engine.rlhf.tokens import collate_sft, tokenize_sft
-from hybrid_engine.rlhf.trainer import optimizer_step
 
 
 def finite_or_skip(ok: bool, what: str, step: int, config: PPOConfig) -> bool:
@@ -29,20 +31,27 @@ def finite_or_skip(ok: bool, what: str, step: int, config: PPOConfig) -> bool:
     return ok
 
 
-def _step_on(trainer, module: torch.nn.Module, loss: torch.Tensor, config: PPOConfig) -> float | None:
-    """Backward, clipping and an optimizer step on a loss that is finite on every rank; None (nothing stepped)
-    otherwise. `trainer` is the HybridEngine or the critic's trainer, `module` what it trains."""
-    if not all_finite(loss.detach()):
-        return None
-    return optimizer_step(trainer, module, loss, config.max_grad_norm)
+def _step_on(trainer, module: torch.nn.Module, losses: list[Callable[[], torch.Tensor]], weights: list[float],
+             config: PPOConfig) -> float | None:
+    """One optimizer step over a minibatch's micro-batches (accumulate.accumulated_step) when their losses are finite
+    on every rank; None (nothing stepped) otherwise. `trainer` is the HybridEngine or the critic's trainer, `module`
+    what it trains."""
+    loss = accumulated_step(trainer, module, losses, weights, config.gradient_accumulation_steps, config.max_grad_norm)
+    return loss if math.isfinite(loss) else None
 
 
-def actor_update(models: Models, mb: xp.Experience, config: PPOConfig, kl_coef: float
-                 ) -> tuple[float | None, dict[str, float]]:
-    """One actor step on a minibatch (the clipped policy loss, plus GRPO's KL term): its loss (None when not finite)
-    and policy_figures of its forward (with a Mixture-of-Experts actor, its router's load-balancing loss as
-    `router_aux_loss`: observed, not added to the loss)."""
-    engine = models.actor
+def micro_experiences(mb: xp.Experience, config: PPOConfig) -> tuple[list[xp.Experience], list[float]]:
+    """A minibatch cut into config.gradient_accumulation_steps micro-batches, and each one's response tokens (the
+    count its losses' pooled means are over)."""
+    rows = micro_batches(range(mb.sequences.shape[0]), config.gradient_accumulation_steps)
+    parts = [mb.select(part) for part in rows]
+    return parts, [float(part.mask.sum()) for part in parts]
+
+
+def _actor_loss(engine, mb: xp.Experience, config: PPOConfig, kl_coef: float, observed: list[dict]) -> torch.Tensor:
+    """The actor's loss on a micro-batch (the clipped policy loss, plus GRPO's KL term); its policy_figures go to
+    `observed` (with a Mixture-of-Experts actor, its router's load-balancing loss as `router_aux_loss`: observed, not
+    added to the loss)."""
     with training_precision(config), router_aux_loss(engine.module) as aux:
         logprobs, entropy = engine.token_logprobs(mb.sequences, mb.attention_mask, mb.start, config.temperature,
                                                   return_entropy=True)
@@ -51,8 +60,20 @@ def actor_update(models: Models, mb: xp.Experience, config: PPOConfig, kl_coef: 
     if config.algo == "grpo" and kl_coef > 0:
         loss = loss + kl_coef * xp.group_kl_loss(logprobs, mb.ref_logprobs, mb.mask)
     figures = policy_figures(logprobs.detach(), old, entropy, mb, config)
-    figures.update({"router_aux_loss": aux[0]} if aux else {})
-    return _step_on(engine, engine.module, loss, config), figures
+    observed.append({**figures, "router_aux_loss": aux[0]} if aux else figures)
+    return loss
+
+
+def actor_update(models: Models, mb: xp.Experience, config: PPOConfig, kl_coef: float
+                 ) -> tuple[float | None, dict[str, float]]:
+    """One actor step on a minibatch (the clipped policy loss, plus GRPO's KL term): its loss (None when not finite)
+    and policy_figures of its forward (token-weighted over its micro-batches; router_aux_loss too, where observed)."""
+    parts, tokens = micro_experiences(mb, config)
+    observed: list[dict] = []
+    losses = [functools.partial(_actor_loss, models.actor, part, config, kl_coef, observed) for part in parts]
+    loss = _step_on(models.actor, models.actor.module, losses, tokens, config)
+    weights = tokens[:len(observed)]
+    return loss, {k: sum(w * o[k] for w, o in zip(weights, observed)) / sum(weights) for k in observed[0]}
 
 
 POLICY_FIGURES = ("entropy", "approx_kl", "clip_frac")
@@ -76,20 +97,31 @@ def _kept(update: tuple[float | None, dict], observed: list[dict]) -> float | No
     return loss
 
 
-def critic_update(models: Models, mb: xp.Experience, config: PPOConfig) -> float | None:
-    """One critic step on a minibatch (the clipped value loss); None when not finite."""
+def _critic_loss(models: Models, mb: xp.Experience, config: PPOConfig) -> torch.Tensor:
     with training_precision(config):
         values = xp.critic_values(models.critic.forward, mb.sequences, mb.attention_mask, mb.start)
-    loss = value_loss(values, mb.old_values, mb.returns, mb.mask, config.value_clip_range)
-    return _step_on(models.critic, models.critic_model, loss, config)
+    return value_loss(values, mb.old_values, mb.returns, mb.mask, config.value_clip_range)
+
+
+def critic_update(models: Models, mb: xp.Experience, config: PPOConfig) -> float | None:
+    """One critic step on a minibatch (the clipped value loss); None when not finite."""
+    parts, tokens = micro_experiences(mb, config)
+    losses = [functools.partial(_critic_loss, models, part, config) for part in parts]
+    return _step_on(models.critic, models.critic_model, losses, tokens, config)
+
+
+def _ptx_loss(models: Models, batch: dict, config: PPOConfig) -> torch.Tensor:
+    with training_precision(config):
+        return config.ptx_coef * sft_loss(models.actor, batch)
 
 
 def ptx_update(models: Models, batch: dict, config: PPOConfig) -> float | None:
     """One actor step on the pre-training mixture: ptx_coef times the LM loss (DeepSpeed-Chat's
     train_unsupervised); None when not finite."""
-    with training_precision(config):
-        loss = config.ptx_coef * sft_loss(models.actor, batch)
-    return _step_on(models.actor, models.actor.module, loss, config)
+    rows = micro_batches(range(batch["input_ids"].shape[0]), config.gradient_accumulation_steps)
+    parts = [{k: v[part] for k, v in batch.items()} for part in rows]
+    losses = [functools.partial(_ptx_loss, models, part, config) for part in parts]
+    return _step_on(models.actor, models.actor.module, losses, [response_tokens(p) for p in parts], config)
 
 
 def optimise(models: Models, exp: xp.Experience, config: PPOConfig, kl_coef: float, step: int,
