@@ -13,6 +13,11 @@ observation only: the head takes the hidden states its forward already has (no s
 fused op on the scored rows once more under no_grad, asking for the entropy (the op's blocks over the vocabulary
 never hold [N, V] logits). The training op's call is unchanged, so the log-probs and their gradients are the same
 to the bit; the price is one more LM-head GEMM over the response rows, without a backward.
+
+A model whose forward transforms its logits after the LM head (Gemma 2's soft-cap, Granite's and Cohere's scales:
+transforms_logits) keeps its head: its forward computes the logits of the scored columns, transform included, and
+the log-probs and entropy are log_softmax of those (scoring_head), HF's own arithmetic at the memory of [B, R, V]
+logits.
 """
 
 from __future__ import annotations
