@@ -139,15 +139,15 @@ def test_sft_loss_is_hfs_and_trains(name):
     assert losses[2] < losses[0]
 
 
-@pytest.mark.slow
 def test_a_ppo_step_trains_a_family_with_transformed_logits(cache):
-    """PPO's actor, its frozen reference (the KL term) and its critic all on Granite."""
+    """PPO's actor, its frozen reference (the KL term) and its critic all on Gemma 2 (Granite has no sequence
+    classifier for a critic)."""
     config = PPOConfig(algo="ppo", max_steps=1, batch_size=2, train_batch_size=2, max_new_tokens=6, lr=1e-3,
                        eval_batch_size=2)
-    sources = ModelSources(actor=family_model("granite"), critic=family_model("granite", seed=1),
+    sources = ModelSources(actor=family_model("gemma2"), critic=family_model("gemma2", seed=1),
                            reward_fn=rule_score_batch)
-    with pytest.warns(HFPathWarning, match="'granite'"):
+    with pytest.warns(HFPathWarning, match="'gemma2'"):
         result = train_ppo(sources, tokenizer(), demo_rows("ppo", 4, 2, cache), config, progress=False)
     record = result.history[0]
-    assert result.steps == 1 and record["logprob_mismatch"] < ATOL * GAIN["granite"]
+    assert result.steps == 1 and record["logprob_mismatch"] < ATOL
     assert all(bool(torch.isfinite(torch.tensor(record[k]))) for k in ("kl", "policy_loss", "value_loss"))
