@@ -26,6 +26,7 @@ STEPS, NEW = 2, 8
 FAMILIES = ["llama-gqa", "qwen3", "olmo2", "smollm3", "phi3", "gemma3", "qwen3-moe", "mixtral"]
 # and a TP subset (OLMo 2's q/k norm over the whole projection refuses TP, MoE's experts are not sharded)
 TP_FAMILIES = ["qwen3", "smollm3", "phi3", "gemma3"]
+SOFTCAP = "gemma3-softcap"  # a family whose logits are transformed after the LM head: ZeRO-3 token_logprobs training
 EOS = dict(eos_token_id=2, pad_token_id=0)  # the tiny Llama's own eos
 
 
@@ -128,9 +129,9 @@ def check(stage: int, lora: bool, gather: str, offload: bool = False, family: st
     )
 
 
-def logprob_training(stage: int, lora: bool, fused: bool) -> list[float]:
+def logprob_training(stage: int, lora: bool, fused: bool, family: str = "llama-gqa") -> list[float]:
     """Losses of 3 steps of -mean log p(response) through engine.token_logprobs (fused) or HF logits."""
-    eng, start, losses = engine(stage, lora), 3, []
+    eng, start, losses = engine(stage, lora, family=family), 3, []
     for step in range(3):
         ids, mask, _ = batch(step)
         if fused:
@@ -178,7 +179,8 @@ def check_tp(lora: bool, gather: str, family: str = "llama-gqa") -> dict:
 
 
 def main(out_dir: str) -> None:
-    for family in FAMILIES:  # saved and reloaded per process before torch.distributed starts (HF saves on rank 0 only)
+    # saved and reloaded per process before torch.distributed starts (HF saves on rank 0 only)
+    for family in [*FAMILIES, SOFTCAP]:
         tiny_model(family)
     hybrid_engine.engine.training.init_distributed()
     results = {}
@@ -198,6 +200,9 @@ def main(out_dir: str) -> None:
     if dist.get_world_size() == 2:
         for family in FAMILIES[1:]:
             results[f"{family}-zero3-lora-layer"] = check(3, True, "layer", family=family)
+        # logits soft-capped after the LM head: token_logprobs reads the HF forward's logits (a partitioned head)
+        results[f"{SOFTCAP}-zero3-lora-token-logprobs-training"] = dict(
+            fused=logprob_training(3, True, True, SOFTCAP), logits=logprob_training(3, True, False, SOFTCAP))
     if dist.get_world_size() == 1:  # offload needs DeepSpeed's CPU Adam (built on first use)
         results["zero3-offload-full-all"] = check(3, False, "all", offload=True)
     if dist.get_world_size() == 2:

@@ -89,9 +89,10 @@ def test_offload_generates_exactly_and_trains_on(ranks):
     assert r["parity"]["max"] <= 1e-5
 
 
-@pytest.mark.parametrize("config", ["zero3-full-token-logprobs-training", "zero3-lora-token-logprobs-training"])
+@pytest.mark.parametrize("config", ["zero3-full-token-logprobs-training", "zero3-lora-token-logprobs-training",
+                                    "gemma3-softcap-zero3-lora-token-logprobs-training"])
 def test_token_logprobs_trains_like_hf_logits_under_zero3(ranks, config):
-    for r in ranks:
+    for r in measured(ranks, config):
         fused, logits = r[config]["fused"], r[config]["logits"]
         assert max(abs(a - b) for a, b in zip(fused, logits)) <= 1e-5, (fused, logits)
 

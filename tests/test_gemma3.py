@@ -94,11 +94,6 @@ def test_the_reference_policy_scores_rows_beyond_the_window_through_hf():
         policy.net.hidden_states(ids, mask)
 
 
-def test_a_soft_capped_reference_policy_is_refused_naming_the_field():
-    with pytest.raises(ValueError, match="final_logit_softcapping=4.0 transforms the logits"):
-        FrozenPolicy(copy.deepcopy(tiny_model("gemma3-softcap")))
-
-
 def test_training_kernels_leave_gemma3s_modules_as_they_are():
     """Gemma's (1 + w) RMSNorm and GELU-tanh MLP do not fit the fused training ops: nothing is patched, the loss and
     its gradients are HF's to the bit."""

@@ -113,13 +113,6 @@ def test_settings_the_hf_path_cannot_honour_are_refused():
             engine("gpt_neox", generation=setting)
 
 
-def test_logits_transformed_after_the_lm_head_are_refused_by_name():
-    config = transformers.GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, logits_scaling=4.0)
-    with pytest.raises(ValueError, match="model_type 'granite': logits_scaling=4.0 transforms the logits"):
-        HybridEngine(transformers.AutoModelForCausalLM.from_config(config))
-
-
 def test_a_rope_type_the_fast_path_does_not_compute_takes_the_hf_path():
     model = demo_llama()
     model.config.rope_parameters = {"rope_type": "proportional", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}

@@ -87,7 +87,6 @@ class HybridEngine:
         ds_config = None if ds_config is None else load_ds_config(ds_config)
         model = _load(model)
         config = base_model(model).config
-        _logprobs.check_plain_logits(config)
         self.hf_reason = fast_path_reason(config)  # None: the fast path serves this model exactly
         self.spec = None if self.hf_reason else spec_from_config(config)
         if ds_config is not None:
@@ -161,7 +160,8 @@ class HybridEngine:
                        temperature: float = 1.0, share_prefix: bool = True, return_entropy: bool = False
                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """fp32 [B, T - start], differentiable: the training-mode log-probs of input_ids[:, start:] (0 where
-        attention_mask is 0), through the fused token_logprobs op, never building [B, T, V] logits. Neighbouring
+        attention_mask is 0), through the fused token_logprobs op, never building [B, T, V] logits (but for a
+        model whose forward transforms its logits, Gemma 2, Granite, Cohere: log_softmax of them). Neighbouring
         rows with the same prompt (input_ids and attention_mask before column start - 1: GRPO's samples of one
         prompt) run it once, unless share_prefix is False or the model trains with gradient checkpointing. With
         return_entropy, also the policy's entropy at those positions, [B, T - start] without gradient, from the
@@ -169,7 +169,8 @@ class HybridEngine:
         model = base_model(self.module)
         share = share_prefix and not _checkpointing(model)
         return _logprobs.token_logprobs(self._trainer.forward, model.get_output_embeddings(), input_ids,
-                                        attention_mask, start, temperature, share, return_entropy)
+                                        attention_mask, start, temperature, share, return_entropy,
+                                        _logprobs.transforms_logits(model.config))
 
     # ---- generation mode ----
     @contextmanager

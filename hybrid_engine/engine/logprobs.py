@@ -13,11 +13,17 @@ observation only: the head takes the hidden states its forward already has (no s
 fused op on the scored rows once more under no_grad, asking for the entropy (the op's blocks over the vocabulary
 never hold [N, V] logits). The training op's call is unchanged, so the log-probs and their gradients are the same
 to the bit; the price is one more LM-head GEMM over the response rows, without a backward.
+
+A model whose forward transforms its logits after the LM head (Gemma 2's soft-cap, Granite's and Cohere's scales:
+transforms_logits) keeps its head: its forward computes the logits of the scored columns, transform included, and
+the log-probs and entropy are log_softmax of those (scoring_head), HF's own arithmetic at the memory of [B, R, V]
+logits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
@@ -27,18 +33,15 @@ from hybrid_engine.model.prefix import run_firsts, shared_prefix_runs
 from hybrid_engine.ops.logprobs import IGNORE_INDEX
 
 LOGIT_TRANSFORMS = ("logits_scaling", "logit_scale", "final_logit_softcapping")
-"""Config fields of families whose causal LM transforms the logits after the LM head (Granite divides, Cohere
-multiplies, Gemma 2 soft-caps): token_logprobs reads the head alone, so it would not apply them."""
+"""Config fields of families whose causal LM transforms its logits beyond the LM head's output (Granite divides,
+Cohere multiplies, Gemma 2 and a Gemma 3 that sets it soft-cap): the fused op reads the head alone, so these models'
+log-probs are read from the logits of their own forward (transforms_logits)."""
 
 
-def check_plain_logits(config) -> None:
-    """Refuses a model whose logits are not its LM head's output, naming the field (token_logprobs would give
-    other log-probs than its forward)."""
-    for name in LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value is not None and value != 1:
-            raise ValueError(f"model_type {getattr(config, 'model_type', None)!r}: {name}={value} transforms the "
-                             "logits after the LM head, which the engine's token_logprobs does not apply")
+def transforms_logits(config) -> bool:
+    """Whether a LOGIT_TRANSFORMS field of `config` is set (not None, not 1): token_logprobs then reads the model's
+    own [B, T, V] logits (hf_logits) instead of running the fused op on the LM head."""
+    return any(getattr(config, name, None) not in (None, 1) for name in LOGIT_TRANSFORMS)
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -94,6 +97,38 @@ def head_as_token_logprobs(lm_head: torch.nn.Module, targets: torch.Tensor, temp
         del lm_head.forward
 
 
+def logits_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                          entropy: list | None = None) -> torch.Tensor:
+    """fp32 [B, T], differentiable: log_softmax(logits / temperature) at `targets` [B, T] from a model's own logits
+    [B, T, V], 0 where the target is the ignore index; with an `entropy` list, also appends the entropy [B, T] of
+    the same distributions (no gradient). Only the scored rows are upcast to fp32."""
+    B, T, V = logits.shape
+    flat = targets.reshape(-1)
+    rows = (flat != IGNORE_INDEX).nonzero().view(-1)
+    z = logits.reshape(B * T, V)[rows].float() / temperature  # (N, V)
+    lse = torch.logsumexp(z, -1)
+    picked = z.gather(1, flat[rows, None])[:, 0] - lse
+    out = z.new_zeros(B * T).index_put((rows,), picked)
+    if entropy is not None:
+        with torch.no_grad():
+            entropy.append(z.new_zeros(B * T).index_put((rows,), lse - (z.softmax(-1) * z).sum(-1)).view(B, T))
+    return out.view(B, T)
+
+
+@contextlib.contextmanager
+def scoring_head(lm_head: torch.nn.Module, targets: torch.Tensor, temperature: float, entropy: list | None = None,
+                 hf_logits: bool = False):
+    """Yields `read`: while active, read(forward(...).logits) is token_logprobs [B, T] of `targets` [B, T] (and each
+    forward appends its entropy to an `entropy` list, as head_as_token_logprobs). Plain models swap the head for the
+    fused op (read returns its output); with hf_logits (transforms_logits) the head is left as it is and read takes
+    log_softmax of the model's own logits, which carry its transform."""
+    if hf_logits:
+        yield lambda logits: logits_token_logprobs(logits, targets, temperature, entropy)
+        return
+    with head_as_token_logprobs(lm_head, targets, temperature, entropy):
+        yield lambda logprobs: logprobs
+
+
 @contextlib.contextmanager
 def head_skipped(lm_head: torch.nn.Module):
     """While active, lm_head(hidden [B, T, H]) returns an empty [B, T, 0]: a pass whose outputs are only its cache."""
@@ -113,12 +148,13 @@ def _columns(logits: torch.Tensor, entropy: list | None, cols: slice) -> Scored:
     return logits[:, cols], None if entropy is None else entropy[-1][:, cols]
 
 
-def _shared_prefix_logprobs(forward: Callable, lm_head: torch.nn.Module, input_ids: torch.Tensor,
-                            attention_mask: torch.Tensor, start: int, temperature: float,
-                            runs: torch.Tensor, entropy: list | None = None) -> Scored | None:
+def _shared_prefix_logprobs(forward: Callable, lm_head: torch.nn.Module, score: Callable, input_ids: torch.Tensor,
+                            attention_mask: torch.Tensor, start: int, runs: torch.Tensor,
+                            entropy: list | None = None) -> Scored | None:
     """token_logprobs' result in two passes: the first start - 1 columns once per run of rows sharing them, their
-    KV cache gathered to every row of the run, then the rest of every row on that cache. The same arithmetic as
-    one pass over all rows, less the repeated prefixes'; None where the model returned no cache."""
+    KV cache gathered to every row of the run, then the rest of every row on that cache (`score(targets)`: the
+    scoring_head of its targets). The same arithmetic as one pass over all rows, less the repeated prefixes'; None
+    where the model returned no cache."""
     cut, T = start - 1, input_ids.shape[1]
     firsts = run_firsts(runs)
     pos = positions(attention_mask)
@@ -129,16 +165,29 @@ def _shared_prefix_logprobs(forward: Callable, lm_head: torch.nn.Module, input_i
     if cache is None or cache.get_seq_length() != cut:
         return None
     cache.batch_select_indices(runs)
-    targets = shifted_targets(input_ids, attention_mask, start)[:, cut:]
-    with head_as_token_logprobs(lm_head, targets, temperature, entropy):
+    with score(shifted_targets(input_ids, attention_mask, start)[:, cut:]) as read:
         out = forward(input_ids=input_ids[:, cut:], attention_mask=attention_mask, position_ids=pos[:, cut:],
                       cache=cache, use_cache=True)
-    return _columns(out.logits, entropy, slice(0, T - start))
+    return _columns(read(out.logits), entropy, slice(0, T - start))
+
+
+def _one_pass_logprobs(forward: Callable, score: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       start: int, entropy: list | None, hf_logits: bool) -> Scored:
+    """token_logprobs' result in one pass over all rows; with hf_logits the model computes only the logits of the
+    scored columns start - 1 .. T - 1 (HF's logits_to_keep)."""
+    T = input_ids.shape[1]
+    targets, cols, keep = shifted_targets(input_ids, attention_mask, start), slice(start - 1, T - 1), {}
+    if hf_logits:
+        targets, cols, keep = targets[:, start - 1:], slice(0, T - start), {"logits_to_keep": T - start + 1}
+    with score(targets) as read:
+        out = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                      use_cache=False, **keep)
+    return _columns(read(out.logits), entropy, cols)
 
 
 def token_logprobs(
     forward: Callable, lm_head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
-    temperature: float = 1.0, share_prefix: bool = True, return_entropy: bool = False,
+    temperature: float = 1.0, share_prefix: bool = True, return_entropy: bool = False, hf_logits: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """fp32 [B, T - start]: log p(input_ids[:, t] | input_ids[:, :t]) for t >= start, 0 where the mask is 0; with
     return_entropy, also the fp32 [B, T - start] entropy of the distribution each was drawn from (0 where the mask
@@ -147,19 +196,17 @@ def token_logprobs(
     `forward(**kwargs)` runs the HF causal LM (the DeepSpeed engine, or the model itself); `lm_head` is that
     model's output projection. With `share_prefix`, neighbouring rows whose first start - 1 columns are the same
     run them once (_shared_prefix_logprobs); not for a model that trains with gradient checkpointing, which keeps no
-    cache."""
+    cache. `hf_logits` (transforms_logits of the model's config): read the model's own logits of the scored columns
+    (scoring_head) instead of the fused op's."""
     B, T = input_ids.shape
     if not 1 <= start < T:
         raise ValueError(f"start must be in [1, {T}) for input_ids of length {T}, got {start}")
     entropy = [] if return_entropy else None
+    score = functools.partial(scoring_head, lm_head, temperature=temperature, entropy=entropy, hf_logits=hf_logits)
     runs = shared_prefix_runs(input_ids, attention_mask, start - 1) if share_prefix else None
     out = None
     if runs is not None:
-        out = _shared_prefix_logprobs(forward, lm_head, input_ids, attention_mask, start, temperature, runs, entropy)
+        out = _shared_prefix_logprobs(forward, lm_head, score, input_ids, attention_mask, start, runs, entropy)
     if out is None:
-        targets = shifted_targets(input_ids, attention_mask, start)
-        with head_as_token_logprobs(lm_head, targets, temperature, entropy):
-            logits = forward(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=positions(attention_mask), use_cache=False).logits
-        out = _columns(logits, entropy, slice(start - 1, T - 1))
+        out = _one_pass_logprobs(forward, score, input_ids, attention_mask, start, entropy, hf_logits)
     return out if return_entropy else out[0]

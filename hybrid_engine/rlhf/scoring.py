@@ -9,7 +9,9 @@ its value head at each sequence's last token. Both equal the HF forward within t
 With an autocast dtype (PPOConfig.bf16_autocast) both score through their HF forward under autocast instead,
 the precision the training forwards run in (as TRL scores its reference under bf16): on a CPU with bf16 units
 that forward is ~3x faster than the fp32 inference path. A family the inference path does not serve
-(spec_from_config refuses it: see engine/hf_path.py) scores through its HF forward too, in its own precision.
+(spec_from_config refuses it: see engine/hf_path.py) scores through its HF forward too, in its own precision, and so
+does a policy whose forward transforms its logits after the LM head (Gemma 2's or a Gemma 3's soft-cap, Granite's and
+Cohere's scales: engine/logprobs.py transforms_logits), whose log-probs are log_softmax of those logits.
 
 Each rank holds a full copy of both frozen models (they are not partitioned by ZeRO).
 """
@@ -69,18 +71,20 @@ def _inference_net(model, spec, weight_dtype: torch.dtype | None) -> InferenceTr
 
 class FrozenPolicy:
     """A frozen causal LM (the PPO reference) that reads the log-probs of given tokens: through the inference
-    path, or with `autocast_dtype` (or for a family the inference path does not serve) through its HF forward."""
+    path, or with `autocast_dtype` (or for a family the inference path does not serve, or whose logits are
+    transformed after its LM head) through its HF forward."""
 
     def __init__(self, model: torch.nn.Module, weight_dtype: torch.dtype | None = None,
                  autocast_dtype: torch.dtype | None = None):
         model = base_model(model)
-        training_logprobs.check_plain_logits(model.config)  # token_logprobs reads the LM head alone, either path
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model.eval()
         self.spec = _spec(model.config)
         self.autocast_dtype = autocast_dtype
-        self.net = None if autocast_dtype or self.spec is None else _inference_net(model, self.spec, weight_dtype)
+        self.hf_logits = training_logprobs.transforms_logits(model.config)  # read from its forward's logits
+        self.net = None if autocast_dtype or self.spec is None or self.hf_logits else \
+            _inference_net(model, self.spec, weight_dtype)
 
     @torch.no_grad()
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
@@ -91,7 +95,8 @@ class FrozenPolicy:
         if self.net is None or _beyond_window(self.spec, input_ids):
             with _autocast(self.autocast_dtype, input_ids.device):
                 return training_logprobs.token_logprobs(self.model, self.model.get_output_embeddings(), input_ids,
-                                                        attention_mask, start, temperature)
+                                                        attention_mask, start, temperature,
+                                                        hf_logits=self.hf_logits)
         B, T = input_ids.shape
         # (B, T - start, H); the prompt's first start - 1 columns once per run of rows sharing them
         hidden = self.net.hidden_states(input_ids, attention_mask, cut=start - 1)[:, : T - start]

@@ -5,7 +5,8 @@ The model trains through a HybridEngine, so the same call runs in one process (d
 torch AdamW) or under DeepSpeed ZeRO 0-3 with torchrun, with or without LoRA. The loss is the token
 mean of -log p over each batch's response tokens (labels from tokens.collate_sft: IGNORE_INDEX on the
 prompt and the padding), computed by the fused token_logprobs op on the final hidden states, never
-building [B, T, V] logits. Held-out perplexity is exp of the token-mean NLL over every response token of
+building [B, T, V] logits (but for a model that transforms its logits after the LM head: log_softmax of its own
+logits, engine/logprobs.py scoring_head). Held-out perplexity is exp of the token-mean NLL over every response token of
 the eval split (evaluated whole on every rank, so each rank reports the same figure).
 
     data = load_step_data(demo_config("sft"), "sft")
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hybrid_engine.engine import HybridEngine
-from hybrid_engine.engine.logprobs import head_as_token_logprobs, positions
+from hybrid_engine.engine.logprobs import positions, scoring_head, transforms_logits
 from hybrid_engine.engine.lora import base_model
 from hybrid_engine.engine.router_loss import router_aux_loss
 from hybrid_engine.engine.training import adamw
@@ -101,10 +102,11 @@ class SFTResult:
 # -- the loss -----------------------------------------------------------------------------------------------
 
 
-def _forward_and_head(model) -> tuple[Callable, torch.nn.Module]:
-    """The forward to call and the LM head to swap for a HybridEngine or an HF causal LM (peft-wrapped or not)."""
-    module = model.module if isinstance(model, HybridEngine) else model
-    return model, base_model(module).get_output_embeddings()
+def _forward_and_head(model) -> tuple[Callable, torch.nn.Module, bool]:
+    """The forward to call, the LM head to swap and whether the model transforms its logits (scoring_head's
+    hf_logits) for a HybridEngine or an HF causal LM (peft-wrapped or not)."""
+    hf = base_model(model.module if isinstance(model, HybridEngine) else model)
+    return model, hf.get_output_embeddings(), transforms_logits(hf.config)
 
 
 def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,13 +114,13 @@ def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
 
     `model` is a HybridEngine or an HF causal LM. A token is scored where its label is not IGNORE_INDEX,
     predicted from the tokens before it: the label at t + 1 is the target of position t."""
-    forward, head = _forward_and_head(model)
+    forward, head, hf_logits = _forward_and_head(model)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     targets = torch.full_like(labels, IGNORE_INDEX)  # (B, T)
     targets[:, :-1] = labels[:, 1:]
-    with head_as_token_logprobs(head, targets, 1.0):
+    with scoring_head(head, targets, 1.0, hf_logits=hf_logits) as read:
         out = forward(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
-    logprobs = out.logits  # (B, T) fp32, 0 where the target is ignored
+    logprobs = read(out.logits)  # (B, T) fp32, 0 where the target is ignored
     return -logprobs.sum(), (targets != IGNORE_INDEX).sum()
 
 
