@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hybrid_engine.generation.checks import check_finite_logits, check_fits, check_model, check_prompts
-from hybrid_engine.generation.hf_generate import fast_path_reason, generate_on_hf_path
+from hybrid_engine.generation.hf_generate import generate_on_hf_path
 from hybrid_engine.generation.output import GenerationOutput
 from hybrid_engine.generation.sampling import SamplingParams, model_token_ids, next_tokens
 from hybrid_engine.model.dtypes import parse_kv_dtype, parse_weight_dtype
@@ -66,11 +66,11 @@ def generate(
     the meta device, is refused the same way.
     """
     check_model(model)
-    reason = fast_path_reason(model.config)
-    if reason is not None:
-        return generate_on_hf_path(model, input_ids, attention_mask, sampling, reason, weight_dtype, kv_dtype,
+    try:
+        spec = spec_from_config(model.config)
+    except ValueError as e:  # no fast path for this model, or a config detail it cannot honour: HF's generate
+        return generate_on_hf_path(model, input_ids, attention_mask, sampling, str(e), weight_dtype, kv_dtype,
                                    overrides)
-    spec = spec_from_config(model.config)
     params = SamplingParams.of(sampling, overrides, model_token_ids(model, spec.vocab_size))
     weights, kv = parse_weight_dtype(weight_dtype), parse_kv_dtype(kv_dtype)
     params.check_vocab(spec.vocab_size)  # before any work
