@@ -1,20 +1,24 @@
 """Checkpoints of a training run, to resume it after a crash or a kill, to the bit.
 
-A checkpoint is a folder `checkpoints/step-N/` beside the run's output: `tensors.safetensors` (the trained
-weights, the optimizers' state tensors, the RNG states, an EMA), `state.json` (the data position, the
-history so far, the optimizers' hyper-parameters) and `manifest.json` (the size and SHA-256 of each of the
-other two). Loading one reads tensors and JSON only: no pickle. It is written to a temporary folder and renamed
-into place, so a kill mid-write leaves the previous checkpoint whole; the run's newest `keep` are kept.
+A checkpoint is a folder `checkpoints/step-N/` beside the run's output: `tensors.safetensors` (what rank 0 writes for
+every rank: the trained weights, torch optimizers' state tensors, an EMA, and in one process the RNG states),
+`state.json` (the data position, the history so far, the optimizers' hyper-parameters, the run's layout: world size,
+ZeRO stage, LoRA), under torch.distributed each rank's `optimizer-rank<r>.safetensors` and `optimizer-rank<r>.json`
+(its RNG states and, under ZeRO 1-3, its partition of the optimizer state: moments and fp32 master weights), and
+`manifest.json` (the size and SHA-256 of every other file, every rank's). What goes where: train_state.py. Loading
+one reads tensors and JSON only: no pickle. Every rank writes its files into a temporary folder; after a barrier
+rank 0 writes its own and the manifest and renames the folder into place, so a kill mid-write leaves the previous
+checkpoint whole; the run's newest `keep` are kept.
 
 Resuming checks every file against the manifest: a damaged newest checkpoint is named and the newest intact one
-is used. Checkpoints written before manifests existed load unchecked, with a note.
+is used. Checkpoints written before manifests existed load unchecked, with a note. A checkpoint resumes only under
+the world size, ZeRO stage and LoRA it was written with (check_same_layout; converting one is not supported yet).
 
 A run never starts over an earlier run's checkpoints (check_output): it resumes them, or its output folder is
 cleared first. The final model is written atomically (save_final): to a temporary folder, then moved into place.
 
-Supported: plain torch in one process, and DeepSpeed ZeRO stage 0 (every rank holds the whole model and
-optimizer; rank 0 writes, every rank reads). ZeRO 1-3 partition the optimizer state across ranks and are
-refused with a clear error.
+Supported: plain torch in one process and DeepSpeed ZeRO 0-3 (with or without LoRA), the optimizer state on the
+GPU or offloaded to the CPU; not NVMe offload, nor ZeRO-1/2's elastic_checkpoint.
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from hybrid_engine.engine.zero import unique_params
 from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.loop import LoopRecord, evals_json
 from hybrid_engine.rlhf.step_config import config_dict
+from hybrid_engine.rlhf.train_state import Snapshot, Trained, layout, restore_training, snapshot
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 FORMAT = "hybrid_engine.checkpoint.v1"
@@ -50,15 +54,12 @@ def note(text: str) -> None:
         print(f"note: {text}", file=sys.stderr, flush=True)
 
 
-def check_supported(config, zero_stage: int | None, resume) -> None:
+def check_supported(config, resume) -> None:
     """Refuses checkpointing (config.checkpoint_every or resume) where it cannot work, before training starts."""
     if not (config.checkpoint_every or resume):
         return
     if config.output_dir is None:
         raise ValueError("checkpoints live under output_dir/checkpoints: set output_dir to write or resume them")
-    if zero_stage not in (None, 0):
-        raise ValueError(f"checkpoints (checkpoint_every, resume) support plain torch and DeepSpeed ZeRO stage 0; "
-                         f"this run uses ZeRO stage {zero_stage}, which partitions the optimizer state")
 
 
 def check_output(config, resume) -> None:
@@ -93,83 +94,6 @@ def check_writable(output_dir: str | os.PathLike) -> None:
                          "could not be saved there") from None
 
 
-# -- what goes in ---------------------------------------------------------------------------------------------
-
-
-def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of `module` by its state_dict name."""
-    return {f"{prefix}.{k}": v.detach().contiguous() for k, v in module.state_dict(keep_vars=True).items()}
-
-
-@torch.no_grad()
-def load_module_tensors(prefix: str, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copies the saved values into `module`'s own tensors (the objects optimizers and hooks hold stay)."""
-    own = module.state_dict(keep_vars=True)
-    missing = [k for k in own if f"{prefix}.{k}" not in tensors]
-    if missing:
-        raise ValueError(f"the checkpoint has no {prefix} tensors {missing[:3]}...: it was written for another model")
-    for k, v in own.items():
-        v.data.copy_(tensors[f"{prefix}.{k}"])
-
-
-def optimizer_state(prefix: str, optimizer: torch.optim.Optimizer, module: torch.nn.Module
-                    ) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, JSON) of a torch optimizer's state_dict; its parameters are named by their index in
-    unique_params(module) so that a rebuilt optimizer finds them."""
-    index = {id(p): i for i, p in enumerate(unique_params([module]))}
-    by_slot = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            by_slot[len(by_slot)] = index[id(p)]
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for slot, state in sd["state"].items():
-        for name, value in state.items():
-            key = f"{by_slot[slot]}.{name}"
-            if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}.{key}"] = value.contiguous()
-            else:
-                scalars[key] = value
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [by_slot[s] for s in g["params"]]}
-              for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def load_optimizer_state(prefix: str, optimizer: torch.optim.Optimizer, module: torch.nn.Module,
-                         tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    index = {id(p): i for i, p in enumerate(unique_params([module]))}
-    slot_of = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            slot_of[index[id(p)]] = len(slot_of)
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith(prefix + "."):
-            param, name = key[len(prefix) + 1:].split(".", 1)
-            state.setdefault(slot_of[int(param)], {})[name] = value
-    for key, value in meta["scalars"].items():
-        param, name = key.split(".", 1)
-        state.setdefault(slot_of[int(param)], {})[name] = value
-    groups = []
-    for saved, live in zip(meta["param_groups"], optimizer.state_dict()["param_groups"]):
-        groups.append({**{k: tuple(v) if k == "betas" else v for k, v in saved.items()}, "params": live["params"]})
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def rng_tensors(generators: dict[str, torch.Generator] | None = None) -> dict[str, torch.Tensor]:
-    """torch's global CPU RNG state and the named generators' states."""
-    out = {"rng.torch": torch.get_rng_state()}
-    for name, g in (generators or {}).items():
-        out[f"rng.{name}"] = g.get_state()
-    return out
-
-
-def restore_rng(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Generator] | None = None) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    for name, g in (generators or {}).items():
-        g.set_state(tensors[f"rng.{name}"])
-
-
 # -- writing and finding ----------------------------------------------------------------------------------------
 
 
@@ -181,31 +105,57 @@ def step_of(folder: Path) -> int:
     return int(STEP_DIR.match(folder.name).group(1))
 
 
+def rank_files(rank: int) -> tuple[str, str]:
+    """The names of a rank's own files in a checkpoint: its tensors and its JSON."""
+    return f"optimizer-rank{rank}.safetensors", f"optimizer-rank{rank}.json"
+
+
 def save_checkpoint(output_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict,
-                    keep: int = 2) -> Path | None:
-    """Writes checkpoints/step-<step>/ atomically on rank 0 (the others wait) with its manifest, and keeps the
-    run's newest `keep`. Checkpoints of later steps are not this run's past (left by the run it resumed from an
-    earlier checkpoint of, or damaged): they are removed, so that a later resume finds this run's newest."""
+                    keep: int = 2, rank_tensors: dict[str, torch.Tensor] | None = None,
+                    rank_state: dict | None = None) -> Path | None:
+    """Writes checkpoints/step-<step>/ atomically with its manifest, and keeps the run's newest `keep`. Every rank
+    calls this; rank 0 writes `tensors` and `state`; with rank_tensors (every rank gives them or none does) each rank
+    writes its own files first, and rank 0 renames the folder into place once every rank's are there. Checkpoints
+    of later steps are not this run's past (left by the run it resumed from an earlier checkpoint of, or damaged):
+    they are removed, so that a later resume finds this run's newest."""
     root = checkpoint_root(output_dir)
-    final = root / f"step-{step}"
-    if rank_and_world()[0] == 0:
-        tmp = root / f".step-{step}.tmp"
+    final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
+    rank, world = rank_and_world()
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"),
-                  metadata={"format": FORMAT})
-        (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "step": step, **state}) + "\n")
+    if rank_tensors is not None:
+        _barrier()  # the folder exists
+        names = rank_files(rank)
+        save_file(_cpu(rank_tensors), str(tmp / names[0]), metadata={"format": FORMAT})
+        (tmp / names[1]).write_text(json.dumps(rank_state or {}) + "\n")
+        _fsync_files(tmp / name for name in names)
+        _barrier()  # every rank's files are written
+    if rank == 0:
+        save_file(_cpu(tensors), str(tmp / "tensors.safetensors"), metadata={"format": FORMAT})
+        rank_count = None if rank_tensors is None else world
+        (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "step": step, "rank_files": rank_count,
+                                                    **state}) + "\n")
+        _fsync_files(tmp / name for name in ("tensors.safetensors", "state.json"))
         manifest = {"format": FORMAT, "files": {p.name: file_entry(p) for p in sorted(tmp.iterdir())}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        _fsync_dir(tmp)
+        _fsync_files([tmp / MANIFEST])
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         found = checkpoints(output_dir)
         for old in [p for p in found if step_of(p) > step] + [p for p in found if step_of(p) <= step][:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in tensors.items()}
+
+
+def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return final
 
 
 def file_entry(path: Path) -> dict:
@@ -215,8 +165,8 @@ def file_entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def _fsync_dir(directory: Path) -> None:
-    for path in directory.iterdir():
+def _fsync_files(paths) -> None:
+    for path in paths:
         with open(path, "rb") as f:
             os.fsync(f.fileno())
 
@@ -293,9 +243,11 @@ def newest_checkpoint(output_dir: str | os.PathLike) -> Path:
                      + "; ".join(f"{folder.name}: {why}" for folder, why in damaged))
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+def load_checkpoint(path: str | os.PathLike, layout_now: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, state) of a checkpoint folder, or of the newest intact one under an output directory
-    (newest_checkpoint). Every file is checked against the checkpoint's manifest first."""
+    (newest_checkpoint): rank 0's tensors with this rank's own (its RNG, its ZeRO partition), state.json with this
+    rank's JSON as state["rank_state"]. Every file is checked against the checkpoint's manifest first; with
+    layout_now (train_state.layout), the checkpoint's layout against it (check_same_layout)."""
     path = Path(path)
     if (path / "state.json").is_file():
         problem = damage(path)
@@ -306,7 +258,38 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     state = json.loads((path / "state.json").read_text())
     if state.get("format") != FORMAT:
         raise ValueError(f"{path}: not a hybrid-engine checkpoint (format {state.get('format')!r})")
-    return load_file(str(path / "tensors.safetensors")), state
+    if layout_now is not None:
+        check_same_layout(state.get("layout"), layout_now, path)
+    tensors = load_file(str(path / "tensors.safetensors"))
+    rank, world = rank_and_world()
+    if state.get("rank_files"):
+        if state["rank_files"] != world:
+            raise ValueError(f"checkpoint {path} was written by {state['rank_files']} ranks, this run has {world}: "
+                             "resume it on as many (converting it to another world size is not supported yet)")
+        names = rank_files(rank)
+        tensors.update(load_file(str(path / names[0])))
+        state["rank_state"] = json.loads((path / names[1]).read_text())
+    return tensors, state
+
+
+def describe_layout(layout: dict) -> str:
+    """A layout as words: '2 ranks, ZeRO stage 3, LoRA'."""
+    stage = "plain torch" if layout.get("zero_stage") is None else f"ZeRO stage {layout['zero_stage']}"
+    ranks = f"{layout.get('world_size')} rank" + ("s" if layout.get("world_size") != 1 else "")
+    return f"{ranks}, {stage}, {'LoRA' if layout.get('lora') else 'every weight trained'}"
+
+
+def check_same_layout(saved: dict | None, now: dict, path: str | os.PathLike) -> None:
+    """Refuses a checkpoint written under another world size, ZeRO stage or LoRA than this run's, naming both."""
+    if saved is None:
+        note(f"checkpoint {path} was written before checkpoints recorded their world size, ZeRO stage and LoRA: "
+             "they are not compared")
+        return
+    keys = ("world_size", "zero_stage", "lora")
+    if any(saved.get(k) != now.get(k) for k in keys):
+        raise ValueError(f"checkpoint {path} was written under {describe_layout(saved)}; this run has "
+                         f"{describe_layout(now)}: resume it under the same (converting a checkpoint to another "
+                         "world size, ZeRO stage or LoRA is not supported yet)")
 
 
 # -- the final model ----------------------------------------------------------------------------------------------
@@ -359,31 +342,8 @@ def _fsync_tree(path: Path) -> None:
 
 # -- a run's trained models -------------------------------------------------------------------------------------
 
-Trained = list[tuple[str, torch.nn.Module, torch.optim.Optimizer]]
-"""(name, module, its optimizer) of each model a run trains."""
-
-
-def training_tensors(trained: Trained, generators: dict[str, torch.Generator] | None = None
-                     ) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, the optimizers' JSON) of the trained models, their optimizers and the RNG states."""
-    tensors, optim_meta = rng_tensors(generators), {}
-    for name, module, optimizer in trained:
-        tensors.update(module_tensors(name, module))
-        optim_tensors, optim_meta[name] = optimizer_state(f"{name}_optim", optimizer, module)
-        tensors.update(optim_tensors)
-    return tensors, optim_meta
-
-
-def restore_training(trained: Trained, tensors: dict[str, torch.Tensor], optim_meta: dict,
-                     generators: dict[str, torch.Generator] | None = None) -> None:
-    for name, module, optimizer in trained:
-        load_module_tensors(name, module, tensors)
-        load_optimizer_state(f"{name}_optim", optimizer, module, tensors, optim_meta[name])
-    restore_rng(tensors, generators)
-
-
 def config_json(config, ignored: tuple[str, ...] = ("checkpoint_every", "keep_checkpoints", "output_dir",
-                                                   "log_samples")) -> dict:
+                                                   "log_samples", "save_adapters_only")) -> dict:
     """A step config as JSON, without the fields that decide only what is written."""
     return {k: v for k, v in config_dict(config).items() if k not in ignored}
 
@@ -437,21 +397,42 @@ class TrainedState:
     """The checkpoint of an SFT or reward-model run (loop.RunState): the trained models, their optimizers, the RNG,
     the losses and evaluations so far. eval_type rebuilds a saved evaluation (None: it is saved as it is)."""
 
-    def __init__(self, config, trained: Trained, eval_type: type | None = None, run: dict | None = None):
-        """run: what defines the run beside its config (RUN_PARTS: fingerprints of its rows and starting model)."""
+    def __init__(self, config, trained: Trained, eval_type: type | None = None, run: dict | None = None,
+                 zero_stage: int | None = None):
+        """run: what defines the run beside its config (RUN_PARTS: fingerprints of its rows and starting model).
+        zero_stage: the DeepSpeed ZeRO stage the models train under (None: plain torch)."""
         self.config, self.trained, self.eval_type, self.run = config, trained, eval_type, run or {}
+        self.layout = run_layout(config, trained, zero_stage)
 
     def save(self, record: LoopRecord) -> None:
-        tensors, optim_meta = training_tensors(self.trained)
-        state = {"config": config_json(self.config), "run": self.run, "optimizers": optim_meta,
-                 "losses": record.history, "evals": evals_json(record.evals), "train_s": record.train_s}
-        save_checkpoint(self.config.output_dir, record.steps, tensors, state, self.config.keep_checkpoints)
+        snap = snapshot(self.trained, adapters_only=self.layout["adapters_only"])
+        state = {"config": config_json(self.config), "run": self.run, "layout": self.layout,
+                 "optimizers": snap.optimizers, "losses": record.history, "evals": evals_json(record.evals),
+                 "train_s": record.train_s}
+        save_snapshot(self.config, record.steps, snap, state)
 
     def restore(self, resume: bool | str, record: LoopRecord) -> None:
-        tensors, state = load_checkpoint(resume_path(self.config, resume))
+        tensors, state = load_checkpoint(resume_path(self.config, resume), self.layout)
         check_same_config(state["config"], self.config)
         check_same_run(state.get("run"), self.run)
-        restore_training(self.trained, tensors, state["optimizers"])
+        restore_training(self.trained, tensors, state)
         record.history, record.train_s, record.steps = state["losses"], state["train_s"], state["step"]
         record.evals = [(step, self.eval_type(**e) if self.eval_type is not None and e is not None else e)
                         for step, e in state["evals"]]
+
+
+def run_layout(config, trained: Trained, zero_stage: int | None) -> dict:
+    """train_state.layout of a run, with config.save_adapters_only (a note when there is no LoRA for it to
+    leave the frozen weights out of)."""
+    out = layout(trained, zero_stage, bool(getattr(config, "save_adapters_only", False)))
+    if out["adapters_only"] and not out["lora"] and config.checkpoint_every:
+        note("save_adapters_only keeps only LoRA adapters in checkpoints; this run has no LoRA and trains every "
+             "weight, so its checkpoints hold them all")
+    return out
+
+
+def save_snapshot(config, step: int, snap: Snapshot, state: dict) -> Path | None:
+    """save_checkpoint of a train_state.Snapshot: its rank files whenever the run is distributed."""
+    distributed = torch.distributed.is_initialized()
+    return save_checkpoint(config.output_dir, step, snap.shared, state, config.keep_checkpoints,
+                           snap.rank if distributed else None, snap.rank_state if distributed else None)

@@ -345,14 +345,14 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
         with eval_mode(trainer):
             return evaluate_reward(trainer.forward, held_out, pad_id, config.eval_batch_size)
 
-    checkpoint.check_supported(config, trainer.zero_stage, resume)
+    checkpoint.check_supported(config, resume)
     run = None if not (config.checkpoint_every or resume) else {  # what a resume must match
         "data": fingerprints.rows_fingerprint(data.train, data.eval), "model": fingerprints.weights_fingerprint(model)}
     trainer.train(True)
     hooks = Trainer(step=train_step, evaluate=evaluate, optimizers=[(trainer.optimizer, config.lr)],
                     postfix=lambda loss: {"loss": f"{loss:.3f}"}, show_eval=lambda e: {"eval_acc": f"{e.accuracy:.3f}"},
                     state=checkpoint.TrainedState(config, [("reward_model", model, trainer.optimizer)], RewardEval,
-                                                  run=run))
+                                                  run=run, zero_stage=trainer.zero_stage))
     record = train_loop(len(train), config, hooks, "reward", progress, resume)
     trainer.train(False)
     check_trained("reward", record.steps, skipped(record.history), config.output_dir)

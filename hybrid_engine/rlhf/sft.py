@@ -219,7 +219,7 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
         observed.extend(aux)
         return loss
 
-    checkpoint.check_supported(config, engine.zero_stage, resume)
+    checkpoint.check_supported(config, resume)
     run = None if not (config.checkpoint_every or resume) else {  # what a resume must match
         "data": fingerprints.rows_fingerprint(data.train, data.eval),
         "model": fingerprints.weights_fingerprint(engine.module)}
@@ -227,7 +227,8 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
     trainer = Trainer(step=train_step, evaluate=lambda: perplexity(engine, held_out, pad_id, config.eval_batch_size),
                       optimizers=[(engine.optimizer, config.lr)], postfix=lambda loss: {"loss": f"{loss:.3f}"},
                       show_eval=lambda ppl: {"eval_ppl": f"{ppl:.3f}"},
-                      state=checkpoint.TrainedState(config, [("model", engine.module, engine.optimizer)], run=run))
+                      state=checkpoint.TrainedState(config, [("model", engine.module, engine.optimizer)], run=run,
+                                                    zero_stage=engine.zero_stage))
     record = train_loop(len(train), config, trainer, "sft", progress, resume)
     check_trained("sft", record.steps, skipped(record.history), config.output_dir)
     if config.output_dir is not None:

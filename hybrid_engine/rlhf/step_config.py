@@ -72,6 +72,9 @@ class StepConfig:
     output_dir/checkpoints every this many steps, to resume from; 0: none."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
+    save_adapters_only: bool = False
+    """With LoRA, checkpoints keep only the adapters (and their optimizer state), not the frozen weights, which a
+    resume takes from the starting model; without LoRA it changes nothing."""
     training_kernels: bool = True
     """Run the training forward and backward through hybrid_engine's fused ops patched into the HF modules
     (RMSNorm, rotary embedding, the gated MLP's activation; Llama, Qwen2, Mistral, Qwen3, OLMo 2,

@@ -134,7 +134,7 @@ def train_ppo(models: ModelSources | Models, tokenizer, data: StepData, config: 
                  ema=None if config.ema_beta is None else ActorEMA(models.actor.module, config.ema_beta),
                  ptx=None if ptx_data is None else PTXBatches(ptx_data, tokenizer, config),
                  length=run_length(len(train.examples), config))
-    checkpoint.check_supported(config, models.actor.zero_stage, resume)
+    checkpoint.check_supported(config, resume)
     defines = None if not (config.checkpoint_every or resume) else _defines(models, data, ptx_data)
     models.actor.train()
     trainer = Trainer(
