@@ -72,7 +72,10 @@ def decode(skeleton, tensors: dict[str, torch.Tensor], template, name: str = "")
     if "tuple" in skeleton:
         return tuple(decode(v, tensors, None, f"{name}/{i}") for i, v in enumerate(skeleton["tuple"]))
     if "dtype" in skeleton:
-        return getattr(torch, skeleton["dtype"])
+        dtype = getattr(torch, str(skeleton["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"the checkpoint's ZeRO optimizer names an unknown dtype {skeleton['dtype']!r} at {name}")
+        return dtype
     kind = skeleton.get("enum") or skeleton.get("dataclass") or skeleton.get("object")
     if type(template).__name__ != kind:
         raise ValueError(f"the checkpoint's ZeRO optimizer holds a {kind} at {name}, this run's a "

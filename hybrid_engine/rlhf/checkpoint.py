@@ -245,9 +245,10 @@ def newest_checkpoint(output_dir: str | os.PathLike) -> Path:
 
 def load_checkpoint(path: str | os.PathLike, layout_now: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, state) of a checkpoint folder, or of the newest intact one under an output directory
-    (newest_checkpoint): rank 0's tensors with this rank's own (its RNG, its ZeRO partition), state.json with this
-    rank's JSON as state["rank_state"]. Every file is checked against the checkpoint's manifest first; with
-    layout_now (train_state.layout), the checkpoint's layout against it (check_same_layout)."""
+    (newest_checkpoint): rank 0's tensors with this rank's own (its RNG, its ZeRO partition), state.json with what
+    this rank ran (save_snapshot's `own`) and its ZeRO optimizers' JSON as state["rank_state"]. Every file is
+    checked against the checkpoint's manifest first; with layout_now (train_state.layout), the checkpoint's layout
+    against it (check_same_layout)."""
     path = Path(path)
     if (path / "state.json").is_file():
         problem = damage(path)
@@ -268,7 +269,8 @@ def load_checkpoint(path: str | os.PathLike, layout_now: dict | None = None) -> 
                              "resume it on as many (converting it to another world size is not supported yet)")
         names = rank_files(rank)
         tensors.update(load_file(str(path / names[0])))
-        state["rank_state"] = json.loads((path / names[1]).read_text())
+        mine = json.loads((path / names[1]).read_text())
+        state.update(mine["own"], rank_state=mine["zero"])
     return tensors, state
 
 
@@ -406,10 +408,10 @@ class TrainedState:
 
     def save(self, record: LoopRecord) -> None:
         snap = snapshot(self.trained, adapters_only=self.layout["adapters_only"])
+        own = {"losses": record.history, "evals": evals_json(record.evals), "train_s": record.train_s}
         state = {"config": config_json(self.config), "run": self.run, "layout": self.layout,
-                 "optimizers": snap.optimizers, "losses": record.history, "evals": evals_json(record.evals),
-                 "train_s": record.train_s}
-        save_snapshot(self.config, record.steps, snap, state)
+                 "optimizers": snap.optimizers}
+        save_snapshot(self.config, record.steps, snap, state, own)
 
     def restore(self, resume: bool | str, record: LoopRecord) -> None:
         tensors, state = load_checkpoint(resume_path(self.config, resume), self.layout)
@@ -431,8 +433,11 @@ def run_layout(config, trained: Trained, zero_stage: int | None) -> dict:
     return out
 
 
-def save_snapshot(config, step: int, snap: Snapshot, state: dict) -> Path | None:
-    """save_checkpoint of a train_state.Snapshot: its rank files whenever the run is distributed."""
+def save_snapshot(config, step: int, snap: Snapshot, state: dict, own: dict) -> Path | None:
+    """save_checkpoint of a train_state.Snapshot and the run's `state`; `own` is what each rank ran (its losses,
+    evaluations and the like): rank 0's goes into state.json, and each rank's into its own JSON whenever the run
+    is distributed, where load_checkpoint reads it back from."""
     distributed = torch.distributed.is_initialized()
-    return save_checkpoint(config.output_dir, step, snap.shared, state, config.keep_checkpoints,
-                           snap.rank if distributed else None, snap.rank_state if distributed else None)
+    mine = {"zero": snap.rank_state, "own": own}
+    return save_checkpoint(config.output_dir, step, snap.shared, {**state, **own}, config.keep_checkpoints,
+                           snap.rank if distributed else None, mine if distributed else None)

@@ -41,12 +41,12 @@ class PPORunState:
         if run.ema is not None:
             snap.shared.update(run.ema.state_tensors())
         state = {"config": ckpt.config_json(run.config), "run": self.defines, "layout": self.layout,
-                 "optimizers": snap.optimizers,
-                 "history": record.history, "evals": evals_json(record.evals),
-                 "skipped": sum(r["skipped"] for r in record.history),
-                 "logprob_source": record.history[-1]["logprob_source"] if record.history else "",
-                 "kl_coef": run.kl_ctl.value, "ptx": None if run.ptx is None else [run.ptx.epoch, run.ptx.taken]}
-        ckpt.save_snapshot(run.config, record.steps, snap, state)
+                 "optimizers": snap.optimizers}
+        own = {"history": record.history, "evals": evals_json(record.evals),
+               "skipped": sum(r["skipped"] for r in record.history),
+               "logprob_source": record.history[-1]["logprob_source"] if record.history else "",
+               "kl_coef": run.kl_ctl.value, "ptx": None if run.ptx is None else [run.ptx.epoch, run.ptx.taken]}
+        ckpt.save_snapshot(run.config, record.steps, snap, state, own)
 
     def restore(self, resume: bool | str, record: LoopRecord) -> None:
         """Loads the checkpoint `resume` names (True: the newest under config.output_dir) into the run."""
