@@ -7,14 +7,11 @@ under another ZeRO stage or world size is refused, naming both. The worker is re
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from torchrun import run_workers
 
 from hybrid_engine.rlhf.checkpoint import load_checkpoint
 
@@ -27,15 +24,7 @@ RUNS = ("sft-zero2-lora", "sft-zero3", "rm-zero2", "rm-zero3", "ppo-zero2", "grp
 @pytest.fixture(scope="module")
 def out(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("resume2")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(WORKER), str(folder)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun --nproc_per_node 2 failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    run_workers(WORKER, [str(folder)])
     return folder
 
 

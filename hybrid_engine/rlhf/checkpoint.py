@@ -17,8 +17,8 @@ the world size, ZeRO stage and LoRA it was written with (check_same_layout; conv
 A run never starts over an earlier run's checkpoints (check_output): it resumes them, or its output folder is
 cleared first. The final model is written atomically (save_final): to a temporary folder, then moved into place.
 
-Supported: plain torch in one process and DeepSpeed ZeRO 0-3 (with or without LoRA), the optimizer state on the
-GPU or offloaded to the CPU; not NVMe offload, nor ZeRO-1/2's elastic_checkpoint.
+Supported: plain torch in one process and DeepSpeed ZeRO 0-3, with or without LoRA (tested without offload; NVMe
+offload is not covered, and ZeRO-1/2's elastic_checkpoint is refused).
 """
 
 from __future__ import annotations

@@ -1,0 +1,25 @@
+"""Starting a test worker in several processes with torchrun (gloo, CPU, one thread each), on a free port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_workers(worker: Path, args: list[str], nproc: int = 2, timeout: float = 900) -> None:
+    """Runs `worker` with `args` in `nproc` processes; a failure fails the test with the end of their output."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), str(worker), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun --nproc_per_node {nproc} {worker.name} failed:\n{proc.stdout[-4000:]}\n"
+                    f"{proc.stderr[-8000:]}")
