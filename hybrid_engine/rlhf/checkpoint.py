@@ -344,6 +344,7 @@ def _fsync_tree(path: Path) -> None:
 
 # -- a run's trained models -------------------------------------------------------------------------------------
 
+
 def config_json(config, ignored: tuple[str, ...] = ("checkpoint_every", "keep_checkpoints", "output_dir",
                                                    "log_samples", "save_adapters_only")) -> dict:
     """A step config as JSON, without the fields that decide only what is written."""
