@@ -47,6 +47,9 @@ class PlanConfig:
     gather: str = "all"
     """ZeRO-3 generation: all (the whole model gathered on every rank) or layer (one block gathered at a time, copied;
     the engine's generation.gather)."""
+    inference_tp_size: int = 1
+    """Ranks that generate together, tensor-parallel (the engine's generation.inference_tp_size): each keeps a copy of
+    1/k of every block's weights."""
     generation_dtype: torch.dtype | None = None
     """The generation weights' dtype (the engine's generation.weight_dtype): none reads the training weights (their
     dtype); bf16 makes bf16 copies."""
@@ -76,6 +79,9 @@ class PlanConfig:
             raise ValueError(f"gather must be 'all' or 'layer', got {self.gather!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if self.inference_tp_size < 1 or self.world_size % self.inference_tp_size:
+            raise ValueError(f"inference_tp_size must divide world_size ({self.world_size}), got "
+                             f"{self.inference_tp_size}")
         for name in ("world_size", "batch_size", "prompt_len", "response_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

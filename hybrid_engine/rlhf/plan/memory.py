@@ -80,7 +80,8 @@ def buffers(model: Trained, c: PlanConfig, resident: bool = False) -> int:
     """DeepSpeed's buffers during a step: ZeRO 1-2's gradient bucket (reduce_bucket_size elements, at most the trained
     weights' count; allocated for each step), ZeRO-3's reduce bucket (reduce_bucket_size, kept between steps), and under
     ZeRO-3 the weights gathered for the running module (the largest weight, whole) and prefetched ahead
-    (prefetch_bucket_size elements). resident: only what stays allocated between steps."""
+    (prefetch_bucket_size elements), the largest twice (it and its all-gather buffer). resident: only what stays
+    allocated between steps."""
     if c.zero_stage == 0 or (resident and c.zero_stage < 3):
         return 0
     w = nbytes(c.weight_dtype)
@@ -89,8 +90,12 @@ def buffers(model: Trained, c: PlanConfig, resident: bool = False) -> int:
     bucket = c.reduce_bucket_size * w  # allocated whole whatever the model's size
     if resident:
         return bucket
-    largest = max(t.numel for t in model.tensors)
-    return bucket + (largest + min(c.prefetch_bucket_size, model.params)) * w
+    return bucket + (2 * largest_weight(model) + min(c.prefetch_bucket_size, model.params)) * w
+
+
+def largest_weight(model: Trained) -> int:
+    """Elements of the largest weight: ZeRO-3 gathers it whole, through an all-gather buffer of its size."""
+    return max(t.numel for t in model.tensors)
 
 
 def gradients_in_flight(model: Trained, c: PlanConfig) -> int:
@@ -104,8 +109,11 @@ def gradients_in_flight(model: Trained, c: PlanConfig) -> int:
 def resident_gradients(model: Trained, c: PlanConfig) -> int:
     """What of the gradients stays allocated between steps (through generation): ZeRO-3's partition, DeepSpeed's bf16
     accumulator; ZeRO 0-2's gradients are freed after each step."""
-    if c.zero_stage == 3 or (c.zero_stage == 0 and c.mixed_precision):
-        return gradients(model, c) - (model.trainable * nbytes(c.weight_dtype) if c.zero_stage == 0 else 0)
+    if c.zero_stage == 3:  # and a tied embedding's whole gradient, kept by the rank that owns it (measured)
+        shape = model.shape
+        return gradients(model, c) + (shape.vocab * shape.hidden * FP32 if shape.tied and not model.lora_r else 0)
+    if c.zero_stage == 0 and c.mixed_precision:
+        return gradients(model, c) - model.trainable * nbytes(c.weight_dtype)
     return 0
 
 
@@ -145,18 +153,22 @@ def activations(model: Trained, c: PlanConfig, sequences: int, tokens: int) -> i
 
 
 def generation_weights(model: Trained, c: PlanConfig) -> int:
-    """What generation adds to the training weights: under ZeRO-3 the whole model gathered (gather "all"), or every
-    block copied with one block and the embeddings/head gathered ("layer"); copies in generation_dtype where it
-    differs from the training dtype; LoRA's adapted weights fused into copies."""
-    shape, w = model.shape, nbytes(c.weight_dtype)
+    """What generation adds to the training weights (engine/mode.py): under ZeRO-3 the whole model gathered (gather
+    "all", with the all-gather buffer of its largest weight), or one block at a time and the embeddings and head
+    ("layer", every block copied); with tensor-parallel generation each block's 1/k shard copied; copies in
+    generation_dtype where it differs from the training dtype; LoRA's adapted weights fused into copies."""
+    shape, w, tp = model.shape, nbytes(c.weight_dtype), c.inference_tp_size
     g = nbytes(c.generation_dtype) if c.generation_dtype is not None else w
-    blocks = shape.layers * shape.block_params()
-    fused = sum(t.numel for t in shape.lora_targets(model.lora_targets)) * g if model.lora_r else 0
-    if c.zero_stage == 3 and c.gather == "layer":
-        return blocks * g + shape.block_params() * w + (shape.params - blocks) * w + fused
-    gathered = shape.params * w if c.zero_stage == 3 else 0
-    copies = shape.params * g if g != w else 0
-    return gathered + copies + fused
+    block = shape.block_params()
+    blocks = shape.layers * block
+    fused = sum(t.numel for t in shape.lora_targets(model.lora_targets)) * g // tp if model.lora_r else 0
+    copied = tp > 1 or g != w or (c.zero_stage == 3 and c.gather == "layer")
+    copies = (blocks // tp + (shape.params - blocks if g != w else 0)) * g if copied else 0
+    if c.zero_stage < 3:
+        return copies + fused
+    if c.gather == "layer":
+        return copies + (block + shape.params - blocks) * w + fused
+    return (shape.params + largest_weight(model)) * w + copies + fused
 
 
 def kv_cache(shape: ModelShape, c: PlanConfig) -> int:

@@ -4,6 +4,7 @@ torch's meta device: exact shapes, no memory, no weights."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,8 +96,9 @@ def model_config(model: str) -> transformers.PretrainedConfig:
                      f"({', '.join(PRESETS)}) or a folder holding config.json")
 
 
+@functools.lru_cache(maxsize=32)
 def model_shape(model: str) -> ModelShape:
-    """The ModelShape of `model` (model_config's forms)."""
+    """The ModelShape of `model` (model_config's forms), built once per process."""
     config = model_config(model)
     with torch.device("meta"):
         built = transformers.AutoModelForCausalLM.from_config(config)
