@@ -73,7 +73,26 @@ def gradients(model: Trained, c: PlanConfig) -> int:
     if c.zero_stage <= 1:
         extra = FP32 * (model.trainable if c.zero_stage == 0 else partitioned(model.trainable, c.world_size))
         return model.trainable * w + (extra if c.mixed_precision else 0)
-    return partitioned(model.trainable, c.world_size) * (FP32 if c.zero_stage == 3 else w)
+    if c.zero_stage == 2:
+        return zero2_partition(model, c.world_size) * w
+    return partitioned(model.trainable, c.world_size) * FP32
+
+
+def zero2_partition(model: Trained, world: int) -> int:
+    """Elements of ZeRO-2's gradient partition on its largest rank: DeepSpeed sizes it as the whole of every trained
+    weight that overlaps the rank's 1/N of the flat weights (stage_1_and_2.py, grads_in_partition), so a weight that
+    straddles two ranks is counted whole on both."""
+    sizes = [t.numel for t in model.tensors] if not model.lora_r else \
+        [t.numel for t in model.tensors if ".lora_" in t.name]
+    share, start, largest = partitioned(sum(sizes), world), 0, 0
+    bounds = []
+    for n in sizes:
+        bounds.append((start, start + n))
+        start += n
+    for rank in range(world):
+        lo, hi = rank * share, (rank + 1) * share
+        largest = max(largest, sum(b - a for a, b in bounds if a < hi and b > lo))
+    return largest
 
 
 def buffers(model: Trained, c: PlanConfig, resident: bool = False) -> int:
