@@ -45,7 +45,8 @@ def batch(case: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.ones_like(ids)
 
 
-def run(case: dict) -> None:
+def build(case: dict) -> HybridEngine:
+    """The preset under the HybridEngine with the case's ZeRO stage, LoRA, checkpointing and gather."""
     model = preset_model(case["preset"], seed=0).train()
     lora = peft.LoraConfig(r=case["lora_r"], lora_alpha=16, lora_dropout=0.0,
                            target_modules=list(case["lora_targets"])) if case["lora_r"] else None
@@ -100,7 +101,7 @@ def main(out: str, case: dict) -> None:
     load()  # the C++ ops loaded before profiling
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with record_function("build"):
-            engine = run(case)
+            engine = build(case)
         with record_function("train"):
             train(engine, case)
         with record_function("generate"):
