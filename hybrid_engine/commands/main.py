@@ -5,6 +5,7 @@
     bench     benchmark reports (bench.py, report/)
     sft, reward, ppo, train, chat   the RLHF steps (sft.py, reward.py, ppo.py, train.py, chat.py)
     demo-files  example inputs of every kind, from the demo task (demo_files.py)
+    plan      per-rank memory of each phase of a run, and whether it fits (plan.py)
 
 This package reads flags and config files, prints summaries and tables, draws plots and writes logs; it calls the
 library (hybrid_engine.rlhf, .generation, .engine) and nothing in the library imports it. How the command ends as a
@@ -23,6 +24,7 @@ from hybrid_engine.commands.ds_optimizer import announce_optimizer_build
 from hybrid_engine.commands.env import add_env_command
 from hybrid_engine.commands.generate import add_generate_command
 from hybrid_engine.commands.noise import silence_known_noise
+from hybrid_engine.commands.plan import add_plan_command
 from hybrid_engine.commands.ppo import add_ppo_command
 from hybrid_engine.commands.process import DEBUG_HELP, EXIT_ERROR, EXIT_USAGE, Parser, run
 from hybrid_engine.commands.reward import add_reward_command
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_command(sub)
     add_chat_command(sub)
     add_demo_files_command(sub)
+    add_plan_command(sub)
     add_debug_flags(sub)
     return parser
 
