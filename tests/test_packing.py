@@ -233,3 +233,12 @@ def test_ppo_and_grpo_with_a_token_budget_equal_the_padded_batch(cache, algo, pl
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=RTOL, abs=ATOL), key
     assert_same_weights(big_actor, packed_actor)
+
+
+def test_deepspeed_refuses_a_budget_that_forms_more_micro_batches_than_it_counts():
+    class DeepSpeedLike:
+        zero_stage = 2
+
+    with pytest.raises(ValueError, match="formed 3 micro-batches for one step, more than the "
+                                         "gradient_accumulation_steps=2 DeepSpeed counts"):
+        accumulate.accumulated_step(DeepSpeedLike(), torch.nn.Linear(1, 1), [torch.zeros] * 3, [1, 1, 1], 2, None)
