@@ -46,10 +46,11 @@ class StepConfig:
     rewards read back per row. The same losses and gradients as padded rows (to fp32 rounding), without computing
     the padding; evaluation packs too."""
     max_tokens_per_batch: int | None = None
-    """With packing: form each optimizer step's micro-batches by this token budget (rows packed until the next would
-    pass it; a reward pair counts both its sequences) instead of cutting it into gradient_accumulation_steps equal
-    row counts; the loss is still the whole batch's (token-share scaling). Under DeepSpeed the budget may form at
-    most gradient_accumulation_steps micro-batches. None: by row count."""
+    """With packing: form each optimizer step's micro-batches (PPO: each minibatch's) by this token budget, the rows
+    longest first, each into the first micro-batch it fits in (a reward pair counts both its sequences), instead of
+    cutting it into gradient_accumulation_steps equal row counts; the loss is still the whole batch's (token-share
+    scaling). A row longer than the budget is an error. Under DeepSpeed the budget may form at most
+    gradient_accumulation_steps micro-batches. None: by row count."""
     eval_batch_size: int = 32
     """Examples per forward pass when evaluating."""
     lr: float = 1e-3

@@ -168,8 +168,10 @@ def build_models(sources: ModelSources, config: PPOConfig, tokenizer=None) -> Mo
     if config.disable_dropout:
         disable_dropout(engine.module)
     if config.packing:
-        for model in (base_model(engine.module), critic_model):
-            check_packable(getattr(model, "config", None))
+        scorer = getattr(frozen_rm, "reward", frozen_rm)  # a RetokenizedRewardModel's FrozenRewardModel
+        for model in (base_model(engine.module), frozen_ref.model, critic_model, getattr(scorer, "model", None)):
+            if model is not None:
+                check_packable(model.config)
     return Models(actor=engine, reference=frozen_ref, reward=frozen_rm, critic=critic_trainer,
                   critic_model=critic_model, reward_fns=reward_fns,
                   eval_fn=None if sources.eval_fn is None else load_reward_fn(sources.eval_fn))
