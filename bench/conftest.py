@@ -8,9 +8,11 @@ parametrize axes beyond the representative ones (harness.representative) and its
 runs every case, as the committed tables in bench/results/ were made:
 
     pytest bench/ --benchmark-only --sweeps --ignore=bench/bench_generate.py --ignore=bench/bench_engine.py \
-        --ignore=bench/bench_rlhf.py --ignore=bench/bench_train.py --benchmark-json=bench/results/kernels.json
+        --ignore=bench/bench_rlhf.py --ignore=bench/bench_train.py --ignore=bench/bench_packing.py \
+        --benchmark-json=bench/results/kernels.json
     pytest bench/bench_generate.py --benchmark-only --sweeps --benchmark-json=bench/results/generation.json
     pytest bench/bench_train.py --benchmark-only --sweeps --benchmark-json=bench/results/train_step.json
+    pytest bench/bench_packing.py --benchmark-only --sweeps --benchmark-json=bench/results/packing.json
     pytest bench/bench_engine.py --benchmark-only --sweeps --benchmark-json=bench/results/engine.json
     pytest bench/bench_rlhf.py --benchmark-only --sweeps -k "rlhf_step and not zero3" \
         --benchmark-json=bench/results/rlhf.json

@@ -157,20 +157,21 @@ class HybridEngine:
         return self.train(False)
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
-                       temperature: float = 1.0, share_prefix: bool = True, return_entropy: bool = False
-                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                       temperature: float = 1.0, share_prefix: bool = True, return_entropy: bool = False,
+                       packed: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """fp32 [B, T - start], differentiable: the training-mode log-probs of input_ids[:, start:] (0 where
         attention_mask is 0), through the fused token_logprobs op, never building [B, T, V] logits (but for a
         model whose forward transforms its logits, Gemma 2, Granite, Cohere: log_softmax of them). Neighbouring
         rows with the same prompt (input_ids and attention_mask before column start - 1: GRPO's samples of one
         prompt) run it once, unless share_prefix is False or the model trains with gradient checkpointing. With
         return_entropy, also the policy's entropy at those positions, [B, T - start] without gradient, from the
-        same forward (engine/logprobs.py)."""
+        same forward (engine/logprobs.py). `packed`: the rows' real tokens run end to end in one row, no padding
+        (engine/packing.py)."""
         model = base_model(self.module)
         share = share_prefix and not _checkpointing(model)
         return _logprobs.token_logprobs(self._trainer.forward, model.get_output_embeddings(), input_ids,
                                         attention_mask, start, temperature, share, return_entropy,
-                                        _logprobs.transforms_logits(model.config))
+                                        _logprobs.transforms_logits(model.config), packed)
 
     # ---- generation mode ----
     @contextmanager

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from hybrid_engine import ops
+from hybrid_engine.engine.packing import packing_of
 from hybrid_engine.model.prefix import run_firsts, shared_prefix_runs
 from hybrid_engine.ops.logprobs import IGNORE_INDEX
 
@@ -185,9 +186,23 @@ def _one_pass_logprobs(forward: Callable, score: Callable, input_ids: torch.Tens
     return _columns(read(out.logits), entropy, cols)
 
 
+def _packed_logprobs(forward: Callable, score: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     start: int, entropy: list | None) -> Scored:
+    """token_logprobs' result in one pass over the packed row of the real tokens (engine/packing.py): each row's
+    targets stop at its own last token, so no target crosses into the next row."""
+    packing, T = packing_of(attention_mask), input_ids.shape[1]
+    targets = packing.pack(shifted_targets(input_ids, attention_mask, start))  # (1, N)
+    with score(targets) as read:
+        out = forward(**packing.kwargs(input_ids))
+    logprobs = packing.unpack(read(out.logits))  # (B, T)
+    scored = None if entropy is None else [packing.unpack(entropy[-1])]
+    return _columns(logprobs, scored, slice(start - 1, T - 1))
+
+
 def token_logprobs(
     forward: Callable, lm_head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
     temperature: float = 1.0, share_prefix: bool = True, return_entropy: bool = False, hf_logits: bool = False,
+    packed: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """fp32 [B, T - start]: log p(input_ids[:, t] | input_ids[:, :t]) for t >= start, 0 where the mask is 0; with
     return_entropy, also the fp32 [B, T - start] entropy of the distribution each was drawn from (0 where the mask
@@ -197,12 +212,16 @@ def token_logprobs(
     model's output projection. With `share_prefix`, neighbouring rows whose first start - 1 columns are the same
     run them once (_shared_prefix_logprobs); not for a model that trains with gradient checkpointing, which keeps no
     cache. `hf_logits` (transforms_logits of the model's config): read the model's own logits of the scored columns
-    (scoring_head) instead of the fused op's."""
+    (scoring_head) instead of the fused op's. `packed`: one forward over the rows' real tokens end to end
+    (_packed_logprobs; no prefix sharing), the same log-probs without computing padding."""
     B, T = input_ids.shape
     if not 1 <= start < T:
         raise ValueError(f"start must be in [1, {T}) for input_ids of length {T}, got {start}")
     entropy = [] if return_entropy else None
     score = functools.partial(scoring_head, lm_head, temperature=temperature, entropy=entropy, hf_logits=hf_logits)
+    if packed:
+        out = _packed_logprobs(forward, score, input_ids, attention_mask, start, entropy)
+        return out if return_entropy else out[0]
     runs = shared_prefix_runs(input_ids, attention_mask, start - 1) if share_prefix else None
     out = None
     if runs is not None:

@@ -29,6 +29,33 @@ def micro_batches(rows: Sequence[int], n: int) -> list[list[int]]:
     return [part.tolist() for part in np.array_split(np.asarray(rows, dtype=np.int64), n) if len(part)]
 
 
+def budget_batches(rows: Sequence[int], lengths: Sequence[int], budget: int, what: str = "row") -> list[list[int]]:
+    """`rows` (lengths[i] tokens each) grouped into micro-batches of at most `budget` tokens: first-fit decreasing
+    (each row, longest first, into the first micro-batch it fits in), each micro-batch's rows in their given order.
+    A row longer than the budget is refused, named as `what` and its id."""
+    used: list[int] = []  # each micro-batch's tokens
+    members: list[list[int]] = []  # each micro-batch's positions in rows
+    for i in sorted(range(len(rows)), key=lambda i: -lengths[i]):
+        if lengths[i] > budget:
+            raise ValueError(f"{what} {rows[i]} has {lengths[i]} tokens, more than max_tokens_per_batch={budget}: "
+                             "raise the budget or shorten the rows (tokens.max_seq_len)")
+        k = next((k for k, u in enumerate(used) if u + lengths[i] <= budget), len(used))
+        if k == len(used):
+            used.append(0)
+            members.append([])
+        used[k] += lengths[i]
+        members[k].append(i)
+    return [[rows[i] for i in sorted(part)] for part in members]
+
+
+def step_batches(rows: Sequence[int], lengths: Sequence[int], config, what: str = "row") -> list[list[int]]:
+    """An optimizer step's micro-batches: by config.max_tokens_per_batch (budget_batches) when set, else
+    config.gradient_accumulation_steps near-equal row counts (micro_batches). lengths[i]: the tokens of rows[i]."""
+    if config.max_tokens_per_batch is None:
+        return micro_batches(rows, config.gradient_accumulation_steps)
+    return budget_batches(rows, lengths, config.max_tokens_per_batch, what)
+
+
 def accumulated_step(trainer, module: torch.nn.Module, losses: Sequence[Callable[[], torch.Tensor]],
                      weights: Sequence[float], n: int, max_grad_norm: float | None) -> float:
     """One optimizer step over micro-batches: losses[i]() is micro-batch i's mean loss (called one at a time, so only
@@ -39,6 +66,10 @@ def accumulated_step(trainer, module: torch.nn.Module, losses: Sequence[Callable
     step() calls it counts per optimizer step)."""
     total = float(sum(weights))
     deepspeed = trainer.zero_stage is not None
+    if deepspeed and len(losses) > n:
+        raise ValueError(f"max_tokens_per_batch formed {len(losses)} micro-batches for one step, more than the "
+                         f"gradient_accumulation_steps={n} DeepSpeed counts: raise gradient_accumulation_steps or "
+                         "max_tokens_per_batch")
     for _ in range(n - len(losses) if deepspeed else 0):
         trainer.step()  # an empty micro-batch (a short last batch): DeepSpeed counts it, nothing to backpropagate
     value = 0.0

@@ -34,10 +34,11 @@ import transformers
 
 from hybrid_engine.engine.logprobs import positions
 from hybrid_engine.engine.lora import lora_layers
+from hybrid_engine.engine.packing import Packing, check_packable, packing_of
 from hybrid_engine.engine.training import adamw, make_trainer
 from hybrid_engine.engine.zero import gathered, unique_params
 from hybrid_engine.rlhf import checkpoint, fingerprints
-from hybrid_engine.rlhf.accumulate import micro_batches
+from hybrid_engine.rlhf.accumulate import step_batches
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.loop import Trainer, train_loop
@@ -182,22 +183,38 @@ class RewardModel(torch.nn.Module):
                         use_cache=False)
         return out.last_hidden_state
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def packed_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                             ) -> tuple[torch.Tensor, Packing]:
+        """The body's final hidden states (1, N, H) of the rows' real tokens run end to end in one row
+        (engine/packing.py), and where each row lies in it."""
+        _check_inputs(input_ids, attention_mask)
+        packing = packing_of(attention_mask)
+        return self.body(**packing.kwargs(input_ids)).last_hidden_state, packing
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool = False) -> torch.Tensor:
         """fp32 [B, T]: the head's value at every position (0 where attention_mask is 0), differentiable: the
-        critic's per-token values."""
+        critic's per-token values. `packed`: one forward over the packed row (packed_hidden_states)."""
+        if packed:
+            hidden, packing = self.packed_hidden_states(input_ids, attention_mask)
+            return packing.unpack(self.value_head(hidden).squeeze(-1).float())
         values = self.value_head(self.hidden_states(input_ids, attention_mask)).squeeze(-1).float()
         return torch.where(attention_mask.bool(), values, torch.zeros_like(values))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """fp32 [B]: each sequence's reward, the head's value at its last non-pad token; differentiable."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        """fp32 [B]: each sequence's reward, the head's value at its last non-pad token; differentiable. `packed`:
+        one forward over the packed row (packed_hidden_states), read at each row's last token there."""
+        if packed:
+            last_token_index(attention_mask)  # refuses a row with no tokens
+            hidden, packing = self.packed_hidden_states(input_ids, attention_mask)  # (1, N, H)
+            return self.value_head(hidden[0, packing.last]).squeeze(-1).float()
         hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
         return self.value_head(last).squeeze(-1).float()
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool = False) -> torch.Tensor:
         """fp32 [B]: forward without gradients, for scoring rollouts (call .eval() first for a frozen model)."""
-        return self.forward(input_ids, attention_mask)
+        return self.forward(input_ids, attention_mask, packed)
 
 
 def _check_body_config(directory: Path) -> None:
@@ -271,29 +288,30 @@ class RewardResult:
         return None if self.after is None else self.after.accuracy
 
 
-def reward_batch(forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def reward_batch(forward, batch: dict[str, torch.Tensor], packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen [B], r_rejected [B]) of a collate_reward batch, both halves in one forward pass of `forward`
-    (a RewardModel, or the DeepSpeed engine around one)."""
+    (a RewardModel, or the DeepSpeed engine around one); `packed` as RewardModel.forward."""
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
     mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    rewards = forward(ids, mask)
+    rewards = forward(ids, mask, packed=packed) if packed else forward(ids, mask)
     return rewards.chunk(2)
 
 
-def batch_loss(forward, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The mean pairwise loss of a collate_reward batch, differentiable."""
-    return pairwise_loss(*reward_batch(forward, batch))
+def batch_loss(forward, batch: dict[str, torch.Tensor], packed: bool = False) -> torch.Tensor:
+    """The mean pairwise loss of a collate_reward batch, differentiable; `packed` as RewardModel.forward."""
+    return pairwise_loss(*reward_batch(forward, batch, packed))
 
 
 @torch.no_grad()
-def evaluate_reward(forward, examples: Sequence[dict], pad_id: int, batch_size: int = 32) -> RewardEval | None:
+def evaluate_reward(forward, examples: Sequence[dict], pad_id: int, batch_size: int = 32, packed: bool = False
+                    ) -> RewardEval | None:
     """Accuracy, mean rewards and loss on tokenize_reward `examples`; None for no examples. `forward` is a
-    RewardModel (or the DeepSpeed engine around one) in the mode the caller chose."""
+    RewardModel (or the DeepSpeed engine around one) in the mode the caller chose; `packed` as RewardModel.forward."""
     if not examples:
         return None
     chosen, rejected = [], []
     for start in range(0, len(examples), batch_size):
-        c, r = reward_batch(forward, collate_reward(examples[start:start + batch_size], pad_id))
+        c, r = reward_batch(forward, collate_reward(examples[start:start + batch_size], pad_id), packed)
         chosen.append(c)
         rejected.append(r)
     c, r = torch.cat(chosen).double(), torch.cat(rejected).double()
@@ -326,6 +344,8 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
     torch.manual_seed(config.seed)
     model = prepare_training(RewardModel.load(model_or_path), config)
     check_vocab(tokenizer, model.config.vocab_size)
+    if config.packing:
+        check_packable(model.config)
     train, stats = tokenize_reward(data.train, tokenizer, config.tokens)
     held_out, _ = tokenize_reward(data.eval, tokenizer, config.tokens)
     if not train:
@@ -335,15 +355,16 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
     trainer = make_trainer(model, ds_config, None if ds_config is not None and "optimizer" in ds_config else optimizer)
 
     def train_step(rows: list[int], step: int) -> float:
+        lengths = [len(train[i]["chosen_input_ids"]) + len(train[i]["rejected_input_ids"]) for i in rows]
         batches = [collate_reward([train[i] for i in part], pad_id)
-                   for part in micro_batches(rows, config.gradient_accumulation_steps)]
-        losses = [functools.partial(batch_loss, trainer.forward, batch) for batch in batches]
+                   for part in step_batches(rows, lengths, config, "training pair")]
+        losses = [functools.partial(batch_loss, trainer.forward, batch, config.packing) for batch in batches]
         pairs = [len(batch["chosen_input_ids"]) for batch in batches]
         return finite_step(trainer, model, losses, pairs, config, "reward", step + 1)
 
     def evaluate() -> RewardEval | None:
         with eval_mode(trainer):
-            return evaluate_reward(trainer.forward, held_out, pad_id, config.eval_batch_size)
+            return evaluate_reward(trainer.forward, held_out, pad_id, config.eval_batch_size, config.packing)
 
     checkpoint.check_supported(config, resume)
     run = None if not (config.checkpoint_every or resume) else {  # what a resume must match

@@ -13,6 +13,9 @@ that forward is ~3x faster than the fp32 inference path. A family the inference 
 does a policy whose forward transforms its logits after the LM head (Gemma 2's or a Gemma 3's soft-cap, Granite's and
 Cohere's scales: engine/logprobs.py transforms_logits), whose log-probs are log_softmax of those logits.
 
+With `packed` (the step's packing), the HF forward runs the rows' real tokens end to end in one row
+(engine/packing.py), no padding; the inference path runs its padded rows as before.
+
 Each rank holds a full copy of both frozen models (they are not partitioned by ZeRO).
 """
 
@@ -72,16 +75,16 @@ def _inference_net(model, spec, weight_dtype: torch.dtype | None) -> InferenceTr
 class FrozenPolicy:
     """A frozen causal LM (the PPO reference) that reads the log-probs of given tokens: through the inference
     path, or with `autocast_dtype` (or for a family the inference path does not serve, or whose logits are
-    transformed after its LM head) through its HF forward."""
+    transformed after its LM head) through its HF forward, packed with `packed`."""
 
     def __init__(self, model: torch.nn.Module, weight_dtype: torch.dtype | None = None,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, packed: bool = False):
         model = base_model(model)
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model.eval()
         self.spec = _spec(model.config)
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype, self.packed = autocast_dtype, packed
         self.hf_logits = training_logprobs.transforms_logits(model.config)  # read from its forward's logits
         self.net = None if autocast_dtype or self.spec is None or self.hf_logits else \
             _inference_net(model, self.spec, weight_dtype)
@@ -96,7 +99,7 @@ class FrozenPolicy:
             with _autocast(self.autocast_dtype, input_ids.device):
                 return training_logprobs.token_logprobs(self.model, self.model.get_output_embeddings(), input_ids,
                                                         attention_mask, start, temperature,
-                                                        hf_logits=self.hf_logits)
+                                                        hf_logits=self.hf_logits, packed=self.packed)
         B, T = input_ids.shape
         # (B, T - start, H); the prompt's first start - 1 columns once per run of rows sharing them
         hidden = self.net.hidden_states(input_ids, attention_mask, cut=start - 1)[:, : T - start]
@@ -117,17 +120,17 @@ def _as_causal_lm(body: torch.nn.Module, head: torch.nn.Linear, family: str) -> 
 class FrozenRewardModel:
     """A frozen RewardModel that scores whole sequences (prompt and response) at their last token: through the
     inference path, or with `autocast_dtype` (or for a family the inference path does not serve) through its HF
-    forward."""
+    forward, packed with `packed`."""
 
     def __init__(self, model: RewardModel, weight_dtype: torch.dtype | None = None,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, packed: bool = False):
         if not isinstance(model, RewardModel):
             raise ValueError(f"FrozenRewardModel needs a RewardModel, got {type(model).__name__}")
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model.eval()
         self.spec = _spec(model.config)
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype, self.packed = autocast_dtype, packed
         self.net = None
         if not autocast_dtype and self.spec is not None:
             lm = _as_causal_lm(model.body, model.value_head, self.spec.family)
@@ -141,7 +144,7 @@ class FrozenRewardModel:
         _check_rows(input_ids, attention_mask, start)
         if self.net is None or _beyond_window(self.spec, input_ids):
             with _autocast(self.autocast_dtype, input_ids.device):
-                return self.model.score(input_ids, attention_mask)
+                return self.model.score(input_ids, attention_mask, self.packed)
         index = last_token_index(attention_mask)  # (B,)
         cut = start - 1 if bool((index >= start - 1).all()) else 0  # every row's last token past the shared columns
         hidden = self.net.hidden_states(input_ids, attention_mask, cut=cut)  # (B, T - cut, H)

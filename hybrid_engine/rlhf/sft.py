@@ -27,10 +27,11 @@ import torch
 from hybrid_engine.engine import HybridEngine
 from hybrid_engine.engine.logprobs import positions, scoring_head, transforms_logits
 from hybrid_engine.engine.lora import base_model
+from hybrid_engine.engine.packing import check_packable, packing_of
 from hybrid_engine.engine.router_loss import router_aux_loss
 from hybrid_engine.engine.training import adamw
 from hybrid_engine.rlhf import checkpoint, fingerprints
-from hybrid_engine.rlhf.accumulate import micro_batches
+from hybrid_engine.rlhf.accumulate import step_batches
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.loop import Trainer, train_loop
@@ -109,18 +110,25 @@ def _forward_and_head(model) -> tuple[Callable, torch.nn.Module, bool]:
     return model, hf.get_output_embeddings(), transforms_logits(hf.config)
 
 
-def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def response_nll(model, batch: dict[str, torch.Tensor], packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of -log p over the response tokens, their count) of a collate_sft batch, differentiable.
 
     `model` is a HybridEngine or an HF causal LM. A token is scored where its label is not IGNORE_INDEX,
-    predicted from the tokens before it: the label at t + 1 is the target of position t."""
+    predicted from the tokens before it: the label at t + 1 is the target of position t. `packed`: the rows' tokens
+    run end to end in one row (engine/packing.py; a row's last target is its own padding's IGNORE_INDEX, so none
+    crosses into the next row)."""
     forward, head, hf_logits = _forward_and_head(model)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     targets = torch.full_like(labels, IGNORE_INDEX)  # (B, T)
     targets[:, :-1] = labels[:, 1:]
+    targets = targets.masked_fill(~mask.bool(), IGNORE_INDEX)
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+    if packed:
+        packing = packing_of(mask)
+        targets, inputs = packing.pack(targets), packing.kwargs(ids)  # (1, N)
     with scoring_head(head, targets, 1.0, hf_logits=hf_logits) as read:
-        out = forward(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
-    logprobs = read(out.logits)  # (B, T) fp32, 0 where the target is ignored
+        out = forward(**inputs)
+    logprobs = read(out.logits)  # (B, T) or (1, N) fp32, 0 where the target is ignored
     return -logprobs.sum(), (targets != IGNORE_INDEX).sum()
 
 
@@ -129,22 +137,25 @@ def response_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The token-mean NLL of a collate_sft batch's response tokens (DeepSpeed-Chat's step-1 loss)."""
-    nll, count = response_nll(model, batch)
+def sft_loss(model, batch: dict[str, torch.Tensor], packed: bool = False) -> torch.Tensor:
+    """The token-mean NLL of a collate_sft batch's response tokens (DeepSpeed-Chat's step-1 loss); `packed` as
+    response_nll."""
+    nll, count = response_nll(model, batch, packed)
     return nll / count.clamp(min=1)
 
 
 @torch.no_grad()
-def perplexity(model, examples: Sequence[dict], pad_id: int, batch_size: int = 32) -> float | None:
+def perplexity(model, examples: Sequence[dict], pad_id: int, batch_size: int = 32, packed: bool = False
+               ) -> float | None:
     """exp of the token-mean NLL over every response token of tokenize_sft `examples` (in eval mode; the
-    mode is restored after); None for no examples. `model` is a HybridEngine or an HF causal LM."""
+    mode is restored after); None for no examples. `model` is a HybridEngine or an HF causal LM; `packed` as
+    response_nll."""
     if not examples:
         return None
     total, count = 0.0, 0
     with eval_mode(model):
         for start in range(0, len(examples), batch_size):
-            nll, n = response_nll(model, collate_sft(examples[start:start + batch_size], pad_id))
+            nll, n = response_nll(model, collate_sft(examples[start:start + batch_size], pad_id), packed)
             total, count = total + float(nll), count + int(n)
     return math.exp(total / max(count, 1))
 
@@ -194,6 +205,8 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
     torch.manual_seed(config.seed)
     engine = _engine(model, config, ds_config, lora)
     check_vocab(tokenizer, base_model(engine.module).config.vocab_size)
+    if config.packing:
+        check_packable(base_model(engine.module).config)
     train, stats = tokenize_sft(data.train, tokenizer, config.tokens)
     held_out, _ = tokenize_sft(data.eval, tokenizer, config.tokens)
     if not train:
@@ -202,8 +215,9 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
 
     def train_step(rows: list[int], step: int) -> float:
         nonlocal tokens
+        lengths = [len(train[i]["input_ids"]) for i in rows]
         batches = [collate_sft([train[i] for i in part], pad_id)
-                   for part in micro_batches(rows, config.gradient_accumulation_steps)]
+                   for part in step_batches(rows, lengths, config, "training row")]
         tokens += sum(int(batch["attention_mask"].sum()) for batch in batches)
         observed: list[float] = []
         losses = [functools.partial(observed_loss, batch, observed) for batch in batches]
@@ -215,7 +229,7 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
     def observed_loss(batch: dict, observed: list[float]) -> torch.Tensor:
         """sft_loss, with a Mixture-of-Experts model's router load-balancing loss of its forward added to `observed`."""
         with router_aux_loss(engine.module) as aux:
-            loss = sft_loss(engine, batch)
+            loss = sft_loss(engine, batch, config.packing)
         observed.extend(aux)
         return loss
 
@@ -224,7 +238,8 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
         "data": fingerprints.rows_fingerprint(data.train, data.eval),
         "model": fingerprints.weights_fingerprint(engine.module)}
     engine.train()
-    trainer = Trainer(step=train_step, evaluate=lambda: perplexity(engine, held_out, pad_id, config.eval_batch_size),
+    trainer = Trainer(step=train_step, evaluate=lambda: perplexity(engine, held_out, pad_id, config.eval_batch_size,
+                                                                config.packing),
                       optimizers=[(engine.optimizer, config.lr)], postfix=lambda loss: {"loss": f"{loss:.3f}"},
                       show_eval=lambda ppl: {"eval_ppl": f"{ppl:.3f}"},
                       state=checkpoint.TrainedState(config, [("model", engine.module, engine.optimizer)], run=run,

@@ -40,6 +40,17 @@ class StepConfig:
     """Micro-batches per optimizer step: each step's batch is cut into this many, backpropagated one after the other
     (less memory, the same update: each micro-batch's mean loss is scaled by its share of the step's tokens or
     pairs); it must divide the batch (batch_size; PPO: train_batch_size)."""
+    packing: bool = False
+    """Run each micro-batch padding-free: its rows' tokens end to end in one row, each row's positions from 0 and its
+    attention bounded to itself (transformers reads the packed rows from the position ids), log-probs, values and
+    rewards read back per row. The same losses and gradients as padded rows (to fp32 rounding), without computing
+    the padding; evaluation packs too."""
+    max_tokens_per_batch: int | None = None
+    """With packing: form each optimizer step's micro-batches (PPO: each minibatch's) by this token budget, the rows
+    longest first, each into the first micro-batch it fits in (a reward pair counts both its sequences), instead of
+    cutting it into gradient_accumulation_steps equal row counts; the loss is still the whole batch's (token-share
+    scaling). A row longer than the budget is an error. Under DeepSpeed the budget may form at most
+    gradient_accumulation_steps micro-batches. None: by row count."""
     eval_batch_size: int = 32
     """Examples per forward pass when evaluating."""
     lr: float = 1e-3
@@ -129,6 +140,7 @@ def check_common(config) -> None:
     if config.decay_steps is not None and (not isinstance(config.decay_steps, int) or config.decay_steps < 1):
         raise ValueError(f"decay_steps must be a positive integer or None, got {config.decay_steps!r}")
     check_schedule(config.schedule, config.warmup_steps, config.decay_steps)
+    check_packing(config.packing, config.max_tokens_per_batch)
     batch = config.OPTIMIZER_BATCH
     check_accumulation(config.gradient_accumulation_steps, getattr(config, batch), batch)
     if config.nonfinite not in NONFINITE:
@@ -143,6 +155,18 @@ def check_accumulation(steps, batch, batch_name: str) -> None:
     if isinstance(batch, int) and batch > 0 and batch % steps:
         raise ValueError(f"gradient_accumulation_steps {steps} must divide {batch_name} {batch} (the rows of an "
                          f"optimizer step on each rank, cut into {steps} micro-batches)")
+
+
+def check_packing(packing, budget) -> None:
+    """Refuses a token budget that is not a positive integer or None, or one without packing."""
+    if not isinstance(packing, bool):
+        raise ValueError(f"packing must be true or false, got {packing!r}")
+    if budget is None:
+        return
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise ValueError(f"max_tokens_per_batch must be a positive integer or None, got {budget!r}")
+    if not packing:
+        raise ValueError(f"max_tokens_per_batch {budget} needs packing: set packing to true")
 
 
 def check_finite(config) -> None:

@@ -13,6 +13,7 @@ docs/benchmarks.md.
 | generation_families.json | BENCH_GENERATE_MODELS=olmo2-125m,... bench/bench_generate.py | generation_families | |
 | generation_moe.json | bench/bench_moe.py | generation_moe | |
 | train_step.json | bench/bench_train.py | train_step | |
+| packing.json | bench/bench_packing.py | packing | |
 | engine.json | bench/bench_engine.py | engine (+ _headline) | |
 | rlhf.json | bench/bench_rlhf.py | rlhf (+ _headline) | rlhf_phases |
 | rlhf_wallclock.json | bench/bench_rlhf.py -k "... and fp32" | rlhf_wallclock | |
@@ -39,6 +40,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "generation_families": ("generation_families", tables.table),
     "generation_moe": ("generation_moe", tables.table),
     "train_step": ("train_step", tables.table),
+    "packing": ("packing", tables.table),
     "engine": ("engine", engine.tables),
     "rlhf": ("rlhf", rlhf.table),
     "rlhf_wallclock": ("rlhf_wallclock", rlhf.table),
@@ -66,6 +68,7 @@ PAGES: dict[str, str] = {
     "generation_families": "benchmarks.md",
     "generation_moe": "benchmarks.md",
     "train_step": "benchmarks.md",
+    "packing": "benchmarks.md",
     "engine": "benchmarks.md",
     "rlhf": "benchmarks.md",
     "rlhf_wallclock": "benchmarks.md",

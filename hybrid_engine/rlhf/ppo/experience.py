@@ -63,9 +63,10 @@ def training_precision(config: PPOConfig):
 
 
 @torch.no_grad()
-def recompute_logprobs(engine: HybridEngine, ro: xp.Rollout, temperature: float) -> torch.Tensor:
+def recompute_logprobs(engine: HybridEngine, ro: xp.Rollout, temperature: float, packed: bool = False
+                       ) -> torch.Tensor:
     with eval_mode(engine):
-        return engine.token_logprobs(ro.sequences, ro.attention_mask, ro.start, temperature)
+        return engine.token_logprobs(ro.sequences, ro.attention_mask, ro.start, temperature, packed=packed)
 
 
 def old_logprobs(models: Models, ro: xp.Rollout, config: PPOConfig, check: bool) -> tuple[torch.Tensor, dict]:
@@ -77,12 +78,12 @@ def old_logprobs(models: Models, ro: xp.Rollout, config: PPOConfig, check: bool)
         return ro.logprobs, {"logprob_source": ON_POLICY}
     if config.inexact_logprobs:
         with training_precision(config):
-            logprobs = recompute_logprobs(models.actor, ro, config.temperature)
+            logprobs = recompute_logprobs(models.actor, ro, config.temperature, config.packing)
         return logprobs, {"logprob_source": "recomputed"}
     figures = {"logprob_source": "generation"}
     if check:
         t0 = time.perf_counter()
-        again = recompute_logprobs(models.actor, ro, config.temperature)
+        again = recompute_logprobs(models.actor, ro, config.temperature, config.packing)
         figures["recompute_s"] = time.perf_counter() - t0
         figures["logprob_mismatch"] = float(((again - ro.logprobs) * ro.mask).abs().max())
     return ro.logprobs, figures

@@ -12,6 +12,8 @@ import torch
 import transformers
 
 from hybrid_engine.engine import HybridEngine
+from hybrid_engine.engine.lora import base_model
+from hybrid_engine.engine.packing import check_packable
 from hybrid_engine.engine.training import adamw, make_trainer
 from hybrid_engine.rlhf.ppo.config import PPOConfig
 from hybrid_engine.rlhf.ppo.rewards import RewardFunctions
@@ -28,12 +30,12 @@ from hybrid_engine.rlhf.trainer import disable_dropout, optimizer_lr, prepare_tr
 class Critic(torch.nn.Module):
     """A RewardModel whose forward gives per-position values (B, T), so DeepSpeed can wrap it as the critic."""
 
-    def __init__(self, reward_model: RewardModel):
+    def __init__(self, reward_model: RewardModel, packed: bool = False):
         super().__init__()
-        self.reward_model = reward_model
+        self.reward_model, self.packed = reward_model, packed
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.reward_model.values(input_ids, attention_mask)
+        return self.reward_model.values(input_ids, attention_mask, self.packed)
 
 
 def _load_lm(model):
@@ -42,14 +44,14 @@ def _load_lm(model):
     return model
 
 
-def _reference(actor, reference, autocast_dtype: torch.dtype | None) -> FrozenPolicy:
+def _reference(actor, reference, autocast_dtype: torch.dtype | None, packed: bool) -> FrozenPolicy:
     """The frozen reference: given, or a copy of the actor before it trains."""
     if reference is not None:
         return FrozenPolicy(copy.deepcopy(_load_lm(reference)) if isinstance(reference, torch.nn.Module)
-                            else _load_lm(reference), autocast_dtype=autocast_dtype)
+                            else _load_lm(reference), autocast_dtype=autocast_dtype, packed=packed)
     if isinstance(actor, HybridEngine):
         raise ValueError("the actor is already a HybridEngine: give the reference policy (the SFT model) too")
-    return FrozenPolicy(copy.deepcopy(_load_lm(actor)), autocast_dtype=autocast_dtype)
+    return FrozenPolicy(copy.deepcopy(_load_lm(actor)), autocast_dtype=autocast_dtype, packed=packed)
 
 
 def _trained_reward_model(reward_model) -> RewardModel:
@@ -113,9 +115,10 @@ class Models:
     eval_fn: Callable | None = None
 
 
-def _frozen_reward_model(sources: ModelSources, scoring_dtype, tokenizer):
+def _frozen_reward_model(sources: ModelSources, scoring_dtype, tokenizer, packed: bool):
     """The frozen reward model, scoring through its own tokenizer where that differs from the policy's `tokenizer`."""
-    frozen = FrozenRewardModel(copy.deepcopy(_trained_reward_model(sources.reward_model)), autocast_dtype=scoring_dtype)
+    frozen = FrozenRewardModel(copy.deepcopy(_trained_reward_model(sources.reward_model)), autocast_dtype=scoring_dtype,
+                               packed=packed)
     own = sources.reward_tokenizer
     if own is None and not isinstance(sources.reward_model, torch.nn.Module):
         own = saved_tokenizer(sources.reward_model)
@@ -134,8 +137,9 @@ def build_models(sources: ModelSources, config: PPOConfig, tokenizer=None) -> Mo
                             accumulation=config.gradient_accumulation_steps)
     has_ds_optimizer = ds is not None and "optimizer" in ds
     scoring_dtype = torch.bfloat16 if config.bf16_autocast else None  # the frozen models score as training runs
-    frozen_ref = _reference(actor, sources.reference, scoring_dtype)
-    frozen_rm = None if reward_model is None else _frozen_reward_model(sources, scoring_dtype, tokenizer)
+    frozen_ref = _reference(actor, sources.reference, scoring_dtype, config.packing)
+    frozen_rm = None if reward_model is None else _frozen_reward_model(sources, scoring_dtype, tokenizer,
+                                                                        config.packing)
     critic_model = critic_trainer = None
     if config.algo == "ppo":
         source = critic if critic is not None else reward_model
@@ -145,7 +149,7 @@ def build_models(sources: ModelSources, config: PPOConfig, tokenizer=None) -> Mo
         critic_model = prepare_training(copy.deepcopy(RewardModel.load(source)), config)
         if config.disable_dropout:
             disable_dropout(critic_model)
-        critic_trainer = make_trainer(Critic(critic_model), optimizer_lr(ds, config.critic_lr),
+        critic_trainer = make_trainer(Critic(critic_model, config.packing), optimizer_lr(ds, config.critic_lr),
                                       None if has_ds_optimizer else _adamw(config.critic_lr, config.weight_decay))
         critic_trainer.train(True)
     if isinstance(actor, HybridEngine):
@@ -163,6 +167,11 @@ def build_models(sources: ModelSources, config: PPOConfig, tokenizer=None) -> Mo
     prepare_training(engine.module, config)
     if config.disable_dropout:
         disable_dropout(engine.module)
+    if config.packing:
+        scorer = getattr(frozen_rm, "reward", frozen_rm)  # a RetokenizedRewardModel's FrozenRewardModel
+        for model in (base_model(engine.module), frozen_ref.model, critic_model, getattr(scorer, "model", None)):
+            if model is not None:
+                check_packable(model.config)
     return Models(actor=engine, reference=frozen_ref, reward=frozen_rm, critic=critic_trainer,
                   critic_model=critic_model, reward_fns=reward_fns,
                   eval_fn=None if sources.eval_fn is None else load_reward_fn(sources.eval_fn))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from hybrid_engine.engine.router_loss import router_aux_loss
-from hybrid_engine.rlhf.accumulate import accumulated_step, micro_batches
+from hybrid_engine.rlhf.accumulate import accumulated_step, step_batches
 from hybrid_engine.rlhf.data import StepData
 from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.losses import approx_kl, clip_fraction, policy_loss, token_mean, value_loss
@@ -41,9 +41,10 @@ def _step_on(trainer, module: torch.nn.Module, losses: list[Callable[[], torch.T
 
 
 def micro_experiences(mb: xp.Experience, config: PPOConfig) -> tuple[list[xp.Experience], list[float]]:
-    """A minibatch cut into config.gradient_accumulation_steps micro-batches, and each one's response tokens (the
-    count its losses' pooled means are over)."""
-    rows = micro_batches(range(mb.sequences.shape[0]), config.gradient_accumulation_steps)
+    """A minibatch cut into micro-batches (config.gradient_accumulation_steps of them, or by the token budget
+    config.max_tokens_per_batch), and each one's response tokens (the count its losses' pooled means are over)."""
+    lengths = mb.attention_mask.sum(1).tolist()
+    rows = step_batches(list(range(mb.sequences.shape[0])), lengths, config, "minibatch row")
     parts = [mb.select(part) for part in rows]
     return parts, [float(part.mask.sum()) for part in parts]
 
@@ -54,7 +55,7 @@ def _actor_loss(engine, mb: xp.Experience, config: PPOConfig, kl_coef: float, ob
     added to the loss)."""
     with training_precision(config), router_aux_loss(engine.module) as aux:
         logprobs, entropy = engine.token_logprobs(mb.sequences, mb.attention_mask, mb.start, config.temperature,
-                                                  return_entropy=True)
+                                                  return_entropy=True, packed=config.packing)
     old = logprobs.detach() if ratio_from_training_forward(config) else mb.old_logprobs
     loss = policy_loss(logprobs, old, mb.advantages, mb.mask, config.clip_range)
     if config.algo == "grpo" and kl_coef > 0:
@@ -112,13 +113,14 @@ def critic_update(models: Models, mb: xp.Experience, config: PPOConfig) -> float
 
 def _ptx_loss(models: Models, batch: dict, config: PPOConfig) -> torch.Tensor:
     with training_precision(config):
-        return config.ptx_coef * sft_loss(models.actor, batch)
+        return config.ptx_coef * sft_loss(models.actor, batch, config.packing)
 
 
 def ptx_update(models: Models, batch: dict, config: PPOConfig) -> float | None:
     """One actor step on the pre-training mixture: ptx_coef times the LM loss (DeepSpeed-Chat's
     train_unsupervised); None when not finite."""
-    rows = micro_batches(range(batch["input_ids"].shape[0]), config.gradient_accumulation_steps)
+    rows = step_batches(list(range(batch["input_ids"].shape[0])), batch["attention_mask"].sum(1).tolist(), config,
+                        "pre-training row")
     parts = [{k: v[part] for k, v in batch.items()} for part in rows]
     losses = [functools.partial(_ptx_loss, models, part, config) for part in parts]
     return _step_on(models.actor, models.actor.module, losses, [response_tokens(p) for p in parts], config)
