@@ -1,7 +1,8 @@
 """Two "nodes" on this machine: two torchrun processes, each with its own node rank and one rank, meeting over
 127.0.0.1 (gloo) as two machines would. `hybrid-engine ppo` under ZeRO-3 on two nodes (the rendezvous form of torchrun)
 trains exactly as one torchrun of two ranks does, and a rank killed on one node (the static form) ends the run on both
-nodes, the surviving node's output naming the rank that stopped."""
+nodes, the surviving node's output naming the rank that stopped. The deepspeed launcher's --local_rank, which it
+passes before the command's name, is accepted."""
 
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ import pytest
 from demo_models import demo_llama, save_demo_llama
 from test_cli_distributed import KILLER, ZERO, _free_port
 
+from hybrid_engine.commands.main import build_parser
 from hybrid_engine.rlhf import RewardModel
-
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 PPO = ["ppo", "--model", "start", "--reward-model", "rm0", "--ds-config", "z3.json", "--max-steps", "2",
        "--batch-size", "2", "--train-batch-size", "2", "--max-new-tokens", "8", "--demo", "--no-progress"]
@@ -75,6 +75,13 @@ def _ok(result: tuple[int, str, float], what: str) -> None:
         pytest.fail(f"{what} failed (exit status {result[0]}):\n{result[1][-6000:]}")
 
 
+def test_the_deepspeed_launchers_local_rank_is_accepted():
+    args = build_parser().parse_args(["--local_rank=1", "ppo", "--demo"])  # `deepspeed --module hybrid_engine...`
+    assert args.local_rank == 1 and args.command == "ppo"
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_two_nodes_train_as_one_node_of_two_ranks(work):
     one = ["--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
     port = _free_port()
@@ -93,6 +100,8 @@ def test_two_nodes_train_as_one_node_of_two_ranks(work):
         assert (work / "one" / file).read_bytes() == (work / "two" / file).read_bytes(), file
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_a_rank_killed_on_one_node_ends_both_and_is_named(work):
     port = _free_port()
     args = [*PPO, "--output", "dead", "--reward-fn", "killer.py:score"]  # rank 1 kills itself at its second score
