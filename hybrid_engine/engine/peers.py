@@ -7,7 +7,8 @@ rank adds 1 to its counter `hybrid_engine/heartbeat/<rank>` in the group's store
 thread, beside where it runs (`hybrid_engine/where/<rank>`: node, host and pid). A rank that ends on an exception
 (sys.excepthook, after the traceback) reads the counters twice, STOPPED_AFTER_S apart, and prints one line naming the
 ranks whose counter did not move, or saying that the store itself no longer answers (the process holding it, on
-node 0, has ended). Where every rank still beats, it prints nothing.
+node 0 or the rendezvous endpoint, has ended). Where every rank still beats, it prints nothing. The store's client is
+thread-safe (TCPStore serialises its operations), so the beats go through the process group's own.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def stopped_line(store, rank: int, world: int, wait_s: float = STOPPED_AFTER_S) 
         where = {r: store.get(f"{WHERE}{r}").decode() for r in stopped}
     except Exception as error:
         return (f"{me}, and the run's store no longer answers ({type(error).__name__}): the process holding it "
-                f"(torchrun's agent on node 0, or rank 0) has ended; that node's output says why")
+                f"(torchrun's agent on node 0 or at the rendezvous endpoint, or rank 0 under the deepspeed launcher) "
+                f"has ended; that node's output says why")
     if not stopped:
         return None
     named = "; ".join(f"rank {r} ({where[r]})" for r in stopped)
