@@ -80,3 +80,9 @@ def test_the_node_is_the_launchers(monkeypatch):
 def test_a_world_of_one_starts_no_heartbeat():
     peers.watch()  # no process group here
     assert peers._state["store"] is None
+
+
+def test_the_heartbeat_ends_when_stopped(store):
+    stop, (thread,) = beating(store, [0])
+    peers._stop(stop, thread)
+    assert not thread.is_alive()

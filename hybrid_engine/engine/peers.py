@@ -28,6 +28,7 @@ from torch.distributed import distributed_c10d
 HEARTBEAT_S = 1.0
 STOPPED_AFTER_S = 3.0  # three beats missed: stopped, not merely slow
 STORE_TIMEOUT_S = 10.0  # how long the excepthook waits on the store before calling it gone
+STOP_WAIT_S = 5.0  # how long the process's exit waits for the heartbeat to end
 BEAT = "hybrid_engine/heartbeat/"
 WHERE = "hybrid_engine/where/"
 _state: dict = {"store": None, "rank": 0, "world": 1}
@@ -50,6 +51,13 @@ def _beat(store, key: str, stop: threading.Event) -> None:
             return
 
 
+def _stop(stop: threading.Event, thread: threading.Thread) -> None:
+    """Ends the heartbeat before the interpreter finalizes: a daemon thread still inside the store's C++ call then
+    would be ended mid-call."""
+    stop.set()
+    thread.join(timeout=STOP_WAIT_S)
+
+
 def watch() -> None:
     """Starts this rank's heartbeat and the excepthook that names stopped ranks; once per process, and nothing
     without a process group or in a world of one."""
@@ -59,9 +67,10 @@ def watch() -> None:
     store.set(f"{WHERE}{rank}", f"node {node_rank()}, host {socket.gethostname()}, pid {os.getpid()}")
     store.add(f"{BEAT}{rank}", 1)
     stop = threading.Event()
-    threading.Thread(target=_beat, args=(store, f"{BEAT}{rank}", stop), daemon=True,
-                     name="hybrid_engine heartbeat").start()
-    atexit.register(stop.set)
+    thread = threading.Thread(target=_beat, args=(store, f"{BEAT}{rank}", stop), daemon=True,
+                              name="hybrid_engine heartbeat")
+    thread.start()
+    atexit.register(_stop, stop, thread)
     _state.update(store=store, rank=rank, world=dist.get_world_size())
     sys.excepthook = functools.partial(_excepthook, previous=sys.excepthook)
 
