@@ -120,13 +120,15 @@ def _short_hash(text: str) -> str:
 
 def build_directory() -> Path:
     """The JIT cache: one directory per torch version, package location (a checkout or an install), Python
-    environment (sys.prefix) and CPU capability. Two checkouts, or two virtualenvs on one checkout, sharing
-    one directory would rebuild over each other."""
+    environment (sys.prefix), CPU capability and compiler flags. Two checkouts, or two virtualenvs on one checkout,
+    sharing one directory would rebuild over each other; nodes of one run sharing a home directory whose CPUs differ
+    (AVX512-BF16 on one, not on the other) would load a build whose instructions the other's CPU lacks."""
     base = os.environ.get("HYBRID_ENGINE_BUILD_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hybrid_engine"
     )
     location, environment = _short_hash(str(PACKAGE)), _short_hash(os.path.realpath(sys.prefix))
-    key = f"torch{torch.__version__.replace('+', '_')}-{location}-env{environment}"
+    flags = _short_hash(" ".join(extra_cflags()))
+    key = f"torch{torch.__version__.replace('+', '_')}-{location}-env{environment}-flags{flags}"
     path = Path(base) / key / extension_name()
     path.mkdir(parents=True, exist_ok=True)
     return path

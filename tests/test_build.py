@@ -41,6 +41,16 @@ def test_cache_is_keyed_on_the_environment_and_the_package_location(monkeypatch,
     assert all(p.name == _build.extension_name() and p.parent.name.startswith("torch") for p in (a, b, c))
 
 
+def test_cache_is_keyed_on_the_compiler_flags(monkeypatch, tmp_path):
+    # Nodes sharing a home directory, one CPU with AVX512-BF16 and one without, build apart.
+    monkeypatch.setenv("HYBRID_ENGINE_BUILD_DIR", str(tmp_path))
+    monkeypatch.setenv("HYBRID_ENGINE_CPU_CAPABILITY", "AVX512")
+    monkeypatch.setattr(_build, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    with_bf16 = _build.build_directory()
+    monkeypatch.setattr(_build, "cpu_flags", lambda: {"avx512f"})
+    assert _build.build_directory() != with_bf16 and with_bf16.name == _build.extension_name()
+
+
 PACKAGE = Path(_build.__file__).resolve().parent
 
 

@@ -140,6 +140,8 @@ def test_each_thread_count_keeps_a_cache_of_its_own(monkeypatch):
         torch.set_num_threads(threads)
     assert paths[0] != paths[1]
     assert all(p.parent == _build.build_directory() for p in paths)
+    monkeypatch.setattr(_build, "cpu_model", lambda: "another CPU")  # a node sharing the home directory
+    assert dispatch.cache_path() not in paths and dispatch.cache_path().parent == paths[0].parent
     monkeypatch.setenv("HYBRID_ENGINE_CALIBRATION_FILE", "/some/where.json")
     assert str(dispatch.cache_path()) == "/some/where.json"
 

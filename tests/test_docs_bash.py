@@ -1,12 +1,15 @@
 """Every bash block of the README and of docs/ runs as printed, with bash in a fresh empty folder where `hybrid-engine`
 is this checkout's command, and leaves the outputs it names. A block marked not run (doc_blocks.py) has each line
 checked instead: a `hybrid-engine` line parses, a `pytest` line collects benchmarks, an `accelerate launch` line parses
-by accelerate's flags and ours, and any other is a command CI (.ci/run) runs, as printed but for pip's -q."""
+by accelerate's flags and ours, a `torchrun` (or `srun torchrun`) or `deepspeed` line by its launcher's flags and ours,
+a line that sets a shell variable is taken as it is, and any other is a command CI (.ci/run) runs, as printed but for
+pip's -q."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -14,7 +17,9 @@ from pathlib import Path
 
 import pytest
 from accelerate.commands.launch import launch_command_parser
+from deepspeed.launcher.runner import parse_args as deepspeed_parse_args
 from doc_blocks import ROOT, blocks, by_code, commands, pythonpath
+from torch.distributed.run import get_args_parser as torchrun_parser
 
 from hybrid_engine.commands.main import build_parser
 
@@ -104,11 +109,42 @@ def test_an_accelerate_launch_line_not_run_parses_and_names_a_config_of_the_docs
     assert configs, f"{where}: no accelerate config block of the docs is {launched.config_file}"
 
 
+LAUNCHERS = ("torchrun", "deepspeed")
+SETS_A_VARIABLE = re.compile(r"(export\s+)?[A-Za-z_][A-Za-z0-9_]*=\S.*")
+
+
+def launch(line: str) -> tuple[bool, str, list[str]] | None:
+    """(whether it runs a module, the script or module, its arguments) of a torchrun, `srun torchrun` or deepspeed
+    line, parsed by the launcher's own flags; None for any other line."""
+    found = words(line)
+    if found[0] == "srun":
+        found = found[next((i for i, w in enumerate(found) if w in LAUNCHERS), len(found) - 1):]
+    if found[0] == "torchrun":
+        args = torchrun_parser().parse_args(found[1:])
+        return args.module, args.training_script, args.training_script_args
+    if found[0] == "deepspeed":
+        args = deepspeed_parse_args(found[1:])
+        return args.module, args.user_script, args.user_args
+    return None
+
+
+@pytest.mark.parametrize("where, line", [pytest.param(w, line, id=f"{w} {words(line)[0]}") for w, line in NOT_RUN
+                                         if words(line)[0] in ("srun", *LAUNCHERS)])
+def test_a_launcher_line_not_run_parses_by_its_flags_and_ours(where, line):
+    try:
+        module, script, args = launch(line)
+        build_parser().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"{where}: `{line}` is refused by its launcher's flags or the command's")
+    assert module and script == "hybrid_engine.commands", where
+
+
 def test_every_other_line_not_run_is_what_ci_runs():
     ci = {line.strip().replace("pip install -q ", "pip install ") for line in (ROOT / ".ci" / "run").read_text()
           .splitlines()}
-    others = [(where, line) for where, line in NOT_RUN if words(line)[0] not in ("hybrid-engine", "pytest")
-              and not is_accelerate_launch(line)]
+    others = [(where, line) for where, line in NOT_RUN if words(line)[0] not in ("hybrid-engine", "pytest", "srun",
+                                                                                 *LAUNCHERS)
+              and not is_accelerate_launch(line) and not SETS_A_VARIABLE.fullmatch(line)]
     assert len(others) >= 2, others  # the README's set-up and test commands
     for where, line in others:
         assert line in ci, f"{where}: `{line}` is neither run by CI (.ci/run) nor checked otherwise"

@@ -34,12 +34,15 @@ from hybrid_engine.commands.train import add_train_command
 EPILOG = (f"A mistake in what is given (a flag, a config, a data file) ends the command with one line on stderr and "
           f"exit status {EXIT_USAGE} (a value is wrong) or {EXIT_ERROR} (a file could not be read or written); "
           "--debug, before or after the command's name, shows the traceback instead.")
+LOCAL_RANK_HELP = ("this process's rank on its node, which the deepspeed launcher passes before the command's name "
+                   "(and as LOCAL_RANK in the environment); accepted and otherwise unused")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hybrid-engine", epilog=EPILOG, description="Fast, affordable RLHF: kernels, generation, "
                     "the hybrid engine and the SFT -> reward model -> PPO/GRPO/RLOO pipeline.")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    parser.add_argument("--local_rank", "--local-rank", type=int, metavar="N", help=LOCAL_RANK_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     add_env_command(sub)
     add_generate_command(sub)

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hybrid_engine.engine.peers import watch
+
 DEFAULT_LR = 1e-5
 
 
@@ -45,8 +47,10 @@ def _free_port() -> int:
 
 
 def init_distributed() -> None:
-    """Joins (or, in a lone process with no launcher, creates) the torch.distributed world DeepSpeed needs."""
+    """Joins (or, in a lone process with no launcher, creates) the torch.distributed world DeepSpeed needs, and
+    starts this rank's heartbeat (peers.py: a rank that fails names the ranks that stopped before it)."""
     if dist.is_initialized():
+        watch()
         return
     if "RANK" not in os.environ:  # one process started by hand: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -54,6 +58,7 @@ def init_distributed() -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    watch()
 
 
 def adamw(params, lr: float = DEFAULT_LR, weight_decay: float = 0.0) -> torch.optim.AdamW:

@@ -8,7 +8,8 @@ goes to the AMX tile kernel instead of the AVX-512 FMA one (linear_amx.cpp). A b
 flash attention or to our causal tiles (attention.cpp). Where each hand-over lies differs between machines,
 so a short calibration (a few seconds) times both sides (on a set of weights larger than the last-level
 cache for decode_linear), sets the routes, and caches them as JSON beside the JIT build, one file per
-thread count (`calibration-2threads.json`), keyed on the CPU model, its flags, the thread count, torch and
+thread count and CPU (`calibration-2threads-<8 hex digits>.json`: nodes sharing a home directory whose CPU models
+differ keep one each), keyed on the CPU model, its flags, the thread count, torch and
 the build. Later processes read the cache; a
 cache for another machine or a damaged one is ignored with a warning and measured again.
 
@@ -31,6 +32,7 @@ Every route computes with fp32 products and sums: the choice changes speed, neve
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -76,11 +78,15 @@ _state: dict = {"calibration": None}
 
 
 def cache_path() -> Path:
-    """HYBRID_ENGINE_CALIBRATION_FILE, or one file per thread count beside the build: a process with another
-    count (torchrun ranks of one thread each beside a 2-thread process) keeps its own calibration instead of
-    overwriting the other's, which each would then find foreign and measure again."""
+    """HYBRID_ENGINE_CALIBRATION_FILE, or one file per thread count and machine_key beside the build: a process with
+    another count (torchrun ranks of one thread each beside a 2-thread process), or on another CPU (a node sharing
+    the home directory), keeps its own calibration instead of overwriting the other's, which each would then find
+    foreign and measure again."""
     given = os.environ.get("HYBRID_ENGINE_CALIBRATION_FILE")
-    return Path(given) if given else _build.build_directory() / f"calibration-{torch.get_num_threads()}threads.json"
+    if given:
+        return Path(given)
+    machine = hashlib.sha1(json.dumps(machine_key(), sort_keys=True).encode()).hexdigest()[:8]
+    return _build.build_directory() / f"calibration-{torch.get_num_threads()}threads-{machine}.json"
 
 
 def machine_key() -> dict:
