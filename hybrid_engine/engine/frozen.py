@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from hybrid_engine.allocator import release_freed_memory
 from hybrid_engine.engine.training import init_distributed
 from hybrid_engine.engine.zero import gathered, is_partitioned, unique_params
 from hybrid_engine.model.spec import ModelSpec
@@ -40,12 +41,14 @@ def eval_config(ds_config: dict) -> dict:
 
 def partition(model: torch.nn.Module, ds_config: dict):
     """Partitions the frozen `model`'s parameters across the ranks (ZeRO-3, eval config), in place; returns the
-    DeepSpeed engine, which must live as long as the model is used (its hooks gather in every forward)."""
+    DeepSpeed engine, which must live as long as the model is used (its hooks gather in every forward). The whole
+    parameters' freed pages go back to the OS (glibc keeps large freed heap blocks otherwise)."""
     import deepspeed
 
     init_distributed()
     engine, *_ = deepspeed.initialize(model=model, config=eval_config(ds_config))
     engine.eval()
+    release_freed_memory()
     return engine
 
 
