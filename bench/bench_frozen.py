@@ -3,7 +3,11 @@ model partitioned across the ranks (PPOConfig.partition_frozen, the default) aga
 bench/frozen_worker.py, one torchrun launch (gloo, one thread a rank) per mode, a ~50M-parameter Llama (hidden 512 x
 16 layers over the demo tokenizer) as actor, critic, reference and reward model.
 
-    pytest bench/bench_frozen.py --benchmark-only --benchmark-json=bench/results/frozen_zero3.json   # ~5 minutes
+    pytest bench/bench_frozen.py --benchmark-only --benchmark-json=bench/results/frozen_zero3.json   # ~11 minutes
+
+Each mode runs with PPOConfig.keep_freed_memory (the default: freed memory stays in the process for the next step, so
+the resident size stays at its peak, which is the models' load, where every model is whole) and without it (malloc's
+default, which hands large freed blocks back: the resident size follows what is live).
 
 Each rank reports the bytes of the frozen models' parameters it holds, the most a partitioned model gathers at once
 (the rule of engine/frozen.py, computed), its resident memory after the first step, its peak resident memory during
@@ -32,18 +36,20 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _run(mode: str, out: Path) -> list[dict]:
+def _run(mode: str, keep_freed: bool, out: Path) -> list[dict]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_port()), str(WORKER), mode, str(out)]
+           "--master_port", str(_port()), str(WORKER), mode, str(out), "--keep-freed-memory" if keep_freed else
+           "--no-keep-freed-memory"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"frozen_worker.py {mode} failed:\n{proc.stderr[-6000:]}")
     return [json.loads((out / f"{mode}-rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.parametrize("keep_freed", [True, False], ids=["keep-freed", "malloc-default"])
 @pytest.mark.parametrize("mode", MODES)
-def test_frozen_zero3(benchmark, mode, machine, tmp_path):
-    ranks = _run(mode, tmp_path)
+def test_frozen_zero3(benchmark, mode, keep_freed, machine, tmp_path):
+    ranks = _run(mode, keep_freed, tmp_path)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are the worker's, below
-    benchmark.extra_info.update(machine, mode=mode, ranks=ranks)
+    benchmark.extra_info.update(machine, mode=mode, keep_freed_memory=keep_freed, ranks=ranks)

@@ -2,9 +2,12 @@
 partitioned across the ranks or whole on each (PPOConfig.partition_frozen), writing this rank's memory figures.
 
     python -m torch.distributed.run --nproc_per_node 2 bench/frozen_worker.py MODE OUT_DIR [--hidden H --layers L]
+        [--no-keep-freed-memory]
 
-MODE: partitioned or whole. The actor, critic, reference and reward model are the same random Llama (hidden H,
-L layers, over the demo tokenizer), rewarded by the reward model alone; 2 steps of 2 prompts per rank, 16 new tokens.
+MODE: partitioned or whole. --no-keep-freed-memory: PPOConfig.keep_freed_memory=False (malloc's default, which gives
+large freed blocks back to the OS), so that the resident size follows what is live instead of staying at its peak.
+The actor, critic, reference and reward model are the same random Llama (hidden H, L layers, over the demo
+tokenizer), rewarded by the reward model alone; 2 steps of 2 prompts per rank, 16 new tokens.
 
 Figures, per rank (OUT_DIR/MODE-rank<r>.json):
 - frozen_bytes: the bytes of the frozen models' parameters this rank holds (engine/frozen.resident_bytes), and
@@ -84,21 +87,22 @@ def gather_bytes(lm) -> int:
     return sum(size(m) for m in top_modules(lm, spec)) + 2 * max(size(m) for m in decoder_layers(lm, spec))
 
 
-def main(mode: str, out: Path, hidden: int, layers: int) -> None:
+def main(mode: str, out: Path, hidden: int, layers: int, keep_freed: bool) -> None:
     init_distributed()
     rank = dist.get_rank()
     tok = demo_tokenizer()
     full = load_step_data(demo_config("ppo", cache_dir=str(out / f"cache{rank}")), "ppo")
     data = StepData(train=full.train.select(range(8)), eval=full.eval.select(range(2)), reports=full.reports)
     config = PPOConfig(max_steps=2, batch_size=2, train_batch_size=2, max_new_tokens=16, log_samples=0,
-                       eval_batch_size=2, partition_frozen=mode == "partitioned")
+                       eval_batch_size=2, partition_frozen=mode == "partitioned", keep_freed_memory=keep_freed)
     # No reference to the sources is kept: the reward model given is copied (frozen, critic), and only the copies live.
     models = build_models(ModelSources(actor=llama(hidden, layers),
                                        reward_model=RewardModel.from_model(llama(hidden, layers)), ds_config=ZERO3),
                           config, tok)
     release_freed_memory()
     frozen = [models.reference.model, models.reward.model]
-    record = {"mode": mode, "rank": rank, "world": dist.get_world_size(), "hidden": hidden, "layers": layers,
+    record = {"mode": mode, "keep_freed_memory": keep_freed, "rank": rank, "world": dist.get_world_size(),
+              "hidden": hidden, "layers": layers,
               "params": sum(numel(p) for p in frozen[0].parameters()),
               "frozen_bytes": sum(resident_bytes(m) for m in frozen),
               "whole_bytes": sum(numel(p) * p.element_size() for m in frozen for p in m.parameters())}
@@ -129,5 +133,6 @@ if __name__ == "__main__":
     parser.add_argument("out", type=Path)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
-    main(args.mode, args.out, args.hidden, args.layers)
+    main(args.mode, args.out, args.hidden, args.layers, args.keep_freed_memory)

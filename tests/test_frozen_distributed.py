@@ -5,14 +5,10 @@ frozen_worker.py."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from torchrun import run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -22,18 +18,7 @@ FIGURES = ("policy_loss", "value_loss", "score", "kl", "rm_score")
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("frozen")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(WORKER), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun --nproc_per_node 2 frozen_worker.py failed:\n{proc.stdout[-4000:]}\n"
-                    f"{proc.stderr[-8000:]}")
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return run_ranks(WORKER, tmp_path_factory.mktemp("frozen"))
 
 
 @pytest.mark.parametrize("name", ["reference-inference", "reference-hf", "reward-inference", "reward-hf"])

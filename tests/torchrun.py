@@ -1,0 +1,28 @@
+"""Running a test worker on several torchrun ranks (gloo, CPU, one thread a process) and reading what each wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_ranks(worker: Path, out: Path, nproc: int = 2) -> list[dict]:
+    """`worker OUT` on `nproc` torchrun ranks; each rank's OUT/rank<r>.json. A failed run fails the test with the
+    launcher's output."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), str(worker), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun --nproc_per_node {nproc} {worker.name} failed:\n{proc.stdout[-4000:]}\n"
+                    f"{proc.stderr[-8000:]}")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
