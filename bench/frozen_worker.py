@@ -14,8 +14,9 @@ Figures, per rank (OUT_DIR/MODE-rank<r>.json):
   whole_bytes, what a whole copy of both holds;
 - gather_bytes: the most a partitioned frozen model gathers at once while scoring (the rule of engine/frozen.py: its
   embeddings, final norm and LM head, and two blocks), computed from its parameters' sizes;
-- rss_mb: the process's resident memory (VmRSS) after the models are built (freed pages handed back to the OS in
-  both modes) and one step ran;
+- build_rss_mb: the process's resident memory (VmRSS) once the models are built, before any step (freed pages handed
+  back to the OS: malloc_trim);
+- rss_mb: the same after the first step;
 - step_peak_rss_mb: the process's peak resident memory (VmHWM) during the second step alone (the peak is reset
   after the first through /proc/self/clear_refs), the step's phases' times.
 """
@@ -99,10 +100,12 @@ def main(mode: str, out: Path, hidden: int, layers: int, keep_freed: bool) -> No
     models = build_models(ModelSources(actor=llama(hidden, layers),
                                        reward_model=RewardModel.from_model(llama(hidden, layers)), ds_config=ZERO3),
                           config, tok)
+    gc.collect()
     release_freed_memory()
+    build_rss_mb = proc_status_mb("VmRSS")
     frozen = [models.reference.model, models.reward.model]
     record = {"mode": mode, "keep_freed_memory": keep_freed, "rank": rank, "world": dist.get_world_size(),
-              "hidden": hidden, "layers": layers,
+              "hidden": hidden, "layers": layers, "build_rss_mb": build_rss_mb,
               "params": sum(numel(p) for p in frozen[0].parameters()),
               "frozen_bytes": sum(resident_bytes(m) for m in frozen),
               "whole_bytes": sum(numel(p) * p.element_size() for m in frozen for p in m.parameters())}

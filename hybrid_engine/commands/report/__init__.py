@@ -21,7 +21,7 @@ docs/benchmarks.md.
 | rlhf_batch.json | bench/bench_rlhf.py -k batch | rlhf_batch | rlhf_batch |
 | rlhf_curves.json | bench/bench_rlhf.py -k curve | rlhf_curves | rlhf_curves |
 | rlhf_qwen3.json | BENCH_RLHF_FAMILY=qwen3 bench/bench_rlhf.py -k grpo | rlhf_qwen3 | |
-| frozen_zero3.json | bench/bench_frozen.py | frozen_zero3 | |
+| frozen_zero3.json | bench/bench_frozen.py --sweeps | frozen_zero3 | |
 | train_summary.json | hybrid-engine train (its summary.json) | train | |
 """
 
