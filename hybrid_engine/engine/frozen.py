@@ -69,19 +69,17 @@ def on_every_rank(flag: bool, device: torch.device) -> bool:
 class GatheredLayers:
     """The decoder blocks' Layers for the inference path, each built from its module's parameters gathered while
     the iteration is at it and released when the iteration moves on (or stops): run_blocks reads the blocks in
-    order, once per pass, and nothing indexes them. `peak_bytes`: the most one block gathered."""
+    order, once per pass, and nothing indexes them."""
 
     def __init__(self, modules: list[torch.nn.Module], build: Callable[[torch.nn.Module], Layer]):
         self.modules, self.build = modules, build
-        self.peak_bytes = 0
 
     def __len__(self) -> int:
         return len(self.modules)
 
     def __iter__(self) -> Iterator[Layer]:
         for module in self.modules:
-            with gathered(unique_params([module])) as nbytes:
-                self.peak_bytes = max(self.peak_bytes, nbytes)
+            with gathered(unique_params([module])):
                 yield self.build(module)
 
 
