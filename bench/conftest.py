@@ -20,6 +20,7 @@ runs every case, as the committed tables in bench/results/ were made:
     pytest bench/bench_rlhf.py --benchmark-only --sweeps -k scaling --benchmark-json=bench/results/rlhf_scaling.json
     pytest bench/bench_rlhf.py --benchmark-only --sweeps -k batch --benchmark-json=bench/results/rlhf_batch.json
     pytest bench/bench_rlhf.py --benchmark-only --sweeps -k curve --benchmark-json=bench/results/rlhf_curves.json
+    pytest bench/bench_frozen.py --benchmark-only --sweeps --benchmark-json=bench/results/frozen_zero3.json
 
 Without --benchmark-json, the JSON goes to bench/results/run-<date>-<time>.json (ignored by git:
 bench/results/.gitignore), and the terminal summary says where; it is written only if some benchmark ran.

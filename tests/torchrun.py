@@ -1,7 +1,9 @@
-"""Starting a test worker in several processes with torchrun (gloo, CPU, one thread each), on a free port."""
+"""Starting a test worker in several processes with torchrun (gloo, CPU, one thread each), on a free port, and
+reading what each rank wrote."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -23,3 +25,9 @@ def run_workers(worker: Path, args: list[str], nproc: int = 2, timeout: float = 
     if proc.returncode != 0:
         pytest.fail(f"torchrun --nproc_per_node {nproc} {worker.name} failed:\n{proc.stdout[-4000:]}\n"
                     f"{proc.stderr[-8000:]}")
+
+
+def run_ranks(worker: Path, out: Path, nproc: int = 2) -> list[dict]:
+    """`worker OUT` on `nproc` torchrun ranks; each rank's OUT/rank<r>.json."""
+    run_workers(worker, [str(out)], nproc, timeout=600)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]

@@ -242,7 +242,7 @@ class InferenceTransformer:
         self.use_length(int(attention_mask.sum(1).max()), T)  # as a training forward with positions(attention_mask)
         started = (attention_mask.long().cumsum(1) > 0).long()  # (B, T): from each row's first token on
         cache = KVCache.allocate(self.spec, B, T)
-        runs = shared_prefix_runs(input_ids, attention_mask, cut) if cut and bool(started[:, cut - 1].all()) else None
+        runs = self.prefix_runs(input_ids, attention_mask, cut)
         if runs is None:
             x, residual = self.blocks(input_ids, started, cache)
             return self.norm(x, self.w.final_norm, residual)[0].view(B, T, -1)[:, cut:]
@@ -251,6 +251,14 @@ class InferenceTransformer:
         cache.copy_slots(runs)
         x, residual = self.extend(input_ids[:, cut:], cache)
         return self.norm(x, self.w.final_norm, residual)[0].view(B, T - cut, -1)
+
+    @staticmethod
+    def prefix_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor, cut: int) -> torch.Tensor | None:
+        """The runs of neighbouring rows whose first `cut` columns hidden_states runs once (shared_prefix_runs),
+        or None when it runs every row whole (no such runs, or a row that has not begun by column cut)."""
+        if not cut or not bool((attention_mask[:, :cut].long().sum(1) > 0).all()):
+            return None
+        return shared_prefix_runs(input_ids, attention_mask, cut)
 
     # ---- decode ----
     def flat_weights(self) -> list[torch.Tensor | None]:

@@ -16,7 +16,10 @@ Cohere's scales: engine/logprobs.py transforms_logits), whose log-probs are log_
 With `packed` (the step's packing), the HF forward runs the rows' real tokens end to end in one row
 (engine/packing.py), no padding; the inference path runs its padded rows as before.
 
-Each rank holds a full copy of both frozen models (they are not partitioned by ZeRO).
+Without a partition config each rank holds a whole copy of both. With one (a training DeepSpeed config of ZeRO stage 3:
+PPOConfig.partition_frozen) each is partitioned across the ranks as the actor is (engine/frozen.py): the inference
+path gathers the embeddings, final norm and LM head for a scoring call and each block while it runs, the HF forward
+gathers each module through DeepSpeed's hooks. The scores are the same arithmetic on the same values (a test).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import torch
 
 from hybrid_engine import ops
 from hybrid_engine.engine import logprobs as training_logprobs
+from hybrid_engine.engine.frozen import layer_by_layer, on_every_rank, partition
 from hybrid_engine.engine.lora import base_model
+from hybrid_engine.model.prefix import shared_prefix_runs
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
 from hybrid_engine.model.weights import extract_weights, fuse_projection_storage
@@ -72,22 +77,66 @@ def _inference_net(model, spec, weight_dtype: torch.dtype | None) -> InferenceTr
     return InferenceTransformer(spec, extract_weights(model, spec, weight_dtype))
 
 
-class FrozenPolicy:
+class _Frozen:
+    """What both frozen models share: frozen parameters, their spec, and the inference path over them, whole or
+    (with a partition config) partitioned and gathered layer by layer for each call."""
+
+    def _freeze(self, model: torch.nn.Module, weight_dtype: torch.dtype | None, fast: bool,
+                partition_config: dict | None) -> None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model.eval()
+        self.weight_dtype = weight_dtype
+        self.engine = None if partition_config is None else partition(model, partition_config)
+        self.fast = fast  # whether rows within the model's window score through the inference path
+        self.net = _inference_net(self.causal_lm(), self.spec, weight_dtype) if fast and self.engine is None else None
+
+    def causal_lm(self):
+        """The causal LM (or its attributes) whose weights the inference path reads."""
+        return self.model
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether the model is partitioned across the ranks (ZeRO-3)."""
+        return self.engine is not None
+
+    def everywhere(self, flag: bool, device: torch.device) -> bool:
+        """`flag` on every rank when partitioned (each rank's rows then take the same path through the same gathers),
+        this rank's `flag` when whole."""
+        return flag if self.engine is None else on_every_rank(flag, device)
+
+    def hf_forward(self, input_ids: torch.Tensor) -> bool:
+        """Whether rows score through the HF forward: a model the inference path does not serve, or rows (on any
+        rank, when partitioned) beyond its sliding window."""
+        return not self.fast or not self.everywhere(not _beyond_window(self.spec, input_ids), input_ids.device)
+
+    def shared_cut(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cut: int) -> int:
+        """`cut` where hidden_states runs the first `cut` columns once per run of rows sharing them (on every rank,
+        when partitioned), else 0: the same arithmetic either way."""
+        runs = InferenceTransformer.prefix_runs(input_ids, attention_mask, cut)
+        return cut if self.everywhere(runs is not None, input_ids.device) else 0
+
+    def inference(self):
+        """A context yielding the inference path's net: the whole model's, or one gathering layer by layer."""
+        if self.engine is None:
+            return contextlib.nullcontext(self.net)
+        return layer_by_layer(self.causal_lm(), self.spec, self.weight_dtype)
+
+
+class FrozenPolicy(_Frozen):
     """A frozen causal LM (the PPO reference) that reads the log-probs of given tokens: through the inference
     path, or with `autocast_dtype` (or for a family the inference path does not serve, or whose logits are
     transformed after its LM head) through its HF forward, packed with `packed`."""
 
     def __init__(self, model: torch.nn.Module, weight_dtype: torch.dtype | None = None,
-                 autocast_dtype: torch.dtype | None = None, packed: bool = False):
+                 autocast_dtype: torch.dtype | None = None, packed: bool = False,
+                 partition_config: dict | None = None):
         model = base_model(model)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.model = model.eval()
         self.spec = _spec(model.config)
         self.autocast_dtype, self.packed = autocast_dtype, packed
         self.hf_logits = training_logprobs.transforms_logits(model.config)  # read from its forward's logits
-        self.net = None if autocast_dtype or self.spec is None or self.hf_logits else \
-            _inference_net(model, self.spec, weight_dtype)
+        fast = not (autocast_dtype or self.spec is None or self.hf_logits)
+        self._freeze(model, weight_dtype, fast, partition_config)
 
     @torch.no_grad()
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
@@ -95,18 +144,22 @@ class FrozenPolicy:
         """fp32 [B, T - start]: log p(input_ids[:, t] | input_ids[:, :t]) for t >= start, 0 where the mask is
         0; HybridEngine.token_logprobs' contract, on the frozen weights."""
         _check_rows(input_ids, attention_mask, start)
-        if self.net is None or _beyond_window(self.spec, input_ids):
+        if self.hf_forward(input_ids):
+            runs = shared_prefix_runs(input_ids, attention_mask, start - 1)
+            share = self.everywhere(runs is not None, input_ids.device)
             with _autocast(self.autocast_dtype, input_ids.device):
                 return training_logprobs.token_logprobs(self.model, self.model.get_output_embeddings(), input_ids,
-                                                        attention_mask, start, temperature,
+                                                        attention_mask, start, temperature, share_prefix=share,
                                                         hf_logits=self.hf_logits, packed=self.packed)
         B, T = input_ids.shape
-        # (B, T - start, H); the prompt's first start - 1 columns once per run of rows sharing them
-        hidden = self.net.hidden_states(input_ids, attention_mask, cut=start - 1)[:, : T - start]
         targets = torch.where(attention_mask[:, start:].bool(), input_ids[:, start:], IGNORE_INDEX)
-        head = self.net.w.lm_head
-        logprobs = ops.token_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight.float(), targets.reshape(-1),
-                                      temperature)
+        cut = self.shared_cut(input_ids, attention_mask, start - 1)
+        with self.inference() as net:
+            # (B, T - start, H); the prompt's first start - 1 columns once per run of rows sharing them
+            hidden = net.hidden_states(input_ids, attention_mask, cut=cut)[:, start - 1 - cut : T - 1 - cut]
+            logprobs = ops.token_logprobs(hidden.reshape(-1, hidden.shape[-1]), net.w.lm_head.weight.float(),
+                                          targets.reshape(-1), temperature)
+            del net
         return logprobs.view(B, T - start)
 
 
@@ -117,24 +170,22 @@ def _as_causal_lm(body: torch.nn.Module, head: torch.nn.Linear, family: str) -> 
     return SimpleNamespace(model=body, lm_head=head)
 
 
-class FrozenRewardModel:
+class FrozenRewardModel(_Frozen):
     """A frozen RewardModel that scores whole sequences (prompt and response) at their last token: through the
     inference path, or with `autocast_dtype` (or for a family the inference path does not serve) through its HF
     forward, packed with `packed`."""
 
     def __init__(self, model: RewardModel, weight_dtype: torch.dtype | None = None,
-                 autocast_dtype: torch.dtype | None = None, packed: bool = False):
+                 autocast_dtype: torch.dtype | None = None, packed: bool = False,
+                 partition_config: dict | None = None):
         if not isinstance(model, RewardModel):
             raise ValueError(f"FrozenRewardModel needs a RewardModel, got {type(model).__name__}")
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.model = model.eval()
         self.spec = _spec(model.config)
         self.autocast_dtype, self.packed = autocast_dtype, packed
-        self.net = None
-        if not autocast_dtype and self.spec is not None:
-            lm = _as_causal_lm(model.body, model.value_head, self.spec.family)
-            self.net = _inference_net(lm, self.spec, weight_dtype)
+        self._freeze(model, weight_dtype, not autocast_dtype and self.spec is not None, partition_config)
+
+    def causal_lm(self) -> SimpleNamespace:
+        return _as_causal_lm(self.model.body, self.model.value_head, self.spec.family)
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 1) -> torch.Tensor:
@@ -142,15 +193,18 @@ class FrozenRewardModel:
         (RewardModel.score's contract). `start`, where the responses begin (token_logprobs' argument): neighbouring
         rows that share their first start - 1 columns (a prompt and its samples) run them once."""
         _check_rows(input_ids, attention_mask, start)
-        if self.net is None or _beyond_window(self.spec, input_ids):
+        if self.hf_forward(input_ids):
             with _autocast(self.autocast_dtype, input_ids.device):
                 return self.model.score(input_ids, attention_mask, self.packed)
         index = last_token_index(attention_mask)  # (B,)
         cut = start - 1 if bool((index >= start - 1).all()) else 0  # every row's last token past the shared columns
-        hidden = self.net.hidden_states(input_ids, attention_mask, cut=cut)  # (B, T - cut, H)
-        last = hidden[torch.arange(hidden.shape[0]), index - cut]  # (B, H)
-        head = self.net.w.lm_head
-        values = last @ head.weight.float().T  # (B, 1)
-        if head.bias is not None:
-            values = values + head.bias.float()
+        cut = self.shared_cut(input_ids, attention_mask, cut)
+        with self.inference() as net:
+            hidden = net.hidden_states(input_ids, attention_mask, cut=cut)  # (B, T - cut, H)
+            last = hidden[torch.arange(hidden.shape[0]), index - cut]  # (B, H)
+            head = net.w.lm_head
+            values = last @ head.weight.float().T  # (B, 1)
+            if head.bias is not None:
+                values = values + head.bias.float()
+            del net, head
         return values.squeeze(-1)

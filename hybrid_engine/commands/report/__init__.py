@@ -22,6 +22,7 @@ docs/benchmarks.md.
 | rlhf_batch.json | bench/bench_rlhf.py -k batch | rlhf_batch | rlhf_batch |
 | rlhf_curves.json | bench/bench_rlhf.py -k curve | rlhf_curves | rlhf_curves |
 | rlhf_qwen3.json | BENCH_RLHF_FAMILY=qwen3 bench/bench_rlhf.py -k grpo | rlhf_qwen3 | |
+| frozen_zero3.json | bench/bench_frozen.py --sweeps | frozen_zero3 | |
 | train_summary.json | hybrid-engine train (its summary.json) | train | |
 """
 
@@ -32,7 +33,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from hybrid_engine.commands.report import engine, rlhf, tables, train
+from hybrid_engine.commands.report import engine, frozen, rlhf, tables, train
 
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "kernels": ("kernels", tables.table),
@@ -49,6 +50,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "rlhf_batch": ("rlhf_batch", rlhf.batch_table),
     "rlhf_curves": ("rlhf_curves", rlhf.curves_table),
     "rlhf_qwen3": ("rlhf_qwen3", rlhf.table),
+    "frozen_zero3": ("frozen_zero3", frozen.table),
     "train_summary": ("train", train.table),
 }
 """JSON file stem -> (marker, table function): the full table."""
@@ -77,6 +79,7 @@ PAGES: dict[str, str] = {
     "rlhf_batch": "benchmarks.md",
     "rlhf_curves": "benchmarks.md",
     "rlhf_qwen3": "benchmarks.md",
+    "frozen_zero3": "benchmarks.md",
     "train": README,
     "kernels_headline": README,
     "generation_headline": README,

@@ -92,6 +92,11 @@ class PPOConfig(StepConfig):
     a forward of the same precision (ratio_from_training_forward), not from generation, and the frozen reference and
     reward model score through their HF forwards under the same autocast (rlhf/scoring.py), as TRL scores its
     reference."""
+    partition_frozen: bool = True
+    """Under DeepSpeed ZeRO-3, partition the frozen reference and reward model across the ranks as the actor is
+    (each rank keeps 1/world of their parameters and gathers one block at a time while scoring: engine/frozen.py),
+    with scores equal to the whole models' to the bit; False: every rank holds both whole. No effect under ZeRO
+    0-2 or without DeepSpeed."""
     log_samples: int = 2
     """The first this many rollouts of each step (prompt, completion and score, decoded) go into its metrics record
     under "samples", and to TensorBoard as text; 0: none."""

@@ -44,14 +44,22 @@ def _load_lm(model):
     return model
 
 
-def _reference(actor, reference, autocast_dtype: torch.dtype | None, packed: bool) -> FrozenPolicy:
+def _reference(actor, reference, autocast_dtype: torch.dtype | None, packed: bool,
+               partition_config: dict | None) -> FrozenPolicy:
     """The frozen reference: given, or a copy of the actor before it trains."""
-    if reference is not None:
-        return FrozenPolicy(copy.deepcopy(_load_lm(reference)) if isinstance(reference, torch.nn.Module)
-                            else _load_lm(reference), autocast_dtype=autocast_dtype, packed=packed)
-    if isinstance(actor, HybridEngine):
+    if reference is None and isinstance(actor, HybridEngine):
         raise ValueError("the actor is already a HybridEngine: give the reference policy (the SFT model) too")
-    return FrozenPolicy(copy.deepcopy(_load_lm(actor)), autocast_dtype=autocast_dtype, packed=packed)
+    source = actor if reference is None else reference
+    model = copy.deepcopy(source) if isinstance(source, torch.nn.Module) else _load_lm(source)
+    return FrozenPolicy(model, autocast_dtype=autocast_dtype, packed=packed, partition_config=partition_config)
+
+
+def frozen_partition_config(ds: dict | None, config: PPOConfig) -> dict | None:
+    """The DeepSpeed config the frozen models are partitioned under (FrozenPolicy's partition_config): the training
+    config `ds` under ZeRO-3 with config.partition_frozen, else None (whole on every rank)."""
+    if ds is None or ds["zero_optimization"]["stage"] != 3 or not config.partition_frozen:
+        return None
+    return ds
 
 
 def _trained_reward_model(reward_model) -> RewardModel:
@@ -115,10 +123,11 @@ class Models:
     eval_fn: Callable | None = None
 
 
-def _frozen_reward_model(sources: ModelSources, scoring_dtype, tokenizer, packed: bool):
+def _frozen_reward_model(sources: ModelSources, scoring_dtype, tokenizer, packed: bool,
+                         partition_config: dict | None):
     """The frozen reward model, scoring through its own tokenizer where that differs from the policy's `tokenizer`."""
     frozen = FrozenRewardModel(copy.deepcopy(_trained_reward_model(sources.reward_model)), autocast_dtype=scoring_dtype,
-                               packed=packed)
+                               packed=packed, partition_config=partition_config)
     own = sources.reward_tokenizer
     if own is None and not isinstance(sources.reward_model, torch.nn.Module):
         own = saved_tokenizer(sources.reward_model)
@@ -137,9 +146,10 @@ def build_models(sources: ModelSources, config: PPOConfig, tokenizer=None) -> Mo
                             accumulation=config.gradient_accumulation_steps)
     has_ds_optimizer = ds is not None and "optimizer" in ds
     scoring_dtype = torch.bfloat16 if config.bf16_autocast else None  # the frozen models score as training runs
-    frozen_ref = _reference(actor, sources.reference, scoring_dtype, config.packing)
+    partition_config = frozen_partition_config(ds, config)
+    frozen_ref = _reference(actor, sources.reference, scoring_dtype, config.packing, partition_config)
     frozen_rm = None if reward_model is None else _frozen_reward_model(sources, scoring_dtype, tokenizer,
-                                                                        config.packing)
+                                                                        config.packing, partition_config)
     critic_model = critic_trainer = None
     if config.algo == "ppo":
         source = critic if critic is not None else reward_model
