@@ -12,6 +12,7 @@ docs/benchmarks.md.
 | generation.json | bench/bench_generate.py | generation (+ _headline) | generation_tokens_per_s, decode_position |
 | generation_families.json | BENCH_GENERATE_MODELS=olmo2-125m,... bench/bench_generate.py | generation_families | |
 | generation_moe.json | bench/bench_moe.py | generation_moe | |
+| generation_vllm.json | bench/generate_vs_vllm.py | generation_vllm | |
 | train_step.json | bench/bench_train.py | train_step | |
 | engine.json | bench/bench_engine.py | engine (+ _headline) | |
 | rlhf.json | bench/bench_rlhf.py | rlhf (+ _headline) | rlhf_phases |
@@ -31,13 +32,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from hybrid_engine.commands.report import engine, rlhf, tables, train
+from hybrid_engine.commands.report import engine, peers, rlhf, tables, train
 
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "kernels": ("kernels", tables.table),
     "generation": ("generation", tables.table),
     "generation_families": ("generation_families", tables.table),
     "generation_moe": ("generation_moe", tables.table),
+    "generation_vllm": ("generation_vllm", peers.generation_vllm_table),
     "train_step": ("train_step", tables.table),
     "engine": ("engine", engine.tables),
     "rlhf": ("rlhf", rlhf.table),
@@ -65,6 +67,7 @@ PAGES: dict[str, str] = {
     "generation": "benchmarks.md",
     "generation_families": "benchmarks.md",
     "generation_moe": "benchmarks.md",
+    "generation_vllm": "benchmarks.md",
     "train_step": "benchmarks.md",
     "engine": "benchmarks.md",
     "rlhf": "benchmarks.md",
