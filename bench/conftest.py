@@ -12,7 +12,7 @@ runs every case, as the committed tables in bench/results/ were made:
     pytest bench/bench_generate.py --benchmark-only --sweeps --benchmark-json=bench/results/generation.json
     pytest bench/bench_train.py --benchmark-only --sweeps --benchmark-json=bench/results/train_step.json
     pytest bench/bench_engine.py --benchmark-only --sweeps --benchmark-json=bench/results/engine.json
-    pytest bench/bench_rlhf.py --benchmark-only --sweeps -k "rlhf_step and not zero3" \
+    pytest bench/bench_rlhf.py --benchmark-only --sweeps -k "rlhf_step and not zero3 and not trl-cb" \
         --benchmark-json=bench/results/rlhf.json
     pytest bench/bench_rlhf.py --benchmark-only --sweeps -k zero3 --benchmark-json=bench/results/rlhf_zero3.json
     pytest bench/bench_rlhf.py --benchmark-only --sweeps -k scaling --benchmark-json=bench/results/rlhf_scaling.json

@@ -22,6 +22,7 @@ docs/benchmarks.md.
 | rlhf_batch.json | bench/bench_rlhf.py -k batch | rlhf_batch | rlhf_batch |
 | rlhf_curves.json | bench/bench_rlhf.py -k curve | rlhf_curves | rlhf_curves |
 | rlhf_qwen3.json | BENCH_RLHF_FAMILY=qwen3 bench/bench_rlhf.py -k grpo | rlhf_qwen3 | |
+| rlhf_trl_cb.json | bench/bench_rlhf.py -k "... (ours] or trl] or trl-cb)" | rlhf_trl_cb | |
 | train_summary.json | hybrid-engine train (its summary.json) | train | |
 """
 
@@ -49,6 +50,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "rlhf_batch": ("rlhf_batch", rlhf.batch_table),
     "rlhf_curves": ("rlhf_curves", rlhf.curves_table),
     "rlhf_qwen3": ("rlhf_qwen3", rlhf.table),
+    "rlhf_trl_cb": ("rlhf_trl_cb", rlhf.table),
     "train_summary": ("train", train.table),
 }
 """JSON file stem -> (marker, table function): the full table."""
@@ -77,6 +79,7 @@ PAGES: dict[str, str] = {
     "rlhf_batch": "benchmarks.md",
     "rlhf_curves": "benchmarks.md",
     "rlhf_qwen3": "benchmarks.md",
+    "rlhf_trl_cb": "benchmarks.md",
     "train": README,
     "kernels_headline": README,
     "generation_headline": README,
