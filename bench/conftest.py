@@ -18,6 +18,10 @@ runs every case, as the committed tables in bench/results/ were made:
     pytest bench/bench_rlhf.py --benchmark-only --sweeps -k scaling --benchmark-json=bench/results/rlhf_scaling.json
     pytest bench/bench_rlhf.py --benchmark-only --sweeps -k batch --benchmark-json=bench/results/rlhf_batch.json
     pytest bench/bench_rlhf.py --benchmark-only --sweeps -k curve --benchmark-json=bench/results/rlhf_curves.json
+    pytest bench/bench_rlhf.py --benchmark-only --sweeps \
+        -k "rlhf_step and fp32 and single and (grpo or rloo) and (ours] or trl] or trl-cb)" \
+        --benchmark-json=bench/results/rlhf_trl_cb.json
+    python bench/generate_vs_vllm.py --out bench/results/generation_vllm.json   # not a suite: vLLM runs elsewhere
 
 Without --benchmark-json, the JSON goes to bench/results/run-<date>-<time>.json (ignored by git:
 bench/results/.gitignore), and the terminal summary says where; it is written only if some benchmark ran.

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from bench_generate import matmul_weight_bytes, prompts
+from bench_generate import PROMPT, matmul_weight_bytes, prompts
 from bench_generate import model as preset
 from harness import Roofline, machine_info, measure_roofline
 
@@ -132,7 +132,7 @@ def roofline_s(roofline: Roofline, name: str, weight_dtype, batch: int, prompt: 
 
 def case(worker: VLLMWorker, model, args, roofline: Roofline, load: str, dtype: str, batch: int) -> dict:
     """One (load, weights, batch) row: ROUNDS interleaved rounds of each side, each side's best."""
-    ids = prompts(batch, model.config.vocab_size)[:, : args.prompt]
+    ids = prompts(batch, model.config.vocab_size)  # (batch, PROMPT) token ids, the same as bench_generate's
     weight_dtype = DTYPES[dtype][0]
     ours_s, vllm_s = [], []
     for _ in range(args.rounds):
@@ -143,7 +143,7 @@ def case(worker: VLLMWorker, model, args, roofline: Roofline, load: str, dtype: 
     if answer["generated"] != batch * args.new_tokens:
         raise RuntimeError(f"vLLM generated {answer['generated']} tokens, expected {batch} x {args.new_tokens}")
     agree = sum(a == b for a, b in zip(our_tokens, answer["first_tokens"]))
-    ideal = roofline_s(roofline, args.model, weight_dtype, batch, args.prompt, args.new_tokens)
+    ideal = roofline_s(roofline, args.model, weight_dtype, batch, PROMPT, args.new_tokens)
     tokens = batch * args.new_tokens
     return {"load": load, "dtype": dtype, "batch": batch, "ours_s": min(ours_s), "vllm_s": min(vllm_s),
             "ours_s_rounds": ours_s, "vllm_s_rounds": vllm_s,
@@ -158,7 +158,7 @@ def run(args, model_dir: Path, model, roofline: Roofline) -> tuple[list[dict], d
     a competing process; the rows and each engine's start-up seconds and versions."""
     rows, engines = [], {}
     for dtype in args.dtypes:
-        start = {"model": str(model_dir), "dtype": DTYPES[dtype][1], "max_model_len": args.prompt + args.new_tokens,
+        start = {"model": str(model_dir), "dtype": DTYPES[dtype][1], "max_model_len": PROMPT + args.new_tokens,
                  "max_num_seqs": max(args.batches + args.competing), "enforce_eager": args.enforce_eager}
         with VLLMWorker(args.venv / "bin" / "python", start, worker_env(args.kv_cache_gib, torch.get_num_threads())
                         ) as worker:
@@ -192,7 +192,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--competing", type=_ints, default=[1, 16],
                    help="batch sizes to run again beside a competing process (empty: none)")
     p.add_argument("--competing-dtypes", type=_names, default=["fp32"], help="the weights of the competing runs")
-    p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated per prompt (eos ignored)")
     p.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved rounds per case (the best is reported)")
     p.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE)")
@@ -207,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         model.save_pretrained(tmp)
         model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         rows, engines = run(args, Path(tmp), model, roofline)
-    settings = {k: v for k, v in vars(args).items() if k not in ("venv", "out")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("venv", "out")} | {"prompt": PROMPT}
     result = {"machine": machine_info(roofline), "settings": settings, "keep": KEEP, "engines": engines,
               "rows": rows, "wall_s": round(time.perf_counter() - began, 1)}
     args.out.write_text(json.dumps(result, indent=1) + "\n")

