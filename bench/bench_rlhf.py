@@ -60,11 +60,13 @@ WORKER = Path(__file__).with_name("rlhf_worker.py")
 SETUPS = {"single": [], "zero3": ["--zero3"], "zero3-lora": ["--zero3", "--lora"]}
 """How a case runs: one process (every thread), or two torchrun ranks under DeepSpeed ZeRO-3 (one thread each),
 the actor full or with peft LoRA."""
-PROVIDERS = {("grpo", "single"): ["ours", "ours-reference", "trl", "trl-patched"],
-             ("rloo", "single"): ["ours", "ours-reference", "trl", "trl-patched"],
+PROVIDERS = {("grpo", "single"): ["ours", "ours-reference", "trl", "trl-patched", "trl-cb"],
+             ("rloo", "single"): ["ours", "ours-reference", "trl", "trl-patched", "trl-cb"],
              ("ppo", "single"): ["ours", "ours-reference", "hf"],
              ("ppo", "zero3"): ["ours", "deepspeed"], ("ppo", "zero3-lora"): ["ours", "deepspeed"]}
-"""The providers of each algorithm and setup: TRL's trainers for grpo and rloo, the HF baseline
+"""The providers of each algorithm and setup: TRL's trainers for grpo and rloo (trl-cb: generating with transformers'
+continuous batching, use_transformers_continuous_batching, in place of vLLM, whose CPU engine cannot take TRL's weight
+updates: docs/benchmarks.md), the HF baseline
 (hybrid_engine/benchmarks/hf_ppo.py) for ppo, and DeepSpeed without a hybrid engine
 (hybrid_engine.benchmarks.ds_generate) under ZeRO-3."""
 BASELINE = {"trl": "trl", "hf": "hf", "deepspeed": "deepspeed"}
@@ -229,7 +231,7 @@ def _selected(request, test: str, params: tuple, cases: list) -> list:
     have_trl = importlib.util.find_spec("trl") is not None
     chosen = {tuple(item.callspec.params[k] for k in params)
               for item in request.session.items if getattr(item, "originalname", "") == test}
-    return [c for c in cases if c in chosen and (have_trl or "trl" not in c)]
+    return [c for c in cases if c in chosen and (have_trl or not any(str(v).startswith("trl") for v in c))]
 
 
 @pytest.fixture(scope="session")

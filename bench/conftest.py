@@ -14,13 +14,17 @@ runs every case, as the committed tables in bench/results/ were made:
     pytest bench/bench_train.py --benchmark-only --sweeps --benchmark-json=bench/results/train_step.json
     pytest bench/bench_packing.py --benchmark-only --sweeps --benchmark-json=bench/results/packing.json
     pytest bench/bench_engine.py --benchmark-only --sweeps --benchmark-json=bench/results/engine.json
-    pytest bench/bench_rlhf.py --benchmark-only --sweeps -k "rlhf_step and not zero3" \
+    pytest bench/bench_rlhf.py --benchmark-only --sweeps -k "rlhf_step and not zero3 and not trl-cb" \
         --benchmark-json=bench/results/rlhf.json
     pytest bench/bench_rlhf.py --benchmark-only --sweeps -k zero3 --benchmark-json=bench/results/rlhf_zero3.json
     pytest bench/bench_rlhf.py --benchmark-only --sweeps -k scaling --benchmark-json=bench/results/rlhf_scaling.json
     pytest bench/bench_rlhf.py --benchmark-only --sweeps -k batch --benchmark-json=bench/results/rlhf_batch.json
     pytest bench/bench_rlhf.py --benchmark-only --sweeps -k curve --benchmark-json=bench/results/rlhf_curves.json
     pytest bench/bench_frozen.py --benchmark-only --sweeps --benchmark-json=bench/results/frozen_zero3.json
+    pytest bench/bench_rlhf.py --benchmark-only --sweeps \
+        -k "rlhf_step and fp32 and single and (grpo or rloo) and (ours] or trl] or trl-cb)" \
+        --benchmark-json=bench/results/rlhf_trl_cb.json
+    python bench/generate_vs_vllm.py --out bench/results/generation_vllm.json   # not a suite: vLLM runs elsewhere
 
 Without --benchmark-json, the JSON goes to bench/results/run-<date>-<time>.json (ignored by git:
 bench/results/.gitignore), and the terminal summary says where; it is written only if some benchmark ran.
@@ -37,9 +41,7 @@ if not torch.cuda.is_available():
     # Before triton is first imported: Triton providers run in its interpreter on the CPU.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from harness import Roofline, cpu_model, measure_roofline  # noqa: E402
-
-from hybrid_engine._build import cpu_flags, cpu_id  # noqa: E402
+from harness import Roofline, machine_info, measure_roofline  # noqa: E402
 
 RESULTS = Path(__file__).with_name("results")
 
@@ -104,25 +106,7 @@ def roofline() -> Roofline:
 
 @pytest.fixture(scope="session")
 def machine(roofline: Roofline) -> dict:
-    info = {
-        "cpu": cpu_model(),
-        "cpu_id": cpu_id(),
-        "capability": torch.backends.cpu.get_cpu_capability(),
-        # The units that change which implementation wins (ops/dispatch.py): AMX tiles, bf16 dot products.
-        "cpu_units": [f for f in ("amx_bf16", "avx512_bf16", "avx512_vnni") if f in cpu_flags()],
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "read_GBps": round(roofline.read_bytes_per_s / 1e9, 2),
-        "matmul_GFLOPps": round(roofline.flops_per_s / 1e9, 1),
-        "matmul_bf16_GFLOPps": round(roofline.bf16_flops_per_s / 1e9, 1),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    from hybrid_engine.ops import dispatch
-
-    # decode_linear's measured hand-over rows to torch's GEMM in this run, so a figure traces to a choice.
-    info["decode_linear_routes"] = dispatch.calibrate()["routes"]
-    return info
+    return machine_info(roofline)
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

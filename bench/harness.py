@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from hybrid_engine._build import cpu_model  # noqa: F401  (re-exported for the suites)
+from hybrid_engine._build import cpu_flags, cpu_id, cpu_model
 
 
 def representative(values, *keep) -> list:
@@ -91,6 +91,29 @@ def measure_roofline() -> Roofline:
                     flops_per_s=_matmul_rate(a, b, repeats=20, min_time=0.5),
                     bf16_flops_per_s=_matmul_rate(a.bfloat16(), b.bfloat16(), warmup=1, repeats=20, min_time=0.5,
                                                   max_time=2.0))
+
+
+def machine_info(roofline: Roofline) -> dict:
+    """The machine every result names: the CPU and its units, threads, torch, and the run's roofline."""
+    info = {
+        "cpu": cpu_model(),
+        "cpu_id": cpu_id(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        # The units that change which implementation wins (ops/dispatch.py): AMX tiles, bf16 dot products.
+        "cpu_units": [f for f in ("amx_bf16", "avx512_bf16", "avx512_vnni") if f in cpu_flags()],
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "read_GBps": round(roofline.read_bytes_per_s / 1e9, 2),
+        "matmul_GFLOPps": round(roofline.flops_per_s / 1e9, 1),
+        "matmul_bf16_GFLOPps": round(roofline.bf16_flops_per_s / 1e9, 1),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    from hybrid_engine.ops import dispatch
+
+    # decode_linear's measured hand-over rows to torch's GEMM in this run, so a figure traces to a choice.
+    info["decode_linear_routes"] = dispatch.calibrate()["routes"]
+    return info
 
 
 def paired_roofline_fraction(fn: Callable[[], object], bytes_moved: float, flops: float = 0.0, rounds: int = 9

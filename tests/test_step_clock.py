@@ -1,6 +1,6 @@
 """hybrid_engine.benchmarks.step_clock, the wall clock around every provider's RLHF step, and bench/rlhf_worker.py's
-step records: for every provider (ours, ours-reference, trl, trl-patched, hf, deepspeed) the phases sum to at most
-the step's wall time, and the wall time is measured apart from them (some of it is left untimed)."""
+step records: for every provider (ours, ours-reference, trl, trl-patched, trl-cb, hf, deepspeed) the phases sum to at
+most the step's wall time, and the wall time is measured apart from them (some of it is left untimed)."""
 
 from __future__ import annotations
 
@@ -91,6 +91,7 @@ WORKER_CASES = [
     pytest.param("ours-reference", "grpo", [], id="ours-reference-grpo"),
     pytest.param("trl", "grpo", [], id="trl-grpo"),
     pytest.param("trl-patched", "rloo", [], id="trl-patched-rloo"),
+    pytest.param("trl-cb", "grpo", [], id="trl-cb-grpo"),
     pytest.param("hf", "ppo", [], id="hf-ppo"),
     pytest.param("deepspeed", "ppo", ["--zero3"], id="deepspeed-ppo-zero3", marks=pytest.mark.distributed),
 ]

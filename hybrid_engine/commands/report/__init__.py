@@ -12,6 +12,7 @@ docs/benchmarks.md.
 | generation.json | bench/bench_generate.py | generation (+ _headline) | generation_tokens_per_s, decode_position |
 | generation_families.json | BENCH_GENERATE_MODELS=olmo2-125m,... bench/bench_generate.py | generation_families | |
 | generation_moe.json | bench/bench_moe.py | generation_moe | |
+| generation_vllm.json | bench/generate_vs_vllm.py | generation_vllm | |
 | train_step.json | bench/bench_train.py | train_step | |
 | packing.json | bench/bench_packing.py | packing | |
 | engine.json | bench/bench_engine.py | engine (+ _headline) | |
@@ -23,6 +24,7 @@ docs/benchmarks.md.
 | rlhf_curves.json | bench/bench_rlhf.py -k curve | rlhf_curves | rlhf_curves |
 | rlhf_qwen3.json | BENCH_RLHF_FAMILY=qwen3 bench/bench_rlhf.py -k grpo | rlhf_qwen3 | |
 | frozen_zero3.json | bench/bench_frozen.py --sweeps | frozen_zero3 | |
+| rlhf_trl_cb.json | bench/bench_rlhf.py -k "... (ours] or trl] or trl-cb)" | rlhf_trl_cb | |
 | train_summary.json | hybrid-engine train (its summary.json) | train | |
 """
 
@@ -33,13 +35,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from hybrid_engine.commands.report import engine, frozen, rlhf, tables, train
+from hybrid_engine.commands.report import engine, frozen, peers, rlhf, tables, train
 
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "kernels": ("kernels", tables.table),
     "generation": ("generation", tables.table),
     "generation_families": ("generation_families", tables.table),
     "generation_moe": ("generation_moe", tables.table),
+    "generation_vllm": ("generation_vllm", peers.generation_vllm_table),
     "train_step": ("train_step", tables.table),
     "packing": ("packing", tables.table),
     "engine": ("engine", engine.tables),
@@ -51,6 +54,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "rlhf_curves": ("rlhf_curves", rlhf.curves_table),
     "rlhf_qwen3": ("rlhf_qwen3", rlhf.table),
     "frozen_zero3": ("frozen_zero3", frozen.table),
+    "rlhf_trl_cb": ("rlhf_trl_cb", rlhf.table),
     "train_summary": ("train", train.table),
 }
 """JSON file stem -> (marker, table function): the full table."""
@@ -69,6 +73,7 @@ PAGES: dict[str, str] = {
     "generation": "benchmarks.md",
     "generation_families": "benchmarks.md",
     "generation_moe": "benchmarks.md",
+    "generation_vllm": "benchmarks.md",
     "train_step": "benchmarks.md",
     "packing": "benchmarks.md",
     "engine": "benchmarks.md",
@@ -80,6 +85,7 @@ PAGES: dict[str, str] = {
     "rlhf_curves": "benchmarks.md",
     "rlhf_qwen3": "benchmarks.md",
     "frozen_zero3": "benchmarks.md",
+    "rlhf_trl_cb": "benchmarks.md",
     "train": README,
     "kernels_headline": README,
     "generation_headline": README,
