@@ -5,6 +5,7 @@ reward model partitioned under ZeRO-3 against whole copies, on 2 ranks. Each ran
   model scores) on this rank's rows, through the inference path and through the HF forward (bf16 autocast); rank 0's
   rows are a prompt's samples (shared prefixes), rank 1's are not, so the ranks must agree on the path;
 - resident: the bytes of each frozen model's parameters this rank holds, partitioned and whole;
+- fingerprints: the reference's weights fingerprint (what a checkpoint records), partitioned and whole;
 - ppo: the step records of one PPO step under ZeRO-3 with the frozen models partitioned and whole.
 
     python -m torch.distributed.run --nproc_per_node 2 frozen_worker.py OUT
@@ -26,6 +27,7 @@ from worker_exit import write_and_leave  # noqa: E402
 from hybrid_engine.engine.frozen import resident_bytes  # noqa: E402
 from hybrid_engine.engine.training import init_distributed  # noqa: E402
 from hybrid_engine.rlhf import RewardModel  # noqa: E402
+from hybrid_engine.rlhf.fingerprints import weights_fingerprint  # noqa: E402
 from hybrid_engine.rlhf.ppo import ModelSources, PPOConfig, train_ppo  # noqa: E402
 from hybrid_engine.rlhf.ppo.models import build_models  # noqa: E402
 from hybrid_engine.rlhf.scoring import FrozenPolicy, FrozenRewardModel  # noqa: E402
@@ -56,18 +58,19 @@ def scores(rank: int) -> dict:
     """The partitioned models' scores against the whole ones', through both paths; their resident bytes."""
     ids, mask = rows(rank)
     policy, rm = demo_llama(seed=3), RewardModel.from_model(demo_llama(seed=1))
-    out, resident = {}, {}
+    out, resident, fingerprints = {}, {}, {}
     for path, dtype in (("inference", None), ("hf", torch.bfloat16)):
         whole, part = (FrozenPolicy(copy.deepcopy(policy), autocast_dtype=dtype, partition_config=c)
                        for c in (None, ZERO3))
         out[f"reference-{path}"] = max_diff(whole.token_logprobs(ids, mask, START, 0.9),
                                             part.token_logprobs(ids, mask, START, 0.9))
         resident["reference"] = [resident_bytes(part.model), resident_bytes(whole.model)]
+        fingerprints["reference"] = [weights_fingerprint(part.model), weights_fingerprint(whole.model)]
         whole, part = (FrozenRewardModel(copy.deepcopy(rm), autocast_dtype=dtype, partition_config=c)
                        for c in (None, ZERO3))
         out[f"reward-{path}"] = max_diff(whole.score(ids, mask, START), part.score(ids, mask, START))
         resident["reward"] = [resident_bytes(part.model), resident_bytes(whole.model)]
-    return {"scores": out, "resident": resident}
+    return {"scores": out, "resident": resident, "fingerprints": fingerprints}
 
 
 def ppo(partition_frozen: bool, data) -> dict:

@@ -36,6 +36,13 @@ def test_each_rank_holds_half_of_each_frozen_model(ranks, model):
         assert whole / 2 <= partitioned <= whole / 2 * 1.01, (model, partitioned, whole)
 
 
+def test_a_partitioned_model_has_the_whole_models_fingerprint(ranks):
+    """A checkpoint's record of the reference (weights_fingerprint) gathers each partition: the whole model's, on
+    every rank, not the empty tensors ZeRO-3 leaves in place."""
+    prints = [p for rank in ranks for p in rank["fingerprints"]["reference"]]
+    assert len(set(prints)) == 1, prints
+
+
 def test_a_ppo_step_with_partitioned_frozen_models_equals_one_with_whole_ones(ranks):
     for rank in ranks:
         part, whole = rank["ppo"]["partitioned"], rank["ppo"]["whole"]

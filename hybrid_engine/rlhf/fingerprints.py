@@ -9,6 +9,8 @@ import json
 
 import torch
 
+from hybrid_engine.engine.zero import gathered
+
 
 def rows_fingerprint(*row_sets) -> str | None:
     """SHA-256 of the rows (datasets.Dataset or lists of dicts), in order; None for no row sets."""
@@ -31,14 +33,18 @@ def rows_fingerprint(*row_sets) -> str | None:
 @torch.no_grad()
 def weights_fingerprint(module: torch.nn.Module | None) -> str | None:
     """A fingerprint of a model's weights as they are: every tensor's name, shape, dtype and an even sample of up
-    to 4096 of its values (two fine-tunes of one model differ everywhere), so a model of any size is cheap."""
+    to 4096 of its values (two fine-tunes of one model differ everywhere), so a model of any size is cheap. ZeRO-3
+    partitioned parameters are gathered one at a time, so the fingerprint is the whole model's on every rank: under
+    ZeRO-3 every rank must call it, in the same order."""
     if module is None:
         return None
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float64)
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+    for name, tensor in sorted(module.state_dict(keep_vars=True).items()):
+        with gathered([tensor]):  # a ZeRO-3 partition is read whole (every rank runs this, in the same order)
+            flat = tensor.detach().reshape(-1)
+            sample = flat[::max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float64)
+            shape = tuple(tensor.shape)
+        digest.update(f"{name}{shape}{tensor.dtype}".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
 
