@@ -118,12 +118,17 @@ def ours(model: transformers.PreTrainedModel, ids: torch.Tensor, new_tokens: int
 def roofline_s(roofline: Roofline, name: str, weight_dtype, batch: int, prompt: int, new_tokens: int) -> float:
     """The roofline time of a whole generation as ours does it: the prefill of batch x prompt tokens, then
     new_tokens - 1 decode steps, each reading the matrices (bench_generate.matmul_weight_bytes) and the fp32 KV
-    cache of its context, with 2 x parameters x batch FLOPs plus attention's."""
+    cache of its context, with 2 x parameters x batch FLOPs plus attention's. The prefill runs the LM head at each
+    row's last position only (both sides do)."""
     weight_bytes, params = matmul_weight_bytes(name, weight_dtype)
-    spec = spec_from_config(preset(name).config)
+    config = preset(name).config
+    spec = spec_from_config(config)
+    head = config.vocab_size * config.hidden_size
     kv_per_position = 2 * spec.num_layers * batch * spec.num_kv_heads * spec.head_dim * 4
     attention_per_position = 4 * spec.num_layers * batch * spec.num_heads * spec.head_dim
-    total = roofline.time(weight_bytes, 2 * params * batch * prompt + attention_per_position * prompt * prompt / 2)
+    prefill_flops = (2 * (params - head) * batch * prompt + 2 * head * batch
+                     + attention_per_position * prompt * prompt / 2)
+    total = roofline.time(weight_bytes, prefill_flops)
     for context in range(prompt, prompt + new_tokens - 1):
         total += roofline.time(weight_bytes + kv_per_position * context,
                                2 * params * batch + attention_per_position * context)
