@@ -156,11 +156,22 @@ def grouped_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     return torch.cat([ids[owner], response], 1), torch.cat([mask[owner], torch.ones_like(response)], 1), ids.shape[1]
 
 
-def shared_prefix_training(stage: int, lora: bool, share: bool) -> list[float]:
-    """Losses of 3 steps of -mean log p(response) on grouped_batch rows, their prompts run once (share) or not."""
+def mixed_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """grouped_batch's rows on rank 0; on the other ranks, no two neighbouring rows share a prompt (their last
+    prompt token differs), so only rank 0 has a prompt to run once."""
+    ids, mask, start = grouped_batch(step)
+    if dist.get_rank() != 0:
+        ids = ids.clone()
+        ids[:, start - 2] = torch.arange(2, 2 + ids.shape[0])
+    return ids, mask, start
+
+
+def shared_prefix_training(stage: int, lora: bool, share: bool, rows=grouped_batch) -> list[float]:
+    """Losses of 3 steps of -mean log p(response) on `rows` (grouped_batch), their prompts run once (share) or
+    not."""
     eng, losses = engine(stage, lora), []
     for step in range(3):
-        ids, mask, start = grouped_batch(step)
+        ids, mask, start = rows(step)
         lp = eng.token_logprobs(ids, mask, start, share_prefix=share)
         loss = -lp.sum() / mask[:, start:].sum()
         eng.backward(loss)
@@ -195,6 +206,10 @@ def main(out_dir: str) -> None:
         for lora in (False, True):
             results[f"zero{stage}-{'lora' if lora else 'full'}-shared-prefix-training"] = dict(
                 shared=shared_prefix_training(stage, lora, True), one_pass=shared_prefix_training(stage, lora, False))
+    if dist.get_world_size() == 2:  # one rank with a prompt to run once, one without: the ranks' gathers must match
+        results["zero3-full-mixed-shared-prefix-training"] = dict(
+            shared=shared_prefix_training(3, False, True, mixed_batch),
+            one_pass=shared_prefix_training(3, False, False, mixed_batch))
     # The other families: ZeRO-3 with LoRA and layer-by-layer gathering, across 2 ranks (their full training and
     # whole-model gathering are the Llama's code paths, and one-process runs of each family are test_engine.py's).
     if dist.get_world_size() == 2:

@@ -106,6 +106,15 @@ def test_a_shared_prompt_run_once_trains_like_one_pass_under_zero(ranks, config)
         assert len(set(shared)) == 3  # the steps trained: each step's loss differs
 
 
+def test_ranks_that_differ_in_shared_prompts_agree_under_zero3(ranks):
+    """Rank 0's rows share prompts, rank 1's do not: under ZeRO-3 both take one path (each forward gathers every
+    layer, so a second forward on one rank alone would wait forever), and it trains like one pass."""
+    config = "zero3-full-mixed-shared-prefix-training"
+    for r in measured(ranks, config):
+        shared, one_pass = (r[config][k] for k in ("shared", "one_pass"))
+        assert max(abs(a - b) for a, b in zip(shared, one_pass)) <= 1e-5, (shared, one_pass)
+
+
 def test_zero3_really_gathers(ranks):
     for r in ranks:
         assert r["zero3-full-all"]["switch"]["gather_bytes"] > 0

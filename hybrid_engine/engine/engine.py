@@ -30,11 +30,12 @@ from hybrid_engine.engine.settings import GenerationSettings
 from hybrid_engine.engine.stats import SwitchStats
 from hybrid_engine.engine.tp import gather_prompts, local_spec, make_tp_group
 from hybrid_engine.engine.training import init_distributed, load_ds_config, make_trainer
-from hybrid_engine.engine.zero import gathered, unique_params
+from hybrid_engine.engine.zero import gathered, on_every_rank, unique_params
 from hybrid_engine.generation import GenerationOutput, SamplingParams, generate_with
 from hybrid_engine.generation.checks import check_prompts
 from hybrid_engine.generation.hf_generate import hf_generate
 from hybrid_engine.generation.sampling import model_token_ids
+from hybrid_engine.model.prefix import shared_prefix_runs
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
 from hybrid_engine.model.weights import fuse_projection_storage
@@ -169,6 +170,10 @@ class HybridEngine:
         (engine/packing.py)."""
         model = base_model(self.module)
         share = share_prefix and not _checkpointing(model)
+        if share and self.zero_stage == 3 and dist.is_initialized() and dist.get_world_size() > 1:
+            # every forward gathers each layer: the ranks must run as many, whatever their own rows share
+            runs = shared_prefix_runs(input_ids, attention_mask, start - 1)
+            share = on_every_rank(runs is not None, input_ids.device)
         return _logprobs.token_logprobs(self._trainer.forward, model.get_output_embeddings(), input_ids,
                                         attention_mask, start, temperature, share, return_entropy,
                                         _logprobs.transforms_logits(model.config), packed)

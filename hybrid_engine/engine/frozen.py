@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 
 from hybrid_engine.allocator import release_freed_memory
 from hybrid_engine.engine.training import init_distributed
@@ -56,14 +55,6 @@ def resident_bytes(model: torch.nn.Module) -> int:
     """The bytes of `model`'s parameters this rank holds: its ZeRO-3 shard of each partitioned one, all of others."""
     return sum((p.ds_tensor.numel() if is_partitioned(p) else p.numel()) * p.element_size()
                for p in unique_params([model]))
-
-
-def on_every_rank(flag: bool, device: torch.device) -> bool:
-    """Whether `flag` holds on every rank: partitioned ranks must take the same path through the same gathers (a
-    collective each), whatever their own rows."""
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 class GatheredLayers:

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -43,3 +44,11 @@ def unique_params(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Parameter
         for p in m.parameters():
             seen.setdefault(id(p), p)
     return list(seen.values())
+
+
+def on_every_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank: partitioned ranks must take the same path through the same gathers (a
+    collective each), whatever their own rows."""
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

@@ -31,8 +31,9 @@ import torch
 
 from hybrid_engine import ops
 from hybrid_engine.engine import logprobs as training_logprobs
-from hybrid_engine.engine.frozen import layer_by_layer, on_every_rank, partition
+from hybrid_engine.engine.frozen import layer_by_layer, partition
 from hybrid_engine.engine.lora import base_model
+from hybrid_engine.engine.zero import on_every_rank
 from hybrid_engine.model.prefix import shared_prefix_runs
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
