@@ -90,8 +90,9 @@ def test_token_logprobs_and_their_gradients_are_the_hf_forwards(name, monkeypatc
     assert (plain - ref).abs().max() > 1e-2  # the transform matters: the head alone gives other log-probs
     for share in (True, False):
         ours, entropy = eng.token_logprobs(ids, mask, start, temperature=0.7, share_prefix=share, return_entropy=True)
-        torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
-        torch.testing.assert_close(entropy, ref_entropy, atol=ATOL, rtol=0)
+        # the transform's gain multiplies the fp32 rounding of the hidden states the two forwards reduce differently
+        torch.testing.assert_close(ours, ref, atol=ATOL * GAIN.get(name, 1.0), rtol=0)
+        torch.testing.assert_close(entropy, ref_entropy, atol=ATOL * GAIN.get(name, 1.0), rtol=0)
         grads = torch.autograd.grad((ours * weights).sum(), list(eng.module.parameters()))
         for (pname, _), g, r in zip(eng.module.named_parameters(), grads, ref_grads, strict=True):
             scale = max(1.0, float(r.abs().max()))  # Granite's gradients reach ~200: fp32 rounding scales with them

@@ -111,9 +111,9 @@ def test_sft_on_a_nan_model_fails_and_saves_nothing(sft_rows, tmp_path):
 def test_a_nan_sft_loss_skips_that_update_only(sft_rows, monkeypatch):
     real, calls = sft_module.sft_loss, []
 
-    def nan_on_second(model, batch):
+    def nan_on_second(model, batch, *packed):
         calls.append(1)
-        loss = real(model, batch)
+        loss = real(model, batch, *packed)
         return loss * math.nan if len(calls) == 2 else loss
 
     monkeypatch.setattr(sft_module, "sft_loss", nan_on_second)
