@@ -69,6 +69,21 @@ def test_trl_flags_set_our_settings():
     assert (ours.batch_size, ours.gradient_accumulation_steps) == (4, 2)  # ours counts the optimizer step's rows
 
 
+def test_trls_padding_free_is_our_packing(tmp_path, capsys):
+    """TRL's SFTConfig.padding_free, as a flag and as a config key, sets packing (sft and reward; TRL's GRPO and
+    RLOO have no such name, and neither has our ppo)."""
+    assert step_config(parsed("sft", "--padding_free"), SFTConfig, "sft").packing is True
+    assert step_config(parsed("sft", "--packing", "--no-padding_free"), SFTConfig, "sft").packing is False
+    config = step_config(parsed("sft", "--config", config_file(tmp_path, {"padding_free": True})), SFTConfig, "sft")
+    assert config == SFTConfig(packing=True, output_dir="out/sft")
+    with pytest.raises(ValueError, match="'padding_free' and 'packing' are one setting .TRL's name and ours."):
+        step_config(parsed("sft", "--config", config_file(tmp_path, {"padding_free": True, "packing": True})),
+                    SFTConfig, "sft")
+    with pytest.raises(SystemExit):
+        parsed("ppo", "--padding_free")
+    assert "unrecognized arguments: --padding_free" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps_per_generation", "4"], "steps_per_generation 4 .TRL's.: each rollout is trained on at once"),
     (["--use_vllm", "true"], "use_vllm .TRL's. has no meaning here: generation runs on the hybrid engine"),

@@ -6,6 +6,7 @@ saying why, never ignored.
     per_device_train_batch_size: 8 # x gradient_accumulation_steps = batch_size (sft, reward); = train_batch_size
                                    # (ppo: sequences per minibatch): TRL's is the micro-batch, ours the optimizer's
     max_completion_length: 64      # = max_new_tokens
+    padding_free: true             # = packing (sft, reward)
     beta: 0.04                     # = kl_coef
     gradient_accumulation_steps: 2 # ours too: micro-batches per optimizer step
     report_to: [wandb, tensorboard] # = report_to (--report-to, trackers.py), as is run_name: TRL's names are ours
@@ -19,10 +20,12 @@ STEP = {
     "learning_rate": "lr", "per_device_train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
     "num_train_epochs": "epochs", "lr_scheduler_type": "schedule", "eval_steps": "eval_every",
     "save_steps": "checkpoint_every", "save_total_limit": "keep_checkpoints", "max_length": "max_seq_len",
+    "padding_free": "packing",
 }
-"""TRL's (TrainingArguments') name: ours, for the SFT and reward steps."""
+"""TRL's (TrainingArguments' and SFTConfig's) name: ours, for the SFT and reward steps. TRL's padding_free (its rows
+flattened into one sequence, each attending to itself) is our packing."""
 RL = {
-    **{k: v for k, v in STEP.items() if k != "max_length"},
+    **{k: v for k, v in STEP.items() if k not in ("max_length", "padding_free")},
     "per_device_train_batch_size": "train_batch_size", "max_prompt_length": "max_prompt_len",
     "max_completion_length": "max_new_tokens", "beta": "kl_coef", "epsilon": "clip_range",
     "num_iterations": "ppo_epochs", "bf16": "bf16_autocast",
