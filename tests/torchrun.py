@@ -12,15 +12,22 @@ from pathlib import Path
 
 import pytest
 
+WORKER_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
-def run_workers(worker: Path, args: list[str], nproc: int = 2, timeout: float = 900) -> None:
-    """Runs `worker` with `args` in `nproc` processes; a failure fails the test with the end of their output."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+def torchrun_command(worker: Path, args: list[str], nproc: int = 2) -> list[str]:
+    """The command line that starts `worker ARGS` in `nproc` processes under torchrun, on a free port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(port), str(worker), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(port), str(worker), *args]
+
+
+def run_workers(worker: Path, args: list[str], nproc: int = 2, timeout: float = 900) -> None:
+    """Runs `worker` with `args` in `nproc` processes; a failure fails the test with the end of their output."""
+    env = {**os.environ, **WORKER_ENV}
+    cmd = torchrun_command(worker, args, nproc)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"torchrun --nproc_per_node {nproc} {worker.name} failed:\n{proc.stdout[-4000:]}\n"
