@@ -8,6 +8,8 @@ equal the padded large batch (SFT, reward model, PPO, GRPO); bad settings."""
 from __future__ import annotations
 
 import copy
+import json
+import re
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from hybrid_engine.engine.logprobs import token_logprobs
 from hybrid_engine.engine.packing import check_packable, packing_of
 from hybrid_engine.rlhf import RewardConfig, SFTConfig, accumulate, train_reward, train_sft
 from hybrid_engine.rlhf.accumulate import budget_batches
+from hybrid_engine.rlhf.data import WHOLE_FILE, DataConfig, DatasetSpec, load_step_data
 from hybrid_engine.rlhf.ppo import PPOConfig
 from hybrid_engine.rlhf.reward import RewardModel
 from hybrid_engine.rlhf.scoring import FrozenPolicy, FrozenRewardModel
@@ -208,6 +211,27 @@ def test_sft_and_reward_with_a_token_budget_equal_the_padded_batch(cache, plain_
     assert_same_weights(trained(big), trained(packed))
     with pytest.raises(ValueError, match=r"training (row|pair) \d+ has \d+ tokens, more than max_tokens_per_batch=16"):
         run(packing=True, max_tokens_per_batch=16)
+
+
+def test_an_sft_row_over_the_budget_is_named_by_its_data_file_and_row(tmp_path):
+    """The over-budget row is named as the user's file numbers it (a JSON Lines file by line: the blank line counts),
+    through the split, the blend's shuffle and the tokenizer's dropped rows; a second file is blended in by weight."""
+    short = [{"prompt": f"say {w}", "response": w} for w in ("yes", "no", "maybe", "fine", "good", "bad")]
+    first = tmp_path / "first.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in short[:3]) + "\n"
+                     + json.dumps({"prompt": "tell me", "response": " ".join(["dog"] * 40)}) + "\n")
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps(short[3:]))
+    specs = [DatasetSpec(str(first), weight=1.0), DatasetSpec(str(second), weight=1.0)]
+    data = load_step_data(DataConfig(specs, data_split=WHOLE_FILE["sft"], eval_fraction=0.0,
+                                     cache_dir=str(tmp_path / "cache")), "sft")
+    assert sorted(data.train_origins) == [(str(first), n) for n in (1, 2, 3, 5)] + [(str(second), n) for n in (1, 2, 3)]
+    long = [data.train[i]["response"] for i, (_, n) in enumerate(data.train_origins) if n == 5]
+    assert long == [" ".join(["dog"] * 40)]
+    config = SFTConfig(max_steps=1, batch_size=7, packing=True, max_tokens_per_batch=30)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(first))}, row 5 has 4\d tokens, more than "
+                                         r"max_tokens_per_batch=30: raise the budget"):
+        train_sft(demo_llama(), tokenizer(), data, config, progress=False)
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])

@@ -29,15 +29,22 @@ def micro_batches(rows: Sequence[int], n: int) -> list[list[int]]:
     return [part.tolist() for part in np.array_split(np.asarray(rows, dtype=np.int64), n) if len(part)]
 
 
-def budget_batches(rows: Sequence[int], lengths: Sequence[int], budget: int, what: str = "row") -> list[list[int]]:
+RowName = str | Callable[[int], str]
+"""How an over-budget row is named: a word put before its id ("training row 7"), or a function of its id (the data
+file and its row there)."""
+
+
+def budget_batches(rows: Sequence[int], lengths: Sequence[int], budget: int, what: RowName = "row"
+                   ) -> list[list[int]]:
     """`rows` (lengths[i] tokens each) grouped into micro-batches of at most `budget` tokens: first-fit decreasing
     (each row, longest first, into the first micro-batch it fits in), each micro-batch's rows in their given order.
-    A row longer than the budget is refused, named as `what` and its id."""
+    A row longer than the budget is refused, named by `what`."""
     used: list[int] = []  # each micro-batch's tokens
     members: list[list[int]] = []  # each micro-batch's positions in rows
     for i in sorted(range(len(rows)), key=lambda i: -lengths[i]):
         if lengths[i] > budget:
-            raise ValueError(f"{what} {rows[i]} has {lengths[i]} tokens, more than max_tokens_per_batch={budget}: "
+            name = what(rows[i]) if callable(what) else f"{what} {rows[i]}"
+            raise ValueError(f"{name} has {lengths[i]} tokens, more than max_tokens_per_batch={budget}: "
                              "raise the budget or shorten the rows (tokens.max_seq_len)")
         k = next((k for k, u in enumerate(used) if u + lengths[i] <= budget), len(used))
         if k == len(used):
@@ -48,7 +55,7 @@ def budget_batches(rows: Sequence[int], lengths: Sequence[int], budget: int, wha
     return [[rows[i] for i in sorted(part)] for part in members]
 
 
-def step_batches(rows: Sequence[int], lengths: Sequence[int], config, what: str = "row") -> list[list[int]]:
+def step_batches(rows: Sequence[int], lengths: Sequence[int], config, what: RowName = "row") -> list[list[int]]:
     """An optimizer step's micro-batches: by config.max_tokens_per_batch (budget_batches) when set, else
     config.gradient_accumulation_steps near-equal row counts (micro_batches). lengths[i]: the tokens of rows[i]."""
     if config.max_tokens_per_batch is None:

@@ -140,6 +140,21 @@ class StepData:
     train: datasets.Dataset
     eval: datasets.Dataset
     reports: list[DatasetReport]
+    train_origins: list[tuple[str, int]] | None = None
+    """Where each training row comes from: its file (or data set) and its row there, numbered as the data errors
+    number them (the line of a JSON Lines file, else the position from 1); None when not known (rows given as
+    they are)."""
+
+
+def example_row(data: StepData, examples: Sequence[dict], what: str, i: int) -> str:
+    """Tokenized training example i (tokens.tokenize_sft's or tokenize_reward's: each holds its "row" in data.train)
+    named as the user's data names it: its file and row there (data.train_origins), else `what` and its position
+    among the training rows ("training row 7")."""
+    row = examples[i]["row"]
+    if data.train_origins is None:
+        return f"{what} {row}"
+    where, number = data.train_origins[row]
+    return f"{where}, row {number}"
 
 
 # -- loading and validation -----------------------------------------------------------------------
@@ -274,7 +289,11 @@ def _from_rows(path: Path, rows: Sequence[tuple[int, dict]], keep: Sequence[str]
                          f"{str(e).splitlines()[0]}") from None
 
 
-def _read_json(path: Path, step: str, cache_dir: str | None) -> tuple[datasets.Dataset, tuple[str, ...]]:
+Read = tuple[datasets.Dataset, tuple[str, ...], list[int]]
+"""A file as read: its rows, the fields the step reads, and each row's number in the file (from 1)."""
+
+
+def _read_json(path: Path, step: str, cache_dir: str | None) -> Read:
     # The rows are checked as Python's parser reads them: exactly what the user wrote, with its line
     # (Arrow's reader types a column a block at a time, so a mixed column comes back coerced, as JSON
     # or as an error without a row). `datasets` then reads the file for training.
@@ -298,10 +317,10 @@ def _read_json(path: Path, step: str, cache_dir: str | None) -> tuple[datasets.D
     if ds is None or extras and ds.select_columns(extras).to_list() != [{k: r.get(k) for k in extras} for _, r in rows]:
         # What the reward function receives is what the file holds, not Arrow's coercion of it.
         ds = _from_rows(path, rows, [*fields, *extras])
-    return ds, fields
+    return ds, fields, [number for number, _ in rows]
 
 
-def _read_parquet(path: Path, step: str, cache_dir: str | None) -> tuple[datasets.Dataset, tuple[str, ...]]:
+def _read_parquet(path: Path, step: str, cache_dir: str | None) -> Read:
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: the file is empty (0 bytes), not a parquet file")
     try:
@@ -321,7 +340,7 @@ def _read_parquet(path: Path, step: str, cache_dir: str | None) -> tuple[dataset
     columns = ds.select_columns(list(fields)).to_dict()
     rows = [(i + 1, {f: columns[f][i] for f in fields}) for i in range(len(ds))]
     validate_rows(path, rows, fields)
-    return ds, fields
+    return ds, fields, [number for number, _ in rows]
 
 
 def _needs_conversion(path: Path, rows: Sequence[tuple[int, Any]] | None, columns: Sequence[str], step: str) -> bool:
@@ -335,17 +354,16 @@ def _needs_conversion(path: Path, rows: Sequence[tuple[int, Any]] | None, column
     return formats.needs_conversion(columns, first, step)
 
 
-def _converted(path: str | Path, rows: Sequence[tuple[int, Any]], step: str
-               ) -> tuple[datasets.Dataset, tuple[str, ...]]:
+def _converted(path: str | Path, rows: Sequence[tuple[int, Any]], step: str) -> Read:
     """A file in one of TRL's formats, converted row by row into the step's columns (formats.convert)."""
     converted = formats.convert(path, rows, step)
     keep = list(dict.fromkeys(k for _, row in converted for k in row))
     if step == "ppo":
         check_reserved(path, keep)
-    return _from_rows(path, converted, keep), FIELDS[step]
+    return _from_rows(path, converted, keep), FIELDS[step], [number for number, _ in converted]
 
 
-def _read_named(text: str, step: str, cache_dir: str | None) -> tuple[datasets.Dataset, tuple[str, ...]]:
+def _read_named(text: str, step: str, cache_dir: str | None) -> Read:
     """A data set by name or folder (named_data.py), checked as a file's rows are (numbered from 1 in its split)."""
     ds, where = named_data.load_named(text, cache_dir), f"data set {text}"
     rows = list(enumerate(ds.to_list(), start=1))
@@ -354,24 +372,31 @@ def _read_named(text: str, step: str, cache_dir: str | None) -> tuple[datasets.D
     fields = step_fields(step, ds.column_names)
     check_columns(where, step, fields, ds.column_names)
     validate_rows(where, rows, fields)
-    return ds, fields
+    return ds, fields, [number for number, _ in rows]
 
 
 def load_file(path: str | Path, step: str, cache_dir: str | None = None) -> datasets.Dataset:
     """Every row of one file (or data set: named_data.py), validated for `step`, as columns FIELDS[step] (all
     strings, the prompt perhaps a list of messages); for PPO, then every other column of the file, as the file
     types it."""
+    return load_numbered(path, step, cache_dir)[0]
+
+
+def load_numbered(path: str | Path, step: str, cache_dir: str | None = None
+                  ) -> tuple[datasets.Dataset, list[tuple[str, int]]]:
+    """load_file's rows, and where each comes from: (the file, or "data set NAME"; its row number there)."""
     path = Path(path)
     kind = FORMATS.get(path.suffix.lower())
+    where = str(path)
     if kind is None and named_data.is_name(str(path)):
-        ds, fields = _read_named(str(path), step, cache_dir)
+        (ds, fields, numbers), where = _read_named(str(path), step, cache_dir), f"data set {path}"
     elif kind is None:
         raise ValueError(f"{path}: unknown data file type {path.suffix!r}; use one of {sorted(FORMATS)}, or a data "
                          "set's name or folder")
     elif not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     else:
-        ds, fields = (_read_json if kind == "json" else _read_parquet)(path, step, cache_dir)
+        ds, fields, numbers = (_read_json if kind == "json" else _read_parquet)(path, step, cache_dir)
     extras = [c for c in ds.column_names if c not in fields] if step == "ppo" else []
     ds = ds.select_columns([*fields, *extras])
     renames = {f: canonical for f, canonical in zip(fields, FIELDS[step]) if f != canonical}
@@ -380,7 +405,8 @@ def load_file(path: str | Path, step: str, cache_dir: str | None = None) -> data
     features = {f: datasets.Value("string") for f in FIELDS[step]}
     if not isinstance(ds.features["prompt"], datasets.Value):  # a conversational prompt: a list of messages
         features["prompt"] = MESSAGES
-    return ds.cast(datasets.Features({**features, **{c: ds.features[c] for c in extras}}))
+    ds = ds.cast(datasets.Features({**features, **{c: ds.features[c] for c in extras}}))
+    return ds, [(where, number) for number in numbers]
 
 
 def same_prompt_kind(files: Sequence[datasets.Dataset]) -> list[datasets.Dataset]:
@@ -477,8 +503,10 @@ def draw(size: int, count: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def blend(parts: Sequence[datasets.Dataset], weights: Sequence[float] | None, seed: int,
-          num_rows: int | None = None) -> tuple[datasets.Dataset, list[int]]:
-    """The shuffled blend of `parts` and the rows drawn from each; weights None: every row once."""
+          num_rows: int | None = None, origins: Sequence[Sequence] | None = None
+          ) -> tuple[datasets.Dataset, list[int], list | None]:
+    """The shuffled blend of `parts`, the rows drawn from each, and where each blended row comes from
+    (origins[k][i]: row i of part k's; None without origins); weights None: every row once."""
     sizes = [len(p) for p in parts]
     if weights is None:
         counts = sizes
@@ -490,9 +518,15 @@ def blend(parts: Sequence[datasets.Dataset], weights: Sequence[float] | None, se
         if empty:
             raise ValueError(f"data sets {empty} have weight but no training rows for this step")
     rng = np.random.default_rng((seed, 2))
-    picked = list(parts) if weights is None else [p.select(draw(s, c, rng)) for p, s, c in zip(parts, sizes, counts)]
-    mixed = datasets.concatenate_datasets(picked)
-    return mixed.select(rng.permutation(len(mixed))), counts
+    picked = [np.arange(s) for s in sizes] if weights is None else [draw(s, c, rng) for s, c in zip(sizes, counts)]
+    starts = np.cumsum([0, *sizes[:-1]])
+    rows = np.concatenate([start + p for start, p in zip(starts, picked)]).astype(np.int64)
+    order = rows[rng.permutation(len(rows))]  # indices into the parts end to end
+    mixed = datasets.concatenate_datasets(list(parts)).select(order)
+    if origins is None:
+        return mixed, counts, None
+    every = [o for part in origins for o in part]
+    return mixed, counts, [every[i] for i in order]
 
 
 def load_step_data(config: DataConfig, step: str) -> StepData:
@@ -504,19 +538,23 @@ def load_step_data(config: DataConfig, step: str) -> StepData:
     weights = [spec.weight for spec in config.datasets]
     if any(w is None for w in weights) and any(w is not None for w in weights):
         raise ValueError("give every data set a weight, or none")
-    files = same_prompt_kind([load_file(spec.path, step, config.cache_dir) for spec in config.datasets])
+    files, numbered = zip(*[load_numbered(spec.path, step, config.cache_dir) for spec in config.datasets])
+    files = same_prompt_kind(files)
     if step == "ppo" and len(files) > 1:
         files = align_columns(files, [spec.path for spec in config.datasets])
-    trains, evals, reports = [], [], []
-    for spec, ds in zip(config.datasets, files):
+    trains, evals, reports, origins = [], [], [], []
+    for spec, ds, rows in zip(config.datasets, files, numbered):
         data_split = spec.data_split or config.data_split
         parts = split_indices(len(ds), data_split, config.seed)
         train_idx, eval_idx = holdout(parts[STEPS.index(step)], config.eval_fraction)
         trains.append(ds.select(train_idx))
         evals.append(ds.select(eval_idx))
+        origins.append([rows[i] for i in train_idx])
         reports.append(DatasetReport(spec.path, len(ds), len(train_idx) + len(eval_idx), len(train_idx),
                                      len(eval_idx), 0, data_split))
-    train, counts = blend(trains, None if weights[0] is None else weights, config.seed, config.blend_rows)
+    train, counts, train_origins = blend(trains, None if weights[0] is None else weights, config.seed,
+                                         config.blend_rows, origins)
     for report, count in zip(reports, counts):
         report.blended_rows = count
-    return StepData(train=train, eval=datasets.concatenate_datasets(evals), reports=reports)
+    return StepData(train=train, eval=datasets.concatenate_datasets(evals), reports=reports,
+                    train_origins=train_origins)

@@ -39,7 +39,7 @@ from hybrid_engine.engine.training import adamw, make_trainer
 from hybrid_engine.engine.zero import gathered, unique_params
 from hybrid_engine.rlhf import checkpoint, fingerprints
 from hybrid_engine.rlhf.accumulate import step_batches
-from hybrid_engine.rlhf.data import StepData
+from hybrid_engine.rlhf.data import StepData, example_row
 from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.loop import Trainer, train_loop
 from hybrid_engine.rlhf.reward_format import (
@@ -357,7 +357,8 @@ def train_reward(model_or_path, tokenizer, data: StepData, config: RewardConfig 
     def train_step(rows: list[int], step: int) -> float:
         lengths = [len(train[i]["chosen_input_ids"]) + len(train[i]["rejected_input_ids"]) for i in rows]
         batches = [collate_reward([train[i] for i in part], pad_id)
-                   for part in step_batches(rows, lengths, config, "training pair")]
+                   for part in step_batches(rows, lengths, config,
+                                            functools.partial(example_row, data, train, "training pair"))]
         losses = [functools.partial(batch_loss, trainer.forward, batch, config.packing) for batch in batches]
         pairs = [len(batch["chosen_input_ids"]) for batch in batches]
         return finite_step(trainer, model, losses, pairs, config, "reward", step + 1)

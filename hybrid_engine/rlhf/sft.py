@@ -32,7 +32,7 @@ from hybrid_engine.engine.router_loss import router_aux_loss
 from hybrid_engine.engine.training import adamw
 from hybrid_engine.rlhf import checkpoint, fingerprints
 from hybrid_engine.rlhf.accumulate import step_batches
-from hybrid_engine.rlhf.data import StepData
+from hybrid_engine.rlhf.data import StepData, example_row
 from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.loop import Trainer, train_loop
 from hybrid_engine.rlhf.step_config import StepConfig
@@ -216,8 +216,8 @@ def train_sft(model, tokenizer, data: StepData, config: SFTConfig | None = None,
     def train_step(rows: list[int], step: int) -> float:
         nonlocal tokens
         lengths = [len(train[i]["input_ids"]) for i in rows]
-        batches = [collate_sft([train[i] for i in part], pad_id)
-                   for part in step_batches(rows, lengths, config, "training row")]
+        named = functools.partial(example_row, data, train, "training row")
+        batches = [collate_sft([train[i] for i in part], pad_id) for part in step_batches(rows, lengths, config, named)]
         tokens += sum(int(batch["attention_mask"].sum()) for batch in batches)
         observed: list[float] = []
         losses = [functools.partial(observed_loss, batch, observed) for batch in batches]

@@ -130,28 +130,30 @@ def _prompts(rows, tokenizer, config: TokenConfig, stats: TokenStats) -> list[li
 
 
 def tokenize_sft(rows, tokenizer, config: TokenConfig) -> tuple[list[dict[str, list[int]]], TokenStats]:
-    """SFT rows (prompt, response) -> [{"input_ids", "labels"}]: labels are IGNORE_INDEX on the prompt."""
+    """SFT rows (prompt, response) -> [{"input_ids", "labels", "row"}]: labels are IGNORE_INDEX on the prompt; row is
+    the index of the example's row in `rows` (rows whose prompt was dropped leave gaps)."""
     stats = TokenStats()
     prompts = _prompts(rows, tokenizer, config, stats)
     out = []
-    for p, r in zip(prompts, encode_responses(tokenizer, _column(rows, "response"))):
+    for i, (p, r) in enumerate(zip(prompts, encode_responses(tokenizer, _column(rows, "response")))):
         if p is not None:
             r = fit_response(len(p), r, config, stats)
-            out.append({"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r})
+            out.append({"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r, "row": i})
     return out, stats
 
 
 def tokenize_reward(rows, tokenizer, config: TokenConfig) -> tuple[list[dict[str, list[int]]], TokenStats]:
-    """Reward rows (prompt, chosen, rejected) -> [{"chosen_input_ids", "rejected_input_ids"}]."""
+    """Reward rows (prompt, chosen, rejected) -> [{"chosen_input_ids", "rejected_input_ids", "row"}] (row: as
+    tokenize_sft's)."""
     stats = TokenStats()
     prompts = _prompts(rows, tokenizer, config, stats)
     chosen = encode_responses(tokenizer, _column(rows, "chosen"))
     rejected = encode_responses(tokenizer, _column(rows, "rejected"))
     out = []
-    for p, c, r in zip(prompts, chosen, rejected):
+    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
         if p is not None:
             out.append({"chosen_input_ids": p + fit_response(len(p), c, config, stats),
-                        "rejected_input_ids": p + fit_response(len(p), r, config, stats)})
+                        "rejected_input_ids": p + fit_response(len(p), r, config, stats), "row": i})
     return out, stats
 
 
