@@ -4,6 +4,7 @@ and switches into the fast generation mode and back."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -35,7 +36,6 @@ from hybrid_engine.generation import GenerationOutput, SamplingParams, generate_
 from hybrid_engine.generation.checks import check_prompts
 from hybrid_engine.generation.hf_generate import hf_generate
 from hybrid_engine.generation.sampling import model_token_ids
-from hybrid_engine.model.prefix import shared_prefix_runs
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
 from hybrid_engine.model.weights import fuse_projection_storage
@@ -169,14 +169,13 @@ class HybridEngine:
         same forward (engine/logprobs.py). `packed`: the rows' real tokens run end to end in one row, no padding
         (engine/packing.py)."""
         model = base_model(self.module)
-        share = share_prefix and not _checkpointing(model)
-        if share and self.zero_stage == 3 and dist.is_initialized() and dist.get_world_size() > 1:
+        agree = None
+        if self.zero_stage == 3 and dist.is_initialized() and dist.get_world_size() > 1:
             # every forward gathers each layer: the ranks must run as many, whatever their own rows share
-            runs = shared_prefix_runs(input_ids, attention_mask, start - 1)
-            share = on_every_rank(runs is not None, input_ids.device)
+            agree = functools.partial(on_every_rank, device=input_ids.device)
         return _logprobs.token_logprobs(self._trainer.forward, model.get_output_embeddings(), input_ids,
-                                        attention_mask, start, temperature, share, return_entropy,
-                                        _logprobs.transforms_logits(model.config), packed)
+                                        attention_mask, start, temperature, share_prefix and not _checkpointing(model),
+                                        return_entropy, _logprobs.transforms_logits(model.config), packed, agree)
 
     # ---- generation mode ----
     @contextmanager

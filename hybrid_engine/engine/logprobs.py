@@ -202,7 +202,7 @@ def _packed_logprobs(forward: Callable, score: Callable, input_ids: torch.Tensor
 def token_logprobs(
     forward: Callable, lm_head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
     temperature: float = 1.0, share_prefix: bool = True, return_entropy: bool = False, hf_logits: bool = False,
-    packed: bool = False,
+    packed: bool = False, agree: Callable[[bool], bool] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """fp32 [B, T - start]: log p(input_ids[:, t] | input_ids[:, :t]) for t >= start, 0 where the mask is 0; with
     return_entropy, also the fp32 [B, T - start] entropy of the distribution each was drawn from (0 where the mask
@@ -211,7 +211,9 @@ def token_logprobs(
     `forward(**kwargs)` runs the HF causal LM (the DeepSpeed engine, or the model itself); `lm_head` is that
     model's output projection. With `share_prefix`, neighbouring rows whose first start - 1 columns are the same
     run them once (_shared_prefix_logprobs); not for a model that trains with gradient checkpointing, which keeps no
-    cache. `hf_logits` (transforms_logits of the model's config): read the model's own logits of the scored columns
+    cache. `agree(shares)`: whether every rank's rows share their prefixes, given whether this rank's do
+    (engine/zero.py's on_every_rank: partitioned ranks must run as many forwards); None: this rank's rows decide.
+    `hf_logits` (transforms_logits of the model's config): read the model's own logits of the scored columns
     (scoring_head) instead of the fused op's. `packed`: one forward over the rows' real tokens end to end
     (_packed_logprobs; no prefix sharing), the same log-probs without computing padding."""
     B, T = input_ids.shape
@@ -223,6 +225,8 @@ def token_logprobs(
         out = _packed_logprobs(forward, score, input_ids, attention_mask, start, entropy)
         return out if return_entropy else out[0]
     runs = shared_prefix_runs(input_ids, attention_mask, start - 1) if share_prefix else None
+    if share_prefix and agree is not None and not agree(runs is not None):
+        runs = None
     out = None
     if runs is not None:
         out = _shared_prefix_logprobs(forward, lm_head, score, input_ids, attention_mask, start, runs, entropy)

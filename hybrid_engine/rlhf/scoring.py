@@ -25,6 +25,7 @@ gathers each module through DeepSpeed's hooks. The scores are the same arithmeti
 from __future__ import annotations
 
 import contextlib
+import functools
 from types import SimpleNamespace
 
 import torch
@@ -34,7 +35,6 @@ from hybrid_engine.engine import logprobs as training_logprobs
 from hybrid_engine.engine.frozen import layer_by_layer, partition
 from hybrid_engine.engine.lora import base_model
 from hybrid_engine.engine.zero import on_every_rank
-from hybrid_engine.model.prefix import shared_prefix_runs
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
 from hybrid_engine.model.weights import extract_weights, fuse_projection_storage
@@ -146,12 +146,11 @@ class FrozenPolicy(_Frozen):
         0; HybridEngine.token_logprobs' contract, on the frozen weights."""
         _check_rows(input_ids, attention_mask, start)
         if self.hf_forward(input_ids):
-            runs = shared_prefix_runs(input_ids, attention_mask, start - 1)
-            share = self.everywhere(runs is not None, input_ids.device)
+            agree = functools.partial(self.everywhere, device=input_ids.device)
             with _autocast(self.autocast_dtype, input_ids.device):
                 return training_logprobs.token_logprobs(self.model, self.model.get_output_embeddings(), input_ids,
-                                                        attention_mask, start, temperature, share_prefix=share,
-                                                        hf_logits=self.hf_logits, packed=self.packed)
+                                                        attention_mask, start, temperature, hf_logits=self.hf_logits,
+                                                        packed=self.packed, agree=agree)
         B, T = input_ids.shape
         targets = torch.where(attention_mask[:, start:].bool(), input_ids[:, start:], IGNORE_INDEX)
         cut = self.shared_cut(input_ids, attention_mask, start - 1)
