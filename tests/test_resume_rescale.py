@@ -1,0 +1,75 @@
+"""A ZeRO-2 and a ZeRO-3 SFT checkpoint resumed on another number of ranks, 2 -> 1 and 1 -> 2 (torchrun, gloo, CPU;
+the worker is rescale_worker.py): just after the resume, every trained parameter's fp32 master weight, exp_avg and
+exp_avg_sq (gathered whole by DeepSpeed's safe_get_full_*) and the Adam step equal the checkpoint's, to the bit; the
+next steps' losses follow the uninterrupted run within LOSS_RTOL; a per-rank batch that would change the global
+batch, and another ZeRO stage, are refused, naming what to do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torchrun import run_workers
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+WORKER = Path(__file__).with_name("rescale_worker.py")
+LOSS_RTOL = 1e-5
+"""How far a resumed run's losses may stray from the uninterrupted run's, relative. Resumed from the same weights,
+moments and rows, the two differ only in how their sums are ordered: one rank's matmuls over a batch of two rows
+against two ranks' over one each, and gloo's all-reduce of the gradients against a local sum. Each such difference
+is a few fp32 ulps (1.2e-7 relative); Adam divides the moments' small differences by sqrt(exp_avg_sq), so the
+weights after one step differ by a few ulps of the learning rate's step. 1e-5 is ~100 ulps: room for those, far
+below a wrong moment or row (which moves the loss by 1e-3 and more)."""
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("rescale")
+    for phase, nproc in (("one", 1), ("two", 2), ("back", 1)):
+        run_workers(WORKER, [str(folder), phase], nproc)
+    return folder
+
+
+def losses(out: Path, phase: str, run: str, nproc: int) -> list[float]:
+    """The run's losses, the mean of its ranks' (each rank's is its own rows' token mean; every row has as many
+    response tokens, so the mean over ranks is the global batch's)."""
+    ranks = [json.loads((out / f"{phase}-rank{r}.json").read_text())[run] for r in range(nproc)]
+    return [sum(step) / nproc for step in zip(*ranks)]
+
+
+CASES = {"2 -> 1": ("z{}-2", "two", 2, "z{}-1from2", "back", 1), "1 -> 2": ("z{}-1", "one", 1, "z{}-2from1", "two", 2)}
+
+
+@pytest.mark.parametrize("stage", (2, 3))
+@pytest.mark.parametrize("case", CASES)
+def test_the_resumed_state_is_the_checkpoint_s(out, stage, case):
+    saved_run, resumed_run = CASES[case][0].format(stage), CASES[case][3].format(stage)
+    saved = load_file(out / f"{saved_run}-saved.safetensors")
+    restored = load_file(out / f"{resumed_run}-restored.safetensors")
+    assert saved.keys() == restored.keys() and len(saved) > 3
+    assert float(saved["step"].max()) == 2.0
+    for key, value in saved.items():
+        assert torch.equal(restored[key], value), key
+
+
+@pytest.mark.parametrize("stage", (2, 3))
+@pytest.mark.parametrize("case", CASES)
+def test_the_next_losses_follow_the_uninterrupted_run(out, stage, case):
+    saved_run, saved_phase, saved_n, resumed_run, resumed_phase, resumed_n = CASES[case]  # steps 1-2: the history
+    whole = losses(out, saved_phase, saved_run.format(stage), saved_n)
+    resumed = losses(out, resumed_phase, resumed_run.format(stage), resumed_n)
+    assert len(whole) == len(resumed) == 4 and len(set(whole)) == 4
+    assert resumed[2:] == pytest.approx(whole[2:], rel=LOSS_RTOL, abs=0)
+
+
+def test_what_stays_unsupported_is_refused_by_name(out):
+    back = json.loads((out / "back-rank0.json").read_text())
+    assert back["per_rank_batch_kept"].startswith(
+        "batch_size is per rank: the checkpoint's run took 1 a rank on 2 ranks, 2 rows a step; this run takes 1 a "
+        "rank on 1 rank, 1: give batch_size 2 (--batch-size 2) to keep it")
+    assert "written under 2 ranks, ZeRO stage 2, every weight trained; this run has 1 rank, ZeRO stage 3" \
+        in back["other_stage"] and "another ZeRO stage or LoRA is not supported" in back["other_stage"]
