@@ -1,12 +1,14 @@
 """A ZeRO-2 and a ZeRO-3 SFT checkpoint resumed on another number of ranks, 2 -> 1 and 1 -> 2 (torchrun, gloo, CPU;
 the worker is rescale_worker.py): just after the resume, every trained parameter's fp32 master weight, exp_avg and
 exp_avg_sq (gathered whole by DeepSpeed's safe_get_full_*) and the Adam step equal the checkpoint's, to the bit; the
-next steps' losses follow the uninterrupted run within LOSS_RTOL; a per-rank batch that would change the global
+next steps' losses follow the uninterrupted run within LOSS_RTOL; PPO's actor and critic under ZeRO-2, 2 -> 1,
+resume the same way; a per-rank batch that would change the global
 batch, and another ZeRO stage, are refused, naming what to do."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -51,7 +53,7 @@ def test_the_resumed_state_is_the_checkpoint_s(out, stage, case):
     saved = load_file(out / f"{saved_run}-saved.safetensors")
     restored = load_file(out / f"{resumed_run}-restored.safetensors")
     assert saved.keys() == restored.keys() and len(saved) > 3
-    assert float(saved["step"].max()) == 2.0
+    assert float(saved["model.step"].max()) == 2.0
     for key, value in saved.items():
         assert torch.equal(restored[key], value), key
 
@@ -64,6 +66,21 @@ def test_the_next_losses_follow_the_uninterrupted_run(out, stage, case):
     resumed = losses(out, resumed_phase, resumed_run.format(stage), resumed_n)
     assert len(whole) == len(resumed) == 4 and len(set(whole)) == 4
     assert resumed[2:] == pytest.approx(whole[2:], rel=LOSS_RTOL, abs=0)
+
+
+def test_ppo_under_zero2_resumes_its_actor_and_critic_on_one_rank(out):
+    """2 -> 1: the actor's and the critic's masters and moments are the checkpoint's to the bit; the step after
+    trains (its figures cannot follow the 2-rank run's: the responses are sampled, and a rank's sampler stream
+    cannot be split over another number of ranks)."""
+    saved, restored = load_file(out / "ppo-2-saved.safetensors"), load_file(out / "ppo-1from2-restored.safetensors")
+    assert saved.keys() == restored.keys()
+    assert any(k.startswith("actor.") for k in saved) and any(k.startswith("critic.") for k in saved)
+    for key, value in saved.items():
+        assert torch.equal(restored[key], value), key
+    whole = json.loads((out / "two-rank0.json").read_text())["ppo-2"]
+    resumed = json.loads((out / "back-rank0.json").read_text())["ppo-1from2"]
+    assert resumed[:2] == whole[:2] and len(resumed) == 3
+    assert all(math.isfinite(v) for v in resumed[2].values()) and resumed[2] != whole[2]
 
 
 def test_what_stays_unsupported_is_refused_by_name(out):

@@ -280,11 +280,10 @@ def other_world(path: Path, state: dict) -> dict:
     saved rank of its own number, or of rank 0 for a rank the checkpoint had not."""
     rank, world = rank_and_world()
     saved = state["rank_files"]
-    note(f"checkpoint {path} was written by {plural(saved, 'rank')}, this run has {world}: its ZeRO optimizer state "
-         "is re-cut "
-         f"for {world}; ranks below {min(saved, world)} keep their RNG state, "
-         + ("the others start from the one a fresh run seeds them with" if world > saved else "the others' is dropped")
-         + " (docs/rlhf.md: resuming on another number of ranks)")
+    others = "the others start from the one a fresh run seeds" if world > saved else "the others' are dropped"
+    note(f"checkpoint {path} was written by {plural(saved, 'rank')}, this run has {world}: ZeRO optimizer partitions "
+         f"are merged and re-cut for {world}; ranks below {min(saved, world)} keep their RNG states, {others} "
+         "(docs/rlhf.md: Resuming on another number of ranks)")
     zero_ranks = []
     for r in range(saved):
         names = rank_files(r)
