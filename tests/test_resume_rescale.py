@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 from torchrun import run_workers
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+from hybrid_engine.rlhf import SFTConfig
+from hybrid_engine.rlhf.checkpoint import check_same_config, config_json
+from hybrid_engine.rlhf.ppo import PPOConfig
 
 WORKER = Path(__file__).with_name("rescale_worker.py")
 LOSS_RTOL = 1e-5
@@ -46,6 +48,8 @@ def losses(out: Path, phase: str, run: str, nproc: int) -> list[float]:
 CASES = {"2 -> 1": ("z{}-2", "two", 2, "z{}-1from2", "back", 1), "1 -> 2": ("z{}-1", "one", 1, "z{}-2from1", "two", 2)}
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", (2, 3))
 @pytest.mark.parametrize("case", CASES)
 def test_the_resumed_state_is_the_checkpoint_s(out, stage, case):
@@ -58,6 +62,8 @@ def test_the_resumed_state_is_the_checkpoint_s(out, stage, case):
         assert torch.equal(restored[key], value), key
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", (2, 3))
 @pytest.mark.parametrize("case", CASES)
 def test_the_next_losses_follow_the_uninterrupted_run(out, stage, case):
@@ -68,6 +74,8 @@ def test_the_next_losses_follow_the_uninterrupted_run(out, stage, case):
     assert resumed[2:] == pytest.approx(whole[2:], rel=LOSS_RTOL, abs=0)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_ppo_under_zero2_resumes_its_actor_and_critic_on_one_rank(out):
     """2 -> 1: the actor's and the critic's masters and moments are the checkpoint's to the bit; the step after
     trains (its figures cannot follow the 2-rank run's: the responses are sampled, and a rank's sampler stream
@@ -83,6 +91,8 @@ def test_ppo_under_zero2_resumes_its_actor_and_critic_on_one_rank(out):
     assert all(math.isfinite(v) for v in resumed[2].values()) and resumed[2] != whole[2]
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_what_stays_unsupported_is_refused_by_name(out):
     back = json.loads((out / "back-rank0.json").read_text())
     assert back["per_rank_batch_kept"].startswith(
@@ -90,3 +100,22 @@ def test_what_stays_unsupported_is_refused_by_name(out):
         "rank on 1 rank, 1: give batch_size 2 (--batch-size 2) to keep it")
     assert "written under 2 ranks, ZeRO stage 2, every weight trained; this run has 1 rank, ZeRO stage 3" \
         in back["other_stage"] and "another ZeRO stage or LoRA is not supported" in back["other_stage"]
+
+
+def test_another_number_of_ranks_keeps_the_global_batch(monkeypatch):
+    """In one process (this run: 1 rank): a 2-rank checkpoint resumes with per-rank batches twice its own, is refused
+    with any other (naming the value to give), and still refuses another setting; on 3 ranks its 4 rows cannot
+    split."""
+    saved = config_json(PPOConfig(batch_size=2, train_batch_size=2))
+    check_same_config(saved, PPOConfig(batch_size=4, train_batch_size=4), saved_world=2)
+    with pytest.raises(ValueError, match=r"^train_batch_size is per rank: the checkpoint's run took 2 a rank on 2 "
+                                         r"ranks, 4 rows a step; this run takes 2 a rank on 1 rank, 2: give "
+                                         r"train_batch_size 4 \(--train-batch-size 4\) to keep it$"):
+        check_same_config(saved, PPOConfig(batch_size=4, train_batch_size=2), saved_world=2)
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        check_same_config(saved, PPOConfig(batch_size=4, train_batch_size=4, lr=1.0), saved_world=2)
+    with pytest.raises(ValueError, match=r"other settings \(batch_size\)"):  # the same number of ranks
+        check_same_config(config_json(SFTConfig(batch_size=2)), SFTConfig(batch_size=4), saved_world=1)
+    monkeypatch.setattr("hybrid_engine.rlhf.checkpoint.rank_and_world", lambda: (0, 3))
+    with pytest.raises(ValueError, match=r"4 rows do not split over 3 ranks"):
+        check_same_config(config_json(SFTConfig(batch_size=2)), SFTConfig(batch_size=1), saved_world=2)
