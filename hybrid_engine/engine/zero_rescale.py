@@ -39,12 +39,12 @@ KEPT = ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad")
 """The saved entries a re-cut state takes from saved rank 0 as they are (the loss scaler and its flags)."""
 
 
-def recut_zero_state(optimizer, saved: list[dict], rank: int, world: int) -> dict:
-    """This rank's state dict (rank of world ranks) for `optimizer`, from `saved`: every saved rank's decoded ZeRO
-    state, in rank order."""
+def recut_zero_state(optimizer, saved: list[dict], rank: int) -> dict:
+    """This rank's state dict for `optimizer` (whose partitions are this run's layout), from `saved`: every saved
+    rank's decoded ZeRO state, in rank order."""
     if hasattr(optimizer, "fp32_partitioned_groups_flat"):
-        return _recut_stage3(optimizer, saved, rank, world)
-    return _recut_stage12(optimizer, saved, rank, world)
+        return _recut_stage3(optimizer, saved, rank)
+    return _recut_stage12(optimizer, saved, rank)
 
 
 def _cut(flat: torch.Tensor, rank: int, size: int) -> torch.Tensor:
@@ -89,7 +89,7 @@ def _groups(base: list[dict], live_groups: list[dict]) -> list[dict]:
 # -- ZeRO 1/2 ------------------------------------------------------------------------------------------------------
 
 
-def _recut_stage12(optimizer, saved: list[dict], rank: int, world: int) -> dict:
+def _recut_stage12(optimizer, saved: list[dict], rank: int) -> dict:
     if getattr(optimizer, "round_robin_gradients", False):
         raise ValueError("a ZeRO-1/2 checkpoint cannot move to another world size under "
                          "zero_optimization.round_robin_gradients (its parameter order depends on the world size)")
@@ -131,7 +131,7 @@ def _recut_stage12(optimizer, saved: list[dict], rank: int, world: int) -> dict:
 # -- ZeRO-3 --------------------------------------------------------------------------------------------------------
 
 
-def _recut_stage3(optimizer, saved: list[dict], rank: int, world: int) -> dict:
+def _recut_stage3(optimizer, saved: list[dict], rank: int) -> dict:
     live = optimizer.state_dict()
     params = [p for sub_group in optimizer.fp16_groups for p in sub_group]
     numels = [p.ds_numel for p in params]
@@ -168,11 +168,9 @@ def _recut_stage3(optimizer, saved: list[dict], rank: int, world: int) -> dict:
         return cut[key]
 
     live_ids = [i for group in live[OPTIMIZER_STATE_DICT]["param_groups"] for i in group["params"]]
-    state = {}
-    if firsts[0]:
-        for sub_group, i in enumerate(live_ids):
-            state[i] = {k: v[sub_group] if isinstance(v, list) else v
-                        for k, v in _moment_state(firsts, moment).items()}
+    entries = _moment_state(firsts, moment) if firsts[0] else {}  # {}: the optimizer had not stepped
+    state = {i: {k: v[sub_group] if isinstance(v, list) else v for k, v in entries.items()}
+             for sub_group, i in enumerate(live_ids)} if entries else {}
     groups = _groups(base, live[OPTIMIZER_STATE_DICT]["param_groups"])
     return {**live, **{k: saved[0][k] for k in KEPT if k in saved[0]},
             OPTIMIZER_STATE_DICT: {"state": state, "param_groups": groups}, FP32_FLAT_GROUPS: fp32}

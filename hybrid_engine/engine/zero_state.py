@@ -127,8 +127,7 @@ def load_rescaled_zero_state(optimizer, prefix: str, saved: list[tuple[dict[str,
         lean = {"dict": [[k, v] for k, v in skeleton["dict"] if k != PARAM_SLICE_MAPPINGS]}
         states.append(decode(lean, {k: v for k, v in tensors.items() if k.startswith(prefix + "/")}, template,
                              prefix))
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    _load(optimizer, recut_zero_state(optimizer, states, rank, world))
+    _load(optimizer, recut_zero_state(optimizer, states, dist.get_rank() if dist.is_initialized() else 0))
 
 
 def _load(optimizer, state: dict) -> None:
