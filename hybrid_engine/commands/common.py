@@ -105,7 +105,9 @@ def add_training_args(parser: argparse.ArgumentParser, step: str, config_cls: ty
     io.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     io.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint under "
                     "--output (written with --checkpoint-every), with the same settings; the result is the same, to "
-                    "the bit, as a run that never stopped")
+                    "the bit, as a run that never stopped. On another number of ranks (same ZeRO stage), give the "
+                    "per-rank --batch-size that keeps the global batch: the result then follows within rounding, "
+                    "not to the bit (docs/rlhf.md)")
     trackers.add_report_args(parser.add_argument_group("trackers (metrics.jsonl is always written)"))
     settings = parser.add_argument_group(f"{config_cls.__name__} settings (also keys of --config)")
     add_config_args(settings, config_cls, skip=("output_dir",))

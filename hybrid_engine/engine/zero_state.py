@@ -8,7 +8,8 @@ attributes), ZeroStageEnum (its value), fragment_address (its fields) and torch 
 is refused by its path and type. Loading decodes the skeleton against the live optimizer's state_dict(), whose
 objects take the saved attributes, and hands the tree to the optimizer's own load_state_dict: the fp32 master
 weights come from the saved partition (ZeRO 1/2: load_from_fp32_weights; ZeRO-3 casts them into its partitioned
-bf16/fp32 parameters), so a resumed run continues to the bit.
+bf16/fp32 parameters), so a resumed run continues to the bit. A state saved by another number of ranks is merged and
+re-cut for this run's first (zero_rescale.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import enum
 import torch
 import torch.distributed as dist
 
+from hybrid_engine.engine.zero_rescale import recut_zero_state
+
+PARAM_SLICE_MAPPINGS = "param_slice_mappings"
+"""ZeRO 1/2's names and offsets of the parameters' slices in one rank's partition (a deepspeed constant)."""
 LOSS_SCALERS = ("LossScaler", "DynamicLossScaler")
 """The loss-scaler classes (deepspeed/runtime/fp16/loss_scaler.py) whose attributes a skeleton holds."""
 
@@ -108,6 +113,25 @@ def load_zero_optimizer_state(optimizer, prefix: str, tensors: dict[str, torch.T
     comes from the checkpoint."""
     state = decode(skeleton, {k: v for k, v in tensors.items() if k.startswith(prefix + "/")},
                    optimizer.state_dict(), prefix)
+    _load(optimizer, state)
+
+
+def load_rescaled_zero_state(optimizer, prefix: str, saved: list[tuple[dict[str, torch.Tensor], dict]]) -> None:
+    """Loads a ZeRO state that `saved`'s ranks wrote, (tensors, skeleton) of each in rank order, into `optimizer`,
+    built under another world size but the same stage and parameters: every rank's is decoded (less its
+    param_slice_mappings, names of that rank's slices, which this run's ranks do not share) and re-cut for this
+    rank (zero_rescale.recut_zero_state)."""
+    template = optimizer.state_dict()
+    states = []
+    for tensors, skeleton in saved:
+        lean = {"dict": [[k, v] for k, v in skeleton["dict"] if k != PARAM_SLICE_MAPPINGS]}
+        states.append(decode(lean, {k: v for k, v in tensors.items() if k.startswith(prefix + "/")}, template,
+                             prefix))
+    _load(optimizer, recut_zero_state(optimizer, states, dist.get_rank() if dist.is_initialized() else 0))
+
+
+def _load(optimizer, state: dict) -> None:
+    """The optimizer's own load_state_dict of this rank's `state`, with its fp32 master weights."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3: only this rank's entry is read
         optimizer.load_state_dict([state] * world, load_optimizer_states=True)

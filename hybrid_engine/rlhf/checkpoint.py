@@ -12,7 +12,8 @@ checkpoint whole; the run's newest `keep` are kept.
 
 Resuming checks every file against the manifest: a damaged newest checkpoint is named and the newest intact one
 is used. Checkpoints written before manifests existed load unchecked, with a note. A checkpoint resumes only under
-the world size, ZeRO stage and LoRA it was written with (check_same_layout; converting one is not supported yet).
+the ZeRO stage and LoRA it was written with (check_same_layout); on another number of ranks its ZeRO optimizer state
+is re-cut (engine/zero_rescale.py) and the per-rank batch sizes must keep the global batch (check_same_config).
 
 A run never starts over an earlier run's checkpoints (check_output): it resumes them, or its output folder is
 cleared first. The final model is written atomically (save_final): to a temporary folder, then moved into place.
@@ -263,35 +264,64 @@ def load_checkpoint(path: str | os.PathLike, layout_now: dict | None = None) -> 
         check_same_layout(state.get("layout"), layout_now, path)
     tensors = load_file(str(path / "tensors.safetensors"))
     rank, world = rank_and_world()
-    if state.get("rank_files"):
-        if state["rank_files"] != world:
-            raise ValueError(f"checkpoint {path} was written by {state['rank_files']} ranks, this run has {world}: "
-                             "resume it on as many (converting it to another world size is not supported yet)")
+    if state.get("rank_files") == world:
         names = rank_files(rank)
         tensors.update(load_file(str(path / names[0])))
         mine = json.loads((path / names[1]).read_text())
         state.update(mine["own"], rank_state=mine["zero"])
+    elif state.get("rank_files"):
+        tensors, state = tensors | rank_rng(path, rank, state["rank_files"]), state | other_world(path, state)
     return tensors, state
+
+
+def other_world(path: Path, state: dict) -> dict:
+    """What a run on another number of ranks than the checkpoint's takes of its ranks' files: every saved rank's
+    ZeRO tensors and JSON ("zero_ranks", which train_state re-cuts), and the run record (losses, history) of the
+    saved rank of its own number, or of rank 0 for a rank the checkpoint had not."""
+    rank, world = rank_and_world()
+    saved = state["rank_files"]
+    others = "the others start from the one a fresh run seeds" if world > saved else "the others' are dropped"
+    note(f"checkpoint {path} was written by {plural(saved, 'rank')}, this run has {world}: ZeRO optimizer partitions "
+         f"are merged and re-cut for {world}; ranks below {min(saved, world)} keep their RNG states, {others} "
+         "(docs/rlhf.md: Resuming on another number of ranks)")
+    zero_ranks = []
+    for r in range(saved):
+        names = rank_files(r)
+        zero_ranks.append((load_file(str(path / names[0])), json.loads((path / names[1]).read_text())))
+    mine = zero_ranks[rank if rank < saved else 0][1]
+    return {**mine["own"], "zero_ranks": [(tensors, rank_json["zero"]) for tensors, rank_json in zero_ranks]}
+
+
+def rank_rng(path: Path, rank: int, saved: int) -> dict[str, torch.Tensor]:
+    """The RNG states saved rank `rank` wrote (none where the checkpoint had no such rank)."""
+    if rank >= saved:
+        return {}
+    return {k: v for k, v in load_file(str(path / rank_files(rank)[0])).items() if k.startswith("rng.")}
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 rank', '2 ranks'."""
+    return f"{count} {noun}" + ("s" if count != 1 else "")
 
 
 def describe_layout(layout: dict) -> str:
     """A layout as words: '2 ranks, ZeRO stage 3, LoRA'."""
     stage = "plain torch" if layout.get("zero_stage") is None else f"ZeRO stage {layout['zero_stage']}"
-    ranks = f"{layout.get('world_size')} rank" + ("s" if layout.get("world_size") != 1 else "")
+    ranks = plural(layout.get("world_size"), "rank")
     return f"{ranks}, {stage}, {'LoRA' if layout.get('lora') else 'every weight trained'}"
 
 
 def check_same_layout(saved: dict | None, now: dict, path: str | os.PathLike) -> None:
-    """Refuses a checkpoint written under another world size, ZeRO stage or LoRA than this run's, naming both."""
+    """Refuses a checkpoint written under another ZeRO stage or LoRA than this run's, naming both; another world
+    size is fine (load_checkpoint re-cuts its ZeRO state)."""
     if saved is None:
         note(f"checkpoint {path} was written before checkpoints recorded their world size, ZeRO stage and LoRA: "
              "they are not compared")
         return
-    keys = ("world_size", "zero_stage", "lora")
-    if any(saved.get(k) != now.get(k) for k in keys):
+    if any(saved.get(k) != now.get(k) for k in ("zero_stage", "lora")):
         raise ValueError(f"checkpoint {path} was written under {describe_layout(saved)}; this run has "
-                         f"{describe_layout(now)}: resume it under the same (converting a checkpoint to another "
-                         "world size, ZeRO stage or LoRA is not supported yet)")
+                         f"{describe_layout(now)}: resume it under the same ZeRO stage and LoRA (converting a "
+                         "checkpoint to another ZeRO stage or LoRA is not supported; another number of ranks is)")
 
 
 # -- the final model ----------------------------------------------------------------------------------------------
@@ -356,19 +386,45 @@ MAY_CHANGE = ("max_steps",)
 step count, the learning-rate schedule following the new total from there."""
 
 
-def check_same_config(saved: dict, config) -> None:
+PER_RANK = ("batch_size", "train_batch_size")
+"""Settings counted per rank, whose global value (times the ranks) a run resumed on another number of ranks keeps:
+the same global batches in the same order (schedule.batch_order cuts the data into batch_size x ranks rows)."""
+
+
+def check_same_config(saved: dict, config, saved_world: int | None = None) -> None:
     """Refuses a checkpoint written with other settings than `config`'s, but for MAY_CHANGE's; a setting newer
-    than the checkpoint is the same when `config` leaves it at its default (which the older run had in effect)."""
+    than the checkpoint is the same when `config` leaves it at its default (which the older run had in effect).
+    saved_world: the checkpoint's number of ranks; on another, PER_RANK's settings must keep their global value
+    (check_global_batch)."""
     now = config_json(config)
     defaults = config_json(type(config)())
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
                      and not (k not in saved and now.get(k) == defaults.get(k)))
     for key in [k for k in changed if k in MAY_CHANGE]:
         note(f"resuming with {key} {now.get(key)} (the checkpoint's run had {saved.get(key)})")
+    world = rank_and_world()[1]
+    if saved_world is not None and saved_world != world:
+        check_global_batch(saved, now, saved_world, world)
+        changed = [k for k in changed if k not in PER_RANK]
     changed = [k for k in changed if k not in MAY_CHANGE]
     if changed:
         raise ValueError(f"the checkpoint was written with other settings ({', '.join(changed)}): resume with the "
                          "settings it ran with")
+
+
+def check_global_batch(saved: dict, now: dict, saved_world: int, world: int) -> None:
+    """Refuses a per-rank batch (PER_RANK) that would change the global batch of a run resumed on `world` ranks
+    instead of the checkpoint's `saved_world`, naming the value to give."""
+    for key in [k for k in PER_RANK if k in saved]:
+        rows = saved[key] * saved_world
+        if now.get(key) * world == rows:
+            continue
+        flag = "--" + key.replace("_", "-")
+        fix = (f"give {key} {rows // world} ({flag} {rows // world}) to keep it" if rows % world == 0
+               else f"{rows} rows do not split over {world} ranks: resume on a number of ranks that divides them")
+        raise ValueError(f"{key} is per rank: the checkpoint's run took {saved[key]} a rank on "
+                         f"{plural(saved_world, 'rank')}, {rows} rows a step; this run takes {now.get(key)} a rank on "
+                         f"{plural(world, 'rank')}, {now.get(key) * world}: {fix}")
 
 
 # -- what else defines a run ------------------------------------------------------------------------------------
@@ -389,6 +445,11 @@ def check_same_run(saved: dict | None, now: dict) -> None:
     if changed:
         raise ValueError(f"the checkpoint was written by another run ({', '.join('other ' + c for c in changed)}): "
                          "resume with what it ran with, or start a new run (--overwrite)")
+
+
+def saved_world(state: dict) -> int | None:
+    """The number of ranks a checkpoint was written on (None: not recorded)."""
+    return (state.get("layout") or {}).get("world_size")
 
 
 def resume_path(config, resume) -> str | os.PathLike:
@@ -416,7 +477,7 @@ class TrainedState:
 
     def restore(self, resume: bool | str, record: LoopRecord) -> None:
         tensors, state = load_checkpoint(resume_path(self.config, resume), self.layout)
-        check_same_config(state["config"], self.config)
+        check_same_config(state["config"], self.config, saved_world(state))
         check_same_run(state.get("run"), self.run)
         restore_training(self.trained, tensors, state)
         record.history, record.train_s, record.steps = state["losses"], state["train_s"], state["step"]

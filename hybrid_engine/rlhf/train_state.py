@@ -9,7 +9,8 @@
   hyper-parameters as JSON, in rank 0's file.
 - A ZeRO 1-3 optimizer: each rank's own partition (engine/zero_state.py), in that rank's files.
 - The RNG states (torch's, the named generators'): each rank's own when the run is distributed, since a rank's
-  sampler is seeded by its rank.
+  sampler is seeded by its rank. Resumed on another number of ranks, a rank the checkpoint had keeps its own; one it
+  had not keeps the state its run seeded it with.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ import torch
 
 from hybrid_engine.engine.lora import lora_layers
 from hybrid_engine.engine.zero import is_partitioned, unique_params
-from hybrid_engine.engine.zero_state import is_zero_optimizer, load_zero_optimizer_state, zero_optimizer_state
+from hybrid_engine.engine.zero_state import (
+    is_zero_optimizer,
+    load_rescaled_zero_state,
+    load_zero_optimizer_state,
+    zero_optimizer_state,
+)
 from hybrid_engine.rlhf.distributed import rank_and_world
 
 Trained = list[tuple[str, torch.nn.Module, torch.optim.Optimizer]]
@@ -42,8 +48,8 @@ class Snapshot:
 
 
 def layout(trained: Trained, zero_stage: int | None, adapters_only: bool) -> dict:
-    """How the run is laid out (state.json's "layout"): a checkpoint resumes only under the same world size, ZeRO
-    stage and LoRA."""
+    """How the run is laid out (state.json's "layout"): a checkpoint resumes only under the same ZeRO stage and LoRA
+    (on any number of ranks)."""
     return {"world_size": rank_and_world()[1], "zero_stage": zero_stage,
             "lora": any(lora_layers(module) for _, module, _ in trained), "adapters_only": adapters_only}
 
@@ -149,10 +155,14 @@ def restore_training(trained: Trained, tensors: dict[str, torch.Tensor], state: 
     """Loads a checkpoint's tensors (rank 0's and this rank's together) and state.json (with this rank's
     "rank_state") into the trained models, their optimizers and the RNG states."""
     adapters_only = (state.get("layout") or {}).get("adapters_only", False)
+    other_world = state.get("zero_ranks")  # written on another number of ranks: every saved rank's ZeRO state
     for name, module, optimizer in trained:
         load_module_tensors(name, module, tensors, adapters_only)
-        if is_zero_optimizer(optimizer):
+        if is_zero_optimizer(optimizer) and other_world is not None:
+            load_rescaled_zero_state(optimizer, f"{name}_zero", [(t, skeletons[name]) for t, skeletons in other_world])
+        elif is_zero_optimizer(optimizer):
             load_zero_optimizer_state(optimizer, f"{name}_zero", tensors, state["rank_state"][name])
         else:
             load_optimizer_state(f"{name}_optim", optimizer, module, tensors, state["optimizers"][name])
-    restore_rng(tensors, generators)
+    if other_world is None or "rng.torch" in tensors:  # a rank the checkpoint had not keeps its freshly seeded RNG
+        restore_rng(tensors, generators)

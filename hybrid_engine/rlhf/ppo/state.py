@@ -52,7 +52,7 @@ class PPORunState:
         """Loads the checkpoint `resume` names (True: the newest under config.output_dir) into the run."""
         run = self.run
         tensors, state = ckpt.load_checkpoint(ckpt.resume_path(run.config, resume), self.layout)
-        ckpt.check_same_config(saved_config(state["config"]), run.config)
+        ckpt.check_same_config(saved_config(state["config"]), run.config, ckpt.saved_world(state))
         ckpt.check_same_run(state.get("run"), self.defines)
         restore_training(self._trained(), tensors, state, self._generators())
         if run.ema is not None:
