@@ -10,6 +10,7 @@ import json
 import math
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -121,6 +122,33 @@ def test_estimates_are_within_15_percent_of_measured_peaks(name):
     row = plan_check.rows(case, plan_check.measure(case))
     for phase, v in row["phases"].items():
         assert abs(v["error"]) <= plan_check.BOUND, (phase, v)
+
+
+COUNTED = """
+import sys, threading, torch
+sys.path.insert(0, {bench!r})
+import plan_worker
+counter = plan_worker.allocation_counter()
+counter.install()
+start = counter.allocated()
+counter.reset_peak()
+kept = [torch.empty(1000, dtype=torch.float64)]
+held = counter.allocated() - start
+thread = threading.Thread(target=kept.pop)  # its last reference dropped on another thread, as gloo's Work does
+thread.start()
+thread.join()
+print(held, counter.allocated() - start, counter.peak() - start)
+"""
+
+
+@pytest.mark.slow
+def test_the_allocation_counter_takes_off_a_tensor_freed_on_another_thread():
+    # in a process of its own: the counter stays installed over torch's CPU allocator until the process ends
+    run = subprocess.run([sys.executable, "-c", COUNTED.format(bench=str(ROOT / "bench"))], capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    held, after, peak = map(int, run.stdout.split()[-3:])
+    assert (held, after, peak) == (8000, 0, 8000)
 
 
 def test_the_committed_check_holds_every_case():

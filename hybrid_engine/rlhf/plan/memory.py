@@ -113,7 +113,9 @@ def buffers(model: Trained, c: PlanConfig, resident: bool = False) -> int:
 
 
 def largest_weight(model: Trained) -> int:
-    """Elements of the largest weight: ZeRO-3 gathers it whole, through an all-gather buffer of its size."""
+    """Elements of the largest weight: ZeRO-3 gathers it whole, through an all-gather buffer of its size (gloo's
+    allgather gathers into a flat tensor of the output's size and copies it out: measured, the embedding held twice
+    while llama-20m's is gathered)."""
     return max(t.numel for t in model.tensors)
 
 
@@ -126,11 +128,11 @@ def gradients_in_flight(model: Trained, c: PlanConfig) -> int:
 
 
 def resident_gradients(model: Trained, c: PlanConfig) -> int:
-    """What of the gradients stays allocated between steps (through generation): ZeRO-3's partition, DeepSpeed's bf16
-    accumulator; ZeRO 0-2's gradients are freed after each step."""
-    if c.zero_stage == 3:  # and a tied embedding's whole gradient, kept by the rank that owns it (measured)
-        shape = model.shape
-        return gradients(model, c) + (shape.vocab * shape.hidden * FP32 if shape.tied and not model.lora_r else 0)
+    """What of the gradients stays allocated between steps (through generation): ZeRO-3's flat fp32 partition (and
+    nothing else: counted tensor by tensor after llama-20m's steps, a tied embedding's gradient is not kept whole),
+    DeepSpeed's bf16 accumulator; ZeRO 0-2's gradients are freed after each step."""
+    if c.zero_stage == 3:
+        return gradients(model, c)
     if c.zero_stage == 0 and c.mixed_precision:
         return gradients(model, c) - model.trainable * nbytes(c.weight_dtype)
     return 0
