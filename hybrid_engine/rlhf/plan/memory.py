@@ -175,9 +175,10 @@ def activations(model: Trained, c: PlanConfig, sequences: int, tokens: int) -> i
 
 def generation_weights(model: Trained, c: PlanConfig) -> int:
     """What generation adds to the training weights (engine/mode.py): under ZeRO-3 the whole model gathered (gather
-    "all", with the all-gather buffer of its largest weight), or one block at a time and the embeddings and head
-    ("layer", every block copied); with tensor-parallel generation each block's 1/k shard copied; copies in
-    generation_dtype where it differs from the training dtype; LoRA's adapted weights fused into copies."""
+    "all"), or one block at a time and the embeddings and head ("layer", every block copied), either way with the
+    all-gather buffer of its largest weight (in "layer" mode the embedding's, gathered after every block is copied);
+    with tensor-parallel generation each block's 1/k shard copied; copies in generation_dtype where it differs from
+    the training dtype; LoRA's adapted weights fused into copies."""
     shape, w, tp = model.shape, nbytes(c.weight_dtype), c.inference_tp_size
     g = nbytes(c.generation_dtype) if c.generation_dtype is not None else w
     block = shape.block_params()
@@ -188,7 +189,7 @@ def generation_weights(model: Trained, c: PlanConfig) -> int:
     if c.zero_stage < 3:
         return copies + fused
     if c.gather == "layer":
-        return copies + (block + shape.params - blocks) * w + fused
+        return copies + (block + shape.params - blocks + largest_weight(model)) * w + fused
     return (shape.params + largest_weight(model)) * w + copies + fused
 
 
