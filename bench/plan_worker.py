@@ -96,7 +96,8 @@ def measured(counter, run, *args) -> tuple:
 
 
 def main(out: str, case: dict) -> None:
-    """The measured phases, in order: building the model and the engine, the training steps, one generation."""
+    """Measures this rank's three phases, in order (building the model and the engine, the training steps, one
+    generation), and writes OUT/rank<r>.json."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HYBRID_ENGINE_CALIBRATE", "0")  # no roofline measured (256 MiB) inside the measured run
     init_distributed()
