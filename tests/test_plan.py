@@ -68,6 +68,12 @@ def test_zero_partitions_as_deepspeed_does():
                                                  for t in shape.tensors)
     fp32 = PlanConfig(model="llama-20m", world_size=1, zero_stage=0, weight_dtype="fp32")
     assert m.optimizer(actor, fp32) == 8 * P  # no master copy: the weights are fp32
+    # the tied embedding (32000 x 384): the LM head's and the embedding's gradients and their sum at once, the sum
+    # being the .grad under ZeRO 0-1 and a tensor beside DeepSpeed's gradient partition under ZeRO 2-3
+    tied = 32000 * 384 * 2
+    for s, copies in ((0, 2), (2, 3)):
+        transient = m.gradients(actor, stage[s]) - m.resident_gradients(actor, stage[s])
+        assert m.gradients_in_flight(actor, stage[s]) == transient + copies * tied
 
 
 def test_frozen_partitioned_and_tensor_parallel_generation_shrink_their_parts():

@@ -121,9 +121,13 @@ def largest_weight(model: Trained) -> int:
 
 def gradients_in_flight(model: Trained, c: PlanConfig) -> int:
     """The gradients that exist only from the backward pass to the step (ZeRO 0-1's whole gradients), with a tied
-    embedding's two gradients and their sum held at once at the end of the backward pass."""
+    embedding's two gradients (the LM head's and the embedding's) and their sum held at once at the end of the
+    backward pass. Under ZeRO 0-1 the sum is the weight's .grad, counted in the gradients; under ZeRO 2-3 it is a
+    tensor of its own until DeepSpeed copies it into its gradient partition (measured on llama-20m's ZeRO-2: the
+    rank's partition buffer and three embedding-sized tensors at the backward's peak)."""
     shape = model.shape
-    tied = 2 * shape.vocab * shape.hidden * nbytes(c.weight_dtype) if shape.tied and not model.lora_r else 0
+    copies = 2 if c.zero_stage <= 1 else 3
+    tied = copies * shape.vocab * shape.hidden * nbytes(c.weight_dtype) if shape.tied and not model.lora_r else 0
     return gradients(model, c) - resident_gradients(model, c) + tied
 
 
