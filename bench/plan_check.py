@@ -33,8 +33,8 @@ BUCKETS = {"reduce_bucket_size": 2**20, "allgather_bucket_size": 2**20, "stage3_
 under ZeRO-3 (the tiny presets' would all stay resident under the default persistence threshold)."""
 BOUND = 0.15
 """An estimate's largest relative error from the measured peak."""
-MEASURED = ("per rank, the peak of torch's CPU allocator's running total of bytes (the profiler's profile_memory), "
-            "counted from before the model is built; the largest over the ranks")
+MEASURED = ("per rank, the peak of the bytes of the CPU tensors alive (a counting allocator over torch's, "
+            "allocation_counter.cpp), counted from before the model is built; the largest over the ranks")
 PHASES = {"train": "sft", "generate": "generation"}
 """The worker's measured phase -> the planner's phase it checks: the actor trained alone is SFT's phase; its
 generation (the training state resident, the weights gathered, the KV cache) is PPO's generation for the actor."""

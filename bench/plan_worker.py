@@ -1,13 +1,18 @@
 """One case of plan_check.py, run by torchrun (1 or 2 processes, gloo, CPU): a built-in preset trained for two steps
-by the HybridEngine (DeepSpeed ZeRO 0-3, LoRA or not, activation checkpointing or not), then one generation, with
-torch's profiler counting the CPU allocator's bytes. Each rank writes OUT/rank<r>.json: the peak bytes its tensors
-held in each phase, counted from before the model was built.
+by the HybridEngine (DeepSpeed ZeRO 0-3, LoRA or not, activation checkpointing or not), then one generation, with a
+counting allocator under torch's CPU tensors. Each rank writes OUT/rank<r>.json: the peak bytes its tensors held in
+each phase, counted from before the model was built.
 
-Why the profiler's count: with profile_memory, torch's CPU allocator adds every allocation made while profiling to a
-running total ("Total Allocated" on each [memory] event) and takes it off when that block is freed. So the figure is
-exactly the bytes of the tensors the run created (weights, gradients, optimizer state, DeepSpeed's buffers,
-activations, KV cache), as a GPU's max_memory_allocated counts them, without what the Python process, its libraries
-and malloc's free lists cost (which a peak RSS would add, and which no planner of tensors predicts).
+Why a counting allocator (allocation_counter.cpp, installed over torch's CPU allocator): it adds each tensor's bytes
+when it is allocated and takes them off when it is freed, so the figure is exactly the bytes of the tensors the run
+created (weights, gradients, optimizer state, DeepSpeed's buffers, activations, KV cache), as a GPU's
+max_memory_allocated counts them, without what the Python process, its libraries and malloc's free lists cost (which
+a peak RSS would add, and which no planner of tensors predicts). The profiler's profile_memory keeps the same running
+total, but takes a tensor off only when it is freed on a thread the profiler follows. A gloo collective's Work holds
+its tensors, and gloo's worker thread drops the Work after the caller has waited on it: where the caller has dropped
+the tensor too (DeepSpeed's flattened gradient bucket, all-reduced and unflattened), it is freed on that thread, and
+the profiler counts it for the rest of the run (on llama-tiny's ZeRO-2 a whole fp32 copy of the weights on one rank,
+0.53 of 2.6 MiB).
 
     torchrun --nproc_per_node 2 bench/plan_worker.py OUT '{"preset": "llama-20m", "stage": 3, ...}'
 """
@@ -22,15 +27,24 @@ from pathlib import Path
 import peft
 import torch
 import torch.distributed as dist
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils import cpp_extension
 
+from hybrid_engine._build import build_directory
 from hybrid_engine.engine import HybridEngine
 from hybrid_engine.engine.training import init_distributed
 from hybrid_engine.model.presets import preset_model
 from hybrid_engine.ops import load
 
-PHASES = ("build", "train", "generate")
-"""The profiled ranges, in order: building the model and the engine, the training steps, one generation."""
+COUNTER = Path(__file__).with_name("allocation_counter.cpp")
+
+
+def allocation_counter():
+    """The counting allocator's module (compiled once, beside the ops' build): install(), allocated(), peak(),
+    reset_peak()."""
+    directory = build_directory().parent / "plan_allocation_counter"
+    directory.mkdir(exist_ok=True)
+    return cpp_extension.load("plan_allocation_counter", [str(COUNTER)], extra_cflags=["-O2"],
+                              build_directory=str(directory))
 
 
 def ds_config(case: dict) -> dict:
@@ -74,39 +88,26 @@ def generate(engine: HybridEngine, case: dict) -> None:
     engine.train()
 
 
-def peaks(prof) -> dict:
-    """{phase: {"peak": bytes, "end": bytes}} from the allocator's running total on the CPU's [memory] events, counted
-    from the profiler's start."""
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"plan_trace_{os.getpid()}.json"
-    prof.export_chrome_trace(str(path))
-    events = json.loads(path.read_text(), strict=False)["traceEvents"]
-    path.unlink()
-    memory = sorted((e["ts"], e["args"]["Total Allocated"]) for e in events
-                    if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
-    ranges = {e["name"]: (e["ts"], e["ts"] + e["dur"]) for e in events
-              if e.get("name") in PHASES and e.get("ph") == "X" and e.get("cat") == "user_annotation"}
-    out = {}
-    for name, (start, end) in ranges.items():
-        before = [total for t, total in memory if t < start][-1:]
-        inside = [total for t, total in memory if start <= t <= end]
-        seen = before + inside or [0]
-        out[name] = {"peak": max(seen), "end": seen[-1]}
-    return out
+def measured(counter, run, *args) -> tuple:
+    """run(*args)'s result, and {"peak": the counted bytes' peak while it ran, "end": those alive after it}."""
+    counter.reset_peak()
+    result = run(*args)
+    return result, {"peak": counter.peak(), "end": counter.allocated()}
 
 
 def main(out: str, case: dict) -> None:
+    """Measures this rank's three phases, in order (building the model and the engine, the training steps, one
+    generation), and writes OUT/rank<r>.json."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("HYBRID_ENGINE_CALIBRATE", "0")  # no roofline measured (256 MiB) inside the profiled run
+    os.environ.setdefault("HYBRID_ENGINE_CALIBRATE", "0")  # no roofline measured (256 MiB) inside the measured run
     init_distributed()
-    load()  # the C++ ops loaded before profiling
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with record_function("build"):
-            engine = build(case)
-        with record_function("train"):
-            train(engine, case)
-        with record_function("generate"):
-            generate(engine, case)
-    result = {"rank": dist.get_rank(), "world": dist.get_world_size(), "phases": peaks(prof),
+    load()  # the C++ ops loaded before counting
+    counter = allocation_counter()
+    counter.install()
+    engine, built = measured(counter, build, case)
+    phases = {"build": built, "train": measured(counter, train, engine, case)[1],
+              "generate": measured(counter, generate, engine, case)[1]}
+    result = {"rank": dist.get_rank(), "world": dist.get_world_size(), "phases": phases,
               "params": sum(p.numel() for p in engine.module.parameters())}
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
 

@@ -10,6 +10,7 @@ import json
 import math
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,6 +68,12 @@ def test_zero_partitions_as_deepspeed_does():
                                                  for t in shape.tensors)
     fp32 = PlanConfig(model="llama-20m", world_size=1, zero_stage=0, weight_dtype="fp32")
     assert m.optimizer(actor, fp32) == 8 * P  # no master copy: the weights are fp32
+    # the tied embedding (32000 x 384): the LM head's and the embedding's gradients and their sum at once, the sum
+    # being the .grad under ZeRO 0-1 and a tensor beside DeepSpeed's gradient partition under ZeRO 2-3
+    tied = 32000 * 384 * 2
+    for s, copies in ((0, 2), (2, 3)):
+        transient = m.gradients(actor, stage[s]) - m.resident_gradients(actor, stage[s])
+        assert m.gradients_in_flight(actor, stage[s]) == transient + copies * tied
 
 
 def test_frozen_partitioned_and_tensor_parallel_generation_shrink_their_parts():
@@ -79,7 +86,8 @@ def test_frozen_partitioned_and_tensor_parallel_generation_shrink_their_parts():
     part = {r.part: r.bytes for r in layer.phases[2].rows if r.model == "actor"}
     shape = model_shape("13b")
     blocks = shape.layers * shape.block_params()
-    assert part["generation weights"] == 2 * (blocks // 8 + shape.block_params() + shape.params - blocks)
+    embedding = 32000 * 5120  # the largest weight: gathered through an all-gather buffer of its size
+    assert part["generation weights"] == 2 * (blocks // 8 + shape.block_params() + shape.params - blocks + embedding)
 
 
 def test_the_command_prints_tables_and_json(capsys):
@@ -121,6 +129,33 @@ def test_estimates_are_within_15_percent_of_measured_peaks(name):
     row = plan_check.rows(case, plan_check.measure(case))
     for phase, v in row["phases"].items():
         assert abs(v["error"]) <= plan_check.BOUND, (phase, v)
+
+
+COUNTED = """
+import sys, threading, torch
+sys.path.insert(0, {bench!r})
+import plan_worker
+counter = plan_worker.allocation_counter()
+counter.install()
+start = counter.allocated()
+counter.reset_peak()
+kept = [torch.empty(1000, dtype=torch.float64)]
+held = counter.allocated() - start
+thread = threading.Thread(target=kept.pop)  # its last reference dropped on another thread, as gloo's Work does
+thread.start()
+thread.join()
+print(held, counter.allocated() - start, counter.peak() - start)
+"""
+
+
+@pytest.mark.slow
+def test_the_allocation_counter_takes_off_a_tensor_freed_on_another_thread():
+    # in a process of its own: the counter stays installed over torch's CPU allocator until the process ends
+    run = subprocess.run([sys.executable, "-c", COUNTED.format(bench=str(ROOT / "bench"))], capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    held, after, peak = map(int, run.stdout.split()[-3:])
+    assert (held, after, peak) == (8000, 0, 8000)
 
 
 def test_the_committed_check_holds_every_case():

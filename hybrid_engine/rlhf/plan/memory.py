@@ -113,24 +113,30 @@ def buffers(model: Trained, c: PlanConfig, resident: bool = False) -> int:
 
 
 def largest_weight(model: Trained) -> int:
-    """Elements of the largest weight: ZeRO-3 gathers it whole, through an all-gather buffer of its size."""
+    """Elements of the largest weight: ZeRO-3 gathers it whole, through an all-gather buffer of its size (gloo's
+    allgather gathers into a flat tensor of the output's size and copies it out: measured, the embedding held twice
+    while llama-20m's is gathered)."""
     return max(t.numel for t in model.tensors)
 
 
 def gradients_in_flight(model: Trained, c: PlanConfig) -> int:
     """The gradients that exist only from the backward pass to the step (ZeRO 0-1's whole gradients), with a tied
-    embedding's two gradients and their sum held at once at the end of the backward pass."""
+    embedding's two gradients (the LM head's and the embedding's) and their sum held at once at the end of the
+    backward pass. Under ZeRO 0-1 the sum is the weight's .grad, counted in the gradients; under ZeRO 2-3 it is a
+    tensor of its own until DeepSpeed copies it into its gradient partition (measured on llama-20m's ZeRO-2: the
+    rank's partition buffer and three embedding-sized tensors at the backward's peak)."""
     shape = model.shape
-    tied = 2 * shape.vocab * shape.hidden * nbytes(c.weight_dtype) if shape.tied and not model.lora_r else 0
+    copies = 2 if c.zero_stage <= 1 else 3
+    tied = copies * shape.vocab * shape.hidden * nbytes(c.weight_dtype) if shape.tied and not model.lora_r else 0
     return gradients(model, c) - resident_gradients(model, c) + tied
 
 
 def resident_gradients(model: Trained, c: PlanConfig) -> int:
-    """What of the gradients stays allocated between steps (through generation): ZeRO-3's partition, DeepSpeed's bf16
-    accumulator; ZeRO 0-2's gradients are freed after each step."""
-    if c.zero_stage == 3:  # and a tied embedding's whole gradient, kept by the rank that owns it (measured)
-        shape = model.shape
-        return gradients(model, c) + (shape.vocab * shape.hidden * FP32 if shape.tied and not model.lora_r else 0)
+    """What of the gradients stays allocated between steps (through generation): ZeRO-3's flat fp32 partition (and
+    nothing else: counted tensor by tensor after llama-20m's steps, a tied embedding's gradient is not kept whole),
+    DeepSpeed's bf16 accumulator; ZeRO 0-2's gradients are freed after each step."""
+    if c.zero_stage == 3:
+        return gradients(model, c)
     if c.zero_stage == 0 and c.mixed_precision:
         return gradients(model, c) - model.trainable * nbytes(c.weight_dtype)
     return 0
@@ -173,9 +179,10 @@ def activations(model: Trained, c: PlanConfig, sequences: int, tokens: int) -> i
 
 def generation_weights(model: Trained, c: PlanConfig) -> int:
     """What generation adds to the training weights (engine/mode.py): under ZeRO-3 the whole model gathered (gather
-    "all", with the all-gather buffer of its largest weight), or one block at a time and the embeddings and head
-    ("layer", every block copied); with tensor-parallel generation each block's 1/k shard copied; copies in
-    generation_dtype where it differs from the training dtype; LoRA's adapted weights fused into copies."""
+    "all"), or one block at a time and the embeddings and head ("layer", every block copied), either way with the
+    all-gather buffer of its largest weight (in "layer" mode the embedding's, gathered after every block is copied);
+    with tensor-parallel generation each block's 1/k shard copied; copies in generation_dtype where it differs from
+    the training dtype; LoRA's adapted weights fused into copies."""
     shape, w, tp = model.shape, nbytes(c.weight_dtype), c.inference_tp_size
     g = nbytes(c.generation_dtype) if c.generation_dtype is not None else w
     block = shape.block_params()
@@ -186,7 +193,7 @@ def generation_weights(model: Trained, c: PlanConfig) -> int:
     if c.zero_stage < 3:
         return copies + fused
     if c.gather == "layer":
-        return copies + (block + shape.params - blocks) * w + fused
+        return copies + (block + shape.params - blocks + largest_weight(model)) * w + fused
     return (shape.params + largest_weight(model)) * w + copies + fused
 
 
