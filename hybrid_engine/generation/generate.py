@@ -8,6 +8,7 @@ from hybrid_engine.generation.checks import check_finite_logits, check_fits, che
 from hybrid_engine.generation.hf_generate import generate_on_hf_path
 from hybrid_engine.generation.output import GenerationOutput
 from hybrid_engine.generation.sampling import SamplingParams, model_token_ids, next_tokens
+from hybrid_engine.generation.threads import generation_threads
 from hybrid_engine.model.dtypes import parse_kv_dtype, parse_weight_dtype
 from hybrid_engine.model.kv_cache import KVCache
 from hybrid_engine.model.spec import spec_from_config
@@ -39,6 +40,7 @@ def generate(
     *,
     weight_dtype: torch.dtype | str | None = None,
     kv_dtype: torch.dtype | str = torch.float32,
+    threads: int | str | None = None,
     **overrides,
 ) -> GenerationOutput:
     """Generates up to max_new_tokens per prompt from an HF causal LM (Llama/Qwen2/Qwen3/OLMo 2/SmolLM3/Phi-3/Gemma 3/
@@ -64,8 +66,18 @@ def generate(
     (checks.py); NaN or inf logits raise checks.NonFiniteLogitsError (a FloatingPointError) naming the
     step (0: the prefill, k: the k-th decode step) and the batch rows. A model that is no HF causal LM, or one on
     the meta device, is refused the same way.
+
+    threads: "auto" (the default, or HYBRID_ENGINE_GENERATION_THREADS where set) runs the call on torch's thread
+    count less the runnable threads of other processes, so a busy shared CPU does not stall every op at a barrier;
+    an int N on N threads; "torch" on torch's count. torch's count is restored on return (threads.py).
     """
     check_model(model)
+    with generation_threads(threads):
+        return _generate(model, input_ids, attention_mask, sampling, weight_dtype, kv_dtype, overrides)
+
+
+def _generate(model, input_ids, attention_mask, sampling, weight_dtype, kv_dtype, overrides) -> GenerationOutput:
+    """generate() on the threads already chosen."""
     try:
         spec = spec_from_config(model.config)
     except ValueError as e:  # no fast path for this model, or a config detail it cannot honour: HF's generate
@@ -76,7 +88,7 @@ def generate(
     params.check_vocab(spec.vocab_size)  # before any work
     check_prompts(input_ids, attention_mask, spec.vocab_size)
     net = InferenceTransformer(spec, extract_weights(model, spec, weights))
-    return generate_with(net, input_ids, attention_mask, params, kv_dtype=kv)
+    return generate_with(net, input_ids, attention_mask, params, kv_dtype=kv, threads="torch")
 
 
 @torch.no_grad()
@@ -87,11 +99,18 @@ def generate_with(
     sampling: SamplingParams | None = None,
     *,
     kv_dtype: torch.dtype | str = torch.float32,
+    threads: int | str | None = None,
     **overrides,
 ) -> GenerationOutput:
     """generate() over an already built generation model (the hybrid engine builds its own, from
     gathered, LoRA-fused or tensor-parallel weights); the same arguments, checks and output. It has no HF model
     whose generation_config could give eos and pad ids: the caller resolves them (an unset eos stops on none)."""
+    with generation_threads(threads):
+        return _generate_with(net, input_ids, attention_mask, sampling, kv_dtype, overrides)
+
+
+def _generate_with(net, input_ids, attention_mask, sampling, kv_dtype, overrides) -> GenerationOutput:
+    """generate_with() on the threads already chosen."""
     spec = net.spec
     params = SamplingParams.of(sampling, overrides)
     kv_dtype = parse_kv_dtype(kv_dtype)
