@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import hybrid_engine
+from hybrid_engine.commands.env import generation_threads_row
 from hybrid_engine.generation import threads
 from hybrid_engine.model.presets import preset_model
 
@@ -109,3 +110,12 @@ def test_generation_is_the_same_on_one_thread_as_on_two(monkeypatch, two_threads
     assert torch.get_num_threads() == 2
     assert torch.equal(on.sequences, off.sequences)
     assert torch.equal(on.logprobs, off.logprobs)
+
+
+def test_env_says_what_the_setting_does(monkeypatch):
+    busy(monkeypatch, 1)
+    monkeypatch.delenv(threads.ENV, raising=False)
+    assert generation_threads_row().startswith("'auto' (default 'auto'): each generate() call runs on torch's")
+    assert "now 1 (threads='auto': 1 runnable threads of other processes on 2 cores" in generation_threads_row()
+    monkeypatch.setenv(threads.ENV, "3")
+    assert generation_threads_row() == f"3 ({threads.ENV}=3): every generate() call runs on 3 threads"
