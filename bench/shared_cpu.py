@@ -10,14 +10,18 @@ round runs every load in turn (its competitor started, given a second to get goi
 both policies inside it, policy off then on; each (load, case, policy) reports its best round. `degradation` is a
 case's best time under a load over its best time alone, for the same policy; `auto_vs_torch` the policy's speed-up.
 The JSON names the machine, torch's thread count and the load average and runnable threads seen at the start of each
-load (on a machine others share, they are the other work that ran).
+load (on a machine others share, they are the other work that ran). The JSON is written after every load
+block, so a run cut short keeps what it timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,8 +50,9 @@ def load_seen() -> dict:
     return {"loadavg": Path("/proc/loadavg").read_text().split()[:3], "others_running": policy.others_running()}
 
 
-def measure(args) -> tuple[dict, list[dict]]:
-    """{(load, dtype, batch, policy): [seconds per round]} and what ran beside each load block."""
+def measure(args, save: Callable[[dict, list[dict]], None]) -> None:
+    """Times every (load, dtype, batch, policy) into {key: [seconds per round]}, calling save(times, seen) after each
+    load block, seen saying what ran beside each block."""
     m = model(args.model)
     cases = [(dtype, batch) for dtype in args.dtypes for batch in args.batches]
     for dtype, _ in cases:
@@ -65,14 +70,14 @@ def measure(args) -> tuple[dict, list[dict]]:
                         s = timed(m, ids, args.new_tokens, DTYPES[dtype][0], setting)
                         times.setdefault((competing, dtype, batch, setting), []).append(s)
             print(json.dumps(seen[-1]), flush=True)
-    return times, seen
+            save(times, seen)
 
 
 def rows(times: dict, args) -> list[dict]:
     """One row per (competing threads, weights, batch, policy): best seconds, tokens/s, degradation vs alone."""
     out = []
     for (competing, dtype, batch, setting), seconds in times.items():
-        best, alone = min(seconds), min(times[(0, dtype, batch, setting)])
+        best, alone = min(seconds), min(times[(0, dtype, batch, setting)])  # 0 runs first in every round
         row = {"competing_threads": competing, "dtype": dtype, "batch": batch, "threads": setting, "best_s": best,
                "rounds_s": seconds, "tokens_per_s": round(batch * args.new_tokens / best, 1),
                "degradation": round(best / alone, 3)}
@@ -96,13 +101,17 @@ def main(argv: list[str] | None = None) -> None:
     if 0 not in args.competing:
         p.error(f"--competing {args.competing}: 0 (alone) must be among them, every degradation is against it")
     began = time.perf_counter()
-    times, seen = measure(args)
     machine = {"cpu": _build.cpu_model(), "capability": _build.capability(), "cores": policy.usable_cores(),
                "threads": torch.get_num_threads(), "torch": torch.__version__}
-    result = {"machine": machine, "settings": vars(args) | {"out": str(args.out)}, "load_seen": seen,
-              "rows": rows(times, args), "wall_s": round(time.perf_counter() - began, 1)}
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    for row in result["rows"]:
+
+    def save(times: dict, seen: list[dict]) -> None:  # after every load block: a run cut short keeps what it timed
+        result = {"machine": machine, "settings": vars(args) | {"out": str(args.out)}, "load_seen": seen,
+                  "rows": rows(times, args), "wall_s": round(time.perf_counter() - began, 1)}
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stops the competitor (CompetingLoad's exit) too
+    measure(args, save)
+    for row in json.loads(args.out.read_text())["rows"]:
         print(json.dumps({k: v for k, v in row.items() if k != "rounds_s"}))
     print(f"wrote {args.out}")
 

@@ -119,3 +119,10 @@ def test_env_says_what_the_setting_does(monkeypatch):
     assert "now 1 (threads='auto': 1 runnable threads of other processes on 2 cores" in generation_threads_row()
     monkeypatch.setenv(threads.ENV, "3")
     assert generation_threads_row() == f"3 ({threads.ENV}=3): every generate() call runs on 3 threads"
+
+
+def test_a_quiet_reading_ends_the_sampling(monkeypatch):
+    totals = iter([1])  # a second reading would raise StopIteration
+    monkeypatch.setattr(threads, "running_total", lambda: next(totals))
+    monkeypatch.setattr(threads, "running_here", lambda: 1)
+    assert threads.others_running() == 0

@@ -3,13 +3,12 @@ cores busy, restored on return.
 
 Our kernels and torch's run each op as one OpenMP parallel region whose threads meet at a barrier. With more
 runnable threads than cores, every barrier waits for a thread the scheduler has set aside, once per op, hundreds of
-times per decode step: beside one busy process on 2 cores a 2-thread decode step ran 2-7x slower than a 1-thread
-one (docs/generation.md, "Shared CPU"). So threads="auto" (the default) counts, at the start of each call, the
-runnable threads of other processes (/proc/stat's procs_running less this process's own running threads, the
-fewest of a few samples a millisecond apart, so a burst does not count) and runs on the cores they leave free:
-threads_for(cores, torch's count, others). torch.set_num_threads is set for the call only and restored on return,
-even on an exception; an int N runs on N threads; "torch" keeps torch's count. The choice is logged (INFO) when it
-differs from the last one logged.
+times per decode step (docs/generation.md, "Shared CPU", has the measured cost). So threads="auto" (the default)
+counts, at the start of each call, the runnable threads of other processes (/proc/stat's procs_running less this
+process's own running threads; the fewest of up to 3 readings a millisecond apart, so a burst does not count, and
+one reading where it finds none) and runs on the cores they leave free: threads_for(cores, torch's count, others).
+torch.set_num_threads is set for the call only and restored on return, even on an exception; an int N runs on N
+threads; "torch" keeps torch's count. The choice is logged (INFO) when it differs from the last one logged.
 
 procs_running counts the whole machine (or VM) the kernel sees: in a container sharing a larger host it counts the
 host's threads, so pass threads=N there (or set HYBRID_ENGINE_GENERATION_THREADS).
@@ -84,16 +83,20 @@ def running_here(tasks: Path = Path("/proc/self/task")) -> int:
 
 
 def others_running() -> int | None:
-    """The runnable threads of other processes: the fewest of SAMPLES readings; None where the load is unknown."""
-    readings = []
+    """The runnable threads of other processes: the fewest of up to SAMPLES readings (one where it reads 0, as on a
+    quiet machine); None where the load is unknown."""
+    fewest = None
     for i in range(SAMPLES):
         if i:
             time.sleep(SAMPLE_GAP_S)
         total = running_total()
         if total is None:
             return None
-        readings.append(max(0, total - running_here()))
-    return min(readings)
+        others = max(0, total - running_here())
+        fewest = others if fewest is None else min(fewest, others)
+        if fewest == 0:
+            break
+    return fewest
 
 
 def choose(setting: int | str) -> tuple[int, str]:
