@@ -92,9 +92,17 @@ def test_auto_runs_on_the_free_cores_and_restores_torch_count(monkeypatch, two_t
 
 def test_torch_count_is_restored_after_an_error_inside(monkeypatch, two_threads):
     busy(monkeypatch, 1)
+    with pytest.raises(RuntimeError, match="inside"):
+        with threads.generation_threads("auto"):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == 2
+
+
+def test_a_bad_setting_is_refused_before_any_work(two_threads):
     model = preset_model("llama-tiny")
-    with pytest.raises(ValueError, match="input_ids"):
-        hybrid_engine.generate(model, torch.tensor([[1, 2, 5000]]), max_new_tokens=2)  # an id past the vocabulary
+    with pytest.raises(ValueError, match="threads must be"):
+        hybrid_engine.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2, threads=0)
     assert torch.get_num_threads() == 2
 
 
