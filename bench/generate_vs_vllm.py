@@ -17,7 +17,8 @@ and every step; bench/harness.py's roofline, measured at the start of the run).
 
 --competing runs the cases of those batches (and --competing-dtypes weights) again beside a second process doing
 fp32 matmuls on every core (bench/peers/competing_load.py), started before the first of them and stopped after the
-last, the same interleaving. One vLLM engine serves both loads of a weights type.
+last, the same interleaving. One vLLM engine serves both loads of a weights type. Ours runs with generate()'s default
+threads="auto" (docs/generation.md, "Shared CPU"): on the cores the competing process leaves free.
 """
 
 from __future__ import annotations
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtypes", type=_names, default=["fp32", "bf16"], help="comma-separated weights: fp32, bf16")
     p.add_argument("--competing", type=_ints, default=[1, 16],
                    help="batch sizes to run again beside a competing process (empty: none)")
-    p.add_argument("--competing-dtypes", type=_names, default=["fp32"], help="the weights of the competing runs")
+    p.add_argument("--competing-dtypes", type=_names, default=["fp32", "bf16"],
+                   help="comma-separated weights of the competing runs")
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated per prompt (eos ignored)")
     p.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved rounds per case (the best is reported)")
     p.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE)")

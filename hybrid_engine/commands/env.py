@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
+import os
 import shutil
 
 import torch
 
 from hybrid_engine import _build
+from hybrid_engine.generation import threads as generation_threads
 from hybrid_engine.ops import dispatch, load
 
 
@@ -37,6 +39,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         ("CPU capability (torch)", _build.capability()),
         ("avx512_bf16", "yes" if "avx512_bf16" in _build.cpu_flags() else "no"),
         ("threads", str(torch.get_num_threads())),
+        ("generation threads", generation_threads_row()),
         ("CUDA", torch.version.cuda or "no (CPU build of torch)"),
         ("GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
         ("nvcc", shutil.which("nvcc") or "not found"),
@@ -60,6 +63,19 @@ def cmd_env(args: argparse.Namespace) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def generation_threads_row() -> str:
+    """What generate()'s threads setting does here, and what it would choose now."""
+    try:
+        setting = generation_threads.parse_threads(None)
+    except ValueError as e:
+        return f"FAILED: {e}"
+    n, why = generation_threads.choose(setting)
+    default = f"{generation_threads.ENV}={setting}" if generation_threads.ENV in os.environ else "default 'auto'"
+    return (f"{setting!r} ({default}): each generate() call runs on torch's threads less other processes' "
+            f"runnable ones, restoring torch's count after; now {n} ({why})" if setting == "auto" else
+            f"{setting!r} ({default}): every generate() call runs on {n} threads")
 
 
 def calibration_rows(force: bool) -> list[tuple[str, str]]:

@@ -12,6 +12,7 @@ import transformers
 
 from hybrid_engine.commands.generate_text import add_text_args, run_text, wants_text
 from hybrid_engine.generation import SamplingParams, generate
+from hybrid_engine.generation.threads import parse_threads
 from hybrid_engine.model.dtypes import KV_DTYPES, WEIGHT_DTYPES, dtype_name
 from hybrid_engine.model.presets import PRESETS, preset_model
 
@@ -64,7 +65,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"model: {name}, {params:.1f}M parameters; batch {args.batch}, prompt {args.prompt_len}, "
           f"{args.max_new_tokens} new tokens, weights {args.weight_dtype}, KV cache {args.kv_dtype}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, generation threads={parse_threads(None)!r} (hybrid-engine env says "
+          "what that chooses)")
     # eos_token_id=[]: no eos, not the model's generation_config's. This is a tokens/s benchmark on random prompts:
     # every row generates all --max-new-tokens (as transformers' side does, told eos_token_id=None too), so the
     # figures stay comparable between models, runs and --compare-hf.

@@ -8,11 +8,13 @@ from hybrid_engine.generation.checks import check_finite_logits, check_fits, che
 from hybrid_engine.generation.hf_generate import generate_on_hf_path
 from hybrid_engine.generation.output import GenerationOutput
 from hybrid_engine.generation.sampling import SamplingParams, model_token_ids, next_tokens
+from hybrid_engine.generation.threads import generation_threads, parse_threads
 from hybrid_engine.model.dtypes import parse_kv_dtype, parse_weight_dtype
 from hybrid_engine.model.kv_cache import KVCache
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
 from hybrid_engine.model.weights import extract_weights
+from hybrid_engine.ops import dispatch, get_backend
 
 
 def _retire(finished: torch.Tensor, new: torch.Tensor, cache: KVCache, slot_seq: torch.Tensor,
@@ -39,6 +41,7 @@ def generate(
     *,
     weight_dtype: torch.dtype | str | None = None,
     kv_dtype: torch.dtype | str = torch.float32,
+    threads: int | str | None = None,
     **overrides,
 ) -> GenerationOutput:
     """Generates up to max_new_tokens per prompt from an HF causal LM (Llama/Qwen2/Qwen3/OLMo 2/SmolLM3/Phi-3/Gemma 3/
@@ -64,19 +67,33 @@ def generate(
     (checks.py); NaN or inf logits raise checks.NonFiniteLogitsError (a FloatingPointError) naming the
     step (0: the prefill, k: the k-th decode step) and the batch rows. A model that is no HF causal LM, or one on
     the meta device, is refused the same way.
+
+    threads: "auto" (the default, or HYBRID_ENGINE_GENERATION_THREADS where set) runs the call on torch's thread
+    count less the runnable threads of other processes, so a busy shared CPU does not stall every op at a barrier;
+    an int N on N threads; "torch" on torch's count. torch's count is restored on return (threads.py).
     """
     check_model(model)
+    threads = parse_threads(threads)
     try:
         spec = spec_from_config(model.config)
     except ValueError as e:  # no fast path for this model, or a config detail it cannot honour: HF's generate
-        return generate_on_hf_path(model, input_ids, attention_mask, sampling, str(e), weight_dtype, kv_dtype,
-                                   overrides)
+        with generation_threads(threads):
+            return generate_on_hf_path(model, input_ids, attention_mask, sampling, str(e), weight_dtype, kv_dtype,
+                                       overrides)
     params = SamplingParams.of(sampling, overrides, model_token_ids(model, spec.vocab_size))
     weights, kv = parse_weight_dtype(weight_dtype), parse_kv_dtype(kv_dtype)
     params.check_vocab(spec.vocab_size)  # before any work
     check_prompts(input_ids, attention_mask, spec.vocab_size)
     net = InferenceTransformer(spec, extract_weights(model, spec, weights))
-    return generate_with(net, input_ids, attention_mask, params, kv_dtype=kv)
+    return generate_with(net, input_ids, attention_mask, params, kv_dtype=kv, threads=threads)
+
+
+def _routes_first() -> None:
+    """The kernels' routes are measured once per process, on torch's thread count of the moment (ops/dispatch.py):
+    measure them before generation_threads changes that count, so that they never depend on the load of the first
+    call. With the compiled kernels only, whose first op would measure them anyway."""
+    if get_backend() == "kernels":
+        dispatch.ensure()
 
 
 @torch.no_grad()
@@ -87,6 +104,7 @@ def generate_with(
     sampling: SamplingParams | None = None,
     *,
     kv_dtype: torch.dtype | str = torch.float32,
+    threads: int | str | None = None,
     **overrides,
 ) -> GenerationOutput:
     """generate() over an already built generation model (the hybrid engine builds its own, from
@@ -94,7 +112,7 @@ def generate_with(
     whose generation_config could give eos and pad ids: the caller resolves them (an unset eos stops on none)."""
     spec = net.spec
     params = SamplingParams.of(sampling, overrides)
-    kv_dtype = parse_kv_dtype(kv_dtype)
+    kv_dtype, threads = parse_kv_dtype(kv_dtype), parse_threads(threads)
     params.check_vocab(spec.vocab_size)
     check_prompts(input_ids, attention_mask, spec.vocab_size)
     generator = params.generator
@@ -102,9 +120,18 @@ def generate_with(
         raise ValueError("hybrid_engine.generate runs on CPU tensors (input_ids, generator) in this release")
     input_ids = input_ids.long().contiguous()  # a transposed or sliced view is read as its values
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long().contiguous()
+    check_fits(spec, int(attention_mask.sum(1).max()), params.max_new_tokens)
+    _routes_first()
+    with generation_threads(threads):
+        return _decode_loop(net, input_ids, attention_mask, params, kv_dtype)
+
+
+def _decode_loop(net: InferenceTransformer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 params: SamplingParams, kv_dtype: torch.dtype) -> GenerationOutput:
+    """generate_with()'s prefill and decode steps, its arguments checked, on the threads already chosen."""
+    spec = net.spec
     prompt_length = int(attention_mask.sum(1).max())
     max_new_tokens = params.max_new_tokens
-    check_fits(spec, prompt_length, max_new_tokens)
     eos, generator = params.eos_ids, params.rng()
 
     B = input_ids.shape[0]
