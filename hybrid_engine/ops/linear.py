@@ -34,7 +34,8 @@ M >= 8), measured on the Zen 4 (2 shared cores; one thread, CPU time, so that th
 do not enter the figure; interleaved, best of 5): 1.10x at M = 16 and 64, 1.09x at M = 8 and 1.06x at M = 32 over
 the 125M model's linears, most of it in the down projection (K = 2048), which blocks of 8 split into two K passes
 of 1024 (its 32 KB activation block fills the L1) and blocks of 4 run in one. Blocks of 2 or 3 rows ran 0.75-0.8x,
-blocks of 5 and 6 as 8. The whole decode step gained 1.08x at batch 16 and 1.02x at 64 (one thread, CPU time).
+blocks of 5 and 6 as 8. The whole decode step gained 1.07-1.09x at batch 16 and 1.02-1.05x at 64 (one thread, CPU
+time).
 """
 
 from __future__ import annotations
