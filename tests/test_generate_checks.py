@@ -10,7 +10,7 @@ from models import VOCAB, left_padded_prompts, tiny_model
 import hybrid_engine
 from hybrid_engine.engine.settings import GenerationSettings
 from hybrid_engine.generation import SamplingConfig, SamplingParams
-from hybrid_engine.generation.checks import NonFiniteLogitsError
+from hybrid_engine.generation.checks import NonFiniteLogitsError, check_finite_logits
 from hybrid_engine.model.dtypes import parse_kv_dtype, parse_weight_dtype
 from hybrid_engine.rlhf.ppo import PPOConfig
 
@@ -211,6 +211,18 @@ def test_non_finite_logits_at_prefill_name_step_0_and_every_row(edit, kind):
         hybrid_engine.generate(model, ids, mask, max_new_tokens=4, pad_token_id=0)
     assert isinstance(e.value, FloatingPointError)
     assert f"{kind} in rows [0, 1, 2, 3, 4]" in str(e.value)
+
+
+@pytest.mark.parametrize("value,kind", [(float("nan"), "NaN"), (float("inf"), "inf"), (float("-inf"), "inf")])
+def test_check_finite_logits_finds_one_non_finite_value(value, kind):
+    """One NaN, +inf or -inf anywhere in [B, V] fails the check (aminmax carries each to its min or max), with the
+    batch row named; finite logits of any size, and none, pass."""
+    logits = torch.randn(4, 1000) * 30
+    check_finite_logits(logits, 3)
+    check_finite_logits(logits[:0], 3)
+    logits[2, 517] = value
+    with pytest.raises(NonFiniteLogitsError, match=re.escape(f"step 3 (decode) in batch rows [12] ({kind} in rows")):
+        check_finite_logits(logits, 3, torch.tensor([10, 11, 12, 13]))
 
 
 def test_non_finite_logits_at_a_decode_step_name_that_step_and_only_the_rows_hit():

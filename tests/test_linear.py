@@ -6,10 +6,11 @@ from helpers import TOLERANCES, assert_within_twice_torch
 from hybrid_engine.ops import decode_linear, decode_linear_reference, kernels, use_backend
 
 # (N, K): K and N off every vector width (7, 123, 777), single outputs, the realistic K of a small model, and K
-# split into several passes (2048, 2051). M: single rows to past two 32-row tiles; bf16 weights with K % 32 == 0
-# and M >= 8 take the AMX path where the CPU has it, the rest the FMA kernel.
+# split into several passes (2048, 2051). M: single rows to past two 32-row tiles, and for fp32 weights (linear.cpp's
+# block_rows) one block of 3 or 7 rows, blocks of 4 (8, 64; 11 with a padded row), of 5 (9) and of 6 (17); bf16
+# weights with K % 32 == 0 and M >= 8 take the AMX path where the CPU has it, the rest the FMA kernel.
 SHAPES = [(1, 7), (1, 64), (5, 123), (123, 777), (123, 768), (40, 2048), (5, 2051)]
-M_VALUES = [1, 3, 8, 17, 64]
+M_VALUES = [1, 3, 7, 8, 9, 11, 17, 64]
 WEIGHT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

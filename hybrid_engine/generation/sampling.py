@@ -165,7 +165,8 @@ def next_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B] int64, their log-probabilities [B] fp32 under the temperature-scaled distribution)."""
     logits = logits.float()
-    logprobs = torch.log_softmax(logits / cfg.temperature, dim=-1)
+    # x / 1.0 is x: the division, a pass and a [B, V] tensor, is skipped at temperature 1.
+    logprobs = torch.log_softmax(logits if cfg.temperature == 1.0 else logits / cfg.temperature, dim=-1)
     if cfg.do_sample:
         probs = filter_logits(logits, cfg).softmax(-1)
         tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
