@@ -57,7 +57,7 @@ FEW_ROWS = (1, 2, 4)
 MANY_ROWS = (8, 16, 32, 64, 128)
 LOWP_ROWS = (64, 128, 256)
 AMX_ROWS = (8, 16, 32, 64)
-BF16ACT_ROWS = (16, 32, 64, 128, 256)
+BF16ACT_ROWS = (2, 4, 8, 16, 32, 64, 128)
 PREFILL = dict(B=4, T=256, Hq=8, Hkv=2, D=64)  # a dense bf16 prefill batch (every row full)
 
 
@@ -74,9 +74,9 @@ class Routes:
     lowp_kernel_max_rows: int = 64
     amx_min_rows: int = 8
     prefill_sdpa_bf16: int = -1
-    bf16act_kernel_max_rows: int = 64
+    bf16act_kernel_max_rows: int = 8
     """decode_linear_bf16 (the fast mode, bf16 activations): the VDPBF16PS kernel up to this many rows, torch's bf16
-    GEMM above."""
+    GEMM above (the default: measured on a Zen 4, where torch's won from M = 16)."""
 
 
 DEFAULT = Routes()
@@ -247,8 +247,7 @@ def measure() -> dict:
     lowp_max = _kernel_max(LOWP_ROWS, {m: timings[f"bf16 M={m}"] for m in LOWP_ROWS}, floor=LOWP_ROWS[0])
     amx = _amx_min(AMX_ROWS, {m: timings[f"bf16 M={m} fma/amx"] for m in AMX_ROWS}) if has_amx else NEVER
     tiles_s, sdpa_s = timings["prefill bf16 tiles/sdpa"]
-    bf16act = _kernel_max(BF16ACT_ROWS, {m: timings[f"bf16act M={m}"] for m in BF16ACT_ROWS}, BF16ACT_ROWS[0]
-                          ) if has_bf16dot else 0
+    bf16act = _kernel_max(BF16ACT_ROWS, {m: timings[f"bf16act M={m}"] for m in BF16ACT_ROWS}, 1) if has_bf16dot else 0
     routes = Routes(fp32_torch_max_rows=few, fp32_kernel_max_rows=max(many, few),
                     lowp_kernel_max_rows=NEVER if lowp_max == LOWP_ROWS[-1] else lowp_max, amx_min_rows=amx,
                     prefill_sdpa_bf16=int(sdpa_s < tiles_s),
