@@ -15,6 +15,10 @@ from models import left_padded_prompts, tiny_model
 import hybrid_engine
 from hybrid_engine import _build
 from hybrid_engine.engine.settings import GenerationSettings
+from hybrid_engine.model.kv_cache import KVCache
+from hybrid_engine.model.spec import spec_from_config
+from hybrid_engine.model.transformer import InferenceTransformer
+from hybrid_engine.model.weights import extract_weights
 from hybrid_engine.ops import dispatch
 from hybrid_engine.ops._library import kernels
 from hybrid_engine.ops.linear_bf16 import bf16_compute_missing, decode_linear_bf16, decode_linear_bf16_reference
@@ -67,6 +71,24 @@ def test_fast_generation_agrees_with_the_exact_path():
     assert torch.equal(fast.sequences[:, : ids.shape[1] + steps], exact.sequences[:, : ids.shape[1] + steps])
     gap = (fast.logprobs[:, :steps] - exact.logprobs[:, :steps]).abs().max()
     assert 0 < gap < 0.05  # rounded activations: not the exact path's values, and not far from them
+
+
+@needs_bf16
+def test_the_fast_decode_step_matches_its_python_loop():
+    """decode_step's C++ layer loop in the fast mode (every linear layer, the LM head too, on decode_linear_bf16)
+    against InferenceTransformer.decode_python, its reference, from the same prefilled cache."""
+    model = tiny_model("llama-gqa")
+    spec = spec_from_config(model.config)
+    net = InferenceTransformer(spec, extract_weights(model, spec, torch.bfloat16), activation_dtype=torch.bfloat16)
+    ids, mask = left_padded_prompts([5, 8, 3], seed=2)
+    caches = [KVCache.allocate(spec, 3, 12) for _ in range(2)]
+    for cache in caches:
+        net.prefill(ids, mask, cache)
+    tokens = torch.tensor([4, 9, 17])
+    torch.testing.assert_close(net.decode(tokens, caches[0]), net.decode_python(tokens, caches[1]), rtol=1e-5,
+                               atol=1e-4)
+    exact = InferenceTransformer(spec, extract_weights(model, spec, torch.bfloat16))
+    assert (exact.decode_python(tokens, caches[1]) - net.decode(tokens, caches[0])).abs().max() > 1e-3
 
 
 def test_the_fast_mode_is_refused_where_it_makes_no_sense(monkeypatch):

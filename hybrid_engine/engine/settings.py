@@ -8,7 +8,7 @@ import torch
 
 from hybrid_engine.model.dtypes import parse_activation_dtype, parse_kv_dtype, parse_weight_dtype
 from hybrid_engine.model.spec import ModelSpec
-from hybrid_engine.ops.linear_bf16 import bf16_compute_missing
+from hybrid_engine.ops.linear_bf16 import check_bf16_compute
 
 
 @dataclass
@@ -62,9 +62,7 @@ class GenerationSettings:
     def check(self, spec: ModelSpec, world_size: int) -> None:
         """Refuses settings that cannot work for this model and world size, naming the setting."""
         tp = self.inference_tp_size
-        missing = bf16_compute_missing() if self.activation_dtype == torch.bfloat16 else None
-        if missing:
-            raise ValueError(f"generation.activation_dtype=bf16: {missing}")
+        check_bf16_compute(self.activation_dtype, "generation.activation_dtype")
         if world_size % tp:
             raise ValueError(f"generation.inference_tp_size={tp} does not divide the world size {world_size}")
         if tp > 1:

@@ -13,7 +13,7 @@ from hybrid_engine.model.kv_cache import KVCache
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
 from hybrid_engine.model.weights import extract_weights
-from hybrid_engine.ops.linear_bf16 import bf16_compute_missing
+from hybrid_engine.ops.linear_bf16 import check_bf16_compute
 
 
 def _retire(finished: torch.Tensor, new: torch.Tensor, cache: KVCache, slot_seq: torch.Tensor,
@@ -79,9 +79,7 @@ def generate(
     params = SamplingParams.of(sampling, overrides, model_token_ids(model, spec.vocab_size))
     weights, kv = parse_weight_dtype(weight_dtype), parse_kv_dtype(kv_dtype)
     activations = parse_activation_dtype(activation_dtype, weights)
-    missing = bf16_compute_missing() if activations == torch.bfloat16 else None
-    if missing:
-        raise ValueError(f"activation_dtype=bf16: {missing}")
+    check_bf16_compute(activations)
     params.check_vocab(spec.vocab_size)  # before any work
     check_prompts(input_ids, attention_mask, spec.vocab_size)
     net = InferenceTransformer(spec, extract_weights(model, spec, weights), activation_dtype=activations)

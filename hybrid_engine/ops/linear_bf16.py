@@ -50,6 +50,13 @@ def bf16_compute_missing(device: torch.device | str = "cpu") -> str | None:
             "would only be slower than the exact fp32 ones; use activation_dtype=fp32")
 
 
+def check_bf16_compute(activation_dtype: torch.dtype, setting: str = "activation_dtype") -> None:
+    """Refuses the fast mode (`setting`=bf16) on a CPU without bf16 compute, in one line naming the setting."""
+    missing = bf16_compute_missing() if activation_dtype == torch.bfloat16 else None
+    if missing:
+        raise ValueError(f"{setting}=bf16: {missing}")
+
+
 def decode_linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 [M, N] = bf16(x [M, K]) @ weight bf16 [N, K].T (+ bias [N]), bf16 products summed in fp32."""
     if weight.dtype != torch.bfloat16:
