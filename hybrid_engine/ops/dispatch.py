@@ -247,7 +247,9 @@ def measure() -> dict:
     lowp_max = _kernel_max(LOWP_ROWS, {m: timings[f"bf16 M={m}"] for m in LOWP_ROWS}, floor=LOWP_ROWS[0])
     amx = _amx_min(AMX_ROWS, {m: timings[f"bf16 M={m} fma/amx"] for m in AMX_ROWS}) if has_amx else NEVER
     tiles_s, sdpa_s = timings["prefill bf16 tiles/sdpa"]
-    bf16act = _kernel_max(BF16ACT_ROWS, {m: timings[f"bf16act M={m}"] for m in BF16ACT_ROWS}, 1) if has_bf16dot else 0
+    # The kernel up to the first M where torch's bf16 GEMM won (one noisy win at a large M moves nothing); at least 1.
+    bf16act = max(1, _torch_prefix(BF16ACT_ROWS, {m: timings[f"bf16act M={m}"][::-1] for m in BF16ACT_ROWS})
+                  ) if has_bf16dot else 0
     routes = Routes(fp32_torch_max_rows=few, fp32_kernel_max_rows=max(many, few),
                     lowp_kernel_max_rows=NEVER if lowp_max == LOWP_ROWS[-1] else lowp_max, amx_min_rows=amx,
                     prefill_sdpa_bf16=int(sdpa_s < tiles_s),
