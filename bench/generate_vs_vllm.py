@@ -6,7 +6,8 @@
 
 The model (a built-in preset, llama-125m by default: 32k vocabulary) is made from its config with seed 0 and saved
 with save_pretrained to a folder that both sides load: ours with transformers' from_pretrained in fp32, then
-hybrid_engine.generate (fp32, or bf16 weight copies with fp32 activations: weight_dtype); vLLM with
+hybrid_engine.generate (fp32, or bf16 weight copies with fp32 activations: weight_dtype, or "bf16-fast": bf16 weights
+and bf16 activations, activation_dtype, the fast mode); vLLM with
 LLM(model=folder, skip_tokenizer_init=True, dtype=float32 or bfloat16) in bench/peers/vllm_generate_worker.py, a
 process of the vLLM virtualenv that stays up while this script times it. Each (load, weights, batch) case runs
 ROUNDS rounds interleaved (ours, vLLM, ours, vLLM) and reports each side's best round: the wall clock of one whole
@@ -45,8 +46,10 @@ PEERS = Path(__file__).with_name("peers")
 WORKER = PEERS / "vllm_generate_worker.py"
 COMPETING = PEERS / "competing_load.py"
 DEFAULT_VENV = Path(os.environ.get("HYBRID_ENGINE_VLLM_VENV", Path.home() / ".cache/hybrid_engine/venv-vllm"))
-DTYPES = {"fp32": (None, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
-"""--dtypes: (our weight_dtype, vLLM's dtype) of each name."""
+DTYPES = {"fp32": (None, None, "float32"), "bf16": (torch.bfloat16, None, "bfloat16"),
+          "bf16-fast": (torch.bfloat16, torch.bfloat16, "bfloat16")}
+"""--dtypes: (our weight_dtype, our activation_dtype, vLLM's dtype) of each name; bf16-fast is our fast mode (bf16
+activations into the linear layers, as vLLM computes), bf16 our exact one (fp32 activations)."""
 ROUNDS = 2
 KEEP = 8
 """The first generated tokens compared between the sides."""
@@ -107,11 +110,13 @@ class CompetingLoad:
             self.proc.wait()
 
 
-def ours(model: transformers.PreTrainedModel, ids: torch.Tensor, new_tokens: int, weight_dtype) -> tuple[float, list]:
-    """Seconds of one hybrid_engine.generate of every prompt, and each row's first KEEP generated ids."""
+def ours(model: transformers.PreTrainedModel, ids: torch.Tensor, new_tokens: int, dtype: str) -> tuple[float, list]:
+    """Seconds of one hybrid_engine.generate of every prompt in `dtype` (a DTYPES name), and each row's first KEEP
+    generated ids."""
+    weight_dtype, activation_dtype, _ = DTYPES[dtype]
     t0 = time.perf_counter()
     out = hybrid_engine.generate(model, ids, torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 weight_dtype=weight_dtype, eos_token_id=None)
+                                 weight_dtype=weight_dtype, activation_dtype=activation_dtype, eos_token_id=None)
     seconds = time.perf_counter() - t0
     return seconds, out.sequences[:, ids.shape[1]: ids.shape[1] + KEEP].tolist()
 
@@ -142,7 +147,7 @@ def case(worker: VLLMWorker, model, args, roofline: Roofline, load: str, dtype: 
     weight_dtype = DTYPES[dtype][0]
     ours_s, vllm_s = [], []
     for _ in range(args.rounds):
-        seconds, our_tokens = ours(model, ids, args.new_tokens, weight_dtype)
+        seconds, our_tokens = ours(model, ids, args.new_tokens, dtype)
         ours_s.append(seconds)
         answer = worker.generate(ids.tolist(), args.new_tokens)
         vllm_s.append(answer["seconds"])
@@ -164,12 +169,12 @@ def run(args, model_dir: Path, model, roofline: Roofline) -> tuple[list[dict], d
     a competing process; the rows and each engine's start-up seconds and versions."""
     rows, engines = [], {}
     for dtype in args.dtypes:
-        start = {"model": str(model_dir), "dtype": DTYPES[dtype][1], "max_model_len": PROMPT + args.new_tokens,
+        start = {"model": str(model_dir), "dtype": DTYPES[dtype][2], "max_model_len": PROMPT + args.new_tokens,
                  "max_num_seqs": max(args.batches + args.competing), "enforce_eager": args.enforce_eager}
         with VLLMWorker(args.venv / "bin" / "python", start, worker_env(args.kv_cache_gib, torch.get_num_threads())
                         ) as worker:
             engines[dtype] = worker.ready
-            ours(model, prompts(1, model.config.vocab_size)[:, :8], 2, DTYPES[dtype][0])  # warm-up
+            ours(model, prompts(1, model.config.vocab_size)[:, :8], 2, dtype)  # warm-up
             loads = [("quiet", args.batches)] + ([("competing", args.competing)] if dtype in args.competing_dtypes
                                                  else [])
             for load, batches in loads:
@@ -194,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="the results JSON (bench/results/generation_vllm.json)")
     p.add_argument("--model", default="llama-125m", help="the built-in preset both sides load")
     p.add_argument("--batches", type=_ints, default=[1, 8, 16, 32, 64], help="comma-separated batch sizes")
-    p.add_argument("--dtypes", type=_names, default=["fp32", "bf16"], help="comma-separated weights: fp32, bf16")
+    p.add_argument("--dtypes", type=_names, default=["fp32", "bf16", "bf16-fast"],
+                   help="comma-separated weights: fp32, bf16, bf16-fast (bf16 activations too: our fast mode)")
     p.add_argument("--competing", type=_ints, default=[1, 16],
                    help="batch sizes to run again beside a competing process (empty: none)")
     p.add_argument("--competing-dtypes", type=_names, default=["fp32", "bf16"],

@@ -102,6 +102,11 @@ def calibration_rows(force: bool) -> list[tuple[str, str]]:
                                            f"{r['fp32_kernel_max_rows']}, our kernel between"),
              ("decode_linear bf16 weight", f"our kernel; widened to torch's GEMM: {lowp}; AMX tiles: {amx}"),
              ("prefill attention bf16", sdpa)]
+    if data.get("bf16dot") is not None:
+        fast = "no AVX512-BF16 kernel on this CPU: torch's bf16 GEMM" if not data["bf16dot"] else (
+            f"our VDPBF16PS kernel up to M = {r['bf16act_kernel_max_rows']}, torch's bf16 GEMM above"
+            if r["bf16act_kernel_max_rows"] < never else "our VDPBF16PS kernel at every M")
+        rows.append(("decode_linear bf16 activations", fast))
     for name, (first, second) in data.get("timings_ms", {}).items():
         sides = SIDES.get(name.rsplit(" ", 1)[-1], ("kernel", "torch"))
         rows.append((f"  {name}", f"{sides[0]} {first:.2f} ms, {sides[1]} {second:.2f} ms"))

@@ -13,7 +13,7 @@ import transformers
 from hybrid_engine.commands.generate_text import add_text_args, run_text, wants_text
 from hybrid_engine.generation import SamplingParams, generate
 from hybrid_engine.generation.threads import parse_threads
-from hybrid_engine.model.dtypes import KV_DTYPES, WEIGHT_DTYPES, dtype_name
+from hybrid_engine.model.dtypes import ACTIVATION_DTYPES, KV_DTYPES, WEIGHT_DTYPES, dtype_name
 from hybrid_engine.model.presets import PRESETS, preset_model
 
 
@@ -33,7 +33,12 @@ def add_generate_command(subparsers) -> None:
     gen.add_argument("--prompt-len", type=int, default=64, help="tokens per (random) prompt")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
     gen.add_argument("--weight-dtype", choices=[dtype_name(d) for d in WEIGHT_DTYPES], default="fp32",
-                     help="dtype of the weights the decode step reads (activations stay fp32)")
+                     help="dtype of the weights the decode step reads (activations stay fp32 unless --activation-dtype "
+                          "bf16)")
+    gen.add_argument("--activation-dtype", choices=[dtype_name(d) for d in ACTIVATION_DTYPES], default="fp32",
+                     help="dtype the linear layers' inputs are rounded to: fp32 is exact; bf16 is the fast mode (needs "
+                          "--weight-dtype bf16 and a CPU with avx512_bf16 or amx_bf16; log-probs differ from the exact "
+                          "path's, see docs/generation.md)")
     gen.add_argument("--kv-dtype", choices=[dtype_name(d) for d in KV_DTYPES], default="fp32",
                      help="dtype of the KV cache: bf16 or fp16 halve the bytes attention reads at long contexts (keys "
                           "and values rounded once as they are written; attention still computes in fp32)")
@@ -64,9 +69,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     input_ids = torch.randint(3, vocab, (args.batch, args.prompt_len))
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"model: {name}, {params:.1f}M parameters; batch {args.batch}, prompt {args.prompt_len}, "
-          f"{args.max_new_tokens} new tokens, weights {args.weight_dtype}, KV cache {args.kv_dtype}, "
-          f"{torch.get_num_threads()} threads, generation threads={parse_threads(None)!r} (hybrid-engine env says "
-          "what that chooses)")
+          f"{args.max_new_tokens} new tokens, weights {args.weight_dtype}, activations {args.activation_dtype}, "
+          f"KV cache {args.kv_dtype}, {torch.get_num_threads()} threads, generation threads={parse_threads(None)!r} "
+          "(hybrid-engine env says what that chooses)")
     # eos_token_id=[]: no eos, not the model's generation_config's. This is a tokens/s benchmark on random prompts:
     # every row generates all --max-new-tokens (as transformers' side does, told eos_token_id=None too), so the
     # figures stay comparable between models, runs and --compare-hf.
@@ -74,7 +79,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=[])
     generate(model, input_ids[:, :8], max_new_tokens=2)  # warm-up: loads the ops
     t0 = time.perf_counter()
-    out = generate(model, input_ids, sampling=sampling, weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype)
+    out = generate(model, input_ids, sampling=sampling, weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype,
+                   activation_dtype=args.activation_dtype)
     ours = time.perf_counter() - t0
     n = int(out.response_mask.sum())
     print(f"hybrid_engine.generate: {n / ours:8.1f} tokens/s ({ours:.2f} s)")
@@ -88,7 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         t = time.perf_counter() - t0
         m = (hf.shape[1] - args.prompt_len) * args.batch
         print(f"transformers generate:  {m / t:8.1f} tokens/s ({t:.2f} s) -> ours is {t / ours * n / m:.2f}x")
-        if not args.sample and args.weight_dtype == args.kv_dtype == "fp32":
+        if not args.sample and args.weight_dtype == args.kv_dtype == args.activation_dtype == "fp32":
             same = torch.equal(hf[:, : out.sequences.shape[1]], out.sequences)
             print(f"greedy sequences identical to transformers: {same}")
     if args.show:

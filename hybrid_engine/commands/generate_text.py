@@ -83,7 +83,7 @@ def complete(model, tokenizer, prompts: list[str], args: argparse.Namespace) -> 
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if fast_path(model):
             out = generate(model, ids, mask, sampling=sampling, weight_dtype=args.weight_dtype,
-                           kv_dtype=args.kv_dtype)
+                           kv_dtype=args.kv_dtype, activation_dtype=args.activation_dtype)
             new = [seq[ids.shape[1]:][keep.bool()] for seq, keep in zip(out.sequences, out.response_mask)]
         else:
             with torch.no_grad():

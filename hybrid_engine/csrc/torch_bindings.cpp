@@ -60,6 +60,9 @@ TORCH_LIBRARY(hybrid_engine, m) {
       "int[] row_counts, int col_start) -> ()");
   // x fp32 [M, K] (M small), weight fp32/bf16 [N, K], bias [N] -> fp32 [M, N]; fp32 accumulation.
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // Generation's fast mode: x fp32 [M, K] rounded to bf16, weight bf16 [N, K], bias [N] -> fp32 [M, N]; bf16
+  // products summed in fp32 (prefill-sized M: torch's bf16 GEMM, its output rounded to bf16).
+  m.def("decode_linear_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // The expert MLPs of a Mixture-of-Experts layer: x fp32 [M, H], expert_ids int64 [M, k], routing_weights
   // fp32 [M, k], gate_up [E, 2I, H] (gate rows, then up rows), down [E, H, I] -> fp32 [M, H], the sum over each
   // token's experts e (ascending) of weight * down[e] @ (silu(gate[e] @ x) * up[e] @ x); each selected expert's
@@ -72,6 +75,9 @@ TORCH_LIBRARY(hybrid_engine, m) {
         &hybrid_engine::set_decode_linear_routes);
   m.def("decode_linear_routes() -> int[]", &hybrid_engine::decode_linear_routes);
   m.def("decode_linear_has_amx(int K) -> bool", &hybrid_engine::decode_linear_has_amx);
+  m.def("set_decode_linear_bf16_route(int kernel_max_rows) -> ()", &hybrid_engine::set_decode_linear_bf16_route);
+  m.def("decode_linear_bf16_route() -> int", &hybrid_engine::decode_linear_bf16_route);
+  m.def("decode_linear_has_bf16dot() -> bool", &hybrid_engine::decode_linear_has_bf16dot);
   m.def("set_prefill_sdpa_route(int route) -> ()", &hybrid_engine::set_prefill_sdpa_route);
   m.def("prefill_sdpa_route() -> int", &hybrid_engine::prefill_sdpa_route);
   // One decode step of a whole decoder-only model (CPU; GPUs replay the Python loop in a CUDA graph).
@@ -84,11 +90,12 @@ TORCH_LIBRARY(hybrid_engine, m) {
   // nope_layers: the layers whose q and k take no RoPE, k and v appended as they are (SmolLM3's NoPE layers).
   // local_layers take their RoPE from local_cos, local_sin (Gemma 3's sliding layers); weights slots 14, 15 are
   // norms of the attention's and MLP's outputs where a block has norms on both sides (Gemma 3), else undefined.
+  // bf16_activations: the linear layers are decode_linear_bf16's (generation's fast mode), else decode_linear's.
   m.def(
       "decode_step(Tensor x, Tensor?[] weights, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, "
       "Tensor? cos, Tensor? sin, int num_heads, int num_kv_heads, int head_dim, bool rms_norm, int activation, "
       "float eps, float[] scales, int qk_norm=0, bool post_norm=False, int[] nope_layers=[], Tensor? local_cos=None, "
-      "Tensor? local_sin=None, int[] local_layers=[]) -> Tensor");
+      "Tensor? local_sin=None, int[] local_layers=[], bool bf16_activations=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hybrid_engine, CPU, m) {
@@ -107,6 +114,7 @@ TORCH_LIBRARY_IMPL(hybrid_engine, CPU, m) {
   m.impl("reshard_gather", &hybrid_engine::reshard_gather_cpu);
   m.impl("reshard_scatter", &hybrid_engine::reshard_scatter_cpu);
   m.impl("decode_linear", &hybrid_engine::decode_linear_cpu);
+  m.impl("decode_linear_bf16", &hybrid_engine::decode_linear_bf16_cpu);
   m.impl("decode_step", &hybrid_engine::decode_step_cpu);
   m.impl("moe_experts", &hybrid_engine::moe_experts_cpu);
 }

@@ -199,7 +199,7 @@ class HybridEngine:
         spec = self.spec if self.tp is None else local_spec(self.spec, self.tp.size)
         reduce = None if self.tp is None else self.tp.all_reduce
         with generation_weights(base_model(self.module), self.spec, self.settings, self.tp, stats) as weights:
-            self._net = InferenceTransformer(spec, weights, reduce)
+            self._net = InferenceTransformer(spec, weights, reduce, self.settings.activation_dtype)
             del weights
             try:
                 yield self

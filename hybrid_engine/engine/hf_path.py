@@ -39,7 +39,8 @@ def check_settings(settings: GenerationSettings, config, reason: str) -> None:
     family = getattr(config, "model_type", None)
     bad = [(settings.inference_tp_size != 1, f"generation.inference_tp_size={settings.inference_tp_size}"),
            (settings.gather != "all", f"generation.gather={settings.gather!r}"),
-           (settings.kv_dtype != torch.float32, f"generation.kv_dtype={settings.kv_dtype}")]
+           (settings.kv_dtype != torch.float32, f"generation.kv_dtype={settings.kv_dtype}"),
+           (settings.activation_dtype != torch.float32, f"generation.activation_dtype={settings.activation_dtype}")]
     for hit, name in bad:
         if hit:
             raise ValueError(f"{name} needs the fast path; model_type {family!r} generates through Hugging Face's "

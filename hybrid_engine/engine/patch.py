@@ -226,7 +226,7 @@ class HybridGenerate:
     def _serve(self, hf: torch.nn.Module, r: Request):
         stats = SwitchStats()
         with generation_weights(hf, self.spec, self.settings, None, stats) as weights:
-            net = InferenceTransformer(self.spec, weights)
+            net = InferenceTransformer(self.spec, weights, activation_dtype=self.settings.activation_dtype)
             del weights
             recorder = _LogitsRecorder(net) if r.wants_logits else None
             t0 = time.perf_counter()

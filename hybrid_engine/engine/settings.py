@@ -6,8 +6,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from hybrid_engine.model.dtypes import parse_kv_dtype, parse_weight_dtype
+from hybrid_engine.model.dtypes import parse_activation_dtype, parse_kv_dtype, parse_weight_dtype
 from hybrid_engine.model.spec import ModelSpec
+from hybrid_engine.ops.linear_bf16 import check_bf16_compute
 
 
 @dataclass
@@ -25,6 +26,11 @@ class GenerationSettings:
     kv_dtype: torch.dtype = torch.float32
     """The KV cache's dtype, fp32, bf16 or fp16: bf16 halves the bytes attention reads at long contexts, the cached
     keys and values rounded once (not exact)."""
+    activation_dtype: torch.dtype = torch.float32
+    """The linear layers' inputs: fp32 (exact: generation's log-probs match a training forward to ~1e-5) or bf16, the
+    fast mode (needs weight_dtype bf16 and a CPU with bf16 compute, avx512_bf16 or amx_bf16): activations rounded
+    to bf16 before each linear layer, as vLLM computes; PPO/GRPO/RLOO then recompute the old log-probs by a training
+    forward and log the mismatch (logprob_mismatch_mean/max)."""
 
     @classmethod
     def parse(cls, value: GenerationSettings | dict | None) -> GenerationSettings:
@@ -45,6 +51,8 @@ class GenerationSettings:
         settings that need the model or the world size are checked by check()."""
         self.weight_dtype = parse_weight_dtype(self.weight_dtype, "generation.weight_dtype")
         self.kv_dtype = parse_kv_dtype(self.kv_dtype, "generation.kv_dtype")
+        self.activation_dtype = parse_activation_dtype(self.activation_dtype, self.weight_dtype,
+                                                       "generation.activation_dtype", "generation.weight_dtype")
         if self.gather not in ("all", "layer"):
             raise ValueError(f"generation.gather must be 'all' or 'layer', got {self.gather!r}")
         tp = self.inference_tp_size
@@ -54,6 +62,7 @@ class GenerationSettings:
     def check(self, spec: ModelSpec, world_size: int) -> None:
         """Refuses settings that cannot work for this model and world size, naming the setting."""
         tp = self.inference_tp_size
+        check_bf16_compute(self.activation_dtype, "generation.activation_dtype")
         if world_size % tp:
             raise ValueError(f"generation.inference_tp_size={tp} does not divide the world size {world_size}")
         if tp > 1:

@@ -9,12 +9,13 @@ from hybrid_engine.generation.hf_generate import generate_on_hf_path
 from hybrid_engine.generation.output import GenerationOutput
 from hybrid_engine.generation.sampling import SamplingParams, model_token_ids, next_tokens
 from hybrid_engine.generation.threads import generation_threads, parse_threads
-from hybrid_engine.model.dtypes import parse_kv_dtype, parse_weight_dtype
+from hybrid_engine.model.dtypes import parse_activation_dtype, parse_kv_dtype, parse_weight_dtype
 from hybrid_engine.model.kv_cache import KVCache
 from hybrid_engine.model.spec import spec_from_config
 from hybrid_engine.model.transformer import InferenceTransformer
 from hybrid_engine.model.weights import extract_weights
 from hybrid_engine.ops import dispatch, get_backend
+from hybrid_engine.ops.linear_bf16 import check_bf16_compute
 
 
 def _retire(finished: torch.Tensor, new: torch.Tensor, cache: KVCache, slot_seq: torch.Tensor,
@@ -42,6 +43,7 @@ def generate(
     weight_dtype: torch.dtype | str | None = None,
     kv_dtype: torch.dtype | str = torch.float32,
     threads: int | str | None = None,
+    activation_dtype: torch.dtype | str | None = None,
     **overrides,
 ) -> GenerationOutput:
     """Generates up to max_new_tokens per prompt from an HF causal LM (Llama/Qwen2/Qwen3/OLMo 2/SmolLM3/Phi-3/Gemma 3/
@@ -58,7 +60,10 @@ def generate(
     accumulation stay fp32). kv_dtype=torch.bfloat16 (or float16) stores the KV cache in that dtype: half the bytes
     decode attention reads at long contexts, the keys and values rounded once as they are written (attention still
     computes in fp32; the log-prob difference from the fp32 cache is measured in tests/test_generate.py and
-    bench/bench_generate.py). Every sequence stops at any of the eos ids; generation ends when all have stopped.
+    bench/bench_generate.py). activation_dtype=torch.bfloat16 ("bf16"), with bf16 weights only, is the fast mode:
+    the input of every linear layer is rounded to bf16 (as vLLM computes; attention, norms and RoPE stay fp32), which
+    is refused on a CPU without bf16 compute, where it would only be slower; None or "fp32" is the exact path.
+    Every sequence stops at any of the eos ids; generation ends when all have stopped.
     logprobs are under the temperature-scaled distribution (before top-k/top-p).
 
     Samples come from `generator` when given (it is advanced, so successive calls continue its stream),
@@ -79,12 +84,14 @@ def generate(
     except ValueError as e:  # no fast path for this model, or a config detail it cannot honour: HF's generate
         with generation_threads(threads):
             return generate_on_hf_path(model, input_ids, attention_mask, sampling, str(e), weight_dtype, kv_dtype,
-                                       overrides)
+                                       overrides, activation_dtype)
     params = SamplingParams.of(sampling, overrides, model_token_ids(model, spec.vocab_size))
     weights, kv = parse_weight_dtype(weight_dtype), parse_kv_dtype(kv_dtype)
+    activations = parse_activation_dtype(activation_dtype, weights)
+    check_bf16_compute(activations)
     params.check_vocab(spec.vocab_size)  # before any work
     check_prompts(input_ids, attention_mask, spec.vocab_size)
-    net = InferenceTransformer(spec, extract_weights(model, spec, weights))
+    net = InferenceTransformer(spec, extract_weights(model, spec, weights), activation_dtype=activations)
     return generate_with(net, input_ids, attention_mask, params, kv_dtype=kv, threads=threads)
 
 

@@ -24,7 +24,7 @@ from transformers import GenerationConfig
 from hybrid_engine.generation.checks import check_finite_logits, check_prompts
 from hybrid_engine.generation.output import GenerationOutput
 from hybrid_engine.generation.sampling import SamplingParams, model_token_ids
-from hybrid_engine.model.dtypes import parse_kv_dtype, parse_weight_dtype
+from hybrid_engine.model.dtypes import parse_activation_dtype, parse_kv_dtype, parse_weight_dtype
 from hybrid_engine.model.spec import spec_from_config
 
 
@@ -119,11 +119,13 @@ def hf_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask:
 
 def generate_on_hf_path(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                         sampling: SamplingParams | None, reason: str, weight_dtype, kv_dtype,
-                        overrides: dict) -> GenerationOutput:
+                        overrides: dict, activation_dtype=None) -> GenerationOutput:
     """hybrid_engine.generate for a model the fast path refuses (`reason`): HF's generate on the model itself under
     the same arguments and checks, after an HFPathWarning. The dtypes that shape the fast path's weights and cache
     are refused unless fp32 (HF computes in the model's own dtype)."""
-    for name, dtype in (("weight_dtype", parse_weight_dtype(weight_dtype)), ("kv_dtype", parse_kv_dtype(kv_dtype))):
+    weights = parse_weight_dtype(weight_dtype)
+    for name, dtype in (("weight_dtype", weights), ("kv_dtype", parse_kv_dtype(kv_dtype)),
+                        ("activation_dtype", parse_activation_dtype(activation_dtype, weights))):
         if dtype not in (None, torch.float32):
             raise ValueError(f"{name}={dtype} needs the fast path; model_type "
                              f"{getattr(model.config, 'model_type', None)!r} generates through Hugging Face's "

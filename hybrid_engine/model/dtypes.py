@@ -19,6 +19,9 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 bf16 copies."""
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """The KV cache's storage dtypes (activations stay fp32; a bf16/fp16 cache is rounded once on the write)."""
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
+"""What the linear layers' inputs are rounded to: fp32, the exact path (the default), or bf16, the fast mode (bf16
+weights only)."""
 
 
 def dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -47,3 +50,14 @@ def parse_weight_dtype(value, setting: str = "weight_dtype") -> torch.dtype | No
 def parse_kv_dtype(value, setting: str = "kv_dtype") -> torch.dtype:
     """The KV cache's dtype, one of KV_DTYPES."""
     return parse_dtype(value, KV_DTYPES, setting)
+
+
+def parse_activation_dtype(value, weight_dtype: torch.dtype | None, setting: str = "activation_dtype",
+                           weights_setting: str = "weight_dtype") -> torch.dtype:
+    """The linear layers' activation dtype, one of ACTIVATION_DTYPES (None: fp32); bf16 is refused unless the weights
+    are bf16 (`weight_dtype`, parsed), where bf16 activations would round the inputs of fp32 products for nothing."""
+    dtype = torch.float32 if value is None else parse_dtype(value, ACTIVATION_DTYPES, setting)
+    if dtype == torch.bfloat16 and weight_dtype != torch.bfloat16:
+        raise ValueError(f"{setting}=bf16 (the fast mode) needs {weights_setting}=bf16, got "
+                         f"{weights_setting}={dtype_name(weight_dtype or torch.float32)}")
+    return dtype

@@ -1,6 +1,8 @@
 """The generation-mode transformer: a prefill over left-padded prompts, then one-token decode steps
 over a preallocated KV cache, built from the hybrid_engine kernels. Activations are fp32 whatever the
-weights' dtype; shape letters: B batch, T prompt length, H hidden, D head dim."""
+weights' dtype, except in the fast mode (activation_dtype=bf16, bf16 weights), where the inputs of the linear layers
+(the LM head too) are rounded to bf16 (ops.decode_linear_bf16); attention, norms, RoPE and a Mixture-of-Experts
+layer's experts stay fp32 there. Shape letters: B batch, T prompt length, H hidden, D head dim."""
 
 from __future__ import annotations
 
@@ -20,9 +22,12 @@ from hybrid_engine.model.weights import Layer, Linear, Norm, Weights
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
+def linear(x: torch.Tensor, lin: Linear, bf16_activations: bool = False) -> torch.Tensor:
     """x fp32 [M, K] -> fp32 [M, N], for decode (few rows) and prefill (many) alike: decode_linear's own dispatch
-    hands the row counts where torch's GEMM is faster over to it."""
+    hands the row counts where torch's GEMM is faster over to it. bf16_activations: the fast mode's
+    decode_linear_bf16 (x rounded to bf16)."""
+    if bf16_activations:
+        return ops.decode_linear_bf16(x, lin.weight, lin.bias)
     return ops.decode_linear(x, lin.weight, lin.bias)
 
 
@@ -44,11 +49,14 @@ class InferenceTransformer:
 
     all_reduce: for tensor-parallel generation, where `weights` hold this rank's shards and `spec` its
     share of the heads and MLP: called in place on the attention output and on the MLP output of every
-    block (sums the ranks' partial results). The decode loop then runs in Python."""
+    block (sums the ranks' partial results). The decode loop then runs in Python.
+    activation_dtype: torch.bfloat16 for the fast mode (bf16 weights only: model/dtypes.parse_activation_dtype)."""
 
-    def __init__(self, spec: ModelSpec, weights: Weights, all_reduce: AllReduce | None = None):
+    def __init__(self, spec: ModelSpec, weights: Weights, all_reduce: AllReduce | None = None,
+                 activation_dtype: torch.dtype = torch.float32):
         self.spec = spec
         self.w = weights
+        self.bf16_activations = activation_dtype == torch.bfloat16
         self.all_reduce = all_reduce
         self.cos = self.sin = self.tables = None
         if spec.rotary:
@@ -59,6 +67,9 @@ class InferenceTransformer:
         self._flat: list[torch.Tensor | None] | None = None
 
     # ---- pieces shared by prefill and decode ----
+    def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
+        return linear(x, lin, self.bf16_activations)
+
     def norm(self, x: torch.Tensor, n: Norm, residual: torch.Tensor | None = None):
         """Normed x, or (normed x + residual, x + residual) when a residual is given."""
         if self.spec.norm == "rms":
@@ -86,7 +97,7 @@ class InferenceTransformer:
     def mlp(self, x: torch.Tensor, layer: Layer) -> torch.Tensor:
         if layer.experts is not None:
             return self.reduce(moe_mlp(x, layer.experts, self.spec))
-        h = linear(x, layer.up)
+        h = self.linear(x, layer.up)
         if self.spec.activation == "silu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
@@ -101,7 +112,7 @@ class InferenceTransformer:
             h = F.gelu(h)
         else:
             raise ValueError(f"unsupported activation {self.spec.activation!r}")
-        return self.reduce(linear(h, layer.down))
+        return self.reduce(self.linear(h, layer.down))
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.all_reduce is None else self.all_reduce(x)
@@ -149,7 +160,7 @@ class InferenceTransformer:
 
     def logits(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         h = self.norm(x, self.w.final_norm, residual)[0]
-        return softcap(linear(h, self.w.lm_head), self.spec.final_softcap)
+        return softcap(self.linear(h, self.w.lm_head), self.spec.final_softcap)
 
     # ---- prefill ----
     def run_blocks(self, x: torch.Tensor, B: int, S: int, positions: torch.Tensor, cache: KVCache, attend):
@@ -160,12 +171,12 @@ class InferenceTransformer:
         residual = torch.zeros_like(x)
         for i, layer in enumerate(self.w.layers):
             h, residual = self.enter(x, residual, layer.attn_norm)
-            q, k, v = self.split_qkv(linear(h, layer.qkv), B, S)
+            q, k, v = self.split_qkv(self.linear(h, layer.qkv), B, S)
             q, k = self.norm_qk(q, k, layer)
             kc, vc = cache.k[i, :B], cache.v[i, :B]
             ops.rotary_append_kv(q, k, v, kc, vc, positions, *self.rope(i))
             a = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kc, vc, self.scales[i])
-            x = self.reduce(linear(a.transpose(1, 2).reshape(B * S, s.num_heads * s.head_dim), layer.o))
+            x = self.reduce(self.linear(a.transpose(1, 2).reshape(B * S, s.num_heads * s.head_dim), layer.o))
             h, residual = self.enter(self.leave(x, layer.attn_norm, layer.attn_out_norm), residual,
                                      layer.mlp_norm)
             x = self.leave(self.mlp(h, layer), layer.mlp_norm, layer.mlp_out_norm)
@@ -294,7 +305,7 @@ class InferenceTransformer:
         logits = ops.decode_step(x, self.flat_weights(), cache.k, cache.v, cache.lengths[:B], self.cos, self.sin,
                                  s.num_heads, s.num_kv_heads, s.head_dim, s.norm == "rms", s.activation, s.norm_eps,
                                  self.scales, s.qk_norm, s.post_norm, list(s.nope_layers), self.local_cos,
-                                 self.local_sin, list(s.local_rope_layers))
+                                 self.local_sin, list(s.local_rope_layers), self.bf16_activations)
         return softcap(logits, s.final_softcap)
 
     @torch.no_grad()
@@ -308,12 +319,12 @@ class InferenceTransformer:
         lengths = cache.lengths[:B] + 1
         for i, layer in enumerate(self.w.layers):
             h, residual = self.enter(x, residual, layer.attn_norm)
-            q, k, v = self.split_qkv(linear(h, layer.qkv), B, 1)
+            q, k, v = self.split_qkv(self.linear(h, layer.qkv), B, 1)
             q, k = self.norm_qk(q, k, layer)
             kc, vc = cache.k[i, :B], cache.v[i, :B]
             ops.rotary_append_kv(q, k, v, kc, vc, positions, *self.rope(i))
             a = ops.decode_attention(q.reshape(B, s.num_heads, s.head_dim), kc, vc, lengths, self.scales[i])
-            x = self.reduce(linear(a.view(B, s.num_heads * s.head_dim), layer.o))
+            x = self.reduce(self.linear(a.view(B, s.num_heads * s.head_dim), layer.o))
             h, residual = self.enter(self.leave(x, layer.attn_norm, layer.attn_out_norm), residual,
                                      layer.mlp_norm)
             x = self.leave(self.mlp(h, layer), layer.mlp_norm, layer.mlp_out_norm)

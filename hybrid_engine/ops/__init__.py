@@ -17,6 +17,7 @@ from hybrid_engine.ops.attention import (
 from hybrid_engine.ops.decode_step import decode_step
 from hybrid_engine.ops.gae import gae, gae_reference
 from hybrid_engine.ops.linear import decode_linear, decode_linear_reference
+from hybrid_engine.ops.linear_bf16 import bf16_compute_missing, decode_linear_bf16, decode_linear_bf16_reference
 from hybrid_engine.ops.logprobs import token_logprobs, token_logprobs_reference
 from hybrid_engine.ops.moe import moe_experts, moe_experts_reference
 from hybrid_engine.ops.norm import rms_norm, rms_norm_reference
@@ -54,6 +55,9 @@ __all__ = [
     "decode_attention_reference",
     "decode_linear",
     "decode_linear_reference",
+    "decode_linear_bf16",
+    "decode_linear_bf16_reference",
+    "bf16_compute_missing",
     "decode_step",
     "gae",
     "gae_reference",

@@ -21,7 +21,7 @@ QK_NORMS = {None: 0, "head": 1, "proj": 2}  # ModelSpec.qk_norm -> the op's qk_n
 @fake("hybrid_engine::decode_step")
 def _decode_step_fake(x, weights, k_cache, v_cache, lengths, cos, sin, num_heads, num_kv_heads, head_dim, rms_norm,
                       activation, eps, scales, qk_norm=0, post_norm=False, nope_layers=(), local_cos=None,
-                      local_sin=None, local_layers=()):
+                      local_sin=None, local_layers=(), bf16_activations=False):
     return x.new_empty(x.shape[0], weights[-2].shape[0], dtype=torch.float32)
 
 
@@ -46,6 +46,7 @@ def decode_step(
     local_cos: torch.Tensor | None = None,
     local_sin: torch.Tensor | None = None,
     local_layers: list[int] | None = None,
+    bf16_activations: bool = False,
 ) -> torch.Tensor:
     """Logits fp32 [B, V] for embedded tokens x fp32 [B, H]; appends to the caches and increments lengths.
     qk_norm: each layer's q_norm/k_norm weights (slots 12, 13) normalise q and k before RoPE, "head" per head over D
@@ -54,7 +55,8 @@ def decode_step(
     nope_layers: the layers whose q and k take no RoPE (SmolLM3's NoPE layers): their k, v are appended as they are.
     Slots 14, 15 (Gemma 3): norms of the attention's and the MLP's outputs before the residual add, where a block also
     has the pre-norms of slots 0, 6. local_layers take their RoPE from local_cos, local_sin (Gemma 3's sliding layers,
-    whose base differs from the global layers')."""
+    whose base differs from the global layers'). bf16_activations: the linear layers (the LM head too) are
+    decode_linear_bf16's, the fast mode (bf16 weights only), else decode_linear's."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"decode_step: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if qk_norm not in QK_NORMS:
@@ -63,4 +65,4 @@ def decode_step(
     return kernels().decode_step(x, weights, k_cache, v_cache, lengths, cos, sin, num_heads,
                                                num_kv_heads, head_dim, rms_norm, ACTIVATIONS[activation], eps,
                                                scales, QK_NORMS[qk_norm], post_norm, list(nope_layers or []),
-                                               local_cos, local_sin, list(local_layers or []))
+                                               local_cos, local_sin, list(local_layers or []), bf16_activations)

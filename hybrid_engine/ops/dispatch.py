@@ -4,9 +4,10 @@ The CPU decode_linear hands some row counts over to torch's GEMM (linear.cpp): a
 rows (torch's matrix-vector product streams at the read bandwidth on some CPUs and at a third of it on
 others), an fp32 weight with many rows (compute-bound, where torch's GEMM is faster) and a bf16/fp16 weight
 with prefill-sized rows (widened once, then torch's GEMM). On a CPU with AMX, a bf16 weight with enough rows
-goes to the AMX tile kernel instead of the AVX-512 FMA one (linear_amx.cpp). A bf16 prefill goes to torch's
-flash attention or to our causal tiles (attention.cpp). Where each hand-over lies differs between machines,
-so a short calibration (a few seconds) times both sides (on a set of weights larger than the last-level
+goes to the AMX tile kernel instead of the AVX-512 FMA one (linear_amx.cpp). The fast mode's decode_linear_bf16
+(bf16 activations) hands rows past a measured count over to torch's bf16 GEMM (linear_bf16dot.cpp). A bf16 prefill
+goes to torch's flash attention or to our causal tiles (attention.cpp). Where each hand-over lies differs between
+machines, so a short calibration (a few seconds) times both sides (on a set of weights larger than the last-level
 cache for decode_linear), sets the routes, and caches them as JSON beside the JIT build, one file per
 thread count and CPU (`calibration-2threads-<8 hex digits>.json`: nodes sharing a home directory whose CPU models
 differ keep one each), keyed on the CPU model, its flags, the thread count, torch and
@@ -26,7 +27,8 @@ AVX-512 or AVX2), not a per-call choice.
 
 HYBRID_ENGINE_CALIBRATE=0 skips the measurement and keeps the built-in defaults; HYBRID_ENGINE_CALIBRATION_FILE
 moves the cache. `hybrid-engine env` prints the choices, `hybrid-engine env --calibrate` measures again (forced).
-Every route computes with fp32 products and sums: the choice changes speed, never the op's tolerance (tested).
+Every route computes with fp32 products and sums: the choice changes speed, never the op's tolerance (tested); the
+fast mode's torch route rounds its output to bf16, within decode_linear_bf16's tolerance (tests/test_linear_bf16.py).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import torch
 from hybrid_engine import _build
 from hybrid_engine.ops._library import kernels, load
 
-FORMAT = "hybrid_engine.calibration.v2"
+FORMAT = "hybrid_engine.calibration.v3"
 NEVER = 2**62
 """A row bound no batch reaches."""
 K = 2048  # the calibration weights: 4 of [K, K], 64 MiB in fp32 and 32 MiB in bf16, past a 32 MiB L3
@@ -55,6 +57,7 @@ FEW_ROWS = (1, 2, 4)
 MANY_ROWS = (8, 16, 32, 64, 128)
 LOWP_ROWS = (64, 128, 256)
 AMX_ROWS = (8, 16, 32, 64)
+BF16ACT_ROWS = (2, 4, 8, 16, 32, 64, 128)
 PREFILL = dict(B=4, T=256, Hq=8, Hkv=2, D=64)  # a dense bf16 prefill batch (every row full)
 
 
@@ -71,6 +74,9 @@ class Routes:
     lowp_kernel_max_rows: int = 64
     amx_min_rows: int = 8
     prefill_sdpa_bf16: int = -1
+    bf16act_kernel_max_rows: int = 8
+    """decode_linear_bf16 (the fast mode, bf16 activations): the VDPBF16PS kernel up to this many rows, torch's bf16
+    GEMM above (the default: measured on a Zen 4, where torch's won from M = 16)."""
 
 
 DEFAULT = Routes()
@@ -121,6 +127,7 @@ def _force(routes: Routes) -> None:
     kernels().set_decode_linear_routes(routes.fp32_torch_max_rows, routes.fp32_kernel_max_rows,
                                        routes.lowp_kernel_max_rows, routes.amx_min_rows)
     kernels().set_prefill_sdpa_route(routes.prefill_sdpa_bf16)
+    kernels().set_decode_linear_bf16_route(routes.bf16act_kernel_max_rows)
 
 
 KERNEL_ONLY = Routes(0, NEVER, NEVER, amx_min_rows=NEVER)  # the FMA kernel at every M
@@ -170,6 +177,21 @@ def _race_amx(weights: list[torch.Tensor], rows: int) -> tuple[float, float]:
     return fma, amx
 
 
+def _race_bf16act(weights: list[torch.Tensor], rows: int) -> tuple[float, float]:
+    """(VDPBF16PS kernel s, torch's bf16 GEMM s) for one pass of `rows` activation rows over every bf16 weight."""
+    x = torch.randn(rows, K)
+    _force(replace(DEFAULT, bf16act_kernel_max_rows=NEVER))
+
+    def ours() -> list[torch.Tensor]:
+        return [kernels().decode_linear_bf16(x, w, None) for w in weights]
+
+    def theirs() -> list[torch.Tensor]:
+        return [torch.mm(x.to(torch.bfloat16), w.t()).float() for w in weights]
+
+    kernel_s, torch_s = _interleaved_best([ours, theirs])
+    return kernel_s, torch_s
+
+
 def _race_prefill() -> tuple[float, float]:
     """(our tiles s, torch's SDPA s) for a dense bf16 prefill batch (PREFILL)."""
     p = PREFILL
@@ -215,6 +237,9 @@ def measure() -> dict:
     has_amx = kernels().decode_linear_has_amx(K)
     if has_amx:
         timings.update({f"bf16 M={m} fma/amx": _race_amx(lowp, m) for m in AMX_ROWS})
+    has_bf16dot = kernels().decode_linear_has_bf16dot()
+    if has_bf16dot:
+        timings.update({f"bf16act M={m}": _race_bf16act(lowp, m) for m in BF16ACT_ROWS})
     del lowp
     timings["prefill bf16 tiles/sdpa"] = _race_prefill()
     few = _torch_prefix(FEW_ROWS, {m: timings[f"fp32 M={m}"] for m in FEW_ROWS})
@@ -222,12 +247,17 @@ def measure() -> dict:
     lowp_max = _kernel_max(LOWP_ROWS, {m: timings[f"bf16 M={m}"] for m in LOWP_ROWS}, floor=LOWP_ROWS[0])
     amx = _amx_min(AMX_ROWS, {m: timings[f"bf16 M={m} fma/amx"] for m in AMX_ROWS}) if has_amx else NEVER
     tiles_s, sdpa_s = timings["prefill bf16 tiles/sdpa"]
+    # The kernel up to the first M where torch's bf16 GEMM won (one noisy win at a large M moves nothing); at least 1.
+    bf16act = max(1, _torch_prefix(BF16ACT_ROWS, {m: timings[f"bf16act M={m}"][::-1] for m in BF16ACT_ROWS})
+                  ) if has_bf16dot else 0
     routes = Routes(fp32_torch_max_rows=few, fp32_kernel_max_rows=max(many, few),
                     lowp_kernel_max_rows=NEVER if lowp_max == LOWP_ROWS[-1] else lowp_max, amx_min_rows=amx,
-                    prefill_sdpa_bf16=int(sdpa_s < tiles_s))
+                    prefill_sdpa_bf16=int(sdpa_s < tiles_s),
+                    bf16act_kernel_max_rows=NEVER if bf16act == BF16ACT_ROWS[-1] else bf16act)
     rates = roofline()
     share = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
     return {"format": FORMAT, "key": machine_key(), "routes": asdict(routes), "roofline": rates, "amx": has_amx,
+            "bf16dot": has_bf16dot,
             "cpu_share": round(share, 2), "timings_ms": {k: [round(1e3 * t, 3) for t in v] for k, v in timings.items()},
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -339,7 +369,8 @@ def ensure() -> bool:
 
 def current() -> Routes:
     """The routes in force now."""
-    return Routes(*kernels().decode_linear_routes(), kernels().prefill_sdpa_route())
+    return Routes(*kernels().decode_linear_routes(), kernels().prefill_sdpa_route(),
+                  kernels().decode_linear_bf16_route())
 
 
 @contextlib.contextmanager

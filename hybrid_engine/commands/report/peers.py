@@ -6,6 +6,8 @@ from __future__ import annotations
 from hybrid_engine.commands.report.tables import machine_line
 
 LOADS = {"quiet": "alone", "competing": "beside a competing process"}
+DTYPES = ("fp32", "bf16", "bf16-fast")
+"""The weights column's order: bf16-fast is our fast mode (bf16 activations too, as vLLM computes at bf16)."""
 
 
 def _engines(data: dict) -> str:
@@ -23,12 +25,17 @@ def generation_vllm_table(data: dict) -> str:
              f"{s['model']}, {s['prompt']}-token prompts, {s['new_tokens']} greedy new tokens (eos ignored), best of "
              f"{s['rounds']} interleaved rounds of a whole generation (prefill included). {_engines(data)}. "
              f"`ours vs vLLM`: vLLM's time over ours; `agree`: the rows whose first {data['keep']} generated tokens "
-             "are the same on both sides.", "",
+             "are the same on both sides. Weights `bf16`: ours with fp32 activations (exact); `bf16-fast`: ours with "
+             "bf16 activations (activation_dtype=bf16), as vLLM computes with bf16 weights.", "",
              "| load | weights | batch | ours tok/s | vLLM tok/s | ours vs vLLM | ours, of roofline "
              "| vLLM, of roofline | agree |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(data["rows"], key=lambda r: (list(LOADS).index(r["load"]), r["dtype"] != "fp32", r["batch"])):
+    for r in sorted(data["rows"], key=lambda r: (list(LOADS).index(r["load"]), _rank(r["dtype"]), r["batch"])):
         lines.append(f"| {LOADS[r['load']]} | {r['dtype']} | {r['batch']} | {r['ours_tokens_per_s']:.0f} | "
                      f"{r['vllm_tokens_per_s']:.0f} | {r['ours_vs_vllm']:.2f}x | {r['ours_roofline_fraction']:.0%} | "
                      f"{r['vllm_roofline_fraction']:.0%} | {r['first_tokens_agree']}/{r['batch']} |")
     return "\n".join(lines)
+
+
+def _rank(dtype: str) -> int:
+    return DTYPES.index(dtype) if dtype in DTYPES else len(DTYPES)

@@ -41,7 +41,8 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, bool rms_norm,
                            int64_t activation, double eps, at::ArrayRef<double> scales, int64_t qk_norm,
                            bool post_norm, at::IntArrayRef nope_layers, const std::optional<at::Tensor>& local_cos,
-                           const std::optional<at::Tensor>& local_sin, at::IntArrayRef local_layers) {
+                           const std::optional<at::Tensor>& local_sin, at::IntArrayRef local_layers,
+                           bool bf16_activations) {
   CHECK_DIM(x, 2, "[B, H]");
   CHECK_DTYPE(x, at::kFloat);
   CHECK_DIM(k_cache, 5, "[L, B_max, Hkv, T_max, D]");
@@ -104,8 +105,11 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
     if (qk_norm == kPerHead) return std::get<0>(rms_norm_cpu(t, w, eps));
     return std::get<0>(rms_norm_cpu(t.reshape({B, -1}), w, eps)).view(t.sizes());
   };
+  // A linear layer (weights slot, bias slot + 1): with bf16_activations decode_linear_bf16's (the fast mode).
   auto linear = [&](const at::Tensor& in, int64_t base, int64_t slot) {
-    return decode_linear_cpu(in, req(weights, base + slot), opt(weights, base + slot + 1));
+    const at::Tensor& w = req(weights, base + slot);
+    return bf16_activations ? decode_linear_bf16_cpu(in, w, opt(weights, base + slot + 1))
+                            : decode_linear_cpu(in, w, opt(weights, base + slot + 1));
   };
 
   const at::Tensor positions = lengths.view({B, 1});
@@ -144,7 +148,7 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
   }
   const int64_t base = L * kSlots;
   const at::Tensor h = norm(hidden, residual, req(weights, base), opt(weights, base + 1)).first;
-  at::Tensor logits = decode_linear_cpu(h, req(weights, base + 2), opt(weights, base + 3));
+  at::Tensor logits = linear(h, base, 2);
   lengths.add_(1);
   return logits;
 }

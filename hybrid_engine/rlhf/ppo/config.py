@@ -67,8 +67,9 @@ class PPOConfig(StepConfig):
     """Keep an EMA of the actor with this decay and save it beside it (DeepSpeed-Chat: 0.992 with
     --enable_ema); None: no EMA."""
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-    """How the actor generates (the engine's own settings): weight_dtype and kv_dtype other than fp32 are faster
-    and not exact, so the old log-probs are then recomputed by a training forward."""
+    """How the actor generates (the engine's own settings): weight_dtype, kv_dtype and activation_dtype other than
+    fp32 are faster and not exact, so the old log-probs are then recomputed by a training forward (their mismatch
+    to generation's logged every step as logprob_mismatch_mean/max)."""
     reward_fn_weight: float = 1.0
     """The weight of the reward functions' weighted sum in the score, beside the reward model's."""
     reward_weights: tuple[float, ...] | None = None
@@ -169,7 +170,8 @@ class PPOConfig(StepConfig):
     def inexact_logprobs(self) -> bool:
         """Whether generation's log-probs differ from a training forward's by more than ~1e-6 (bf16 generation
         weights or KV cache, or training under bf16 autocast)."""
-        exact = self.generation.weight_dtype is None and self.generation.kv_dtype == torch.float32
+        g = self.generation
+        exact = g.weight_dtype is None and g.kv_dtype == torch.float32 and g.activation_dtype == torch.float32
         return not exact or self.bf16_autocast
 
 

@@ -69,17 +69,25 @@ def recompute_logprobs(engine: HybridEngine, ro: xp.Rollout, temperature: float,
         return engine.token_logprobs(ro.sequences, ro.attention_mask, ro.start, temperature, packed=packed)
 
 
+def logprob_mismatch(generated: torch.Tensor, trained: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The mean and max |generation's log-prob - the training forward's| over the response tokens (mask 1)."""
+    gap = (generated - trained).abs() * mask
+    return {"logprob_mismatch_mean": float(gap.sum() / mask.sum().clamp(min=1)),
+            "logprob_mismatch_max": float(gap.max())}
+
+
 def old_logprobs(models: Models, ro: xp.Rollout, config: PPOConfig, check: bool) -> tuple[torch.Tensor, dict]:
     """The actor's log-probs of its own samples: from generation with fp32 weights (a training forward gives
-    the same to ~1e-6), else recomputed by an eval-mode forward; and figures saying which. With `check` (the
-    first step) the generation's log-probs are also recomputed once, to record how far apart they are and
-    what skipping the recompute saves per step."""
+    the same to ~1e-6), else recomputed by an eval-mode forward, with their mismatch to generation's
+    (logprob_mismatch_mean/max, every step: the fast mode's precision contract); and figures saying which. With
+    `check` (the first step) the generation's log-probs are also recomputed once, to record how far apart they are
+    and what skipping the recompute saves per step."""
     if ratio_from_training_forward(config):
         return ro.logprobs, {"logprob_source": ON_POLICY}
     if config.inexact_logprobs:
         with training_precision(config):
             logprobs = recompute_logprobs(models.actor, ro, config.temperature, config.packing)
-        return logprobs, {"logprob_source": "recomputed"}
+        return logprobs, {"logprob_source": "recomputed", **logprob_mismatch(ro.logprobs, logprobs, ro.mask)}
     figures = {"logprob_source": "generation"}
     if check:
         t0 = time.perf_counter()

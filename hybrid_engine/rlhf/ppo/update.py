@@ -16,7 +16,7 @@ from hybrid_engine.rlhf.distributed import rank_and_world
 from hybrid_engine.rlhf.losses import approx_kl, clip_fraction, policy_loss, token_mean, value_loss
 from hybrid_engine.rlhf.ppo import batch as xp
 from hybrid_engine.rlhf.ppo.config import PPOConfig
-from hybrid_engine.rlhf.ppo.experience import ratio_from_training_forward, training_precision
+from hybrid_engine.rlhf.ppo.experience import logprob_mismatch, ratio_from_training_forward, training_precision
 from hybrid_engine.rlhf.ppo.models import Models
 from hybrid_engine.rlhf.schedule import batch_order
 from hybrid_engine.rlhf.sft import response_tokens, sft_loss
@@ -61,6 +61,8 @@ def _actor_loss(engine, mb: xp.Experience, config: PPOConfig, kl_coef: float, ob
     if config.algo == "grpo" and kl_coef > 0:
         loss = loss + kl_coef * xp.group_kl_loss(logprobs, mb.ref_logprobs, mb.mask)
     figures = policy_figures(logprobs.detach(), old, entropy, mb, config)
+    if ratio_from_training_forward(config):  # generation's log-probs (mb.old_logprobs) against this forward's
+        figures.update(logprob_mismatch(mb.old_logprobs, logprobs.detach(), mb.mask))
     observed.append({**figures, "router_aux_loss": aux[0]} if aux else figures)
     return loss
 
@@ -74,7 +76,10 @@ def actor_update(models: Models, mb: xp.Experience, config: PPOConfig, kl_coef: 
     losses = [functools.partial(_actor_loss, models.actor, part, config, kl_coef, observed) for part in parts]
     loss = _step_on(models.actor, models.actor.module, losses, tokens, config)
     weights = tokens[:len(observed)]
-    return loss, {k: sum(w * o[k] for w, o in zip(weights, observed)) / sum(weights) for k in observed[0]}
+    figures = {k: sum(w * o[k] for w, o in zip(weights, observed)) / sum(weights) for k in observed[0]}
+    if "logprob_mismatch_max" in figures:  # a max over the micro-batches, not their mean
+        figures["logprob_mismatch_max"] = max(o["logprob_mismatch_max"] for o in observed)
+    return loss, figures
 
 
 POLICY_FIGURES = ("entropy", "approx_kl", "clip_frac")
@@ -150,6 +155,9 @@ def optimise(models: Models, exp: xp.Experience, config: PPOConfig, kl_coef: flo
                **{k: _mean([o[k] for o in observed]) for k in POLICY_FIGURES}}
     if any("router_aux_loss" in o for o in observed):  # a Mixture-of-Experts actor
         figures["router_aux_loss"] = _mean([o["router_aux_loss"] for o in observed])
+    if any("logprob_mismatch_max" in o for o in observed):  # one on-policy pass: measured by the update's forward
+        figures["logprob_mismatch_mean"] = _mean([o["logprob_mismatch_mean"] for o in observed])
+        figures["logprob_mismatch_max"] = max(o["logprob_mismatch_max"] for o in observed)
     if models.critic is not None:
         figures["value_loss"] = _mean(critic_losses)
     if ptx_losses:

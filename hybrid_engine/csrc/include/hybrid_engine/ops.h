@@ -73,6 +73,14 @@ void set_decode_linear_routes(int64_t fp32_torch_max_rows, int64_t fp32_kernel_m
 std::vector<int64_t> decode_linear_routes();
 // Whether this build and CPU run bf16 weights with K elements per row on AMX tiles (linear_amx.cpp).
 bool decode_linear_has_amx(int64_t K);
+// ---- linear with bf16 activations, generation's fast mode (hybrid_engine/csrc/cpu/linear_bf16dot.cpp) ----
+at::Tensor decode_linear_bf16_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias);
+// Above kernel_max_rows rows decode_linear_bf16_cpu hands over to torch's bf16 GEMM; set by the calibration.
+void set_decode_linear_bf16_route(int64_t kernel_max_rows);
+int64_t decode_linear_bf16_route();
+// Whether this build and CPU have the VDPBF16PS kernel (AVX512-BF16).
+bool decode_linear_has_bf16dot();
 
 // ---- moe (hybrid_engine/csrc/cpu/moe.cpp) ----
 at::Tensor moe_experts_cpu(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& routing_weights,
@@ -88,7 +96,8 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const c10::List<std::optional<at
                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, bool rms_norm,
                            int64_t activation, double eps, at::ArrayRef<double> scales, int64_t qk_norm,
                            bool post_norm, at::IntArrayRef nope_layers, const std::optional<at::Tensor>& local_cos,
-                           const std::optional<at::Tensor>& local_sin, at::IntArrayRef local_layers);
+                           const std::optional<at::Tensor>& local_sin, at::IntArrayRef local_layers,
+                           bool bf16_activations);
 
 #ifdef HYBRID_ENGINE_CUDA
 // ---- CUDA host functions (hybrid_engine/csrc/cuda/bindings.cpp), same contracts as the CPU ones ----
