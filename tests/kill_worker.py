@@ -20,6 +20,7 @@ import torch
 
 from hybrid_engine.commands import ppo as ppo_command
 from hybrid_engine.commands.main import main
+from hybrid_engine.engine.zero import gathered
 from hybrid_engine.rlhf.ppo import driver
 
 HOLD = os.environ.get("KILL_HOLD", "")
@@ -52,14 +53,15 @@ def hooked_replace(src, dst):
 
 
 def weights_digest(module: torch.nn.Module | None) -> str | None:
-    """A digest of every bit of every weight (ZeRO-2: each rank holds them whole); None for no model (GRPO's
+    """A digest of every bit of every weight (ZeRO-3's partitions gathered whole); None for no model (GRPO's
     critic)."""
     if module is None:
         return None
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    with gathered(list(module.parameters())):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

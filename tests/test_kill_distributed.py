@@ -1,8 +1,8 @@
-"""`hybrid-engine ppo` on 2 ranks under torchrun and DeepSpeed ZeRO-2 with --checkpoint-every 1, killed with SIGKILL
-(torchrun and both ranks) twice and resumed with --resume: once in step 3, with step 2's checkpoint written, and once
-while rank 0 renames step 4's checkpoint into place, every rank's files written. The losses, scores and the final
-weights equal an uninterrupted run's, to the bit, on both ranks. The worker is kill_worker.py (the command line with
-the hooks that stop rank 0 where the kill is wanted)."""
+"""`hybrid-engine ppo` on 2 ranks under torchrun and DeepSpeed ZeRO-2 and ZeRO-3 with --checkpoint-every 1, killed
+with SIGKILL (torchrun and both ranks) twice and resumed with --resume: once in step 3, with step 2's checkpoint
+written, and once while rank 0 renames step 4's checkpoint into place, every rank's files written. The losses, scores
+and the final weights (ZeRO-3's gathered) equal an uninterrupted run's, to the bit, on both ranks. The worker is
+kill_worker.py (the command line with the hooks that stop rank 0 where the kill is wanted)."""
 
 from __future__ import annotations
 
@@ -24,13 +24,14 @@ from hybrid_engine.rlhf import RewardModel
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("kill_worker.py")
-ZERO2 = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000000, "allgather_bucket_size": 1000000}}
+BUCKETS = {"reduce_bucket_size": 1000000, "allgather_bucket_size": 1000000}
 STEPS = 5
 
 
 def _ppo_args(root: Path, out: Path, resume: bool) -> list[str]:
+    """The run's flags; its ZeRO config is root's zero.json (the test's stage)."""
     args = ["ppo", "--model", str(root / "sft"), "--reward-model", str(root / "rm"), "--output", str(out),
-            "--ds-config", str(root / "z2.json"), "--cache-dir", str(root / "cache"), "--no-progress",
+            "--ds-config", str(root / "zero.json"), "--cache-dir", str(root / "cache"), "--no-progress",
             "--max-steps", str(STEPS), "--batch-size", "2", "--train-batch-size", "2", "--max-new-tokens", "6",
             "--lr", "1e-3", "--critic-lr", "1e-3", "--eval-every", "0", "--checkpoint-every", "1", "--demo"]
     return args + (["--resume"] if resume else [])
@@ -99,13 +100,13 @@ def _files(out: Path) -> dict[str, bytes]:
             if "checkpoints" not in p.parts}
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("kill2")
+@pytest.fixture(params=[2, 3], ids=["zero2", "zero3"])
+def root(request, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp(f"kill-zero{request.param}")
     save_demo_llama(folder / "sft")
     torch.manual_seed(3)
     RewardModel.from_model(demo_llama(seed=2)).save_pretrained(folder / "rm")
-    (folder / "z2.json").write_text(json.dumps(ZERO2))
+    (folder / "zero.json").write_text(json.dumps({"zero_optimization": {"stage": request.param, **BUCKETS}}))
     return folder
 
 
