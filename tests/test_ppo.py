@@ -627,9 +627,13 @@ def test_the_earlier_flat_generation_settings_still_work_with_a_warning():
 def test_a_checkpoint_of_the_earlier_flat_settings_reads_as_todays():
     saved = {"lr": 1e-3, "generation_weight_dtype": "bf16", "generation_kv_dtype": "fp32"}
     assert saved_config(saved) == {"lr": 1e-3, "generation": {"weight_dtype": "bf16", "inference_tp_size": 1,
-                                                              "gather": "all", "kv_dtype": "fp32"}}
+                                                              "gather": "all", "kv_dtype": "fp32",
+                                                              "activation_dtype": "fp32"}}
     today = config_json(PPOConfig(generation={"weight_dtype": "bf16"}))
     assert saved_config(today) == today and today["generation"]["weight_dtype"] == "bf16"
+    # written before activation_dtype existed: the default it ran with
+    before = {**today, "generation": {k: v for k, v in today["generation"].items() if k != "activation_dtype"}}
+    assert saved_config(before) == today
 
 
 def test_a_built_engine_and_the_config_must_agree_on_generation(data, rm):

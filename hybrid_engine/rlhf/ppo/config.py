@@ -189,8 +189,11 @@ def _number(value) -> bool:
 
 def saved_config(saved: dict) -> dict:
     """A PPOConfig as a checkpoint saved it (checkpoint.config_json), in today's layout: checkpoints written before
-    the generation settings moved into `generation` hold them flat."""
-    if "generation" in saved or not any(old in saved for old in PPOConfig.RENAMED):
+    the generation settings moved into `generation` hold them flat, and those written before a generation setting
+    existed (activation_dtype) ran with its default."""
+    if "generation" in saved:
+        return {**saved, "generation": {**config_dict(GenerationSettings()), **saved["generation"]}}
+    if not any(old in saved for old in PPOConfig.RENAMED):
         return saved
     saved = dict(saved)
     old = {new: saved.pop(old, None) for old, new in PPOConfig.RENAMED.items()}
